@@ -1,0 +1,55 @@
+"""Execution backends: where the shared stages run (Dask by default, Spark to compare)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..model import WeightsInfo
+from ..reduce import Reduction
+from ..runinfo import StageTimer
+from ..storage import OutputTarget
+
+
+@dataclass
+class RunContext:
+    """Everything a backend gets: the config, the listing, the weights and where to write."""
+
+    cfg: RunConfig
+    listing: pd.DataFrame
+    weights: list[np.ndarray]
+    weights_info: WeightsInfo
+    target: OutputTarget
+    timer: StageTimer
+    progress: Callable[[Any], None] = lambda _: None
+    on_cluster: Callable[[dict], None] = lambda _: None
+
+
+@dataclass
+class BackendResult:
+    """What a backend hands back to the pipeline once the dataset is in staging."""
+
+    rows: int
+    errors: pd.DataFrame
+    reduction: Reduction
+    cluster: dict
+    extra: dict = field(default_factory=dict)
+
+
+def get_backend(name: str) -> Callable[[RunContext], BackendResult]:
+    """The ``run`` function of backend ``name`` (imported lazily: Spark is an extra)."""
+    if name == "dask":
+        from .dask_backend import run
+
+        return run
+    if name == "spark":
+        from .spark_backend import run
+
+        return run
+    raise ConfigError(f"unknown backend {name!r}: use dask or spark")

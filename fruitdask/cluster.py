@@ -1,0 +1,135 @@
+"""The single place that opens and closes the Dask client.
+
+Three modes, chosen by ``--cluster``: ``local`` (a ``LocalCluster`` of worker processes
+sized to this machine), an existing scheduler address (``tcp://host:8786``, ``tls://...``),
+or ``kubernetes`` (dask-kubernetes' operator, see :mod:`fruitdask.kube`). Whatever this
+module creates, it closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import dask
+
+from .config import TF_ENV, RunConfig
+from .errors import ClusterError
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = "20s"
+
+#: The pipeline broadcasts the VGG16 weights with ``scatter(broadcast=True)``; the Active
+#: Memory Manager's ReduceReplicas policy would drop those replicas (and tasks would fetch
+#: them again), so clusters that fruitdask starts run without it. The Helm chart sets the
+#: same through ``DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START=False``.
+CLUSTER_CONFIG = {"distributed.scheduler.active-memory-manager.start": False}
+
+
+@dataclass(frozen=True)
+class LocalShape:
+    n_workers: int
+    threads_per_worker: int
+
+
+def local_shape(n_workers: int | None, threads_per_worker: int | None, cores: int | None = None) -> LocalShape:
+    """Default LocalCluster shape: one single-threaded process per core on small machines.
+
+    TensorFlow scales better across processes than across threads of one process on a
+    few cores, and separate processes keep Python decoding off each other's GIL.
+    """
+    cores = cores or os.cpu_count() or 1
+    threads = threads_per_worker or (1 if cores <= 4 else 2)
+    workers = n_workers or max(1, cores // threads)
+    return LocalShape(workers, threads)
+
+
+def _local(cfg: RunConfig, stack: ExitStack):
+    from distributed import LocalCluster
+
+    shape = local_shape(cfg.n_workers, cfg.threads_per_worker)
+    logger.info("starting LocalCluster: %d workers x %d threads", shape.n_workers, shape.threads_per_worker)
+    stack.enter_context(dask.config.set(CLUSTER_CONFIG))
+    try:
+        cluster = LocalCluster(
+            n_workers=shape.n_workers,
+            threads_per_worker=shape.threads_per_worker,
+            processes=True,
+            memory_limit=cfg.memory_limit,
+            dashboard_address=cfg.dashboard_address,
+            env=dict(TF_ENV),
+            silence_logs=logging.ERROR if not cfg.debug else logging.INFO,
+        )
+    except Exception as e:
+        raise ClusterError(f"could not start a local Dask cluster: {e}") from e
+    stack.callback(cluster.close)
+    return cluster
+
+
+@contextmanager
+def dask_client(cfg: RunConfig) -> Iterator:
+    """Yield a connected ``distributed.Client``; close the client and anything created."""
+    from distributed import Client
+
+    with ExitStack() as stack:
+        target = cfg.cluster
+        if target == "local":
+            cluster = _local(cfg, stack)
+        elif target == "kubernetes":
+            from .kube import open_kube_cluster
+
+            cluster = stack.enter_context(open_kube_cluster(cfg.kube, dict(TF_ENV)))
+        elif "://" in target:
+            cluster = target
+        else:
+            raise ClusterError(
+                f"--cluster {target!r} is not understood: use local, kubernetes, or a scheduler address like tcp://host:8786"
+            )
+        try:
+            client = Client(cluster, timeout=CONNECT_TIMEOUT, set_as_default=True)
+        except (OSError, TimeoutError) as e:
+            raise ClusterError(
+                f"cannot reach the Dask scheduler at {target!r} within {CONNECT_TIMEOUT}: "
+                "check the address and that the scheduler is running (kubectl port-forward for a cluster)"
+            ) from e
+        stack.callback(client.close)
+        if isinstance(cluster, str):
+            _warn_if_amm(client)
+        logger.info("Dask dashboard: %s", client.dashboard_link)
+        yield client
+
+
+def _warn_if_amm(client) -> None:
+    """On a cluster fruitdask did not start, say if the AMM may drop weight replicas."""
+    try:
+        running = client.amm.running()
+    except Exception:  # noqa: BLE001 - older schedulers lack the AMM RPC; nothing to warn about
+        return
+    if running:
+        logger.warning(
+            "the scheduler's Active Memory Manager is on: it may drop broadcast weight replicas, which "
+            "then travel again; start the scheduler with DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START=False"
+        )
+
+
+def cluster_shape(client) -> dict:
+    """Workers, threads and memory of the connected cluster, for ``run.json``."""
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    workers = info.get("workers", {})
+    return {
+        "n_workers": len(workers),
+        "threads": sum(w.get("nthreads", 0) for w in workers.values()),
+        "memory_limit_bytes": sum(w.get("memory_limit", 0) or 0 for w in workers.values()),
+        "scheduler": info.get("address"),
+        "dashboard": client.dashboard_link,
+    }
+
+
+def _accepts_n_workers(client) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters

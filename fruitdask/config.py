@@ -1,0 +1,232 @@
+"""The one frozen run configuration, built once at the edge.
+
+Precedence: command-line flags, then ``FRUITDASK_<FIELD>`` environment variables, then the
+defaults below. Only :func:`build_config` looks at the environment, and only through the
+mapping it is handed, so every other module receives plain values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+#: AWS regions located in EU member states (GDPR territory). London (eu-west-2) and
+#: Zurich (eu-central-2) are in Europe but outside the EU, so they are not listed.
+EU_REGIONS: tuple[str, ...] = (
+    "eu-west-1",
+    "eu-west-3",
+    "eu-central-1",
+    "eu-north-1",
+    "eu-south-1",
+    "eu-south-2",
+)
+
+POOLINGS = ("avg", "max", "none")
+BACKENDS = ("dask", "spark")
+MIN_IMAGE_SIZE = 32  # VGG16 without top needs at least 32x32 (five 2x2 poolings)
+
+# Environment variables set in every process that runs TensorFlow. oneDNN is explicit so
+# features do not change with the TensorFlow build's default (it moves values by ~3e-6).
+TF_ENV: dict[str, str] = {
+    "TF_ENABLE_ONEDNN_OPTS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """How to reach object storage; identical on the client, workers and executors."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    allowed_regions: tuple[str, ...] = EU_REGIONS
+    connect_timeout: float = 10.0
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec ``storage_options`` for ``s3://`` URLs. Never holds secrets: credentials
+        come from the AWS chain (env, profile, IRSA web identity) in each process."""
+        opts: dict[str, Any] = {}
+        client_kwargs: dict[str, Any] = {}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if client_kwargs:
+            opts["client_kwargs"] = client_kwargs
+        if self.profile:
+            opts["profile"] = self.profile
+        opts["config_kwargs"] = {
+            "connect_timeout": self.connect_timeout,
+            "read_timeout": max(self.connect_timeout, 30.0),
+            "retries": {"max_attempts": 3, "mode": "standard"},
+        }
+        return opts
+
+
+@dataclass(frozen=True)
+class KubeSettings:
+    """What ``--cluster kubernetes`` asks dask-kubernetes for."""
+
+    name: str = "fruitdask"
+    namespace: str = "fruitdask"
+    image: str = "ghcr.io/fruits/fruitdask:0.1.0"
+    n_workers: int = 2
+    worker_cpu: str = "2"
+    worker_memory: str = "8Gi"
+    service_account: str | None = "fruitdask"
+    region: str = "eu-west-1"
+    connect_existing: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``fruitdask run`` needs. Frozen: built once, passed down."""
+
+    input: str = ""
+    output: str = ""
+    backend: str = "dask"
+    cluster: str = "local"
+    n_workers: int | None = None
+    threads_per_worker: int | None = None
+    memory_limit: str = "auto"
+    dashboard_address: str = ":0"
+    image_size: int = 224
+    batch_size: int = 32
+    partition_size: int = 64
+    pooling: str = "avg"
+    weights: str = "auto"
+    seed: int = 0
+    components: int | None = None
+    variance: float = 0.95
+    pca_batch_size: int | None = None
+    pca_power_iterations: int = 2
+    overwrite: bool = False
+    resume: bool = False
+    max_errors: float | None = None
+    quiet: bool = False
+    debug: bool = False
+    spark_master: str = "local[*]"
+    spark_allow_large_pca: bool = False
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    kube: KubeSettings = field(default_factory=KubeSettings)
+
+    def validate(self) -> RunConfig:
+        """Check values that do not depend on the data; raise :class:`ConfigError`."""
+        if not self.input:
+            raise ConfigError("no input given: pass --input DIR_OR_URI (a folder of <Label>/<image>.jpg)")
+        if not self.output:
+            raise ConfigError("no output given: pass --output DIR_OR_URI")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"unknown pooling {self.pooling!r}: use one of {', '.join(POOLINGS)}")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ConfigError(
+                f"--image-size {self.image_size} is too small for VGG16: use {MIN_IMAGE_SIZE} or more"
+            )
+        for name in ("batch_size", "partition_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.components is not None and self.components < 1:
+            raise ConfigError(f"--components must be at least 1, got {self.components}")
+        if not 0.0 < self.variance <= 1.0:
+            raise ConfigError(f"--variance must be in (0, 1], got {self.variance}: e.g. --variance 0.95")
+        if self.pca_batch_size is not None and self.pca_batch_size < 2:
+            raise ConfigError(f"--pca-batch-size must be at least 2, got {self.pca_batch_size}")
+        if self.max_errors is not None and self.max_errors < 0:
+            raise ConfigError(f"--max-errors must be >= 0, got {self.max_errors}")
+        return self
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of one feature vector for this image size and pooling."""
+        if self.pooling == "none":
+            side = self.image_size // 32
+            return side * side * 512
+        return 512
+
+    def max_errors_allowed(self, n_images: int) -> int | None:
+        """``--max-errors`` as a count: a value below 1 is a fraction of the images."""
+        if self.max_errors is None:
+            return None
+        if self.max_errors < 1:
+            return math.floor(self.max_errors * n_images)
+        return int(self.max_errors)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view, for ``run.json``. Holds no credentials by construction."""
+        return dataclasses.asdict(self)
+
+
+_ENV_PREFIX = "FRUITDASK_"
+
+
+def _coerce(name: str, raw: str, type_name: str) -> Any:
+    """Turn an environment string into the field's declared type (``int | None`` etc.)."""
+    try:
+        if type_name.startswith("bool"):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+        if type_name.startswith("tuple"):
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
+    except ValueError as e:
+        raise ConfigError(f"environment variable {_ENV_PREFIX}{name.upper()}={raw!r} is not a valid value") from e
+    return raw
+
+
+def _layer(cls: type, defaults: Any, env: Mapping[str, str], flags: Mapping[str, Any], prefix: str) -> Any:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in ("storage", "kube"):
+            continue
+        env_key = f"{_ENV_PREFIX}{prefix}{f.name.upper()}"
+        default = getattr(defaults, f.name)
+        value = default
+        if env_key in env:
+            value = _coerce(prefix.lower() + f.name, env[env_key], str(f.type))
+        flag_key = prefix.lower() + f.name
+        if flags.get(flag_key) is not None:
+            value = flags[flag_key]
+        values[f.name] = value
+    return values
+
+
+def build_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> RunConfig:
+    """Build the frozen :class:`RunConfig` from CLI flags over environment over defaults.
+
+    Parameters
+    ----------
+    flags
+        Parsed command-line values; ``None`` means "not given". Storage keys are prefixed
+        ``storage_`` and Kubernetes keys ``kube_``.
+    environ
+        The environment to read ``FRUITDASK_*`` from (``os.environ`` when omitted).
+    """
+    env = os.environ if environ is None else environ
+    storage_values = _layer(StorageSettings, StorageSettings(), env, flags, "STORAGE_")
+    # The usual AWS variables are honoured too, so a profile or endpoint set for the AWS CLI
+    # reaches fruitdask without a second name.
+    if storage_values["endpoint_url"] is None and env.get("AWS_ENDPOINT_URL_S3", env.get("AWS_ENDPOINT_URL")):
+        storage_values["endpoint_url"] = env.get("AWS_ENDPOINT_URL_S3", env.get("AWS_ENDPOINT_URL"))
+    if isinstance(storage_values["allowed_regions"], str):
+        storage_values["allowed_regions"] = tuple(
+            r.strip() for r in storage_values["allowed_regions"].split(",") if r.strip()
+        )
+    kube_values = _layer(KubeSettings, KubeSettings(), env, flags, "KUBE_")
+    run_values = _layer(RunConfig, RunConfig(), env, flags, "")
+    cfg = RunConfig(
+        **run_values,
+        storage=StorageSettings(**storage_values),
+        kube=KubeSettings(**kube_values),
+    )
+    return cfg.validate()

@@ -1,0 +1,49 @@
+"""Exceptions raised by fruitdask. Each message names the bad value and the fix."""
+
+from __future__ import annotations
+
+
+class FruitdaskError(Exception):
+    """Base class: the CLI turns these into one clean line and a non-zero exit."""
+
+    exit_code = 1
+
+
+class ConfigError(FruitdaskError):
+    """A flag, environment variable or default has an unusable value."""
+
+    exit_code = 2
+
+
+class InputError(FruitdaskError):
+    """The input location is missing, empty or unreadable."""
+
+
+class OutputError(FruitdaskError):
+    """The output location exists, is not writable, or could not be committed."""
+
+
+class WeightsError(FruitdaskError):
+    """Model weights could not be loaded or do not fit the VGG16 graph."""
+
+
+class StorageError(FruitdaskError):
+    """A storage call failed (bucket missing, access denied, endpoint unreachable)."""
+
+
+class RegionError(StorageError):
+    """A bucket lives outside the allowed regions."""
+
+
+class ClusterError(FruitdaskError):
+    """The Dask/Spark cluster could not be started or reached."""
+
+
+class ReductionError(FruitdaskError):
+    """The PCA cannot be fitted with the requested settings."""
+
+
+class TooManyErrors(FruitdaskError):
+    """More images failed than ``--max-errors`` allows."""
+
+    exit_code = 3

@@ -1,0 +1,141 @@
+"""Pure batch transforms: image bytes in, feature arrays out.
+
+Both backends call these very functions (Dask inside ``map_partitions``, Spark inside a
+Scalar-Iterator pandas UDF); a backend only decides where they run. Nothing here touches
+storage, clusters or global state besides the model it is handed.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps
+
+#: Images with more pixels than this are refused before decoding (decompression bombs).
+MAX_PIXELS = 64_000_000
+RESAMPLE = Image.Resampling.BICUBIC  # PIL's default for resize(), as in the seed notebook
+
+
+class DecodeError(ValueError):
+    """One image could not be decoded; the message is the reason written to ``errors``."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency is composited on white like the dataset."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one image to a ``(size, size, 3)`` uint8 RGB array.
+
+    EXIF orientation is applied, transparency composited on white, 16-bit and CMYK images
+    converted, very large JPEGs decoded at reduced scale (draft mode). Raises
+    :class:`DecodeError` with the reason for anything that is not a usable image.
+    """
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise DecodeError(
+                    f"image of {width}x{height} pixels is over the {max_pixels:,}-pixel limit (decompression bomb?)"
+                )
+            if img.format == "JPEG" and min(width, height) >= 2 * size:
+                # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT: far less memory.
+                img.draft("RGB", (size, size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), RESAMPLE)
+            return np.asarray(rgb, dtype=np.uint8)
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError(f"refused as a decompression bomb: {e}") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DecodeError(f"not a decodable image: {e}") from e
+
+
+def preprocess(images: np.ndarray) -> np.ndarray:
+    """Keras VGG16 ``preprocess_input`` (RGB to BGR, ImageNet channel means removed)."""
+    from keras.applications.vgg16 import preprocess_input
+
+    return preprocess_input(images.astype(np.float32, copy=True))
+
+
+def pool(feature_maps: np.ndarray, pooling: str) -> np.ndarray:
+    """Reduce ``(n, h, w, 512)`` maps to vectors: ``avg``/``max`` give 512, ``none`` flattens."""
+    if pooling == "avg":
+        out = feature_maps.mean(axis=(1, 2))
+    elif pooling == "max":
+        out = feature_maps.max(axis=(1, 2))
+    elif pooling == "none":
+        out = feature_maps.reshape(feature_maps.shape[0], -1)
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}: use avg, max or none")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def featurize_arrays(model, images: np.ndarray, pooling: str, batch_size: int) -> np.ndarray:
+    """Run VGG16 on decoded ``(n, s, s, 3)`` uint8 images in batches; return ``(n, d)``."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = preprocess(images[start : start + batch_size])
+        # predict_on_batch runs the compiled graph (no per-call Python dispatch of layers).
+        maps = model.predict_on_batch(batch)
+        out.append(pool(np.asarray(maps), pooling))
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+@dataclass
+class BatchResult:
+    """Features for the images that decoded, and a reason for each one that did not."""
+
+    features: np.ndarray  # (n_ok, d) float32
+    ok: list[int]  # positions (in the input) of the rows in ``features``
+    errors: list[tuple[int, str, str]] = field(default_factory=list)  # (position, stage, reason)
+
+
+def featurize_bytes(
+    model, contents: Sequence[bytes | None], image_size: int, pooling: str, batch_size: int
+) -> BatchResult:
+    """Decode, preprocess and featurize a batch of encoded images.
+
+    ``None`` entries (files that could not be read) are skipped; undecodable images are
+    reported in :attr:`BatchResult.errors` rather than raised, so one bad file never fails
+    a partition.
+    """
+    decoded, ok, errors = [], [], []
+    for i, data in enumerate(contents):
+        if data is None:
+            continue
+        try:
+            decoded.append(decode_image(data, image_size))
+            ok.append(i)
+        except DecodeError as e:
+            errors.append((i, "decode", str(e)))
+    if not decoded:
+        return BatchResult(np.zeros((0, 0), dtype=np.float32), ok, errors)
+    features = featurize_arrays(model, np.stack(decoded), pooling, batch_size)
+    return BatchResult(features, ok, errors)

@@ -1,0 +1,152 @@
+"""Per-partition work on pandas frames, shared by the Dask and Spark backends.
+
+A partition is a frame of ``path, label``. :func:`featurize_frame` reads its images (through
+:mod:`fruitdask.storage`), featurizes them with the pure functions of
+:mod:`fruitdask.featurize`, and returns ``path, label, features, error_stage, error_reason``
+where ``features`` is a real Arrow ``list<float32>`` column: it reaches Parquet as numbers,
+never as the strings an object column of numpy arrays turns into.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from . import featurize, model, storage
+
+logger = logging.getLogger(__name__)
+
+FLOAT_LIST = pa.list_(pa.float32())
+FLOAT_LIST_DTYPE = pd.ArrowDtype(FLOAT_LIST)
+STRING_DTYPE = pd.ArrowDtype(pa.string())
+ERROR_COLUMNS = ["path", "label", "stage", "reason"]
+
+#: Arrow schema of the written dataset; Spark, Athena and pandas read it as-is.
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("features", FLOAT_LIST),
+        ("pca", FLOAT_LIST),
+    ]
+)
+
+
+def list_column(matrix: np.ndarray | None, n: int, index: pd.Index, valid: np.ndarray | None = None) -> pd.Series:
+    """An Arrow ``list<float32>`` series of ``n`` rows from a ``(n_valid, d)`` matrix.
+
+    Rows where ``valid`` is False are null.
+    """
+    if valid is None:
+        valid = np.ones(n, dtype=bool)
+    d = 0 if matrix is None or matrix.size == 0 else matrix.shape[1]
+    lengths = np.where(valid, d, 0)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).ravel() if d else np.zeros(0, np.float32))
+    arr = pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(~valid))
+    return pd.Series(pd.arrays.ArrowExtensionArray(arr), index=index, name=None)
+
+
+def matrix(series: pd.Series) -> np.ndarray:
+    """``(n, d)`` float32 matrix from a non-null ``list<float32>`` series."""
+    if len(series) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    arr = pa.array(series)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(series), -1).astype(np.float32, copy=False)
+
+
+def features_meta() -> pd.DataFrame:
+    """Empty frame with the columns and dtypes :func:`featurize_frame` returns."""
+    return pd.DataFrame(
+        {
+            "path": pd.Series([], dtype=STRING_DTYPE),
+            "label": pd.Series([], dtype=STRING_DTYPE),
+            "features": pd.Series([], dtype=FLOAT_LIST_DTYPE),
+            "error_stage": pd.Series([], dtype=STRING_DTYPE),
+            "error_reason": pd.Series([], dtype=STRING_DTYPE),
+        }
+    )
+
+
+def read_many(paths: list[str], storage_options: Mapping[str, Any] | None) -> tuple[list[bytes | None], dict[int, str]]:
+    """Read each file; a file that cannot be read is ``None`` with its reason."""
+    contents: list[bytes | None] = []
+    errors: dict[int, str] = {}
+    for i, p in enumerate(paths):
+        try:
+            contents.append(storage.read_bytes(p, storage_options))
+        except OSError as e:
+            contents.append(None)
+            errors[i] = f"cannot read file: {e}"
+    return contents, errors
+
+
+def assemble(df: pd.DataFrame, result: featurize.BatchResult, read_errors: dict[int, str]) -> pd.DataFrame:
+    """Join a batch result back onto its ``path, label`` rows (errors keep their row)."""
+    n = len(df)
+    valid = np.zeros(n, dtype=bool)
+    valid[result.ok] = True
+    full = np.zeros((n, result.features.shape[1] if result.features.size else 0), dtype=np.float32)
+    if result.features.size:
+        full[valid] = result.features
+    stage = [None] * n
+    reason = [None] * n
+    for i, msg in read_errors.items():
+        stage[i], reason[i] = "read", msg
+    for i, st, msg in result.errors:
+        stage[i], reason[i] = st, msg
+    return pd.DataFrame(
+        {
+            "path": pd.Series(df["path"].to_numpy(), index=df.index, dtype=STRING_DTYPE),
+            "label": pd.Series(df["label"].to_numpy(), index=df.index, dtype=STRING_DTYPE),
+            "features": list_column(full[valid], n, df.index, valid),
+            "error_stage": pd.Series(stage, index=df.index, dtype=STRING_DTYPE),
+            "error_reason": pd.Series(reason, index=df.index, dtype=STRING_DTYPE),
+        }
+    )
+
+
+def featurize_frame(
+    df: pd.DataFrame,
+    weights: list[np.ndarray],
+    *,
+    weights_key: str,
+    image_size: int,
+    pooling: str,
+    batch_size: int,
+    storage_options: Mapping[str, Any] | None,
+    threads: int | None = None,
+) -> pd.DataFrame:
+    """Read, decode and featurize one partition of ``path, label`` rows."""
+    if len(df) == 0:
+        return features_meta()
+    vgg = model.cached_model(weights_key, weights, image_size, threads)
+    contents, read_errors = read_many(list(df["path"]), storage_options)
+    result = featurize.featurize_bytes(vgg, contents, image_size, pooling, batch_size)
+    return assemble(df, result, read_errors)
+
+
+def add_pca(df: pd.DataFrame, reduction) -> pd.DataFrame:
+    """Append the ``pca`` column (``list<float32>``) to a frame of valid feature rows."""
+    out = df[["path", "label", "features"]].copy()
+    if len(df) == 0:
+        out["pca"] = pd.Series([], dtype=FLOAT_LIST_DTYPE, index=df.index)
+        return out
+    projected = reduction.transform(matrix(df["features"]))
+    out["pca"] = list_column(projected, len(df), df.index)
+    return out
+
+
+def output_meta() -> pd.DataFrame:
+    meta = features_meta()[["path", "label", "features"]]
+    meta["pca"] = pd.Series([], dtype=FLOAT_LIST_DTYPE)
+    return meta

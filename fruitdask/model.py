@@ -1,0 +1,239 @@
+"""The VGG16 feature extractor: weights on the client, one compiled model per worker process.
+
+The client loads the weights once (:func:`load_weights`) and the backends ship them to each
+worker or executor once. Inside a worker, :func:`cached_model` builds the Keras graph the
+first time and reuses it for every later partition of the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import WeightsError
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_CHOICES = ("auto", "imagenet", "random")
+#: File Keras caches the ImageNet no-top weights in (under ``~/.keras/models``).
+IMAGENET_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+RANDOM_WEIGHTS_WARNING = (
+    "VGG16 weights are RANDOM (ImageNet weights could not be loaded): features are not "
+    "ImageNet features. Pass --weights imagenet with network access, or --weights PATH_OR_URI "
+    "to a vgg16 no-top .weights.h5 file."
+)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where the weights came from; written to ``run.json`` and the report."""
+
+    requested: str
+    kind: str  # "imagenet", "random" or "file"
+    source: str
+    sha256: str
+    warning: str | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.kind == "random"
+
+
+def _keras():
+    # Imported lazily: importing TensorFlow costs seconds and must happen after the
+    # process's TF environment (threads, oneDNN) is set.
+    if "keras" not in sys.modules:
+        with _quiet_stderr():
+            import tensorflow  # noqa: F401 - the C++ runtime logs its banner at import
+    import keras
+
+    return keras
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 while TensorFlow loads: its C++ runtime prints INFO lines
+    (oneDNN banner, absl notice) that TF_CPP_MIN_LOG_LEVEL no longer hides. Python
+    exceptions still propagate; only the native chatter of the import is dropped."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def build_vgg16(image_size: int, weights: str | None = None) -> Any:
+    """The Keras VGG16 graph without its top, for square RGB inputs of ``image_size``."""
+    keras = _keras()
+    return keras.applications.VGG16(weights=weights, include_top=False, input_shape=(image_size, image_size, 3))
+
+
+def weights_digest(weights: list[np.ndarray]) -> str:
+    """A content hash of the weights, to name them in caches and ``run.json``."""
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(str(w.shape).encode())
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
+def _check_shapes(weights: list[np.ndarray], source: str) -> None:
+    expected = [tuple(w.shape) for w in build_vgg16(32).get_weights()]
+    got = [tuple(w.shape) for w in weights]
+    if got != expected:
+        raise WeightsError(
+            f"weights from {source!r} do not fit VGG16 without top "
+            f"({len(got)} arrays, expected {len(expected)}): pass a vgg16 include_top=False weights file"
+        )
+
+
+def _imagenet(image_size: int) -> list[np.ndarray]:
+    try:
+        return build_vgg16(image_size, weights="imagenet").get_weights()
+    except Exception as e:
+        raise WeightsError(
+            f"ImageNet weights for VGG16 could not be loaded ({type(e).__name__}: {e}): put "
+            f"{IMAGENET_NOTOP_FILE} in ~/.keras/models, or pass --weights PATH_OR_URI"
+        ) from e
+
+
+def _random(seed: int) -> list[np.ndarray]:
+    keras = _keras()
+    keras.utils.set_random_seed(seed)
+    return build_vgg16(32).get_weights()
+
+
+def _from_file(spec: str, storage_options: dict[str, Any] | None) -> list[np.ndarray]:
+    from . import storage
+
+    keras = _keras()
+    name = spec.rstrip("/").rsplit("/", 1)[-1]
+    if not name.endswith((".weights.h5", ".keras", ".h5")):
+        raise WeightsError(
+            f"--weights {spec!r} is not a weights file: use a .weights.h5, .h5 or .keras file, "
+            f"or one of {', '.join(WEIGHTS_CHOICES)}"
+        )
+    with tempfile.TemporaryDirectory(prefix="fruitdask-weights-") as tmp:
+        local = os.path.join(tmp, name)
+        try:
+            storage.download_to_local(spec, local, storage_options)
+        except Exception as e:
+            raise WeightsError(f"cannot read weights file {spec!r}: {e}") from e
+        try:
+            if name.endswith(".keras"):
+                weights = keras.models.load_model(local, compile=False).get_weights()
+            else:
+                model = build_vgg16(32)
+                model.load_weights(local)
+                weights = model.get_weights()
+        except Exception as e:
+            raise WeightsError(
+                f"weights file {spec!r} could not be loaded into VGG16 without top ({type(e).__name__}: {e}): "
+                "save it with model.save_weights('vgg16_notop.weights.h5') from keras.applications.VGG16(include_top=False)"
+            ) from e
+    _check_shapes(weights, spec)
+    return weights
+
+
+def load_weights(
+    spec: str, *, image_size: int = 224, seed: int = 0, storage_options: dict[str, Any] | None = None
+) -> tuple[list[np.ndarray], WeightsInfo]:
+    """Load VGG16 (no top) weights on the client.
+
+    Parameters
+    ----------
+    spec
+        ``imagenet`` (Keras cache, else download), ``random`` (seeded init of the same graph),
+        ``auto`` (ImageNet if it can be had, else random with a loud warning), or a path/URI
+        of a ``.weights.h5`` / ``.keras`` file.
+    """
+    if spec == "imagenet":
+        weights = _imagenet(image_size)
+        info = WeightsInfo(spec, "imagenet", "keras.applications imagenet", weights_digest(weights))
+    elif spec == "random":
+        weights = _random(seed)
+        info = WeightsInfo(spec, "random", f"random (seed {seed})", weights_digest(weights), RANDOM_WEIGHTS_WARNING)
+    elif spec == "auto":
+        try:
+            weights = _imagenet(image_size)
+            info = WeightsInfo(spec, "imagenet", "keras.applications imagenet", weights_digest(weights))
+        except WeightsError as e:
+            logger.warning("%s (cause: %s)", RANDOM_WEIGHTS_WARNING, e)
+            weights = _random(seed)
+            info = WeightsInfo(spec, "random", f"random (seed {seed})", weights_digest(weights), RANDOM_WEIGHTS_WARNING)
+    else:
+        weights = _from_file(spec, storage_options)
+        info = WeightsInfo(spec, "file", spec, weights_digest(weights))
+    weights = [np.asarray(w, dtype=np.float32) for w in weights]
+    return weights, info
+
+
+# --- worker side -----------------------------------------------------------------------
+
+_MODELS: dict[tuple[str, int], Any] = {}
+_LOCK = threading.Lock()
+#: How many times this process built a model, per weights digest (tests read it).
+BUILDS: Counter[str] = Counter()
+_THREADS_SET = False
+
+
+def pin_tf_threads(threads: int | None) -> None:
+    """Limit TensorFlow's thread pools to the worker's share of cores (once per process).
+
+    Must run before TensorFlow's runtime starts; later calls are ignored.
+    """
+    global _THREADS_SET
+    if _THREADS_SET or not threads:
+        return
+    _keras()
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+        tf.config.threading.set_inter_op_parallelism_threads(1 if threads <= 2 else 2)
+    except RuntimeError:  # runtime already initialised in this process
+        logger.debug("TensorFlow threads already fixed in this process")
+    _THREADS_SET = True
+
+
+def cached_model(key: str, weights: list[np.ndarray], image_size: int, threads: int | None = None) -> Any:
+    """Return this process's compiled model for ``(key, image_size)``, building it once."""
+    cache_key = (key, image_size)
+    model = _MODELS.get(cache_key)
+    if model is not None:
+        return model
+    with _LOCK:
+        model = _MODELS.get(cache_key)
+        if model is None:
+            pin_tf_threads(threads)
+            model = build_vgg16(image_size)
+            model.set_weights(weights)
+            _MODELS[cache_key] = model
+            BUILDS[key] += 1
+            logger.info("built VGG16 (%s, %dpx) in pid %d", key[:12], image_size, os.getpid())
+    return model
+
+
+def build_counts() -> dict[str, int]:
+    """Model builds in this process, by weights key (run with ``client.run`` in tests)."""
+    return dict(BUILDS)

@@ -1,0 +1,150 @@
+"""The run, stage by stage: list, count, load weights, featurize + reduce (backend), write.
+
+Backend-independent steps live here so both backends produce the same files:
+``features/`` (Parquet), ``errors.parquet``, ``reduction.npz``, ``scree.png`` and
+``run.json``, committed atomically by :class:`fruitdask.storage.OutputTarget`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+
+from . import __version__, model, storage
+from .backends import RunContext, get_backend
+from .config import RunConfig
+from .errors import TooManyErrors
+from .reduce import scree_png
+from .runinfo import StageTimer, label_counts, versions
+
+logger = logging.getLogger(__name__)
+
+
+def _errors_parquet(errors: pd.DataFrame) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {c: pa.array(errors[c].astype(object).tolist() if len(errors) else [], type=pa.string()) for c in ("path", "label", "stage", "reason")}
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def check_errors(cfg: RunConfig, n_listed: int, n_errors: int) -> None:
+    """Fail the run when more images failed than ``--max-errors`` allows."""
+    allowed = cfg.max_errors_allowed(n_listed)
+    if allowed is not None and n_errors > allowed:
+        raise TooManyErrors(
+            f"{n_errors} of {n_listed} images could not be used, more than --max-errors {cfg.max_errors:g} "
+            f"allows ({allowed}): see the reasons with --debug, fix the files, or raise --max-errors"
+        )
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    progress: Callable[[Any], None] | None = None,
+    on_event: Callable[[str, dict], None] | None = None,
+) -> dict:
+    """Run the whole pipeline and return the ``run.json`` document.
+
+    Parameters
+    ----------
+    progress
+        Called with the persisted feature collection; the CLI draws a progress bar with it.
+    on_event
+        Called as ``on_event(name, data)`` at milestones (``listed``, ``cluster``), so the CLI
+        can print statistics and the dashboard URL as soon as they are known.
+    """
+    emit = on_event or (lambda name, data: None)
+    timer = StageTimer()
+    started = dt.datetime.now(dt.UTC)
+    storage_options = cfg.storage.storage_options()
+
+    # Nothing is read or written before every location passes the region guard.
+    storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
+    target = storage.OutputTarget.open(cfg.output, storage_options, cfg.overwrite)
+
+    with timer.stage("listing"):
+        listing = storage.list_images(cfg.input, storage_options)
+    per_label = label_counts(listing)
+    emit("listed", {"images": len(listing), "labels": len(per_label), "per_label": per_label})
+
+    with timer.stage("weights"):
+        weights, winfo = model.load_weights(
+            cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=storage_options
+        )
+    warnings = [winfo.warning] if winfo.warning else []
+
+    backend = get_backend(cfg.backend)
+    ctx = RunContext(
+        cfg=cfg,
+        listing=listing,
+        weights=weights,
+        weights_info=winfo,
+        target=target,
+        timer=timer,
+        progress=progress or (lambda _: None),
+        on_cluster=lambda shape: emit("cluster", shape),
+    )
+    with storage.committed(target):
+        result = backend(ctx)
+        n_errors = len(result.errors)
+        check_errors(cfg, len(listing), n_errors)
+        with timer.stage("write"):
+            target.write_bytes("errors.parquet", _errors_parquet(result.errors))
+            target.write_bytes("reduction.npz", result.reduction.to_npz())
+            target.write_bytes("scree.png", scree_png(result.reduction, f"Scree plot ({cfg.backend}, {len(listing)} images)"))
+        featurize_s = timer.stages.get("featurize", 0.0)
+        doc = {
+            "fruitdask_version": __version__,
+            "run_id": target.run_id,
+            "backend": cfg.backend,
+            "input": cfg.input,
+            "output": cfg.output,
+            "started_at": started.isoformat(),
+            "duration_s": round(timer.total, 3),
+            "counts": {
+                "images_listed": len(listing),
+                "labels": len(per_label),
+                "rows_written": result.rows,
+                "errors": n_errors,
+            },
+            "per_label": per_label,
+            "errors_by_stage": {str(k): int(v) for k, v in result.errors["stage"].value_counts().items()} if n_errors else {},
+            "reduction": result.reduction.summary(),
+            "timings_s": {k: round(v, 3) for k, v in timer.stages.items()},
+            "images_per_second": {
+                "featurize": round(len(listing) / featurize_s, 3) if featurize_s else None,
+                "overall": round(len(listing) / timer.total, 3),
+            },
+            "cluster": result.cluster,
+            "weights": {
+                "requested": winfo.requested,
+                "kind": winfo.kind,
+                "source": winfo.source,
+                "sha256": winfo.sha256,
+                "random": winfo.is_random,
+                "warning": winfo.warning,
+            },
+            "warnings": warnings,
+            "extra": result.extra,
+            "versions": versions(),
+            "config": cfg.to_dict(),
+            "files": {
+                "features": "features/",
+                "errors": "errors.parquet",
+                "reduction": "reduction.npz",
+                "scree": "scree.png",
+                "performance_report": result.extra.get("performance_report"),
+            },
+        }
+        target.write_json("run.json", doc)
+    return doc

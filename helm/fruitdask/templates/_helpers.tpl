@@ -1,0 +1,206 @@
+{{/* Names ---------------------------------------------------------------------- */}}
+{{- define "fruitdask.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "fruitdask.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "fruitdask.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "fruitdask.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Labels: app.kubernetes.io/* on every object ------------------------------------ */}}
+{{- define "fruitdask.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fruitdask.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "fruitdask.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "fruitdask.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: fruitdask
+{{- end }}
+
+{{/* Image (GPU variant for GPU workers) -------------------------------------------- */}}
+{{- define "fruitdask.image" -}}
+{{- $img := .Values.image -}}
+{{- if $img.digest -}}
+{{ $img.repository }}@{{ $img.digest }}
+{{- else -}}
+{{ $img.repository }}:{{ $img.tag }}
+{{- end -}}
+{{- end }}
+
+{{- define "fruitdask.workerImage" -}}
+{{- $img := .Values.image -}}
+{{- if and .Values.worker.gpu.enabled (not $img.digest) -}}
+{{ $img.repository }}:{{ $img.tag }}{{ $img.gpuTagSuffix }}
+{{- else -}}
+{{ include "fruitdask.image" . }}
+{{- end -}}
+{{- end }}
+
+{{/* Scheduler address -------------------------------------------------------------- */}}
+{{- define "fruitdask.protocol" -}}
+{{- if .Values.tls.enabled }}tls{{ else }}tcp{{ end }}
+{{- end }}
+
+{{- define "fruitdask.schedulerAddress" -}}
+{{ include "fruitdask.protocol" . }}://{{ include "fruitdask.fullname" . }}-scheduler:{{ .Values.scheduler.service.port }}
+{{- end }}
+
+{{/* Worker sizing from resources --------------------------------------------------- */}}
+{{/* Whole cores of limits.cpu, at least 1: "2" -> 2, "1500m" -> 1. */}}
+{{- define "fruitdask.workerThreads" -}}
+{{- $cpu := toString .Values.worker.resources.limits.cpu -}}
+{{- $cores := 0 -}}
+{{- if hasSuffix "m" $cpu -}}
+{{- $cores = div (atoi (trimSuffix "m" $cpu)) 1000 -}}
+{{- else -}}
+{{- $cores = floor (float64 $cpu) | int -}}
+{{- end -}}
+{{- max 1 $cores -}}
+{{- end }}
+
+{{/* Bytes in a memory quantity (Ki/Mi/Gi/Ti, k/M/G/T or plain bytes). */}}
+{{- define "fruitdask.bytes" -}}
+{{- $q := toString . -}}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 -}}
+{{- $unit := regexFind "(Ki|Mi|Gi|Ti|k|M|G|T)$" $q -}}
+{{- if $unit -}}
+{{- mulf (float64 (trimSuffix $unit $q)) (get $units $unit) | int64 -}}
+{{- else -}}
+{{- float64 $q | int64 -}}
+{{- end -}}
+{{- end }}
+
+{{/* --memory-limit in bytes: limits.memory times worker.memoryFraction. */}}
+{{- define "fruitdask.workerMemoryLimit" -}}
+{{- $bytes := include "fruitdask.bytes" .Values.worker.resources.limits.memory -}}
+{{- mulf (float64 $bytes) .Values.worker.memoryFraction | int64 -}}
+{{- end }}
+
+{{/* Pod hardening ------------------------------------------------------------------ */}}
+{{- define "fruitdask.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.podSecurity.runAsUser }}
+runAsGroup: {{ .Values.podSecurity.runAsGroup }}
+fsGroup: {{ .Values.podSecurity.runAsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "fruitdask.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+privileged: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "fruitdask.regionAffinity" -}}
+nodeAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    nodeSelectorTerms:
+      - matchExpressions:
+          - key: topology.kubernetes.io/region
+            operator: In
+            values: [{{ .Values.region | quote }}]
+{{- end }}
+
+{{/* Environment of every container: writable HOME/TMPDIR, TF and AMM settings, TLS. */}}
+{{- define "fruitdask.env" -}}
+- name: HOME
+  value: /home/fruitdask
+- name: TMPDIR
+  value: /tmp
+- name: AWS_REGION
+  value: {{ .Values.region | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ .Values.region | quote }}
+# The pipeline broadcasts the weights with scatter(broadcast=True); the Active Memory
+# Manager's ReduceReplicas would drop those replicas again.
+- name: DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START
+  value: "False"
+{{- range $k, $v := .Values.tfEnv }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- range $k, $v := .Values.extraEnv }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- if .Values.tls.enabled }}
+- name: DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION
+  value: "True"
+- name: DASK_DISTRIBUTED__COMM__TLS__CA_FILE
+  value: /etc/dask/tls/ca.crt
+{{- range $role := list "SCHEDULER" "WORKER" "CLIENT" }}
+- name: DASK_DISTRIBUTED__COMM__TLS__{{ $role }}__CERT
+  value: /etc/dask/tls/tls.crt
+- name: DASK_DISTRIBUTED__COMM__TLS__{{ $role }}__KEY
+  value: /etc/dask/tls/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "fruitdask.volumeMounts" -}}
+- name: home
+  mountPath: /home/fruitdask
+- name: tmp
+  mountPath: /tmp
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/dask/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "fruitdask.volumes" -}}
+- name: home
+  emptyDir:
+    sizeLimit: 1Gi
+- name: tmp
+  emptyDir:
+    sizeLimit: 2Gi
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{/* Shared pod fields: service account, hardening, region affinity. */}}
+{{- define "fruitdask.podCommon" -}}
+serviceAccountName: {{ include "fruitdask.serviceAccountName" . }}
+automountServiceAccountToken: false
+securityContext:
+  {{- include "fruitdask.podSecurityContext" . | nindent 2 }}
+affinity:
+  {{- include "fruitdask.regionAffinity" . | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
