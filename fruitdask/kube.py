@@ -337,11 +337,18 @@ def open_kube_cluster(settings: KubeSettings, env: dict[str, str]) -> Iterator[A
     except ClusterError:
         raise
     except Exception as e:  # kr8s/kopf/aiohttp raise many types for "no cluster"
+        # The half-built cluster stays registered for dask-kubernetes' atexit reaper, which
+        # would fail a second time, noisily, at interpreter exit.
+        instances = getattr(KubeCluster, "_instances", None)
+        if instances is not None:
+            for stale in [c for c in instances if getattr(c, "name", None) == settings.name]:
+                instances.discard(stale)
         action = "connect to" if settings.connect_existing else "create"
         raise ClusterError(
             f"could not {action} DaskCluster {settings.name!r} in namespace {settings.namespace!r}: {e}. "
             "Check that kubectl reaches the cluster (KUBECONFIG, or run in-cluster), that the "
-            "dask-kubernetes operator is installed (helm install dask-kubernetes-operator), "
+            "dask-kubernetes operator is installed (helm install --repo https://helm.dask.org "
+            "-n dask-operator --create-namespace dask-kubernetes-operator dask-kubernetes-operator), "
             "and, with connect_existing, that the cluster exists"
         ) from e
     try:
