@@ -19,6 +19,9 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
+	@# The report test opens report.html in a real headless browser (Debian's chromium).
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		|| echo "WARNING: could not install chromium (needs root and apt): the report's browser test will be skipped"
 
 ## run: the pipeline on the bundled sample (120 real images), local cluster, output in ./$(OUT)
 run: install

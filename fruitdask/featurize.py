@@ -8,16 +8,32 @@ storage, clusters or global state besides the model it is handed.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Images with more pixels than this are refused before decoding (decompression bombs).
 MAX_PIXELS = 64_000_000
+#: JPEGs with at least this many pixels are decoded at reduced scale (draft mode).
+DRAFT_MIN_PIXELS = 4_000_000
 RESAMPLE = Image.Resampling.BICUBIC  # PIL's default for resize(), as in the seed notebook
+
+#: Model calls in this process: ``batches`` (``predict_on_batch`` calls) and ``images``.
+#: Tests read it on workers with ``client.run(model_calls)`` to prove a resumed run reused
+#: its checkpoints instead of running VGG16 again.
+MODEL_CALLS: Counter[str] = Counter()
+_CALLS_LOCK = threading.Lock()
+
+
+def model_calls() -> dict[str, int]:
+    """This process's :data:`MODEL_CALLS` as a plain dict (picklable for ``client.run``)."""
+    with _CALLS_LOCK:
+        return dict(MODEL_CALLS)
 
 
 class DecodeError(ValueError):
@@ -34,7 +50,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        # A 16-bit mode is 16-bit however dark the picture; only the 32-bit "I" mode (which
+        # some PIL versions give 16-bit PNGs) has to guess its range from the values.
+        top = 65535.0 if img.mode != "I" or arr.max(initial=0) > 255 else 255.0
         return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -42,12 +60,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode one image to a ``(size, size, 3)`` uint8 RGB array.
+def open_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and load one encoded image, refusing bombs before any pixel is decoded.
 
-    EXIF orientation is applied, transparency composited on white, 16-bit and CMYK images
-    converted, very large JPEGs decoded at reduced scale (draft mode). Raises
-    :class:`DecodeError` with the reason for anything that is not a usable image.
+    The pixel count comes from the header alone, so a decompression bomb is refused without
+    allocating its pixels. A JPEG at least twice ``size`` on each side is decoded at 1/2,
+    1/4 or 1/8 scale straight from the DCT (PIL draft mode): an 8000x6000 photo loads as
+    1000x750, about 2 MB instead of 144 MB. EXIF orientation is applied.
+
+    Raises
+    ------
+    DecodeError
+        With the reason, for anything that is not a usable image.
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
@@ -60,21 +84,38 @@ def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.nda
                 raise DecodeError(
                     f"image of {width}x{height} pixels is over the {max_pixels:,}-pixel limit (decompression bomb?)"
                 )
-            if img.format == "JPEG" and min(width, height) >= 2 * size:
-                # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT: far less memory.
+            if img.format == "JPEG" and width * height >= DRAFT_MIN_PIXELS and min(width, height) >= 2 * size:
+                # Only for big photos: draft changes pixels, so dataset-sized images (100x100)
+                # must decode exactly as a plain PIL open would (parity with plain Keras).
                 img.draft("RGB", (size, size))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(img)
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), RESAMPLE)
-            return np.asarray(rgb, dtype=np.uint8)
+            return ImageOps.exif_transpose(img)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError(f"refused as a decompression bomb: {e}") from e
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DecodeError(f"not a decodable image: {e}") from e
+    except UnidentifiedImageError as e:
+        raise DecodeError(f"not an image: {len(data):,} bytes in no format PIL can read (JPEG, PNG, ...)") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise DecodeError(f"corrupt or truncated image: {e}") from e
+
+
+def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one image to a ``(size, size, 3)`` uint8 RGB array.
+
+    EXIF orientation is applied, transparency composited on white, 16-bit and CMYK images
+    converted, very large JPEGs decoded at reduced scale (draft mode, see
+    :func:`open_image`). Raises :class:`DecodeError` with the reason for anything that is
+    not a usable image.
+    """
+    img = open_image(data, size, max_pixels)
+    try:
+        rgb = _to_rgb(img)
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), RESAMPLE)
+        return np.asarray(rgb, dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        raise DecodeError(f"cannot convert {img.mode} image to RGB: {e}") from e
 
 
 def preprocess(images: np.ndarray) -> np.ndarray:
@@ -104,6 +145,9 @@ def featurize_arrays(model, images: np.ndarray, pooling: str, batch_size: int) -
         batch = preprocess(images[start : start + batch_size])
         # predict_on_batch runs the compiled graph (no per-call Python dispatch of layers).
         maps = model.predict_on_batch(batch)
+        with _CALLS_LOCK:
+            MODEL_CALLS["batches"] += 1
+            MODEL_CALLS["images"] += len(batch)
         out.append(pool(np.asarray(maps), pooling))
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 

@@ -181,6 +181,21 @@ def finish(
     )
 
 
+def silence_first_batch_warning() -> None:
+    """Hide numpy's "invalid value encountered in divide" from dask-ml's first batch.
+
+    dask-ml's incremental mean/variance divides 0 by 0 while no sample has been seen yet and
+    then discards that value (as sklearn does); the warning is noise. It is filtered only for
+    ufunc tasks run directly by dask's task spec, not for any fruitdask code. Run it in each
+    worker process (``client.run``) and in the client.
+    """
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore", message="invalid value encountered in divide", category=RuntimeWarning, module=r"dask\._task_spec"
+    )
+
+
 def fit_incremental_pca(
     X,
     *,
@@ -200,6 +215,7 @@ def fit_incremental_pca(
     import dask.array as da
     from dask_ml.decomposition import IncrementalPCA
 
+    silence_first_batch_warning()
     n_samples, n_features = (int(x) for x in X.shape)
     plan = plan_pca(n_samples, n_features, components, batch_size)
     mean, std = da.compute(X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64))

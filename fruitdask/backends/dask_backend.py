@@ -24,24 +24,27 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
-from .. import frames, storage
+from .. import checkpoint, frames, storage
 from ..cluster import cluster_shape, dask_client
 from ..errors import OutputError
-from ..reduce import fit_incremental_pca
+from ..reduce import fit_incremental_pca, silence_first_batch_warning
 from . import BackendResult, RunContext
 
 logger = logging.getLogger(__name__)
 
 
-def featurize_on_worker(df: pd.DataFrame, weights: list[np.ndarray], **kwargs) -> pd.DataFrame:
-    """Task body: pin TensorFlow to this worker's threads, then featurize the partition."""
+def featurize_on_worker(
+    df: pd.DataFrame, weights: list[np.ndarray], checkpoints: checkpoint.Checkpoints | None = None, **kwargs
+) -> pd.DataFrame:
+    """Task body: pin TensorFlow to this worker's threads, then featurize the partition
+    (or reuse its checkpoint under ``--resume``; see :mod:`fruitdask.checkpoint`)."""
     from distributed import get_worker
 
     try:
         threads = get_worker().state.nthreads
     except ValueError:  # not on a worker (e.g. the synchronous scheduler in tests)
         threads = None
-    return frames.featurize_frame(df, weights, threads=threads, **kwargs)
+    return checkpoint.featurize_checkpointed(df, weights, checkpoints, threads=threads, **kwargs)
 
 
 def n_partitions(n_images: int, partition_size: int, n_threads: int) -> int:
@@ -84,8 +87,12 @@ def run(ctx: RunContext) -> BackendResult:
                     parts = _split(ctx.listing, n_partitions(len(ctx.listing), cfg.partition_size, shape["threads"] or 1))
                     # The listing travels as data, not inside the task graph: a lake of
                     # millions of paths would otherwise make a graph of hundreds of MB.
-                    listing = dd.from_delayed(client.scatter(parts), meta=ctx.listing.iloc[:0], verify_meta=False)
+                    # hash=False: dask's tokenize of pandas-3 string columns ignores their
+                    # values, so hashed scatter merged every partition into one key.
+                    listing = dd.from_delayed(client.scatter(parts, hash=False), meta=ctx.listing.iloc[:0], verify_meta=False)
                 with timer.stage("featurize"):
+                    ckpt = checkpoint.for_run(cfg.output, ctx.weights_info.sha256, cfg)
+                    extra["checkpoint"] = {"prefix": ckpt.prefix, "resume": ckpt.resume}
                     feats = listing.map_partitions(
                         featurize_on_worker,
                         weights,
@@ -94,6 +101,7 @@ def run(ctx: RunContext) -> BackendResult:
                         pooling=cfg.pooling,
                         batch_size=cfg.batch_size,
                         storage_options=storage_options,
+                        checkpoints=ckpt,
                         meta=frames.features_meta(),
                     ).persist()
                     ctx.progress(feats)
@@ -108,6 +116,7 @@ def run(ctx: RunContext) -> BackendResult:
                     lengths = [int(x) for x in good.map_partitions(len).compute()]
                 n_rows = sum(lengths)
                 with timer.stage("pca"):
+                    client.run(silence_first_batch_warning)
                     d = cfg.feature_dim
                     blocks = [
                         da.from_delayed(dask.delayed(_matrix_of)(part), shape=(n, d), dtype=np.float32)

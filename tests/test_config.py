@@ -1,0 +1,74 @@
+"""The run configuration: flags over environment over defaults, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fruitdask.config import EU_REGIONS, RunConfig, build_config
+from fruitdask.errors import ConfigError
+
+BASE = {"input": "in", "output": "out"}
+
+
+def test_defaults():
+    cfg = build_config(BASE, {})
+    assert (cfg.backend, cfg.cluster, cfg.image_size, cfg.batch_size, cfg.pooling, cfg.weights, cfg.variance) == (
+        "dask", "local", 224, 32, "avg", "auto", 0.95,
+    )
+    assert cfg.storage.allowed_regions == EU_REGIONS
+    assert "eu-west-2" not in EU_REGIONS and "eu-central-2" not in EU_REGIONS
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.image_size = 1  # type: ignore[misc]
+
+
+def test_flags_override_environment_which_overrides_defaults():
+    env = {"FRUITDASK_IMAGE_SIZE": "64", "FRUITDASK_BATCH_SIZE": "8", "FRUITDASK_QUIET": "true",
+           "FRUITDASK_STORAGE_ALLOWED_REGIONS": "eu-west-1,eu-west-3", "FRUITDASK_KUBE_N_WORKERS": "5",
+           "FRUITDASK_COMPONENTS": "7"}
+    cfg = build_config({**BASE, "image_size": 96}, env)
+    assert cfg.image_size == 96  # flag wins
+    assert cfg.batch_size == 8 and cfg.quiet is True and cfg.components == 7  # environment
+    assert cfg.storage.allowed_regions == ("eu-west-1", "eu-west-3")
+    assert cfg.kube.n_workers == 5
+
+
+def test_aws_endpoint_variable_is_honoured():
+    cfg = build_config(BASE, {"AWS_ENDPOINT_URL": "http://127.0.0.1:5555"})
+    assert cfg.storage.storage_options()["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:5555"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"image_size": 16}, "--image-size 16 is too small"),
+        ({"pooling": "mean"}, "unknown pooling 'mean'"),
+        ({"variance": 1.5}, "--variance must be in"),
+        ({"components": 0}, "--components must be at least 1"),
+        ({"input": ""}, "no input given"),
+    ],
+)
+def test_bad_values_are_refused_with_the_fix(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({**BASE, **flags}, {})
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigError, match="FRUITDASK_IMAGE_SIZE='big'"):
+        build_config(BASE, {"FRUITDASK_IMAGE_SIZE": "big"})
+
+
+def test_feature_dim_and_error_budget():
+    assert RunConfig(pooling="none", image_size=224).feature_dim == 25088
+    assert RunConfig(pooling="avg").feature_dim == 512
+    assert RunConfig(max_errors=0.1).max_errors_allowed(120) == 12
+    assert RunConfig(max_errors=3).max_errors_allowed(120) == 3
+    assert RunConfig().max_errors_allowed(120) is None
+
+
+def test_storage_options_hold_no_credentials():
+    env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-SECRET", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY"}
+    cfg = build_config({**BASE, "storage_endpoint_url": "http://x", "storage_profile": "p"}, env)
+    text = repr(cfg.storage.storage_options()) + repr(cfg.to_dict())
+    assert "SECRET" not in text and "AKIAEXAMPLEKEY" not in text
