@@ -31,6 +31,9 @@ DEFAULT_OUTPUT = "fruitdask-output"
 #: Sub-commands living in their own modules: each has ``add_arguments(parser)`` and
 #: ``command(args) -> int``. ``run`` is defined here.
 COMMAND_MODULES: dict[str, tuple[str, str]] = {
+    "train": ("fruitdask.train_cli", "train a fruit classifier on the PCA features of a run output, evaluate it on a Test/ tree"),
+    "predict": ("fruitdask.predict_cli", "predict the fruit in photos with a model written by `train` (top-k labels)"),
+    "report": ("fruitdask.report_cli", "rebuild OUTPUT/report.html, the self-contained HTML page of a finished run"),
 
 }
 
@@ -76,6 +79,7 @@ def add_run_options(p: argparse.ArgumentParser, *, io_required: bool = False) ->
     g.add_argument("--threads-per-worker", type=int, help="threads per local worker (default: 1 on <= 4 cores, else 2)")
     g.add_argument("--memory-limit", help=f"memory per local worker (default: {_D.memory_limit})")
     g.add_argument("--dashboard-address", help=f"local dashboard address (default: {_D.dashboard_address!r}, a free port)")
+    g.add_argument("--cluster-timeout", type=float, help=f"seconds to reach the scheduler before failing (default: {_D.cluster_timeout:g})")
     g.add_argument("--partition-size", type=int, help=f"images per partition/task (default: {_D.partition_size})")
     g.add_argument("--max-errors", type=float, help="fail when more images are unusable: a count, or a fraction < 1 (default: no limit)")
     g.add_argument("--resume", action="store_true", default=None, help="reuse featurized partitions checkpointed by an earlier failed run")
@@ -99,6 +103,7 @@ def add_run_options(p: argparse.ArgumentParser, *, io_required: bool = False) ->
     g.add_argument("--kube-worker-cpu", help=f"CPU per worker pod (default: {_D.kube.worker_cpu})")
     g.add_argument("--kube-worker-memory", help=f"memory per worker pod (default: {_D.kube.worker_memory})")
     g.add_argument("--kube-service-account", help=f"service account with S3 access via IRSA (default: {_D.kube.service_account})")
+    g.add_argument("--kube-region", help=f"EU region the worker pods must run in (default: {_D.kube.region})")
     g.add_argument("--kube-connect-existing", action="store_true", default=None, help="connect to an existing DaskCluster instead of creating one")
 
     g = p.add_argument_group("output")
@@ -163,8 +168,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         doc["counts"]["rows_written"], doc["counts"]["errors"], cfg.output, red["k"],
         100 * red["variance_reached"], doc["images_per_second"]["featurize"] or 0, doc["duration_s"],
     )
+    from .report import report_location
+
+    report_path = report_location(cfg.output)
+    logger.info("report: %s", report_path)
     if not cfg.quiet:
-        print(json.dumps({"output": cfg.output, "rows": doc["counts"]["rows_written"], "k": red["k"]}))
+        print(json.dumps({"output": cfg.output, "rows": doc["counts"]["rows_written"], "k": red["k"], "report": report_path}))
     return 0
 
 

@@ -80,7 +80,7 @@ class KubeSettings:
     n_workers: int = 2
     worker_cpu: str = "2"
     worker_memory: str = "8Gi"
-    service_account: str | None = "fruitdask"
+    service_account: str | None = "fruits-fruitdask"  # the chart's, for release "fruits"
     region: str = "eu-west-1"
     connect_existing: bool = False
 
@@ -97,6 +97,7 @@ class RunConfig:
     threads_per_worker: int | None = None
     memory_limit: str = "auto"
     dashboard_address: str = ":0"
+    cluster_timeout: float = 20.0  # seconds to reach the scheduler before failing the run
     image_size: int = 224
     batch_size: int = 32
     partition_size: int = 64
@@ -140,6 +141,8 @@ class RunConfig:
             raise ConfigError(f"--variance must be in (0, 1], got {self.variance}: e.g. --variance 0.95")
         if self.pca_batch_size is not None and self.pca_batch_size < 2:
             raise ConfigError(f"--pca-batch-size must be at least 2, got {self.pca_batch_size}")
+        if self.cluster_timeout <= 0:
+            raise ConfigError(f"--cluster-timeout must be a positive number of seconds, got {self.cluster_timeout}")
         if self.max_errors is not None and self.max_errors < 0:
             raise ConfigError(f"--max-errors must be >= 0, got {self.max_errors}")
         return self

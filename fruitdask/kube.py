@@ -58,16 +58,9 @@ def parse_quantity(quantity: str) -> int:
         If the quantity has no recognised unit or no number.
     """
     text = str(quantity).strip()
-    for table in (_BINARY, _DECIMAL):
-        for suffix, factor in table.items():
-            if text.endswith(suffix):
-                number = text[: -len(suffix)]
-                break
-        else:
-            continue
-        break
-    else:
-        number, factor = text, 1
+    # Two-letter binary suffixes first, so "Mi" is not read as "M".
+    suffix = next((u for u in (*_BINARY, *_DECIMAL) if text.endswith(u)), "")
+    number, factor = text[: len(text) - len(suffix)], {**_BINARY, **_DECIMAL}.get(suffix, 1)
     try:
         return int(float(number) * factor)
     except ValueError as e:
@@ -141,11 +134,7 @@ def _pod_spec(
             }
         },
         "containers": [container],
-        "volumes": [
-            {"name": "home", "emptyDir": {"sizeLimit": "1Gi"}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
-        ]
-        + extra_volumes,
+        "volumes": [{"name": "home", "emptyDir": {"sizeLimit": "1Gi"}}, {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}, *extra_volumes],
     }
     if settings.service_account:
         spec["serviceAccountName"] = settings.service_account

@@ -59,7 +59,12 @@ def dask_cluster_schema() -> dict[str, Any]:
     )
     crd = yaml.safe_load(crd_path.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return strictify(version["schema"]["openAPIV3Schema"])
+    schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
+    # The API server accepts these on every object (metadata is checked as ObjectMeta).
+    schema["properties"].update(
+        {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"}}
+    )
+    return strictify(schema)
 
 
 @functools.cache

@@ -12,8 +12,6 @@ from typing import Any
 
 import pytest
 import yaml
-
-from fruitdask.config import EU_REGIONS, TF_ENV
 from k8s_validation import (
     CHART,
     ci_values,
@@ -24,6 +22,8 @@ from k8s_validation import (
     render_notes,
     validate_object,
 )
+
+from fruitdask.config import EU_REGIONS, TF_ENV
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk bundles the Helm engine")
 
@@ -78,7 +78,7 @@ def test_ci_values_cover_every_option() -> None:
 
 
 def test_every_object_is_valid_kubernetes(rendered) -> None:
-    name, _, objects = rendered
+    _name, _, objects = rendered
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy", "Pod"} <= kinds
     for obj in objects:
@@ -361,7 +361,7 @@ def test_schema_refuses(values: dict[str, Any], where: str) -> None:
 
 def test_schema_accepts_every_ci_file() -> None:
     with helm.Chart.load(CHART) as chart:
-        for name, values in CI_VALUES.items():
+        for _name, values in CI_VALUES.items():
             chart.validate_schema(values)
 
 
@@ -374,7 +374,7 @@ def test_values_documented_key_by_key() -> None:
         m = re.match(r"^(\s*)([A-Za-z][A-Za-z0-9._/-]*):(.*)$", line)
         if not m:
             continue
-        indent, key, rest = len(m.group(1)), m.group(2), m.group(3)
+        indent, _key, rest = len(m.group(1)), m.group(2), m.group(3)
         while stack and stack[-1][0] >= indent:
             stack.pop()
         documented = lines[i - 1].strip().startswith("#") or any(d for _, d in stack)

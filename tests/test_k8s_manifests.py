@@ -10,9 +10,9 @@ from importlib import metadata
 import jsonschema
 import pytest
 import yaml
+from k8s_validation import K8S, REPO, custom_schema, load_documents, validate_object
 
 from fruitdask.config import EU_REGIONS, TF_ENV
-from k8s_validation import K8S, REPO, custom_schema, load_documents, validate_object
 
 ZONES = {"eu-west-1a", "eu-west-1b", "eu-west-1c"}
 
