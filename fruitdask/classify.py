@@ -1,0 +1,258 @@
+"""Train and evaluate a fruit classifier on the PCA features of a ``run`` output.
+
+The classifier (scikit-learn ``StandardScaler`` + multinomial ``LogisticRegression``) is fitted
+on the run's ``pca`` column. The held-out set is featurized with *the run's* weights (sha256
+verified), image size, pooling, standardization and PCA: nothing is refitted on test data.
+The PCA features of even a large lake fit in memory (a million images x 100 components is
+400 MB), so scikit-learn is used; for more, ``dask_ml.linear_model.LogisticRegression`` on
+a dask array of the same column is the drop-in replacement.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import frames, storage
+from .bundle import FeatureSpec, Featurizer, LinearClassifier, ModelBundle, WeightsRef
+from .errors import InputError
+from .reduce import Reduction
+from .runinfo import versions
+
+logger = logging.getLogger(__name__)
+
+#: Images featurized per call when featurizing a held-out tree in this process.
+CHUNK = 64
+
+
+@dataclass
+class RunOutput:
+    """A committed ``fruitdask run`` output: its features, reduction and settings."""
+
+    url: str
+    doc: dict
+    reduction: Reduction
+    table: pd.DataFrame  # path, label, features, pca
+
+    @property
+    def spec(self) -> FeatureSpec:
+        cfg = self.doc["config"]
+        return FeatureSpec(self.doc["weights"]["sha256"], int(cfg["image_size"]), cfg["pooling"])
+
+    @property
+    def weights(self) -> WeightsRef:
+        w = self.doc["weights"]
+        return WeightsRef(kind=w["kind"], source=w["source"], sha256=w["sha256"], seed=int(self.doc["config"]["seed"]))
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.doc["config"]["batch_size"])
+
+
+def load_run(url: str, storage_options: Mapping[str, Any] | None = None, columns: tuple[str, ...] = ("path", "label", "pca")) -> RunOutput:
+    """Read a committed run output; refuse an unfinished or foreign folder with the fix."""
+    try:
+        storage.read_bytes(storage.join(url, storage.SUCCESS_MARKER), storage_options)
+        doc = json.loads(storage.read_bytes(storage.join(url, "run.json"), storage_options))
+        reduction = Reduction.from_npz(storage.read_bytes(storage.join(url, "reduction.npz"), storage_options))
+    except FileNotFoundError as e:
+        raise InputError(
+            f"{url!r} is not a completed fruitdask run output (no {e.filename or 'run.json/_SUCCESS'}): "
+            "pass the --output folder of a finished `fruitdask run` to --features"
+        ) from e
+    except (PermissionError, OSError) as e:
+        raise storage.translate(e, url) from e
+    table = storage.read_parquet(storage.join(url, "features"), storage_options, columns=list(columns))
+    if len(table) == 0:
+        raise InputError(f"run output {url!r} has no feature rows: run the pipeline on an input with images")
+    return RunOutput(url, doc, reduction, table)
+
+
+def featurize_tree(featurizer: Featurizer, url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Featurize every ``<Label>/<image>`` under ``url`` in this process.
+
+    Returns the good rows (``path, label, features``) and the skipped ones
+    (``path, label, stage, reason``), as the pipeline does.
+    """
+    listing = storage.list_images(url, storage_options)
+    parts = []
+    for start in range(0, len(listing), CHUNK):
+        chunk = listing.iloc[start : start + CHUNK]
+        parts.append(featurizer.featurize(list(chunk["path"]), list(chunk["label"])))
+        logger.info("featurized %d/%d held-out images", min(start + CHUNK, len(listing)), len(listing))
+    df = pd.concat(parts, ignore_index=True)
+    bad = df["error_stage"].notna()
+    errors = df.loc[bad, ["path", "label", "error_stage", "error_reason"]].rename(
+        columns={"error_stage": "stage", "error_reason": "reason"}).reset_index(drop=True)
+    for row in errors.itertuples():
+        logger.warning("skipped %s: %s", row.path, row.reason)
+    return df.loc[~bad, ["path", "label", "features"]].reset_index(drop=True), errors
+
+
+def fit_classifier(X: np.ndarray, y: np.ndarray, *, C: float = 1.0, max_iter: int = 2000):
+    """Fit ``StandardScaler`` + multinomial ``LogisticRegression`` (lbfgs) on PCA features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(y)) < 2:
+        raise InputError(f"the training features hold a single label ({y[0]!r}): a classifier needs two or more")
+    # PCA components have very different variances; standardizing them lets one C fit all.
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter)).fit(X, y)
+
+
+def evaluate(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy, macro F1, a per-class table and the confusion matrix (rows: true label)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    present = [lab for lab in labels if lab in set(y_true)]
+    return {
+        "n": len(y_true),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        # Macro F1 over the labels present in the test set: a label with no test images
+        # would otherwise count as an F1 of 0.
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "chance": 1.0 / len(labels),
+        "per_class": [
+            {"label": lab, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for lab, p, r, f, s in zip(labels, precision, recall, f1, support, strict=True)
+        ],
+        "labels": labels,
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def report_markdown(metrics: dict, title: str) -> str:
+    """The evaluation as a Markdown page (summary + per-class table)."""
+    lines = [
+        f"# {title}", "",
+        f"- test images: {metrics['n']}",
+        f"- accuracy: {metrics['accuracy']:.3f} (chance {metrics['chance']:.3f})",
+        f"- macro F1: {metrics['macro_f1']:.3f}", "",
+        "| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r['label']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |" for r in metrics["per_class"]]
+    return "\n".join([*lines, "", "![confusion matrix](confusion.png)", ""])
+
+
+def confusion_png(metrics: dict, title: str = "Confusion matrix") -> bytes:
+    """The confusion matrix (rows: true label, columns: predicted) as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(metrics["confusion"])
+    labels = metrics["labels"]
+    size = max(5.0, 0.45 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=100)
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    threshold = cm.max() / 2 if cm.size else 0
+    for i, j in np.ndindex(cm.shape):
+        if cm[i, j]:
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > threshold else "black", fontsize=8)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title(f"{title}: accuracy {metrics['accuracy']:.3f}")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def train(
+    features_url: str,
+    *,
+    test_input: str | None = None,
+    test_features: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    weights_override: str | None = None,
+    C: float = 1.0,
+    max_iter: int = 2000,
+) -> tuple[ModelBundle, dict, dict[str, bytes]]:
+    """Fit on a run's PCA features, evaluate on a held-out set, return the bundle and report.
+
+    Parameters
+    ----------
+    features_url
+        A ``fruitdask run`` output; its ``pca`` column and labels train the classifier.
+    test_input
+        A ``<Label>/<image>`` tree, featurized here with the run's weights and settings.
+    test_features
+        Or: a run output of the held-out images; its raw ``features`` are projected with the
+        *training* run's reduction, and it must share the training run's weights, image size
+        and pooling.
+    weights_override
+        Another location of the run's weights file (its sha256 must match ``run.json``).
+
+    Returns
+    -------
+    (bundle, report, files)
+        ``files`` are the report files to store beside the bundle.
+    """
+    if (test_input is None) == (test_features is None):
+        raise InputError("pass exactly one held-out set: --test-input DIR_OR_URI (a Test/ tree) or --test-features RUN_OUTPUT")
+    run = load_run(features_url, storage_options)
+    X, y = frames.matrix(run.table["pca"]), run.table["label"].astype(str).to_numpy()
+    pipe = fit_classifier(X, y, C=C, max_iter=max_iter)
+    bundle = ModelBundle(run.spec, run.weights, run.batch_size, run.reduction, LinearClassifier.from_sklearn(pipe))
+    train_accuracy = float(np.mean(np.asarray(bundle.labels)[bundle.classifier.predict_proba(X).argmax(axis=1)] == y))
+    logger.info("fitted on %d images, %d labels, K=%d (training accuracy %.3f)", len(y), len(bundle.labels), X.shape[1], train_accuracy)
+
+    if test_input is not None:
+        featurizer = bundle.featurizer(storage_options, weights_override)
+        held_out, errors = featurize_tree(featurizer, test_input, storage_options)
+        spec, source = featurizer.spec, test_input
+    else:
+        test_run = load_run(test_features, storage_options, columns=("path", "label", "features"))
+        held_out, errors, spec, source = test_run.table, pd.DataFrame(columns=["path", "label", "stage", "reason"]), test_run.spec, test_features
+    if len(held_out) == 0:
+        raise InputError(f"no usable held-out image in {source!r}: {len(errors)} skipped, see the warnings")
+    y_test = held_out["label"].astype(str).to_numpy()
+    unknown = sorted(set(y_test) - set(bundle.labels))
+    if unknown:
+        raise InputError(
+            f"held-out labels {unknown} are not among the {len(bundle.labels)} training labels: "
+            "evaluate on a Test/ tree with the training labels, or train on a run that has them"
+        )
+    proba = bundle.predict_proba(frames.matrix(held_out["features"]), spec)
+    y_pred = np.asarray(bundle.labels)[proba.argmax(axis=1)]
+    metrics = evaluate(y_test, y_pred, bundle.labels)
+    report = {
+        "features": features_url,
+        "held_out": source,
+        "n_train": len(y),
+        "train_accuracy": train_accuracy,
+        "k": int(X.shape[1]),
+        "classifier": {"type": "StandardScaler + LogisticRegression", "C": C, "max_iter": max_iter,
+                       "n_iter": int(np.max(pipe[-1].n_iter_))},
+        "weights": {"kind": run.weights.kind, "source": run.weights.source, "sha256": run.weights.sha256},
+        "skipped": errors.astype(object).to_dict(orient="records"),
+        **metrics,
+    }
+    bundle.info = {
+        "training": {"run": features_url, "run_id": run.doc.get("run_id"), "n_train": len(y), "train_accuracy": train_accuracy,
+                     "C": C, "max_iter": max_iter},
+        "evaluation": {"held_out": source, "n": metrics["n"], "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                       "skipped": len(errors)},
+        "versions": versions(),
+    }
+    title = f"Held-out evaluation ({run.weights.kind} weights, {run.spec.image_size}px, {run.spec.pooling} pooling)"
+    files = {
+        "report.json": json.dumps(report, indent=2, default=str).encode(),
+        "report.md": report_markdown(metrics, title).encode(),
+        "confusion.png": confusion_png(metrics),
+    }
+    return bundle, report, files

@@ -1,0 +1,75 @@
+"""``fruitdask train``: fit a classifier on a run's PCA features, evaluate it, write a bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from .config import StorageSettings, build_config
+
+logger = logging.getLogger("fruitdask")
+
+DEFAULT_MODEL_OUT = "fruitdask-model"
+
+
+def add_storage_options(p: argparse.ArgumentParser) -> None:
+    """The storage flags of ``run``, for the commands that only read and write files."""
+    g = p.add_argument_group("storage (s3://)")
+    g.add_argument("--s3-endpoint", dest="storage_endpoint_url", help="S3 endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
+    g.add_argument("--aws-profile", dest="storage_profile", help="AWS profile name (default: the usual AWS credential chain)")
+    g.add_argument("--aws-region", dest="storage_region", help="AWS region for the S3 client (default: from the AWS config)")
+    g.add_argument("--allowed-regions", dest="storage_allowed_regions",
+                   type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+                   help="comma-separated regions buckets may live in (default: the EU member-state regions)")
+    g = p.add_argument_group("output")
+    g.add_argument("--quiet", "-q", action="store_true", default=None, help="errors only")
+    g.add_argument("--debug", action="store_true", default=None, help="verbose logs and tracebacks on errors")
+
+
+def storage_settings(args: argparse.Namespace, input_url: str, output_url: str) -> StorageSettings:
+    """Storage settings from flags over ``FRUITDASK_STORAGE_*``/AWS environment over defaults."""
+    flags = {k: v for k, v in vars(args).items() if k.startswith("storage_")}
+    return build_config({**flags, "input": input_url, "output": output_url}, os.environ).storage
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", required=True, metavar="RUN_OUTPUT",
+                   help="output folder/URI of a finished `fruitdask run` (its pca column trains the model)")
+    held = p.add_mutually_exclusive_group(required=True)
+    held.add_argument("--test-input", metavar="DIR_OR_URI",
+                      help="held-out <Label>/<image>.jpg tree (e.g. Fruits-360 Test/), featurized with the run's weights and settings")
+    held.add_argument("--test-features", metavar="RUN_OUTPUT",
+                      help="or: a `fruitdask run` output of the held-out images made with the same weights, image size and pooling")
+    p.add_argument("--model-out", default=DEFAULT_MODEL_OUT, metavar="DIR_OR_URI",
+                   help=f"where to write the model bundle and its report (default: ./{DEFAULT_MODEL_OUT})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --model-out (default: refuse)")
+    p.add_argument("--weights", metavar="PATH_OR_URI",
+                   help="where the run's weights file is now, if it moved (its sha256 must match run.json)")
+    p.add_argument("--C", dest="C", type=float, default=1.0, help="inverse L2 regularization of the logistic regression (default: 1.0)")
+    p.add_argument("--max-iter", type=int, default=2000, help="lbfgs iterations at most (default: 2000)")
+    add_storage_options(p)
+
+
+def command(args: argparse.Namespace) -> int:
+    from . import classify, storage
+
+    settings = storage_settings(args, args.features, args.model_out)
+    storage.guard_regions([args.features, args.test_input, args.test_features, args.model_out, args.weights], settings)
+    opts = settings.storage_options()
+    # Refuse an existing --model-out before minutes of featurizing, not after.
+    storage.OutputTarget.open(args.model_out, opts, args.overwrite)
+    bundle, report, files = classify.train(
+        args.features, test_input=args.test_input, test_features=args.test_features, storage_options=opts,
+        weights_override=args.weights, C=args.C, max_iter=args.max_iter,
+    )
+    bundle.save(args.model_out, opts, overwrite=args.overwrite, extra_files=files)
+    if bundle.weights.kind == "random":
+        logger.warning("WARNING: the model was trained on features of RANDOM VGG16 weights: not ImageNet features")
+    logger.info("held-out accuracy %.3f, macro F1 %.3f on %d images (%d skipped; chance %.3f); model written to %s",
+                report["accuracy"], report["macro_f1"], report["n"], len(report["skipped"]), report["chance"], args.model_out)
+    if not args.quiet:
+        print(json.dumps({"model": args.model_out, "accuracy": round(report["accuracy"], 4),
+                          "macro_f1": round(report["macro_f1"], 4), "n_test": report["n"], "skipped": len(report["skipped"])}))
+    return 0
