@@ -1,0 +1,114 @@
+"""The charts of the run report, drawn with matplotlib's Agg backend and returned as PNG bytes.
+
+Pure functions: numbers in, PNG bytes out. :mod:`fruitdask.report` decides what to plot and
+embeds the bytes as ``data:`` URIs.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+#: Labels drawn in their own colour on the PCA scatter; the rest are grey "other".
+TOP_LABELS = 10
+OTHER = "other"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def labels_bar_png(per_label: Mapping[str, int]) -> bytes:
+    """Horizontal bars of images per label, largest first; tall enough to read 50+ labels."""
+    plt = _pyplot()
+    items = sorted(per_label.items(), key=lambda kv: (-kv[1], kv[0]))
+    names = [k for k, _ in items][::-1]
+    counts = [v for _, v in items][::-1]
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * len(names) + 1.2)))
+    bars = ax.barh(names, counts, color="#4c72b0")
+    ax.bar_label(bars, padding=3, fontsize=8)
+    ax.set_xlabel("images")
+    ax.set_title(f"Images per label ({len(names)} labels)")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.margins(x=0.1)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def group_labels(labels: Sequence[str], top: int = TOP_LABELS) -> tuple[np.ndarray, list[str]]:
+    """Keep the ``top`` most frequent labels, map the others to ``"other"``.
+
+    Returns the grouped labels and the legend order (most frequent first, ``other`` last).
+    Ties are broken by name so the colours do not change between rebuilds.
+    """
+    arr = np.asarray(labels, dtype=object)
+    names, counts = np.unique(arr, return_counts=True)
+    order = sorted(zip(names.tolist(), counts.tolist(), strict=True), key=lambda nc: (-nc[1], nc[0]))
+    kept = [n for n, _ in order[:top]]
+    grouped = np.where(np.isin(arr, kept), arr, OTHER)
+    legend = kept + ([OTHER] if len(order) > top else [])
+    return grouped, legend
+
+
+def pca_scatter_png(
+    pcs: np.ndarray, labels: Sequence[str], *, shown_of: int, ratios: Sequence[float] = (), top: int = TOP_LABELS
+) -> bytes:
+    """The first two principal components, coloured by label (top labels, the rest "other").
+
+    ``pcs`` is ``(n, 2)`` (or ``(n, 1)`` when K is 1: drawn against zero). ``shown_of`` is
+    the number of rows in the output, for the title when ``pcs`` is a sample; ``ratios``, the
+    explained-variance ratios, label the axes.
+    """
+    plt = _pyplot()
+    pcs = np.asarray(pcs, dtype=np.float64)
+    y = pcs[:, 1] if pcs.shape[1] > 1 else np.zeros(len(pcs))
+    grouped, legend = group_labels(labels, top)
+    cmap = plt.get_cmap("tab10" if top <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for i, name in enumerate(legend):
+        mask = grouped == name
+        other = name == OTHER
+        ax.scatter(
+            pcs[mask, 0], y[mask], s=10 if other else 22, alpha=0.35 if other else 0.8,
+            color="#b0b0b0" if other else cmap(i % cmap.N),
+            label=f"{len(set(labels)) - len(legend) + 1} other labels ({int(mask.sum())})" if other else f"{name} ({int(mask.sum())})",
+            zorder=1 if other else 2, linewidths=0,
+        )
+    share = [f" ({100 * r:.1f}% of variance)" for r in ratios] + ["", ""]
+    ax.set_xlabel("PC 1" + share[0])
+    ax.set_ylabel("PC 2" + share[1] if pcs.shape[1] > 1 else "(K = 1: no second component)")
+    sample = f"{len(pcs):,} of {shown_of:,} images" if len(pcs) < shown_of else f"{len(pcs):,} images"
+    ax.set_title(f"First two principal components, {sample}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, markerscale=1.5, frameon=False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def timings_bar_png(timings: Mapping[str, float]) -> bytes:
+    """Seconds per stage, in the order the stages ran."""
+    plt = _pyplot()
+    names = list(timings)[::-1]
+    secs = [float(timings[n]) for n in names]
+    fig, ax = plt.subplots(figsize=(8, max(2.0, 0.35 * len(names) + 1.0)))
+    bars = ax.barh(names, secs, color="#dd8452")
+    ax.bar_label(bars, labels=[f"{s:.2f} s" for s in secs], padding=3, fontsize=8)
+    ax.set_xlabel("seconds")
+    ax.set_title("Time per stage")
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    return _png(fig)
