@@ -9,22 +9,31 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pandas as pd
 
-from .errors import InputError, OutputError, StorageError
+from . import s3errors
+from .errors import InputError, OutputError, RegionError, StorageError
+
+if TYPE_CHECKING:
+    from .config import StorageSettings
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SUCCESS_MARKER = "_SUCCESS"
+#: Protocols whose bucket region :func:`guard_regions` can check.
+S3_PROTOCOLS = ("s3", "s3a")
+#: Attempts of the region probe: it runs first, so an unreachable endpoint fails it fast.
+PROBE_ATTEMPTS = 2
 
 
 def is_remote(url: str) -> bool:
@@ -60,7 +69,7 @@ def list_images(url: str, storage_options: Mapping[str, Any] | None = None) -> p
         if not fs.isdir(root):
             raise InputError(f"input {url!r} is a file, not a folder: pass the folder that holds <Label>/<image>.jpg")
         found = fs.find(root, withdirs=False)
-    except (PermissionError, OSError) as e:
+    except s3errors.storage_exceptions() as e:
         raise translate(e, url) from e
     remote = is_remote(url)
     rows = []
@@ -79,19 +88,26 @@ def list_images(url: str, storage_options: Mapping[str, Any] | None = None) -> p
 
 
 def read_bytes(path: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    """Read one whole file. Called inside tasks, on the worker that featurizes it."""
+    """Read one whole file. Called inside tasks, on the worker that featurizes it.
+
+    An ``OSError`` (missing file, access denied to one object) propagates as is, for the
+    caller to record against that image; failures that doom every read of the run (no
+    credentials, endpoint unreachable) become a :class:`StorageError` that fails the run.
+    """
     fs, p = get_fs(path, storage_options)
-    with fs.open(p, "rb") as f:
-        return f.read()
+    try:
+        with fs.open(p, "rb") as f:
+            return f.read()
+    except OSError:
+        raise
+    except s3errors.storage_exceptions() as e:
+        raise translate(e, path) from e
 
 
 def translate(e: BaseException, url: str) -> StorageError | InputError:
-    """Map a storage exception to a fruitdask error that says what to do."""
-    if isinstance(e, FileNotFoundError):
-        return InputError(f"{url!r} does not exist: check the path or bucket name")
-    if isinstance(e, PermissionError):
-        return StorageError(f"access denied to {url!r}: check the credentials (AWS profile, IRSA role) and bucket policy")
-    return StorageError(f"storage error on {url!r}: {e}")
+    """Map a storage exception to a fruitdask error that says what to do (see
+    :mod:`fruitdask.s3errors`)."""
+    return s3errors.explain(e, url)
 
 
 def join(url: str, *parts: str) -> str:
@@ -106,9 +122,18 @@ def join(url: str, *parts: str) -> str:
 class OutputTarget:
     """A run's output location, written through a temporary prefix and committed last.
 
-    Everything is written under :attr:`staging` (a sibling of the target). :meth:`commit`
-    moves it to the target and writes ``_SUCCESS`` last, so a reader that waits for the
-    marker never sees a half-written dataset. :meth:`abort` removes the staging prefix.
+    Everything is written under :attr:`staging`, a sibling ``.<name>.fruitdask-tmp-<run_id>``
+    of the target. :meth:`commit` publishes it and ``_SUCCESS`` appears last, so a reader
+    that waits for the marker never sees a half-written dataset; :meth:`abort` removes the
+    staging prefix. The protocol per storage:
+
+    - local: the marker is written into staging, an old target is renamed aside, staging is
+      renamed onto the target (atomic), then the old one is deleted. A failure puts the old
+      target back.
+    - S3 (no rename): the old target's ``_SUCCESS`` is deleted first, then its other
+      objects (so old and new files never mix), staging objects are copied server-side,
+      ``_SUCCESS`` is written, staging is deleted. A failure while copying deletes what was
+      copied, so no dataset without ``_SUCCESS`` is left at the target.
     """
 
     url: str
@@ -117,15 +142,31 @@ class OutputTarget:
 
     @classmethod
     def open(cls, url: str, storage_options: Mapping[str, Any] | None, overwrite: bool, run_id: str | None = None) -> OutputTarget:
-        """Check the target and prepare a staging prefix beside it."""
+        """Check the target and prepare a staging prefix beside it; writes nothing.
+
+        Raises
+        ------
+        OutputError
+            The target exists (and ``overwrite`` is false), is a file, or is a bucket root.
+        """
         target = cls(url.rstrip("/"), dict(storage_options or {}), run_id or uuid.uuid4().hex[:12])
+        if is_remote(target.url) and "/" not in fsspec.core.split_protocol(target.url)[1].strip("/"):
+            raise OutputError(
+                f"--output {url!r} is a bucket root: pass a prefix inside it, such as {join(target.url, 'features/run-1')}"
+            )
         fs, path = target.fs_path
         try:
-            exists = fs.exists(path) and (not fs.isdir(path) or bool(fs.ls(path)))
-        except (PermissionError, OSError) as e:
+            _forget_listings(fs, path)
+            exists = fs.exists(path)
+            if exists and not fs.isdir(path):
+                raise OutputError(f"output {url!r} is a file: choose another --output (a folder or prefix)")
+            exists = exists and bool(fs.ls(path))
+            complete = exists and fs.exists(posixpath.join(path, SUCCESS_MARKER))
+        except s3errors.storage_exceptions() as e:
             raise translate(e, url) from e
         if exists and not overwrite:
-            raise OutputError(f"output {url!r} already exists: pass --overwrite to replace it, or choose another --output")
+            state = "" if complete else f" (incomplete: no {SUCCESS_MARKER}, left by an interrupted run?)"
+            raise OutputError(f"output {url!r} already exists{state}: pass --overwrite to replace it, or choose another --output")
         return target
 
     @property
@@ -147,42 +188,114 @@ class OutputTarget:
         """Write one small file into the staging prefix; return its staging URL."""
         dest = self.staging_path(relpath)
         fs, p = get_fs(dest, self.storage_options)
-        fs.makedirs(posixpath.dirname(p), exist_ok=True)
-        with fs.open(p, "wb") as f:
-            f.write(data)
+        try:
+            fs.makedirs(posixpath.dirname(p), exist_ok=True)
+            with fs.open(p, "wb") as f:
+                f.write(data)
+        except s3errors.storage_exceptions() as e:
+            raise translate(e, dest) from e
         return dest
 
     def write_json(self, relpath: str, obj: Any) -> str:
         return self.write_bytes(relpath, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
     def commit(self) -> None:
-        """Move staging to the target (replacing an old target), then write ``_SUCCESS``."""
+        """Publish staging at the target (replacing an old target); ``_SUCCESS`` comes last.
+
+        Raises
+        ------
+        OutputError
+            The move failed; the target holds no dataset without ``_SUCCESS`` (the old one,
+            locally) and staging has been removed where possible.
+        """
         fs, target = self.fs_path
         _, staging = get_fs(self.staging, self.storage_options)
         try:
-            if fs.exists(target):
-                # Remove the old dataset first so old and new files never mix; the marker
-                # is absent until the new one is complete.
-                fs.rm(target, recursive=True)
             if is_remote(self.url):
-                fs.copy(staging + "/", target + "/", recursive=True)
-                fs.rm(staging, recursive=True)
+                self._commit_copy(fs, staging, target)
             else:
-                fs.mv(staging, target, recursive=True)
-            with fs.open(posixpath.join(target, SUCCESS_MARKER), "wb") as f:
-                f.write(b"")
-        except (PermissionError, OSError) as e:
-            raise OutputError(f"could not commit the output to {self.url!r}: {e}") from e
+                self._commit_rename(fs, staging, target)
+        except s3errors.storage_exceptions() as e:
+            self.abort()
+            raise OutputError(f"could not commit the output to {self.url!r}: {translate(e, self.url)}") from e
+        except BaseException:  # Ctrl-C or SIGTERM mid-commit: same cleanup, then unwind
+            self.abort()
+            raise
         logger.info("committed output to %s", self.url)
+
+    def _commit_rename(self, fs: fsspec.AbstractFileSystem, staging: str, target: str) -> None:
+        with open(os.path.join(staging, SUCCESS_MARKER), "wb"):
+            pass
+        old = f"{staging}.old" if os.path.lexists(target) else None
+        if old:
+            os.replace(target, old)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            if old:
+                os.replace(old, target)
+            raise
+        if old:
+            try:
+                fs.rm(old, recursive=True)
+            except OSError as e:  # committed already: a leftover must not fail the run
+                logger.warning("could not remove the replaced output %s: %s", old, e)
+
+    def _commit_copy(self, fs: fsspec.AbstractFileSystem, staging: str, target: str) -> None:
+        # Other processes (workers) wrote staging: listings cached here are stale.
+        _forget_listings(fs, staging)
+        _forget_listings(fs, target)
+        files = fs.find(staging + "/")
+        if not files:
+            raise OutputError(f"nothing to commit: the temporary output {self.staging!r} is empty or gone")
+        marker = f"{target}/{SUCCESS_MARKER}"
+        old = fs.find(target + "/")
+        if marker in old:
+            # First, so a reader stops trusting the old dataset before any file goes.
+            fs.rm_file(marker)
+        if old:
+            fs.rm([p for p in old if p != marker])
+        copies = [target + p[len(staging):] for p in files]
+        try:
+            fs.copy(files, copies)
+            fs.pipe_file(marker, b"")
+        except BaseException:
+            _remove_quietly(fs, [marker, *copies], target)
+            raise
+        _forget_listings(fs, target)
+        _remove_quietly(fs, files, staging)
 
     def abort(self) -> None:
         """Remove the staging prefix; errors are logged, the original failure matters more."""
         fs, staging = get_fs(self.staging, self.storage_options)
         try:
+            _forget_listings(fs, staging)
             if fs.exists(staging):
                 fs.rm(staging, recursive=True)
-        except OSError as e:
+        except s3errors.storage_exceptions() as e:
             logger.warning("could not remove temporary output %s: %s", self.staging, e)
+
+
+def _forget_listings(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Drop cached listings of ``path``, its parents and everything under it: other
+    processes (workers) write there, and a stale listing would hide their files."""
+    fs.invalidate_cache(path)
+    below = path.rstrip("/") + "/"
+    for key in [k for k in list(fs.dircache) if k.startswith(below)]:
+        fs.dircache.pop(key, None)
+
+
+def _remove_quietly(fs: fsspec.AbstractFileSystem, paths: list[str], prefix: str) -> None:
+    """Delete those of ``paths`` (all under ``prefix``) that exist, in bulk; log (not raise)
+    a failure: a cleanup must not hide the error that made it necessary."""
+    try:
+        _forget_listings(fs, prefix)
+        present = set(fs.find(prefix.rstrip("/") + "/"))
+        doomed = [p for p in paths if p in present]
+        if doomed:
+            fs.rm(doomed)
+    except s3errors.storage_exceptions() as e:
+        logger.warning("could not remove %d objects under %s: %s", len(paths), prefix, e)
 
 
 @contextmanager
@@ -208,10 +321,73 @@ def write_parquet_part(df: pd.DataFrame, url: str, schema, storage_options: Mapp
 
     table = pa.Table.from_pandas(df, schema=schema, preserve_index=False).replace_schema_metadata(None)
     fs, p = get_fs(url, storage_options)
-    fs.makedirs(posixpath.dirname(p), exist_ok=True)
-    with fs.open(p, "wb") as f:
-        pq.write_table(table, f, compression="snappy")
+    try:
+        fs.makedirs(posixpath.dirname(p), exist_ok=True)
+        with fs.open(p, "wb") as f:
+            pq.write_table(table, f, compression="snappy")
+    except s3errors.storage_exceptions() as e:
+        # A fruitdask error travels back from the worker and reaches the CLI as one line.
+        raise translate(e, url) from e
     return table.num_rows
+
+
+def read_parquet(url: str, storage_options: Mapping[str, Any] | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read one Parquet file or a folder of part files (a run's ``features/``).
+
+    List columns come back as Arrow-backed series (``pd.ArrowDtype``), ready for
+    :func:`fruitdask.frames.matrix`.
+    """
+    import pyarrow.parquet as pq
+
+    fs, p = get_fs(url, storage_options)
+    try:
+        table = pq.read_table(p, filesystem=fs, columns=columns)
+    except (PermissionError, OSError) as e:
+        raise translate(e, url) from e
+    return table.to_pandas(types_mapper=pd.ArrowDtype)
+
+
+def list_files(url: str, storage_options: Mapping[str, Any] | None = None, suffix: str = "") -> list[str]:
+    """Files directly under folder ``url`` whose name ends with ``suffix``, sorted, as URLs
+    (``[]`` when the folder does not exist)."""
+    fs, p = get_fs(url, storage_options)
+    try:
+        if not fs.isdir(p):
+            return []
+        names = sorted(f for f in fs.ls(p, detail=False) if f.endswith(suffix) and not posixpath.basename(f).startswith("."))
+    except (PermissionError, OSError) as e:
+        raise translate(e, url) from e
+    return [fs.unstrip_protocol(f) if is_remote(url) else f for f in names]
+
+
+def write_file(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Write one small file in place (not staged: for files rebuilt beside a committed output)."""
+    fs, p = get_fs(url, storage_options)
+    try:
+        fs.makedirs(posixpath.dirname(p), exist_ok=True)
+        with fs.open(p, "wb") as f:
+            f.write(data)
+    except (PermissionError, OSError) as e:
+        raise translate(e, url) from e
+    return url
+
+
+# --- checkpoints (issue 6, fruitdask/checkpoint.py) ------------------------------------
+
+
+def remove_prefix(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Remove a folder/prefix and everything under it, if it exists; errors are logged
+    (used to drop checkpoints after a commit, when failing would help nobody)."""
+    fs, p = get_fs(url, storage_options)
+    try:
+        _forget_listings(fs, p)  # workers wrote it: a listing cached here would hide it
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+    except s3errors.storage_exceptions() as e:
+        logger.warning("could not remove %s: %s", url, e)
+
+
+# --- end checkpoints -------------------------------------------------------------------
 
 
 def download_to_local(url: str, local_path: str, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -219,47 +395,126 @@ def download_to_local(url: str, local_path: str, storage_options: Mapping[str, A
     fs, p = get_fs(url, storage_options)
     try:
         fs.get(p, local_path)
-    except (PermissionError, OSError) as e:
+    except s3errors.storage_exceptions() as e:
         raise translate(e, url) from e
     return local_path
 
 
-def bucket_region(bucket: str, storage_options: Mapping[str, Any] | None) -> str:
-    """The AWS region of ``bucket``, from ``HeadBucket``'s ``x-amz-bucket-region`` header,
-    falling back to ``GetBucketLocation`` (``EU`` means eu-west-1, empty means us-east-1)."""
+def normalize_region(answer: str | None) -> str:
+    """An AWS region name from a bucket-location answer.
+
+    ``GetBucketLocation`` answers nothing for us-east-1 and ``EU`` for buckets created in
+    eu-west-1 under the old name (some S3 implementations echo ``EU`` in ``HeadBucket`` too).
+    """
+    region = (answer or "").strip().lower()
+    return {"": "us-east-1", "eu": "eu-west-1"}.get(region, region)
+
+
+def _probe_fs(storage_options: Mapping[str, Any] | None):
+    """A fresh S3 client for the region probe, with the run's options but a short fuse.
+
+    The read timeout equals the connect timeout (a ``HEAD`` answers at once) and retries are
+    few: s3fs' own retry loop on top of botocore's would turn an unreachable endpoint into
+    minutes of silence before the first line of output.
+    """
     import s3fs
 
-    fs = s3fs.S3FileSystem(**dict(storage_options or {}))
-    try:
-        head = fs.call_s3("head_bucket", Bucket=bucket)
-        region = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
-        if region:
-            return region
-        loc = fs.call_s3("get_bucket_location", Bucket=bucket).get("LocationConstraint")
-    except (PermissionError, OSError) as e:
-        raise translate(e, f"s3://{bucket}") from e
-    return {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(loc, loc)
+    opts = dict(storage_options or {})
+    config = dict(opts.get("config_kwargs") or {})
+    timeout = float(config.get("connect_timeout", 10.0))
+    config.update(read_timeout=timeout, retries={"max_attempts": PROBE_ATTEMPTS, "mode": "standard"})
+    opts["config_kwargs"] = config
+    # Cached by s3fs like any instance (its options differ from the run's, so it is the
+    # probe's own): the guard of three locations builds one client, not three.
+    fs = s3fs.S3FileSystem(**opts)
+    fs.retries = 1
+    return fs
 
 
-def guard_regions(urls: list[str | None], settings) -> None:
-    """Refuse any ``s3://`` location whose bucket is outside ``settings.allowed_regions``.
+def bucket_region(bucket: str, storage_options: Mapping[str, Any] | None) -> str:
+    """The AWS region of ``bucket``.
 
-    Runs before any image is read or any byte written. Local paths need no check.
+    From ``HeadBucket``'s ``x-amz-bucket-region`` header, which S3 also sends with a 301 or
+    403 answer; else from ``GetBucketLocation``. Both answers are normalized
+    (:func:`normalize_region`).
+
+    Raises
+    ------
+    StorageError
+        The bucket does not exist, access is denied, there are no credentials, or the
+        endpoint cannot be reached (fast: see :func:`_probe_fs`).
     """
-    from .errors import RegionError
+    url = f"s3://{bucket}"
+    try:
+        fs = _probe_fs(storage_options)
+        try:
+            head = fs.call_s3("head_bucket", Bucket=bucket)
+        except s3errors.storage_exceptions() as e:
+            region = s3errors.response_header(e, "x-amz-bucket-region")
+            if region:
+                return normalize_region(region)
+            if s3errors.classify(e) != "denied":
+                raise
+            # A bare 403 (a HEAD answer has no body to say why): GetBucketLocation may be
+            # allowed, and if not, its error names the cause (AccessDenied, InvalidAccessKeyId).
+            head = {}
+        region = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region") or head.get("BucketRegion")
+        if not region:
+            region = fs.call_s3("get_bucket_location", Bucket=bucket).get("LocationConstraint")
+    except s3errors.storage_exceptions() as e:
+        raise s3errors.explain(e, url, bucket_level=True) from e
+    return normalize_region(region)
 
-    seen: set[str] = set()
+
+def split_bucket(url: str) -> tuple[str, str]:
+    """``(bucket, key)`` of an ``s3://bucket/key`` URL."""
+    rest = fsspec.core.split_protocol(url)[1].lstrip("/")
+    bucket, _, key = rest.partition("/")
+    return bucket, key
+
+
+def guard_regions(urls: list[str | None], settings: StorageSettings) -> None:
+    """Refuse any remote location whose bucket is outside ``settings.allowed_regions``.
+
+    Runs before any image is read or any byte written (the pipeline calls it first, for the
+    input, the output and the weights). Local paths and weight names (``auto``,
+    ``random``) need no check. Remote locations other than ``s3://`` are refused: their
+    region cannot be known.
+
+    Parameters
+    ----------
+    settings
+        Endpoint, profile, timeouts and the allow-list (``--allowed-regions``).
+
+    Raises
+    ------
+    RegionError
+        A bucket is outside the allow-list, or a location's region cannot be checked.
+    StorageError
+        A bucket's region could not be read (see :func:`bucket_region`).
+    """
+    allowed = tuple(r.strip().lower() for r in settings.allowed_regions)
+    options = settings.storage_options()
+    checked: dict[str, str] = {}
     for url in urls:
-        if not url or not url.startswith("s3://"):
+        if not url or not is_remote(url):
             continue
-        bucket = url[len("s3://"):].split("/", 1)[0]
-        if bucket in seen:
-            continue
-        seen.add(bucket)
-        region = bucket_region(bucket, settings.storage_options())
-        if region not in settings.allowed_regions:
+        protocol = fsspec.core.split_protocol(url)[0]
+        if protocol not in S3_PROTOCOLS:
             raise RegionError(
-                f"bucket {bucket!r} is in {region}, outside the allowed regions "
-                f"({', '.join(settings.allowed_regions)}): fruitdask keeps data in the EU; "
-                f"pass --allowed-regions {','.join((*settings.allowed_regions, region))} to override"
+                f"cannot check the region of {url!r}: fruitdask only reads and writes s3:// buckets it can "
+                "locate (data stays in the EU); copy it to an S3 bucket in an allowed region, or to a local path"
             )
+        bucket, _ = split_bucket(url)
+        if not bucket:
+            raise StorageError(f"{url!r} names no bucket: use s3://bucket/prefix")
+        if bucket not in checked:
+            checked[bucket] = bucket_region(bucket, options)
+        region = checked[bucket]
+        if region not in allowed:
+            raise RegionError(
+                f"bucket {bucket!r} ({url}) is in {region}, outside the allowed regions "
+                f"({', '.join(allowed) or 'none'}): fruitdask keeps data in the EU; use a bucket in an allowed "
+                f"region, or pass --allowed-regions {','.join((*allowed, region))} if {region} is acceptable for this data"
+            )
+        logger.info("bucket %s is in %s: allowed", bucket, region)

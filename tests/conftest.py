@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from s3_server import s3, s3_server  # noqa: F401 - the moto S3 fixtures, for every test module
 
 from fruitdask.config import TF_ENV
-from s3_server import s3, s3_server  # noqa: F401 - the moto S3 fixtures, for every test module
 
 for _k, _v in TF_ENV.items():
     os.environ.setdefault(_k, _v)

@@ -1,0 +1,156 @@
+"""Storage failures mapped to fruitdask errors that say what to do (after ``s3fs/errors.py``).
+
+s3fs turns S3 error codes into ``OSError`` subclasses and keeps the botocore ``ClientError``
+as ``__cause__``; credential, profile and network failures arrive as botocore exceptions
+that are not ``OSError`` at all. :func:`explain` looks at both and returns one
+:class:`~fruitdask.errors.FruitdaskError` whose message names the location and the fix.
+"""
+
+from __future__ import annotations
+
+from .errors import FruitdaskError, InputError, StorageError
+
+#: S3 error codes (and bare HTTP statuses, which HEAD requests carry instead of a code)
+#: grouped by what the user has to do about them.
+ERROR_CODES: dict[str, str] = {
+    "NoSuchBucket": "no_bucket",
+    "NoSuchKey": "not_found",
+    "404": "not_found",
+    "AccessDenied": "denied",
+    "AllAccessDisabled": "denied",
+    "AccountProblem": "denied",
+    "403": "denied",
+    "InvalidAccessKeyId": "bad_credentials",
+    "SignatureDoesNotMatch": "bad_credentials",
+    "InvalidToken": "bad_credentials",
+    "ExpiredToken": "expired",
+    "TokenRefreshRequired": "expired",
+    "InvalidBucketName": "bad_name",
+    "PermanentRedirect": "redirect",
+    "301": "redirect",
+}
+
+#: botocore exception class names (matched along the MRO, so botocore stays a lazy import).
+EXCEPTION_NAMES: dict[str, str] = {
+    "NoCredentialsError": "no_credentials",
+    "PartialCredentialsError": "no_credentials",
+    "CredentialRetrievalError": "no_credentials",
+    "ProfileNotFound": "no_profile",
+    "EndpointConnectionError": "unreachable",
+    "ConnectTimeoutError": "unreachable",
+    "ReadTimeoutError": "unreachable",
+    "ConnectionClosedError": "unreachable",
+    "ProxyConnectionError": "unreachable",
+    "HTTPClientError": "unreachable",
+    "ParamValidationError": "bad_name",
+}
+
+CREDENTIALS_HINT = (
+    "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, pass --aws-profile NAME, "
+    "or run on EKS with an IRSA service account (see docs/s3.md)"
+)
+
+
+def storage_exceptions() -> tuple[type[BaseException], ...]:
+    """Exception types a storage call may raise: ``OSError`` and botocore's."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # fsspec without s3fs: local files only
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+def client_error(e: BaseException) -> BaseException | None:
+    """The botocore ``ClientError`` behind ``e`` (``e`` itself, or the cause s3fs kept)."""
+    seen = 0
+    while e is not None and seen < 5:
+        if getattr(e, "response", None) is not None and "Error" in e.response:
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
+def response_header(e: BaseException, name: str) -> str | None:
+    """A header of the S3 error response behind ``e`` (e.g. ``x-amz-bucket-region``)."""
+    err = client_error(e)
+    if err is None:
+        return None
+    return err.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get(name)
+
+
+def classify(e: BaseException) -> str:
+    """What kind of failure ``e`` is: a key of the tables above, or ``other``."""
+    for cls in type(e).__mro__:
+        if cls.__name__ in EXCEPTION_NAMES:
+            return EXCEPTION_NAMES[cls.__name__]
+    err = client_error(e)
+    if err is not None:
+        code = str(err.response["Error"].get("Code", ""))
+        if code in ERROR_CODES:
+            return ERROR_CODES[code]
+    if isinstance(e, FileNotFoundError):
+        return "not_found"
+    if isinstance(e, PermissionError):
+        return "denied"
+    if isinstance(e, TimeoutError):
+        return "unreachable"
+    return "other"
+
+
+def explain(e: BaseException, url: str, *, bucket_level: bool = False) -> FruitdaskError:
+    """A fruitdask error for storage failure ``e`` on ``url``; raise it ``from e``.
+
+    Parameters
+    ----------
+    bucket_level
+        The failed call addressed the bucket itself (``HeadBucket``), so "not found" means
+        the bucket does not exist rather than the key.
+    """
+    if isinstance(e, FruitdaskError):
+        return e
+    kind = classify(e)
+    bucket = url[len("s3://"):].split("/", 1)[0] if url.startswith("s3://") else None
+    if kind == "not_found" and bucket_level:
+        kind = "no_bucket"
+    if kind == "no_bucket":
+        return StorageError(
+            f"bucket {bucket!r} does not exist ({url}): check the bucket name, and --s3-endpoint if you use one"
+        )
+    if kind == "not_found":
+        return InputError(f"{url!r} does not exist: check the path or bucket name")
+    if kind == "denied":
+        return StorageError(
+            f"access denied to {url!r}: the AWS credentials in use (environment, --aws-profile or IRSA role) "
+            "lack permission, or a bucket policy forbids it: check the IAM policy and --aws-profile"
+        )
+    if kind == "bad_credentials":
+        return StorageError(f"the AWS credentials were rejected on {url!r} ({_short(e)}): {CREDENTIALS_HINT}")
+    if kind == "expired":
+        return StorageError(
+            f"the AWS credentials have expired ({url!r}): refresh them (aws sso login, a new session token) "
+            "and run again"
+        )
+    if kind == "no_credentials":
+        return StorageError(f"no AWS credentials found to access {url!r}: {CREDENTIALS_HINT}")
+    if kind == "no_profile":
+        return StorageError(f"{_short(e)} (needed for {url!r}): check --aws-profile and ~/.aws/config or AWS_CONFIG_FILE")
+    if kind == "unreachable":
+        endpoint = getattr(e, "kwargs", {}).get("endpoint_url") or "the S3 endpoint"
+        return StorageError(
+            f"cannot reach {endpoint} for {url!r} ({type(e).__name__}): check --s3-endpoint, the network "
+            "and proxies (FRUITDASK_STORAGE_CONNECT_TIMEOUT sets the timeout)"
+        )
+    if kind == "bad_name":
+        return StorageError(f"{url!r} is not a valid S3 location ({_short(e)}): use s3://bucket/prefix")
+    if kind == "redirect":
+        return StorageError(
+            f"{url!r} answered with a redirect: the bucket lives on another endpoint or region; "
+            "pass --aws-region with the bucket's region, or fix --s3-endpoint"
+        )
+    return StorageError(f"storage error on {url!r}: {_short(e)}")
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:300]

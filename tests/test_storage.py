@@ -1,0 +1,358 @@
+"""fruitdask.storage against a real S3 protocol (moto's server): regions, listing, commit.
+
+Fast: no cluster. The end-to-end S3 runs through the CLI live in ``test_s3.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from contextlib import closing
+
+import pandas as pd
+import pytest
+from s3_server import TEST_SECRET, isolate_aws_env
+
+from fruitdask import storage
+from fruitdask.config import EU_REGIONS, StorageSettings
+from fruitdask.errors import InputError, OutputError, RegionError, StorageError
+
+pytestmark = pytest.mark.integration  # every test talks to the moto server
+
+ALLOW_ALL_S3 = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+
+
+def settings_for(s3, **kw) -> StorageSettings:
+    return StorageSettings(endpoint_url=s3.endpoint, **kw)
+
+
+def opts(s3) -> dict:
+    return settings_for(s3).storage_options()
+
+
+# --- regions ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "region"),
+    [(None, "us-east-1"), ("", "us-east-1"), ("EU", "eu-west-1"), ("eu", "eu-west-1"), ("eu-west-3", "eu-west-3")],
+)
+def test_normalize_region(answer, region):
+    assert storage.normalize_region(answer) == region
+
+
+@pytest.mark.parametrize(
+    ("created_in", "reported"),
+    [("eu-west-1", "eu-west-1"), ("eu-west-3", "eu-west-3"), ("eu-west-2", "eu-west-2"),
+     ("us-east-1", "us-east-1"), ("EU", "eu-west-1")],
+)
+def test_bucket_region_from_the_server(s3, created_in, reported):
+    s3.bucket("fruits-bucket", created_in)
+    assert storage.bucket_region("fruits-bucket", opts(s3)) == reported
+
+
+def test_get_bucket_location_answers_are_normalized(s3):
+    """GetBucketLocation answers nothing for us-east-1 and ``EU`` for old eu-west-1 buckets."""
+    s3.bucket("east-bucket", "us-east-1")
+    s3.bucket("old-eu-bucket", "EU")
+    raw = {b: s3.client().get_bucket_location(Bucket=b).get("LocationConstraint") for b in ("east-bucket", "old-eu-bucket")}
+    assert raw == {"east-bucket": None, "old-eu-bucket": "EU"}
+    assert {b: storage.normalize_region(v) for b, v in raw.items()} == {"east-bucket": "us-east-1", "old-eu-bucket": "eu-west-1"}
+
+
+def test_default_allow_list_is_the_eu_member_state_regions():
+    assert set(StorageSettings().allowed_regions) == set(EU_REGIONS)
+    assert {"eu-west-1", "eu-west-3", "eu-central-1", "eu-north-1", "eu-south-1", "eu-south-2"} == set(EU_REGIONS)
+    assert "eu-west-2" not in EU_REGIONS and "eu-central-2" not in EU_REGIONS  # London, Zurich: not EU
+
+
+def test_guard_passes_eu_buckets_and_skips_local_paths(s3, tmp_path):
+    s3.bucket("in-euw1", "eu-west-1")
+    s3.bucket("out-euw3", "eu-west-3")
+    s3.bucket("old-eu", "EU")
+    storage.guard_regions(
+        ["s3://in-euw1/Training", "s3://out-euw3/run-1", "s3://old-eu/w.weights.h5", str(tmp_path), "random", None],
+        settings_for(s3),
+    )
+
+
+@pytest.mark.parametrize(("region", "role"), [("us-east-1", 0), ("eu-west-2", 1), ("us-east-1", 2), ("eu-central-2", 2)])
+def test_guard_refuses_non_eu_buckets_naming_bucket_region_and_flag(s3, region, role):
+    s3.bucket("in-euw1", "eu-west-1")
+    s3.bucket("far-bucket", region)
+    urls = ["s3://in-euw1/Training", "s3://in-euw1/out", "random"]
+    urls[role] = "s3://far-bucket/x/y.weights.h5" if role == 2 else "s3://far-bucket/data"
+    with pytest.raises(RegionError) as e:
+        storage.guard_regions(urls, settings_for(s3))
+    msg = str(e.value)
+    assert "'far-bucket'" in msg and region in msg and "--allowed-regions" in msg
+    assert s3.objects() == []
+
+
+def test_allowed_regions_is_configurable(s3):
+    s3.bucket("london", "eu-west-2")
+    storage.guard_regions(["s3://london/x"], settings_for(s3, allowed_regions=("eu-west-2",)))
+    s3.bucket("paris", "eu-west-3")
+    with pytest.raises(RegionError, match="paris"):
+        storage.guard_regions(["s3://paris/x"], settings_for(s3, allowed_regions=("eu-west-2",)))
+
+
+def test_remote_locations_whose_region_is_unknowable_are_refused(s3):
+    with pytest.raises(RegionError, match="cannot check the region"):
+        storage.guard_regions(["gs://bucket/x"], settings_for(s3))
+
+
+def test_missing_bucket(s3):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        storage.guard_regions(["s3://no-such-bucket/x"], settings_for(s3))
+
+
+def test_no_credentials(s3, monkeypatch):
+    isolate_aws_env(monkeypatch, key=None)
+    s3.bucket("in-euw1", "eu-west-1")
+    with pytest.raises(StorageError, match="no AWS credentials found") as e:
+        storage.guard_regions(["s3://in-euw1/x"], settings_for(s3))
+    assert "--aws-profile" in str(e.value)
+
+
+def test_unknown_profile(s3):
+    with pytest.raises(StorageError, match="nope-profile") as e:
+        storage.guard_regions(["s3://in-euw1/x"], settings_for(s3, profile="nope-profile"))
+    assert "--aws-profile" in str(e.value)
+
+
+def test_access_denied(s3, monkeypatch):
+    s3.bucket("in-euw1", "eu-west-1")
+    s3.bucket("other", "eu-west-1")
+    key, secret = s3.iam_user("only-other", [{"Effect": "Allow", "Action": "s3:*", "Resource": "arn:aws:s3:::other*"}])
+    isolate_aws_env(monkeypatch, key, secret)
+    s3.enforce_iam()
+    storage.guard_regions(["s3://other/x"], settings_for(s3))
+    with pytest.raises(StorageError, match="access denied to 's3://in-euw1'"):
+        storage.guard_regions(["s3://in-euw1/x"], settings_for(s3))
+
+
+def test_rejected_credentials(s3):
+    s3.bucket("in-euw1", "eu-west-1")
+    s3.enforce_iam()  # the dummy keys of the fixture are unknown to IAM
+    with pytest.raises(StorageError, match="credentials were rejected"):
+        storage.guard_regions(["s3://in-euw1/x"], settings_for(s3))
+
+
+def test_irsa_web_identity_credentials(s3, monkeypatch, tmp_path):
+    """EKS IRSA: only AWS_ROLE_ARN and a token file, as the pod identity webhook sets them.
+    The chain trades the token for keys at STS (moto's, here) in this process, as in every
+    worker; without the role there are no credentials at all."""
+    s3.bucket("in-euw1", "eu-west-1")
+    s3.fs.pipe_file("in-euw1/Training/Apple/a.jpg", b"\xff\xd8")
+    trust = {"Effect": "Allow", "Action": "sts:AssumeRoleWithWebIdentity",
+             "Principal": {"Federated": "arn:aws:iam::123456789012:oidc-provider/oidc.eks.eu-west-1.amazonaws.com/id/X"}}
+    role = s3.client("iam").create_role(
+        RoleName="fruitdask-irsa", AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [trust]})
+    )["Role"]["Arn"]
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZnJ1aXRkYXNrIn0.sig")
+    isolate_aws_env(monkeypatch, key=None)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", s3.endpoint)
+    with pytest.raises(StorageError, match="no AWS credentials"):
+        storage.guard_regions(["s3://in-euw1/Training"], settings_for(s3))
+    monkeypatch.setenv("AWS_ROLE_ARN", role)
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(token))
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    storage.guard_regions(["s3://in-euw1/Training"], settings_for(s3))
+    assert list(storage.list_images("s3://in-euw1/Training", opts(s3))["label"]) == ["Apple"]
+
+
+def _free_port() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["refused", "silent"])
+def test_unreachable_endpoint_fails_fast(listening, monkeypatch):
+    """A closed port refuses at once; a port that accepts and never answers hits the timeout."""
+    isolate_aws_env(monkeypatch)
+    with closing(_free_port()) as sock:
+        if listening:
+            sock.listen(8)
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="cannot reach") as e:
+            storage.guard_regions(["s3://in-euw1/x"], StorageSettings(endpoint_url=endpoint, connect_timeout=1.0))
+        elapsed = time.monotonic() - started
+    assert endpoint in str(e.value) and "--s3-endpoint" in str(e.value)
+    assert elapsed < 15, f"the region probe took {elapsed:.1f}s: it must fail fast, not hang"
+
+
+# --- listing and reading ---------------------------------------------------------------
+
+
+def test_list_images_on_s3(s3, tiny_images):
+    s3.bucket("in-euw1", "eu-west-1")
+    s3.upload(tiny_images, "s3://in-euw1/Training")
+    s3.fs.pipe_file("in-euw1/Training/notes.txt", b"not an image")
+    listing = storage.list_images("s3://in-euw1/Training", opts(s3))
+    assert len(listing) == 12 and set(listing["label"]) == {p.name for p in tiny_images.iterdir()}
+    assert all(p.startswith("s3://in-euw1/Training/") for p in listing["path"])
+    assert storage.read_bytes(listing["path"][0], opts(s3))[:2] == b"\xff\xd8"  # a JPEG
+
+
+def test_prefix_without_images(s3):
+    s3.bucket("in-euw1", "eu-west-1")
+    s3.fs.pipe_file("in-euw1/Training/readme.txt", b"no images here")
+    with pytest.raises(InputError, match="no images found under 's3://in-euw1/Training'"):
+        storage.list_images("s3://in-euw1/Training", opts(s3))
+    with pytest.raises(InputError, match="does not exist"):
+        storage.list_images("s3://in-euw1/Nothing", opts(s3))
+
+
+def test_read_without_credentials_fails_the_run_not_the_image(s3, monkeypatch):
+    import s3fs
+
+    s3.bucket("in-euw1", "eu-west-1")
+    s3.fs.pipe_file("in-euw1/a/b.jpg", b"x")
+    with pytest.raises(FileNotFoundError):  # a per-image failure stays an OSError, recorded on its row
+        storage.read_bytes("s3://in-euw1/a/missing.jpg", opts(s3))
+    isolate_aws_env(monkeypatch, key=None)
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(StorageError, match="no AWS credentials"):  # every read would fail: the run fails
+        storage.read_bytes("s3://in-euw1/a/b.jpg", opts(s3))
+
+
+# --- safe output -----------------------------------------------------------------------
+
+
+def _worker_fs(s3):
+    """Another client, like a worker process: its writes are invisible to our listing cache."""
+    return s3.fs
+
+
+def _stage(target, s3, files: dict[str, bytes]) -> None:
+    fs = _worker_fs(s3)
+    for rel, data in files.items():
+        fs.pipe_file(target.staging_path(rel).removeprefix("s3://"), data)
+
+
+def _under(s3, prefix: str) -> list[str]:
+    return [o for o in s3.objects() if o.startswith(prefix)]
+
+
+def test_commit_on_s3_publishes_everything_then_success(s3):
+    s3.bucket("out-euw3", "eu-west-3")
+    target = storage.OutputTarget.open("s3://out-euw3/features/run-1", opts(s3), overwrite=False)
+    target.fs_path[0].exists("out-euw3/features")  # fill the listing cache, as the pipeline does
+    _stage(target, s3, {"features/part-00000.parquet": b"p0", "features/part-00001.parquet": b"p1"})
+    target.write_json("run.json", {"ok": True})
+    assert _under(s3, "out-euw3/features/run-1/") == []
+    target.commit()
+    assert _under(s3, "out-euw3/features/") == [
+        "out-euw3/features/run-1/_SUCCESS",
+        "out-euw3/features/run-1/features/part-00000.parquet",
+        "out-euw3/features/run-1/features/part-00001.parquet",
+        "out-euw3/features/run-1/run.json",
+    ]
+
+
+def test_existing_output_is_refused_without_overwrite(s3):
+    s3.bucket("out-euw3", "eu-west-3")
+    s3.fs.pipe_file("out-euw3/run-1/_SUCCESS", b"")
+    with pytest.raises(OutputError, match="already exists: pass --overwrite"):
+        storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=False)
+    s3.fs.pipe_file("out-euw3/run-2/features/part-00000.parquet", b"")
+    with pytest.raises(OutputError, match="incomplete: no _SUCCESS"):
+        storage.OutputTarget.open("s3://out-euw3/run-2/", opts(s3), overwrite=False)
+
+
+def test_bucket_root_output_is_refused(s3):
+    s3.bucket("out-euw3", "eu-west-3")
+    with pytest.raises(OutputError, match="bucket root"):
+        storage.OutputTarget.open("s3://out-euw3/", opts(s3), overwrite=True)
+
+
+def test_overwrite_replaces_without_mixing(s3):
+    s3.bucket("out-euw3", "eu-west-3")
+    for rel in ("_SUCCESS", "features/part-00000.parquet", "features/part-00001.parquet", "features/part-00002.parquet", "old.txt"):
+        s3.fs.pipe_file(f"out-euw3/run-1/{rel}", b"old")
+    s3.fs.pipe_file("out-euw3/run-10/keep.txt", b"sibling")  # shares the prefix "run-1"
+    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    _stage(target, s3, {"features/part-00000.parquet": b"new", "run.json": b"{}"})
+    target.commit()
+    assert _under(s3, "out-euw3/run-1/") == [
+        "out-euw3/run-1/_SUCCESS", "out-euw3/run-1/features/part-00000.parquet", "out-euw3/run-1/run.json"
+    ]
+    assert s3.read("out-euw3/run-1/features/part-00000.parquet") == b"new"
+    assert _under(s3, "out-euw3/run-10/") == ["out-euw3/run-10/keep.txt"]
+    assert not any(".fruitdask-tmp-" in o for o in s3.objects())
+
+
+def test_abort_removes_staging_written_by_other_processes(s3):
+    s3.bucket("out-euw3", "eu-west-3")
+    target = storage.OutputTarget.open("s3://out-euw3/features/run-1", opts(s3), overwrite=False)
+    fs = target.fs_path[0]
+    target.write_bytes("run.json", b"{}")
+    fs.ls("out-euw3/features")  # cached now: the next writes come from "workers"
+    _stage(target, s3, {"features/part-00000.parquet": b"p0"})
+    target.abort()
+    assert s3.objects() == []
+
+
+def test_interrupt_leaves_no_dataset_and_no_staging(s3):
+    s3.bucket("out-euw3", "eu-west-3")
+    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=False)
+    with pytest.raises(KeyboardInterrupt), storage.committed(target):
+        _stage(target, s3, {"features/part-00000.parquet": b"p0"})
+        raise KeyboardInterrupt
+    assert s3.objects() == []
+
+
+def test_failed_commit_leaves_no_dataset_without_success(s3, monkeypatch):
+    """The copy of one file into the target is denied: what was copied goes away again."""
+    s3.bucket("out-euw3", "eu-west-3")
+    for rel in ("_SUCCESS", "features/part-00000.parquet"):
+        s3.fs.pipe_file(f"out-euw3/run-1/{rel}", b"old")
+    key, secret = s3.iam_user("flaky", [
+        ALLOW_ALL_S3,
+        {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "arn:aws:s3:::out-euw3/run-1/features/part-00001.parquet"},
+    ])
+    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    _stage(target, s3, {f"features/part-0000{i}.parquet": b"new" for i in range(3)})
+    isolate_aws_env(monkeypatch, key, secret)
+    s3.enforce_iam()
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(OutputError, match="could not commit") as e:
+        target.commit()
+    assert "access denied" in str(e.value)
+    s3.enforce_iam(False)
+    assert s3.objects() == []  # no old, no half-new, no staging
+
+
+def test_local_commit_and_overwrite(tmp_path):
+    out = tmp_path / "out"
+    (out / "features").mkdir(parents=True)
+    (out / "features" / "part-00009.parquet").write_bytes(b"old")
+    (out / "_SUCCESS").write_bytes(b"")
+    target = storage.OutputTarget.open(str(out), None, overwrite=True)
+    target.write_bytes("features/part-00000.parquet", b"new")
+    target.commit()
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "_SUCCESS", "features/part-00000.parquet"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_parquet_part_round_trip_on_s3(s3):
+    import pyarrow as pa
+
+    s3.bucket("out-euw3", "eu-west-3")
+    schema = pa.schema([("path", pa.string()), ("n", pa.int64())])
+    df = pd.DataFrame({"path": ["a", "b"], "n": [1, 2]})
+    assert storage.write_parquet_part(df, "s3://out-euw3/t/part-0.parquet", schema, opts(s3)) == 2
+    back = pd.read_parquet("s3://out-euw3/t/part-0.parquet", storage_options=opts(s3))
+    assert back["n"].tolist() == [1, 2]
+    assert TEST_SECRET not in repr(opts(s3))
