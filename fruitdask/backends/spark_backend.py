@@ -1,0 +1,282 @@
+"""The Spark backend: the seed notebook's stages on PySpark, done right, for comparison.
+
+- Listing: Spark's ``binaryFile`` reader (``recursiveFileLookup``, one ``pathGlobFilter``
+  that matches .jpg/.jpeg/.png in any letter case) for local paths, checked against
+  :func:`fruitdask.storage.list_images` so both backends see the same rows; for ``s3://``
+  the listing's paths are read through :func:`fruitdask.storage.read_bytes` inside the
+  executors (the hadoop-aws jars cannot be assumed).
+- Weights travel once with ``sc.broadcast``; each Python worker builds its Keras model once
+  (:func:`fruitdask.model.cached_model`) inside ``mapInArrow`` (the Arrow sibling of
+  ``mapInPandas``: batches stay Arrow, so ``list<float32>`` columns never round-trip through
+  pandas objects) and calls the same batch functions as the Dask backend
+  (:func:`fruitdask.featurize.featurize_bytes`, :func:`fruitdask.frames.assemble`).
+- ``pyspark.ml`` ``StandardScaler`` + ``PCA``; K by the same variance rule
+  (:func:`fruitdask.reduce.finish`). Spark's PCA gathers a ``d x d`` covariance on the
+  driver, so a large ``d`` is refused before anything starts unless
+  ``--spark-allow-large-pca``.
+- Parquet parts are written by the executors through :mod:`fruitdask.storage`, with the
+  same Arrow schema as the Dask backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .. import featurize, frames, model, storage
+from ..config import RunConfig
+from ..errors import OutputError, ReductionError
+from ..reduce import Reduction, finish, plan_pca, safe_scale
+from . import BackendResult, RunContext
+
+logger = logging.getLogger(__name__)
+
+#: One Hadoop glob for the extensions :data:`fruitdask.storage.IMAGE_EXTENSIONS`, any case.
+IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG],[pP][nN][gG]}"
+#: Covariance size (bytes) above which Spark's driver-side PCA needs ``--spark-allow-large-pca``.
+LARGE_PCA_BYTES = 1 << 30
+#: ``RowMatrix.computeCovariance`` refuses more columns than this.
+MAX_SPARK_PCA_COLUMNS = 65535
+
+FEATURES_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("features", frames.FLOAT_LIST),
+        ("error_stage", pa.string()),
+        ("error_reason", pa.string()),
+    ]
+)
+FEATURES_DDL = "path string, label string, features array<float>, error_stage string, error_reason string"
+
+
+def covariance_bytes(d: int) -> int:
+    """Bytes of the ``d x d`` double covariance Spark's PCA builds on the driver."""
+    return d * d * 8
+
+
+def check_pca_size(cfg: RunConfig) -> str | None:
+    """Refuse, before any work, a PCA whose driver-side covariance would not fit.
+
+    Returns the ``spark.driver.memory`` to ask for when the user opted in to a large PCA.
+    """
+    d = cfg.feature_dim
+    need = covariance_bytes(d)
+    if d > MAX_SPARK_PCA_COLUMNS:
+        raise ReductionError(
+            f"Spark's PCA cannot take {d:,} features (RowMatrix allows {MAX_SPARK_PCA_COLUMNS:,} columns): "
+            f"use --backend dask (IncrementalPCA streams), --pooling avg, or a smaller --image-size"
+        )
+    if need <= LARGE_PCA_BYTES:
+        return None
+    gb = need / 1e9
+    if not cfg.spark_allow_large_pca:
+        raise ReductionError(
+            f"Spark's PCA would gather a {d:,} x {d:,} covariance on the driver ({gb:.1f} GB of doubles, about "
+            f"twice that with its SVD) for --pooling {cfg.pooling} at --image-size {cfg.image_size}: use --backend dask "
+            f"(IncrementalPCA streams batches), --pooling avg (512 features), or pass --spark-allow-large-pca "
+            f"on a driver with more than {3 * gb:.0f} GB"
+        )
+    return f"{math.ceil(3 * need / 2**30) + 1}g"
+
+
+def featurize_batches(batches: Iterator[pa.RecordBatch], bc, *, ends=None, weights_key: str, image_size: int, pooling: str,
+                      batch_size: int, storage_options: dict, threads: int | None) -> Iterator[pa.RecordBatch]:
+    """``mapInArrow`` body: ``path, label, content`` batches to feature batches.
+
+    Rows whose ``content`` is null (``s3://`` inputs, or files Spark's lister hides) are read
+    through :func:`fruitdask.storage.read_bytes` here, in the executor.
+    """
+    vgg = None
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        if vgg is None:
+            vgg = model.cached_model(weights_key, bc.value, image_size, threads)
+        df = pd.DataFrame({"path": batch.column("path").to_pylist(), "label": batch.column("label").to_pylist()})
+        contents = batch.column("content").to_pylist()
+        missing = [i for i, c in enumerate(contents) if c is None]
+        read_errors: dict[int, str] = {}
+        if missing:
+            read, errs = frames.read_many([df["path"][i] for i in missing], storage_options)
+            for j, i in enumerate(missing):
+                contents[i] = read[j]
+            read_errors = {missing[j]: msg for j, msg in errs.items()}
+        result = featurize.featurize_bytes(vgg, contents, image_size, pooling, batch_size)
+        out = frames.assemble(df, result, read_errors)
+        yield pa.RecordBatch.from_pandas(out, schema=FEATURES_SCHEMA, preserve_index=False)
+    if ends is not None:
+        ends.add([time.time()])
+
+
+def write_batches(batches: Iterator[pa.RecordBatch], bc_reduction, *, staging: str, storage_options: dict) -> Iterator[pa.RecordBatch]:
+    """``mapInArrow`` body: add the ``pca`` column and write this partition as one Parquet part."""
+    from pyspark import TaskContext
+
+    tables = [pa.Table.from_batches([b]) for b in batches if b.num_rows]
+    rows = 0
+    if tables:
+        df = pa.concat_tables(tables).to_pandas(types_mapper=pd.ArrowDtype)
+        out = frames.add_pca(df, bc_reduction.value)
+        part = TaskContext.get().partitionId()
+        rows = storage.write_parquet_part(out, storage.join(staging, f"part-{part:05d}.parquet"), frames.OUTPUT_SCHEMA, storage_options)
+    yield pa.RecordBatch.from_pydict({"rows": [rows]}, schema=pa.schema([("rows", pa.int64())]))
+
+
+def _images_frame(spark, ctx: RunContext, parts: int):
+    """A DataFrame of ``path, label, content`` with exactly the rows of ``ctx.listing``."""
+    from pyspark.sql import functions as F
+
+    cfg = ctx.cfg
+    listed = set(ctx.listing["path"])
+    schema = "path string, label string, content binary"
+    if storage.is_remote(cfg.input):
+        rows = [(p, lab, None) for p, lab in zip(ctx.listing["path"], ctx.listing["label"], strict=True)]
+        return spark.createDataFrame(rows, schema).repartition(parts), {"listing": "storage.list_images (s3)"}
+    raw = (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .option("pathGlobFilter", IMAGE_GLOB)
+        .load(cfg.input)
+    )
+    # binaryFile names files "file:/a/Cherry 1/x.jpg" (not percent-encoded): drop the scheme only.
+    images = raw.select(F.regexp_replace("path", "^file:(//)?", "").alias("path"), "content")
+    images = images.withColumn("label", F.element_at(F.split("path", "/"), -2)).select("path", "label", "content")
+    found = {r["path"] for r in images.select("path").collect()}
+    # Hadoop hides names starting with "_" or "." and skips symlink loops; list_images keeps
+    # "_" names. Rows are the project's listing: extras dropped, missing ones read in tasks.
+    extra, missing = sorted(found - listed), sorted(listed - found)
+    if extra:
+        logger.warning("Spark listed %d files the project listing did not (e.g. %s): ignored", len(extra), extra[0])
+        images = images.filter(~F.col("path").isin(extra))
+    if missing:
+        logger.info("%d listed files were hidden from Spark's reader (e.g. %s): read in the executors", len(missing), missing[0])
+        sub = ctx.listing[ctx.listing["path"].isin(missing)]
+        images = images.unionByName(spark.createDataFrame([(p, lab, None) for p, lab in zip(sub["path"], sub["label"], strict=True)], schema))
+    return images.repartition(parts), {"listing": "binaryFile", "hidden_from_spark": len(missing), "ignored": len(extra)}
+
+
+class _EndTimes:
+    """Accumulator of the wall-clock times at which featurize tasks finished (for the bench)."""
+
+    @staticmethod
+    def zero(value: list) -> list:
+        return []
+
+    @staticmethod
+    def addInPlace(a: list, b: list) -> list:
+        a.extend(b)
+        return a
+
+
+def spark_pca(vectors, plan, n_rows: int, variance: float) -> Reduction:
+    """Fit ``pyspark.ml`` ``StandardScaler`` + ``PCA`` on a DataFrame with a vector column ``x``.
+
+    pyspark's ``StandardScaler`` divides by the *sample* standard deviation (n-1) where the
+    Dask backend divides by the population one (n): the scaled data differ by the constant
+    sqrt(n/(n-1)), which leaves components and explained-variance *ratios* unchanged. The
+    returned :class:`Reduction` keeps the population scale and variances in the Dask
+    backend's units, so ``reduction.npz`` and the ``pca`` column mean the same for both.
+    """
+    from pyspark.ml.feature import PCA, StandardScaler
+
+    scaler = StandardScaler(withMean=True, withStd=True, inputCol="x", outputCol="z").fit(vectors)
+    mean = scaler.mean.toArray()
+    sample_std = scaler.std.toArray()
+    fitted = PCA(k=plan.n_fit, inputCol="z", outputCol="p").fit(scaler.transform(vectors).select("z"))
+    components = fitted.pc.toArray().T  # pc is d x k
+    # Sign convention of sklearn's svd_flip(u_based_decision=False): largest |value| positive.
+    signs = np.sign(components[np.arange(len(components)), np.argmax(np.abs(components), axis=1)])
+    components = components * np.where(signs == 0, 1.0, signs)[:, None]
+    ratios = fitted.explainedVariance.toArray()
+    # Total variance of the population-standardized data, with an n-1 denominator as sklearn.
+    n_varying = int(np.sum(sample_std > 1e-12))
+    total = n_varying * n_rows / max(n_rows - 1, 1)
+    return finish(
+        plan, mean, safe_scale(sample_std * math.sqrt((n_rows - 1) / n_rows)), np.zeros_like(mean), components,
+        ratios * total, ratios, variance, n_rows, "pyspark.ml StandardScaler + PCA (exact, driver-side covariance)",
+    )
+
+
+def run(ctx: RunContext) -> BackendResult:
+    """Featurize, reduce and write the dataset into ``ctx.target``'s staging prefix."""
+    from pyspark import StorageLevel
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import functions as F
+
+    from ..spark_session import spark_session
+    from .dask_backend import n_partitions
+
+    cfg, timer = ctx.cfg, ctx.timer
+    driver_memory = check_pca_size(cfg)
+    storage_options = cfg.storage.storage_options()
+    warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
+    with ExitStack() as stack:
+        with timer.stage("startup"):
+            session = stack.enter_context(spark_session(cfg, driver_memory=driver_memory))
+        sc = session.sparkContext
+        threads = int(sc.getConf().get("spark.task.cpus", "1"))
+        cluster = {
+            "backend": "spark", "n_workers": 1 if sc.master.startswith("local") else None,
+            "threads": sc.defaultParallelism, "memory_limit_bytes": None, "scheduler": sc.master,
+            "dashboard": sc.uiWebUrl, "spark_version": sc.version,
+        }
+        ctx.on_cluster(cluster)
+        parts = n_partitions(len(ctx.listing), cfg.partition_size, sc.defaultParallelism)
+        with timer.stage("listing"):
+            images, listing_info = _images_frame(session, ctx, parts)
+        with timer.stage("broadcast"):
+            bc = sc.broadcast(ctx.weights)
+        ends = sc.accumulator([], _EndTimes())
+        body = _featurizer(bc, ends, ctx, storage_options, threads)
+        with timer.stage("featurize"):
+            t0 = time.time()
+            feats = images.mapInArrow(body, FEATURES_DDL).persist(StorageLevel.MEMORY_AND_DISK)
+            # A real sink: counting the features column forces the UDF (a bare count() may prune it).
+            total, with_features = feats.select(F.count(F.lit(1)), F.count("features")).first()
+            bad = feats.filter(F.col("error_stage").isNotNull()).select("path", "label", "error_stage", "error_reason").collect()
+        errors = pd.DataFrame([tuple(r) for r in bad], columns=frames.ERROR_COLUMNS)
+        if total != len(ctx.listing):
+            raise OutputError(f"Spark featurized {total} rows for {len(ctx.listing)} listed images: run again with --debug")
+        n_rows = int(with_features)
+        with timer.stage("pca"):
+            plan = plan_pca(n_rows, cfg.feature_dim, cfg.components, cfg.pca_batch_size)
+            good = feats.filter(F.col("error_stage").isNull()).select("path", "label", "features")
+            reduction = spark_pca(good.select(array_to_vector("features").alias("x")), plan, n_rows, cfg.variance)
+        with timer.stage("write"):
+            bc_red = sc.broadcast(reduction)
+            staging = ctx.target.staging_path("features")
+            writer = _writer(bc_red, staging, storage_options)
+            written = good.mapInArrow(writer, "rows long").agg(F.sum("rows")).first()[0] or 0
+        feats.unpersist()
+        extra = {**listing_info, "partitions": parts, "featurize_task_ends_s": sorted(round(t - t0, 3) for t in ends.value),
+                 "broadcast": "sc.broadcast (lazy: executors fetch it in their first task)"}
+    if written != n_rows:
+        raise OutputError(f"wrote {written} rows but featurized {n_rows}: the output is incomplete, run again")
+    return BackendResult(rows=n_rows, errors=errors, reduction=reduction, cluster=cluster, extra=extra)
+
+
+def _featurizer(bc, ends, ctx: RunContext, storage_options: dict, threads: int):
+    cfg = ctx.cfg
+    key = ctx.weights_info.sha256
+
+    def body(batches):
+        return featurize_batches(batches, bc, ends=ends, weights_key=key, image_size=cfg.image_size, pooling=cfg.pooling,
+                                 batch_size=cfg.batch_size, storage_options=storage_options, threads=threads)
+
+    return body
+
+
+def _writer(bc_red, staging: str, storage_options: dict):
+    def body(batches):
+        return write_batches(batches, bc_red, staging=staging, storage_options=storage_options)
+
+    return body
