@@ -34,11 +34,28 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "train": ("fruitdask.train_cli", "train a fruit classifier on the PCA features of a run output, evaluate it on a Test/ tree"),
     "predict": ("fruitdask.predict_cli", "predict the fruit in photos with a model written by `train` (top-k labels)"),
     "report": ("fruitdask.report_cli", "rebuild OUTPUT/report.html, the self-contained HTML page of a finished run"),
+    "bench": ("fruitdask.bench", "time raw Keras vs the Dask vs the Spark pipeline on the same images and weights"),
 
 }
 
+#: Exit codes (see ``fruitdask run --help`` and docs/faults.md). 1, 2 and 3 come from the
+#: ``exit_code`` of the :mod:`fruitdask.errors` classes.
+EXIT_OK = 0
+#: The dataset was committed, but some files were skipped (listed in errors.parquet).
+EXIT_SKIPPED = 4
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+
+RUN_EPILOG = """exit codes:
+  0    success, every listed image was featurized
+  4    success with skipped files: the dataset is committed, the unusable images are
+       listed in OUTPUT/errors.parquet and counted in run.json (treat as success with
+       a warning; --max-errors turns too many of them into exit 3)
+  1    failure (input, output, storage, weights, cluster); nothing committed
+  2    bad flag or configuration value
+  3    more unusable images than --max-errors allows; nothing committed
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM): cluster closed, nothing committed
+"""
 
 _D = RunConfig()
 
@@ -174,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logger.info("report: %s", report_path)
     if not cfg.quiet:
         print(json.dumps({"output": cfg.output, "rows": doc["counts"]["rows_written"], "k": red["k"], "report": report_path}))
-    return 0
+    return EXIT_SKIPPED if doc["counts"]["errors"] else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run the pipeline: list images, broadcast VGG16, featurize, PCA, write Parquet",
         description="Run the pipeline. With no flags it processes the bundled sample on a local cluster.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_options(run_p)
     run_p.set_defaults(func=cmd_run)

@@ -89,11 +89,12 @@ def dask_client(cfg: RunConfig) -> Iterator:
             raise ClusterError(
                 f"--cluster {target!r} is not understood: use local, kubernetes, or a scheduler address like tcp://host:8786"
             )
+        timeout = f"{cfg.cluster_timeout:g}s" if cfg.cluster_timeout else CONNECT_TIMEOUT
         try:
-            client = Client(cluster, timeout=CONNECT_TIMEOUT, set_as_default=True)
+            client = Client(cluster, timeout=timeout, set_as_default=True)
         except (OSError, TimeoutError) as e:
             raise ClusterError(
-                f"cannot reach the Dask scheduler at {target!r} within {CONNECT_TIMEOUT}: "
+                f"cannot reach the Dask scheduler at {target!r} within {timeout} (--cluster-timeout): "
                 "check the address and that the scheduler is running (kubectl port-forward for a cluster)"
             ) from e
         stack.callback(client.close)

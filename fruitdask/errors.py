@@ -47,3 +47,7 @@ class TooManyErrors(FruitdaskError):
     """More images failed than ``--max-errors`` allows."""
 
     exit_code = 3
+
+
+class ModelError(FruitdaskError):
+    """A classifier bundle is missing or corrupt, or does not match the features it is given."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import __version__, model, storage
+from . import __version__, checkpoint, model, report, storage
 from .backends import RunContext, get_backend
 from .config import RunConfig
 from .errors import TooManyErrors
@@ -144,7 +144,12 @@ def run(
                 "reduction": "reduction.npz",
                 "scree": "scree.png",
                 "performance_report": result.extra.get("performance_report"),
+                "report": report.REPORT_NAME,
             },
         }
         target.write_json("run.json", doc)
+        # Built from the record just written and the staged files, committed with them.
+        target.write_bytes(report.REPORT_NAME, report.build_report(doc, target.staging, storage_options))
+    # Committed: the featurized partitions kept for --resume are not needed any more.
+    checkpoint.clear(cfg.output, storage_options)
     return doc

@@ -18,14 +18,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
+from conftest import SMALL_SIZE
 from PIL import Image
 
 from fruitdask import cli, model
 from fruitdask.cluster import CLUSTER_CONFIG
 from fruitdask.config import TF_ENV
 from fruitdask.reduce import Reduction
-
-from conftest import SMALL_SIZE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

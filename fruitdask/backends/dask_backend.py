@@ -89,7 +89,11 @@ def run(ctx: RunContext) -> BackendResult:
                     # millions of paths would otherwise make a graph of hundreds of MB.
                     # hash=False: dask's tokenize of pandas-3 string columns ignores their
                     # values, so hashed scatter merged every partition into one key.
-                    listing = dd.from_delayed(client.scatter(parts, hash=False), meta=ctx.listing.iloc[:0], verify_meta=False)
+                    # broadcast=True, like the weights: scattered data cannot be recomputed,
+                    # so a part held by one worker only would be lost with it (issue 6).
+                    listing = dd.from_delayed(
+                        client.scatter(parts, hash=False, broadcast=True), meta=ctx.listing.iloc[:0], verify_meta=False
+                    )
                 with timer.stage("featurize"):
                     ckpt = checkpoint.for_run(cfg.output, ctx.weights_info.sha256, cfg)
                     extra["checkpoint"] = {"prefix": ckpt.prefix, "resume": ckpt.resume}
@@ -120,7 +124,7 @@ def run(ctx: RunContext) -> BackendResult:
                     d = cfg.feature_dim
                     blocks = [
                         da.from_delayed(dask.delayed(_matrix_of)(part), shape=(n, d), dtype=np.float32)
-                        for part, n in zip(good.to_delayed(), lengths)
+                        for part, n in zip(good.to_delayed(), lengths, strict=True)
                         if n > 0
                     ]
                     X = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, d), dtype=np.float32)

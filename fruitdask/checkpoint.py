@@ -1,0 +1,164 @@
+"""Checkpoints of featurized partitions, so that ``--resume`` skips VGG16 for done work.
+
+Every featurized partition is written, by the task that computed it, to a deterministic
+prefix beside the output::
+
+    <parent>/.<name>.fruitdask-checkpoint/<fingerprint>/part-<digest>.parquet
+
+``fingerprint`` hashes what decides the features (weights digest, image size, pooling,
+batch size, format version); ``digest`` hashes the partition's own ``path, label`` rows.
+A run that dies after featurization (during the PCA, the write or the commit) leaves the
+checkpoints in place (:meth:`fruitdask.storage.OutputTarget.abort` only removes the run's
+own staging prefix), and the same command with ``--resume`` reads them back instead of
+running the model. A partition whose rows changed gets another digest and is computed
+again; a checkpoint that cannot be read is ignored and recomputed. A committed run removes
+the checkpoints (:func:`clear`).
+
+All storage goes through :mod:`fruitdask.storage`; the functions here run on workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from . import frames, storage
+
+logger = logging.getLogger(__name__)
+
+#: Bumped when the checkpoint layout or the meaning of its columns changes.
+FORMAT_VERSION = 1
+SUFFIX = "fruitdask-checkpoint"
+
+#: What a checkpoint holds: :func:`fruitdask.frames.featurize_frame`'s output, errors included,
+#: so a resumed run reports the same skipped files as the run that computed them.
+CHECKPOINT_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("features", frames.FLOAT_LIST),
+        ("error_stage", pa.string()),
+        ("error_reason", pa.string()),
+    ]
+)
+
+
+def checkpoint_root(output_url: str) -> str:
+    """The checkpoint prefix of an output: a hidden sibling, like the staging prefix."""
+    url = output_url.rstrip("/")
+    parent, name = url.rsplit("/", 1) if "/" in url else (".", url)
+    return f"{parent}/.{name}.{SUFFIX}"
+
+
+def fingerprint(weights_key: str, image_size: int, pooling: str, batch_size: int) -> str:
+    """Hash of the settings that decide a partition's features (not of its rows)."""
+    text = f"v{FORMAT_VERSION}|{weights_key}|{image_size}|{pooling}|{batch_size}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def partition_digest(df: pd.DataFrame) -> str:
+    """Hash of a partition's ``path, label`` rows, in order."""
+    h = hashlib.sha256()
+    for path, label in zip(df["path"], df["label"], strict=True):
+        h.update(f"{path}\0{label}\n".encode())
+    return h.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where one run's partitions are checkpointed, and whether to read them back.
+
+    Small and picklable: it travels to the workers inside each featurize task.
+    """
+
+    prefix: str
+    resume: bool
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def part_url(self, df: pd.DataFrame) -> str:
+        return storage.join(self.prefix, f"part-{partition_digest(df)}.parquet")
+
+    def load(self, df: pd.DataFrame) -> pd.DataFrame | None:
+        """The checkpointed result of partition ``df``, or None when there is none usable."""
+        import pyarrow.parquet as pq
+
+        url = self.part_url(df)
+        try:
+            data = storage.read_bytes(url, self.storage_options)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            logger.warning("cannot read checkpoint %s (%s): computing the partition again", url, e)
+            return None
+        try:
+            table = pq.read_table(io.BytesIO(data), schema=CHECKPOINT_SCHEMA)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            # A worker killed mid-write leaves a torn file; recomputing is always safe.
+            logger.warning("checkpoint %s is damaged (%s): computing the partition again", url, e)
+            return None
+        out = table.to_pandas(types_mapper=pd.ArrowDtype)
+        if list(out["path"]) != list(df["path"]):
+            logger.warning("checkpoint %s holds other rows: computing the partition again", url)
+            return None
+        out.index = df.index
+        return out
+
+    def save(self, result: pd.DataFrame, df: pd.DataFrame) -> None:
+        """Write the featurized partition; a failed write only costs a recompute on resume."""
+        url = self.part_url(df)
+        try:
+            storage.write_parquet_part(result, url, CHECKPOINT_SCHEMA, self.storage_options)
+        except OSError as e:
+            logger.warning("could not checkpoint %s (%s): a --resume would compute it again", url, e)
+
+
+def for_run(output_url: str, weights_key: str, cfg: Any) -> Checkpoints:
+    """The :class:`Checkpoints` of a run of ``cfg`` writing to ``output_url``."""
+    fp = fingerprint(weights_key, cfg.image_size, cfg.pooling, cfg.batch_size)
+    return Checkpoints(
+        prefix=storage.join(checkpoint_root(output_url), fp),
+        resume=bool(cfg.resume),
+        storage_options=dict(cfg.storage.storage_options()),
+    )
+
+
+def featurize_checkpointed(
+    df: pd.DataFrame,
+    weights: Any,
+    checkpoints: Checkpoints | None,
+    featurize: Callable[..., pd.DataFrame] = frames.featurize_frame,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """Featurize one partition, reusing its checkpoint when resuming, and checkpoint it.
+
+    Parameters
+    ----------
+    df
+        A partition of ``path, label`` rows.
+    weights, kwargs
+        Passed on to ``featurize`` (:func:`fruitdask.frames.featurize_frame`).
+    checkpoints
+        None to neither read nor write checkpoints.
+    """
+    if checkpoints is None or len(df) == 0:
+        return featurize(df, weights, **kwargs)
+    if checkpoints.resume:
+        cached = checkpoints.load(df)
+        if cached is not None:
+            logger.info("reused checkpoint of %d images", len(df))
+            return cached
+    result = featurize(df, weights, **kwargs)
+    checkpoints.save(result, df)
+    return result
+
+
+def clear(output_url: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Remove an output's checkpoints once its dataset is committed."""
+    storage.remove_prefix(checkpoint_root(output_url), storage_options)

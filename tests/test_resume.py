@@ -1,0 +1,133 @@
+"""``--resume``: a run that dies after featurization reuses the checkpointed partitions
+instead of running VGG16 again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest import BUNDLED, SMALL_SIZE, copy_images
+
+from fruitdask import checkpoint, featurize, frames, pipeline
+from fruitdask.backends import dask_backend
+from fruitdask.config import build_config
+
+
+class CrashDuringPCA(RuntimeError):
+    """Stands in for a driver killed while the PCA runs."""
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    import dask
+    from distributed import Client, LocalCluster
+
+    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
+        cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0")
+    client = Client(cluster, set_as_default=False)
+    try:
+        yield cluster.scheduler_address, client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def model_images(client) -> int:
+    """Images run through VGG16 so far, summed over the workers."""
+    return sum(c.get("images", 0) for c in client.run(featurize.model_calls).values())
+
+
+def features(out: Path) -> pd.DataFrame:
+    df = pq.read_table(out / "features").to_pandas(types_mapper=pd.ArrowDtype)
+    return df.sort_values("path").reset_index(drop=True)
+
+
+@pytest.mark.integration
+def test_resume_after_a_crash_during_pca_reuses_checkpoints(tmp_path, cluster_client, weights_file, monkeypatch):
+    address, client = cluster_client
+    images = copy_images(BUNDLED, tmp_path / "in", 3, 4)
+    (images / "Apricot" / "broken.jpg").write_bytes(b"")  # its error must survive the resume too
+    out = tmp_path / "out"
+    flags = {
+        "input": str(images), "output": str(out), "cluster": address, "image_size": SMALL_SIZE,
+        "weights": str(weights_file), "partition_size": 4, "components": 3, "quiet": True,
+    }
+
+    def crash(*args, **kwargs):
+        raise CrashDuringPCA("killed during PCA")
+
+    with monkeypatch.context() as m:
+        m.setattr(dask_backend, "fit_incremental_pca", crash)
+        before = model_images(client)
+        with pytest.raises(CrashDuringPCA):
+            pipeline.run(build_config(flags, {}))
+    computed = model_images(client) - before
+    assert computed == 12
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.fruitdask-tmp-*")), "the failed run's staging prefix was left behind"
+    parts = list(Path(checkpoint.checkpoint_root(str(out))).glob("*/part-*.parquet"))
+    assert len(parts) >= 3
+
+    before = model_images(client)
+    doc = pipeline.run(build_config({**flags, "resume": True}, {}))
+    assert model_images(client) - before == 0, "VGG16 ran again although every partition was checkpointed"
+    assert doc["counts"] == {"images_listed": 13, "labels": 3, "rows_written": 12, "errors": 1}
+    assert doc["extra"]["checkpoint"]["resume"] is True
+    assert not Path(checkpoint.checkpoint_root(str(out))).exists(), "checkpoints outlived the committed run"
+
+    # Same features as an uninterrupted run that computes everything.
+    before = model_images(client)
+    pipeline.run(build_config({**flags, "output": str(tmp_path / "fresh")}, {}))
+    assert model_images(client) - before == 12
+    resumed, fresh = features(out), features(tmp_path / "fresh")
+    assert list(resumed["path"]) == list(fresh["path"]) and resumed["path"].is_unique
+    np.testing.assert_array_equal(frames.matrix(resumed["features"]), frames.matrix(fresh["features"]))
+
+
+def _listing(n: int) -> pd.DataFrame:
+    return pd.DataFrame({"path": [f"/x/L/{i}.jpg" for i in range(n)], "label": ["L"] * n})
+
+
+def _fake_featurize(calls: list):
+    def featurize_frame(df, weights, **kwargs):
+        calls.append(len(df))
+        result = frames.assemble(
+            df, featurize.BatchResult(np.full((len(df), 4), 7.0, np.float32), list(range(len(df)))), {}
+        )
+        return result
+
+    return featurize_frame
+
+
+def test_checkpoint_roundtrip_and_damaged_files(tmp_path):
+    ckpt = checkpoint.Checkpoints(prefix=str(tmp_path / "ck"), resume=True)
+    df, calls = _listing(5), []
+    first = checkpoint.featurize_checkpointed(df, None, ckpt, featurize=_fake_featurize(calls))
+    again = checkpoint.featurize_checkpointed(df, None, ckpt, featurize=_fake_featurize(calls))
+    assert calls == [5]
+    pd.testing.assert_frame_equal(first, again)
+    assert list(again.dtypes) == list(frames.features_meta().dtypes)
+
+    # A torn file (worker killed mid-write) is recomputed, not trusted.
+    Path(ckpt.part_url(df)).write_bytes(b"PAR1 torn")
+    checkpoint.featurize_checkpointed(df, None, ckpt, featurize=_fake_featurize(calls))
+    assert calls == [5, 5]
+
+    # Other rows get another file; without --resume nothing is read.
+    checkpoint.featurize_checkpointed(_listing(6), None, ckpt, featurize=_fake_featurize(calls))
+    fresh = checkpoint.Checkpoints(prefix=ckpt.prefix, resume=False)
+    checkpoint.featurize_checkpointed(df, None, fresh, featurize=_fake_featurize(calls))
+    assert calls == [5, 5, 6, 5]
+
+
+def test_checkpoint_location_is_deterministic():
+    cfg = build_config({"input": "i", "output": "s3://b/runs/out", "image_size": 32, "weights": "random"}, {})
+    a = checkpoint.for_run(cfg.output, "abc", cfg)
+    b = checkpoint.for_run(cfg.output + "/", "abc", cfg)
+    assert a.prefix == b.prefix and a.prefix.startswith("s3://b/runs/.out.fruitdask-checkpoint/")
+    other = build_config({"input": "i", "output": "s3://b/runs/out", "image_size": 64, "weights": "random"}, {})
+    assert checkpoint.for_run(other.output, "abc", other).prefix != a.prefix
+    assert checkpoint.for_run(cfg.output, "def", cfg).prefix != a.prefix
