@@ -50,7 +50,8 @@ RUN_EPILOG = """exit codes:
   0    success, every listed image was featurized
   4    success with skipped files: the dataset is committed, the unusable images are
        listed in OUTPUT/errors.parquet and counted in run.json (treat as success with
-       a warning; --max-errors turns too many of them into exit 3)
+       a warning; --max-errors turns too many of them into exit 3; --skipped-ok
+       makes it 0)
   1    failure (input, output, storage, weights, cluster); nothing committed
   2    bad flag or configuration value
   3    more unusable images than --max-errors allows; nothing committed
@@ -99,6 +100,9 @@ def add_run_options(p: argparse.ArgumentParser, *, io_required: bool = False) ->
     g.add_argument("--cluster-timeout", type=float, help=f"seconds to reach the scheduler before failing (default: {_D.cluster_timeout:g})")
     g.add_argument("--partition-size", type=int, help=f"images per partition/task (default: {_D.partition_size})")
     g.add_argument("--max-errors", type=float, help="fail when more images are unusable: a count, or a fraction < 1 (default: no limit)")
+    g.add_argument("--skipped-ok", action="store_true", default=None,
+                   help="exit 0 instead of 4 when files were skipped (for schedulers that treat any non-zero "
+                   "exit as failure: Kubernetes Jobs, Airflow); --max-errors still bounds them")
     g.add_argument("--resume", action="store_true", default=None, help="reuse featurized partitions checkpointed by an earlier failed run")
     g.add_argument("--spark-master", help=f"Spark master URL for --backend spark (default: {_D.spark_master})")
     g.add_argument("--spark-allow-large-pca", action="store_true", default=None,
@@ -191,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logger.info("report: %s", report_path)
     if not cfg.quiet:
         print(json.dumps({"output": cfg.output, "rows": doc["counts"]["rows_written"], "k": red["k"], "report": report_path}))
-    return EXIT_SKIPPED if doc["counts"]["errors"] else EXIT_OK
+    return EXIT_SKIPPED if doc["counts"]["errors"] and not cfg.skipped_ok else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

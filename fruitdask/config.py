@@ -111,6 +111,7 @@ class RunConfig:
     overwrite: bool = False
     resume: bool = False
     max_errors: float | None = None
+    skipped_ok: bool = False
     quiet: bool = False
     debug: bool = False
     spark_master: str = "local[*]"

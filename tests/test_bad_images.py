@@ -281,6 +281,14 @@ def test_too_many_errors_fails_and_commits_nothing(tmp_path, thread_cluster, mes
     assert not [p for p in tmp_path.iterdir() if "fruitdask-tmp" in p.name]
 
 
+@pytest.mark.integration
+def test_skipped_ok_makes_a_run_with_skipped_files_exit_0(tmp_path, thread_cluster, messy_input, weights_file):
+    out = tmp_path / "out"
+    assert _run(thread_cluster, messy_input, weights_file, out, "--skipped-ok") == 0
+    doc = json.loads((out / "run.json").read_text())
+    assert (out / "_SUCCESS").exists() and doc["counts"]["errors"] == len(INVALID_FILES)
+
+
 def test_run_help_documents_exit_codes(capsys):
     with pytest.raises(SystemExit):
         cli.main(["run", "--help"])

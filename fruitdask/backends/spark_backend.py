@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 #: One Hadoop glob for the extensions :data:`fruitdask.storage.IMAGE_EXTENSIONS`, any case.
 IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG],[pP][nN][gG]}"
 #: Covariance size (bytes) above which Spark's driver-side PCA needs ``--spark-allow-large-pca``.
+#: Covariances up to this size fit Spark's default 1 GiB driver (2,048 features measured).
+DEFAULT_DRIVER_PCA_BYTES = 48 << 20
 LARGE_PCA_BYTES = 1 << 30
 #: ``RowMatrix.computeCovariance`` refuses more columns than this.
 MAX_SPARK_PCA_COLUMNS = 65535
@@ -75,17 +77,22 @@ def check_pca_size(cfg: RunConfig) -> str | None:
             f"Spark's PCA cannot take {d:,} features (RowMatrix allows {MAX_SPARK_PCA_COLUMNS:,} columns): "
             f"use --backend dask (IncrementalPCA streams), --pooling avg, or a smaller --image-size"
         )
-    if need <= LARGE_PCA_BYTES:
+    if need <= DEFAULT_DRIVER_PCA_BYTES:
         return None
+    if need <= LARGE_PCA_BYTES:
+        # Measured: 4,608 features (a 170 MB covariance) killed a default 1 GiB driver. The
+        # Gramian is built as packed triangles per task, merged, then densified and
+        # decomposed by Breeze: several copies at once. Size the driver for them.
+        return f"{math.ceil(8 * need / 2**30) + 1}g"
     gb = need / 1e9
     if not cfg.spark_allow_large_pca:
         raise ReductionError(
             f"Spark's PCA would gather a {d:,} x {d:,} covariance on the driver ({gb:.1f} GB of doubles, about "
             f"twice that with its SVD) for --pooling {cfg.pooling} at --image-size {cfg.image_size}: use --backend dask "
             f"(IncrementalPCA streams batches), --pooling avg (512 features), or pass --spark-allow-large-pca "
-            f"on a driver with more than {3 * gb:.0f} GB"
+            f"on a driver with more than {8 * gb:.0f} GB"
         )
-    return f"{math.ceil(3 * need / 2**30) + 1}g"
+    return f"{math.ceil(8 * need / 2**30) + 1}g"
 
 
 def featurize_batches(batches: Iterator[pa.RecordBatch], bc, *, ends=None, weights_key: str, image_size: int, pooling: str,
