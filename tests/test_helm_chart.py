@@ -223,6 +223,11 @@ def test_job_runs_fruitdask_against_the_release_scheduler() -> None:
     assert args[-3:] == ["--components", "50", "--overwrite"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     assert job["spec"]["template"]["metadata"]["labels"]["fruitdask.io/client"] == "true"
+    # A committed run with skipped files exits 0 in the Job (--skipped-ok); the run's own
+    # failures (exit 1-3) fail the Job at once instead of being retried.
+    assert "--skipped-ok" in args
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [1, 2, 3]
 
 
 def test_tls_mounts_secret_and_uses_tls_addresses() -> None:

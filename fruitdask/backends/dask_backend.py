@@ -137,7 +137,8 @@ def run(ctx: RunContext) -> BackendResult:
                         seed=cfg.seed,
                     )
                 with timer.stage("write"):
-                    red = client.scatter(reduction)
+                    # Broadcast like the weights: a lost worker must not take the only copy.
+                    red = client.scatter(reduction, broadcast=True, hash=False)
                     out = good.map_partitions(frames.add_pca, red, meta=frames.output_meta())
                     writes = [
                         dask.delayed(storage.write_parquet_part)(
