@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import BACKENDS, POOLINGS, TF_ENV, RunConfig, build_config
+from .config import BACKENDS, POOLINGS, TF_ENV, RunConfig, StorageSettings, build_config
 from .errors import FruitdaskError
 
 logger = logging.getLogger("fruitdask")
@@ -69,6 +69,30 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def add_storage_options(p: argparse.ArgumentParser) -> None:
+    """The ``s3://`` flags, shared by every command that reads or writes storage."""
+    g = p.add_argument_group("storage (s3://)")
+    g.add_argument("--s3-endpoint", dest="storage_endpoint_url", help="S3 endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
+    g.add_argument("--aws-profile", dest="storage_profile", help="AWS profile name (default: the usual AWS credential chain)")
+    g.add_argument("--aws-region", dest="storage_region", help="AWS region for the S3 client (default: from the AWS config)")
+    g.add_argument("--allowed-regions", dest="storage_allowed_regions",
+                   type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+                   help="comma-separated regions buckets may live in (default: the EU member-state regions)")
+
+
+def add_quiet_debug(p: argparse.ArgumentParser) -> None:
+    """``--quiet`` / ``--debug`` for the commands that only read and write files."""
+    g = p.add_argument_group("output")
+    g.add_argument("--quiet", "-q", action="store_true", default=None, help="print nothing but errors")
+    g.add_argument("--debug", action="store_true", default=None, help="verbose logs and tracebacks on errors")
+
+
+def storage_settings(args: argparse.Namespace, input_url: str, output_url: str) -> StorageSettings:
+    """Storage settings from flags over ``FRUITDASK_STORAGE_*``/AWS environment over defaults."""
+    flags = {k: v for k, v in vars(args).items() if k.startswith("storage_")}
+    return build_config({**flags, "input": input_url, "output": output_url}, os.environ).storage
+
+
 def add_run_options(p: argparse.ArgumentParser, *, io_required: bool = False) -> None:
     """Options shared by ``run`` and ``bench``: data, model, PCA, cluster, storage."""
     g = p.add_argument_group("data")
@@ -108,13 +132,7 @@ def add_run_options(p: argparse.ArgumentParser, *, io_required: bool = False) ->
     g.add_argument("--spark-allow-large-pca", action="store_true", default=None,
                    help="let Spark's PCA gather a d x d covariance on the driver even when it is large")
 
-    g = p.add_argument_group("storage (s3://)")
-    g.add_argument("--s3-endpoint", dest="storage_endpoint_url", help="S3 endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
-    g.add_argument("--aws-profile", dest="storage_profile", help="AWS profile name (default: the usual AWS credential chain)")
-    g.add_argument("--aws-region", dest="storage_region", help="AWS region for the S3 client (default: from the AWS config)")
-    g.add_argument("--allowed-regions", dest="storage_allowed_regions",
-                   type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
-                   help="comma-separated regions buckets may live in (default: the EU member-state regions)")
+    add_storage_options(p)
 
     g = p.add_argument_group("kubernetes (--cluster kubernetes)")
     g.add_argument("--kube-name", help=f"DaskCluster name (default: {_D.kube.name})")

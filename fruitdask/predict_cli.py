@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .train_cli import add_storage_options, storage_settings
+from .cli import add_quiet_debug, add_storage_options, storage_settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="PATH_OR_URI",
                    help="where the model's weights file is now, if it moved (its sha256 must match the bundle)")
     add_storage_options(p)
+    add_quiet_debug(p)
 
 
 def command(args: argparse.Namespace) -> int:

@@ -5,33 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 
-from .config import StorageSettings, build_config
+from .cli import add_quiet_debug, add_storage_options, storage_settings
 
 logger = logging.getLogger("fruitdask")
 
 DEFAULT_MODEL_OUT = "fruitdask-model"
-
-
-def add_storage_options(p: argparse.ArgumentParser) -> None:
-    """The storage flags of ``run``, for the commands that only read and write files."""
-    g = p.add_argument_group("storage (s3://)")
-    g.add_argument("--s3-endpoint", dest="storage_endpoint_url", help="S3 endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
-    g.add_argument("--aws-profile", dest="storage_profile", help="AWS profile name (default: the usual AWS credential chain)")
-    g.add_argument("--aws-region", dest="storage_region", help="AWS region for the S3 client (default: from the AWS config)")
-    g.add_argument("--allowed-regions", dest="storage_allowed_regions",
-                   type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
-                   help="comma-separated regions buckets may live in (default: the EU member-state regions)")
-    g = p.add_argument_group("output")
-    g.add_argument("--quiet", "-q", action="store_true", default=None, help="errors only")
-    g.add_argument("--debug", action="store_true", default=None, help="verbose logs and tracebacks on errors")
-
-
-def storage_settings(args: argparse.Namespace, input_url: str, output_url: str) -> StorageSettings:
-    """Storage settings from flags over ``FRUITDASK_STORAGE_*``/AWS environment over defaults."""
-    flags = {k: v for k, v in vars(args).items() if k.startswith("storage_")}
-    return build_config({**flags, "input": input_url, "output": output_url}, os.environ).storage
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--C", dest="C", type=float, default=1.0, help="inverse L2 regularization of the logistic regression (default: 1.0)")
     p.add_argument("--max-iter", type=int, default=2000, help="lbfgs iterations at most (default: 2000)")
     add_storage_options(p)
+    add_quiet_debug(p)
 
 
 def command(args: argparse.Namespace) -> int:
