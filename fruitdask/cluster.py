@@ -100,7 +100,7 @@ def dask_client(cfg: RunConfig) -> Iterator:
         stack.callback(client.close)
         if isinstance(cluster, str):
             _warn_if_amm(client)
-        logger.info("Dask dashboard: %s", client.dashboard_link)
+        logger.debug("Dask dashboard: %s", client.dashboard_link)
         yield client
 
 
