@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from itertools import chain, zip_longest
 from pathlib import Path
 
@@ -58,24 +59,33 @@ def subset(src: Path, dest: Path, n: int) -> Path:
     return dest
 
 
-def measure_one(args: argparse.Namespace) -> dict:
-    """One run on a fresh cluster; returns peaks in bytes (called in a child process)."""
+@contextmanager
+def local_cluster(args: argparse.Namespace, env: dict[str, str] | None = None):
+    """The measured cluster, shaped as a run's (AMM off), closed whatever happens."""
     import dask
     from distributed import Client, LocalCluster
 
-    from fruitdask import pipeline
     from fruitdask.cluster import CLUSTER_CONFIG
+
+    with dask.config.set(CLUSTER_CONFIG):
+        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, processes=True,
+                               memory_limit=args.memory_limit, dashboard_address=":0", env=env)
+    client = Client(cluster)
+    try:
+        yield cluster, client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def measure_one(args: argparse.Namespace) -> dict:
+    """One run on a fresh cluster; returns peaks in bytes (called in a child process)."""
+    from fruitdask import pipeline
     from fruitdask.config import TF_ENV, build_config
 
     with tempfile.TemporaryDirectory(prefix="fruitdask-mem-") as tmp:
         data = subset(Path(args.data), Path(tmp) / "in", args.images)
-        with dask.config.set(CLUSTER_CONFIG):
-            cluster = LocalCluster(
-                n_workers=args.workers, threads_per_worker=args.threads, processes=True,
-                memory_limit=args.memory_limit, dashboard_address=":0", env=dict(TF_ENV),
-            )
-        client = Client(cluster)
-        try:
+        with local_cluster(args, env=dict(TF_ENV)) as (cluster, client):
             cfg = build_config({
                 "input": str(data), "output": str(Path(tmp) / "out"), "cluster": cluster.scheduler_address,
                 "image_size": args.image_size, "pooling": args.pooling, "weights": args.weights,
@@ -85,9 +95,6 @@ def measure_one(args: argparse.Namespace) -> dict:
             doc = pipeline.run(cfg)
             seconds = time.perf_counter() - t0
             workers = client.run(peak_rss_bytes)
-        finally:
-            client.close()
-            cluster.close()
     return {
         "images": args.images, "image_size": args.image_size, "pooling": args.pooling,
         "feature_dim": doc["reduction"].get("n_features") or cfg.feature_dim, "k": doc["reduction"]["k"],
@@ -103,28 +110,18 @@ def measure_pca(args: argparse.Namespace) -> dict:
     with the variance target, so up to 1,024 components are fitted), without the hours of
     VGG16 at 224 px that real unpooled features cost on a small machine.
     """
-    import dask
     import dask.array as da
     import numpy as np
-    from distributed import Client, LocalCluster
 
-    from fruitdask.cluster import CLUSTER_CONFIG
     from fruitdask.reduce import fit_incremental_pca
 
     n, d = args.pca_only
-    with dask.config.set(CLUSTER_CONFIG):
-        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, processes=True,
-                               memory_limit=args.memory_limit, dashboard_address=":0")
-    client = Client(cluster)
-    try:
+    with local_cluster(args) as (_, client):
         X = da.random.RandomState(0).random_sample((n, d), chunks=(args.partition_size, d)).astype(np.float32)
         t0 = time.perf_counter()
         red = fit_incremental_pca(X, components=None, variance=0.95, batch_size=None, power_iterations=2, seed=0)
         seconds = time.perf_counter() - t0
         workers = client.run(peak_rss_bytes)
-    finally:
-        client.close()
-        cluster.close()
     return {
         "images": n, "feature_dim": d, "pooling": "none (synthetic features)", "k": red.k,
         "n_fit_components": len(red.explained_variance_ratio), "rows": n, "seconds": round(seconds, 1),

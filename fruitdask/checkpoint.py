@@ -37,18 +37,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SUFFIX = "fruitdask-checkpoint"
 
-#: What a checkpoint holds: :func:`fruitdask.frames.featurize_frame`'s output, errors included,
-#: so a resumed run reports the same skipped files as the run that computed them.
-CHECKPOINT_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("label", pa.string()),
-        ("features", frames.FLOAT_LIST),
-        ("error_stage", pa.string()),
-        ("error_reason", pa.string()),
-    ]
-)
-
 
 def checkpoint_root(output_url: str) -> str:
     """The checkpoint prefix of an output: a hidden sibling, like the staging prefix."""
@@ -98,7 +86,7 @@ class Checkpoints:
             logger.warning("cannot read checkpoint %s (%s): computing the partition again", url, e)
             return None
         try:
-            table = pq.read_table(io.BytesIO(data), schema=CHECKPOINT_SCHEMA)
+            table = pq.read_table(io.BytesIO(data), schema=frames.FEATURES_SCHEMA)
         except (pa.ArrowException, OSError, ValueError) as e:
             # A worker killed mid-write leaves a torn file; recomputing is always safe.
             logger.warning("checkpoint %s is damaged (%s): computing the partition again", url, e)
@@ -114,7 +102,7 @@ class Checkpoints:
         """Write the featurized partition; a failed write only costs a recompute on resume."""
         url = self.part_url(df)
         try:
-            storage.write_parquet_part(result, url, CHECKPOINT_SCHEMA, self.storage_options)
+            storage.write_parquet_part(result, url, frames.FEATURES_SCHEMA, self.storage_options)
         except OSError as e:
             logger.warning("could not checkpoint %s (%s): a --resume would compute it again", url, e)
 

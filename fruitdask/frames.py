@@ -26,6 +26,18 @@ FLOAT_LIST_DTYPE = pd.ArrowDtype(FLOAT_LIST)
 STRING_DTYPE = pd.ArrowDtype(pa.string())
 ERROR_COLUMNS = ["path", "label", "stage", "reason"]
 
+#: Arrow schema of :func:`featurize_frame`'s output (errors included): what Spark's
+#: ``mapInArrow`` returns and what a ``--resume`` checkpoint holds.
+FEATURES_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("features", FLOAT_LIST),
+        ("error_stage", pa.string()),
+        ("error_reason", pa.string()),
+    ]
+)
+
 #: Arrow schema of the written dataset; Spark, Athena and pandas read it as-is.
 OUTPUT_SCHEMA = pa.schema(
     [

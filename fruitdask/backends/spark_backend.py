@@ -41,22 +41,14 @@ logger = logging.getLogger(__name__)
 
 #: One Hadoop glob for the extensions :data:`fruitdask.storage.IMAGE_EXTENSIONS`, any case.
 IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG],[pP][nN][gG]}"
-#: Covariance size (bytes) above which Spark's driver-side PCA needs ``--spark-allow-large-pca``.
-#: Covariances up to this size fit Spark's default 1 GiB driver (2,048 features measured).
+#: Covariances up to this size fit Spark's default 1 GiB driver (2,048 features measured);
+#: above it the driver is sized for the PCA (4,608 features killed the default one).
 DEFAULT_DRIVER_PCA_BYTES = 48 << 20
+#: Covariance size (bytes) above which Spark's driver-side PCA needs ``--spark-allow-large-pca``.
 LARGE_PCA_BYTES = 1 << 30
 #: ``RowMatrix.computeCovariance`` refuses more columns than this.
 MAX_SPARK_PCA_COLUMNS = 65535
 
-FEATURES_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("label", pa.string()),
-        ("features", frames.FLOAT_LIST),
-        ("error_stage", pa.string()),
-        ("error_reason", pa.string()),
-    ]
-)
 FEATURES_DDL = "path string, label string, features array<float>, error_stage string, error_reason string"
 
 
@@ -119,7 +111,7 @@ def featurize_batches(batches: Iterator[pa.RecordBatch], bc, *, ends=None, weigh
             read_errors = {missing[j]: msg for j, msg in errs.items()}
         result = featurize.featurize_bytes(vgg, contents, image_size, pooling, batch_size)
         out = frames.assemble(df, result, read_errors)
-        yield pa.RecordBatch.from_pandas(out, schema=FEATURES_SCHEMA, preserve_index=False)
+        yield pa.RecordBatch.from_pandas(out, schema=frames.FEATURES_SCHEMA, preserve_index=False)
     if ends is not None:
         ends.add([time.time()])
 
