@@ -142,6 +142,10 @@ nodeAffinity:
 # Manager's ReduceReplicas would drop those replicas again.
 - name: DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START
   value: "False"
+{{- with .Values.s3.endpointUrl }}
+- name: AWS_ENDPOINT_URL_S3
+  value: {{ . | quote }}
+{{- end }}
 {{- range $k, $v := .Values.tfEnv }}
 - name: {{ $k }}
   value: {{ $v | quote }}
@@ -161,6 +165,15 @@ nodeAffinity:
 - name: DASK_DISTRIBUTED__COMM__TLS__{{ $role }}__KEY
   value: /etc/dask/tls/tls.key
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* S3 credentials for the pods that use S3 (workers, Job) when IRSA is not used. */}}
+{{- define "fruitdask.s3EnvFrom" -}}
+{{- with .Values.s3.credentialsSecret }}
+envFrom:
+  - secretRef:
+      name: {{ . }}
 {{- end }}
 {{- end }}
 
