@@ -48,9 +48,12 @@ app.kubernetes.io/part-of: fruitdask
 {{- end -}}
 {{- end }}
 
+{{/* GPU workers never use image.digest: it pins the CPU image, which has no CUDA build. */}}
 {{- define "fruitdask.workerImage" -}}
 {{- $img := .Values.image -}}
-{{- if and .Values.worker.gpu.enabled (not $img.digest) -}}
+{{- if and .Values.worker.gpu.enabled $img.gpuDigest -}}
+{{ $img.repository }}@{{ $img.gpuDigest }}
+{{- else if .Values.worker.gpu.enabled -}}
 {{ $img.repository }}:{{ $img.tag }}{{ $img.gpuTagSuffix }}
 {{- else -}}
 {{ include "fruitdask.image" . }}
@@ -128,16 +131,15 @@ nodeAffinity:
             values: [{{ .Values.region | quote }}]
 {{- end }}
 
-{{/* Environment of every container: writable HOME/TMPDIR, TF and AMM settings, TLS. */}}
+{{/* Environment of every container: writable HOME/TMPDIR, TF and AMM settings, TLS.
+The region, the region allow-list and the S3 endpoint come after tfEnv/extraEnv: when
+a name appears twice Kubernetes keeps the last one, so even values that skipped the
+schema (helm --skip-schema-validation) cannot override them. */}}
 {{- define "fruitdask.env" -}}
 - name: HOME
   value: /home/fruitdask
 - name: TMPDIR
   value: /tmp
-- name: AWS_REGION
-  value: {{ .Values.region | quote }}
-- name: AWS_DEFAULT_REGION
-  value: {{ .Values.region | quote }}
 # The pipeline broadcasts the weights with scatter(broadcast=True); the Active Memory
 # Manager's ReduceReplicas would drop those replicas again.
 - name: DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START
@@ -149,6 +151,18 @@ nodeAffinity:
 {{- range $k, $v := .Values.extraEnv }}
 - name: {{ $k }}
   value: {{ $v | quote }}
+{{- end }}
+- name: AWS_REGION
+  value: {{ .Values.region | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ .Values.region | quote }}
+- name: FRUITDASK_STORAGE_ALLOWED_REGIONS
+  value: {{ join "," .Values.s3.allowedRegions | quote }}
+{{- with .Values.s3.endpointUrl }}
+- name: FRUITDASK_STORAGE_ENDPOINT_URL
+  value: {{ . | quote }}
+- name: AWS_ENDPOINT_URL_S3
+  value: {{ . | quote }}
 {{- end }}
 {{- if .Values.tls.enabled }}
 - name: DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION
