@@ -103,7 +103,9 @@ def test_every_pod_is_hardened_and_in_the_eu(rendered) -> None:
     assert not problems, "\n".join(problems)
     for where, spec in pods:
         assert spec["automountServiceAccountToken"] is False, where
-        assert spec["serviceAccountName"] == "fruits-fruitdask", where
+        # The IRSA account everywhere but on the scheduler (see test_scheduler_has_no_s3_role).
+        expected = "fruits-fruitdask-scheduler" if where.endswith("-scheduler") else "fruits-fruitdask"
+        assert spec["serviceAccountName"] == expected, where
         mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
         assert {"/home/fruitdask", "/tmp"} <= mounts, where
         empty = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
@@ -201,10 +203,27 @@ def test_worker_scratch_is_a_writable_emptydir() -> None:
 
 
 def test_serviceaccount_irsa_annotation() -> None:
-    assert "annotations" not in one(render({}), "ServiceAccount")["metadata"]
-    sa = one(render(CI_VALUES["job-values"]), "ServiceAccount")
+    assert "annotations" not in one(render({}), "ServiceAccount", "-fruitdask")["metadata"]
+    sa = one(render(CI_VALUES["job-values"]), "ServiceAccount", "-fruitdask")
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == "arn:aws:iam::123456789012:role/fruitdask-s3"
     assert sa["automountServiceAccountToken"] is False
+
+
+def test_scheduler_has_no_s3_role() -> None:
+    """Any client of the scheduler can run code on it: it never runs with the IRSA role."""
+    objects = render(CI_VALUES["job-values"])
+    sched = one(objects, "Deployment", "-scheduler")["spec"]["template"]["spec"]
+    sa = one(objects, "ServiceAccount", "-scheduler")
+    assert sched["serviceAccountName"] == sa["metadata"]["name"] == "fruits-fruitdask-scheduler"
+    assert "annotations" not in sa["metadata"]
+    assert sa["automountServiceAccountToken"] is False
+    # Workers and the Job keep the role.
+    for kind, suffix in (("Deployment", "-worker"), ("Job", "-run")):
+        assert one(objects, kind, suffix)["spec"]["template"]["spec"]["serviceAccountName"] == "fruits-fruitdask"
+    # A user-managed scheduler account, by name.
+    objects = render({"scheduler": {"serviceAccount": {"create": False, "name": "dask-no-role"}}})
+    assert not by_kind(objects, "ServiceAccount", "-scheduler")
+    assert one(objects, "Deployment", "-scheduler")["spec"]["template"]["spec"]["serviceAccountName"] == "dask-no-role"
 
 
 def test_job_runs_fruitdask_against_the_release_scheduler() -> None:

@@ -205,9 +205,24 @@ schema (helm --skip-schema-validation) cannot override them. */}}
 {{- end }}
 {{- end }}
 
-{{/* Shared pod fields: service account, hardening, region affinity. */}}
+{{/* The scheduler's service account: never the IRSA one (any client of the scheduler can
+run code on it, so it must not hold the S3 role). */}}
+{{- define "fruitdask.schedulerServiceAccountName" -}}
+{{- if .Values.scheduler.serviceAccount.create }}
+{{- default (printf "%s-scheduler" (include "fruitdask.fullname" .)) .Values.scheduler.serviceAccount.name }}
+{{- else }}
+{{- required "scheduler.serviceAccount.name is required when scheduler.serviceAccount.create is false" .Values.scheduler.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Shared pod fields: service account (the IRSA one), hardening, region affinity. */}}
 {{- define "fruitdask.podCommon" -}}
 serviceAccountName: {{ include "fruitdask.serviceAccountName" . }}
+{{ include "fruitdask.podHardening" . }}
+{{- end }}
+
+{{/* Shared pod fields without the service account. */}}
+{{- define "fruitdask.podHardening" -}}
 automountServiceAccountToken: false
 securityContext:
   {{- include "fruitdask.podSecurityContext" . | nindent 2 }}
