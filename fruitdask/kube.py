@@ -201,12 +201,13 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
         Image, worker count and size, namespace, service account and region.
     env
         Extra environment for scheduler and workers (e.g. ``FRUITDASK_STORAGE_*``). It may
-        not override :data:`~fruitdask.config.TF_ENV` or the Active Memory Manager switch.
+        not override :data:`~fruitdask.config.TF_ENV`, the Active Memory Manager switch,
+        the region, the TLS settings or the workers' scheduler address.
 
     Returns
     -------
     dict
-        A plain dict, ready for ``KubeCluster(custom_cluster_spec=...)``.
+        A plain dict, ready to create as a ``kubernetes.dask.org/v1`` resource.
 
     Raises
     ------
