@@ -141,7 +141,9 @@ def add_run_options(p: argparse.ArgumentParser, *, io_required: bool = False) ->
     g.add_argument("--kube-workers", dest="kube_n_workers", type=int, help=f"worker pods (default: {_D.kube.n_workers})")
     g.add_argument("--kube-worker-cpu", help=f"CPU per worker pod (default: {_D.kube.worker_cpu})")
     g.add_argument("--kube-worker-memory", help=f"memory per worker pod (default: {_D.kube.worker_memory})")
-    g.add_argument("--kube-service-account", help=f"service account with S3 access via IRSA (default: {_D.kube.service_account})")
+    g.add_argument("--kube-service-account", help=f"workers' service account with S3 access via IRSA; the scheduler never gets it (default: {_D.kube.service_account})")
+    g.add_argument("--kube-tls-secret", help=f"Secret with ca.crt, tls.crt, tls.key for mutual TLS; the client reads its own copies from "
+                   f"DASK_DISTRIBUTED__COMM__TLS__* (default: {_D.kube.tls_secret})")
     g.add_argument("--kube-region", help=f"EU region the worker pods must run in (default: {_D.kube.region})")
     g.add_argument("--kube-connect-existing", action="store_true", default=None, help="connect to an existing DaskCluster instead of creating one")
 

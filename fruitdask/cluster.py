@@ -2,7 +2,7 @@
 
 Three modes, chosen by ``--cluster``: ``local`` (a ``LocalCluster`` of worker processes
 sized to this machine), an existing scheduler address (``tcp://host:8786``, ``tls://...``),
-or ``kubernetes`` (dask-kubernetes' operator, see :mod:`fruitdask.kube`). Whatever this
+or ``kubernetes`` (dask-kubernetes' operator, see :mod:`fruitdask.kube_connect`). Whatever this
 module creates, it closes.
 """
 
@@ -77,12 +77,16 @@ def dask_client(cfg: RunConfig) -> Iterator:
 
     with ExitStack() as stack:
         target = cfg.cluster
+        security = None  # Dask's configuration, for local clusters and tcp:// / tls:// addresses
         if target == "local":
             cluster = _local(cfg, stack)
         elif target == "kubernetes":
-            from .kube import open_kube_cluster
+            from .kube_connect import open_kube_cluster
 
-            cluster = stack.enter_context(open_kube_cluster(cfg.kube, dict(TF_ENV)))
+            kube = stack.enter_context(open_kube_cluster(cfg.kube, dict(TF_ENV)))
+            cluster, security = kube.scheduler_address, kube.security
+            if kube.dashboard_link:
+                logger.info("Dask dashboard of the Kubernetes cluster: %s", kube.dashboard_link)
         elif "://" in target:
             cluster = target
         else:
@@ -91,14 +95,14 @@ def dask_client(cfg: RunConfig) -> Iterator:
             )
         timeout = f"{cfg.cluster_timeout:g}s" if cfg.cluster_timeout else CONNECT_TIMEOUT
         try:
-            client = Client(cluster, timeout=timeout, set_as_default=True)
+            client = Client(cluster, timeout=timeout, set_as_default=True, security=security)
         except (OSError, TimeoutError) as e:
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {target!r} within {timeout} (--cluster-timeout): "
                 "check the address and that the scheduler is running (kubectl port-forward for a cluster)"
             ) from e
         stack.callback(client.close)
-        if isinstance(cluster, str):
+        if isinstance(cluster, str) and target != "kubernetes":
             _warn_if_amm(client)
         logger.debug("Dask dashboard: %s", client.dashboard_link)
         yield client

@@ -80,8 +80,12 @@ class KubeSettings:
     n_workers: int = 2
     worker_cpu: str = "2"
     worker_memory: str = "8Gi"
-    service_account: str | None = "fruits-fruitdask"  # the chart's, for release "fruits"
+    # The workers' service account, with the S3 role (IRSA): the chart's, for release "fruits".
+    # The scheduler never gets it (it runs under "<name>-scheduler", with no role).
+    service_account: str | None = "fruits-fruitdask"
     region: str = "eu-west-1"
+    # Secret with ca.crt, tls.crt and tls.key: scheduler, workers and client speak mutual TLS.
+    tls_secret: str = "fruitdask-dask-tls"
     connect_existing: bool = False
 
 

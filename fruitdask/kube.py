@@ -1,23 +1,25 @@
 """``--cluster kubernetes``: a Dask cluster from the dask-kubernetes operator.
 
-:func:`make_cluster_spec` is pure: it turns :class:`~fruitdask.config.KubeSettings` into
-the ``DaskCluster`` resource that the operator's ``KubeCluster`` creates, so the spec is
-tested without a cluster. :func:`open_kube_cluster` is the only place that talks to the
-Kubernetes API; dask-kubernetes is imported there, lazily, so the rest of fruitdask runs
-without it.
+The builders are pure: :func:`make_cluster_spec` turns :class:`~fruitdask.config.KubeSettings`
+into the ``DaskCluster`` resource, :func:`make_network_policies` and
+:func:`make_scheduler_service_account` into the objects created beside it, so everything is
+tested without a cluster. :mod:`fruitdask.kube_connect` creates them and connects the
+client; it is the only place that talks to the Kubernetes API.
 
 The pods get the same hardening as the Helm chart (``helm/fruitdask``): non-root, read-only
 root filesystem, all capabilities dropped, RuntimeDefault seccomp, writable ``emptyDir``
 volumes for ``HOME``, ``/tmp`` and the worker's spill directory, and a required node
-affinity on the EU region.
+affinity on the EU region. Like the chart with ``tls.enabled`` they speak mutual TLS with
+the certificates of an existing Secret, and like the chart's NetworkPolicies only the
+cluster's own pods and labelled clients reach the Dask ports. Only the workers run under the
+service account that carries the S3 role (IRSA); the scheduler gets a service account of its
+own with no role, because any client of the scheduler can run code on it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from .config import EU_REGIONS, TF_ENV, KubeSettings
@@ -32,10 +34,20 @@ AMM_OFF_ENV: dict[str, str] = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAG
 
 SCHEDULER_PORT = 8786
 DASHBOARD_PORT = 8787
+# Fixed worker and nanny ports (random by default) so the NetworkPolicy can open them.
+WORKER_PORT = 9000
+NANNY_PORT = 9001
 WORKER_DASHBOARD_PORT = 8788
 UID = 10001  # the non-root user of the Dockerfile
 HOME = "/home/fruitdask"
 SCRATCH = "/scratch"
+TLS_DIR = "/etc/dask/tls"
+#: Labels a pod in the namespace needs (with ``app.kubernetes.io/instance: <cluster name>``)
+#: to reach the scheduler and workers; the same key as the chart's ``clientLabels``.
+CLIENT_LABELS: dict[str, str] = {"fruitdask.io/client": "true"}
+#: Egress of the workers for S3, STS (IRSA) and the weights download: HTTPS anywhere, as
+#: S3 has no fixed addresses; the chart lets this be narrowed (networkPolicy.s3Egress).
+HTTPS_EGRESS_CIDRS: tuple[str, ...] = ("0.0.0.0/0",)
 # The scheduler's own footprint; the worker size comes from KubeSettings.
 SCHEDULER_RESOURCES: dict[str, dict[str, str]] = {
     "requests": {"cpu": "500m", "memory": "1Gi"},
@@ -83,6 +95,32 @@ def _env_list(env: dict[str, str]) -> list[dict[str, str]]:
     return [{"name": k, "value": str(v)} for k, v in sorted(env.items())]
 
 
+def tls_env() -> dict[str, str]:
+    """Dask configuration, as environment, for mutual TLS with the mounted Secret.
+
+    The same variables as the chart's ``tls.enabled``: one certificate for every role,
+    ``ca.crt`` / ``tls.crt`` / ``tls.key`` of the Secret mounted at :data:`TLS_DIR`.
+    """
+    env = {
+        "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
+        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": f"{TLS_DIR}/ca.crt",
+    }
+    for role in ("SCHEDULER", "WORKER", "CLIENT"):
+        env[f"DASK_DISTRIBUTED__COMM__TLS__{role}__CERT"] = f"{TLS_DIR}/tls.crt"
+        env[f"DASK_DISTRIBUTED__COMM__TLS__{role}__KEY"] = f"{TLS_DIR}/tls.key"
+    return env
+
+
+def scheduler_service_account_name(settings: KubeSettings) -> str:
+    """The role-less service account the scheduler runs under: ``<cluster name>-scheduler``."""
+    return f"{settings.name}-scheduler"
+
+
+def scheduler_address(settings: KubeSettings) -> str:
+    """The in-cluster ``tls://`` address of the scheduler Service the operator creates."""
+    return f"tls://{settings.name}-scheduler.{settings.namespace}.svc.cluster.local:{SCHEDULER_PORT}"
+
+
 def _security() -> tuple[dict[str, Any], dict[str, Any]]:
     """(pod, container) security contexts meeting the Pod Security "restricted" level."""
     seccomp = {"type": "RuntimeDefault"}
@@ -104,14 +142,19 @@ def _security() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _pod_spec(
-    settings: KubeSettings, container: dict[str, Any], extra_volumes: list[dict[str, Any]]
+    settings: KubeSettings,
+    container: dict[str, Any],
+    service_account: str | None,
+    extra_volumes: list[dict[str, Any]],
 ) -> dict[str, Any]:
     pod_sc, container_sc = _security()
     container["securityContext"] = container_sc
     container["imagePullPolicy"] = "IfNotPresent"
+    tls = {"name": "tls", "secret": {"secretName": settings.tls_secret, "defaultMode": 0o440}}
     container["volumeMounts"] = [
         {"name": "home", "mountPath": HOME},
         {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "tls", "mountPath": TLS_DIR, "readOnly": True},
     ] + [{"name": v["name"], "mountPath": SCRATCH} for v in extra_volumes]
     spec: dict[str, Any] = {
         "securityContext": pod_sc,
@@ -134,10 +177,10 @@ def _pod_spec(
             }
         },
         "containers": [container],
-        "volumes": [{"name": "home", "emptyDir": {"sizeLimit": "1Gi"}}, {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}, *extra_volumes],
+        "volumes": [{"name": "home", "emptyDir": {"sizeLimit": "1Gi"}}, {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}, tls, *extra_volumes],
     }
-    if settings.service_account:
-        spec["serviceAccountName"] = settings.service_account
+    if service_account:
+        spec["serviceAccountName"] = service_account
     return spec
 
 
@@ -146,7 +189,11 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
 
     Same layout as ``dask_kubernetes.operator.make_cluster_spec``, with ``dask scheduler`` /
     ``dask worker`` commands (``dask-scheduler`` is gone from distributed), a hardened pod
-    spec, the region affinity, the service account (IRSA for S3) and the environment.
+    spec, the region affinity and the environment. Every pod speaks mutual TLS with the
+    certificates of ``settings.tls_secret``; the workers point at the ``tls://`` address
+    (``DASK_SCHEDULER_ADDRESS``, which the operator then leaves alone). The workers run
+    under ``settings.service_account`` (IRSA for S3), the scheduler under the role-less
+    :func:`scheduler_service_account_name`.
 
     Parameters
     ----------
@@ -154,19 +201,21 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
         Image, worker count and size, namespace, service account and region.
     env
         Extra environment for scheduler and workers (e.g. ``FRUITDASK_STORAGE_*``). It may
-        not override :data:`~fruitdask.config.TF_ENV` or the Active Memory Manager switch.
+        not override :data:`~fruitdask.config.TF_ENV`, the Active Memory Manager switch,
+        the region, the TLS settings or the workers' scheduler address.
 
     Returns
     -------
     dict
-        A plain dict, ready for ``KubeCluster(custom_cluster_spec=...)``.
+        A plain dict, ready to create as a ``kubernetes.dask.org/v1`` resource.
 
     Raises
     ------
     ClusterError
-        If the region is outside the EU allow-list, the worker count is below 1, or a
-        resource quantity is malformed.
+        If the region is outside the EU allow-list, the worker count is below 1, a
+        resource quantity is malformed, or no TLS Secret is named.
     """
+    _check_tls_secret(settings)
     if settings.region not in EU_REGIONS:
         raise ClusterError(
             f"Kubernetes region {settings.region!r} is outside the EU: use one of {', '.join(EU_REGIONS)}"
@@ -183,6 +232,7 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
         "AWS_DEFAULT_REGION": settings.region,
         **TF_ENV,
         **AMM_OFF_ENV,
+        **tls_env(),
     }
     labels = {
         "app.kubernetes.io/name": "fruitdask",
@@ -212,16 +262,26 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
             "--dashboard",
             "--dashboard-address",
             str(WORKER_DASHBOARD_PORT),
+            "--protocol",
+            "tls",
+            "--worker-port",
+            str(WORKER_PORT),
+            "--nanny-port",
+            str(NANNY_PORT),
         ],
-        "env": _env_list(full_env),
+        "env": _env_list({**full_env, "DASK_SCHEDULER_ADDRESS": scheduler_address(settings)}),
         "resources": worker_resources,
-        "ports": [{"name": "http-dashboard", "containerPort": WORKER_DASHBOARD_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http-dashboard", "containerPort": WORKER_DASHBOARD_PORT, "protocol": "TCP"},
+            {"name": "tcp-worker", "containerPort": WORKER_PORT, "protocol": "TCP"},
+            {"name": "tcp-nanny", "containerPort": NANNY_PORT, "protocol": "TCP"},
+        ],
     }
     scheduler_container = {
         "name": "scheduler",
         "image": settings.image,
         "args": ["dask", "scheduler", "--host", "0.0.0.0", "--port", str(SCHEDULER_PORT),
-                 "--dashboard-address", f":{DASHBOARD_PORT}"],
+                 "--protocol", "tls", "--dashboard-address", f":{DASHBOARD_PORT}"],
         "env": _env_list(full_env),
         "resources": SCHEDULER_RESOURCES,
         "ports": [
@@ -250,11 +310,13 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
             "worker": {
                 "replicas": settings.n_workers,
                 "metadata": {"labels": {**labels, "app.kubernetes.io/component": "worker"}},
-                "spec": _pod_spec(settings, worker_container, scratch),
+                "spec": _pod_spec(settings, worker_container, settings.service_account, scratch),
             },
             "scheduler": {
                 "metadata": {"labels": {**labels, "app.kubernetes.io/component": "scheduler"}},
-                "spec": _pod_spec(settings, scheduler_container, []),
+                "spec": _pod_spec(
+                    settings, scheduler_container, scheduler_service_account_name(settings), []
+                ),
                 "service": {
                     "type": "ClusterIP",
                     "selector": {
@@ -273,75 +335,116 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
     }
 
 
-@contextmanager
-def open_kube_cluster(settings: KubeSettings, env: dict[str, str]) -> Iterator[Any]:
-    """Create (or connect to) a Dask cluster on Kubernetes; close only what was created.
+def _check_tls_secret(settings: KubeSettings) -> None:
+    if not settings.tls_secret:
+        raise ClusterError(
+            "--cluster kubernetes always uses TLS: pass --kube-tls-secret NAME, a Secret in namespace "
+            f"{settings.namespace!r} with ca.crt, tls.crt and tls.key (e.g. from cert-manager, as for the chart's tls.existingSecret)"
+        )
 
-    Parameters
-    ----------
-    settings
-        With ``connect_existing`` the cluster named ``settings.name`` in
-        ``settings.namespace`` must already exist and is left running on exit; otherwise a
-        new one is created from :func:`make_cluster_spec` and deleted on exit.
-    env
-        Extra environment for scheduler and workers (see :func:`make_cluster_spec`).
 
-    Yields
-    ------
-    dask_kubernetes.operator.KubeCluster
-        Pass it to ``distributed.Client``.
+def _metadata(settings: KubeSettings, name: str, component: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": settings.namespace,
+        "labels": {
+            "app.kubernetes.io/name": "fruitdask",
+            "app.kubernetes.io/instance": settings.name,
+            "app.kubernetes.io/component": component,
+            "app.kubernetes.io/managed-by": "fruitdask",
+            "app.kubernetes.io/part-of": "fruitdask",
+        },
+    }
 
-    Raises
-    ------
-    ClusterError
-        If dask-kubernetes is not installed, or the Kubernetes API or the operator cannot
-        be reached.
+
+def make_scheduler_service_account(settings: KubeSettings) -> dict[str, Any]:
+    """The scheduler's ``ServiceAccount``: no annotations, so no IAM role, and no API token.
+
+    Any client of a Dask scheduler can run code on it (``Client.run_on_scheduler``), so the
+    scheduler must not hold the S3 role the workers get through IRSA.
     """
-    try:
-        from dask_kubernetes.operator import KubeCluster
-    except ImportError as e:
-        raise ClusterError(
-            "--cluster kubernetes needs dask-kubernetes: pip install dask-kubernetes, "
-            "or pass --cluster tcp://SCHEDULER:8786 to use a running scheduler"
-        ) from e
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(settings, scheduler_service_account_name(settings), "scheduler"),
+        "automountServiceAccountToken": False,
+    }
 
-    spec = None if settings.connect_existing else make_cluster_spec(settings, env)
-    try:
-        if settings.connect_existing:
-            logger.info("connecting to DaskCluster %s in namespace %s", settings.name, settings.namespace)
-            cluster = KubeCluster.from_name(settings.name, namespace=settings.namespace, quiet=True)
-        else:
-            logger.info(
-                "creating DaskCluster %s in namespace %s with %d workers",
-                settings.name,
-                settings.namespace,
-                settings.n_workers,
-            )
-            cluster = KubeCluster(
-                custom_cluster_spec=spec,
-                namespace=settings.namespace,
-                shutdown_on_close=True,
-                quiet=True,
-            )
-    except ClusterError:
-        raise
-    except Exception as e:  # kr8s/kopf/aiohttp raise many types for "no cluster"
-        # The half-built cluster stays registered for dask-kubernetes' atexit reaper, which
-        # would fail a second time, noisily, at interpreter exit.
-        instances = getattr(KubeCluster, "_instances", None)
-        if instances is not None:
-            for stale in [c for c in instances if getattr(c, "name", None) == settings.name]:
-                instances.discard(stale)
-        action = "connect to" if settings.connect_existing else "create"
-        raise ClusterError(
-            f"could not {action} DaskCluster {settings.name!r} in namespace {settings.namespace!r}: {e}. "
-            "Check that kubectl reaches the cluster (KUBECONFIG, or run in-cluster), that the "
-            "dask-kubernetes operator is installed (helm install --repo https://helm.dask.org "
-            "-n dask-operator --create-namespace dask-kubernetes-operator dask-kubernetes-operator), "
-            "and, with connect_existing, that the cluster exists"
-        ) from e
-    try:
-        yield cluster
-    finally:
-        # A connected cluster has shutdown_on_close=False, so close() leaves it running.
-        cluster.close()
+
+def _ports(*numbers: int) -> list[dict[str, Any]]:
+    # Numbers, never names: the AWS VPC CNI policy agent has mishandled named ports.
+    return [{"port": n, "protocol": "TCP"} for n in numbers]
+
+
+def make_network_policies(settings: KubeSettings) -> list[dict[str, Any]]:
+    """``NetworkPolicy`` objects for the operator's scheduler and worker pods.
+
+    The same rules as the chart's (``helm/fruitdask/templates/networkpolicy.yaml``), on the
+    labels the operator puts on its pods (``dask.org/cluster-name``, ``dask.org/component``):
+
+    * scheduler: comm port from this cluster's workers and labelled clients
+      (:data:`CLIENT_LABELS` plus ``app.kubernetes.io/instance: <name>``); egress to DNS and
+      the workers' worker and nanny ports only (no S3, no internet);
+    * workers: worker and nanny ports from the scheduler, peer workers and clients; egress
+      to DNS, HTTPS (S3, STS for IRSA) and the scheduler and peer workers.
+
+    Dashboards get no ingress: reach them with ``kubectl port-forward``, which policies do
+    not affect. Every port is a number.
+    """
+    cluster = {"dask.org/cluster-name": settings.name}
+    scheduler = {"podSelector": {"matchLabels": {**cluster, "dask.org/component": "scheduler"}}}
+    workers = {"podSelector": {"matchLabels": {**cluster, "dask.org/component": "worker"}}}
+    clients = {
+        "podSelector": {"matchLabels": {**CLIENT_LABELS, "app.kubernetes.io/instance": settings.name}}
+    }
+    dns = {
+        "to": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+            }
+        ],
+        "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+    }
+    https = {"to": [{"ipBlock": {"cidr": c}} for c in HTTPS_EGRESS_CIDRS], "ports": _ports(443)}
+    scheduler_policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(settings, f"{settings.name}-scheduler", "scheduler"),
+        "spec": {
+            "podSelector": scheduler["podSelector"],
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [workers, clients], "ports": _ports(SCHEDULER_PORT)}],
+            "egress": [dns, {"to": [workers], "ports": _ports(WORKER_PORT, NANNY_PORT)}],
+        },
+    }
+    worker_policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(settings, f"{settings.name}-worker", "worker"),
+        "spec": {
+            "podSelector": workers["podSelector"],
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [scheduler, workers, clients], "ports": _ports(WORKER_PORT, NANNY_PORT)}],
+            "egress": [
+                dns,
+                https,
+                {"to": [scheduler], "ports": _ports(SCHEDULER_PORT)},
+                {"to": [workers], "ports": _ports(WORKER_PORT)},
+            ],
+        },
+    }
+    return [scheduler_policy, worker_policy]
+
+
+def cluster_resources(settings: KubeSettings, env: dict[str, str]) -> list[dict[str, Any]]:
+    """Everything :func:`open_kube_cluster` creates, in creation order.
+
+    The service account and the policies come first, so no scheduler or worker pod ever
+    runs without them; deletion goes in reverse.
+    """
+    return [
+        make_scheduler_service_account(settings),
+        *make_network_policies(settings),
+        make_cluster_spec(settings, env),
+    ]

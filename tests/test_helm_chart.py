@@ -103,7 +103,9 @@ def test_every_pod_is_hardened_and_in_the_eu(rendered) -> None:
     assert not problems, "\n".join(problems)
     for where, spec in pods:
         assert spec["automountServiceAccountToken"] is False, where
-        assert spec["serviceAccountName"] == "fruits-fruitdask", where
+        # The IRSA account everywhere but on the scheduler (see test_scheduler_has_no_s3_role).
+        expected = "fruits-fruitdask-scheduler" if where.endswith("-scheduler") else "fruits-fruitdask"
+        assert spec["serviceAccountName"] == expected, where
         mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
         assert {"/home/fruitdask", "/tmp"} <= mounts, where
         empty = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
@@ -201,10 +203,27 @@ def test_worker_scratch_is_a_writable_emptydir() -> None:
 
 
 def test_serviceaccount_irsa_annotation() -> None:
-    assert "annotations" not in one(render({}), "ServiceAccount")["metadata"]
-    sa = one(render(CI_VALUES["job-values"]), "ServiceAccount")
+    assert "annotations" not in one(render({}), "ServiceAccount", "-fruitdask")["metadata"]
+    sa = one(render(CI_VALUES["job-values"]), "ServiceAccount", "-fruitdask")
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == "arn:aws:iam::123456789012:role/fruitdask-s3"
     assert sa["automountServiceAccountToken"] is False
+
+
+def test_scheduler_has_no_s3_role() -> None:
+    """Any client of the scheduler can run code on it: it never runs with the IRSA role."""
+    objects = render(CI_VALUES["job-values"])
+    sched = one(objects, "Deployment", "-scheduler")["spec"]["template"]["spec"]
+    sa = one(objects, "ServiceAccount", "-scheduler")
+    assert sched["serviceAccountName"] == sa["metadata"]["name"] == "fruits-fruitdask-scheduler"
+    assert "annotations" not in sa["metadata"]
+    assert sa["automountServiceAccountToken"] is False
+    # Workers and the Job keep the role.
+    for kind, suffix in (("Deployment", "-worker"), ("Job", "-run")):
+        assert one(objects, kind, suffix)["spec"]["template"]["spec"]["serviceAccountName"] == "fruits-fruitdask"
+    # A user-managed scheduler account, by name.
+    objects = render({"scheduler": {"serviceAccount": {"create": False, "name": "dask-no-role"}}})
+    assert not by_kind(objects, "ServiceAccount", "-scheduler")
+    assert one(objects, "Deployment", "-scheduler")["spec"]["template"]["spec"]["serviceAccountName"] == "dask-no-role"
 
 
 def test_job_runs_fruitdask_against_the_release_scheduler() -> None:
@@ -265,6 +284,60 @@ def test_gpu_workers() -> None:
     assert "tolerations" not in sched["spec"]["template"]["spec"]
 
 
+DIGEST = "sha256:" + "a" * 64
+GPU_DIGEST = "sha256:" + "b" * 64
+
+
+def test_gpu_workers_never_use_the_cpu_digest() -> None:
+    values = {**CI_VALUES["gpu-values"], "image": {"repository": "ghcr.io/fruits/fruitdask", "tag": "0.1.0",
+                                                   "digest": DIGEST}}
+    objects = render(values)
+    assert container(one(objects, "Deployment", "-worker"))["image"] == "ghcr.io/fruits/fruitdask:0.1.0-gpu"
+    # Everything else is pinned by the CPU digest.
+    assert container(one(objects, "Deployment", "-scheduler"))["image"] == f"ghcr.io/fruits/fruitdask@{DIGEST}"
+    values["image"]["gpuDigest"] = GPU_DIGEST
+    objects = render(values)
+    assert container(one(objects, "Deployment", "-worker"))["image"] == f"ghcr.io/fruits/fruitdask@{GPU_DIGEST}"
+    assert container(one(objects, "Deployment", "-scheduler"))["image"] == f"ghcr.io/fruits/fruitdask@{DIGEST}"
+    # CPU workers use the CPU digest; the GPU digest is for GPU workers only.
+    cpu = render({"image": {"repository": "r.example/fruitdask", "tag": "1", "digest": DIGEST, "gpuDigest": GPU_DIGEST}})
+    assert container(one(cpu, "Deployment", "-worker"))["image"] == f"r.example/fruitdask@{DIGEST}"
+
+
+ALL_EU = "eu-west-1,eu-west-3,eu-central-1,eu-north-1,eu-south-1,eu-south-2"
+
+
+def test_s3_settings_reach_every_pod_and_fruitdask_reads_them() -> None:
+    from fruitdask.config import build_config
+
+    values = {"s3": {"endpointUrl": "http://moto:5000", "allowedRegions": ["eu-west-1", "eu-central-1"]},
+              **CI_VALUES["job-values"]}
+    pods = [p for o in render(values) for p in pod_specs(o)]
+    assert len(pods) == 4  # scheduler, worker, Job, helm test
+    for where, spec in pods:
+        env = env_of(spec["containers"][0])
+        assert env["FRUITDASK_STORAGE_ENDPOINT_URL"] == "http://moto:5000", where
+        assert env["AWS_ENDPOINT_URL_S3"] == "http://moto:5000", where
+        assert env["FRUITDASK_STORAGE_ALLOWED_REGIONS"] == "eu-west-1,eu-central-1", where
+        storage = build_config({"input": "s3://b/in", "output": "s3://b/out"}, env).storage
+        assert storage.endpoint_url == "http://moto:5000", where
+        assert storage.allowed_regions == ("eu-west-1", "eu-central-1"), where
+    for where, spec in (p for o in render({}) for p in pod_specs(o)):
+        env = env_of(spec["containers"][0])
+        assert env["FRUITDASK_STORAGE_ALLOWED_REGIONS"] == ALL_EU, where
+        assert not {"FRUITDASK_STORAGE_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"} & set(env), where
+
+
+def test_chart_region_env_comes_after_extra_env() -> None:
+    """Kubernetes keeps the last of two same-named variables: the chart's region, allow-list
+    and endpoint follow tfEnv/extraEnv, so they win even where the schema was skipped."""
+    for _, spec in (p for o in render({"extraEnv": {"MY_SETTING": "1"}}) for p in pod_specs(o)):
+        names = [e["name"] for e in spec["containers"][0]["env"]]
+        last_free = max(names.index(k) for k in ("MY_SETTING", *TF_ENV))
+        for guarded in ("AWS_REGION", "AWS_DEFAULT_REGION", "FRUITDASK_STORAGE_ALLOWED_REGIONS"):
+            assert names.index(guarded) > last_free, names
+
+
 def test_metrics_monitors() -> None:
     objects = render(CI_VALUES["metrics-values"])
     sm = one(objects, "ServiceMonitor")
@@ -292,29 +365,113 @@ def test_karpenter_nodepool_limited_to_region_zones() -> None:
         render({"karpenter": {"enabled": True, "zones": ["eu-west-3a"]}})
 
 
-def test_network_policies() -> None:
+RELEASE = {"app.kubernetes.io/name": "fruitdask", "app.kubernetes.io/instance": "fruits"}
+CLIENT = {**RELEASE, "fruitdask.io/client": "true"}
+
+
+def rule_ports(rule: dict[str, Any]) -> set[tuple[int, str]]:
+    return {(p["port"], p["protocol"]) for p in rule["ports"]}
+
+
+def egress_to(policy: dict[str, Any], labels: dict[str, str]) -> set[tuple[int, str]]:
+    """Ports a policy's egress opens towards pods with exactly these matchLabels."""
+    return {
+        port
+        for rule in policy["spec"]["egress"]
+        if any(peer.get("podSelector", {}).get("matchLabels") == labels and "namespaceSelector" not in peer
+               for peer in rule["to"])
+        for port in rule_ports(rule)
+    }
+
+
+def test_network_policies_ingress() -> None:
     objects = render({})
     sched = one(objects, "NetworkPolicy", "-scheduler")
     comm, dash = sched["spec"]["ingress"]
-    assert comm["ports"] == [{"port": "tcp-comm", "protocol": "TCP"}]
+    assert comm["ports"] == [{"port": 8786, "protocol": "TCP"}]
     selectors = [f["podSelector"]["matchLabels"] for f in comm["from"]]
-    assert {"app.kubernetes.io/name": "fruitdask", "app.kubernetes.io/instance": "fruits",
-            "app.kubernetes.io/component": "worker"} in selectors
-    assert {"fruitdask.io/client": "true"} in selectors
+    assert {**RELEASE, "app.kubernetes.io/component": "worker"} in selectors
+    # Clients must belong to this release: the client label alone (another release's Job)
+    # does not open the scheduler.
+    assert CLIENT in selectors
+    assert {"fruitdask.io/client": "true"} not in selectors
     assert all("namespaceSelector" not in f for f in comm["from"])  # same namespace only
-    assert dash["ports"] == [{"port": "http-dashboard", "protocol": "TCP"}]
+    assert dash["ports"] == [{"port": 8787, "protocol": "TCP"}]
     assert dash["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     worker = one(objects, "NetworkPolicy", "-worker")
-    assert {p["port"] for p in worker["spec"]["ingress"][0]["ports"]} == {"tcp-worker", "tcp-nanny"}
-    # The helm test pod carries the client labels, so the policy lets it in.
-    assert one(objects, "Pod")["metadata"]["labels"]["fruitdask.io/client"] == "true"
+    assert rule_ports(worker["spec"]["ingress"][0]) == {(9000, "TCP"), (9001, "TCP")}
+    assert CLIENT in [f["podSelector"]["matchLabels"] for f in worker["spec"]["ingress"][0]["from"]]
+    # The helm test pod and the Job carry every label of the client selector.
+    pods = [one(objects, "Pod"), one(render(CI_VALUES["job-values"]), "Job")]
+    for pod in pods:
+        labels = pod["metadata"]["labels"] if pod["kind"] == "Pod" else pod["spec"]["template"]["metadata"]["labels"]
+        assert CLIENT.items() <= labels.items(), labels
     assert not by_kind(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
 
 
-def test_pod_disruption_budgets() -> None:
+def test_network_policy_ports_are_numbers() -> None:
+    """The AWS VPC CNI policy agent has mishandled named ports: every port is an int."""
+    values = {"worker": {"port": 9100, "nannyPort": 9101, "dashboardPort": 9102},
+              "scheduler": {"service": {"port": 8800, "dashboardPort": 8801}}}
+    policies = by_kind(render(values), "NetworkPolicy")
+    assert len(policies) == 3
+    seen = set()
+    for policy in policies:
+        for direction in ("ingress", "egress"):
+            for rule in policy["spec"].get(direction, []):
+                for port in rule["ports"]:
+                    assert type(port["port"]) is int, (policy["metadata"]["name"], port)
+                    seen.add(port["port"])
+    assert {8800, 8801, 9100, 9101, 9102, 53, 443} <= seen
+
+
+def test_network_policy_egress() -> None:
+    policies = {p["metadata"]["name"].rsplit("-", 1)[1]: p for p in by_kind(render({}), "NetworkPolicy")}
+    assert set(policies) == {"scheduler", "worker", "client"}
+    scheduler = {**RELEASE, "app.kubernetes.io/component": "scheduler"}
+    worker = {**RELEASE, "app.kubernetes.io/component": "worker"}
+    dns_peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+    for name, policy in policies.items():
+        spec = policy["spec"]
+        assert "Egress" in spec["policyTypes"], name
+        (dns,) = [r for r in spec["egress"] if r["to"] == [dns_peer]]
+        assert rule_ports(dns) == {(53, "UDP"), (53, "TCP")}, name
+    https = {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 443, "protocol": "TCP"}]}
+    # Only the pods with the S3 role reach HTTPS; the scheduler has no way out but DNS
+    # and its workers.
+    assert https in policies["worker"]["spec"]["egress"]
+    assert https in policies["client"]["spec"]["egress"]
+    assert https not in policies["scheduler"]["spec"]["egress"]
+    assert all("ipBlock" not in peer for r in policies["scheduler"]["spec"]["egress"] for peer in r["to"])
+    assert egress_to(policies["scheduler"], worker) == {(9000, "TCP"), (9001, "TCP")}
+    assert egress_to(policies["worker"], scheduler) == {(8786, "TCP")}
+    assert egress_to(policies["worker"], worker) == {(9000, "TCP")}
+    assert egress_to(policies["client"], scheduler) == {(8786, "TCP")}
+    assert egress_to(policies["client"], worker) == {(9000, "TCP")}
+    # Clients are the release's labelled pods, and nothing may connect to them.
+    assert policies["client"]["spec"]["podSelector"]["matchLabels"] == CLIENT
+    assert policies["client"]["spec"]["ingress"] == []
+    # The HTTPS egress can be narrowed to the S3 prefix list / VPC endpoint.
+    narrowed = render({"networkPolicy": {"s3Egress": {"cidrs": ["10.0.0.0/16"], "ports": [443, 9000]}}})
+    w = one(narrowed, "NetworkPolicy", "-worker")
+    (s3,) = [r for r in w["spec"]["egress"] if "ipBlock" in r["to"][0]]
+    assert s3["to"] == [{"ipBlock": {"cidr": "10.0.0.0/16"}}]
+    assert rule_ports(s3) == {(443, "TCP"), (9000, "TCP")}
+
+
+def test_pod_disruption_budgets_never_block_drains_forever() -> None:
     pdbs = {p["metadata"]["name"]: p["spec"] for p in by_kind(render({}), "PodDisruptionBudget")}
-    assert pdbs["fruits-fruitdask-worker"]["maxUnavailable"] == 1
+    # No scheduler budget by default: with one replica it would allow no eviction at all.
+    assert set(pdbs) == {"fruits-fruitdask-worker"}
+    worker = pdbs["fruits-fruitdask-worker"]
+    assert worker["maxUnavailable"] == 1 and "minAvailable" not in worker
+    assert worker["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    # Opt-in scheduler budget: a scheduler that is not Ready can still be evicted.
+    pdbs = {p["metadata"]["name"]: p["spec"]
+            for p in by_kind(render({"scheduler": {"pdb": {"enabled": True}}}), "PodDisruptionBudget")}
     assert pdbs["fruits-fruitdask-scheduler"]["minAvailable"] == 1
+    assert pdbs["fruits-fruitdask-scheduler"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
 def test_helm_test_hook_checks_worker_count() -> None:
@@ -346,6 +503,31 @@ def test_tfenv_default_matches_package() -> None:
         ({"scheduler": {"service": {"type": "LoadBalancer"}}}, "/scheduler/service/type"),
         ({"scheduler": {"service": {"type": "NodePort"}}}, "/scheduler/service/type"),
         ({"image": {"tag": "latest"}}, "/image/tag"),
+        ({"image": {"tag": "LATEST"}}, "/image/tag"),
+        ({"image": {"tag": "Latest"}}, "/image/tag"),
+        ({"image": {"gpuDigest": "sha256:short"}}, "/image/gpuDigest"),
+        ({"extraEnv": {"AWS_ENDPOINT_URL": "http://evil:9000"}}, "'AWS_ENDPOINT_URL'"),
+        ({"extraEnv": {"AWS_ENDPOINT_URL_S3": "http://evil:9000"}}, "'AWS_ENDPOINT_URL_S3'"),
+        ({"extraEnv": {"AWS_REGION": "us-east-1"}}, "'AWS_REGION'"),
+        ({"extraEnv": {"AWS_DEFAULT_REGION": "us-east-1"}}, "'AWS_DEFAULT_REGION'"),
+        ({"extraEnv": {"AWS_ACCESS_KEY_ID": "AKIA"}}, "'AWS_ACCESS_KEY_ID'"),
+        ({"extraEnv": {"FRUITDASK_STORAGE_ALLOWED_REGIONS": "us-east-1"}}, "'FRUITDASK_STORAGE_ALLOWED_REGIONS'"),
+        ({"extraEnv": {"FRUITDASK_STORAGE_REGION": "us-east-1"}}, "'FRUITDASK_STORAGE_REGION'"),
+        ({"extraEnv": {"FRUITDASK_STORAGE_ENDPOINT_URL": "http://x"}}, "'FRUITDASK_STORAGE_ENDPOINT_URL'"),
+        ({"tfEnv": {"AWS_REGION": "us-east-1"}}, "'AWS_REGION'"),
+        ({"job": {"extraArgs": ["--allowed-regions", "us-east-1"]}}, "/job/extraArgs/0"),
+        ({"job": {"extraArgs": ["--components", "5", "--allowed-regions=us-east-1"]}}, "/job/extraArgs/2"),
+        ({"job": {"extraArgs": ["--allowed", "us-east-1"]}}, "/job/extraArgs/0"),  # argparse prefix
+        ({"job": {"extraArgs": ["--s3-endpoint", "http://evil"]}}, "/job/extraArgs/0"),
+        ({"job": {"extraArgs": ["--s3", "http://evil"]}}, "/job/extraArgs/0"),
+        ({"job": {"extraArgs": ["--aws-region", "us-east-1"]}}, "/job/extraArgs/0"),
+        ({"job": {"extraArgs": ["--kube-region", "us-east-1"]}}, "/job/extraArgs/0"),
+        ({"job": {"extraArgs": ["--cluster", "tcp://elsewhere:8786"]}}, "/job/extraArgs/0"),
+        ({"s3": {"allowedRegions": ["us-east-1"]}}, "/s3/allowedRegions/0"),
+        ({"s3": {"allowedRegions": ["eu-west-2"]}}, "/s3/allowedRegions/0"),  # London: not in the EU
+        ({"s3": {"allowedRegions": []}}, "/s3/allowedRegions"),
+        ({"s3": {"endpointUrl": "file:///etc/passwd"}}, "/s3/endpointUrl"),
+        ({"networkPolicy": {"s3Egress": {"ports": ["https"]}}}, "/networkPolicy/s3Egress/ports/0"),
         ({"unknownKey": True}, "unknownKey"),
         ({"worker": {"gpu": {"enabled": True, "typo": 1}}}, "typo"),
         ({"job": {"enabled": True}}, "/job/"),
@@ -368,6 +550,17 @@ def test_schema_accepts_every_ci_file() -> None:
     with helm.Chart.load(CHART) as chart:
         for _name, values in CI_VALUES.items():
             chart.validate_schema(values)
+
+
+def test_schema_guards_are_not_too_broad() -> None:
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema({
+            "image": {"repository": "r.example/fruitdask", "tag": "latest-2026.1", "gpuDigest": GPU_DIGEST},
+            "extraEnv": {"FRUITDASK_STORAGE_CONNECT_TIMEOUT": "30", "MY_AWS_NOTE": "x"},
+            "job": {"extraArgs": ["--components", "50", "--cluster-timeout", "60", "--overwrite"]},
+            "s3": {"endpointUrl": "https://bucket.vpce-0a1b.s3.eu-west-1.vpce.amazonaws.com",
+                   "allowedRegions": ["eu-west-1"]},
+        })
 
 
 def test_values_documented_key_by_key() -> None:

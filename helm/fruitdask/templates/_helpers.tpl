@@ -48,9 +48,12 @@ app.kubernetes.io/part-of: fruitdask
 {{- end -}}
 {{- end }}
 
+{{/* GPU workers never use image.digest: it pins the CPU image, which has no CUDA build. */}}
 {{- define "fruitdask.workerImage" -}}
 {{- $img := .Values.image -}}
-{{- if and .Values.worker.gpu.enabled (not $img.digest) -}}
+{{- if and .Values.worker.gpu.enabled $img.gpuDigest -}}
+{{ $img.repository }}@{{ $img.gpuDigest }}
+{{- else if .Values.worker.gpu.enabled -}}
 {{ $img.repository }}:{{ $img.tag }}{{ $img.gpuTagSuffix }}
 {{- else -}}
 {{ include "fruitdask.image" . }}
@@ -128,24 +131,19 @@ nodeAffinity:
             values: [{{ .Values.region | quote }}]
 {{- end }}
 
-{{/* Environment of every container: writable HOME/TMPDIR, TF and AMM settings, TLS. */}}
+{{/* Environment of every container: writable HOME/TMPDIR, TF and AMM settings, TLS.
+The region, the region allow-list and the S3 endpoint come after tfEnv/extraEnv: when
+a name appears twice Kubernetes keeps the last one, so even values that skipped the
+schema (helm --skip-schema-validation) cannot override them. */}}
 {{- define "fruitdask.env" -}}
 - name: HOME
   value: /home/fruitdask
 - name: TMPDIR
   value: /tmp
-- name: AWS_REGION
-  value: {{ .Values.region | quote }}
-- name: AWS_DEFAULT_REGION
-  value: {{ .Values.region | quote }}
 # The pipeline broadcasts the weights with scatter(broadcast=True); the Active Memory
 # Manager's ReduceReplicas would drop those replicas again.
 - name: DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START
   value: "False"
-{{- with .Values.s3.endpointUrl }}
-- name: AWS_ENDPOINT_URL_S3
-  value: {{ . | quote }}
-{{- end }}
 {{- range $k, $v := .Values.tfEnv }}
 - name: {{ $k }}
   value: {{ $v | quote }}
@@ -153,6 +151,18 @@ nodeAffinity:
 {{- range $k, $v := .Values.extraEnv }}
 - name: {{ $k }}
   value: {{ $v | quote }}
+{{- end }}
+- name: AWS_REGION
+  value: {{ .Values.region | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ .Values.region | quote }}
+- name: FRUITDASK_STORAGE_ALLOWED_REGIONS
+  value: {{ join "," .Values.s3.allowedRegions | quote }}
+{{- with .Values.s3.endpointUrl }}
+- name: FRUITDASK_STORAGE_ENDPOINT_URL
+  value: {{ . | quote }}
+- name: AWS_ENDPOINT_URL_S3
+  value: {{ . | quote }}
 {{- end }}
 {{- if .Values.tls.enabled }}
 - name: DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION
@@ -204,9 +214,24 @@ envFrom:
 {{- end }}
 {{- end }}
 
-{{/* Shared pod fields: service account, hardening, region affinity. */}}
+{{/* The scheduler's service account: never the IRSA one (any client of the scheduler can
+run code on it, so it must not hold the S3 role). */}}
+{{- define "fruitdask.schedulerServiceAccountName" -}}
+{{- if .Values.scheduler.serviceAccount.create }}
+{{- default (printf "%s-scheduler" (include "fruitdask.fullname" .)) .Values.scheduler.serviceAccount.name }}
+{{- else }}
+{{- required "scheduler.serviceAccount.name is required when scheduler.serviceAccount.create is false" .Values.scheduler.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Shared pod fields: service account (the IRSA one), hardening, region affinity. */}}
 {{- define "fruitdask.podCommon" -}}
 serviceAccountName: {{ include "fruitdask.serviceAccountName" . }}
+{{ include "fruitdask.podHardening" . }}
+{{- end }}
+
+{{/* Shared pod fields without the service account. */}}
+{{- define "fruitdask.podHardening" -}}
 automountServiceAccountToken: false
 securityContext:
   {{- include "fruitdask.podSecurityContext" . | nindent 2 }}
