@@ -39,22 +39,24 @@ RUN set -eu; \
     python3 -m venv /opt/venv; \
     /opt/venv/bin/pip install --no-deps --require-hashes -r "requirements/${VARIANT}.txt"; \
     rm -rf /tmp/pip-settings
-COPY pyproject.toml README.md ./
-COPY fruitdask ./fruitdask
-# --no-deps --no-build-isolation: every dependency came from the lock above, and the build
-# backend (setuptools) is in the lock too; pip check fails the build if anything is missing.
-RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
- && /opt/venv/bin/pip check \
- && /opt/venv/bin/python -c "import fruitdask.cli, tensorflow, distributed" \
- && rm -rf /src
-
 # ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 # Numeric uid/gid so Kubernetes can verify runAsNonRoot; the chart uses the same ids.
 RUN groupadd --gid 10001 fruitdask \
  && useradd --uid 10001 --gid 10001 --home-dir /home/fruitdask --create-home \
       --shell /usr/sbin/nologin fruitdask
+# The locked dependencies: one large layer, rebuilt only when the lock changes.
 COPY --from=build /opt/venv /opt/venv
+# The project itself: a small layer of its own, rebuilt when the code changes.
+# --no-deps --no-build-isolation: every dependency came from the lock, the build backend
+# (setuptools) too; pip check fails the build if anything is missing or inconsistent.
+COPY pyproject.toml README.md /tmp/src/
+COPY fruitdask /tmp/src/fruitdask
+RUN cd /tmp/src \
+ && /opt/venv/bin/pip install --no-deps --no-build-isolation --no-cache-dir --disable-pip-version-check . \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/python -c "import fruitdask.cli, tensorflow, distributed" \
+ && cd / && rm -rf /tmp/src
 # HOME and /tmp are emptyDir volumes in the chart (read-only root filesystem).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

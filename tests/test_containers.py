@@ -205,7 +205,7 @@ def test_job_pod_commits_every_row(plain_release: ChartPods, s3: S3, weights_fil
         assert len(df) == 120 and df["path"].is_unique
         assert sorted(df["label"].unique()) == sorted(p.name for p in BUNDLED.iterdir() if p.is_dir())
         run = json.loads(s3.read(f"{BUCKET}/features/run-1/run.json"))
-        assert run["cluster"]["workers"] == 2, run["cluster"]
+        assert run["cluster"]["n_workers"] == 2, run["cluster"]
     finally:
         plain.remove(job)
 

@@ -166,12 +166,13 @@ def test_dockerfile_builds_with_the_legacy_builder(dockerfile) -> None:
 
 
 def test_dockerfile_installs_only_the_lock_with_hashes(dockerfile) -> None:
-    runs = [i["value"] for i in _stages(dockerfile)["build"] if i["instruction"] == "RUN"]
-    installs = [r for r in runs if "pip install" in r]
+    stages = _stages(dockerfile)
+    installs = [i["value"] for i in stages["build"] if i["instruction"] == "RUN" and "pip install" in i["value"]]
     assert any('--require-hashes -r "requirements/${VARIANT}.txt"' in r and "--no-deps" in r for r in installs), installs
-    # The project itself: no dependency resolution, no build isolation, then pip check.
-    (project,) = [r for r in installs if "install --no-deps --no-build-isolation ." in r]
-    assert "pip check" in project
+    # The project itself, in a small layer of the final stage: no dependency resolution,
+    # no build isolation, then pip check.
+    (project,) = [i["value"] for i in stages["runtime"] if i["instruction"] == "RUN" and "pip install" in i["value"]]
+    assert "install --no-deps --no-build-isolation" in project and "pip check" in project
     for variant in ("cpu", "gpu"):
         assert (REPO / "requirements" / f"{variant}.txt").exists()
 

@@ -77,6 +77,18 @@ def container_config(settings: dict[str, str], folder: Path, dest_dir: str = DES
     return "\n".join(lines) + "\n"
 
 
+#: The port tried first: the URL is a build argument, part of the build cache's key, so a
+#: stable URL keeps the dependency layer cached from one build to the next.
+PREFERRED_PORT = 47631
+
+
+def _server(handler) -> http.server.ThreadingHTTPServer:
+    try:
+        return http.server.ThreadingHTTPServer(("127.0.0.1", PREFERRED_PORT), handler)
+    except OSError:  # taken (another build running): any free port, at the price of the cache
+        return http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+
+
 @contextlib.contextmanager
 def serve_pip_settings(python: str = sys.executable) -> Iterator[str]:
     """Serve the machine's pip settings on 127.0.0.1; yield the URL for ``PIP_SETTINGS_URL``."""
@@ -87,7 +99,7 @@ def serve_pip_settings(python: str = sys.executable) -> Iterator[str]:
         files = sorted(p.name for p in folder.iterdir())
         (folder / "manifest.json").write_text(json.dumps(files))
         handler = functools.partial(_QuietHandler, directory=str(folder))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server = _server(handler)
         thread = threading.Thread(target=server.serve_forever, name="pip-settings", daemon=True)
         thread.start()
         try:
