@@ -395,9 +395,9 @@ def test_metrics_and_model_endpoints(server):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_sigterm_stops_the_server_cleanly(serve_model, tmp_path):
-    """Its own process: load fails (weights of another sha256) -> exit 1 with the reason;
-    the module's server is stopped by the fixture with SIGTERM and must exit 0."""
+def test_load_failure_exits_1_and_sigterm_exits_0(serve_model, tmp_path):
+    """Two more server processes: one given weights of another sha256 stops with exit 1 and
+    the reason; a healthy one stopped with SIGTERM drains and exits 0."""
     other = tmp_path / "other.weights.h5"
     from fruitdask import model
 
