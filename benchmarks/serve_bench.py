@@ -12,11 +12,12 @@ Starts ``python -m fruitdask serve`` on 127.0.0.1 (a free port; loopback only), 
 
 1. baseline, in this process while the server idles: the bare VGG16 forward pass
    (``predict_on_batch`` on already decoded and preprocessed photos) in batches of
-   ``--max-batch``, the same weights and image size as the bundle: images per second;
+   ``--max-batch``, the same weights and image size as the bundle: images per second,
+   measured before every level and after the last (the load of a shared machine drifts);
 2. for each concurrency (1, 8, 32): that many clients on keep-alive connections POST real
    photos until ``--requests`` answers or ``--max-seconds``; throughput, p50/p95/p99
    latency, errors, and the mean batch size the server formed (from /metrics);
-3. the ratio of served throughput to the bare batched rate.
+3. the ratio of served throughput to the bare batched rate measured around that level.
 
 Everything the server does per request (HTTP parsing, JPEG decode, resize, preprocessing,
 PCA, the classifier, JSON) is in the served number and not in the baseline. The clients run
@@ -67,37 +68,48 @@ def get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def batch_stats(port: int) -> tuple[float, float]:
-    text = get(port, "/metrics")[1].decode()
-    values = {}
-    for name in ("fruitdask_serve_batch_size_sum", "fruitdask_serve_batch_size_count"):
+SERVER_SUMS = ("fruitdask_serve_batch_size_sum", "fruitdask_serve_batch_size_count", "fruitdask_serve_inference_duration_seconds_sum")
+
+
+def parse_sums(text: str) -> dict[str, float]:
+    """The batch-size and inference-time totals of a /metrics text."""
+    out = {}
+    for name in SERVER_SUMS:
         m = re.search(rf"^{name} (\S+)$", text, re.M)
-        values[name] = float(m.group(1)) if m else 0.0
-    return values["fruitdask_serve_batch_size_sum"], values["fruitdask_serve_batch_size_count"]
+        out[name] = float(m.group(1)) if m else 0.0
+    return out
 
 
-def bare_rate(model: str, photos: list[bytes], batch: int, seconds: float) -> dict:
-    """Images/s of VGG16 alone on pre-decoded, preprocessed photos, in batches of ``batch``."""
-    import numpy as np
+def server_sums(port: int) -> dict[str, float]:
+    return parse_sums(get(port, "/metrics")[1].decode())
 
-    from fruitdask import featurize
-    from fruitdask.bundle import ModelBundle
-    from fruitdask.model import cached_model
 
-    bundle = ModelBundle.load(model)
-    featurizer = bundle.featurizer()
-    vgg = cached_model(bundle.spec.weights_sha256, featurizer.weights, bundle.spec.image_size)
-    decoded = np.stack([featurize.decode_image(photos[i % len(photos)], bundle.spec.image_size) for i in range(batch)])
-    x = featurize.preprocess(decoded)
-    for _ in range(3):
-        vgg.predict_on_batch(x)
-    calls, start = 0, time.perf_counter()
-    while calls < 5 or time.perf_counter() - start < seconds:
-        vgg.predict_on_batch(x)
-        calls += 1
-    elapsed = time.perf_counter() - start
-    return {"images_per_s": calls * batch / elapsed, "batch": batch, "calls": calls, "ms_per_batch": 1000 * elapsed / calls,
-            "image_size": bundle.spec.image_size}
+class BareVGG16:
+    """VGG16 alone on pre-decoded, preprocessed photos, in batches of ``batch``: the baseline."""
+
+    def __init__(self, model: str, photos: list[bytes], batch: int) -> None:
+        import numpy as np
+
+        from fruitdask import featurize
+        from fruitdask.bundle import ModelBundle
+        from fruitdask.model import cached_model
+
+        bundle = ModelBundle.load(model)
+        featurizer = bundle.featurizer()
+        self.image_size, self.batch = bundle.spec.image_size, batch
+        self.vgg = cached_model(bundle.spec.weights_sha256, featurizer.weights, bundle.spec.image_size)
+        decoded = np.stack([featurize.decode_image(photos[i % len(photos)], bundle.spec.image_size) for i in range(batch)])
+        self.x = featurize.preprocess(decoded)
+        for _ in range(3):
+            self.vgg.predict_on_batch(self.x)
+
+    def measure(self, seconds: float) -> dict:
+        calls, start = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - start < seconds:
+            self.vgg.predict_on_batch(self.x)
+            calls += 1
+        elapsed = time.perf_counter() - start
+        return {"images_per_s": calls * self.batch / elapsed, "ms_per_batch": 1000 * elapsed / calls, "calls": calls}
 
 
 async def client(port: int, photos: list[bytes], todo: list[int], deadline: float, latencies: list[float], errors: list[str]) -> None:
@@ -125,14 +137,15 @@ async def client(port: int, photos: list[bytes], todo: list[int], deadline: floa
 async def load_level(port: int, photos: list[bytes], concurrency: int, requests: int, max_seconds: float) -> dict:
     # Warm-up: a few requests so connection set-up is not in the numbers.
     await asyncio.gather(*(client(port, photos, list(range(2)), time.perf_counter() + 30, [], []) for _ in range(min(concurrency, 4))))
-    before = batch_stats(port)
+    before = server_sums(port)
     todo = list(range(requests))
     latencies: list[float] = []
     errors: list[str] = []
     start = time.perf_counter()
     await asyncio.gather(*(client(port, photos, todo, start + max_seconds, latencies, errors) for _ in range(concurrency)))
     wall = time.perf_counter() - start
-    after = batch_stats(port)
+    after = server_sums(port)
+    d = {k: after[k] - before[k] for k in SERVER_SUMS}
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [latencies[0]] * 99
     return {
         "concurrency": concurrency,
@@ -142,8 +155,30 @@ async def load_level(port: int, photos: list[bytes], concurrency: int, requests:
         "seconds": round(wall, 3),
         "throughput": len(latencies) / wall,
         "p50_ms": 1000 * q[49], "p95_ms": 1000 * q[94], "p99_ms": 1000 * q[98],
-        "mean_batch": (after[0] - before[0]) / max(1.0, after[1] - before[1]),
+        "mean_batch": d["fruitdask_serve_batch_size_sum"] / max(1.0, d["fruitdask_serve_batch_size_count"]),
+        # Where the gap to the bare rate goes: the share of the wall time the server's model
+        # was busy, and its images per busy second (the model's own rate under this load).
+        "model_busy": d["fruitdask_serve_inference_duration_seconds_sum"] / wall,
+        "model_images_per_busy_s": d["fruitdask_serve_batch_size_sum"] / max(1e-9, d["fruitdask_serve_inference_duration_seconds_sum"]),
     }
+
+
+def print_table(doc: dict) -> None:
+    """The result as text and a Markdown table (docs/serving.md quotes it)."""
+    baseline, levels, ready_s = doc["baseline"], doc["levels"], doc["server_ready_s"]
+    baselines = baseline["measurements"]
+    print(f"server ready after {ready_s:.1f} s; {doc['photos']} photos at {baseline['image_size']} px; "
+          f"load average {doc['loadavg'][0]:.1f} on {doc['cpus']} CPUs")
+    print(f"bare VGG16, batches of {baseline['batch']}: " + ", ".join(f"{b['images_per_s']:.1f}" for b in baselines)
+          + " images/s (before each level and after the last)")
+    print("| clients | answers | errors | throughput (req/s) | p50 ms | p95 ms | p99 ms | mean batch | model busy "
+          "| model images/busy s | bare (images/s) | served / bare |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for lv in levels:
+        print(f"| {lv['concurrency']} | {lv['requests']} | {lv['errors']} | {lv['throughput']:.1f} | {lv['p50_ms']:.1f} | "
+              f"{lv['p95_ms']:.1f} | {lv['p99_ms']:.1f} | {lv['mean_batch']:.1f} | {lv['model_busy']:.0%} | "
+              f"{lv['model_images_per_busy_s']:.1f} | {lv['bare_images_per_s']:.1f} | "
+              f"{lv['ratio_to_bare']:.2f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default: 1,8,32)")
     p.add_argument("--requests", type=int, default=256, help="answers per concurrency level (default: 256)")
     p.add_argument("--max-seconds", type=float, default=60, help="time cap per level (default: 60)")
-    p.add_argument("--baseline-seconds", type=float, default=10, help="time of the bare VGG16 measurement (default: 10)")
+    p.add_argument("--baseline-seconds", type=float, default=4,
+                   help="time of each bare VGG16 measurement, before every level and after the last (default: 4)")
     p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch and the baseline's batch (default: 32)")
     p.add_argument("--max-wait-ms", type=float, default=5, help="the server's --max-wait-ms (default: 5)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -186,11 +222,16 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             time.sleep(0.2)
         ready_s = time.perf_counter() - t0
-        baseline = bare_rate(args.model, photos, args.max_batch, args.baseline_seconds)
+        bare = BareVGG16(args.model, photos, args.max_batch)
+        # The machine's load drifts: each level is compared with the bare rate measured just
+        # before and just after it (the mean of the two), not with one number from the start.
+        baselines = [bare.measure(args.baseline_seconds)]
         levels = []
         for c in (int(x) for x in args.concurrency.split(",")):
             level = asyncio.run(load_level(port, photos, c, args.requests, args.max_seconds))
-            level["ratio_to_bare"] = level["throughput"] / baseline["images_per_s"]
+            baselines.append(bare.measure(args.baseline_seconds))
+            level["bare_images_per_s"] = (baselines[-2]["images_per_s"] + baselines[-1]["images_per_s"]) / 2
+            level["ratio_to_bare"] = level["throughput"] / level["bare_images_per_s"]
             levels.append(level)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -199,20 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+    baseline = {"batch": bare.batch, "image_size": bare.image_size, "measurements": baselines,
+                "images_per_s": statistics.mean(b["images_per_s"] for b in baselines),
+                "ms_per_batch": statistics.mean(b["ms_per_batch"] for b in baselines)}
     doc = {"model": args.model, "photos": len(photos), "server_ready_s": round(ready_s, 2), "baseline": baseline,
            "levels": levels, "cpus": os.cpu_count(), "loadavg": os.getloadavg()}
     if args.json:
         print(json.dumps(doc, indent=2))
-        return 0
-    print(f"server ready after {ready_s:.1f} s; {len(photos)} photos at {baseline['image_size']} px; "
-          f"load average {doc['loadavg'][0]:.1f} on {doc['cpus']} CPUs")
-    print(f"bare VGG16, batches of {baseline['batch']}: {baseline['images_per_s']:.1f} images/s "
-          f"({baseline['ms_per_batch']:.1f} ms per batch)")
-    print("| clients | answers | errors | throughput (req/s) | p50 ms | p95 ms | p99 ms | mean batch | served / bare |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for lv in levels:
-        print(f"| {lv['concurrency']} | {lv['requests']} | {lv['errors']} | {lv['throughput']:.1f} | {lv['p50_ms']:.1f} | "
-              f"{lv['p95_ms']:.1f} | {lv['p99_ms']:.1f} | {lv['mean_batch']:.1f} | {lv['ratio_to_bare']:.2f} |")
+    else:
+        print_table(doc)
     return 0 if all(lv["errors"] == 0 for lv in levels) else 1
 
 
