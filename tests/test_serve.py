@@ -198,10 +198,8 @@ def server(serve_model, tmp_path_factory) -> Iterator[dict]:
 @pytest.fixture(scope="module")
 def reference(serve_model) -> dict[str, list[dict]]:
     """`fruitdask predict --json --top 5` on every Test photo: what the server must answer."""
-    import contextlib as _c
-
     buf = io.StringIO()
-    with _c.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf):
         rc = main(["predict", *map(str, serve_model["photos"]), "--model", str(serve_model["model"]), "--json", "--quiet", "--top", "5"])
     assert rc == 0
     results = json.loads(buf.getvalue())["results"]
@@ -438,6 +436,13 @@ def test_serve_checks_the_region_of_the_model_bucket(s3, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "us-east-1" in err and "outside the allowed regions" in err
+
+
+def test_serve_without_the_extra_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install fruitdask` without [serve]
+    rc = main(["serve", "--model", str(tmp_path)])
+    assert rc == 1
+    assert "pip install 'fruitdask[serve]'" in capsys.readouterr().err
 
 
 def test_serve_has_help(capsys):

@@ -56,12 +56,18 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 
 def command(args: argparse.Namespace) -> int:
-    import uvicorn
+    from ..errors import FruitdaskError, ModelError
+
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        raise FruitdaskError(f"`fruitdask serve` needs the serve extra ({e.name} is missing): "
+                             "pip install 'fruitdask[serve]'") from e
 
     from .. import storage
     from ..bundle import ModelBundle
-    from ..errors import ModelError
-    from .app import create_app
     from .predictor import Predictor
     from .protocol import header_timeout_protocol
 
