@@ -360,6 +360,9 @@ def test_tfenv_default_matches_package() -> None:
         ({"serve": {"service": {"type": "LoadBalancer"}}}, "/serve/service/type"),
         ({"serve": {"autoscaling": {"enabled": True, "maxReplica": 3}}}, "maxReplica"),
         ({"serve": {"resources": {"limits": {"memory": "lots"}}}}, "/serve/resources/limits/memory"),
+        ({"serve": {"extraArgs": ["--allowed-regions", "us-east-1"]}}, "/serve/extraArgs/0"),
+        ({"serve": {"extraArgs": ["--top", "5", "--s3-endpoint=http://evil"]}}, "/serve/extraArgs/2"),
+        ({"serve": {"extraArgs": ["--aws-region", "us-east-1"]}}, "/serve/extraArgs/0"),
     ],
 )
 def test_schema_refuses(values: dict[str, Any], where: str) -> None:
@@ -452,6 +455,9 @@ def test_serve_service_hpa_pdb_select_the_serve_pods() -> None:
     api, metrics = policy["spec"]["ingress"]
     assert api["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"fruitdask.io/serve-client": "true"}}}]
     assert metrics["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    # Numeric ports (the VPC CNI policy agent and named ports do not mix).
+    assert api["ports"] == metrics["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
 def test_serve_without_autoscaling_has_fixed_replicas() -> None:
