@@ -35,6 +35,7 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "predict": ("fruitdask.predict_cli", "predict the fruit in photos with a model written by `train` (top-k labels)"),
     "report": ("fruitdask.report_cli", "rebuild OUTPUT/report.html, the self-contained HTML page of a finished run"),
     "bench": ("fruitdask.bench", "time raw Keras vs the Dask vs the Spark pipeline on the same images and weights"),
+    "serve": ("fruitdask.serve.command", "serve a model written by `train` over HTTP: POST a photo to /v1/predict, get the fruit"),
 
 }
 

@@ -74,7 +74,7 @@ def test_chart_metadata_and_lint() -> None:
 
 
 def test_ci_values_cover_every_option() -> None:
-    assert {"tls-values", "gpu-values", "metrics-values", "job-values", "karpenter-values"} <= set(CI_VALUES)
+    assert {"tls-values", "gpu-values", "metrics-values", "job-values", "karpenter-values", "serve-values"} <= set(CI_VALUES)
 
 
 def test_every_object_is_valid_kubernetes(rendered) -> None:
@@ -535,6 +535,16 @@ def test_tfenv_default_matches_package() -> None:
         ({"podSecurity": {"runAsUser": 0}}, "/podSecurity/runAsUser"),
         ({"worker": {"resources": {"limits": {"memory": "lots"}}}}, "/worker/resources/limits/memory"),
         ({"karpenter": {"zones": ["us-east-1a"]}}, "/karpenter/zones"),
+        ({"serve": {"enabled": True}}, "/serve/model"),
+        ({"serve": {"model": "gs://fruits/model"}}, "/serve/model"),
+        ({"serve": {"model": "/models/fruit"}}, "/serve/model"),
+        ({"serve": {"weights": "https://example.com/w.h5"}}, "/serve/weights"),
+        ({"serve": {"service": {"type": "LoadBalancer"}}}, "/serve/service/type"),
+        ({"serve": {"autoscaling": {"enabled": True, "maxReplica": 3}}}, "maxReplica"),
+        ({"serve": {"resources": {"limits": {"memory": "lots"}}}}, "/serve/resources/limits/memory"),
+        ({"serve": {"extraArgs": ["--allowed-regions", "us-east-1"]}}, "/serve/extraArgs/0"),
+        ({"serve": {"extraArgs": ["--top", "5", "--s3-endpoint=http://evil"]}}, "/serve/extraArgs/2"),
+        ({"serve": {"extraArgs": ["--aws-region", "us-east-1"]}}, "/serve/extraArgs/0"),
     ],
 )
 def test_schema_refuses(values: dict[str, Any], where: str) -> None:
@@ -580,3 +590,81 @@ def test_values_documented_key_by_key() -> None:
         if not is_parent:
             assert documented, f"values.yaml line {i + 1} has no comment: {line!r}"
         stack.append((indent, documented))
+
+
+# -- serve ---------------------------------------------------------------------------
+
+
+def test_serve_is_off_by_default() -> None:
+    objects = render({})
+    assert not [o for o in objects if o["metadata"]["name"].endswith("-serve")]
+    assert not by_kind(objects, "HorizontalPodAutoscaler")
+
+
+def test_serve_deployment_reads_the_eu_bucket_and_probes_readiness() -> None:
+    objects = render(CI_VALUES["serve-values"])
+    deploy = one(objects, "Deployment", "-serve")
+    c = container(deploy)
+    assert c["command"] == ["python", "-m", "fruitdask", "serve"]
+    args = c["args"]
+    assert args[args.index("--model") + 1] == "s3://fruits-eu-west-1/models/fruit-classifier-1"
+    assert args[args.index("--weights") + 1] == "s3://fruits-eu-west-1/weights/vgg16_notop.weights.h5"
+    assert args[args.index("--host") + 1] == "0.0.0.0" and args[args.index("--port") + 1] == "8080"
+    assert args[args.index("--threads") + 1] == "4"  # limits.cpu of the ci file
+    assert args[args.index("--max-body-bytes") + 1] == "10485760"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    # The region guard of the command needs the pod's S3 identity and region.
+    assert env_of(c)["AWS_REGION"] == "eu-west-1"
+    assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == "fruits-fruitdask"
+    assert deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    # The whole fruitdask CLI checks the flags: every one the chart passes exists.
+    from fruitdask.cli import build_parser
+
+    build_parser().parse_args(["serve", *args])
+
+
+def test_serve_service_hpa_pdb_select_the_serve_pods() -> None:
+    objects = render(CI_VALUES["serve-values"])
+    deploy = one(objects, "Deployment", "-serve")
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert "replicas" not in deploy["spec"]  # the HPA owns the replica count
+    svc = one(objects, "Service", "-serve")
+    assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["ports"][0]["targetPort"] == "http"
+    hpa = one(objects, "HorizontalPodAutoscaler", "-serve")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deploy["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+    assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 60
+    pdb = one(objects, "PodDisruptionBudget", "-serve")
+    policy = one(objects, "NetworkPolicy", "-serve")
+    for selector in (svc["spec"]["selector"], pdb["spec"]["selector"]["matchLabels"], policy["spec"]["podSelector"]["matchLabels"],
+                     deploy["spec"]["selector"]["matchLabels"]):
+        assert selector.items() <= pod_labels.items() and selector["app.kubernetes.io/component"] == "serve"
+    # Other components' selectors do not catch the serve pods.
+    worker_pdb = one(objects, "PodDisruptionBudget", "-worker")
+    assert not worker_pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    api, metrics = policy["spec"]["ingress"]
+    assert api["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"fruitdask.io/serve-client": "true"}}}]
+    assert metrics["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    # Numeric ports (the VPC CNI policy agent and named ports do not mix).
+    assert api["ports"] == metrics["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_serve_without_autoscaling_has_fixed_replicas() -> None:
+    objects = render({"serve": {"enabled": True, "model": "s3://fruits-eu-west-1/models/m", "replicas": 3,
+                                "pdb": {"enabled": False}}})
+    deploy = one(objects, "Deployment", "-serve")
+    assert deploy["spec"]["replicas"] == 3
+    assert "--weights" not in container(deploy)["args"]
+    assert not by_kind(objects, "HorizontalPodAutoscaler")
+    assert not by_kind(objects, "PodDisruptionBudget", "-serve")
+
+
+def test_notes_show_how_to_call_the_serve_api() -> None:
+    assert "-serve" not in render_notes({})
+    notes = render_notes(CI_VALUES["serve-values"])
+    assert "port-forward svc/fruits-fruitdask-serve 8080" in notes
+    assert "http://localhost:8080/v1/predict" in notes

@@ -1,0 +1,23 @@
+"""``fruitdask serve``: the classifier bundle behind an HTTP API (Starlette on uvicorn).
+
+One process loads the bundle and the VGG16 weights once, then answers
+``POST /v1/predict`` with the top-k fruits of a photo. Concurrent requests are
+micro-batched into one VGG16 call. The modules, one concern each:
+
+- :mod:`.settings`: the frozen :class:`ServeSettings` (limits, batching, timeouts);
+- :mod:`.predictor`: decode + featurize + classify with ``predict``'s own functions;
+- :mod:`.batcher`: the micro-batcher (bounded wait, bounded batch, one inference thread);
+- :mod:`.metrics`: Prometheus metrics and the ASGI middleware that records requests;
+- :mod:`.app`: the Starlette application factory (routes, body limits, JSON errors);
+- :mod:`.protocol`: uvicorn's HTTP/1.1 protocol with a request-header timeout;
+- :mod:`.command`: the ``serve`` sub-command (region guard, bundle, uvicorn).
+
+Starlette, uvicorn, python-multipart and prometheus-client are the ``serve`` extra
+(``pip install fruitdask[serve]``); nothing here is imported by the pipeline.
+"""
+
+from __future__ import annotations
+
+from .settings import ServeSettings
+
+__all__ = ["ServeSettings"]

@@ -1,0 +1,308 @@
+"""The Starlette application: routes, request limits, JSON errors, background model load.
+
+Every refusal is a JSON body ``{"error": CODE, "reason": SENTENCE}`` with a 4xx status
+(503 while the model loads or the queue is full): a bad request never takes the server
+down, and the model runs only on bodies that decoded into an image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..featurize import DecodeError
+from .batcher import MicroBatcher, Overloaded
+from .metrics import MetricsMiddleware, ServeMetrics
+from .predictor import Predictor
+from .settings import PART_IMAGE_TYPES, RAW_IMAGE_TYPES, ServeSettings
+
+logger = logging.getLogger(__name__)
+
+#: First bytes of the formats the API takes (checked before PIL sees the body).
+SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
+ENDPOINTS = ("/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics")
+
+
+class ApiError(Exception):
+    """A refused request: HTTP ``status``, a stable ``error`` code and a ``reason`` sentence."""
+
+    def __init__(self, status: int, error: str, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status, self.error, self.reason, self.headers = status, error, reason, headers
+
+
+@dataclass
+class ServeState:
+    """What the handlers share: the model once loaded, the batcher, the metrics."""
+
+    settings: ServeSettings
+    metrics: ServeMetrics
+    predictor: Predictor | None = None
+    batcher: MicroBatcher | None = None
+    load_error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def ready(self) -> bool:
+        return self.predictor is not None and self.batcher is not None
+
+
+def _json_error(status: int, error: str, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "reason": reason}, status_code=status, headers=headers)
+
+
+# --- reading the request --------------------------------------------------------------
+
+
+async def read_body(request: Request, settings: ServeSettings) -> bytes:
+    """The body, refused with 413 past ``max_body_bytes`` (from Content-Length before any byte
+    is read, else while streaming a chunked body) and with 408 past ``body_timeout_s``."""
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ApiError(400, "bad_content_length", f"Content-Length {declared!r} is not a byte count")
+        if int(declared) > limit:
+            raise ApiError(413, "body_too_large", f"the body is {int(declared):,} bytes, over the {limit:,}-byte limit: "
+                           "send a smaller photo (a few hundred kB is plenty: the model sees it at a few hundred pixels)")
+    chunks, size = [], 0
+    try:
+        with anyio.fail_after(settings.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "body_too_large", f"the body grew past the {limit:,}-byte limit while streaming: "
+                                   "send a smaller photo")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the body did not arrive within {settings.body_timeout_s:g} s "
+                       f"({size:,} bytes received): send it at once") from None
+    return b"".join(chunks)
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def image_bytes(request: Request, settings: ServeSettings) -> bytes:
+    """The image of a raw ``image/jpeg|png`` body or of a multipart ``image`` field."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media not in (*RAW_IMAGE_TYPES, "multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Type {content_type or '(none)'!r} is not accepted: send the photo as the body with "
+                       f"Content-Type {' or '.join(RAW_IMAGE_TYPES)}, or as the multipart/form-data field 'image'")
+    body = await read_body(request, settings)
+    if media != "multipart/form-data":
+        return body
+    parser = MultiPartParser(request.headers, _one_chunk(body), max_files=1, max_fields=16,
+                             max_part_size=settings.max_body_bytes)
+    try:
+        form = await parser.parse()
+    except (MultiPartException, KeyError, ValueError) as e:
+        raise ApiError(400, "bad_multipart", f"the multipart body could not be parsed ({getattr(e, 'message', e)}): "
+                       "send curl -F image=@photo.jpg") from e
+    try:
+        part = form.get("image")
+        if part is None:
+            raise ApiError(400, "missing_image_field", f"the multipart body has no 'image' field (fields: {sorted(form.keys())}): "
+                           "send curl -F image=@photo.jpg")
+        if not isinstance(part, UploadFile):
+            raise ApiError(400, "image_not_a_file", "the 'image' field is a text field: send it as a file, curl -F image=@photo.jpg")
+        part_type = (part.content_type or "").split(";", 1)[0].strip().lower()
+        if part_type not in PART_IMAGE_TYPES:
+            raise ApiError(415, "unsupported_media_type",
+                           f"the 'image' part has Content-Type {part.content_type!r}: send a JPEG or PNG photo")
+        return await part.read()
+    finally:
+        await form.close()
+
+
+def check_signature(data: bytes) -> None:
+    """Refuse an empty body, or one that is neither JPEG nor PNG, before decoding."""
+    if not data:
+        raise ApiError(400, "empty_body", "the request has no body: send the photo's bytes (curl --data-binary @photo.jpg)")
+    if not any(data.startswith(sig) for sig in SIGNATURES):
+        raise ApiError(400, "not_an_image", f"the body ({len(data):,} bytes, starting {data[:8]!r}) is not a JPEG or PNG image")
+
+
+def decode_error(e: DecodeError) -> ApiError:
+    """A decode failure as an API error: decompression bombs are 413, the rest 400."""
+    reason = str(e)
+    if "decompression bomb" in reason:  # both of featurize.open_image's bomb messages say so
+        return ApiError(413, "decompression_bomb", reason)
+    return ApiError(400, "undecodable_image", reason)
+
+
+def parse_top(request: Request, settings: ServeSettings, n_labels: int) -> int:
+    raw = request.query_params.get("top")
+    if raw is None:
+        return min(settings.default_top, n_labels)
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ApiError(400, "bad_top", f"top={raw!r} is not usable: pass a whole number from 1 to {n_labels}")
+    return min(int(raw), n_labels)
+
+
+# --- handlers -------------------------------------------------------------------------
+
+
+def _state(request: Request) -> ServeState:
+    return request.app.state.serve
+
+
+def _not_ready(state: ServeState) -> ApiError:
+    if state.load_error:
+        return ApiError(503, "model_failed", f"the model could not be loaded: {state.load_error}")
+    return ApiError(503, "loading", f"the model is loading ({time.monotonic() - state.started:.0f} s so far): retry shortly",
+                    headers={"Retry-After": "2"})
+
+
+async def predict(request: Request) -> Response:
+    start = time.perf_counter()
+    state = _state(request)
+    if not state.ready:
+        raise _not_ready(state)
+    predictor, batcher = state.predictor, state.batcher
+    assert predictor is not None and batcher is not None
+    try:
+        top = parse_top(request, state.settings, len(predictor.bundle.labels))
+        data = await image_bytes(request, state.settings)
+        check_signature(data)
+        try:
+            image = await anyio.to_thread.run_sync(predictor.decode, data)
+        except DecodeError as e:
+            raise decode_error(e) from e
+    except ApiError as e:
+        state.metrics.rejected.labels(e.error).inc()
+        raise
+    try:
+        proba = await batcher.submit(image)
+    except Overloaded as e:
+        raise ApiError(503, "overloaded", f"{e}: retry shortly", headers={"Retry-After": "1"}) from e
+    return JSONResponse({
+        "predictions": predictor.top(proba, top),
+        "model": predictor.summary(),
+        "elapsed_ms": round(1000 * (time.perf_counter() - start), 2),
+    })
+
+
+async def model_info(request: Request) -> Response:
+    state = _state(request)
+    if not state.ready:
+        raise _not_ready(state)
+    assert state.predictor is not None
+    s = state.settings
+    return JSONResponse({**state.predictor.describe(),
+                         "batching": {"max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue},
+                         "limits": {"max_body_bytes": s.max_body_bytes, "max_pixels": s.max_pixels,
+                                    "body_timeout_s": s.body_timeout_s, "accepted": [*RAW_IMAGE_TYPES, "multipart/form-data"]}})
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness: the process answers. A model that failed to load fails it too (restart)."""
+    state = _state(request)
+    if state.load_error:
+        return _json_error(503, "model_failed", state.load_error)
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: 200 only once the model is loaded and the batcher runs."""
+    state = _state(request)
+    if not state.ready:
+        e = _not_ready(state)
+        return _json_error(e.status, e.error, e.reason, e.headers)
+    return JSONResponse({"status": "ready", "load_seconds": round(state.predictor.load_seconds, 3)})
+
+
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    state.metrics.queue_depth.set(state.batcher.depth if state.batcher else 0)
+    body, content_type = state.metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return _json_error(exc.status, exc.error, exc.reason, exc.headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return _json_error(exc.status_code, "http_" + str(exc.status_code), str(exc.detail), exc.headers)
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    return _json_error(400, "client_disconnected", "the client closed the connection before sending the whole body")
+
+
+# --- the application ------------------------------------------------------------------
+
+
+def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_failure: Callable[[str], None] | None = None) -> Starlette:
+    """The ASGI application.
+
+    Parameters
+    ----------
+    load
+        Loads the model (TensorFlow import, weights, graph): seconds to minutes. It runs in
+        a thread after start-up, so ``/healthz`` answers at once and ``/readyz`` says 503
+        until it returns.
+    on_load_failure
+        Called with the reason when ``load`` raises (the CLI stops the server: exit 1).
+    """
+    state = ServeState(settings, ServeMetrics(ENDPOINTS))
+
+    async def load_in_background() -> None:
+        try:
+            predictor = await anyio.to_thread.run_sync(load, abandon_on_cancel=True)
+        except Exception as e:
+            state.load_error = f"{type(e).__name__}: {e}" if not str(e) else str(e)
+            logger.exception("the model could not be loaded")
+            if on_load_failure is not None:
+                on_load_failure(state.load_error)
+            return
+        batcher = MicroBatcher(predictor.predict_proba, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+                               max_queue=settings.max_queue, on_batch=state.metrics.observe_batch)
+        batcher.start()
+        state.predictor, state.batcher = predictor, batcher
+        state.metrics.ready.set(1)
+        state.metrics.load_seconds.set(predictor.load_seconds)
+        logger.info("ready: POST http://%s:%d/v1/predict", settings.host, settings.port)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(load_in_background(), name="fruitdask-load-model")
+        try:
+            yield
+        finally:
+            if not task.done():
+                task.cancel()
+            if state.batcher is not None:
+                await state.batcher.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/predict", predict, methods=["POST"]),
+            Route("/v1/model", model_info, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, ClientDisconnect: _client_gone},
+        lifespan=lifespan,
+    )
+    app.state.serve = state
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    return app

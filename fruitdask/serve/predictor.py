@@ -1,0 +1,102 @@
+"""Photo bytes to label probabilities, with the very functions ``fruitdask predict`` runs.
+
+``predict`` reads a file and calls :func:`fruitdask.frames.featurize_frame`, which runs
+:func:`fruitdask.featurize.decode_image` on each file's bytes and
+:func:`fruitdask.featurize.featurize_arrays` on the stacked images with the model from
+:func:`fruitdask.model.cached_model`, then :meth:`ModelBundle.predict_proba` and
+:meth:`ModelBundle.top_k`. The server calls the same functions, split in two so that
+decoding runs per request and the VGG16 call once per micro-batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .. import featurize, model
+from ..bundle import Featurizer, ModelBundle
+
+logger = logging.getLogger(__name__)
+
+
+class Predictor:
+    """A loaded bundle, its verified weights and its compiled VGG16 graph."""
+
+    def __init__(self, bundle: ModelBundle, featurizer: Featurizer, vgg: Any, *, max_pixels: int,
+                 source: str = "", load_seconds: float = 0.0) -> None:
+        self.bundle = bundle
+        self.featurizer = featurizer
+        self.vgg = vgg
+        self.max_pixels = max_pixels
+        self.source = source
+        self.load_seconds = load_seconds
+
+    @classmethod
+    def load(cls, bundle: ModelBundle, source: str, storage_options: Mapping[str, Any] | None, *,
+             weights_override: str | None = None, max_pixels: int = featurize.MAX_PIXELS,
+             threads: int | None = None, warm_batches: tuple[int, ...] = (1,)) -> Predictor:
+        """Load and verify the weights (sha256), build VGG16 and run it once per ``warm_batches``
+        size, so that the first request does not pay for TensorFlow's graph tracing."""
+        start = time.perf_counter()
+        featurizer = bundle.featurizer(storage_options, weights_override)
+        spec = featurizer.spec
+        vgg = model.cached_model(spec.weights_sha256, featurizer.weights, spec.image_size, threads)
+        self = cls(bundle, featurizer, vgg, max_pixels=max_pixels, source=source)
+        blank = np.full((max(warm_batches), spec.image_size, spec.image_size, 3), 255, dtype=np.uint8)
+        for n in warm_batches:
+            self.predict_proba(blank[:n])
+        self.load_seconds = time.perf_counter() - start
+        logger.info("model %s loaded in %.1f s (%d labels, %d px)", source, self.load_seconds, len(bundle.labels), spec.image_size)
+        return self
+
+    @property
+    def image_size(self) -> int:
+        return self.featurizer.spec.image_size
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """One photo to a ``(size, size, 3)`` uint8 array; raises :class:`featurize.DecodeError`."""
+        return featurize.decode_image(data, self.image_size, self.max_pixels)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """``(n, n_labels)`` probabilities of decoded ``(n, size, size, 3)`` images, one VGG16 call."""
+        spec = self.featurizer.spec
+        features = featurize.featurize_arrays(self.vgg, images, spec.pooling, max(1, len(images)))
+        return self.bundle.predict_proba(features, spec)
+
+    def top(self, proba: np.ndarray, k: int) -> list[dict]:
+        """The ``k`` best labels of one probability row, as ``predict --json`` writes them."""
+        (best,) = self.bundle.top_k(proba[None, :], k)
+        return [{"label": label, "probability": round(p, 6)} for label, p in best]
+
+    def summary(self) -> dict:
+        """What a prediction answer says about the model that made it."""
+        spec = self.featurizer.spec
+        return {"source": self.source, "weights_sha256": spec.weights_sha256, "image_size": spec.image_size,
+                "labels": len(self.bundle.labels)}
+
+    def describe(self) -> dict:
+        """``GET /v1/model``: labels, weights, preprocessing and the training metrics."""
+        b, spec = self.bundle, self.featurizer.spec
+        info = b.info
+        return {
+            "source": self.source,
+            "labels": b.labels,
+            "weights": {"kind": b.weights.kind, "source": b.weights.source, "sha256": b.weights.sha256},
+            "image_size": spec.image_size,
+            "pooling": spec.pooling,
+            # The bundle names its precision when it was trained with one (bf16 runs);
+            # older bundles ran float32, which is what the featurizer then does.
+            "precision": getattr(spec, "precision", None) or info.get("precision") or "float32",
+            "components": int(b.reduction.k),
+            "training": {
+                "train_accuracy": info.get("training", {}).get("train_accuracy"),
+                "n_train": info.get("training", {}).get("n_train"),
+                "run": info.get("training", {}).get("run"),
+            },
+            "evaluation": {k: info.get("evaluation", {}).get(k) for k in ("accuracy", "macro_f1", "n", "held_out")},
+            "load_seconds": round(self.load_seconds, 3),
+        }

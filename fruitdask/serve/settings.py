@@ -1,0 +1,62 @@
+"""The frozen settings of one ``fruitdask serve`` process, built once by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..featurize import MAX_PIXELS
+
+#: Media types ``POST /v1/predict`` takes as a raw body (the image bytes themselves).
+RAW_IMAGE_TYPES = ("image/jpeg", "image/png")
+#: What a multipart ``image`` part may call itself (curl -F sends the file's type).
+PART_IMAGE_TYPES = (*RAW_IMAGE_TYPES, "application/octet-stream", "")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits, batching and timeouts of the server (``fruitdask serve --help``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Most images in one VGG16 call.
+    max_batch: int = 32
+    #: How long the first request of a batch waits for company, in milliseconds.
+    max_wait_ms: float = 5.0
+    #: Requests waiting for the model beyond this get 503 (back-pressure, not a growing queue).
+    max_queue: int = 512
+    #: Largest request body: refused from Content-Length before reading, or while streaming.
+    max_body_bytes: int = 10 * 2**20
+    #: Largest image in pixels (width x height, from the header): decompression bombs.
+    max_pixels: int = MAX_PIXELS
+    #: Seconds a client may take to send its body once the headers arrived (408 after).
+    body_timeout_s: float = 10.0
+    #: Seconds a client may take to send its request headers (connection closed after).
+    header_timeout_s: float = 10.0
+    #: Seconds an idle keep-alive connection is kept (uvicorn ``timeout_keep_alive``).
+    keep_alive_s: int = 5
+    #: Open connections + in-flight requests beyond this get 503 from uvicorn.
+    max_connections: int = 1024
+    #: Labels returned when the request has no ``?top=``.
+    default_top: int = 3
+    #: TensorFlow intra-op threads (default: TensorFlow's, all cores).
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("--port", self.port, 0 <= self.port <= 65535, "a TCP port 0-65535"),
+            ("--max-batch", self.max_batch, self.max_batch >= 1, "at least 1"),
+            ("--max-wait-ms", self.max_wait_ms, self.max_wait_ms >= 0, "0 or more"),
+            ("--max-queue", self.max_queue, self.max_queue >= self.max_batch, "at least --max-batch"),
+            ("--max-body-bytes", self.max_body_bytes, self.max_body_bytes >= 1024, "at least 1024"),
+            ("--max-pixels", self.max_pixels, self.max_pixels >= 32 * 32, "at least 1024 (32 x 32)"),
+            ("--body-timeout", self.body_timeout_s, self.body_timeout_s > 0, "more than 0 seconds"),
+            ("--header-timeout", self.header_timeout_s, self.header_timeout_s > 0, "more than 0 seconds"),
+            ("--keep-alive", self.keep_alive_s, self.keep_alive_s >= 1, "at least 1 second"),
+            ("--max-connections", self.max_connections, self.max_connections >= 1, "at least 1"),
+            ("--top", self.default_top, self.default_top >= 1, "at least 1"),
+            ("--threads", self.threads, self.threads is None or self.threads >= 1, "at least 1"),
+        ]
+        for flag, value, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"{flag} {value!r} is not usable: pass {want}")
