@@ -1,9 +1,12 @@
 """Standardize, then reduce the features with dask-ml's IncrementalPCA.
 
 The number of components is either given, or the smallest K whose cumulative explained
-variance reaches a target, read off a first fit with as many components as the batches
-allow; the first K components of that fit are then applied (they span the same subspace a
-K-component refit would find, without a second pass over the features).
+variance reaches a target. K is read off the spectrum of the standardized features before
+any PCA is fitted (:func:`spectrum`): the exact eigenvalues of the ``n x n`` Gram matrix
+``Z Z^T`` (built block by block from the dask array) when there are few enough rows, else a
+randomized estimate with power iterations. IncrementalPCA then fits exactly K components:
+on wide features (25,088 unpooled) that is far cheaper than fitting 1,024 components to
+read K off them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_PCA_BATCH = 1024
 #: Upper bound on components fitted to find K from a variance target (cost grows as K*d).
 MAX_FIT_COMPONENTS = 1024
+#: Rows up to which K comes from the exact eigenvalues of the n x n Gram matrix (8,192 rows:
+#: a 512 MiB matrix of doubles); above it, from a randomized estimate of the top spectrum.
+GRAM_MAX_SAMPLES = 8192
+#: Rows per block when the Gram matrix is built (a block of 25,088 doubles is ~100 MB).
+GRAM_BLOCK_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,9 @@ class Reduction:
     variance_target: float | None
     n_samples: int
     method: str
+    #: Components actually fitted, when ``explained_variance_ratio`` also holds a spectrum
+    #: tail beyond them (K from the spectrum); None: every ratio is a fitted component.
+    n_fitted: int | None = None
 
     @property
     def variance_reached(self) -> float:
@@ -103,6 +114,7 @@ class Reduction:
             variance_target=np.float64(np.nan if self.variance_target is None else self.variance_target),
             n_samples=np.int64(self.n_samples),
             method=np.str_(self.method),
+            n_fitted=np.int64(-1 if self.n_fitted is None else self.n_fitted),
         )
         return buf.getvalue()
 
@@ -121,6 +133,7 @@ class Reduction:
                 variance_target=None if np.isnan(target) else target,
                 n_samples=int(z["n_samples"]),
                 method=str(z["method"]),
+                n_fitted=int(z["n_fitted"]) if "n_fitted" in z and int(z["n_fitted"]) >= 0 else None,
             )
 
     def summary(self) -> dict:
@@ -129,7 +142,7 @@ class Reduction:
             "k": self.k,
             "variance_target": self.variance_target,
             "variance_reached": self.variance_reached,
-            "n_fit_components": len(self.explained_variance_ratio),
+            "n_fit_components": self.n_fitted if self.n_fitted is not None else len(self.explained_variance_ratio),
             "explained_variance_ratio": [float(x) for x in self.explained_variance_ratio[: self.k]],
             "n_samples": self.n_samples,
             "n_features": int(self.mean.shape[0]),
@@ -196,6 +209,67 @@ def silence_first_batch_warning() -> None:
     )
 
 
+@dataclass(frozen=True)
+class Spectrum:
+    """Explained-variance ratios of the leading components, and how they were found."""
+
+    ratios: np.ndarray  # descending, as fractions of the total variance
+    exact: bool
+    method: str
+
+
+def gram_spectrum(Z) -> Spectrum:
+    """Exact explained-variance ratios of a centred dask array ``Z (n, d)`` from ``Z Z^T``.
+
+    The non-zero eigenvalues of ``Z Z^T`` are those of ``Z^T Z`` (the scatter matrix), so
+    the ``n x n`` Gram matrix gives the whole spectrum without a ``d x d`` covariance. It is
+    built as ``(b x d) @ (d x b)`` products of row blocks; only two blocks and the ``n x n``
+    result are in memory at once per task.
+    """
+    import dask.array as da
+
+    n, d = (int(x) for x in Z.shape)
+    rows = max(1, min(n, GRAM_BLOCK_BYTES // max(1, 8 * d)))
+    Zb = Z.rechunk({0: rows, 1: -1})
+    G, trace = da.compute(Zb @ Zb.T, (Zb * Zb).sum())
+    eig = np.linalg.eigvalsh(np.asarray(G, dtype=np.float64))[::-1]
+    # Rank is at most min(n, d): the rest are rounding noise around 0.
+    eig = np.clip(eig[: min(n, d)], 0.0, None)
+    total = float(trace)
+    ratios = eig / total if total > 0 else np.zeros_like(eig)
+    return Spectrum(ratios, True, f"exact eigenvalues of the {n} x {n} Gram matrix")
+
+
+def randomized_spectrum(Z, n_components: int, power_iterations: int, seed: int) -> Spectrum:
+    """Leading explained-variance ratios of a centred dask array by randomized SVD.
+
+    The total variance is exact (the trace of ``Z^T Z``); only the leading singular values
+    are estimated, with ``power_iterations`` passes that sharpen them on flat spectra.
+    """
+    import dask.array as da
+
+    Zb = Z.rechunk({1: -1})
+    _, s, _ = da.linalg.svd_compressed(Zb, k=n_components, n_power_iter=max(power_iterations, 1), seed=seed)
+    s, trace = da.compute(s, (Zb * Zb).sum())
+    total = float(trace)
+    eig = np.sort(np.asarray(s, dtype=np.float64) ** 2)[::-1]
+    ratios = eig / total if total > 0 else np.zeros_like(eig)
+    return Spectrum(ratios, False, f"randomized estimate of the top {n_components} singular values "
+                    f"({power_iterations} power iterations)")
+
+
+def spectrum(Z, *, power_iterations: int = 2, seed: int = 0, gram_max_samples: int = GRAM_MAX_SAMPLES) -> Spectrum:
+    """The explained-variance spectrum of the centred dask array ``Z``, found cheaply.
+
+    Exact (Gram eigenvalues) up to ``gram_max_samples`` rows, else a randomized estimate of
+    the top :data:`MAX_FIT_COMPONENTS` components with power iterations.
+    """
+    n, d = (int(x) for x in Z.shape)
+    if n <= gram_max_samples:
+        return gram_spectrum(Z)
+    return randomized_spectrum(Z, min(n, d, MAX_FIT_COMPONENTS), power_iterations, seed)
+
+
 def fit_incremental_pca(
     X,
     *,
@@ -204,6 +278,7 @@ def fit_incremental_pca(
     batch_size: int | None,
     power_iterations: int = 2,
     seed: int = 0,
+    gram_max_samples: int = GRAM_MAX_SAMPLES,
 ) -> Reduction:
     """Standardize a dask array ``X (n, d)`` and fit dask-ml's IncrementalPCA on it.
 
@@ -211,6 +286,11 @@ def fit_incremental_pca(
     are in memory at once, never the full feature matrix nor a ``d x d`` covariance.
     The randomized solver with ``power_iterations`` (default 2) stays within ~1e-6 of exact
     PCA on VGG16 features; dask-ml's default (0 iterations) under-reports the variance.
+
+    With a variance target (``components=None``), K comes first from :func:`spectrum`, and
+    exactly K components are fitted. ``explained_variance_ratio`` then holds the K fitted
+    ratios followed by the spectrum's tail (up to :data:`MAX_FIT_COMPONENTS` in all) for
+    the scree plot.
     """
     import dask.array as da
     from dask_ml.decomposition import IncrementalPCA
@@ -221,6 +301,13 @@ def fit_incremental_pca(
     mean, std = da.compute(X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64))
     scale = safe_scale(std)
     Z = (X.astype(np.float64) - mean) / scale
+    spec = None
+    if plan.fixed_k is None:
+        spec = spectrum(Z, power_iterations=power_iterations, seed=seed, gram_max_samples=gram_max_samples)
+        k = min(choose_k(spec.ratios, variance), n_samples, n_features)
+        # IncrementalPCA needs K <= rows per batch: grow the batch when the target needs more.
+        plan = PCAPlan(k, max(plan.batch_size, k), None)
+        logger.info("K=%d reaches %.4f of the variance (%s)", k, float(np.sum(spec.ratios[:k])), spec.method)
     ipca = IncrementalPCA(
         n_components=plan.n_fit,
         batch_size=plan.batch_size,
@@ -231,12 +318,29 @@ def fit_incremental_pca(
     ipca.fit(Z)
     logger.info("IncrementalPCA: %d components fitted on %d x %d in batches of %d",
                 plan.n_fit, n_samples, n_features, plan.batch_size)
-    return finish(
-        plan, mean, scale, np.asarray(ipca.mean_), np.asarray(ipca.components_),
-        np.asarray(ipca.explained_variance_), np.asarray(ipca.explained_variance_ratio_),
-        variance, n_samples, f"dask-ml IncrementalPCA (randomized, {power_iterations} power iterations)",
+    method = f"dask-ml IncrementalPCA (randomized, {power_iterations} power iterations)"
+    fitted_var = np.asarray(ipca.explained_variance_, dtype=np.float64)
+    fitted_ratio = np.asarray(ipca.explained_variance_ratio_, dtype=np.float64)
+    if spec is None:
+        return finish(plan, mean, scale, np.asarray(ipca.mean_), np.asarray(ipca.components_),
+                      fitted_var, fitted_ratio, variance, n_samples, method)
+    # The K fitted components first, then the spectrum's tail (for the scree plot), capped.
+    k = plan.n_fit
+    tail = spec.ratios[k:MAX_FIT_COMPONENTS] if len(spec.ratios) > k else np.zeros(0)
+    per_ratio = float(np.sum(fitted_var) / np.sum(fitted_ratio)) if np.sum(fitted_ratio) > 0 else 0.0
+    return Reduction(
+        mean=np.asarray(mean, dtype=np.float64),
+        scale=np.asarray(scale, dtype=np.float64),
+        pca_mean=np.asarray(ipca.mean_, dtype=np.float64),
+        components=np.asarray(ipca.components_, dtype=np.float64),
+        explained_variance=np.concatenate([fitted_var, tail * per_ratio]),
+        explained_variance_ratio=np.concatenate([fitted_ratio, tail]),
+        k=k,
+        variance_target=variance,
+        n_samples=n_samples,
+        method=f"{method}; K from the {spec.method}",
+        n_fitted=k,
     )
-
 
 def scree_png(reduction: Reduction, title: str = "Scree plot") -> bytes:
     """Bars per component, the cumulative curve, the target and the chosen K, as PNG bytes."""
