@@ -7,6 +7,7 @@ Backend-independent steps live here so both backends produce the same files:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import logging
@@ -15,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import __version__, checkpoint, model, report, storage
+from . import __version__, checkpoint, model, precision, report, storage
 from .backends import RunContext, get_backend
 from .config import RunConfig
 from .errors import TooManyErrors
@@ -67,6 +68,13 @@ def run(
     timer = StageTimer()
     started = dt.datetime.now(dt.UTC)
     storage_options = cfg.storage.storage_options()
+
+    # Resolved once here (auto -> float32 or bfloat16; bfloat16 refused where it would be
+    # emulated) so that every worker, checkpoint and record sees the same precision.
+    resolved = precision.detect_and_resolve(cfg.precision)
+    if cfg.precision != "float32":
+        logger.info("precision %s (%s)", resolved.precision, resolved.reason)
+    cfg = dataclasses.replace(cfg, precision=resolved.precision)
 
     # Nothing is read or written before every location passes the region guard.
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
@@ -126,6 +134,7 @@ def run(
                 "overall": round(len(listing) / timer.total, 3),
             },
             "cluster": result.cluster,
+            "precision": resolved.to_dict(),
             "weights": {
                 "requested": winfo.requested,
                 "kind": winfo.kind,

@@ -102,6 +102,7 @@ def run(ctx: RunContext) -> BackendResult:
                         weights,
                         weights_key=ctx.weights_info.sha256,
                         image_size=cfg.image_size,
+                        precision=cfg.precision,
                         pooling=cfg.pooling,
                         batch_size=cfg.batch_size,
                         storage_options=storage_options,

@@ -88,7 +88,8 @@ def check_pca_size(cfg: RunConfig) -> str | None:
 
 
 def featurize_batches(batches: Iterator[pa.RecordBatch], bc, *, ends=None, weights_key: str, image_size: int, pooling: str,
-                      batch_size: int, storage_options: dict, threads: int | None) -> Iterator[pa.RecordBatch]:
+                      batch_size: int, storage_options: dict, threads: int | None, precision: str = "float32",
+                      images=None) -> Iterator[pa.RecordBatch]:
     """``mapInArrow`` body: ``path, label, content`` batches to feature batches.
 
     Rows whose ``content`` is null (``s3://`` inputs, or files Spark's lister hides) are read
@@ -99,7 +100,7 @@ def featurize_batches(batches: Iterator[pa.RecordBatch], bc, *, ends=None, weigh
         if batch.num_rows == 0:
             continue
         if vgg is None:
-            vgg = model.cached_model(weights_key, bc.value, image_size, threads)
+            vgg = model.cached_model(weights_key, bc.value, image_size, threads, precision)
         df = pd.DataFrame({"path": batch.column("path").to_pylist(), "label": batch.column("label").to_pylist()})
         contents = batch.column("content").to_pylist()
         missing = [i for i, c in enumerate(contents) if c is None]
@@ -269,7 +270,8 @@ def _featurizer(bc, ends, ctx: RunContext, storage_options: dict, threads: int):
 
     def body(batches):
         return featurize_batches(batches, bc, ends=ends, weights_key=key, image_size=cfg.image_size, pooling=cfg.pooling,
-                                 batch_size=cfg.batch_size, storage_options=storage_options, threads=threads)
+                                 batch_size=cfg.batch_size, storage_options=storage_options, threads=threads,
+                                 precision=cfg.precision)
 
     return body
 
