@@ -37,6 +37,7 @@ import numpy as np
 
 from .config import KubeSettings, RunConfig, StorageSettings
 from .errors import ConfigError
+from .progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -386,13 +387,14 @@ def _child_pipeline(cfg: RunConfig, work: Path, backend: str) -> dict:
     cfg = dataclasses.replace(cfg, backend=backend, output=str(work / f"out-{backend}"))
     ends: list[float] = []
 
-    def progress(collection) -> None:  # Dask: when each featurize partition finished
-        from distributed import as_completed, futures_of
+    class PartitionEnds(Progress):  # Dask: when each featurize partition finished
+        def start(self, total: int) -> None:
+            self.t0 = time.perf_counter()
 
-        t0 = time.perf_counter()
-        ends.extend(round(time.perf_counter() - t0, 3) for _ in as_completed(futures_of(collection)))
+        def advance(self, images: int) -> None:
+            ends.append(round(time.perf_counter() - self.t0, 3))
 
-    doc = pipeline.run(cfg, progress=progress)
+    doc = pipeline.run(cfg, progress=PartitionEnds() if backend == "dask" else None)
     ends = ends or doc["extra"].get("featurize_task_ends_s", [])
     t, n = doc["timings_s"], doc["counts"]["images_listed"]
     engine_s = t.get("startup", 0) + t.get("broadcast", 0) + t.get("featurize", 0)

@@ -180,13 +180,6 @@ def setup_logging(quiet: bool, debug: bool) -> None:
                 logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _progress_bar(collection) -> None:
-    from distributed import progress
-
-    progress(collection)
-    sys.stdout.write("\n")
-
-
 def _on_event(name: str, data: dict) -> None:
     if name == "listed":
         logger.info("%d images, %d labels", data["images"], data["labels"])
@@ -199,9 +192,11 @@ def _on_event(name: str, data: dict) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import pipeline
+    from .progress import progress_bar
 
     cfg = config_from_args(args)
-    doc = pipeline.run(cfg, progress=None if cfg.quiet else _progress_bar, on_event=_on_event)
+    # The bar starts with the featurization, after the cluster line (dashboard URL) is printed.
+    doc = pipeline.run(cfg, progress=progress_bar(cfg.quiet), on_event=_on_event)
     red = doc["reduction"]
     for w in doc["warnings"]:
         logger.warning("WARNING: %s", w)

@@ -12,7 +12,6 @@ import datetime as dt
 import io
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import pandas as pd
 
@@ -20,6 +19,7 @@ from . import __version__, checkpoint, model, precision, report, storage
 from .backends import RunContext, get_backend
 from .config import RunConfig
 from .errors import TooManyErrors
+from .progress import Progress
 from .reduce import scree_png
 from .runinfo import StageTimer, label_counts, versions
 
@@ -51,7 +51,7 @@ def check_errors(cfg: RunConfig, n_listed: int, n_errors: int) -> None:
 def run(
     cfg: RunConfig,
     *,
-    progress: Callable[[Any], None] | None = None,
+    progress: Progress | None = None,
     on_event: Callable[[str, dict], None] | None = None,
 ) -> dict:
     """Run the whole pipeline and return the ``run.json`` document.
@@ -59,7 +59,8 @@ def run(
     Parameters
     ----------
     progress
-        Called with the persisted feature collection; the CLI draws a progress bar with it.
+        Told how many images there are and advanced as partitions complete
+        (:class:`fruitdask.progress.Progress`); the CLI draws a bar with it.
     on_event
         Called as ``on_event(name, data)`` at milestones (``listed``, ``cluster``), so the CLI
         can print statistics and the dashboard URL as soon as they are known.
@@ -99,7 +100,7 @@ def run(
         weights_info=winfo,
         target=target,
         timer=timer,
-        progress=progress or (lambda _: None),
+        progress=progress or Progress(),
         on_cluster=lambda shape: emit("cluster", shape),
     )
     with storage.committed(target):
