@@ -1,12 +1,17 @@
 """Standardize, then reduce the features with dask-ml's IncrementalPCA.
 
 The number of components is either given, or the smallest K whose cumulative explained
-variance reaches a target. K is read off the spectrum of the standardized features before
-any PCA is fitted (:func:`spectrum`): the exact eigenvalues of the ``n x n`` Gram matrix
-``Z Z^T`` (built block by block from the dask array) when there are few enough rows, else a
-randomized estimate with power iterations. IncrementalPCA then fits exactly K components:
-on wide features (25,088 unpooled) that is far cheaper than fitting 1,024 components to
-read K off them.
+variance reaches a target. With a target, K is read off the spectrum of the standardized
+features before anything is fitted (:func:`spectrum`):
+
+- up to :data:`GRAM_MAX_SAMPLES` rows, the exact eigenpairs of the ``n x n`` Gram matrix
+  ``Z Z^T`` (built block by block from the dask array); the K principal axes then follow in
+  one more streaming pass (:func:`gram_components`): exact PCA without a ``d x d``
+  covariance, cheap on wide features (2,000 x 25,088 unpooled);
+- above it, a randomized estimate of the top spectrum with power iterations, then dask-ml's
+  IncrementalPCA fits about 2K components (not 1,024) and keeps K.
+
+With a fixed ``--components K``, IncrementalPCA fits K components.
 """
 
 from __future__ import annotations
@@ -216,6 +221,10 @@ class Spectrum:
     ratios: np.ndarray  # descending, as fractions of the total variance
     exact: bool
     method: str
+    #: Gram path only: eigenvalues of ``Z Z^T`` (descending) and their eigenvectors (n x r),
+    #: from which the principal axes follow in one more pass (:func:`gram_components`).
+    eigenvalues: np.ndarray | None = None
+    vectors: np.ndarray | None = None
 
 
 def gram_spectrum(Z) -> Spectrum:
@@ -232,12 +241,29 @@ def gram_spectrum(Z) -> Spectrum:
     rows = max(1, min(n, GRAM_BLOCK_BYTES // max(1, 8 * d)))
     Zb = Z.rechunk({0: rows, 1: -1})
     G, trace = da.compute(Zb @ Zb.T, (Zb * Zb).sum())
-    eig = np.linalg.eigvalsh(np.asarray(G, dtype=np.float64))[::-1]
+    eig, vectors = np.linalg.eigh(np.asarray(G, dtype=np.float64))
     # Rank is at most min(n, d): the rest are rounding noise around 0.
-    eig = np.clip(eig[: min(n, d)], 0.0, None)
+    r = min(n, d)
+    eig, vectors = np.clip(eig[::-1][:r], 0.0, None), vectors[:, ::-1][:, :r]
     total = float(trace)
     ratios = eig / total if total > 0 else np.zeros_like(eig)
-    return Spectrum(ratios, True, f"exact eigenvalues of the {n} x {n} Gram matrix")
+    return Spectrum(ratios, True, f"exact eigenvalues of the {n} x {n} Gram matrix", eig, vectors)
+
+
+def gram_components(Z, eigenvalues: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Principal axes ``(k, d)`` of a centred dask array from its Gram eigenpairs.
+
+    With ``Z = U S V^T``: ``V_k^T = S_k^-1 U_k^T Z``, one streaming pass of ``(k x b) @ (b x d)``
+    products over the row blocks. Signs follow scikit-learn (largest |value| of each axis
+    positive), so the projections match its exact PCA.
+    """
+    import dask.array as da
+
+    Ut = da.from_array(np.ascontiguousarray(vectors.T), chunks=(vectors.shape[1], Z.chunks[0]))
+    V = np.asarray((Ut @ Z).compute(), dtype=np.float64)
+    V /= np.sqrt(np.maximum(eigenvalues, 1e-300))[:, None]
+    signs = np.sign(V[np.arange(len(V)), np.argmax(np.abs(V), axis=1)])
+    return V * np.where(signs == 0, 1.0, signs)[:, None]
 
 
 def randomized_spectrum(Z, n_components: int, power_iterations: int, seed: int) -> Spectrum:
@@ -287,10 +313,11 @@ def fit_incremental_pca(
     The randomized solver with ``power_iterations`` (default 2) stays within ~1e-6 of exact
     PCA on VGG16 features; dask-ml's default (0 iterations) under-reports the variance.
 
-    With a variance target (``components=None``), K comes first from :func:`spectrum`, and
-    exactly K components are fitted. ``explained_variance_ratio`` then holds the K fitted
-    ratios followed by the spectrum's tail (up to :data:`MAX_FIT_COMPONENTS` in all) for
-    the scree plot.
+    With a variance target (``components=None``), K comes first from :func:`spectrum`. Up to
+    ``gram_max_samples`` rows the PCA is exact, from the Gram eigenpairs, and
+    ``explained_variance_ratio`` holds the exact spectrum (up to :data:`MAX_FIT_COMPONENTS`
+    values, for the scree plot; ``n_fitted`` is K). Above, IncrementalPCA fits about 2K
+    components and the first K are applied.
     """
     import dask.array as da
     from dask_ml.decomposition import IncrementalPCA
@@ -301,13 +328,19 @@ def fit_incremental_pca(
     mean, std = da.compute(X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64))
     scale = safe_scale(std)
     Z = (X.astype(np.float64) - mean) / scale
-    spec = None
     if plan.fixed_k is None:
         spec = spectrum(Z, power_iterations=power_iterations, seed=seed, gram_max_samples=gram_max_samples)
-        k = min(choose_k(spec.ratios, variance), n_samples, n_features)
-        # IncrementalPCA needs K <= rows per batch: grow the batch when the target needs more.
-        plan = PCAPlan(k, max(plan.batch_size, k), None)
+        k = max(1, min(choose_k(spec.ratios, variance), n_samples, n_features))
         logger.info("K=%d reaches %.4f of the variance (%s)", k, float(np.sum(spec.ratios[:k])), spec.method)
+        if spec.vectors is not None:
+            return _gram_reduction(Z, spec, k, mean, scale, variance, n_samples)
+        # IncrementalPCA needs K <= rows per batch: grow the batch when the target needs more.
+        # Fitting about 2K components and keeping K keeps the K-th axis accurate where the
+        # spectrum is flat (a randomized fit of exactly K mixes the last ones).
+        batch = max(plan.batch_size, k)
+        plan = PCAPlan(min(batch, n_samples, n_features, 2 * k + 10), batch, None)
+    else:
+        spec, k = None, plan.fixed_k
     ipca = IncrementalPCA(
         n_components=plan.n_fit,
         batch_size=plan.batch_size,
@@ -324,21 +357,35 @@ def fit_incremental_pca(
     if spec is None:
         return finish(plan, mean, scale, np.asarray(ipca.mean_), np.asarray(ipca.components_),
                       fitted_var, fitted_ratio, variance, n_samples, method)
-    # The K fitted components first, then the spectrum's tail (for the scree plot), capped.
-    k = plan.n_fit
-    tail = spec.ratios[k:MAX_FIT_COMPONENTS] if len(spec.ratios) > k else np.zeros(0)
-    per_ratio = float(np.sum(fitted_var) / np.sum(fitted_ratio)) if np.sum(fitted_ratio) > 0 else 0.0
     return Reduction(
         mean=np.asarray(mean, dtype=np.float64),
         scale=np.asarray(scale, dtype=np.float64),
         pca_mean=np.asarray(ipca.mean_, dtype=np.float64),
-        components=np.asarray(ipca.components_, dtype=np.float64),
-        explained_variance=np.concatenate([fitted_var, tail * per_ratio]),
-        explained_variance_ratio=np.concatenate([fitted_ratio, tail]),
+        components=np.asarray(ipca.components_[:k], dtype=np.float64),
+        explained_variance=fitted_var,
+        explained_variance_ratio=fitted_ratio,
         k=k,
         variance_target=variance,
         n_samples=n_samples,
         method=f"{method}; K from the {spec.method}",
+    )
+
+
+def _gram_reduction(Z, spec: Spectrum, k: int, mean, scale, variance: float, n_samples: int) -> Reduction:
+    """Exact PCA from the Gram eigenpairs: K axes in one pass, the spectrum for the scree."""
+    shown = min(len(spec.ratios), max(k, MAX_FIT_COMPONENTS))
+    components = gram_components(Z, spec.eigenvalues[:k], spec.vectors[:, :k])
+    return Reduction(
+        mean=np.asarray(mean, dtype=np.float64),
+        scale=np.asarray(scale, dtype=np.float64),
+        pca_mean=np.zeros(components.shape[1]),  # Z is centred by the standardization
+        components=components,
+        explained_variance=spec.eigenvalues[:shown] / max(n_samples - 1, 1),
+        explained_variance_ratio=spec.ratios[:shown],
+        k=k,
+        variance_target=variance,
+        n_samples=n_samples,
+        method=f"exact PCA from the {spec.method} (eigh; K axes in one streaming pass)",
         n_fitted=k,
     )
 

@@ -99,16 +99,20 @@ def test_k_from_the_spectrum_matches_sklearn_exact_pca(gram_max):
         red = fit_incremental_pca(da.from_array(x, chunks=40), components=None, variance=0.9, batch_size=None,
                                   gram_max_samples=gram_max)
     assert red.k == choose_k(exact.explained_variance_ratio_, 0.9)
-    assert red.n_fitted == red.k and red.components.shape == (red.k, 300)
-    assert "K from the" in red.method and ("Gram" in red.method) == (gram_max > 120)
+    assert red.components.shape == (red.k, 300)
+    assert ("Gram" in red.method) == (gram_max > 120)
+    if gram_max > 120:  # exact: the applied axes are sklearn's, signs included
+        np.testing.assert_allclose(red.components, exact.components_[: red.k], atol=1e-6)
+        assert red.n_fitted == red.k and red.summary()["n_fit_components"] == red.k
+    else:
+        assert "randomized estimate" in red.method and red.k < red.summary()["n_fit_components"] <= 2 * red.k + 10
     # What the applied components really explain, measured on the data, against exact PCA.
     projected = red.transform(x).astype(np.float64)
     reached = projected.var(axis=0, ddof=1).sum() / z.var(axis=0, ddof=1).sum()
     assert abs(reached - exact.explained_variance_ratio_[: red.k].sum()) < 1e-3
     assert abs(red.variance_reached - exact.explained_variance_ratio_[: red.k].sum()) < 1e-3
-    assert red.summary()["n_fit_components"] == red.k
     back = Reduction.from_npz(red.to_npz())
-    assert back.n_fitted == red.k
+    assert back.n_fitted == red.n_fitted
 
 
 def test_gram_spectrum_is_the_exact_spectrum():
