@@ -161,3 +161,30 @@ def test_run_records_the_precision_everywhere(tiny_images, weights_file, tmp_pat
     want16 = featurize_bytes(model.cached_model("w", weights, SMALL_SIZE, precision="bfloat16"), contents, SMALL_SIZE, "avg", 4).features[0]
     want32 = featurize_bytes(model.cached_model("w", weights, SMALL_SIZE), contents, SMALL_SIZE, "avg", 4).features[0]
     assert np.abs(got - want16).max() < np.abs(got - want32).max() / 10
+
+
+def test_bundle_keeps_the_precision_and_featurizes_with_it(tmp_path, weights_file, monkeypatch):
+    import dask
+    import dask.array as da
+
+    from fruitdask import frames
+    from fruitdask.bundle import LinearClassifier, ModelBundle, WeightsRef
+    from fruitdask.classify import fit_classifier
+    from fruitdask.reduce import fit_incremental_pca
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 512)).astype(np.float32)
+    with dask.config.set(scheduler="sync"):
+        red = fit_incremental_pca(da.from_array(x, chunks=10), components=3, variance=0.95, batch_size=None)
+    clf = LinearClassifier.from_sklearn(fit_classifier(red.transform(x), np.array(["a", "b"] * 10)))
+    _, info = model.load_weights(str(weights_file))
+    spec = FeatureSpec(info.sha256, SMALL_SIZE, "avg", "bfloat16")
+    ModelBundle(spec, WeightsRef("file", str(weights_file), info.sha256), 4, red, clf).save(str(tmp_path / "m"))
+    back = ModelBundle.load(str(tmp_path / "m"))
+    assert back.spec.precision == "bfloat16"
+    seen = []
+    real = frames.featurize_frame
+    monkeypatch.setattr(frames, "featurize_frame", lambda *a, **k: seen.append(k["precision"]) or real(*a, **k))
+    photo = sorted(BUNDLED.rglob("*.jpg"))[0]
+    back.featurizer().featurize([str(photo)])
+    assert seen == ["bfloat16"]
