@@ -227,6 +227,12 @@ class Spectrum:
     vectors: np.ndarray | None = None
 
 
+def _row_blocks(Z):
+    """``Z`` rechunked to whole rows of about :data:`GRAM_BLOCK_BYTES` (as float64)."""
+    n, d = (int(x) for x in Z.shape)
+    return Z.rechunk({0: max(1, min(n, GRAM_BLOCK_BYTES // max(1, 8 * d))), 1: -1})
+
+
 def gram_spectrum(Z) -> Spectrum:
     """Exact explained-variance ratios of a centred dask array ``Z (n, d)`` from ``Z Z^T``.
 
@@ -238,8 +244,7 @@ def gram_spectrum(Z) -> Spectrum:
     import dask.array as da
 
     n, d = (int(x) for x in Z.shape)
-    rows = max(1, min(n, GRAM_BLOCK_BYTES // max(1, 8 * d)))
-    Zb = Z.rechunk({0: rows, 1: -1})
+    Zb = _row_blocks(Z)
     G, trace = da.compute(Zb @ Zb.T, (Zb * Zb).sum())
     eig, vectors = np.linalg.eigh(np.asarray(G, dtype=np.float64))
     # Rank is at most min(n, d): the rest are rounding noise around 0.
@@ -259,8 +264,9 @@ def gram_components(Z, eigenvalues: np.ndarray, vectors: np.ndarray) -> np.ndarr
     """
     import dask.array as da
 
-    Ut = da.from_array(np.ascontiguousarray(vectors.T), chunks=(vectors.shape[1], Z.chunks[0]))
-    V = np.asarray((Ut @ Z).compute(), dtype=np.float64)
+    Zb = _row_blocks(Z)  # few big blocks: each one's (k x d) partial product is summed
+    Ut = da.from_array(np.ascontiguousarray(vectors.T), chunks=(vectors.shape[1], Zb.chunks[0]))
+    V = np.asarray((Ut @ Zb).compute(), dtype=np.float64)
     V /= np.sqrt(np.maximum(eigenvalues, 1e-300))[:, None]
     signs = np.sign(V[np.arange(len(V)), np.argmax(np.abs(V), axis=1)])
     return V * np.where(signs == 0, 1.0, signs)[:, None]
