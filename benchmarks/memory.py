@@ -107,7 +107,7 @@ def measure_pca(args: argparse.Namespace) -> dict:
     """The reduce stage alone on synthetic ``n x d`` float32 features (called in a child).
 
     Same function, plan and cluster as a run (:func:`fruitdask.reduce.fit_incremental_pca`
-    with the variance target, so up to 1,024 components are fitted), without the hours of
+    with the variance target: K and the axes from the spectrum), without the hours of
     VGG16 at 224 px that real unpooled features cost on a small machine.
     """
     import dask.array as da

@@ -3,19 +3,26 @@
 One invocation, the same images (copied once into a work folder) and the same weights for
 every engine. Each engine runs in its own child process, so that its memory is measured
 alone (psutil samples the child's process tree: the driver, Spark's JVM, the workers) and no
-engine inherits another's warm caches, threads or JVM.
+engine inherits another's warm caches, threads or JVM. Each engine runs ``--repeats`` times
+(default 3), interleaved with the others, and ``--precisions float32,bfloat16`` adds a
+precision axis in the same invocation.
 
 Definitions (printed with the results):
 
-- **images/s (end to end)**: images / (start-up + weights broadcast + featurize).
+- **end to end**: the wall time of the whole command, from process start to exit, for every
+  engine: imports, listing, weights, cluster or JVM start, featurize, PCA, Parquet write.
+  Raw Keras is a plain one-process script doing the same work (its TensorFlow import and
+  model build count, as the pipelines' do). Reported as median (min-max) over the runs.
 - **steady-state images/s**: measured after every parallel slot finished its first piece of
   work, so it excludes start-up, the broadcast, imports and model builds. Raw: images after
   the first batch / time after the first batch. Pipelines: images in the partitions that
   finished after the first wave (one partition per slot) / time from the end of the first
   wave to the end of the last partition.
-- **fixed cost**: start-up + broadcast + featurize − images / steady-state rate, i.e. the
-  time spent beyond what steady-state throughput needs (cluster or JVM start, weights
-  shipping, worker imports and model builds, first batch, tail imbalance).
+- **fixed cost**: end to end - images / steady-state rate, i.e. the time spent beyond what
+  steady-state throughput needs (imports, cluster or JVM start, weights, model builds,
+  first batch, tail imbalance, PCA and write).
+- **quiet**: the CPU busy share is sampled for 2 s right before each engine run (not after
+  the previous one, whose tail a load average would still hold).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import numpy as np
 
 from .config import KubeSettings, RunConfig, StorageSettings
 from .errors import ConfigError
+from .progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +52,11 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 #: ``../shared/data/fruits360-bench`` beside the repository, as CI and the sessions have it.
 BENCH_IMAGES = PACKAGE_ROOT.parent / "shared" / "data" / "fruits360-bench"
 ENGINES = ("raw", "dask", "spark")
-QUIET_LOAD = 0.7
-STAGES = ("startup", "listing", "broadcast", "featurize", "pca", "write")
+#: A run counts as quiet when the CPU was at most this busy just before it started (2 idle
+#: cores read 1-5 %; another helper's test run reads 50 % or more).
+QUIET_CPU_PCT = 25.0
+QUIET_SAMPLE_S = 2.0
+STAGES = ("startup", "listing", "weights", "featurize", "pca", "write")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-unpooled-pca", dest="unpooled_pca", action="store_false",
                    help="skip the PCA timing on unpooled (--pooling none) features")
     g.add_argument("--pca-timeout", type=float, default=600.0, help="seconds before a PCA-only run is stopped (default: 600)")
+    g.add_argument("--repeats", type=int, default=3, help="runs of each engine, interleaved; median and min/max reported (default: 3)")
+    g.add_argument("--precisions", help="comma-separated precisions to compare in one invocation, e.g. float32,bfloat16 "
+                   "(default: --precision); bench.json gets the speed ratio and held-out accuracy of each")
     g.add_argument("--fill-doc", help="also write the Markdown between <!-- bench:SECTION --> markers of this file")
     g.add_argument("--doc-section", default=None, help="marker name for --fill-doc (default: the image size)")
     add_run_options(p)
@@ -134,14 +148,20 @@ class MemorySampler:
         return {k: round(v, 1) for k, v in self.peak.items()}
 
 
-def run_child(task: str, work: Path, timeout: float | None = None) -> dict:
-    """Run ``python -m fruitdask.bench TASK WORK`` and return its result with memory peaks."""
-    out = work / f"{task}.json"
-    log = work / f"{task}.log"
+def run_child(task: str, work: Path, *, prec: str = "float32", repeat: int = 0, timeout: float | None = None) -> dict:
+    """Run ``python -m fruitdask.bench TASK WORK PREC REPEAT`` and return its result.
+
+    ``wall_s`` is the child's whole life as the parent saw it (interpreter start, imports,
+    everything, exit): the end-to-end time of that engine.
+    """
+    name = f"{task}-{prec}-{repeat}"
+    out = work / f"{name}.json"
+    log = work / f"{name}.log"
     t0 = time.perf_counter()
     with open(log, "wb") as f:
         # cwd: the child imports this very checkout, installed or not.
-        proc = subprocess.Popen([sys.executable, "-m", "fruitdask.bench", task, str(work)], cwd=PACKAGE_ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "fruitdask.bench", task, str(work), prec, str(repeat)],
+                                cwd=PACKAGE_ROOT, stdout=f, stderr=subprocess.STDOUT)
         sampler = MemorySampler(proc.pid)
         try:
             code = proc.wait(timeout=timeout)
@@ -158,21 +178,57 @@ def run_child(task: str, work: Path, timeout: float | None = None) -> dict:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         return {"status": f"failed (exit {code}): " + " | ".join(tail), "wall_s": wall, "memory": memory}
     result = json.loads(out.read_text())
-    result.update(wall_s=wall, memory=memory)
+    result.update(status="ok", wall_s=wall, memory=memory, precision=prec)
+    n, steady = result.get("images"), result.get("steady_images_per_s")
+    if n:
+        result["images_per_s_e2e"] = round(n / wall, 3)
+        result["fixed_cost_s"] = round(wall - n / steady, 3) if steady else None
     return result
 
 
-def machine() -> dict:
-    info = {"cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2)}
+def machine(cpuinfo: str | None = None) -> dict:
+    """CPU model, core count, memory and the bf16 flags that decide ``--precision auto``."""
+    from . import precision
+
+    text = precision.read_cpuinfo() if cpuinfo is None else cpuinfo
+    flags = precision.cpu_flags(text)
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(), "cpu": precision.cpu_model(text),
+        "cpu_flags": {f: f in flags for f in ("avx512f", *precision.BF16_CPU_FLAGS)},
+        "gpu_compute_capabilities": precision.gpu_compute_capabilities(),
+    }
     try:
         import psutil
 
         info["memory_gb"] = round(psutil.virtual_memory().total / 1e9, 1)
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except (ImportError, OSError):
+    except ImportError:
         pass
     return info
+
+
+def sample_load(seconds: float = QUIET_SAMPLE_S) -> dict:
+    """How busy the machine is *now*, right before an engine starts (nothing of the bench runs).
+
+    The verdict uses the CPU busy share over the last ``seconds``; the 1-minute load average
+    is kept for the record but still holds the previous engine's tail for a minute.
+    """
+    import psutil
+
+    busy = psutil.cpu_percent(interval=seconds)
+    return {"cpu_busy_pct": round(busy, 1), "load_1min": round(os.getloadavg()[0], 2), "quiet": busy <= QUIET_CPU_PCT}
+
+
+def parse_precisions(text: str | None, default: str) -> list[str]:
+    """The ``--precisions`` axis, resolved on this machine (bfloat16 refused where emulated)."""
+    from . import precision
+
+    asked = [p.strip() for p in (text or default).split(",") if p.strip()]
+    out: list[str] = []
+    for p in asked:
+        resolved = precision.detect_and_resolve(p).precision
+        if resolved not in out:
+            out.append(resolved)
+    return out
 
 
 def command(args: argparse.Namespace) -> int:
@@ -187,35 +243,49 @@ def command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--backends {args.backends!r}: use a comma-separated subset of {','.join(ENGINES)}")
     if args.images < 2:
         raise ConfigError(f"--images {args.images}: the PCA needs at least 2 images")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: run each engine at least once (3 gives a median and a spread)")
     out_dir = Path(args.out).resolve()
     with tempfile.TemporaryDirectory(prefix="fruitdask-bench-") as tmp:
         work = Path(tmp)
         cfg = config_from_args(args, input=str(work / "images"), output=str(work / "out"), overwrite=True, quiet=True)
+        precisions = parse_precisions(args.precisions, cfg.precision)
         listing = storage.list_images(args.input, cfg.storage.storage_options())
         chosen = listing.iloc[pick(len(listing), args.images, args.pick)]
         for path, label in zip(chosen["path"], chosen["label"], strict=True):
             dest = work / "images" / label / path.rsplit("/", 1)[-1]
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(storage.read_bytes(path, cfg.storage.storage_options()))
-        (work / "config.json").write_text(json.dumps({**cfg.to_dict(), "unpooled_pca": args.unpooled_pca}))
-        before = machine()
-        if before["load_1min"] > QUIET_LOAD:
-            logger.warning("load average %.2f > %.1f: other work is running, the timings below are not trustworthy",
-                           before["load_1min"], QUIET_LOAD)
-        results: dict[str, Any] = {}
-        for engine in engines:
-            logger.info("bench: %s on %d images at %dpx ...", engine, len(chosen), cfg.image_size)
-            results[engine] = run_child(engine, work)
+        for prec in precisions:
+            # The unpooled maps for the PCA timing are saved once, by the first raw run.
+            unpooled = args.unpooled_pca and prec == precisions[0]
+            (work / f"config-{prec}.json").write_text(
+                json.dumps({**dataclasses.replace(cfg, precision=prec).to_dict(), "unpooled_pca": unpooled}))
+        runs: dict[str, dict[str, list[dict]]] = {p: {e: [] for e in engines} for p in precisions}
+        # Interleaved (repeat > precision > engine) so a drift in machine load hits every cell alike.
+        for repeat in range(args.repeats):
+            for prec in precisions:
+                for engine in engines:
+                    load = sample_load()
+                    if not load["quiet"]:
+                        logger.warning("CPU %.0f%% busy before %s (%s): other work is running, this run is not trustworthy",
+                                       load["cpu_busy_pct"], engine, prec)
+                    logger.info("bench: %s %s, run %d/%d, %d images at %dpx ...", engine, prec, repeat + 1, args.repeats,
+                                len(chosen), cfg.image_size)
+                    result = run_child(engine, work, prec=prec, repeat=repeat)
+                    result["load_before"] = load
+                    runs[prec][engine].append(result)
         pca: dict[str, Any] = {}
         if args.unpooled_pca and (work / "unpooled.npy").exists():
             for engine in ("dask", "spark"):
                 if engine in engines:
                     logger.info("bench: %s PCA on unpooled features ...", engine)
-                    pca[engine] = run_child(f"pca-{engine}", work, timeout=args.pca_timeout)
-        parity = _parity(work, engines)
-    report = summarize(cfg, args, len(chosen), results, pca, parity, before, machine())
+                    pca[engine] = run_child(f"pca-{engine}", work, prec=precisions[0], timeout=args.pca_timeout)
+        parity = {p: _parity(work, engines, p) for p in precisions}
+        comparison = compare_precisions(work, runs, precisions, cfg.seed) if len(precisions) > 1 else {}
+    report = summarize(cfg, args, len(chosen), precisions, runs, pca, parity, comparison, machine())
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=1, sort_keys=True))
     md = markdown(report)
     (out_dir / "bench.md").write_text(md)
     if args.fill_doc:
@@ -225,17 +295,18 @@ def command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parity(work: Path, engines: list[str]) -> dict:
+def _parity(work: Path, engines: list[str], prec: str) -> dict:
     """Largest |feature difference| of each pipeline's output against the raw run."""
-    if not (work / "raw_features.npz").exists():
+    raw_file = work / f"raw_features-{prec}.npz"
+    if not raw_file.exists():
         return {}
     import pyarrow.parquet as pq
 
-    with np.load(work / "raw_features.npz") as z:
+    with np.load(raw_file) as z:
         raw = dict(zip(z["paths"].tolist(), z["features"], strict=True))
     out = {}
     for engine in engines:
-        folder = work / f"out-{engine}" / "features"
+        folder = work / f"out-{engine}-{prec}" / "features"
         if engine == "raw" or not folder.exists():
             continue
         t = pq.read_table(folder, columns=["path", "features"]).to_pydict()
@@ -244,31 +315,135 @@ def _parity(work: Path, engines: list[str]) -> dict:
     return out
 
 
-def summarize(cfg: RunConfig, args, n: int, results: dict, pca: dict, parity: dict, before: dict, after: dict) -> dict:
-    raw_rate = (results.get("raw") or {}).get("steady_images_per_s")
-    raw_e2e = (results.get("raw") or {}).get("images_per_s")
-    for r in results.values():
-        if "engine_s" in r:
-            r["ratio_to_raw_steady"] = round(r["steady_images_per_s"] / raw_rate, 3) if raw_rate and r.get("steady_images_per_s") else None
-            r["ratio_to_raw_e2e"] = round(r["images_per_s"] / raw_e2e, 3) if raw_e2e else None
+def held_out_accuracy(features: np.ndarray, labels: np.ndarray, variance: float, every: int = 4) -> dict:
+    """Accuracy of the project's classifier (standardize, PCA to ``variance``, logistic
+    regression) trained on 3 of every 4 images of each label and tested on the 4th."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    from .classify import fit_classifier
+
+    labels = np.asarray(labels)
+    test = np.zeros(len(labels), dtype=bool)
+    for lab in np.unique(labels):
+        idx = np.flatnonzero(labels == lab)
+        test[idx[every - 1 :: every]] = True
+    train = ~test
+    if not test.any():
+        raise ValueError(f"no label has {every} images to hold one out: bench more images (--images)")
+    scaler = StandardScaler().fit(features[train])
+    pca = PCA(n_components=variance if variance < 1 else None, svd_solver="full").fit(scaler.transform(features[train]))
+    clf = fit_classifier(pca.transform(scaler.transform(features[train])), labels[train])
+    predicted = clf.predict(pca.transform(scaler.transform(features[test])))
+    return {"accuracy": round(float(np.mean(predicted == labels[test])), 4), "train": int(train.sum()), "test": int(test.sum()),
+            "k": int(pca.n_components_)}
+
+
+def compare_precisions(work: Path, runs: dict, precisions: list[str], seed: int) -> dict:
+    """bf16 (or any second precision) against the first: speed ratios, feature error, accuracy."""
+    base = precisions[0]
+    cfg = json.loads((work / f"config-{base}.json").read_text())
+    feats: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for prec in precisions:
+        f = work / f"raw_features-{prec}.npz"
+        if f.exists():
+            with np.load(f) as z:
+                paths = z["paths"]
+                feats[prec] = (paths, z["features"], np.array([p.rsplit("/", 2)[-2] for p in paths]))
+    out: dict[str, Any] = {"baseline": base, "accuracy": {}, "vs_baseline": {}}
+    for prec, (_, x, y) in feats.items():
+        try:
+            out["accuracy"][prec] = held_out_accuracy(x, y, cfg["variance"])
+        except Exception as e:  # noqa: BLE001 - a bench reports what it could not measure
+            out["accuracy"][prec] = {"status": f"not measured ({type(e).__name__}: {e})"}
+    for prec in precisions[1:]:
+        cmp: dict[str, Any] = {"engines": {}}
+        for engine, base_runs in runs[base].items():
+            a, b = _stats(base_runs, "images_per_s_e2e"), _stats(runs[prec][engine], "images_per_s_e2e")
+            sa, sb = _stats(base_runs, "steady_images_per_s"), _stats(runs[prec][engine], "steady_images_per_s")
+            cmp["engines"][engine] = {
+                "speed_ratio_e2e": _ratio(b, a), "speed_ratio_steady": _ratio(sb, sa),
+            }
+        if base in feats and prec in feats and np.array_equal(feats[base][0], feats[prec][0]):
+            xa, xb = feats[base][1].astype(np.float64), feats[prec][1].astype(np.float64)
+            cmp["features"] = {
+                "relative_error": round(float(np.linalg.norm(xb - xa) / max(np.linalg.norm(xa), 1e-30)), 6),
+                "correlation": round(float(np.corrcoef(xa.ravel(), xb.ravel())[0, 1]), 6),
+            }
+        acc_a, acc_b = out["accuracy"].get(base, {}).get("accuracy"), out["accuracy"].get(prec, {}).get("accuracy")
+        if acc_a is not None and acc_b is not None:
+            cmp["accuracy_points"] = round(100 * (acc_b - acc_a), 2)
+        out["vs_baseline"][prec] = cmp
+    return out
+
+
+def _stats(runs: list[dict], key: str) -> dict | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    if not values:
+        return None
+    return {"median": round(float(np.median(values)), 3), "min": round(min(values), 3), "max": round(max(values), 3), "n": len(values)}
+
+
+def _ratio(a: dict | None, b: dict | None) -> float | None:
+    return round(a["median"] / b["median"], 3) if a and b and b["median"] else None
+
+
+#: Per-run keys kept in bench.json (the children's partition end times etc. are dropped).
+RUN_KEYS = ("status", "wall_s", "images_per_s_e2e", "steady_images_per_s", "fixed_cost_s", "timings_s", "memory",
+            "load_before", "slots", "k", "images", "weights_sha256", "precision")
+
+
+def summarize(cfg: RunConfig, args, n: int, precisions: list[str], runs: dict, pca: dict, parity: dict, comparison: dict,
+              mach: dict) -> dict:
+    """The bench.json document: per precision and engine, the runs and their median/spread."""
+    results: dict[str, dict[str, Any]] = {}
+    for prec in precisions:
+        results[prec] = {}
+        for engine, engine_runs in runs[prec].items():
+            ok = [r for r in engine_runs if r.get("status") == "ok"]
+            stages = sorted({k for r in ok for k in r["timings_s"]})
+            results[prec][engine] = {
+                "runs": [{k: r[k] for k in RUN_KEYS if k in r} for r in engine_runs],
+                "ok_runs": len(ok),
+                "wall_s": _stats(ok, "wall_s"),
+                "images_per_s_e2e": _stats(ok, "images_per_s_e2e"),
+                "steady_images_per_s": _stats(ok, "steady_images_per_s"),
+                "fixed_cost_s": _stats(ok, "fixed_cost_s"),
+                "stages_s": {s: round(float(np.median([r["timings_s"][s] for r in ok if s in r["timings_s"]])), 3) for s in stages},
+                "memory": {k: max((r["memory"][k] for r in engine_runs if "memory" in r), default=0) for k in MEMORY_KEYS},
+            }
+        raw = results[prec].get("raw", {})
+        for r in results[prec].values():
+            r["ratio_to_raw_e2e"] = _ratio(r["images_per_s_e2e"], raw.get("images_per_s_e2e"))
+            r["ratio_to_raw_steady"] = _ratio(r["steady_images_per_s"], raw.get("steady_images_per_s"))
+    samples = [r["load_before"] for p in runs.values() for rs in p.values() for r in rs if "load_before" in r]
     return {
         "command": "python -m fruitdask bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "machine": {**after, "load_1min_before": before["load_1min"], "load_1min_after": after["load_1min"],
-                    "quiet": max(before["load_1min"], after["load_1min"]) <= QUIET_LOAD},
+        "machine": {**mach, "quiet": all(s["quiet"] for s in samples),
+                    "cpu_busy_pct_before_runs": {"max": max((s["cpu_busy_pct"] for s in samples), default=None),
+                                                 "median": float(np.median([s["cpu_busy_pct"] for s in samples])) if samples else None},
+                    "quiet_rule": f"CPU busy <= {QUIET_CPU_PCT:g}% over the {QUIET_SAMPLE_S:g} s before every engine run"},
         "images": n, "image_size": cfg.image_size, "pooling": cfg.pooling, "batch_size": cfg.batch_size,
-        "partition_size": cfg.partition_size, "weights": cfg.weights, "input": args.input,
-        "engines": results, "pca_unpooled": pca, "parity": parity,
-        "same_weights": len({r["weights_sha256"] for r in results.values() if "weights_sha256" in r}) == 1,
+        "partition_size": cfg.partition_size, "weights": cfg.weights, "input": args.input, "repeats": args.repeats,
+        "precisions": precisions, "results": results, "precision_comparison": comparison,
+        "pca_unpooled": pca, "parity": parity,
+        "same_weights": len({r.get("weights_sha256") for p in runs.values() for rs in p.values() for r in rs
+                             if r.get("weights_sha256")}) == 1,
         "definitions": {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in DEFINITIONS.strip().splitlines())},
     }
 
 
+MEMORY_KEYS = ("driver_mb", "jvm_mb", "workers_mb", "worker_max_mb", "n_workers")
+
 DEFINITIONS = """
-images_per_s: images / (start-up + broadcast + featurize), per engine
+end_to_end_s: wall time of the whole command in its own process, from process start to exit: imports, listing, weights, cluster or JVM start, featurize, PCA, Parquet write; for every engine, raw Keras included (its TensorFlow import and model build count too)
+images_per_s_e2e: images / end_to_end_s
 steady_images_per_s: after every slot finished its first partition (raw: after the first batch); excludes start-up, broadcast, imports, model builds
-fixed_cost_s: start-up + broadcast + featurize - images / steady rate
-memory: peak RSS sampled every 0.2 s; driver = the engine's Python process, jvm = Spark's JVM (driver and executor in local mode), workers = every other process of the tree (RSS double-counts pages shared after fork)
+fixed_cost_s: end_to_end_s - images / steady rate: everything beyond steady-state throughput
+median (min-max): over --repeats runs of each engine, interleaved with the other engines and precisions
+quiet: the CPU busy share sampled right before each engine run (not after the previous one) stayed under the threshold
+memory: peak RSS over the runs, sampled every 0.2 s; driver = the engine's Python process, jvm = Spark's JVM (driver and executor in local mode), workers = every other process of the tree (RSS double-counts pages shared after fork)
 """
 
 
@@ -276,40 +451,73 @@ def _fmt(v, spec: str = ".2f") -> str:
     return "n/m" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+def _spread(st: dict | None, spec: str = ".2f") -> str:
+    if not st:
+        return "n/m"
+    if st["n"] == 1:
+        return _fmt(st["median"], spec)
+    return f"{_fmt(st['median'], spec)} ({_fmt(st['min'], spec)}–{_fmt(st['max'], spec)})"
+
+
 def markdown(rep: dict) -> str:
     m = rep["machine"]
+    flags = ", ".join(f for f, on in (m.get("cpu_flags") or {}).items() if on) or "none"
+    busy = m["cpu_busy_pct_before_runs"]
     lines = [
         f"Command: `{rep['command']}`  ",
-        f"Machine: {m.get('cpus')} CPUs ({m.get('cpu')}), {m.get('memory_gb')} GB; 1-min load {m['load_1min_before']} before, "
-        f"{m['load_1min_after']} after ({'quiet' if m['quiet'] else 'NOT quiet: timings not trustworthy'}); {rep['date']}  ",
+        f"Machine: {m.get('cpus')} CPUs ({m.get('cpu')}; flags: {flags}), {m.get('memory_gb')} GB; CPU busy before the runs: "
+        f"median {_fmt(busy['median'], '.0f')} %, max {_fmt(busy['max'], '.0f')} % "
+        f"({'quiet' if m['quiet'] else 'NOT quiet: timings not trustworthy'}); {rep['date']}  ",
         f"{rep['images']} images at {rep['image_size']} px, pooling {rep['pooling']}, batch {rep['batch_size']}, "
-        f"partition {rep['partition_size']}, weights {rep['weights']}",
-        "",
-        "| engine | images/s end to end | ratio to raw | steady images/s | ratio to raw (steady) | fixed cost s "
-        "| start-up s | listing s | broadcast s | featurize s | PCA s | write s | driver MB | JVM MB | workers MB |",
-        "|---|" + "---:|" * 14,
+        f"partition {rep['partition_size']}, weights {rep['weights']}; each engine run {rep['repeats']} times: "
+        "median (min–max)",
     ]
-    for name, r in rep["engines"].items():
-        if "engine_s" not in r:
-            lines.append(f"| {name} | {r.get('status')} |" + " |" * 14)
-            continue
-        t, mem = r["timings_s"], r["memory"]
-        lines.append("| " + " | ".join([
-            name, _fmt(r["images_per_s"]), _fmt(r.get("ratio_to_raw_e2e"), ".3f"), _fmt(r.get("steady_images_per_s")),
-            _fmt(r.get("ratio_to_raw_steady"), ".3f"), _fmt(r.get("fixed_cost_s")),
-            *(_fmt(t.get(s)) for s in STAGES),
-            _fmt(mem["driver_mb"], ".0f"), _fmt(mem["jvm_mb"] or None, ".0f"), _fmt(mem["workers_mb"] or None, ".0f"),
-        ]) + " |")
+    for prec, engines in rep["results"].items():
+        lines += ["", f"**Precision {prec}**", "",
+                  "| engine | end to end s | images/s end to end | ratio to raw | steady images/s | ratio to raw (steady) "
+                  "| fixed cost s | start-up s | listing s | weights s | featurize s | PCA s | write s | driver MB | JVM MB | workers MB |",
+                  "|---|" + "---:|" * 15]
+        for name, r in engines.items():
+            if not r["ok_runs"]:
+                lines.append(f"| {name} | {r['runs'][0].get('status') if r['runs'] else 'not run'} |" + " |" * 15)
+                continue
+            st, mem = r["stages_s"], r["memory"]
+            lines.append("| " + " | ".join([
+                name, _spread(r["wall_s"], ".1f"), _spread(r["images_per_s_e2e"]), _fmt(r["ratio_to_raw_e2e"], ".3f"),
+                _spread(r["steady_images_per_s"]), _fmt(r["ratio_to_raw_steady"], ".3f"), _spread(r["fixed_cost_s"], ".1f"),
+                *(_fmt(st.get(s)) for s in STAGES),
+                _fmt(mem["driver_mb"], ".0f"), _fmt(mem["jvm_mb"] or None, ".0f"), _fmt(mem["workers_mb"] or None, ".0f"),
+            ]) + " |")
+    cmp = rep.get("precision_comparison") or {}
+    if cmp:
+        base = cmp["baseline"]
+        lines += ["", f"**Precision against {base}** (ratio of medians; accuracy: the classifier trained on 3/4 of the "
+                  "images of each label, tested on the rest, on the raw engine's features)", "",
+                  "| precision | engine | speed ratio end to end | speed ratio steady |", "|---|---|---:|---:|"]
+        for prec, c in cmp["vs_baseline"].items():
+            for engine, e in c["engines"].items():
+                lines.append(f"| {prec} | {engine} | {_fmt(e['speed_ratio_e2e'], '.3f')} | {_fmt(e['speed_ratio_steady'], '.3f')} |")
+        lines.append("")
+        acc = "; ".join(f"{p} {_fmt(a.get('accuracy'), '.4f')} ({a.get('test', '?')} held out)" if "accuracy" in a
+                        else f"{p} {a.get('status')}" for p, a in cmp["accuracy"].items())
+        lines.append(f"Held-out accuracy: {acc}")
+        for prec, c in cmp["vs_baseline"].items():
+            if "features" in c:
+                lines.append(f"Features {prec} vs {base}: relative error {c['features']['relative_error']:.2e}, correlation "
+                             f"{c['features']['correlation']:.6f}; accuracy difference {_fmt(c.get('accuracy_points'), '+.2f')} points")
     if rep["pca_unpooled"]:
         lines += ["", "PCA on unpooled features (`--pooling none`, from the raw run's feature maps):", "",
-                  "| engine | features | status | fit s | wall s | driver MB | JVM MB | workers MB |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+                  "| engine | features | status | K | fit s | wall s | driver MB | JVM MB | workers MB |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for name, r in rep["pca_unpooled"].items():
             mem = r["memory"]
-            lines.append(f"| {name} | {_fmt(r.get('d'), ',')} | {r.get('status')} | {_fmt(r.get('fit_s'))} | {_fmt(r.get('wall_s'))} "
-                         f"| {_fmt(mem['driver_mb'], '.0f')} | {_fmt(mem['jvm_mb'] or None, '.0f')} | {_fmt(mem['workers_mb'] or None, '.0f')} |")
-    if rep["parity"]:
-        lines += ["", "Same features: " + "; ".join(
-            f"{k} vs raw max |diff| {_fmt(v['max_abs_diff_vs_raw'], '.2e')} over {v['rows']} rows" for k, v in rep["parity"].items())]
+            lines.append(f"| {name} | {_fmt(r.get('d'), ',')} | {r.get('status')} | {_fmt(r.get('k'), 'd')} | {_fmt(r.get('fit_s'))} "
+                         f"| {_fmt(r.get('wall_s'))} | {_fmt(mem['driver_mb'], '.0f')} | {_fmt(mem['jvm_mb'] or None, '.0f')} "
+                         f"| {_fmt(mem['workers_mb'] or None, '.0f')} |")
+    same = [f"{k} vs raw ({p}) max |diff| {_fmt(v['max_abs_diff_vs_raw'], '.2e')} over {v['rows']} rows"
+            for p, engines in rep["parity"].items() for k, v in engines.items()]
+    if same:
+        lines += ["", "Same features: " + "; ".join(same)]
     lines += ["", "Definitions:", ""] + [f"- **{k}**: {v}" for k, v in rep["definitions"].items()] + ["", "n/m: not measured."]
     return "\n".join(lines) + "\n"
 
@@ -327,8 +535,8 @@ def fill_doc(path: Path, section: str, md: str) -> None:
 # --- the children: one engine each --------------------------------------------------------
 
 
-def _load_config(work: Path) -> tuple[RunConfig, bool]:
-    d = json.loads((work / "config.json").read_text())
+def _load_config(work: Path, prec: str) -> tuple[RunConfig, bool]:
+    d = json.loads((work / f"config-{prec}.json").read_text())
     unpooled = d.pop("unpooled_pca")
     storage = {**d.pop("storage")}
     storage["allowed_regions"] = tuple(storage["allowed_regions"])
@@ -337,72 +545,90 @@ def _load_config(work: Path) -> tuple[RunConfig, bool]:
 
 
 def _child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
-    """Single-process Keras with the pipelines' own functions, batch by batch."""
+    """A plain single-process Keras script doing the pipelines' work: list, load weights,
+    build VGG16, featurize batch by batch, standardize + PCA (scikit-learn), write Parquet.
+
+    It uses the pipelines' own batch functions, so the features are the same; only the
+    orchestration (and its cost) differs.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from . import featurize, model, storage
 
-    t = time.perf_counter()
-    weights, info = model.load_weights(cfg.weights, image_size=cfg.image_size, seed=cfg.seed)
-    t_weights = time.perf_counter() - t
+    timings: dict[str, float] = {}
     t = time.perf_counter()
     listing = storage.list_images(cfg.input)
-    t_listing = time.perf_counter() - t
+    timings["listing"] = time.perf_counter() - t
     t = time.perf_counter()
-    vgg = model.cached_model(info.sha256, weights, cfg.image_size, os.cpu_count())
-    t_startup = time.perf_counter() - t
+    weights, info = model.load_weights(cfg.weights, image_size=cfg.image_size, seed=cfg.seed)
+    timings["weights"] = time.perf_counter() - t
+    t = time.perf_counter()
+    vgg = model.cached_model(info.sha256, weights, cfg.image_size, os.cpu_count(), cfg.precision)
+    timings["startup"] = time.perf_counter() - t
     pooling = "none" if unpooled else cfg.pooling
-    paths, feats, ends = list(listing["path"]), [], []
+    paths, labels, feats, ends = list(listing["path"]), list(listing["label"]), [], []
     t0 = time.perf_counter()
     for i in range(0, len(paths), cfg.batch_size):
         contents = [storage.read_bytes(p) for p in paths[i : i + cfg.batch_size]]
         res = featurize.featurize_bytes(vgg, contents, cfg.image_size, pooling, cfg.batch_size)
         feats.append(res.features)
         ends.append(time.perf_counter() - t0)
-    featurize_s = ends[-1]
+    timings["featurize"] = ends[-1]
+    first_batch = ends[0]
     maps = np.concatenate(feats)
-    if unpooled:
+    if unpooled:  # for the PCA timing on wide features (once, outside the timed stages)
         side = cfg.image_size // 32
         np.save(work / "unpooled.npy", maps)
         pooled = featurize.pool(maps.reshape(len(maps), side, side, 512), cfg.pooling) if cfg.pooling != "none" else maps
     else:
         pooled = maps
-    np.savez(work / "raw_features.npz", paths=np.array(paths), features=pooled)
+    np.savez(work / f"raw_features-{cfg.precision}.npz", paths=np.array(paths), features=pooled)
+    t = time.perf_counter()
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    z = StandardScaler().fit_transform(pooled.astype(np.float64))
+    pca = PCA(n_components=cfg.components or (cfg.variance if cfg.variance < 1 else None), svd_solver="full")
+    reduced = pca.fit_transform(z).astype(np.float32)
+    timings["pca"] = time.perf_counter() - t
+    t = time.perf_counter()
+    out = work / f"out-raw-{cfg.precision}"
+    out.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"path": paths, "label": labels, "features": list(pooled), "pca": list(reduced)}),
+                   out / "features.parquet")
+    timings["write"] = time.perf_counter() - t
     n = len(paths)
     first = min(cfg.batch_size, n)
     steady = (n - first) / (ends[-1] - ends[0]) if len(ends) > 1 else None
-    engine_s = t_startup + featurize_s
     return {
-        "timings_s": {"weights": round(t_weights, 3), "listing": round(t_listing, 3), "startup": round(t_startup, 3),
-                      "featurize": round(featurize_s, 3), "first_batch": round(ends[0], 3)},
-        "engine_s": round(engine_s, 3), "images_per_s": round(n / engine_s, 3),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()} | {"first_batch": round(first_batch, 3)},
         "steady_images_per_s": round(steady, 3) if steady else None,
-        "fixed_cost_s": round(engine_s - n / steady, 3) if steady else None,
-        "threads": os.cpu_count(), "weights_sha256": info.sha256, "images": n,
+        "slots": 1, "threads": os.cpu_count(), "weights_sha256": info.sha256, "images": n, "k": int(pca.n_components_),
     }
 
 
 def _child_pipeline(cfg: RunConfig, work: Path, backend: str) -> dict:
     from . import pipeline
 
-    cfg = dataclasses.replace(cfg, backend=backend, output=str(work / f"out-{backend}"))
+    cfg = dataclasses.replace(cfg, backend=backend, output=str(work / f"out-{backend}-{cfg.precision}"))
     ends: list[float] = []
 
-    def progress(collection) -> None:  # Dask: when each featurize partition finished
-        from distributed import as_completed, futures_of
+    class PartitionEnds(Progress):  # Dask: when each featurize partition finished
+        def start(self, total: int) -> None:
+            self.t0 = time.perf_counter()
 
-        t0 = time.perf_counter()
-        ends.extend(round(time.perf_counter() - t0, 3) for _ in as_completed(futures_of(collection)))
+        def advance(self, images: int) -> None:
+            ends.append(round(time.perf_counter() - self.t0, 3))
 
-    doc = pipeline.run(cfg, progress=progress)
+    doc = pipeline.run(cfg, progress=PartitionEnds() if backend == "dask" else None)
     ends = ends or doc["extra"].get("featurize_task_ends_s", [])
     t, n = doc["timings_s"], doc["counts"]["images_listed"]
-    engine_s = t.get("startup", 0) + t.get("broadcast", 0) + t.get("featurize", 0)
     slots = doc["cluster"].get("threads") or 1
     steady = steady_rate(ends, n, slots)
     return {
-        "timings_s": t, "engine_s": round(engine_s, 3), "images_per_s": round(n / engine_s, 3),
-        "steady_images_per_s": round(steady, 3) if steady else None,
-        "fixed_cost_s": round(engine_s - n / steady, 3) if steady else None,
-        "partition_ends_s": ends, "slots": slots, "cluster": doc["cluster"], "weights_sha256": doc["weights"]["sha256"],
+        "timings_s": t, "steady_images_per_s": round(steady, 3) if steady else None,
+        "partitions": len(ends), "slots": slots, "weights_sha256": doc["weights"]["sha256"],
         "images": n, "k": doc["reduction"]["k"], "pca_method": doc["reduction"]["method"],
     }
 
@@ -441,20 +667,25 @@ def _child_pca(cfg: RunConfig, work: Path, engine: str) -> dict:
 
 def _child_main(argv: list[str]) -> int:
     task, work = argv[0], Path(argv[1])
-    from .cli import setup_logging
+    prec, repeat = (argv[2], int(argv[3])) if len(argv) > 3 else ("float32", 0)
     from .config import TF_ENV
 
     for key, value in TF_ENV.items():
         os.environ.setdefault(key, value)
-    setup_logging(quiet=True, debug=False)
-    cfg, unpooled = _load_config(work)
+    cfg, unpooled = _load_config(work, prec)
     if task == "raw":
-        result = _child_raw(cfg, work, unpooled)
-    elif task in ("dask", "spark"):
-        result = _child_pipeline(cfg, work, task)
+        # A plain script's logging: importing the CLI would import distributed, not a raw cost.
+        logging.basicConfig(level=logging.WARNING)
+        result = _child_raw(cfg, work, unpooled and repeat == 0)
     else:
-        result = _child_pca(cfg, work, task.removeprefix("pca-"))
-    (work / f"{task}.json").write_text(json.dumps(result))
+        from .cli import setup_logging
+
+        setup_logging(quiet=True, debug=False)
+        if task in ("dask", "spark"):
+            result = _child_pipeline(cfg, work, task)
+        else:
+            result = _child_pca(cfg, work, task.removeprefix("pca-"))
+    (work / f"{task}-{prec}-{repeat}.json").write_text(json.dumps(result))
     return 0
 
 

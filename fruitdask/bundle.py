@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__, frames, model, storage
+from . import __version__, frames, model, precision, storage
 from .errors import ModelError, WeightsError
 from .reduce import Reduction
 
@@ -46,11 +46,13 @@ BUNDLE_FILE = "bundle.json"
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """What makes two feature vectors comparable: the same weights, input size and pooling."""
+    """What makes two feature vectors comparable: the same weights, input size, pooling and
+    precision of the forward pass (bfloat16 features differ from float32 ones by ~0.5 %)."""
 
     weights_sha256: str
     image_size: int
     pooling: str
+    precision: str = "float32"
 
     def mismatch(self, other: FeatureSpec) -> list[str]:
         """Human-readable differences between ``self`` (expected) and ``other`` (given)."""
@@ -61,6 +63,8 @@ class FeatureSpec:
             out.append(f"pooling {other.pooling!r} (model: {self.pooling!r})")
         if other.weights_sha256 != self.weights_sha256:
             out.append(f"weights sha256 {other.weights_sha256[:12]}… (model: {self.weights_sha256[:12]}…)")
+        if other.precision != self.precision:
+            out.append(f"precision {other.precision} (model: {self.precision})")
         return out
 
 
@@ -110,6 +114,7 @@ class Featurizer:
         return frames.featurize_frame(
             df, self.weights, weights_key=self.spec.weights_sha256, image_size=self.spec.image_size,
             pooling=self.spec.pooling, batch_size=self.batch_size, storage_options=self.storage_options,
+            precision=self.spec.precision,
         )
 
 
@@ -198,6 +203,9 @@ class ModelBundle:
     def featurizer(self, storage_options: Mapping[str, Any] | None = None, weights_override: str | None = None) -> Featurizer:
         """Load the (verified) weights and return a :class:`Featurizer` with the training settings."""
         weights = load_verified_weights(self.weights, self.spec.image_size, storage_options, weights_override)
+        if self.spec.precision == "bfloat16" and precision.detect_and_resolve("auto").precision != "bfloat16":
+            logger.warning("the model was trained on bfloat16 features and this machine has no native bf16 "
+                           "(avx512_bf16/amx): featurizing in emulated bfloat16, slower than float32")
         return Featurizer(weights, self.spec, self.batch_size, storage_options)
 
     # --- files ---------------------------------------------------------------------------
@@ -253,7 +261,8 @@ class ModelBundle:
         except (OSError, KeyError, ValueError) as e:
             raise ModelError(f"model {url!r} is incomplete or corrupt ({type(e).__name__}: {e}): train it again") from e
         pre = doc["preprocessing"]
-        spec = FeatureSpec(pre["weights_sha256"], int(pre["image_size"]), pre["pooling"])
+        # Bundles written before --precision existed were float32.
+        spec = FeatureSpec(pre["weights_sha256"], int(pre["image_size"]), pre["pooling"], pre.get("precision", "float32"))
         known = {"format", "fruitdask_version", "created_at", "labels", "weights", "preprocessing", "reduction", "classifier", "files"}
         return cls(spec=spec, weights=WeightsRef(**doc["weights"]), batch_size=int(pre["batch_size"]),
                    reduction=reduction, classifier=classifier, info={k: v for k, v in doc.items() if k not in known})

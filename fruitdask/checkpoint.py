@@ -6,7 +6,7 @@ prefix beside the output::
     <parent>/.<name>.fruitdask-checkpoint/<fingerprint>/part-<digest>.parquet
 
 ``fingerprint`` hashes what decides the features (weights digest, image size, pooling,
-batch size, format version); ``digest`` hashes the partition's own ``path, label`` rows.
+batch size, precision, format version); ``digest`` hashes the partition's own ``path, label`` rows.
 A run that dies after featurization (during the PCA, the write or the commit) leaves the
 checkpoints in place (:meth:`fruitdask.storage.OutputTarget.abort` only removes the run's
 own staging prefix), and the same command with ``--resume`` reads them back instead of
@@ -45,9 +45,11 @@ def checkpoint_root(output_url: str) -> str:
     return f"{parent}/.{name}.{SUFFIX}"
 
 
-def fingerprint(weights_key: str, image_size: int, pooling: str, batch_size: int) -> str:
+def fingerprint(weights_key: str, image_size: int, pooling: str, batch_size: int, precision: str = "float32") -> str:
     """Hash of the settings that decide a partition's features (not of its rows)."""
     text = f"v{FORMAT_VERSION}|{weights_key}|{image_size}|{pooling}|{batch_size}"
+    if precision != "float32":  # float32 fingerprints stay those of the runs before --precision
+        text += f"|{precision}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -109,7 +111,7 @@ class Checkpoints:
 
 def for_run(output_url: str, weights_key: str, cfg: Any) -> Checkpoints:
     """The :class:`Checkpoints` of a run of ``cfg`` writing to ``output_url``."""
-    fp = fingerprint(weights_key, cfg.image_size, cfg.pooling, cfg.batch_size)
+    fp = fingerprint(weights_key, cfg.image_size, cfg.pooling, cfg.batch_size, getattr(cfg, "precision", "float32"))
     return Checkpoints(
         prefix=storage.join(checkpoint_root(output_url), fp),
         resume=bool(cfg.resume),

@@ -44,7 +44,7 @@ class RunOutput:
     @property
     def spec(self) -> FeatureSpec:
         cfg = self.doc["config"]
-        return FeatureSpec(self.doc["weights"]["sha256"], int(cfg["image_size"]), cfg["pooling"])
+        return FeatureSpec(self.doc["weights"]["sha256"], int(cfg["image_size"]), cfg["pooling"], cfg.get("precision", "float32"))
 
     @property
     def weights(self) -> WeightsRef:

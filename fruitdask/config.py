@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .precision import PRECISIONS
 
 #: AWS regions located in EU member states (GDPR territory). London (eu-west-2) and
 #: Zurich (eu-central-2) are in Europe but outside the EU, so they are not listed.
@@ -106,6 +107,7 @@ class RunConfig:
     batch_size: int = 32
     partition_size: int = 64
     pooling: str = "avg"
+    precision: str = "float32"  # float32 | bfloat16 | auto (fruitdask.precision)
     weights: str = "auto"
     seed: int = 0
     components: int | None = None
@@ -133,6 +135,8 @@ class RunConfig:
             raise ConfigError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"unknown pooling {self.pooling!r}: use one of {', '.join(POOLINGS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.image_size < MIN_IMAGE_SIZE:
             raise ConfigError(
                 f"--image-size {self.image_size} is too small for VGG16: use {MIN_IMAGE_SIZE} or more"

@@ -137,11 +137,12 @@ def featurize_frame(
     batch_size: int,
     storage_options: Mapping[str, Any] | None,
     threads: int | None = None,
+    precision: str = "float32",
 ) -> pd.DataFrame:
     """Read, decode and featurize one partition of ``path, label`` rows."""
     if len(df) == 0:
         return features_meta()
-    vgg = model.cached_model(weights_key, weights, image_size, threads)
+    vgg = model.cached_model(weights_key, weights, image_size, threads, precision)
     contents, read_errors = read_many(list(df["path"]), storage_options)
     result = featurize.featurize_bytes(vgg, contents, image_size, pooling, batch_size)
     return assemble(df, result, read_errors)

@@ -82,10 +82,38 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def build_vgg16(image_size: int, weights: str | None = None) -> Any:
-    """The Keras VGG16 graph without its top, for square RGB inputs of ``image_size``."""
+@contextmanager
+def _dtype_policy(keras: Any, name: str) -> Iterator[None]:
+    """Build layers under dtype policy ``name``, then restore the previous one.
+
+    Keras keeps the policy per thread; restoring it means no other model built later in
+    this thread (or code sharing the process) inherits bfloat16.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def build_vgg16(image_size: int, weights: str | None = None, precision: str = "float32") -> Any:
+    """The Keras VGG16 graph without its top, for square RGB inputs of ``image_size``.
+
+    ``precision="bfloat16"`` builds it under Keras' ``mixed_bfloat16`` policy (float32
+    weights, bfloat16 compute) with a float32 cast at the output, so the features are
+    float32 and the weights list is the same as the float32 model's.
+    """
     keras = _keras()
-    return keras.applications.VGG16(weights=weights, include_top=False, input_shape=(image_size, image_size, 3))
+    shape = (image_size, image_size, 3)
+    if precision == "float32":
+        return keras.applications.VGG16(weights=weights, include_top=False, input_shape=shape)
+    if precision != "bfloat16":
+        raise ValueError(f"unknown precision {precision!r}: use float32 or bfloat16")
+    with _dtype_policy(keras, "mixed_bfloat16"):
+        base = keras.applications.VGG16(weights=weights, include_top=False, input_shape=shape)
+    out = keras.layers.Activation("linear", dtype="float32", name="features_float32")(base.output)
+    return keras.Model(base.input, out, name="vgg16_bf16")
 
 
 def weights_digest(weights: list[np.ndarray]) -> str:
@@ -190,7 +218,7 @@ def load_weights(
 
 # --- worker side -----------------------------------------------------------------------
 
-_MODELS: dict[tuple[str, int], Any] = {}
+_MODELS: dict[tuple[str, int, str], Any] = {}
 _LOCK = threading.Lock()
 #: How many times this process built a model, per weights digest (tests read it).
 BUILDS: Counter[str] = Counter()
@@ -216,9 +244,11 @@ def pin_tf_threads(threads: int | None) -> None:
     _THREADS_SET = True
 
 
-def cached_model(key: str, weights: list[np.ndarray], image_size: int, threads: int | None = None) -> Any:
-    """Return this process's compiled model for ``(key, image_size)``, building it once."""
-    cache_key = (key, image_size)
+def cached_model(
+    key: str, weights: list[np.ndarray], image_size: int, threads: int | None = None, precision: str = "float32"
+) -> Any:
+    """Return this process's compiled model for ``(key, image_size, precision)``, building it once."""
+    cache_key = (key, image_size, precision)
     model = _MODELS.get(cache_key)
     if model is not None:
         return model
@@ -226,11 +256,11 @@ def cached_model(key: str, weights: list[np.ndarray], image_size: int, threads: 
         model = _MODELS.get(cache_key)
         if model is None:
             pin_tf_threads(threads)
-            model = build_vgg16(image_size)
+            model = build_vgg16(image_size, precision=precision)
             model.set_weights(weights)
             _MODELS[cache_key] = model
             BUILDS[key] += 1
-            logger.info("built VGG16 (%s, %dpx) in pid %d", key[:12], image_size, os.getpid())
+            logger.info("built VGG16 (%s, %dpx, %s) in pid %d", key[:12], image_size, precision, os.getpid())
     return model
 
 

@@ -7,18 +7,19 @@ Backend-independent steps live here so both backends produce the same files:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import pandas as pd
 
-from . import __version__, checkpoint, model, report, storage
+from . import __version__, checkpoint, model, precision, report, storage
 from .backends import RunContext, get_backend
 from .config import RunConfig
 from .errors import TooManyErrors
+from .progress import Progress
 from .reduce import scree_png
 from .runinfo import StageTimer, label_counts, versions
 
@@ -50,7 +51,7 @@ def check_errors(cfg: RunConfig, n_listed: int, n_errors: int) -> None:
 def run(
     cfg: RunConfig,
     *,
-    progress: Callable[[Any], None] | None = None,
+    progress: Progress | None = None,
     on_event: Callable[[str, dict], None] | None = None,
 ) -> dict:
     """Run the whole pipeline and return the ``run.json`` document.
@@ -58,7 +59,8 @@ def run(
     Parameters
     ----------
     progress
-        Called with the persisted feature collection; the CLI draws a progress bar with it.
+        Told how many images there are and advanced as partitions complete
+        (:class:`fruitdask.progress.Progress`); the CLI draws a bar with it.
     on_event
         Called as ``on_event(name, data)`` at milestones (``listed``, ``cluster``), so the CLI
         can print statistics and the dashboard URL as soon as they are known.
@@ -67,6 +69,13 @@ def run(
     timer = StageTimer()
     started = dt.datetime.now(dt.UTC)
     storage_options = cfg.storage.storage_options()
+
+    # Resolved once here (auto -> float32 or bfloat16; bfloat16 refused where it would be
+    # emulated) so that every worker, checkpoint and record sees the same precision.
+    resolved = precision.detect_and_resolve(cfg.precision)
+    if cfg.precision != "float32":
+        logger.info("precision %s (%s)", resolved.precision, resolved.reason)
+    cfg = dataclasses.replace(cfg, precision=resolved.precision)
 
     # Nothing is read or written before every location passes the region guard.
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
@@ -91,7 +100,7 @@ def run(
         weights_info=winfo,
         target=target,
         timer=timer,
-        progress=progress or (lambda _: None),
+        progress=progress or Progress(),
         on_cluster=lambda shape: emit("cluster", shape),
     )
     with storage.committed(target):
@@ -126,6 +135,7 @@ def run(
                 "overall": round(len(listing) / timer.total, 3),
             },
             "cluster": result.cluster,
+            "precision": resolved.to_dict(),
             "weights": {
                 "requested": winfo.requested,
                 "kind": winfo.kind,

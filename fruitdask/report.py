@@ -213,6 +213,8 @@ def _run_section(doc: Mapping[str, Any]) -> str:
         ("weights sha256", f'<code>{_txt(w.get("sha256"), "weights", "sha256")}</code>'),
         ("image size", _num(cfg.get("image_size"), "config", "image_size") + " px"),
         ("pooling", _txt(cfg.get("pooling"), "config", "pooling")),
+        ("precision", _txt(cfg.get("precision", "float32"), "config", "precision")
+         + (f' ({_e((doc.get("precision") or {}).get("reason"))})' if (doc.get("precision") or {}).get("reason") else "")),
         ("batch / partition size", f'{_num(cfg.get("batch_size"), "config", "batch_size")} / '
                                    f'{_num(cfg.get("partition_size"), "config", "partition_size")} images'),
         ("started", _txt(doc.get("started_at"), "started_at")),

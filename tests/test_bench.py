@@ -14,6 +14,8 @@ from fruitdask.cli import main
 from fruitdask.config import RunConfig
 from fruitdask.errors import ConfigError
 
+ZEN4 = "model name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+
 
 def test_pick_first_or_evenly_spaced():
     assert bench.pick(10, 3, "first") == [0, 1, 2]
@@ -53,6 +55,53 @@ def test_unknown_backend_is_a_config_error(tmp_path, capsys):
     assert "raw,dask,spark" in capsys.readouterr().err
 
 
+def _run(wall, steady, images=10, status="ok", busy=3.0, **timings):
+    return {"status": status, "wall_s": wall, "images": images, "images_per_s_e2e": round(images / wall, 3),
+            "steady_images_per_s": steady, "fixed_cost_s": wall - images / steady, "timings_s": {"featurize": 1.0, **timings},
+            "memory": {"driver_mb": 100.0, "jvm_mb": 0.0, "workers_mb": 50.0, "worker_max_mb": 50.0, "n_workers": 1},
+            "load_before": {"cpu_busy_pct": busy, "load_1min": 0.1, "quiet": busy <= bench.QUIET_CPU_PCT},
+            "partition_ends_s": list(range(500)), "weights_sha256": "w"}
+
+
+def test_summary_reports_median_and_spread_and_ratios(tmp_path):
+    import argparse
+
+    cfg = RunConfig(input="x", output="y", image_size=32)
+    args = argparse.Namespace(input="in", repeats=3)
+    runs = {"float32": {"raw": [_run(10, 2.0), _run(12, 2.0), _run(11, 2.2)],
+                        "dask": [_run(20, 2.0), _run(22, 1.8, busy=60.0), _run(21, 1.9)]}}
+    rep = bench.summarize(cfg, args, 10, ["float32"], runs, {}, {}, {}, bench.machine(ZEN4))
+    raw, dask = rep["results"]["float32"]["raw"], rep["results"]["float32"]["dask"]
+    assert raw["wall_s"] == {"median": 11.0, "min": 10.0, "max": 12.0, "n": 3}
+    assert dask["ratio_to_raw_e2e"] == round(dask["images_per_s_e2e"]["median"] / raw["images_per_s_e2e"]["median"], 3)
+    assert dask["ratio_to_raw_steady"] == round(1.9 / 2.0, 3)
+    # One engine run started on a busy machine: the whole bench is flagged.
+    assert rep["machine"]["quiet"] is False and rep["machine"]["cpu_busy_pct_before_runs"]["max"] == 60.0
+    assert rep["machine"]["cpu"] == "AMD EPYC 9R14" and rep["machine"]["cpu_flags"]["avx512_bf16"] is True
+    assert all("partition_ends_s" not in r for r in dask["runs"])  # bench.json stays small enough to commit
+    assert len(json.dumps(rep)) < 20_000
+    md = bench.markdown(rep)
+    assert "| raw | 11.0 (10.0–12.0) |" in md and "NOT quiet" in md and "avx512_bf16" in md
+
+
+def test_precision_comparison_and_held_out_accuracy(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["Apple", "Kiwi", "Pear"], 12)
+    centers = {lab: rng.normal(scale=5, size=16) for lab in set(labels)}
+    x32 = np.stack([centers[lab] + rng.normal(size=16) for lab in labels]).astype(np.float32)
+    x16 = x32 * (1 + 1e-3 * rng.normal(size=x32.shape)).astype(np.float32)
+    paths = np.array([f"/d/{lab}/{i}.jpg" for i, lab in enumerate(labels)])
+    np.savez(tmp_path / "raw_features-float32.npz", paths=paths, features=x32)
+    np.savez(tmp_path / "raw_features-bfloat16.npz", paths=paths, features=x16)
+    (tmp_path / "config-float32.json").write_text(json.dumps({"variance": 0.95}))
+    runs = {"float32": {"raw": [_run(10, 2.0), _run(10, 2.0)]}, "bfloat16": {"raw": [_run(5, 4.0), _run(5, 4.4)]}}
+    cmp = bench.compare_precisions(tmp_path, runs, ["float32", "bfloat16"], 0)
+    assert cmp["accuracy"]["float32"]["accuracy"] == 1.0 and cmp["accuracy"]["float32"]["test"] == 9
+    vs = cmp["vs_baseline"]["bfloat16"]
+    assert vs["engines"]["raw"] == {"speed_ratio_e2e": 2.0, "speed_ratio_steady": 2.1}
+    assert vs["features"]["correlation"] > 0.999 and vs["accuracy_points"] == 0.0
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_bench_smoke_run_writes_json_and_markdown(tmp_path):
@@ -60,24 +109,55 @@ def test_bench_smoke_run_writes_json_and_markdown(tmp_path):
     doc.write_text("<!-- bench:smoke start -->\n<!-- bench:smoke end -->\n")
     out = tmp_path / "bench"
     code = main(["bench", "--input", str(BUNDLED), "--images", "8", "--image-size", str(SMALL_SIZE),
-                 "--backends", "raw,dask,spark", "--no-unpooled-pca", "--out", str(out),
+                 "--backends", "raw,dask,spark", "--no-unpooled-pca", "--out", str(out), "--repeats", "1",
                  "--workers", "1", "--spark-master", "local[1]",
                  "--fill-doc", str(doc), "--doc-section", "smoke", "--quiet"])
     assert code == 0
     rep = json.loads((out / "bench.json").read_text())
-    assert rep["images"] == 8 and rep["image_size"] == SMALL_SIZE and rep["same_weights"]
-    assert set(rep["engines"]) == {"raw", "dask", "spark"}
-    for name, r in rep["engines"].items():
-        assert r["images"] == 8, name
-        for key in ("images_per_s", "steady_images_per_s", "fixed_cost_s", "ratio_to_raw_e2e", "timings_s", "memory", "wall_s"):
-            assert key in r, (name, key)
-        assert r["memory"]["driver_mb"] > 0
+    assert rep["images"] == 8 and rep["image_size"] == SMALL_SIZE and rep["same_weights"] and rep["precisions"] == ["float32"]
+    engines = rep["results"]["float32"]
+    assert set(engines) == {"raw", "dask", "spark"}
+    for name, r in engines.items():
+        assert r["ok_runs"] == 1, (name, r["runs"])
+        run = r["runs"][0]
+        assert run["images"] == 8 and run["memory"]["driver_mb"] > 0
+        # End to end is the child's whole life, so it exceeds the sum of the stages it timed.
+        assert run["wall_s"] > sum(run["timings_s"].get(s, 0) for s in ("startup", "featurize", "pca", "write"))
+        assert r["images_per_s_e2e"]["median"] == pytest.approx(8 / run["wall_s"], rel=1e-2)
+        assert {"listing", "featurize", "pca", "write"} <= set(run["timings_s"]), name
+        assert "load_before" in run and "cpu_busy_pct" in run["load_before"]
     for name in ("dask", "spark"):
-        assert {"startup", "listing", "featurize", "pca", "write"} <= set(rep["engines"][name]["timings_s"])
-        assert rep["engines"][name]["memory"]["workers_mb"] > 0
-        assert rep["parity"][name]["rows"] == 8 and rep["parity"][name]["max_abs_diff_vs_raw"] <= 1e-5
-    assert rep["engines"]["spark"]["memory"]["jvm_mb"] > 0
-    assert rep["machine"]["cpus"] and "load_1min_before" in rep["machine"]
+        assert engines[name]["memory"]["workers_mb"] > 0
+        assert rep["parity"]["float32"][name]["rows"] == 8 and rep["parity"]["float32"][name]["max_abs_diff_vs_raw"] <= 1e-5
+    assert engines["spark"]["memory"]["jvm_mb"] > 0
+    assert rep["machine"]["cpus"] and "avx512_bf16" in rep["machine"]["cpu_flags"]
     md = (out / "bench.md").read_text()
     assert "| spark |" in md and "steady" in md and md in doc.read_text()
     assert Path(rep["input"]) == BUNDLED
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_compares_precisions_over_repeats(tmp_path, monkeypatch):
+    from fruitdask import precision
+
+    # The parent resolves the axis; a Zen 4 cpuinfo lets bf16 through on any machine (the
+    # children then run it, natively here, emulated elsewhere).
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda path="/proc/cpuinfo": ZEN4)
+    out = tmp_path / "bench"
+    code = main(["bench", "--input", str(BUNDLED), "--images", "48", "--image-size", str(SMALL_SIZE), "--backends", "raw",
+                 "--no-unpooled-pca", "--out", str(out), "--repeats", "2", "--precisions", "float32,bfloat16", "--quiet"])
+    assert code == 0
+    rep = json.loads((out / "bench.json").read_text())
+    assert rep["precisions"] == ["float32", "bfloat16"]
+    for prec in rep["precisions"]:
+        raw = rep["results"][prec]["raw"]
+        assert raw["ok_runs"] == 2 and raw["wall_s"]["n"] == 2 and raw["wall_s"]["min"] <= raw["wall_s"]["max"]
+        assert [r["precision"] for r in raw["runs"]] == [prec, prec]
+    cmp = rep["precision_comparison"]
+    assert cmp["baseline"] == "float32" and set(cmp["accuracy"]) == {"float32", "bfloat16"}
+    vs = cmp["vs_baseline"]["bfloat16"]
+    assert vs["engines"]["raw"]["speed_ratio_e2e"] > 0 and vs["features"]["correlation"] > 0.999
+    assert vs["features"]["relative_error"] < 0.01
+    assert cmp["accuracy"]["float32"]["test"] == 12 and abs(vs["accuracy_points"]) <= 100
+    assert "Precision against float32" in (out / "bench.md").read_text()

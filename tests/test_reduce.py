@@ -79,3 +79,49 @@ def test_reduction_round_trips_and_plots(tmp_path):
     np.testing.assert_allclose(back.transform(x), red.transform(x))
     png = scree_png(red)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def _decaying(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Features with a smoothly decaying spectrum (like VGG16's), not a few exact ranks."""
+    rng = np.random.default_rng(seed)
+    scales = 1.0 / (1.0 + np.arange(min(n, d))) ** 0.8
+    u = rng.normal(size=(n, len(scales)))
+    v = rng.normal(size=(len(scales), d))
+    return ((u * scales) @ v + 0.01 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("gram_max", [10_000, 50], ids=["gram-exact", "randomized"])
+def test_k_from_the_spectrum_matches_sklearn_exact_pca(gram_max):
+    x = _decaying(120, 300, seed=5)
+    z = _standardized(x.astype(np.float64))
+    exact = PCA().fit(z)
+    with dask.config.set(scheduler="sync"):
+        red = fit_incremental_pca(da.from_array(x, chunks=40), components=None, variance=0.9, batch_size=None,
+                                  gram_max_samples=gram_max)
+    assert red.k == choose_k(exact.explained_variance_ratio_, 0.9)
+    assert red.components.shape == (red.k, 300)
+    assert ("Gram" in red.method) == (gram_max > 120)
+    if gram_max > 120:  # exact: the applied axes are sklearn's, signs included
+        np.testing.assert_allclose(red.components, exact.components_[: red.k], atol=1e-6)
+        assert red.n_fitted == red.k and red.summary()["n_fit_components"] == red.k
+    else:
+        assert "randomized estimate" in red.method and red.k < red.summary()["n_fit_components"] <= 2 * red.k + 10
+    # What the applied components really explain, measured on the data, against exact PCA.
+    projected = red.transform(x).astype(np.float64)
+    reached = projected.var(axis=0, ddof=1).sum() / z.var(axis=0, ddof=1).sum()
+    assert abs(reached - exact.explained_variance_ratio_[: red.k].sum()) < 1e-3
+    assert abs(red.variance_reached - exact.explained_variance_ratio_[: red.k].sum()) < 1e-3
+    back = Reduction.from_npz(red.to_npz())
+    assert back.n_fitted == red.n_fitted
+
+
+def test_gram_spectrum_is_the_exact_spectrum():
+    from fruitdask.reduce import gram_spectrum
+
+    x = _decaying(90, 200, seed=2)
+    z = _standardized(x.astype(np.float64))
+    with dask.config.set(scheduler="sync"):
+        spec = gram_spectrum(da.from_array(z, chunks=(25, 200)))
+    exact = PCA().fit(z).explained_variance_ratio_
+    np.testing.assert_allclose(spec.ratios[: len(exact)], exact, atol=1e-10)
+    assert spec.exact

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,6 +11,7 @@ import pandas as pd
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..model import WeightsInfo
+from ..progress import Progress
 from ..reduce import Reduction
 from ..runinfo import StageTimer
 from ..storage import OutputTarget
@@ -27,7 +27,7 @@ class RunContext:
     weights_info: WeightsInfo
     target: OutputTarget
     timer: StageTimer
-    progress: Callable[[Any], None] = lambda _: None
+    progress: Progress = field(default_factory=Progress)  # counts images; a no-op unless the CLI draws it
     on_cluster: Callable[[dict], None] = lambda _: None
 
 

@@ -47,6 +47,26 @@ def featurize_on_worker(
     return checkpoint.featurize_checkpointed(df, weights, checkpoints, threads=threads, **kwargs)
 
 
+def track_images(collection, counts: list[int], bar) -> None:
+    """Advance ``bar`` by each partition's image count as its future completes.
+
+    ``counts[i]`` is the number of listed images in partition ``i`` of the persisted
+    ``collection`` (known from the listing), so the bar counts images, not tasks.
+    """
+    from distributed import as_completed, futures_of
+
+    futures = futures_of(collection)
+    bar.start(sum(counts))
+    try:
+        for future in as_completed(futures):
+            # Keys are (name, partition); the name is the optimized graph's, not the
+            # collection's own, so only the partition number is reliable.
+            i = future.key[-1] if isinstance(future.key, tuple) else None
+            bar.advance(counts[i] if isinstance(i, int) and 0 <= i < len(counts) else sum(counts) // max(len(futures), 1))
+    finally:
+        bar.close()
+
+
 def n_partitions(n_images: int, partition_size: int, n_threads: int) -> int:
     """Partitions of about ``partition_size`` images, a multiple of the cluster's threads so
     that the last wave keeps every thread busy."""
@@ -102,13 +122,14 @@ def run(ctx: RunContext) -> BackendResult:
                         weights,
                         weights_key=ctx.weights_info.sha256,
                         image_size=cfg.image_size,
+                        precision=cfg.precision,
                         pooling=cfg.pooling,
                         batch_size=cfg.batch_size,
                         storage_options=storage_options,
                         checkpoints=ckpt,
                         meta=frames.features_meta(),
                     ).persist()
-                    ctx.progress(feats)
+                    track_images(feats, [len(p) for p in parts], ctx.progress)
                     wait(feats)
                     errors = (
                         feats[~feats["error_stage"].isna()][["path", "label", "error_stage", "error_reason"]]

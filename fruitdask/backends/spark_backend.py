@@ -34,6 +34,7 @@ import pyarrow as pa
 from .. import featurize, frames, model, storage
 from ..config import RunConfig
 from ..errors import OutputError, ReductionError
+from ..progress import Poller
 from ..reduce import Reduction, finish, plan_pca, safe_scale
 from . import BackendResult, RunContext
 
@@ -88,7 +89,8 @@ def check_pca_size(cfg: RunConfig) -> str | None:
 
 
 def featurize_batches(batches: Iterator[pa.RecordBatch], bc, *, ends=None, weights_key: str, image_size: int, pooling: str,
-                      batch_size: int, storage_options: dict, threads: int | None) -> Iterator[pa.RecordBatch]:
+                      batch_size: int, storage_options: dict, threads: int | None, precision: str = "float32",
+                      images=None) -> Iterator[pa.RecordBatch]:
     """``mapInArrow`` body: ``path, label, content`` batches to feature batches.
 
     Rows whose ``content`` is null (``s3://`` inputs, or files Spark's lister hides) are read
@@ -99,7 +101,7 @@ def featurize_batches(batches: Iterator[pa.RecordBatch], bc, *, ends=None, weigh
         if batch.num_rows == 0:
             continue
         if vgg is None:
-            vgg = model.cached_model(weights_key, bc.value, image_size, threads)
+            vgg = model.cached_model(weights_key, bc.value, image_size, threads, precision)
         df = pd.DataFrame({"path": batch.column("path").to_pylist(), "label": batch.column("label").to_pylist()})
         contents = batch.column("content").to_pylist()
         missing = [i for i, c in enumerate(contents) if c is None]
@@ -111,6 +113,8 @@ def featurize_batches(batches: Iterator[pa.RecordBatch], bc, *, ends=None, weigh
             read_errors = {missing[j]: msg for j, msg in errs.items()}
         result = featurize.featurize_bytes(vgg, contents, image_size, pooling, batch_size)
         out = frames.assemble(df, result, read_errors)
+        if images is not None:  # the driver's progress bar (reaches it as each task ends)
+            images.add(batch.num_rows)
         yield pa.RecordBatch.from_pandas(out, schema=frames.FEATURES_SCHEMA, preserve_index=False)
     if ends is not None:
         ends.add([time.time()])
@@ -235,12 +239,18 @@ def run(ctx: RunContext) -> BackendResult:
         with timer.stage("broadcast"):
             bc = sc.broadcast(ctx.weights)
         ends = sc.accumulator([], _EndTimes())
-        body = _featurizer(bc, ends, ctx, storage_options, threads)
+        done = sc.accumulator(0)
+        body = _featurizer(bc, ends, ctx, storage_options, threads, done)
         with timer.stage("featurize"):
             t0 = time.time()
             feats = images.mapInArrow(body, FEATURES_DDL).persist(StorageLevel.MEMORY_AND_DISK)
-            # A real sink: counting the features column forces the UDF (a bare count() may prune it).
-            total, with_features = feats.select(F.count(F.lit(1)), F.count("features")).first()
+            ctx.progress.start(len(ctx.listing))
+            try:
+                with Poller(ctx.progress, lambda: done.value):
+                    # A real sink: counting the features column forces the UDF (a bare count() may prune it).
+                    total, with_features = feats.select(F.count(F.lit(1)), F.count("features")).first()
+            finally:
+                ctx.progress.close()
             bad = feats.filter(F.col("error_stage").isNotNull()).select("path", "label", "error_stage", "error_reason").collect()
         errors = pd.DataFrame([tuple(r) for r in bad], columns=frames.ERROR_COLUMNS)
         if total != len(ctx.listing):
@@ -263,13 +273,14 @@ def run(ctx: RunContext) -> BackendResult:
     return BackendResult(rows=n_rows, errors=errors, reduction=reduction, cluster=cluster, extra=extra)
 
 
-def _featurizer(bc, ends, ctx: RunContext, storage_options: dict, threads: int):
+def _featurizer(bc, ends, ctx: RunContext, storage_options: dict, threads: int, done=None):
     cfg = ctx.cfg
     key = ctx.weights_info.sha256
 
     def body(batches):
         return featurize_batches(batches, bc, ends=ends, weights_key=key, image_size=cfg.image_size, pooling=cfg.pooling,
-                                 batch_size=cfg.batch_size, storage_options=storage_options, threads=threads)
+                                 batch_size=cfg.batch_size, storage_options=storage_options, threads=threads,
+                                 precision=cfg.precision, images=done)
 
     return body
 
