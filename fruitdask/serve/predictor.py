@@ -44,7 +44,8 @@ class Predictor:
         start = time.perf_counter()
         featurizer = bundle.featurizer(storage_options, weights_override)
         spec = featurizer.spec
-        vgg = model.cached_model(spec.weights_sha256, featurizer.weights, spec.image_size, threads)
+        # The bundle's precision: served features must be those the classifier was trained on.
+        vgg = model.cached_model(spec.weights_sha256, featurizer.weights, spec.image_size, threads, precision=spec.precision)
         self = cls(bundle, featurizer, vgg, max_pixels=max_pixels, source=source)
         blank = np.full((max(warm_batches), spec.image_size, spec.image_size, 3), 255, dtype=np.uint8)
         for n in warm_batches:
@@ -88,9 +89,7 @@ class Predictor:
             "weights": {"kind": b.weights.kind, "source": b.weights.source, "sha256": b.weights.sha256},
             "image_size": spec.image_size,
             "pooling": spec.pooling,
-            # The bundle names its precision when it was trained with one (bf16 runs);
-            # older bundles ran float32, which is what the featurizer then does.
-            "precision": getattr(spec, "precision", None) or info.get("precision") or "float32",
+            "precision": spec.precision,
             "components": int(b.reduction.k),
             "training": {
                 "train_accuracy": info.get("training", {}).get("train_accuracy"),
