@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import pytest
 from conftest import BUNDLED
 from docker_engine import IMAGE_REPOSITORY, IMAGE_TAG, Engine, build_image, engine_session
 from k8s_validation import render
+from packaging.utils import canonicalize_name
 from pods import FakeCluster, Pod, docker_run_args, probe_url
 from s3_server import S3, TEST_KEY, TEST_SECRET
 
@@ -56,6 +58,25 @@ def engine() -> Iterator[Engine]:
 @pytest.fixture(scope="session")
 def image(engine: Engine) -> str:
     return build_image(engine)
+
+
+def test_image_ships_exactly_the_locked_versions(engine: Engine, image: str) -> None:
+    from test_lock import REQUIREMENTS, pins
+
+    def in_image(*cmd: str) -> str:
+        return engine.run("run", "--rm", "--network", "host", "--entrypoint", cmd[0], image, *cmd[1:]).stdout.decode()
+
+    assert "No broken requirements" in in_image("pip", "check")
+    frozen = dict(line.split("==", 1) for line in in_image("pip", "freeze", "--all").split() if "==" in line)
+    frozen = {canonicalize_name(k): v for k, v in frozen.items()}
+    locked = pins(REQUIREMENTS / "cpu.txt")
+    assert {n: (v, frozen.get(n)) for n, v in locked.items() if frozen.get(n) != v} == {}
+    assert frozen["fruitdask"] == metadata.version("fruitdask")
+    # Runs as the numeric non-root user; the build machine's pip settings left no trace.
+    assert in_image("id", "-u").strip() == "10001"
+    assert in_image("sh", "-c", "ls -A /tmp; test ! -e /tmp/pip-settings && echo clean").split() == ["clean"]
+    history = engine.run("history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout.decode()
+    assert "PIP_SETTINGS_URL" not in history and "127.0.0.1" not in history and "pip.conf" not in history
 
 
 def chart_values(s3_endpoint: str, job: dict[str, Any] | None = None, tls: bool = False) -> dict[str, Any]:
