@@ -25,7 +25,7 @@ install-test: $(VENV)/.installed-test
 
 ## run: the pipeline on the bundled sample (120 real images), local cluster, output in ./$(OUT)
 run: install
-	$(PY) -m fruitdask run --output $(OUT) --overwrite
+	$(PY) -m fruitdask run --output $(OUT) --overwrite --allow-random-weights
 
 ## test: install the test extras, lint, run the whole suite
 test: install-test

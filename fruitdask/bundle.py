@@ -27,7 +27,7 @@ import datetime as dt
 import io
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -72,6 +72,7 @@ class WeightsRef:
     source: str
     sha256: str
     seed: int = 0
+    file_sha256: str | None = None  # of the weights file's bytes (kind "file")
 
     @property
     def spec(self) -> str:
@@ -80,11 +81,22 @@ class WeightsRef:
 
 
 def load_verified_weights(
-    ref: WeightsRef, image_size: int, storage_options: Mapping[str, Any] | None, override: str | None = None
+    ref: WeightsRef, image_size: int, storage_options: Mapping[str, Any] | None, override: str | None = None,
+    guard: Callable[[list[str]], None] | None = None,
 ) -> list[np.ndarray]:
-    """Load the referenced weights (or ``override``) and refuse them unless the sha256 matches."""
+    """Load the referenced weights (or ``override``) and refuse them unless the sha256 matches.
+
+    The location comes from a stored document, so it is untrusted: only a local file or
+    ``s3://`` (:func:`fruitdask.model.check_weights_location`), through ``guard`` (the
+    region guard of the command) when given, and a ``.keras`` file is hashed before it is
+    deserialized.
+    """
     spec = override or ref.spec
-    weights, info = model.load_weights(spec, image_size=image_size, seed=ref.seed, storage_options=dict(storage_options or {}))
+    model.check_weights_location(spec)
+    if guard is not None:
+        guard([spec])
+    weights, info = model.load_weights(spec, image_size=image_size, seed=ref.seed, storage_options=dict(storage_options or {}),
+                                       keras_sha256=ref.file_sha256, referenced=True)
     if info.sha256 != ref.sha256:
         raise WeightsError(
             f"weights {spec!r} have sha256 {info.sha256[:16]}…, but the features were made with "
@@ -195,9 +207,10 @@ class ModelBundle:
         order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
         return [[(self.labels[j], float(row[j])) for j in idx] for row, idx in zip(proba, order, strict=True)]
 
-    def featurizer(self, storage_options: Mapping[str, Any] | None = None, weights_override: str | None = None) -> Featurizer:
+    def featurizer(self, storage_options: Mapping[str, Any] | None = None, weights_override: str | None = None,
+                   guard: Callable[[list[str]], None] | None = None) -> Featurizer:
         """Load the (verified) weights and return a :class:`Featurizer` with the training settings."""
-        weights = load_verified_weights(self.weights, self.spec.image_size, storage_options, weights_override)
+        weights = load_verified_weights(self.weights, self.spec.image_size, storage_options, weights_override, guard)
         return Featurizer(weights, self.spec, self.batch_size, storage_options)
 
     # --- files ---------------------------------------------------------------------------

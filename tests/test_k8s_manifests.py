@@ -7,6 +7,7 @@ import re
 import shlex
 from importlib import metadata
 
+import dockerfile_parse  # a [dev] dependency, imported plainly: missing, the module fails loudly
 import jsonschema
 import pytest
 import yaml
@@ -132,8 +133,6 @@ def test_core_validation_is_strict() -> None:
 
 
 # -- Dockerfile ------------------------------------------------------------------------
-
-dockerfile_parse = pytest.importorskip("dockerfile_parse", reason="pip install dockerfile-parse")
 
 
 @pytest.fixture(scope="module")

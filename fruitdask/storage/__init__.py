@@ -20,7 +20,7 @@ from typing import Any
 import fsspec
 import pandas as pd
 
-from ..errors import InputError, OutputError, StorageError
+from ..errors import InputError, OutputError, StorageError, UntrustedReferenceError
 from . import s3errors, safety
 
 logger = logging.getLogger(__name__)
@@ -44,16 +44,28 @@ def get_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[
         raise StorageError(f"cannot open {url!r}: {e}") from e
 
 
-def list_images(url: str, storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """List images under ``url``, recursively, with their label.
+#: Default ``--max-file-mb``: a Fruits-360 image is ~5 KB, a 24-megapixel JPEG ~15 MB.
+DEFAULT_MAX_FILE_MB = 50
+REJECTED_COLUMNS = ["path", "label", "stage", "reason"]
+
+
+def scan_images(
+    url: str, storage_options: Mapping[str, Any] | None = None, max_file_bytes: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """List images under ``url``, recursively, with their label; set aside those refused
+    from the listing alone, before any byte of them is read.
 
     The label is the name of the folder that holds the image (``Cherry 1/r_0_100.jpg`` has
     label ``Cherry 1``). Extensions ``.jpg``, ``.jpeg`` and ``.png`` match in any letter case.
+    Refused: files over ``max_file_bytes`` (by the size the listing reports: one huge object
+    would be read whole into a worker), and, locally, symbolic links that lead outside the
+    input root (or nowhere); links inside the root are kept, linked folders not followed.
 
     Returns
     -------
-    pandas.DataFrame
-        Columns ``path`` (full path or URL, sorted) and ``label``.
+    (listing, rejected)
+        ``listing``: columns ``path`` (full path or URL, sorted) and ``label``;
+        ``rejected``: ``path, label, stage, reason`` (stage ``list``), for ``errors.parquet``.
     """
     fs, root = get_fs(url, storage_options)
     try:
@@ -61,23 +73,91 @@ def list_images(url: str, storage_options: Mapping[str, Any] | None = None) -> p
             raise InputError(f"input {url!r} does not exist: check the path, or pass --input DIR_OR_URI")
         if not fs.isdir(root):
             raise InputError(f"input {url!r} is a file, not a folder: pass the folder that holds <Label>/<image>.jpg")
-        found = fs.find(root, withdirs=False)
+        remote = is_remote(url)
+        found = _remote_entries(fs, root) if remote else _local_entries(root)
     except s3errors.storage_exceptions() as e:
         raise translate(e, url) from e
-    remote = is_remote(url)
-    rows = []
+    rows, rejected = [], []
     for path in sorted(found):
+        size, problem, folder = found[path]
         name = posixpath.basename(path)
-        if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+        if not folder and (name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS)):
             continue
         label = posixpath.basename(posixpath.dirname(path))
         # Full URLs for remote files so any process can open them without the root.
-        rows.append((fs.unstrip_protocol(path) if remote else path, label))
-    if not rows:
+        full = fs.unstrip_protocol(path) if remote else path
+        if problem is None and max_file_bytes is not None and size is not None and size > max_file_bytes:
+            problem = (f"file of {size:,} bytes is over the {max_file_bytes:,}-byte limit (--max-file-mb "
+                       f"{max_file_bytes / 2**20:g}): not read; raise --max-file-mb if such files are expected")
+        if problem is None:
+            rows.append((full, label))
+        else:
+            rejected.append((full, label, "list", problem))
+    if not rows and not rejected:
         raise InputError(
             f"no images found under {url!r}: expected <Label>/<image>.jpg|.jpeg|.png files (any letter case)"
         )
-    return pd.DataFrame(rows, columns=["path", "label"])
+    return pd.DataFrame(rows, columns=["path", "label"]), pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
+
+
+def list_images(
+    url: str, storage_options: Mapping[str, Any] | None = None, max_file_bytes: int | None = None
+) -> pd.DataFrame:
+    """The accepted images of :func:`scan_images` (refused ones are logged as warnings).
+
+    Raises
+    ------
+    InputError
+        No image under ``url`` (or every one was refused).
+    """
+    listing, rejected = scan_images(url, storage_options, max_file_bytes)
+    for row in rejected.itertuples():
+        logger.warning("skipped %s: %s", row.path, row.reason)
+    if listing.empty:
+        raise InputError(f"every image under {url!r} was refused ({len(rejected)}; first: {rejected['reason'].iloc[0]})")
+    return listing
+
+
+Entry = tuple[int | None, str | None, bool]  # size, why it is refused, is a linked folder
+
+
+def _remote_entries(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Entry]:
+    """``path -> (size, None, False)`` of every object under ``root``, sizes from the listing."""
+    return {p: (info.get("size"), None, False) for p, info in fs.find(root, withdirs=False, detail=True).items()}
+
+
+def _local_entries(root: str) -> dict[str, Entry]:
+    """``path -> (size, problem, linked folder)`` of every file under ``root``, without
+    following links out.
+
+    Paths keep the root as given (``root/Label/x.jpg``); a symbolic link is resolved and
+    refused when its target is outside the root's real location, or missing. Linked folders
+    are not descended into (one leading outside is reported; one inside adds nothing).
+    """
+    real_root = os.path.realpath(root)
+    inside = real_root.rstrip(os.sep) + os.sep
+    out: dict[str, Entry] = {}
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for d in dirs:
+            link = os.path.join(folder, d)
+            if os.path.islink(link) and not (os.path.realpath(link) + os.sep).startswith(inside):
+                out[link] = (None, f"symbolic link to a folder outside the input root ({os.path.realpath(link)}): "
+                                   "not followed", True)
+        for f in files:
+            path = os.path.join(folder, f)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if not target.startswith(inside):
+                    out[path] = (None, f"symbolic link to {target}, outside the input root {real_root}: not read", False)
+                    continue
+                if not os.path.exists(target):
+                    out[path] = (None, f"broken symbolic link (to {target}): not read", False)
+                    continue
+            try:
+                out[path] = (os.stat(path).st_size, None, False)
+            except OSError as e:
+                out[path] = (None, f"cannot stat file: {e}", False)
+    return out
 
 
 def read_bytes(path: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
@@ -95,6 +175,17 @@ def read_bytes(path: str, storage_options: Mapping[str, Any] | None = None) -> b
         raise
     except s3errors.storage_exceptions() as e:
         raise translate(e, path) from e
+
+
+def check_protocols(urls: list[str | None]) -> None:
+    """Refuse locations other than local paths and ``s3://`` (whose region the guard can
+    check): for paths read from stored data when no region guard settings are at hand."""
+    for url in urls:
+        if url and is_remote(url) and fsspec.core.split_protocol(url)[0] not in ("s3", "s3a"):
+            raise UntrustedReferenceError(
+                f"{url!r} is not a local path or an s3:// URI: fruitdask does not read it; "
+                "rebuild with `fruitdask report OUTPUT`, which checks every location"
+            )
 
 
 def translate(e: BaseException, url: str) -> StorageError | InputError:
