@@ -22,11 +22,12 @@ MAX_PIXELS = 64_000_000
 #: JPEGs with at least this many pixels are decoded at reduced scale (draft mode).
 DRAFT_MIN_PIXELS = 4_000_000
 RESAMPLE = Image.Resampling.BICUBIC  # PIL's default for resize(), as in the seed notebook
-#: The only PIL decoders an input file is handed to (the listing takes .jpg/.jpeg/.png; MPO is
-#: the JPEG many cameras and phones write). Every other format PIL knows (TIFF, PSD, EPS via
-#: Ghostscript, ...) is refused by content, whatever the file's name: each decoder is attack
-#: surface, and a format we do not mean to read is a mistake in the input.
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG")
+#: The only PIL decoders an input file is handed to (the listing takes .jpg/.jpeg/.png; the
+#: multi-picture JPEGs of cameras and phones, MPO, open through the JPEG decoder). Every other
+#: format PIL knows (TIFF, PSD, EPS via Ghostscript, ...) is refused by content, whatever the
+#: file's name: each decoder is attack surface, and a format we do not mean to read is a
+#: mistake in the input.
+ALLOWED_FORMATS = ("JPEG", "PNG")
 
 #: Model calls in this process: ``batches`` (``predict_on_batch`` calls) and ``images``.
 #: Tests read it on workers with ``client.run(model_calls)`` to prove a resumed run reused
