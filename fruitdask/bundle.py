@@ -87,12 +87,12 @@ def load_verified_weights(
     """Load the referenced weights (or ``override``) and refuse them unless the sha256 matches.
 
     The location comes from a stored document, so it is untrusted: only a local file or
-    ``s3://`` (:func:`fruitdask.model.check_weights_location`), through ``guard`` (the
+    ``s3://`` (:func:`fruitdask.storage.check_protocols`), through ``guard`` (the
     region guard of the command) when given, and a ``.keras`` file is hashed before it is
     deserialized.
     """
     spec = override or ref.spec
-    model.check_weights_location(spec)
+    storage.check_protocols([spec], "weights location", "pass --weights PATH_OR_URI of a local file or an s3:// object")
     if guard is not None:
         guard([spec])
     weights, info = model.load_weights(spec, image_size=image_size, seed=ref.seed, storage_options=dict(storage_options or {}),

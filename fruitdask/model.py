@@ -128,33 +128,6 @@ def _random(seed: int) -> list[np.ndarray]:
     return build_vgg16(32).get_weights()
 
 
-#: Where a weights file may come from: local files and S3 (through the region guard). A
-#: weights reference stored in run.json or bundle.json is data, never a way to reach
-#: http(s) or any other fsspec protocol.
-WEIGHTS_PROTOCOLS = (None, "file", "local", "s3", "s3a")
-
-
-def check_weights_location(spec: str) -> None:
-    """Refuse a weights location on a protocol other than a local file or ``s3://``."""
-    import fsspec
-
-    protocol = fsspec.core.split_protocol(spec)[0]
-    if protocol not in WEIGHTS_PROTOCOLS:
-        raise UntrustedReferenceError(
-            f"weights location {spec!r} uses {protocol}://, which fruitdask does not read weights from: "
-            "copy the file to an s3:// bucket in an allowed region or a local path, and pass --weights PATH_OR_URI"
-        )
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _from_file(
     spec: str, storage_options: dict[str, Any] | None, keras_sha256: str | None = None, referenced: bool = False
 ) -> tuple[list[np.ndarray], str]:
@@ -162,7 +135,7 @@ def _from_file(
     (``referenced``) is only deserialized when its bytes hash to ``keras_sha256``."""
     from . import storage
 
-    check_weights_location(spec)
+    storage.check_protocols([spec], "weights location", "pass --weights PATH_OR_URI of a local file or an s3:// object")
     keras = _keras()
     name = spec.rstrip("/").rsplit("/", 1)[-1]
     if not name.endswith((".weights.h5", ".keras", ".h5")):
@@ -176,7 +149,7 @@ def _from_file(
             storage.download_to_local(spec, local, storage_options)
         except Exception as e:
             raise WeightsError(f"cannot read weights file {spec!r}: {e}") from e
-        digest = file_digest(local)
+        digest = storage.file_sha256(local)
         # Deserializing a .keras archive runs its config through Keras: it must be the very
         # file the reference names before a byte of it is interpreted.
         if name.endswith(".keras") and referenced and digest != keras_sha256:

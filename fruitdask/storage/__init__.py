@@ -7,6 +7,7 @@ reach the same endpoint as the driver. Image bytes are only read where the work 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import fsspec
 import pandas as pd
 
 from ..errors import InputError, OutputError, StorageError, UntrustedReferenceError
-from . import s3errors, safety
+from . import listing, s3errors, safety
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def scan_images(
         if not fs.isdir(root):
             raise InputError(f"input {url!r} is a file, not a folder: pass the folder that holds <Label>/<image>.jpg")
         remote = is_remote(url)
-        found = _remote_entries(fs, root) if remote else _local_entries(root)
+        found = listing.remote_entries(fs, root) if remote else listing.local_entries(root)
     except s3errors.storage_exceptions() as e:
         raise translate(e, url) from e
     rows, rejected = [], []
@@ -118,48 +119,6 @@ def list_images(
     return listing
 
 
-Entry = tuple[int | None, str | None, bool]  # size, why it is refused, is a linked folder
-
-
-def _remote_entries(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Entry]:
-    """``path -> (size, None, False)`` of every object under ``root``, sizes from the listing."""
-    return {p: (info.get("size"), None, False) for p, info in fs.find(root, withdirs=False, detail=True).items()}
-
-
-def _local_entries(root: str) -> dict[str, Entry]:
-    """``path -> (size, problem, linked folder)`` of every file under ``root``, without
-    following links out.
-
-    Paths keep the root as given (``root/Label/x.jpg``); a symbolic link is resolved and
-    refused when its target is outside the root's real location, or missing. Linked folders
-    are not descended into (one leading outside is reported; one inside adds nothing).
-    """
-    real_root = os.path.realpath(root)
-    inside = real_root.rstrip(os.sep) + os.sep
-    out: dict[str, Entry] = {}
-    for folder, dirs, files in os.walk(root, followlinks=False):
-        for d in dirs:
-            link = os.path.join(folder, d)
-            if os.path.islink(link) and not (os.path.realpath(link) + os.sep).startswith(inside):
-                out[link] = (None, f"symbolic link to a folder outside the input root ({os.path.realpath(link)}): "
-                                   "not followed", True)
-        for f in files:
-            path = os.path.join(folder, f)
-            if os.path.islink(path):
-                target = os.path.realpath(path)
-                if not target.startswith(inside):
-                    out[path] = (None, f"symbolic link to {target}, outside the input root {real_root}: not read", False)
-                    continue
-                if not os.path.exists(target):
-                    out[path] = (None, f"broken symbolic link (to {target}): not read", False)
-                    continue
-            try:
-                out[path] = (os.stat(path).st_size, None, False)
-            except OSError as e:
-                out[path] = (None, f"cannot stat file: {e}", False)
-    return out
-
-
 def read_bytes(path: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
     """Read one whole file. Called inside tasks, on the worker that featurizes it.
 
@@ -177,14 +136,14 @@ def read_bytes(path: str, storage_options: Mapping[str, Any] | None = None) -> b
         raise translate(e, path) from e
 
 
-def check_protocols(urls: list[str | None]) -> None:
+def check_protocols(urls: list[str | None], what: str = "location", fix: str = "copy it to a local path or an s3:// bucket in an allowed region") -> None:
     """Refuse locations other than local paths and ``s3://`` (whose region the guard can
-    check): for paths read from stored data when no region guard settings are at hand."""
+    check): for locations read from stored data (weights references, thumbnail paths), which
+    must never become a way to reach http(s) or any other fsspec protocol."""
     for url in urls:
         if url and is_remote(url) and fsspec.core.split_protocol(url)[0] not in ("s3", "s3a"):
             raise UntrustedReferenceError(
-                f"{url!r} is not a local path or an s3:// URI: fruitdask does not read it; "
-                "rebuild with `fruitdask report OUTPUT`, which checks every location"
+                f"{what} {url!r} uses {fsspec.core.split_protocol(url)[0]}://, which fruitdask does not read: {fix}"
             )
 
 
@@ -520,6 +479,15 @@ def remove_prefix(url: str, storage_options: Mapping[str, Any] | None = None) ->
 
 
 # --- end checkpoints -------------------------------------------------------------------
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local file's bytes (a downloaded weights file, before it is loaded)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def download_to_local(url: str, local_path: str, storage_options: Mapping[str, Any] | None = None) -> str:
