@@ -250,6 +250,8 @@ def command(args: argparse.Namespace) -> int:
         work = Path(tmp)
         cfg = config_from_args(args, input=str(work / "images"), output=str(work / "out"), overwrite=True, quiet=True)
         precisions = parse_precisions(args.precisions, cfg.precision)
+        # Nothing is read before the input and the weights pass the region guard.
+        storage.guard_regions([args.input, cfg.weights], cfg.storage)
         listing = storage.list_images(args.input, cfg.storage.storage_options())
         chosen = listing.iloc[pick(len(listing), args.images, args.pick)]
         for path, label in zip(chosen["path"], chosen["label"], strict=True):
@@ -561,7 +563,8 @@ def _child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
     listing = storage.list_images(cfg.input)
     timings["listing"] = time.perf_counter() - t
     t = time.perf_counter()
-    weights, info = model.load_weights(cfg.weights, image_size=cfg.image_size, seed=cfg.seed)
+    weights, info = model.load_weights(cfg.weights, image_size=cfg.image_size, seed=cfg.seed,
+                                       allow_random=cfg.allow_random_weights)
     timings["weights"] = time.perf_counter() - t
     t = time.perf_counter()
     vgg = model.cached_model(info.sha256, weights, cfg.image_size, os.cpu_count(), cfg.precision)

@@ -27,7 +27,7 @@ import datetime as dt
 import io
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,6 +76,7 @@ class WeightsRef:
     source: str
     sha256: str
     seed: int = 0
+    file_sha256: str | None = None  # of the weights file's bytes (kind "file")
 
     @property
     def spec(self) -> str:
@@ -84,11 +85,22 @@ class WeightsRef:
 
 
 def load_verified_weights(
-    ref: WeightsRef, image_size: int, storage_options: Mapping[str, Any] | None, override: str | None = None
+    ref: WeightsRef, image_size: int, storage_options: Mapping[str, Any] | None, override: str | None = None,
+    guard: Callable[[list[str]], None] | None = None,
 ) -> list[np.ndarray]:
-    """Load the referenced weights (or ``override``) and refuse them unless the sha256 matches."""
+    """Load the referenced weights (or ``override``) and refuse them unless the sha256 matches.
+
+    The location comes from a stored document, so it is untrusted: only a local file or
+    ``s3://`` (:func:`fruitdask.storage.check_protocols`), through ``guard`` (the
+    region guard of the command) when given, and a ``.keras`` file is hashed before it is
+    deserialized.
+    """
     spec = override or ref.spec
-    weights, info = model.load_weights(spec, image_size=image_size, seed=ref.seed, storage_options=dict(storage_options or {}))
+    storage.check_protocols([spec], "weights location", "pass --weights PATH_OR_URI of a local file or an s3:// object")
+    if guard is not None:
+        guard([spec])
+    weights, info = model.load_weights(spec, image_size=image_size, seed=ref.seed, storage_options=dict(storage_options or {}),
+                                       keras_sha256=ref.file_sha256, referenced=True)
     if info.sha256 != ref.sha256:
         raise WeightsError(
             f"weights {spec!r} have sha256 {info.sha256[:16]}…, but the features were made with "
@@ -200,9 +212,10 @@ class ModelBundle:
         order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
         return [[(self.labels[j], float(row[j])) for j in idx] for row, idx in zip(proba, order, strict=True)]
 
-    def featurizer(self, storage_options: Mapping[str, Any] | None = None, weights_override: str | None = None) -> Featurizer:
+    def featurizer(self, storage_options: Mapping[str, Any] | None = None, weights_override: str | None = None,
+                   guard: Callable[[list[str]], None] | None = None) -> Featurizer:
         """Load the (verified) weights and return a :class:`Featurizer` with the training settings."""
-        weights = load_verified_weights(self.weights, self.spec.image_size, storage_options, weights_override)
+        weights = load_verified_weights(self.weights, self.spec.image_size, storage_options, weights_override, guard)
         if self.spec.precision == "bfloat16" and precision.detect_and_resolve("auto").precision != "bfloat16":
             logger.warning("the model was trained on bfloat16 features and this machine has no native bf16 "
                            "(avx512_bf16/amx): featurizing in emulated bfloat16, slower than float32")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,8 @@ class RunOutput:
     @property
     def weights(self) -> WeightsRef:
         w = self.doc["weights"]
-        return WeightsRef(kind=w["kind"], source=w["source"], sha256=w["sha256"], seed=int(self.doc["config"]["seed"]))
+        return WeightsRef(kind=w["kind"], source=w["source"], sha256=w["sha256"], seed=int(self.doc["config"]["seed"]),
+                          file_sha256=w.get("file_sha256"))
 
     @property
     def batch_size(self) -> int:
@@ -145,6 +146,13 @@ def report_markdown(metrics: dict, title: str) -> str:
 
 def confusion_png(metrics: dict, title: str = "Confusion matrix") -> bytes:
     """The confusion matrix (rows: true label, columns: predicted) as PNG bytes."""
+    from .report_plots import text_as_data
+
+    with text_as_data():
+        return _confusion_png(metrics, title)
+
+
+def _confusion_png(metrics: dict, title: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,6 +189,7 @@ def train(
     weights_override: str | None = None,
     C: float = 1.0,
     max_iter: int = 2000,
+    guard: Callable[[list[str]], None] | None = None,
 ) -> tuple[ModelBundle, dict, dict[str, bytes]]:
     """Fit on a run's PCA features, evaluate on a held-out set, return the bundle and report.
 
@@ -196,6 +205,9 @@ def train(
         and pooling.
     weights_override
         Another location of the run's weights file (its sha256 must match ``run.json``).
+    guard
+        Called with the weights location read from ``run.json`` before it is read (the
+        command's region guard).
 
     Returns
     -------
@@ -212,7 +224,7 @@ def train(
     logger.info("fitted on %d images, %d labels, K=%d (training accuracy %.3f)", len(y), len(bundle.labels), X.shape[1], train_accuracy)
 
     if test_input is not None:
-        featurizer = bundle.featurizer(storage_options, weights_override)
+        featurizer = bundle.featurizer(storage_options, weights_override, guard)
         held_out, errors = featurize_tree(featurizer, test_input, storage_options)
         spec, source = featurizer.spec, test_input
     else:

@@ -103,7 +103,10 @@ def add_run_options(p: argparse.ArgumentParser, *, io_required: bool = False) ->
 
     g = p.add_argument_group("model")
     g.add_argument("--weights", help="auto | imagenet | random | PATH_OR_URI of a .weights.h5/.keras file "
-                   f"(default: {_D.weights}: ImageNet if it can be had, else random with a loud warning)")
+                   f"(default: {_D.weights}: ImageNet if it can be had, else the run fails; random only with --allow-random-weights)")
+    g.add_argument("--allow-random-weights", action="store_true", default=None,
+                   help="let --weights auto fall back to seeded random weights when ImageNet cannot be had "
+                   "(offline demos: features are then not ImageNet features)")
     g.add_argument("--image-size", type=int, help=f"square input size fed to VGG16, >= 32 (default: {_D.image_size})")
     g.add_argument("--batch-size", type=int, help=f"images per VGG16 inference batch (default: {_D.batch_size})")
     g.add_argument("--pooling", choices=POOLINGS, help=f"avg/max: 512 features; none: flattened maps, 25,088 at 224 (default: {_D.pooling})")
@@ -128,6 +131,9 @@ def add_run_options(p: argparse.ArgumentParser, *, io_required: bool = False) ->
     g.add_argument("--cluster-timeout", type=float, help=f"seconds to reach the scheduler before failing (default: {_D.cluster_timeout:g})")
     g.add_argument("--partition-size", type=int, help=f"images per partition/task (default: {_D.partition_size})")
     g.add_argument("--max-errors", type=float, help="fail when more images are unusable: a count, or a fraction < 1 (default: no limit)")
+    g.add_argument("--max-file-mb", type=float,
+                   help=f"skip files larger than this many MiB, by the listed size, before reading them; they go to "
+                   f"errors.parquet (default: {_D.max_file_mb:g})")
     g.add_argument("--skipped-ok", action="store_true", default=None,
                    help="exit 0 instead of 4 when files were skipped (for schedulers that treat any non-zero "
                    "exit as failure: Kubernetes Jobs, Airflow); --max-errors still bounds them")

@@ -109,6 +109,7 @@ class RunConfig:
     pooling: str = "avg"
     precision: str = "float32"  # float32 | bfloat16 | auto (fruitdask.precision)
     weights: str = "auto"
+    allow_random_weights: bool = False  # --weights auto may fall back to random only when asked
     seed: int = 0
     components: int | None = None
     variance: float = 0.95
@@ -117,6 +118,7 @@ class RunConfig:
     overwrite: bool = False
     resume: bool = False
     max_errors: float | None = None
+    max_file_mb: float = 50.0  # files larger than this (by the listing) are skipped unread
     skipped_ok: bool = False
     quiet: bool = False
     debug: bool = False
@@ -152,6 +154,8 @@ class RunConfig:
             raise ConfigError(f"--pca-batch-size must be at least 2, got {self.pca_batch_size}")
         if self.cluster_timeout <= 0:
             raise ConfigError(f"--cluster-timeout must be a positive number of seconds, got {self.cluster_timeout}")
+        if not self.max_file_mb > 0:
+            raise ConfigError(f"--max-file-mb must be a positive number of megabytes, got {self.max_file_mb}: e.g. --max-file-mb 50")
         if self.max_errors is not None and self.max_errors < 0:
             raise ConfigError(f"--max-errors must be >= 0, got {self.max_errors}")
         return self
@@ -163,6 +167,11 @@ class RunConfig:
             side = self.image_size // 32
             return side * side * 512
         return 512
+
+    @property
+    def max_file_bytes(self) -> int:
+        """``--max-file-mb`` in bytes (MiB)."""
+        return int(self.max_file_mb * 2**20)
 
     def max_errors_allowed(self, n_images: int) -> int | None:
         """``--max-errors`` as a count: a value below 1 is a fraction of the images."""

@@ -23,6 +23,10 @@ class OutputError(FruitdaskError):
     """The output location exists, is not writable, or could not be committed."""
 
 
+class OutputBusyError(OutputError):
+    """Another run holds the output's lock: two runs must never write one output at once."""
+
+
 class WeightsError(FruitdaskError):
     """Model weights could not be loaded or do not fit the VGG16 graph."""
 
@@ -33,6 +37,11 @@ class StorageError(FruitdaskError):
 
 class RegionError(StorageError):
     """A bucket lives outside the allowed regions."""
+
+
+class UntrustedReferenceError(StorageError):
+    """A stored reference (weights in ``run.json``/``bundle.json``, a thumbnail path) points
+    at a protocol fruitdask does not read, or at data whose hash does not match."""
 
 
 class ClusterError(FruitdaskError):

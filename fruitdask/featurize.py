@@ -22,6 +22,12 @@ MAX_PIXELS = 64_000_000
 #: JPEGs with at least this many pixels are decoded at reduced scale (draft mode).
 DRAFT_MIN_PIXELS = 4_000_000
 RESAMPLE = Image.Resampling.BICUBIC  # PIL's default for resize(), as in the seed notebook
+#: The only PIL decoders an input file is handed to (the listing takes .jpg/.jpeg/.png; the
+#: multi-picture JPEGs of cameras and phones, MPO, open through the JPEG decoder). Every other
+#: format PIL knows (TIFF, PSD, EPS via Ghostscript, ...) is refused by content, whatever the
+#: file's name: each decoder is attack surface, and a format we do not mean to read is a
+#: mistake in the input.
+ALLOWED_FORMATS = ("JPEG", "PNG")
 
 #: Model calls in this process: ``batches`` (``predict_on_batch`` calls) and ``images``.
 #: Tests read it on workers with ``client.run(model_calls)`` to prove a resumed run reused
@@ -78,7 +84,7 @@ def open_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> Image.Im
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = img.size
             if width * height > max_pixels:
                 raise DecodeError(
@@ -95,9 +101,32 @@ def open_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> Image.Im
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError(f"refused as a decompression bomb: {e}") from e
     except UnidentifiedImageError as e:
-        raise DecodeError(f"not an image: {len(data):,} bytes in no format PIL can read (JPEG, PNG, ...)") from e
+        other = _sniff_format(data)
+        if other:
+            raise DecodeError(
+                f"{other} image: fruitdask only decodes {', '.join(ALLOWED_FORMATS)}; convert it to JPEG or PNG"
+            ) from e
+        raise DecodeError(f"not an image: {len(data):,} bytes in no format fruitdask reads ({', '.join(ALLOWED_FORMATS)})") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise DecodeError(f"corrupt or truncated image: {e}") from e
+
+
+#: Magic numbers of common formats that are not allowed, to name them in the reason; the
+#: bytes are only compared, never handed to a decoder.
+_MAGIC = (
+    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+    (b"8BPS", "PSD"), (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"\x00\x00\x01\x00", "ICO"),
+    (b"qoif", "QOI"), (b"\x76\x2f\x31\x01", "OpenEXR"),
+)
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The name of a known, refused format from the first bytes (``None`` if unknown)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[4:12] in (b"ftypavif", b"ftypheic", b"ftypmif1"):
+        return "AVIF/HEIF"
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), None)
 
 
 def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -21,13 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from .errors import WeightsError
+from .errors import UntrustedReferenceError, WeightsError
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_CHOICES = ("auto", "imagenet", "random")
 #: File Keras caches the ImageNet no-top weights in (under ``~/.keras/models``).
 IMAGENET_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+NO_FALLBACK_HINT = (
+    "--weights auto does not fall back to random weights unless asked: pass --weights PATH_OR_URI of a "
+    "vgg16 no-top .weights.h5 file (production), or --allow-random-weights for an offline demo"
+)
 RANDOM_WEIGHTS_WARNING = (
     "VGG16 weights are RANDOM (ImageNet weights could not be loaded): features are not "
     "ImageNet features. Pass --weights imagenet with network access, or --weights PATH_OR_URI "
@@ -44,6 +48,7 @@ class WeightsInfo:
     source: str
     sha256: str
     warning: str | None = None
+    file_sha256: str | None = None  # of the file's bytes, for kind "file"
 
     @property
     def is_random(self) -> bool:
@@ -151,9 +156,14 @@ def _random(seed: int) -> list[np.ndarray]:
     return build_vgg16(32).get_weights()
 
 
-def _from_file(spec: str, storage_options: dict[str, Any] | None) -> list[np.ndarray]:
+def _from_file(
+    spec: str, storage_options: dict[str, Any] | None, keras_sha256: str | None = None, referenced: bool = False
+) -> tuple[list[np.ndarray], str]:
+    """Weights and the file's sha256. A ``.keras`` file named by a stored reference
+    (``referenced``) is only deserialized when its bytes hash to ``keras_sha256``."""
     from . import storage
 
+    storage.check_protocols([spec], "weights location", "pass --weights PATH_OR_URI of a local file or an s3:// object")
     keras = _keras()
     name = spec.rstrip("/").rsplit("/", 1)[-1]
     if not name.endswith((".weights.h5", ".keras", ".h5")):
@@ -167,9 +177,18 @@ def _from_file(spec: str, storage_options: dict[str, Any] | None) -> list[np.nda
             storage.download_to_local(spec, local, storage_options)
         except Exception as e:
             raise WeightsError(f"cannot read weights file {spec!r}: {e}") from e
+        digest = storage.file_sha256(local)
+        # Deserializing a .keras archive runs its config through Keras: it must be the very
+        # file the reference names before a byte of it is interpreted.
+        if name.endswith(".keras") and referenced and digest != keras_sha256:
+            raise UntrustedReferenceError(
+                f"weights file {spec!r} has sha256 {digest[:16]}…, the reference expects "
+                f"{(keras_sha256 or 'none recorded')[:16]}…: refused before loading it; pass --weights PATH_OR_URI "
+                "of the very .keras file the run used (or a .weights.h5 of the same weights)"
+            )
         try:
             if name.endswith(".keras"):
-                weights = keras.models.load_model(local, compile=False).get_weights()
+                weights = keras.models.load_model(local, compile=False, safe_mode=True).get_weights()
             else:
                 model = build_vgg16(32)
                 model.load_weights(local)
@@ -180,11 +199,12 @@ def _from_file(spec: str, storage_options: dict[str, Any] | None) -> list[np.nda
                 "save it with model.save_weights('vgg16_notop.weights.h5') from keras.applications.VGG16(include_top=False)"
             ) from e
     _check_shapes(weights, spec)
-    return weights
+    return weights, digest
 
 
 def load_weights(
-    spec: str, *, image_size: int = 224, seed: int = 0, storage_options: dict[str, Any] | None = None
+    spec: str, *, image_size: int = 224, seed: int = 0, storage_options: dict[str, Any] | None = None,
+    allow_random: bool = False, keras_sha256: str | None = None, referenced: bool = False,
 ) -> tuple[list[np.ndarray], WeightsInfo]:
     """Load VGG16 (no top) weights on the client.
 
@@ -192,8 +212,15 @@ def load_weights(
     ----------
     spec
         ``imagenet`` (Keras cache, else download), ``random`` (seeded init of the same graph),
-        ``auto`` (ImageNet if it can be had, else random with a loud warning), or a path/URI
-        of a ``.weights.h5`` / ``.keras`` file.
+        ``auto`` (ImageNet if it can be had; else random with a loud warning when
+        ``allow_random``, else :class:`WeightsError`), or a path/URI of a ``.weights.h5`` /
+        ``.keras`` file.
+    allow_random
+        Let ``auto`` fall back to random weights. Off by default: random features look like
+        real ones, so a run must never end up with them unless someone asked.
+    keras_sha256, referenced
+        ``spec`` comes from a stored reference (``run.json``, ``bundle.json``): a ``.keras``
+        file is only deserialized when its bytes hash to ``keras_sha256``.
     """
     if spec == "imagenet":
         weights = _imagenet(image_size)
@@ -206,12 +233,14 @@ def load_weights(
             weights = _imagenet(image_size)
             info = WeightsInfo(spec, "imagenet", "keras.applications imagenet", weights_digest(weights))
         except WeightsError as e:
+            if not allow_random:
+                raise WeightsError(f"{e}; {NO_FALLBACK_HINT}") from e
             logger.warning("%s (cause: %s)", RANDOM_WEIGHTS_WARNING, e)
             weights = _random(seed)
             info = WeightsInfo(spec, "random", f"random (seed {seed})", weights_digest(weights), RANDOM_WEIGHTS_WARNING)
     else:
-        weights = _from_file(spec, storage_options)
-        info = WeightsInfo(spec, "file", spec, weights_digest(weights))
+        weights, file_sha256 = _from_file(spec, storage_options, keras_sha256, referenced)
+        info = WeightsInfo(spec, "file", spec, weights_digest(weights), file_sha256=file_sha256)
     weights = [np.asarray(w, dtype=np.float32) for w in weights]
     return weights, info
 

@@ -18,7 +18,7 @@ import pandas as pd
 from . import __version__, checkpoint, model, precision, report, storage
 from .backends import RunContext, get_backend
 from .config import RunConfig
-from .errors import TooManyErrors
+from .errors import InputError, TooManyErrors, WeightsError
 from .progress import Progress
 from .reduce import scree_png
 from .runinfo import StageTimer, label_counts, versions
@@ -46,6 +46,13 @@ def check_errors(cfg: RunConfig, n_listed: int, n_errors: int) -> None:
             f"{n_errors} of {n_listed} images could not be used, more than --max-errors {cfg.max_errors:g} "
             f"allows ({allowed}): see the reasons with --debug, fix the files, or raise --max-errors"
         )
+
+
+def check_random_weights(cfg: RunConfig, winfo: model.WeightsInfo) -> None:
+    """Refuse random weights nobody asked for (``--weights random`` or
+    ``--allow-random-weights``): features of random weights look like real ones."""
+    if winfo.is_random and cfg.weights != "random" and not cfg.allow_random_weights:
+        raise WeightsError(f"--weights {cfg.weights} gave random weights: {model.NO_FALLBACK_HINT}")
 
 
 def run(
@@ -82,14 +89,23 @@ def run(
     target = storage.OutputTarget.open(cfg.output, storage_options, cfg.overwrite)
 
     with timer.stage("listing"):
-        listing = storage.list_images(cfg.input, storage_options)
+        # Over-size files and links out of the input root are refused from the listing alone.
+        listing, rejected = storage.scan_images(cfg.input, storage_options, cfg.max_file_bytes)
+    n_listed = len(listing) + len(rejected)
+    if listing.empty:
+        raise InputError(
+            f"every one of the {n_listed} images under {cfg.input!r} was refused before reading "
+            f"(first: {rejected['path'].iloc[0]}: {rejected['reason'].iloc[0]})"
+        )
     per_label = label_counts(listing)
     emit("listed", {"images": len(listing), "labels": len(per_label), "per_label": per_label})
 
     with timer.stage("weights"):
         weights, winfo = model.load_weights(
-            cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=storage_options
+            cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=storage_options,
+            allow_random=cfg.allow_random_weights,
         )
+    check_random_weights(cfg, winfo)
     warnings = [winfo.warning] if winfo.warning else []
 
     backend = get_backend(cfg.backend)
@@ -105,10 +121,11 @@ def run(
     )
     with storage.committed(target):
         result = backend(ctx)
-        n_errors = len(result.errors)
-        check_errors(cfg, len(listing), n_errors)
+        errors = pd.concat([rejected, result.errors], ignore_index=True) if len(rejected) else result.errors
+        n_errors = len(errors)
+        check_errors(cfg, n_listed, n_errors)
         with timer.stage("write"):
-            target.write_bytes("errors.parquet", _errors_parquet(result.errors))
+            target.write_bytes("errors.parquet", _errors_parquet(errors))
             target.write_bytes("reduction.npz", result.reduction.to_npz())
             target.write_bytes("scree.png", scree_png(result.reduction, f"Scree plot ({cfg.backend}, {len(listing)} images)"))
         featurize_s = timer.stages.get("featurize", 0.0)
@@ -121,13 +138,13 @@ def run(
             "started_at": started.isoformat(),
             "duration_s": round(timer.total, 3),
             "counts": {
-                "images_listed": len(listing),
+                "images_listed": n_listed,
                 "labels": len(per_label),
                 "rows_written": result.rows,
                 "errors": n_errors,
             },
             "per_label": per_label,
-            "errors_by_stage": {str(k): int(v) for k, v in result.errors["stage"].value_counts().items()} if n_errors else {},
+            "errors_by_stage": {str(k): int(v) for k, v in errors["stage"].value_counts().items()} if n_errors else {},
             "reduction": result.reduction.summary(),
             "timings_s": {k: round(v, 3) for k, v in timer.stages.items()},
             "images_per_second": {
@@ -141,6 +158,7 @@ def run(
                 "kind": winfo.kind,
                 "source": winfo.source,
                 "sha256": winfo.sha256,
+                "file_sha256": winfo.file_sha256,
                 "random": winfo.is_random,
                 "warning": winfo.warning,
             },

@@ -31,7 +31,8 @@ def command(args: argparse.Namespace) -> int:
     storage.guard_regions([args.model, args.weights, *args.photos], settings)
     opts = settings.storage_options()
     bundle = ModelBundle.load(args.model, opts)
-    featurizer = bundle.featurizer(opts, args.weights)
+    # The weights location in bundle.json is data: checked like any location given by flag.
+    featurizer = bundle.featurizer(opts, args.weights, guard=lambda urls: storage.guard_regions(urls, settings))
     df = featurizer.featurize(args.photos)
     ok = df["error_stage"].isna().to_numpy()
     top = bundle.top_k(bundle.predict_proba(frames.matrix(df.loc[ok, "features"]), featurizer.spec), args.top) if ok.any() else []

@@ -397,6 +397,13 @@ def _gram_reduction(Z, spec: Spectrum, k: int, mean, scale, variance: float, n_s
 
 def scree_png(reduction: Reduction, title: str = "Scree plot") -> bytes:
     """Bars per component, the cumulative curve, the target and the chosen K, as PNG bytes."""
+    from .report_plots import text_as_data
+
+    with text_as_data():
+        return _scree_png(reduction, title)
+
+
+def _scree_png(reduction: Reduction, title: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")

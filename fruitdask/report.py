@@ -18,7 +18,7 @@ import html
 import io
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,12 +106,21 @@ def pick_thumbnails(pool: Mapping[str, list[str]], per_label: int = THUMBS_PER_L
     return out
 
 
-def read_outputs(doc: Mapping[str, Any], root: str, storage_options: Mapping[str, Any] | None) -> OutputData:
+def read_outputs(
+    doc: Mapping[str, Any], root: str, storage_options: Mapping[str, Any] | None,
+    guard: Callable[[list[str]], None] | None = None,
+) -> OutputData:
     """Read what the page needs from the output at ``root`` (the staging prefix during a run,
-    the output itself when rebuilding) and thumbnails from the input images."""
+    the output itself when rebuilding) and thumbnails from the input images.
+
+    ``guard`` is called with the thumbnail paths before any is read: they come from the
+    Parquet files, so when rebuilding they are data, checked like any location given by flag.
+    """
     pcs, pc_labels, pool = _points_and_paths(root, int(doc["counts"]["rows_written"]), storage_options)
     chosen = pick_thumbnails(pool)
     flat = [p for paths in chosen.values() for p in paths]
+    if guard is not None:
+        guard(flat)
     # Threads: on S3 each read is a round trip; 200 of them one by one take seconds.
     with ThreadPoolExecutor(max_workers=8) as ex:
         uris = dict(zip(flat, ex.map(lambda p: _thumbnail(p, storage_options), flat), strict=True))
@@ -343,7 +352,10 @@ def render(doc: Mapping[str, Any], data: OutputData) -> str:
 # ----------------------------------------------------------------------------- entry points
 
 
-def build_report(doc: Mapping[str, Any], root: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+def build_report(
+    doc: Mapping[str, Any], root: str, storage_options: Mapping[str, Any] | None = None,
+    guard: Callable[[list[str]], None] | None = None,
+) -> bytes:
     """The report of the run recorded by ``doc``, reading its files under ``root``.
 
     Parameters
@@ -354,14 +366,17 @@ def build_report(doc: Mapping[str, Any], root: str, storage_options: Mapping[str
         Where the run's files are: the staging prefix while the run commits, or the output.
     storage_options
         fsspec options for ``s3://`` outputs and inputs.
+    guard
+        Called with the input paths before thumbnails are read (see :func:`read_outputs`).
     """
-    return render(doc, read_outputs(doc, root, storage_options)).encode("utf-8")
+    return render(doc, read_outputs(doc, root, storage_options, guard)).encode("utf-8")
 
 
 def rebuild(output: str, storage_options: Mapping[str, Any] | None = None, settings: StorageSettings | None = None) -> str:
     """Rebuild ``OUTPUT/report.html`` of a finished run from its files; return its URL.
 
-    With ``settings``, the run's input (read for thumbnails) must pass the region guard too.
+    With ``settings``, the run's input and every thumbnail path read from the Parquet files
+    must pass the region guard; without, only local paths and ``s3://`` are read.
     """
     url = output.rstrip("/")
     try:
@@ -372,9 +387,15 @@ def rebuild(output: str, storage_options: Mapping[str, Any] | None = None, setti
         raise storage.translate(e, url) from e
     except json.JSONDecodeError as e:
         raise InputError(f"{url}/run.json is not valid JSON ({e}): rerun `fruitdask run` to write it again") from e
+    guard: Callable[[list[str]], None] = storage.check_protocols
     if settings is not None:
         storage.guard_regions([doc.get("input")], settings)
-    return storage.write_file(storage.join(url, REPORT_NAME), build_report(doc, url, storage_options), storage_options)
+
+        def guard(paths: list[str]) -> None:
+            storage.guard_regions(paths, settings)
+
+    page = build_report(doc, url, storage_options, guard)
+    return storage.write_file(storage.join(url, REPORT_NAME), page, storage_options)
 
 
 def report_location(output: str) -> str:

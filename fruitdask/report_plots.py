@@ -7,7 +7,8 @@ embeds the bytes as ``data:`` URIs.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -25,6 +26,26 @@ def _pyplot():
     return plt
 
 
+#: Labels are data (folder names): drawn as typed, never parsed as mathtext (``a$\foo$b``
+#: would raise inside savefig) or handed to LaTeX.
+TEXT_AS_DATA = {"text.parse_math": False, "text.usetex": False}
+
+
+@contextmanager
+def text_as_data() -> Iterator[None]:
+    """Draw every text literally while the block runs (figure creation *and* savefig: tick
+    labels are made at draw time). Every chart of fruitdask is drawn inside one."""
+    import matplotlib
+
+    with matplotlib.rc_context(TEXT_AS_DATA):
+        yield
+
+
+def legend_text(text: str) -> str:
+    """``text`` as a legend entry: matplotlib drops entries starting with ``_``."""
+    return "\u200b" + text if text.startswith("_") else text
+
+
 def _png(fig) -> bytes:
     plt = _pyplot()
     buf = io.BytesIO()
@@ -35,6 +56,11 @@ def _png(fig) -> bytes:
 
 def labels_bar_png(per_label: Mapping[str, int]) -> bytes:
     """Horizontal bars of images per label, largest first; tall enough to read 50+ labels."""
+    with text_as_data():
+        return _labels_bar_png(per_label)
+
+
+def _labels_bar_png(per_label: Mapping[str, int]) -> bytes:
     plt = _pyplot()
     items = sorted(per_label.items(), key=lambda kv: (-kv[1], kv[0]))
     names = [k for k, _ in items][::-1]
@@ -74,6 +100,11 @@ def pca_scatter_png(
     the number of rows in the output, for the title when ``pcs`` is a sample; ``ratios``, the
     explained-variance ratios, label the axes.
     """
+    with text_as_data():
+        return _pca_scatter_png(pcs, labels, shown_of=shown_of, ratios=ratios, top=top)
+
+
+def _pca_scatter_png(pcs: np.ndarray, labels: Sequence[str], *, shown_of: int, ratios: Sequence[float], top: int) -> bytes:
     plt = _pyplot()
     pcs = np.asarray(pcs, dtype=np.float64)
     y = pcs[:, 1] if pcs.shape[1] > 1 else np.zeros(len(pcs))
@@ -86,7 +117,7 @@ def pca_scatter_png(
         ax.scatter(
             pcs[mask, 0], y[mask], s=10 if other else 22, alpha=0.35 if other else 0.8,
             color="#b0b0b0" if other else cmap(i % cmap.N),
-            label=f"{len(set(labels)) - len(legend) + 1} other labels ({int(mask.sum())})" if other else f"{name} ({int(mask.sum())})",
+            label=f"{len(set(labels)) - len(legend) + 1} other labels ({int(mask.sum())})" if other else legend_text(f"{name} ({int(mask.sum())})"),
             zorder=1 if other else 2, linewidths=0,
         )
     share = [f" ({100 * r:.1f}% of variance)" for r in ratios] + ["", ""]
@@ -101,6 +132,11 @@ def pca_scatter_png(
 
 def timings_bar_png(timings: Mapping[str, float]) -> bytes:
     """Seconds per stage, in the order the stages ran."""
+    with text_as_data():
+        return _timings_bar_png(timings)
+
+
+def _timings_bar_png(timings: Mapping[str, float]) -> bytes:
     plt = _pyplot()
     names = list(timings)[::-1]
     secs = [float(timings[n]) for n in names]

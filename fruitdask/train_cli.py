@@ -43,6 +43,7 @@ def command(args: argparse.Namespace) -> int:
     bundle, report, files = classify.train(
         args.features, test_input=args.test_input, test_features=args.test_features, storage_options=opts,
         weights_override=args.weights, C=args.C, max_iter=args.max_iter,
+        guard=lambda urls: storage.guard_regions(urls, settings),
     )
     bundle.save(args.model_out, opts, overwrite=args.overwrite, extra_files=files)
     if bundle.weights.kind == "random":

@@ -21,7 +21,6 @@ from k8s_validation import REPO, render
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.integration,
-    pytest.mark.skipif(not (REPO / "fruitdask" / "cli.py").exists(), reason="fruitdask/cli.py is not written yet"),
 ]
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "fruits360-sample" / "Training"

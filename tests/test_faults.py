@@ -125,6 +125,18 @@ def test_unreachable_scheduler_fails_fast_with_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+#: ``python -m fruitdask`` with the signal dispositions of a terminal: a process started from
+#: a background shell job or some CI runners inherits an *ignored* SIGINT (and Python keeps
+#: it ignored), so Ctrl-C would never reach the run and the test would pass or fail by how
+#: pytest was started. The child sets them itself, before fruitdask starts.
+DEFAULT_SIGNALS_PYTHON = [
+    sys.executable, "-c",
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "signal.signal(signal.SIGTERM, signal.SIG_DFL); sys.argv[0] = 'fruitdask'; "
+    "runpy.run_module('fruitdask', run_name='__main__', alter_sys=True)",
+]
+
+
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -143,7 +155,7 @@ def test_signal_mid_run_closes_the_cluster_and_commits_nothing(tmp_path, weights
     out = tmp_path / "out"
     env = {**os.environ, **TF_ENV, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fruitdask", "run", "--input", str(images), "--output", str(out),
+        [*DEFAULT_SIGNALS_PYTHON, "run", "--input", str(images), "--output", str(out),
          "--image-size", str(SMALL_SIZE), "--weights", str(weights_file), "--workers", "1",
          "--threads-per-worker", "1", "--partition-size", "2"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import helm_python as helm  # a [dev] dependency, imported plainly: missing, it fails loudly
 import pytest
 import yaml
 from k8s_validation import (
@@ -24,8 +25,6 @@ from k8s_validation import (
 )
 
 from fruitdask.config import EU_REGIONS, TF_ENV
-
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk bundles the Helm engine")
 
 CI_VALUES = ci_values()
 AMM = "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START"
@@ -238,7 +237,7 @@ def test_job_runs_fruitdask_against_the_release_scheduler() -> None:
         "--input", "s3://fruits-eu-west-1/fruits-360/Training",
         "--output", "s3://fruits-eu-west-1/features/run-1",
     ]
-    assert args[args.index("--weights") + 1] == "imagenet"
+    assert args[args.index("--weights") + 1] == "s3://fruits-eu-west-1/models/vgg16_notop.weights.h5"
     assert args[-3:] == ["--components", "50", "--overwrite"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     assert job["spec"]["template"]["metadata"]["labels"]["fruitdask.io/client"] == "true"
@@ -531,6 +530,12 @@ def test_tfenv_default_matches_package() -> None:
         ({"unknownKey": True}, "unknownKey"),
         ({"worker": {"gpu": {"enabled": True, "typo": 1}}}, "typo"),
         ({"job": {"enabled": True}}, "/job/"),
+        # The Job never falls back to random weights: an explicit weights file is required.
+        ({"job": {"enabled": True, "input": "s3://b-eu/in", "output": "s3://b-eu/out"}}, "/job/weights"),
+        ({"job": {"weights": "auto"}}, "/job/weights"),
+        ({"job": {"weights": "random"}}, "/job/weights"),
+        ({"job": {"weights": "imagenet"}}, "/job/weights"),
+        ({"job": {"weights": "https://example.com/vgg16_notop.weights.h5"}}, "/job/weights"),
         ({"tls": {"enabled": True}}, "/tls/existingSecret"),
         ({"podSecurity": {"runAsUser": 0}}, "/podSecurity/runAsUser"),
         ({"worker": {"resources": {"limits": {"memory": "lots"}}}}, "/worker/resources/limits/memory"),

@@ -528,7 +528,7 @@ def test_missing_dask_kubernetes_says_how_to_fix(monkeypatch, client_tls) -> Non
 
 def test_unreachable_cluster_api_is_a_cluster_error(monkeypatch, tmp_path, client_tls) -> None:
     """The real kr8s calls with no kubeconfig and no in-cluster credentials."""
-    pytest.importorskip("dask_kubernetes.operator")
+    import dask_kubernetes.operator  # noqa: F401 - a [dev] dependency: missing, the test fails loudly
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))

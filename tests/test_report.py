@@ -245,8 +245,9 @@ def test_report_command_rebuilds_an_s3_output(run_out, moto_s3, capsys):
 
 @pytest.mark.integration
 def test_report_opens_in_a_real_browser_without_errors(run_out):
+    # A failure, not a skip: a green suite must mean the page was seen in a browser.
     if browser.find_chromium() is None:
-        pytest.skip("CHROMIUM IS NOT INSTALLED: the report was not checked in a browser. "
+        pytest.fail("CHROMIUM IS NOT INSTALLED: the report cannot be checked in a browser. "
                     "Run `make install-test` as root (apt-get install -y chromium).")
     path = run_out["out"] / "report.html"
     shot = ARTIFACTS / "report.png"

@@ -329,7 +329,9 @@ def test_failed_commit_leaves_no_dataset_without_success(s3, monkeypatch):
         target.commit()
     assert "access denied" in str(e.value)
     s3.enforce_iam(False)
-    assert s3.objects() == []  # no old, no half-new, no staging
+    # No half-new, no staging, no copy aside: the old dataset is back, marker included.
+    assert s3.objects() == ["out-euw3/run-1/_SUCCESS", "out-euw3/run-1/features/part-00000.parquet"]
+    assert s3.read("out-euw3/run-1/features/part-00000.parquet") == b"old"
 
 
 def test_local_commit_and_overwrite(tmp_path):
@@ -356,3 +358,151 @@ def test_parquet_part_round_trip_on_s3(s3):
     back = pd.read_parquet("s3://out-euw3/t/part-0.parquet", storage_options=opts(s3))
     assert back["n"].tolist() == [1, 2]
     assert TEST_SECRET not in repr(opts(s3))
+
+
+# --- overwrite safety, the run lock (issue 13, items 1-3) ------------------------------
+
+OLD = {"_SUCCESS": b"", "run.json": b'{"old": true}', "features/part-00000.parquet": b"old0", "features/part-00001.parquet": b"old1"}
+
+
+def _old_dataset(s3, prefix: str = "out-euw3/run-1") -> None:
+    s3.bucket("out-euw3", "eu-west-3")
+    for rel, data in OLD.items():
+        s3.fs.pipe_file(f"{prefix}/{rel}", data)
+
+
+def _failing_copy(fs, monkeypatch, fail_when, seen: list, snapshot) -> None:
+    """Make ``fs.copy`` copy the first file of a matching batch, then fail (a copy that
+    breaks midway); ``seen`` gets the bucket's objects at that moment."""
+    real = fs.copy
+
+    def copy(src, dst, **kw):
+        srcs, dsts = (src, dst) if isinstance(src, list) else ([src], [dst])
+        if fail_when(srcs, dsts):
+            real(srcs[:1], dsts[:1], **kw)
+            seen.append(snapshot())
+            raise OSError("simulated failure midway through the copy")
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(fs, "copy", copy)
+
+
+def test_overwrite_failing_midway_keeps_the_old_dataset_recoverable_then_restores_it(s3, monkeypatch):
+    _old_dataset(s3)
+    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    _stage(target, s3, {"features/part-00000.parquet": b"new0", "features/part-00001.parquet": b"new1", "run.json": b"{}"})
+    seen: list = []
+    _failing_copy(target.fs_path[0], monkeypatch, lambda srcs, dsts: ".fruitdask-tmp-" in srcs[0], seen, s3.objects)
+    with pytest.raises(OutputError, match=r"could not commit.*simulated failure"):
+        target.commit()
+    # At the failure: the target had no _SUCCESS (readers could tell), and the old dataset
+    # was complete, marker included, in the copy aside.
+    during = seen[0]
+    assert "out-euw3/run-1/_SUCCESS" not in during
+    backup = target.backup.removeprefix("s3://")
+    assert sorted(o[len(backup) + 1:] for o in during if o.startswith(backup + "/")) == sorted(OLD)
+    # Afterwards: the old dataset is back at the target, byte for byte, and nothing else.
+    assert s3.objects() == sorted(f"out-euw3/run-1/{rel}" for rel in OLD)
+    for rel, data in OLD.items():
+        assert s3.read(f"out-euw3/run-1/{rel}") == data
+
+
+def test_overwrite_whose_restore_fails_too_leaves_the_old_dataset_aside_and_says_where(s3, monkeypatch, caplog):
+    _old_dataset(s3)
+    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    _stage(target, s3, {"features/part-00000.parquet": b"new0", "run.json": b"{}"})
+    backup = target.backup.removeprefix("s3://")
+    _failing_copy(target.fs_path[0], monkeypatch,
+                  lambda srcs, dsts: ".fruitdask-tmp-" in srcs[0] or srcs[0].startswith(backup + "/"), [], s3.objects)
+    with pytest.raises(OutputError, match="could not commit"):
+        target.commit()
+    assert target.backup in caplog.text and "aws s3 sync" in caplog.text
+    assert "out-euw3/run-1/_SUCCESS" not in s3.objects()
+    assert sorted(o[len(backup) + 1:] for o in s3.objects() if o.startswith(backup + "/")) == sorted(OLD)
+    # The next run is told where the old dataset is.
+    with pytest.raises(OutputError, match=r"incomplete: no _SUCCESS.*kept at s3://out-euw3/\.run-1\.fruitdask-old-"):
+        storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=False)
+
+
+def test_successful_overwrite_leaves_no_copy_aside_and_no_lock(s3):
+    _old_dataset(s3)
+    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    with storage.committed(target):
+        _stage(target, s3, {"features/part-00000.parquet": b"new0", "run.json": b"{}"})
+    assert s3.objects() == ["out-euw3/run-1/_SUCCESS", "out-euw3/run-1/features/part-00000.parquet", "out-euw3/run-1/run.json"]
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_overwrite_refuses_a_target_that_is_not_a_fruitdask_output(s3, tmp_path, where):
+    if where == "s3":
+        s3.bucket("out-euw3", "eu-west-3")
+        for rel in ("holiday.jpg", "taxes/2025.pdf"):
+            s3.fs.pipe_file(f"out-euw3/mine/{rel}", b"precious")
+        url, o = "s3://out-euw3/mine", opts(s3)
+    else:
+        (tmp_path / "mine" / "taxes").mkdir(parents=True)
+        (tmp_path / "mine" / "holiday.jpg").write_bytes(b"precious")
+        (tmp_path / "mine" / "taxes" / "2025.pdf").write_bytes(b"precious")
+        url, o = str(tmp_path / "mine"), None
+    with pytest.raises(OutputError, match=r"--overwrite refuses to replace .*mine.*holiday\.jpg, taxes.*not a fruitdask output"):
+        storage.OutputTarget.open(url, o, overwrite=True)
+    if where == "s3":
+        assert s3.objects() == ["out-euw3/mine/holiday.jpg", "out-euw3/mine/taxes/2025.pdf"]
+    else:
+        assert (tmp_path / "mine" / "holiday.jpg").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("marker", ["_SUCCESS", "run.json", "bundle.json"])
+def test_overwrite_accepts_a_fruitdask_output_even_incomplete(tmp_path, marker):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / marker).write_bytes(b"{}")
+    (tmp_path / "out" / "other.bin").write_bytes(b"x")
+    target = storage.OutputTarget.open(str(tmp_path / "out"), None, overwrite=True)
+    with storage.committed(target):
+        target.write_bytes("run.json", b"{}")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_SUCCESS", "run.json"]
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_a_second_run_on_the_same_output_fails_clearly(s3, tmp_path, where):
+    from fruitdask.errors import OutputBusyError
+
+    if where == "s3":
+        s3.bucket("out-euw3", "eu-west-3")
+        url, o = "s3://out-euw3/run-1", opts(s3)
+    else:
+        url, o = str(tmp_path / "run-1"), None
+    first = storage.OutputTarget.open(url, o, overwrite=False, run_id="first")
+    second = storage.OutputTarget.open(url, o, overwrite=False, run_id="second")
+    with storage.committed(first):
+        first.write_bytes("run.json", b'{"run": "first"}')
+        with pytest.raises(OutputBusyError, match=r"being written by run first \(host .*, pid \d+, since .*\); this run \(second\)"):
+            with storage.committed(second):
+                second.write_bytes("run.json", b'{"run": "second"}')
+    got = storage.read_bytes(storage.join(url, "run.json"), o)
+    assert json.loads(got) == {"run": "first"}
+    # Both runs are over: the lock is gone, the next run may go.
+    third = storage.OutputTarget.open(url, o, overwrite=True, run_id="third")
+    with storage.committed(third):
+        third.write_bytes("run.json", b"{}")
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_commit_checks_the_lock_again(s3, tmp_path, where):
+    """A run whose lock was taken over (a store that ignored the conditional write, or a
+    lock deleted by hand) commits nothing."""
+    from fruitdask.errors import OutputBusyError
+
+    if where == "s3":
+        s3.bucket("out-euw3", "eu-west-3")
+        url, o = "s3://out-euw3/run-1", opts(s3)
+    else:
+        url, o = str(tmp_path / "run-1"), None
+    target = storage.OutputTarget.open(url, o, overwrite=False, run_id="mine")
+    with pytest.raises(OutputBusyError, match="being written by run intruder"):
+        with storage.committed(target):
+            target.write_bytes("run.json", b"{}")
+            storage.write_file(target.lock_url, json.dumps({"run_id": "intruder"}).encode(), o)
+    assert storage.list_files(url, o) == []
+    # The intruder's lock is not this run's to delete.
+    assert json.loads(storage.read_bytes(target.lock_url, o))["run_id"] == "intruder"

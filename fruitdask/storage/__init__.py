@@ -7,6 +7,7 @@ reach the same endpoint as the driver. Image bytes are only read where the work 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -14,14 +15,14 @@ import posixpath
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import pandas as pd
 
-from ..errors import InputError, OutputError, StorageError
-from . import s3errors
+from ..errors import InputError, OutputError, StorageError, UntrustedReferenceError
+from . import listing, s3errors, safety
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,28 @@ def get_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[
         raise StorageError(f"cannot open {url!r}: {e}") from e
 
 
-def list_images(url: str, storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """List images under ``url``, recursively, with their label.
+#: Default ``--max-file-mb``: a Fruits-360 image is ~5 KB, a 24-megapixel JPEG ~15 MB.
+DEFAULT_MAX_FILE_MB = 50
+REJECTED_COLUMNS = ["path", "label", "stage", "reason"]
+
+
+def scan_images(
+    url: str, storage_options: Mapping[str, Any] | None = None, max_file_bytes: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """List images under ``url``, recursively, with their label; set aside those refused
+    from the listing alone, before any byte of them is read.
 
     The label is the name of the folder that holds the image (``Cherry 1/r_0_100.jpg`` has
     label ``Cherry 1``). Extensions ``.jpg``, ``.jpeg`` and ``.png`` match in any letter case.
+    Refused: files over ``max_file_bytes`` (by the size the listing reports: one huge object
+    would be read whole into a worker), and, locally, symbolic links that lead outside the
+    input root (or nowhere); links inside the root are kept, linked folders not followed.
 
     Returns
     -------
-    pandas.DataFrame
-        Columns ``path`` (full path or URL, sorted) and ``label``.
+    (listing, rejected)
+        ``listing``: columns ``path`` (full path or URL, sorted) and ``label``;
+        ``rejected``: ``path, label, stage, reason`` (stage ``list``), for ``errors.parquet``.
     """
     fs, root = get_fs(url, storage_options)
     try:
@@ -61,23 +74,49 @@ def list_images(url: str, storage_options: Mapping[str, Any] | None = None) -> p
             raise InputError(f"input {url!r} does not exist: check the path, or pass --input DIR_OR_URI")
         if not fs.isdir(root):
             raise InputError(f"input {url!r} is a file, not a folder: pass the folder that holds <Label>/<image>.jpg")
-        found = fs.find(root, withdirs=False)
+        remote = is_remote(url)
+        found = listing.remote_entries(fs, root) if remote else listing.local_entries(root)
     except s3errors.storage_exceptions() as e:
         raise translate(e, url) from e
-    remote = is_remote(url)
-    rows = []
+    rows, rejected = [], []
     for path in sorted(found):
+        size, problem, folder = found[path]
         name = posixpath.basename(path)
-        if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+        if not folder and (name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS)):
             continue
         label = posixpath.basename(posixpath.dirname(path))
         # Full URLs for remote files so any process can open them without the root.
-        rows.append((fs.unstrip_protocol(path) if remote else path, label))
-    if not rows:
+        full = fs.unstrip_protocol(path) if remote else path
+        if problem is None and max_file_bytes is not None and size is not None and size > max_file_bytes:
+            problem = (f"file of {size:,} bytes is over the {max_file_bytes:,}-byte limit (--max-file-mb "
+                       f"{max_file_bytes / 2**20:g}): not read; raise --max-file-mb if such files are expected")
+        if problem is None:
+            rows.append((full, label))
+        else:
+            rejected.append((full, label, "list", problem))
+    if not rows and not rejected:
         raise InputError(
             f"no images found under {url!r}: expected <Label>/<image>.jpg|.jpeg|.png files (any letter case)"
         )
-    return pd.DataFrame(rows, columns=["path", "label"])
+    return pd.DataFrame(rows, columns=["path", "label"]), pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
+
+
+def list_images(
+    url: str, storage_options: Mapping[str, Any] | None = None, max_file_bytes: int | None = None
+) -> pd.DataFrame:
+    """The accepted images of :func:`scan_images` (refused ones are logged as warnings).
+
+    Raises
+    ------
+    InputError
+        No image under ``url`` (or every one was refused).
+    """
+    listing, rejected = scan_images(url, storage_options, max_file_bytes)
+    for row in rejected.itertuples():
+        logger.warning("skipped %s: %s", row.path, row.reason)
+    if listing.empty:
+        raise InputError(f"every image under {url!r} was refused ({len(rejected)}; first: {rejected['reason'].iloc[0]})")
+    return listing
 
 
 def read_bytes(path: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
@@ -95,6 +134,17 @@ def read_bytes(path: str, storage_options: Mapping[str, Any] | None = None) -> b
         raise
     except s3errors.storage_exceptions() as e:
         raise translate(e, path) from e
+
+
+def check_protocols(urls: list[str | None], what: str = "location", fix: str = "copy it to a local path or an s3:// bucket in an allowed region") -> None:
+    """Refuse locations other than local paths and ``s3://`` (whose region the guard can
+    check): for locations read from stored data (weights references, thumbnail paths), which
+    must never become a way to reach http(s) or any other fsspec protocol."""
+    for url in urls:
+        if url and is_remote(url) and fsspec.core.split_protocol(url)[0] not in ("s3", "s3a"):
+            raise UntrustedReferenceError(
+                f"{what} {url!r} uses {fsspec.core.split_protocol(url)[0]}://, which fruitdask does not read: {fix}"
+            )
 
 
 def translate(e: BaseException, url: str) -> StorageError | InputError:
@@ -123,15 +173,23 @@ class OutputTarget:
     - local: the marker is written into staging, an old target is renamed aside, staging is
       renamed onto the target (atomic), then the old one is deleted. A failure puts the old
       target back.
-    - S3 (no rename): the old target's ``_SUCCESS`` is deleted first, then its other
-      objects (so old and new files never mix), staging objects are copied server-side,
-      ``_SUCCESS`` is written, staging is deleted. A failure while copying deletes what was
-      copied, so no dataset without ``_SUCCESS`` is left at the target.
+    - S3 (no rename): the old target is first copied aside, server-side, to
+      ``.<name>.fruitdask-old-<run_id>`` (``_SUCCESS`` included, so the copy is a complete
+      dataset); then the target's ``_SUCCESS`` is deleted, then its other objects (old and
+      new files never mix), staging objects are copied in, ``_SUCCESS`` is written, and the
+      copy aside and staging are deleted. A failure while copying deletes what was copied
+      and puts the old dataset back from the copy aside.
+
+    Only one run writes a target at a time: :func:`committed` takes a lock object
+    ``.<name>.fruitdask-lock`` beside it (with the run id), :meth:`commit` checks it is still
+    this run's, and the lock goes when the run ends. ``--overwrite`` only replaces a
+    fruitdask output (``_SUCCESS``, ``run.json`` or ``bundle.json`` at its top).
     """
 
     url: str
     storage_options: Mapping[str, Any]
     run_id: str
+    locked: bool = field(default=False, compare=False)
 
     @classmethod
     def open(cls, url: str, storage_options: Mapping[str, Any] | None, overwrite: bool, run_id: str | None = None) -> OutputTarget:
@@ -153,14 +211,53 @@ class OutputTarget:
             exists = fs.exists(path)
             if exists and not fs.isdir(path):
                 raise OutputError(f"output {url!r} is a file: choose another --output (a folder or prefix)")
-            exists = exists and bool(fs.ls(path))
-            complete = exists and fs.exists(posixpath.join(path, SUCCESS_MARKER))
+            entries = fs.ls(path, detail=False) if exists else []
+            exists = exists and bool(entries)
+            names = sorted({posixpath.basename(e.rstrip("/")) for e in entries})
+            complete = exists and SUCCESS_MARKER in names
+            backups = safety.leftover_backups(fs, path) if exists and not complete and is_remote(target.url) else []
         except s3errors.storage_exceptions() as e:
             raise translate(e, url) from e
         if exists and not overwrite:
             state = "" if complete else f" (incomplete: no {SUCCESS_MARKER}, left by an interrupted run?)"
+            if backups:
+                state += f"; the dataset it replaced is kept at {fs.unstrip_protocol(backups[-1])}"
             raise OutputError(f"output {url!r} already exists{state}: pass --overwrite to replace it, or choose another --output")
+        if exists:
+            safety.check_replaceable(url, names)
         return target
+
+    @property
+    def lock_url(self) -> str:
+        """The lock object beside the target (never inside: the target gets replaced)."""
+        return safety.sibling(self.url, ".fruitdask-lock")
+
+    @property
+    def backup(self) -> str:
+        """Where an old S3 dataset is copied aside while the new one is copied in."""
+        return safety.sibling(self.url, f".fruitdask-old-{self.run_id}")
+
+    def lock(self) -> None:
+        """Take the output's lock for this run.
+
+        Raises
+        ------
+        OutputBusyError
+            Another run holds it (the message names that run and how to clear a dead lock).
+        """
+        fs, path = get_fs(self.lock_url, self.storage_options)
+        try:
+            safety.acquire_lock(fs, path, is_remote(self.url), self.url, self.lock_url, self.run_id)
+        except s3errors.storage_exceptions() as e:
+            raise translate(e, self.lock_url) from e
+        self.locked = True
+
+    def unlock(self) -> None:
+        """Release the lock if this run holds it."""
+        if self.locked:
+            fs, path = get_fs(self.lock_url, self.storage_options)
+            safety.release_lock(fs, path, self.run_id)
+            self.locked = False
 
     @property
     def fs_path(self) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -204,6 +301,9 @@ class OutputTarget:
         fs, target = self.fs_path
         _, staging = get_fs(self.staging, self.storage_options)
         try:
+            if self.locked:
+                lfs, lpath = get_fs(self.lock_url, self.storage_options)
+                safety.check_lock(lfs, lpath, self.url, self.lock_url, self.run_id)
             if is_remote(self.url):
                 self._commit_copy(fs, staging, target)
             else:
@@ -220,6 +320,8 @@ class OutputTarget:
         with open(os.path.join(staging, SUCCESS_MARKER), "wb"):
             pass
         old = f"{staging}.old" if os.path.lexists(target) else None
+        if old and os.path.isdir(target):
+            safety.check_replaceable(self.url, os.listdir(target))
         if old:
             os.replace(target, old)
         try:
@@ -243,19 +345,28 @@ class OutputTarget:
             raise OutputError(f"nothing to commit: the temporary output {self.staging!r} is empty or gone")
         marker = f"{target}/{SUCCESS_MARKER}"
         old = fs.find(target + "/")
-        if marker in old:
-            # First, so a reader stops trusting the old dataset before any file goes.
-            fs.rm_file(marker)
-        if old:
-            fs.rm([p for p in old if p != marker])
+        safety.check_replaceable(self.url, safety.top_level_names(old, target))
+        _, backup = get_fs(self.backup, self.storage_options)
+        # The old dataset is copied aside before anything of it is deleted: from here on it
+        # is complete either at the target or at the backup (see docs/s3.md).
+        backup_files = safety.copy_aside(fs, old, target, backup) if old else []
         copies = [target + p[len(staging):] for p in files]
         try:
+            if marker in old:
+                # First, so a reader stops trusting the old dataset before any file goes.
+                fs.rm_file(marker)
+            if old:
+                fs.rm([p for p in old if p != marker])
             fs.copy(files, copies)
             fs.pipe_file(marker, b"")
         except BaseException:
-            _remove_quietly(fs, [marker, *copies], target)
+            _remove_quietly(fs, [marker, *copies, *old], target)
+            if backup_files:
+                safety.restore(fs, backup_files, backup, target, self.backup)
             raise
         _forget_listings(fs, target)
+        if backup_files:
+            _remove_quietly(fs, backup_files, backup)
         _remove_quietly(fs, files, staging)
 
     def abort(self) -> None:
@@ -269,37 +380,24 @@ class OutputTarget:
             logger.warning("could not remove temporary output %s: %s", self.staging, e)
 
 
-def _forget_listings(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Drop cached listings of ``path``, its parents and everything under it: other
-    processes (workers) write there, and a stale listing would hide their files."""
-    fs.invalidate_cache(path)
-    below = path.rstrip("/") + "/"
-    for key in [k for k in list(fs.dircache) if k.startswith(below)]:
-        fs.dircache.pop(key, None)
-
-
-def _remove_quietly(fs: fsspec.AbstractFileSystem, paths: list[str], prefix: str) -> None:
-    """Delete those of ``paths`` (all under ``prefix``) that exist, in bulk; log (not raise)
-    a failure: a cleanup must not hide the error that made it necessary."""
-    try:
-        _forget_listings(fs, prefix)
-        present = set(fs.find(prefix.rstrip("/") + "/"))
-        doomed = [p for p in paths if p in present]
-        if doomed:
-            fs.rm(doomed)
-    except s3errors.storage_exceptions() as e:
-        logger.warning("could not remove %d objects under %s: %s", len(paths), prefix, e)
+_forget_listings = safety.forget_listings
+_remove_quietly = safety.remove_quietly
 
 
 @contextmanager
 def committed(target: OutputTarget) -> Iterator[OutputTarget]:
-    """Yield ``target``; commit on success, abort on any failure (including Ctrl-C)."""
+    """Lock ``target`` and yield it; commit on success, abort on any failure (including
+    Ctrl-C); the lock is released either way."""
+    target.lock()
     try:
-        yield target
-    except BaseException:
-        target.abort()
-        raise
-    target.commit()
+        try:
+            yield target
+        except BaseException:
+            target.abort()
+            raise
+        target.commit()
+    finally:
+        target.unlock()
 
 
 def write_parquet_part(df: pd.DataFrame, url: str, schema, storage_options: Mapping[str, Any] | None) -> int:
@@ -381,6 +479,15 @@ def remove_prefix(url: str, storage_options: Mapping[str, Any] | None = None) ->
 
 
 # --- end checkpoints -------------------------------------------------------------------
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local file's bytes (a downloaded weights file, before it is loaded)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def download_to_local(url: str, local_path: str, storage_options: Mapping[str, Any] | None = None) -> str:
