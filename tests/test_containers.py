@@ -235,9 +235,14 @@ def test_job_pod_commits_every_row(plain_release: ChartPods, s3: S3, weights_fil
 
 def _busy_worker(scheduler_ip: str, timeout: float = 240) -> str:
     """Address of a worker that is featurizing right now (polled from the scheduler)."""
+    import warnings
+
     from distributed import Client
 
-    with Client(f"tcp://{scheduler_ip}:8786", timeout=30) as client:
+    # The test's Python (3.11.x of the machine) and the image's (Debian's 3.11.2) differ in
+    # their patch version only: Dask warns, harmlessly, for this observer client.
+    with warnings.catch_warnings(), Client(f"tcp://{scheduler_ip}:8786", timeout=30) as client:
+        warnings.simplefilter("ignore")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for worker, keys in client.processing().items():
