@@ -1,8 +1,11 @@
-"""The VGG16 feature extractor: weights on the client, one compiled model per worker process.
+"""The VGG16 feature extractor: weights read on the client, one compiled model per worker process.
 
-The client loads the weights once (:func:`load_weights`) and the backends ship them to each
-worker or executor once. Inside a worker, :func:`cached_model` builds the Keras graph the
-first time and reuses it for every later partition of the run.
+The client reads the weights once (:func:`load_weights`; a weights file with h5py alone,
+no TensorFlow, see :mod:`fruitdask.weights_file`) to check and hash them. The Dask backend
+hands workers a recipe to load them from a file (:class:`fruitdask.weights_file.WeightsSource`),
+the Spark backend broadcasts the arrays. Inside a worker, :func:`warm_up` builds the graph
+early and :func:`cached_model` gives it the weights the first time, then reuses it for every
+later partition of the run.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import hashlib
 import logging
 import os
 import sys
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import WeightsError
+from .errors import FruitdaskError, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +99,20 @@ def weights_digest(weights: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
+#: (in channels, out channels) of VGG16's 13 convolutions, in graph order.
+_VGG16_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+                (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+#: Shapes of ``VGG16(include_top=False).get_weights()`` (kernel, bias per convolution): the
+#: same for every input size, so a file is checked without building the graph.
+VGG16_NOTOP_SHAPES: list[tuple[int, ...]] = [s for cin, cout in _VGG16_CONVS for s in ((3, 3, cin, cout), (cout,))]
+
+
 def _check_shapes(weights: list[np.ndarray], source: str) -> None:
-    expected = [tuple(w.shape) for w in build_vgg16(32).get_weights()]
     got = [tuple(w.shape) for w in weights]
-    if got != expected:
+    if got != VGG16_NOTOP_SHAPES:
         raise WeightsError(
             f"weights from {source!r} do not fit VGG16 without top "
-            f"({len(got)} arrays, expected {len(expected)}): pass a vgg16 include_top=False weights file"
+            f"({len(got)} arrays, expected {len(VGG16_NOTOP_SHAPES)}): pass a vgg16 include_top=False weights file"
         )
 
 
@@ -124,33 +133,26 @@ def _random(seed: int) -> list[np.ndarray]:
 
 
 def _from_file(spec: str, storage_options: dict[str, Any] | None) -> list[np.ndarray]:
-    from . import storage
+    # h5py only: the client never imports TensorFlow for a weights file (issue 14).
+    from .weights_file import WEIGHTS_SUFFIXES, read_weights
 
-    keras = _keras()
     name = spec.rstrip("/").rsplit("/", 1)[-1]
-    if not name.endswith((".weights.h5", ".keras", ".h5")):
+    if not name.endswith(WEIGHTS_SUFFIXES):
         raise WeightsError(
             f"--weights {spec!r} is not a weights file: use a .weights.h5, .h5 or .keras file, "
             f"or one of {', '.join(WEIGHTS_CHOICES)}"
         )
-    with tempfile.TemporaryDirectory(prefix="fruitdask-weights-") as tmp:
-        local = os.path.join(tmp, name)
-        try:
-            storage.download_to_local(spec, local, storage_options)
-        except Exception as e:
-            raise WeightsError(f"cannot read weights file {spec!r}: {e}") from e
-        try:
-            if name.endswith(".keras"):
-                weights = keras.models.load_model(local, compile=False).get_weights()
-            else:
-                model = build_vgg16(32)
-                model.load_weights(local)
-                weights = model.get_weights()
-        except Exception as e:
-            raise WeightsError(
-                f"weights file {spec!r} could not be loaded into VGG16 without top ({type(e).__name__}: {e}): "
-                "save it with model.save_weights('vgg16_notop.weights.h5') from keras.applications.VGG16(include_top=False)"
-            ) from e
+    try:
+        weights = read_weights(spec, storage_options)
+    except WeightsError:
+        raise
+    except (FileNotFoundError, PermissionError, FruitdaskError) as e:  # FruitdaskError: storage's, translated
+        raise WeightsError(f"cannot read weights file {spec!r}: {e}") from e
+    except Exception as e:  # h5py, zipfile and storage raise many types; all mean "unusable file"
+        raise WeightsError(
+            f"weights file {spec!r} could not be loaded into VGG16 without top ({type(e).__name__}: {e}): "
+            "save it with model.save_weights('vgg16_notop.weights.h5') from keras.applications.VGG16(include_top=False)"
+        ) from e
     _check_shapes(weights, spec)
     return weights
 
@@ -216,8 +218,43 @@ def pin_tf_threads(threads: int | None) -> None:
     _THREADS_SET = True
 
 
-def cached_model(key: str, weights: list[np.ndarray], image_size: int, threads: int | None = None) -> Any:
-    """Return this process's compiled model for ``(key, image_size)``, building it once."""
+#: Graphs built ahead of the weights by :func:`warm_up`, per image size, waiting for them.
+_WARM: dict[int, list[Any]] = {}
+#: How many times this process read the weights from their file, per digest (tests read it).
+LOADS: Counter[str] = Counter()
+
+
+def warm_up(image_size: int, threads: int | None = None) -> float:
+    """Import TensorFlow and build (and run once) a VGG16 graph for ``image_size`` in this
+    worker process, before the weights are known.
+
+    Submitted as soon as the cluster is up, it overlaps the seconds of TensorFlow's import
+    and graph construction with the client's listing and weights reading; the first
+    :func:`cached_model` of that image size then only assigns the weights. Returns seconds.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    with _LOCK:
+        if _WARM.get(image_size) or any(size == image_size for _, size in _MODELS):
+            return 0.0
+        pin_tf_threads(threads)
+        model = build_vgg16(image_size)
+        # One tiny inference: starts the runtime (thread pools, oneDNN kernels) now too.
+        model.predict_on_batch(np.zeros((1, image_size, image_size, 3), dtype=np.float32))
+        _WARM.setdefault(image_size, []).append(model)
+    seconds = time.perf_counter() - t0
+    logger.info("warmed up VGG16 (%dpx) in pid %d in %.1fs", image_size, os.getpid(), seconds)
+    return seconds
+
+
+def cached_model(key: str, weights: Any, image_size: int, threads: int | None = None) -> Any:
+    """Return this process's compiled model for ``(key, image_size)``, building it once.
+
+    ``weights`` is the list of arrays, or a :class:`fruitdask.weights_file.WeightsSource`
+    (anything with ``load()``) read only here, once per process: a warm graph left by
+    :func:`warm_up` then just receives them.
+    """
     cache_key = (key, image_size)
     model = _MODELS.get(cache_key)
     if model is not None:
@@ -225,8 +262,15 @@ def cached_model(key: str, weights: list[np.ndarray], image_size: int, threads: 
     with _LOCK:
         model = _MODELS.get(cache_key)
         if model is None:
-            pin_tf_threads(threads)
-            model = build_vgg16(image_size)
+            if hasattr(weights, "load"):
+                weights = weights.load()
+                LOADS[key] += 1
+            warm = _WARM.get(image_size)
+            if warm:
+                model = warm.pop()
+            else:
+                pin_tf_threads(threads)
+                model = build_vgg16(image_size)
             model.set_weights(weights)
             _MODELS[cache_key] = model
             BUILDS[key] += 1
@@ -237,3 +281,8 @@ def cached_model(key: str, weights: list[np.ndarray], image_size: int, threads: 
 def build_counts() -> dict[str, int]:
     """Model builds in this process, by weights key (run with ``client.run`` in tests)."""
     return dict(BUILDS)
+
+
+def load_counts() -> dict[str, int]:
+    """Weights files read in this process, by weights key (run with ``client.run`` in tests)."""
+    return dict(LOADS)

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from . import __version__, checkpoint, model, report, storage
-from .backends import RunContext, get_backend
+from .backends import RunContext, get_backend, open_backend
 from .config import RunConfig
 from .errors import TooManyErrors
 from .reduce import scree_png
@@ -72,84 +72,88 @@ def run(
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
     target = storage.OutputTarget.open(cfg.output, storage_options, cfg.overwrite)
 
-    with timer.stage("listing"):
-        listing = storage.list_images(cfg.input, storage_options)
-    per_label = label_counts(listing)
-    emit("listed", {"images": len(listing), "labels": len(per_label), "per_label": per_label})
+    with open_backend(cfg, timer, lambda shape: emit("cluster", shape)) as session:
+        # The cluster is up and its workers warm up (TensorFlow, VGG16) while the client
+        # lists the images and reads the weights.
+        with timer.stage("listing"):
+            listing = storage.list_images(cfg.input, storage_options)
+        per_label = label_counts(listing)
+        emit("listed", {"images": len(listing), "labels": len(per_label), "per_label": per_label})
 
-    with timer.stage("weights"):
-        weights, winfo = model.load_weights(
-            cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=storage_options
+        with timer.stage("weights"):
+            weights, winfo = model.load_weights(
+                cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=storage_options
+            )
+        warnings = [winfo.warning] if winfo.warning else []
+
+        backend = get_backend(cfg.backend)
+        ctx = RunContext(
+            cfg=cfg,
+            listing=listing,
+            weights=weights,
+            weights_info=winfo,
+            target=target,
+            timer=timer,
+            progress=progress or (lambda _: None),
+            on_cluster=lambda shape: emit("cluster", shape),
+            session=session,
         )
-    warnings = [winfo.warning] if winfo.warning else []
-
-    backend = get_backend(cfg.backend)
-    ctx = RunContext(
-        cfg=cfg,
-        listing=listing,
-        weights=weights,
-        weights_info=winfo,
-        target=target,
-        timer=timer,
-        progress=progress or (lambda _: None),
-        on_cluster=lambda shape: emit("cluster", shape),
-    )
-    with storage.committed(target):
-        result = backend(ctx)
-        n_errors = len(result.errors)
-        check_errors(cfg, len(listing), n_errors)
-        with timer.stage("write"):
-            target.write_bytes("errors.parquet", _errors_parquet(result.errors))
-            target.write_bytes("reduction.npz", result.reduction.to_npz())
-            target.write_bytes("scree.png", scree_png(result.reduction, f"Scree plot ({cfg.backend}, {len(listing)} images)"))
-        featurize_s = timer.stages.get("featurize", 0.0)
-        doc = {
-            "fruitdask_version": __version__,
-            "run_id": target.run_id,
-            "backend": cfg.backend,
-            "input": cfg.input,
-            "output": cfg.output,
-            "started_at": started.isoformat(),
-            "duration_s": round(timer.total, 3),
-            "counts": {
-                "images_listed": len(listing),
-                "labels": len(per_label),
-                "rows_written": result.rows,
-                "errors": n_errors,
-            },
-            "per_label": per_label,
-            "errors_by_stage": {str(k): int(v) for k, v in result.errors["stage"].value_counts().items()} if n_errors else {},
-            "reduction": result.reduction.summary(),
-            "timings_s": {k: round(v, 3) for k, v in timer.stages.items()},
-            "images_per_second": {
-                "featurize": round(len(listing) / featurize_s, 3) if featurize_s else None,
-                "overall": round(len(listing) / timer.total, 3),
-            },
-            "cluster": result.cluster,
-            "weights": {
-                "requested": winfo.requested,
-                "kind": winfo.kind,
-                "source": winfo.source,
-                "sha256": winfo.sha256,
-                "random": winfo.is_random,
-                "warning": winfo.warning,
-            },
-            "warnings": warnings,
-            "extra": result.extra,
-            "versions": versions(),
-            "config": cfg.to_dict(),
-            "files": {
-                "features": "features/",
-                "errors": "errors.parquet",
-                "reduction": "reduction.npz",
-                "scree": "scree.png",
-                "performance_report": result.extra.get("performance_report"),
-                "report": report.REPORT_NAME,
-            },
-        }
-        target.write_json("run.json", doc)
-        # Built from the record just written and the staged files, committed with them.
-        target.write_bytes(report.REPORT_NAME, report.build_report(doc, target.staging, storage_options))
+        with storage.committed(target):
+            result = backend(ctx)
+            n_errors = len(result.errors)
+            check_errors(cfg, len(listing), n_errors)
+            with timer.stage("write"):
+                target.write_bytes("errors.parquet", _errors_parquet(result.errors))
+                target.write_bytes("reduction.npz", result.reduction.to_npz())
+                target.write_bytes("scree.png", scree_png(result.reduction, f"Scree plot ({cfg.backend}, {len(listing)} images)"))
+            featurize_s = timer.stages.get("featurize", 0.0)
+            doc = {
+                "fruitdask_version": __version__,
+                "run_id": target.run_id,
+                "backend": cfg.backend,
+                "input": cfg.input,
+                "output": cfg.output,
+                "started_at": started.isoformat(),
+                "duration_s": round(timer.total, 3),
+                "counts": {
+                    "images_listed": len(listing),
+                    "labels": len(per_label),
+                    "rows_written": result.rows,
+                    "errors": n_errors,
+                },
+                "per_label": per_label,
+                "errors_by_stage": {str(k): int(v) for k, v in result.errors["stage"].value_counts().items()} if n_errors else {},
+                "reduction": result.reduction.summary(),
+                "timings_s": {k: round(v, 3) for k, v in timer.stages.items()},
+                "images_per_second": {
+                    "featurize": round(len(listing) / featurize_s, 3) if featurize_s else None,
+                    "overall": round(len(listing) / timer.total, 3),
+                },
+                "cluster": result.cluster,
+                "weights": {
+                    "requested": winfo.requested,
+                    "kind": winfo.kind,
+                    "source": winfo.source,
+                    "sha256": winfo.sha256,
+                    "random": winfo.is_random,
+                    "warning": winfo.warning,
+                },
+                "warnings": warnings,
+                "extra": result.extra,
+                "versions": versions(),
+                "config": cfg.to_dict(),
+                "files": {
+                    "features": "features/",
+                    "errors": "errors.parquet",
+                    "reduction": "reduction.npz",
+                    "scree": "scree.png",
+                    "performance_report": result.extra.get("performance_report"),
+                    "report": report.REPORT_NAME,
+                },
+            }
+            target.write_json("run.json", doc)
+            # Built from the record just written and the staged files, committed with them.
+            target.write_bytes(report.REPORT_NAME, report.build_report(doc, target.staging, storage_options))
     # Committed: the featurized partitions kept for --resume are not needed any more.
     checkpoint.clear(cfg.output, storage_options)
     return doc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ class RunContext:
     timer: StageTimer
     progress: Callable[[Any], None] = lambda _: None
     on_cluster: Callable[[dict], None] = lambda _: None
+    #: What :func:`open_backend` yielded (the Dask client and its warm workers), if anything.
+    session: Any = None
 
 
 @dataclass
@@ -40,6 +43,16 @@ class BackendResult:
     reduction: Reduction
     cluster: dict
     extra: dict = field(default_factory=dict)
+
+
+def open_backend(cfg: RunConfig, timer: StageTimer, on_cluster: Callable[[dict], None]) -> AbstractContextManager:
+    """Start the engine early, before the listing and the weights, so its workers warm up
+    meanwhile (Dask); a backend without this step gets a ``None`` session."""
+    if cfg.backend == "dask":
+        from .dask_backend import session
+
+        return session(cfg, timer, on_cluster)
+    return nullcontext(None)
 
 
 def get_backend(name: str) -> Callable[[RunContext], BackendResult]:
