@@ -116,7 +116,17 @@ def _check_shapes(weights: list[np.ndarray], source: str) -> None:
         )
 
 
+def imagenet_cache_file() -> str:
+    """Where Keras keeps the ImageNet no-top file (``$KERAS_HOME/models``, else ``~/.keras/models``)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return os.path.join(home, "models", IMAGENET_NOTOP_FILE)
+
+
 def _imagenet(image_size: int) -> list[np.ndarray]:
+    cached = imagenet_cache_file()
+    if os.path.isfile(cached):
+        # The file Keras downloaded is a legacy .h5: read it with h5py, no TensorFlow.
+        return _from_file(cached, None)
     try:
         return build_vgg16(image_size, weights="imagenet").get_weights()
     except Exception as e:
