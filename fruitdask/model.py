@@ -232,6 +232,8 @@ def pin_tf_threads(threads: int | None) -> None:
 _WARM: dict[int, list[Any]] = {}
 #: How many times this process read the weights from their file, per digest (tests read it).
 LOADS: Counter[str] = Counter()
+#: Graphs :func:`warm_up` built (``built``) and models that started from one (``used``).
+WARM: Counter[str] = Counter()
 
 
 def warm_up(image_size: int, threads: int | None = None) -> float:
@@ -253,6 +255,7 @@ def warm_up(image_size: int, threads: int | None = None) -> float:
         # One tiny inference: starts the runtime (thread pools, oneDNN kernels) now too.
         model.predict_on_batch(np.zeros((1, image_size, image_size, 3), dtype=np.float32))
         _WARM.setdefault(image_size, []).append(model)
+        WARM["built"] += 1
     seconds = time.perf_counter() - t0
     logger.info("warmed up VGG16 (%dpx) in pid %d in %.1fs", image_size, os.getpid(), seconds)
     return seconds
@@ -278,6 +281,7 @@ def cached_model(key: str, weights: Any, image_size: int, threads: int | None = 
             warm = _WARM.get(image_size)
             if warm:
                 model = warm.pop()
+                WARM["used"] += 1
             else:
                 pin_tf_threads(threads)
                 model = build_vgg16(image_size)
@@ -291,6 +295,11 @@ def cached_model(key: str, weights: Any, image_size: int, threads: int | None = 
 def build_counts() -> dict[str, int]:
     """Model builds in this process, by weights key (run with ``client.run`` in tests)."""
     return dict(BUILDS)
+
+
+def warm_counts() -> dict[str, int]:
+    """This process's :data:`WARM` counters (run with ``client.run`` in tests)."""
+    return dict(WARM)
 
 
 def load_counts() -> dict[str, int]:

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -100,9 +101,9 @@ def _submit_warm_ups(client, cfg: RunConfig) -> list:
     joins later builds its model at its first partition instead)."""
     workers = list(client.scheduler_info(**_all_workers(client)).get("workers", {}))
     return [
-        client.submit(warm_up_on_worker, cfg.image_size, key=f"warm-up-{i}-{os.getpid()}-{id(client)}",
+        client.submit(warm_up_on_worker, cfg.image_size, key=f"warm-up-{uuid.uuid4().hex}",
                       workers=[w], allow_other_workers=False, pure=False)
-        for i, w in enumerate(workers)
+        for w in workers
     ]
 
 
