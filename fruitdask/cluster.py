@@ -105,6 +105,12 @@ def cluster_shape(client) -> dict:
     }
 
 
+def worker_addresses(client) -> list[str]:
+    """Addresses of the workers connected now (all of them, however many)."""
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    return sorted(info.get("workers", {}))
+
+
 def _accepts_n_workers(client) -> bool:
     import inspect
 

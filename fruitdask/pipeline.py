@@ -72,18 +72,25 @@ def run(
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
     target = storage.OutputTarget.open(cfg.output, storage_options, cfg.overwrite)
 
+    def load_weights():
+        with timer.stage("weights"):
+            return model.load_weights(cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=storage_options)
+
+    # A weights file is read with h5py in a fraction of a second: read it before any cluster
+    # starts, so a bad file fails at once. Random (or downloaded ImageNet) weights need Keras
+    # on the client: that import overlaps the workers' warm-up instead.
+    from_file = cfg.weights not in model.WEIGHTS_CHOICES
+    if from_file:
+        weights, winfo = load_weights()
     with open_backend(cfg, timer, lambda shape: emit("cluster", shape)) as session:
         # The cluster is up and its workers warm up (TensorFlow, VGG16) while the client
-        # lists the images and reads the weights.
+        # lists the images (and makes the weights when they are not a file).
         with timer.stage("listing"):
             listing = storage.list_images(cfg.input, storage_options)
         per_label = label_counts(listing)
         emit("listed", {"images": len(listing), "labels": len(per_label), "per_label": per_label})
-
-        with timer.stage("weights"):
-            weights, winfo = model.load_weights(
-                cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=storage_options
-            )
+        if not from_file:
+            weights, winfo = load_weights()
         warnings = [winfo.warning] if winfo.warning else []
 
         backend = get_backend(cfg.backend)

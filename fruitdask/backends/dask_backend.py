@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .. import checkpoint, frames, manifest, model, storage
-from ..cluster import cluster_shape, dask_client
+from ..cluster import cluster_shape, dask_client, worker_addresses
 from ..config import RunConfig
 from ..errors import OutputError
 from ..reduce import Reduction, fit_incremental_pca, silence_first_batch_warning
@@ -55,13 +55,16 @@ def featurize_on_worker(
 ) -> pd.DataFrame:
     """Task body: pin TensorFlow to this worker's threads, then featurize the partition
     (or reuse its checkpoint under ``--resume``; see :mod:`fruitdask.checkpoint`)."""
+    return checkpoint.featurize_checkpointed(df, weights, checkpoints, threads=_worker_threads(), **kwargs)
+
+
+def _worker_threads() -> int | None:
     from distributed import get_worker
 
     try:
-        threads = get_worker().state.nthreads
+        return get_worker().state.nthreads
     except ValueError:  # not on a worker (e.g. the synchronous scheduler in tests)
-        threads = None
-    return checkpoint.featurize_checkpointed(df, weights, checkpoints, threads=threads, **kwargs)
+        return None
 
 
 def n_partitions(n_images: int, partition_size: int, n_threads: int) -> int:
@@ -99,29 +102,16 @@ class Session:
 def _submit_warm_ups(client, cfg: RunConfig) -> list:
     """One :func:`warm_up_on_worker` task pinned to each worker present now (a worker that
     joins later builds its model at its first partition instead)."""
-    workers = list(client.scheduler_info(**_all_workers(client)).get("workers", {}))
     return [
         client.submit(warm_up_on_worker, cfg.image_size, key=f"warm-up-{uuid.uuid4().hex}",
                       workers=[w], allow_other_workers=False, pure=False)
-        for w in workers
+        for w in worker_addresses(client)
     ]
-
-
-def _all_workers(client) -> dict:
-    import inspect
-
-    return {"n_workers": -1} if "n_workers" in inspect.signature(client.scheduler_info).parameters else {}
 
 
 def warm_up_on_worker(image_size: int) -> float:
     """Task body: :func:`fruitdask.model.warm_up` with this worker's thread count."""
-    from distributed import get_worker
-
-    try:
-        threads = get_worker().state.nthreads
-    except ValueError:
-        threads = None
-    return model.warm_up(image_size, threads)
+    return model.warm_up(image_size, _worker_threads())
 
 
 @contextmanager
