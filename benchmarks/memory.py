@@ -61,15 +61,11 @@ def subset(src: Path, dest: Path, n: int) -> Path:
 
 @contextmanager
 def local_cluster(args: argparse.Namespace, env: dict[str, str] | None = None):
-    """The measured cluster, shaped as a run's (AMM off), closed whatever happens."""
-    import dask
+    """The measured cluster, shaped as a run's (default Dask configuration), closed whatever happens."""
     from distributed import Client, LocalCluster
 
-    from fruitdask.cluster import CLUSTER_CONFIG
-
-    with dask.config.set(CLUSTER_CONFIG):
-        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, processes=True,
-                               memory_limit=args.memory_limit, dashboard_address=":0", env=env)
+    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, processes=True,
+                           memory_limit=args.memory_limit, dashboard_address=":0", env=env)
     client = Client(cluster)
     try:
         yield cluster, client

@@ -265,8 +265,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FruitdaskError as e:
         if debug:
             logger.exception("failed")
-        print(f"fruitdask: error: {e}", file=sys.stderr)
+        print(f"fruitdask: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:
+        # Anything else (a Dask FuturesCancelledError, a worker's exception, a bug) is still
+        # one line and exit 1; the traceback is for --debug.
+        if debug:
+            logger.exception("failed")
+        hint = "" if debug else " (run again with --debug for the traceback)"
+        print(f"fruitdask: error: {type(e).__name__}: {_one_line(str(e)) or 'no message'}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fruitdask: interrupted; cluster closed, nothing committed", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -276,6 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(text: str) -> str:
+    """A message on one line: its lines joined with "; " (Dask's run over several)."""
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
 
 def _in_main_thread() -> bool:

@@ -14,21 +14,12 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-import dask
-
 from .config import TF_ENV, RunConfig
 from .errors import ClusterError
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = "20s"
-
-#: The pipeline broadcasts the VGG16 weights with ``scatter(broadcast=True)``; the Active
-#: Memory Manager's ReduceReplicas policy would drop those replicas (and tasks would fetch
-#: them again), so clusters that fruitdask starts run without it. The Helm chart sets the
-#: same through ``DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START=False``.
-CLUSTER_CONFIG = {"distributed.scheduler.active-memory-manager.start": False}
-
 
 @dataclass(frozen=True)
 class LocalShape:
@@ -53,7 +44,6 @@ def _local(cfg: RunConfig, stack: ExitStack):
 
     shape = local_shape(cfg.n_workers, cfg.threads_per_worker)
     logger.info("starting LocalCluster: %d workers x %d threads", shape.n_workers, shape.threads_per_worker)
-    stack.enter_context(dask.config.set(CLUSTER_CONFIG))
     try:
         cluster = LocalCluster(
             n_workers=shape.n_workers,
@@ -102,23 +92,8 @@ def dask_client(cfg: RunConfig) -> Iterator:
                 "check the address and that the scheduler is running (kubectl port-forward for a cluster)"
             ) from e
         stack.callback(client.close)
-        if isinstance(cluster, str) and target != "kubernetes":
-            _warn_if_amm(client)
         logger.debug("Dask dashboard: %s", client.dashboard_link)
         yield client
-
-
-def _warn_if_amm(client) -> None:
-    """On a cluster fruitdask did not start, say if the AMM may drop weight replicas."""
-    try:
-        running = client.amm.running()
-    except Exception:  # noqa: BLE001 - older schedulers lack the AMM RPC; nothing to warn about
-        return
-    if running:
-        logger.warning(
-            "the scheduler's Active Memory Manager is on: it may drop broadcast weight replicas, which "
-            "then travel again; start the scheduler with DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START=False"
-        )
 
 
 def cluster_shape(client) -> dict:
@@ -132,6 +107,12 @@ def cluster_shape(client) -> dict:
         "scheduler": info.get("address"),
         "dashboard": client.dashboard_link,
     }
+
+
+def worker_addresses(client) -> list[str]:
+    """Addresses of the workers connected now (all of them, however many)."""
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    return sorted(info.get("workers", {}))
 
 
 def _accepts_n_workers(client) -> bool:

@@ -1,8 +1,11 @@
-"""The VGG16 feature extractor: weights on the client, one compiled model per worker process.
+"""The VGG16 feature extractor: weights read on the client, one compiled model per worker process.
 
-The client loads the weights once (:func:`load_weights`) and the backends ship them to each
-worker or executor once. Inside a worker, :func:`cached_model` builds the Keras graph the
-first time and reuses it for every later partition of the run.
+The client reads the weights once (:func:`load_weights`; a weights file with h5py alone,
+no TensorFlow, see :mod:`fruitdask.weights_file`) to check and hash them. The Dask backend
+hands workers a recipe to load them from a file (:class:`fruitdask.weights_file.WeightsSource`),
+the Spark backend broadcasts the arrays. Inside a worker, :func:`warm_up` builds the graph
+early and :func:`cached_model` gives it the weights the first time, then reuses it for every
+later partition of the run.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UntrustedReferenceError, WeightsError
+from .errors import FruitdaskError, UntrustedReferenceError, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -130,17 +133,34 @@ def weights_digest(weights: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
+#: (in channels, out channels) of VGG16's 13 convolutions, in graph order.
+_VGG16_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+                (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+#: Shapes of ``VGG16(include_top=False).get_weights()`` (kernel, bias per convolution): the
+#: same for every input size, so a file is checked without building the graph.
+VGG16_NOTOP_SHAPES: list[tuple[int, ...]] = [s for cin, cout in _VGG16_CONVS for s in ((3, 3, cin, cout), (cout,))]
+
+
 def _check_shapes(weights: list[np.ndarray], source: str) -> None:
-    expected = [tuple(w.shape) for w in build_vgg16(32).get_weights()]
     got = [tuple(w.shape) for w in weights]
-    if got != expected:
+    if got != VGG16_NOTOP_SHAPES:
         raise WeightsError(
             f"weights from {source!r} do not fit VGG16 without top "
-            f"({len(got)} arrays, expected {len(expected)}): pass a vgg16 include_top=False weights file"
+            f"({len(got)} arrays, expected {len(VGG16_NOTOP_SHAPES)}): pass a vgg16 include_top=False weights file"
         )
 
 
+def imagenet_cache_file() -> str:
+    """Where Keras keeps the ImageNet no-top file (``$KERAS_HOME/models``, else ``~/.keras/models``)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return os.path.join(home, "models", IMAGENET_NOTOP_FILE)
+
+
 def _imagenet(image_size: int) -> list[np.ndarray]:
+    cached = imagenet_cache_file()
+    if os.path.isfile(cached):
+        # The file Keras downloaded is a legacy .h5: read it with h5py, no TensorFlow.
+        return _from_file(cached, None)
     try:
         return build_vgg16(image_size, weights="imagenet").get_weights()
     except Exception as e:
@@ -159,14 +179,15 @@ def _random(seed: int) -> list[np.ndarray]:
 def _from_file(
     spec: str, storage_options: dict[str, Any] | None, keras_sha256: str | None = None, referenced: bool = False
 ) -> tuple[list[np.ndarray], str]:
-    """Weights and the file's sha256. A ``.keras`` file named by a stored reference
-    (``referenced``) is only deserialized when its bytes hash to ``keras_sha256``."""
+    """Weights and the file's sha256, read with h5py alone: the client never imports
+    TensorFlow for a weights file (issue 14). A ``.keras`` file named by a stored reference
+    (``referenced``) is only read when its bytes hash to ``keras_sha256``."""
     from . import storage
+    from .weights_file import WEIGHTS_SUFFIXES, read_weights
 
     storage.check_protocols([spec], "weights location", "pass --weights PATH_OR_URI of a local file or an s3:// object")
-    keras = _keras()
     name = spec.rstrip("/").rsplit("/", 1)[-1]
-    if not name.endswith((".weights.h5", ".keras", ".h5")):
+    if not name.endswith(WEIGHTS_SUFFIXES):
         raise WeightsError(
             f"--weights {spec!r} is not a weights file: use a .weights.h5, .h5 or .keras file, "
             f"or one of {', '.join(WEIGHTS_CHOICES)}"
@@ -178,8 +199,7 @@ def _from_file(
         except Exception as e:
             raise WeightsError(f"cannot read weights file {spec!r}: {e}") from e
         digest = storage.file_sha256(local)
-        # Deserializing a .keras archive runs its config through Keras: it must be the very
-        # file the reference names before a byte of it is interpreted.
+        # A .keras archive is only opened when it is the very file the reference names.
         if name.endswith(".keras") and referenced and digest != keras_sha256:
             raise UntrustedReferenceError(
                 f"weights file {spec!r} has sha256 {digest[:16]}…, the reference expects "
@@ -187,13 +207,12 @@ def _from_file(
                 "of the very .keras file the run used (or a .weights.h5 of the same weights)"
             )
         try:
-            if name.endswith(".keras"):
-                weights = keras.models.load_model(local, compile=False, safe_mode=True).get_weights()
-            else:
-                model = build_vgg16(32)
-                model.load_weights(local)
-                weights = model.get_weights()
-        except Exception as e:
+            weights = read_weights(local)
+        except WeightsError:
+            raise
+        except (FileNotFoundError, PermissionError, FruitdaskError) as e:
+            raise WeightsError(f"cannot read weights file {spec!r}: {e}") from e
+        except Exception as e:  # h5py and zipfile raise many types; all mean "unusable file"
             raise WeightsError(
                 f"weights file {spec!r} could not be loaded into VGG16 without top ({type(e).__name__}: {e}): "
                 "save it with model.save_weights('vgg16_notop.weights.h5') from keras.applications.VGG16(include_top=False)"
@@ -273,10 +292,46 @@ def pin_tf_threads(threads: int | None) -> None:
     _THREADS_SET = True
 
 
-def cached_model(
-    key: str, weights: list[np.ndarray], image_size: int, threads: int | None = None, precision: str = "float32"
-) -> Any:
-    """Return this process's compiled model for ``(key, image_size, precision)``, building it once."""
+#: Graphs built ahead of the weights by :func:`warm_up`, per image size, waiting for them.
+_WARM: dict[tuple[int, str], list[Any]] = {}
+#: How many times this process read the weights from their file, per digest (tests read it).
+LOADS: Counter[str] = Counter()
+#: Graphs :func:`warm_up` built (``built``) and models that started from one (``used``).
+WARM: Counter[str] = Counter()
+
+
+def warm_up(image_size: int, threads: int | None = None, precision: str = "float32") -> float:
+    """Import TensorFlow and build (and run once) a VGG16 graph for ``image_size`` in this
+    worker process, before the weights are known.
+
+    Submitted as soon as the cluster is up, it overlaps the seconds of TensorFlow's import
+    and graph construction with the client's listing and weights reading; the first
+    :func:`cached_model` of that image size then only assigns the weights. Returns seconds.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    with _LOCK:
+        if _WARM.get((image_size, precision)) or any(k[1:] == (image_size, precision) for k in _MODELS):
+            return 0.0
+        pin_tf_threads(threads)
+        model = build_vgg16(image_size, precision=precision)
+        # One tiny inference: starts the runtime (thread pools, oneDNN kernels) now too.
+        model.predict_on_batch(np.zeros((1, image_size, image_size, 3), dtype=np.float32))
+        _WARM.setdefault((image_size, precision), []).append(model)
+        WARM["built"] += 1
+    seconds = time.perf_counter() - t0
+    logger.info("warmed up VGG16 (%dpx) in pid %d in %.1fs", image_size, os.getpid(), seconds)
+    return seconds
+
+
+def cached_model(key: str, weights: Any, image_size: int, threads: int | None = None, precision: str = "float32") -> Any:
+    """Return this process's compiled model for ``(key, image_size, precision)``, building it once.
+
+    ``weights`` is the list of arrays, or a :class:`fruitdask.weights_file.WeightsSource`
+    (anything with ``load()``) read only here, once per process: a warm graph left by
+    :func:`warm_up` then just receives them.
+    """
     cache_key = (key, image_size, precision)
     model = _MODELS.get(cache_key)
     if model is not None:
@@ -284,8 +339,16 @@ def cached_model(
     with _LOCK:
         model = _MODELS.get(cache_key)
         if model is None:
-            pin_tf_threads(threads)
-            model = build_vgg16(image_size, precision=precision)
+            if hasattr(weights, "load"):
+                weights = weights.load()
+                LOADS[key] += 1
+            warm = _WARM.get((image_size, precision))
+            if warm:
+                model = warm.pop()
+                WARM["used"] += 1
+            else:
+                pin_tf_threads(threads)
+                model = build_vgg16(image_size, precision=precision)
             model.set_weights(weights)
             _MODELS[cache_key] = model
             BUILDS[key] += 1
@@ -296,3 +359,13 @@ def cached_model(
 def build_counts() -> dict[str, int]:
     """Model builds in this process, by weights key (run with ``client.run`` in tests)."""
     return dict(BUILDS)
+
+
+def warm_counts() -> dict[str, int]:
+    """This process's :data:`WARM` counters (run with ``client.run`` in tests)."""
+    return dict(WARM)
+
+
+def load_counts() -> dict[str, int]:
+    """Weights files read in this process, by weights key (run with ``client.run`` in tests)."""
+    return dict(LOADS)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pandas as pd
 
 from . import __version__, checkpoint, model, precision, report, storage
-from .backends import RunContext, get_backend
+from .backends import RunContext, get_backend, open_backend
 from .config import RunConfig
 from .errors import InputError, TooManyErrors, WeightsError
 from .progress import Progress
@@ -88,96 +88,117 @@ def run(
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
     target = storage.OutputTarget.open(cfg.output, storage_options, cfg.overwrite)
 
-    with timer.stage("listing"):
-        # Over-size files and links out of the input root are refused from the listing alone.
-        listing, rejected = storage.scan_images(cfg.input, storage_options, cfg.max_file_bytes)
-    n_listed = len(listing) + len(rejected)
-    if listing.empty:
-        raise InputError(
-            f"every one of the {n_listed} images under {cfg.input!r} was refused before reading "
-            f"(first: {rejected['path'].iloc[0]}: {rejected['reason'].iloc[0]})"
-        )
-    per_label = label_counts(listing)
-    emit("listed", {"images": len(listing), "labels": len(per_label), "per_label": per_label})
+    def load_weights():
+        with timer.stage("weights"):
+            loaded = model.load_weights(
+                cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=storage_options,
+                allow_random=cfg.allow_random_weights,
+            )
+        check_random_weights(cfg, loaded[1])
+        return loaded
 
-    with timer.stage("weights"):
-        weights, winfo = model.load_weights(
-            cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=storage_options,
-            allow_random=cfg.allow_random_weights,
-        )
-    check_random_weights(cfg, winfo)
-    warnings = [winfo.warning] if winfo.warning else []
+    # A weights file is read with h5py in a fraction of a second: read it before any cluster
+    # starts, so a bad file fails at once. Random (or downloaded ImageNet) weights need Keras
+    # on the client: that import overlaps the workers' warm-up instead.
+    from_file = cfg.weights not in model.WEIGHTS_CHOICES
+    if from_file:
+        weights, winfo = load_weights()
+    with open_backend(cfg, timer, lambda shape: emit("cluster", shape)) as session:
+        # The cluster is up and its workers warm up (TensorFlow, VGG16) while the client
+        # lists the images (and makes the weights when they are not a file).
+        with timer.stage("listing"):
+            # Over-size files and links out of the input root are refused from the listing alone.
+            listing, rejected = storage.scan_images(cfg.input, storage_options, cfg.max_file_bytes)
+        n_listed = len(listing) + len(rejected)
+        if listing.empty:
+            raise InputError(
+                f"every one of the {n_listed} images under {cfg.input!r} was refused before reading "
+                f"(first: {rejected['path'].iloc[0]}: {rejected['reason'].iloc[0]})"
+            )
+        per_label = label_counts(listing)
+        emit("listed", {"images": len(listing), "labels": len(per_label), "per_label": per_label})
+        if not from_file:
+            weights, winfo = load_weights()
+        warnings = [winfo.warning] if winfo.warning else []
 
-    backend = get_backend(cfg.backend)
-    ctx = RunContext(
-        cfg=cfg,
-        listing=listing,
-        weights=weights,
-        weights_info=winfo,
-        target=target,
-        timer=timer,
-        progress=progress or Progress(),
-        on_cluster=lambda shape: emit("cluster", shape),
-    )
-    with storage.committed(target):
-        result = backend(ctx)
-        errors = pd.concat([rejected, result.errors], ignore_index=True) if len(rejected) else result.errors
-        n_errors = len(errors)
-        check_errors(cfg, n_listed, n_errors)
-        with timer.stage("write"):
-            target.write_bytes("errors.parquet", _errors_parquet(errors))
-            target.write_bytes("reduction.npz", result.reduction.to_npz())
-            target.write_bytes("scree.png", scree_png(result.reduction, f"Scree plot ({cfg.backend}, {len(listing)} images)"))
-        featurize_s = timer.stages.get("featurize", 0.0)
-        doc = {
-            "fruitdask_version": __version__,
-            "run_id": target.run_id,
-            "backend": cfg.backend,
-            "input": cfg.input,
-            "output": cfg.output,
-            "started_at": started.isoformat(),
-            "duration_s": round(timer.total, 3),
-            "counts": {
-                "images_listed": n_listed,
-                "labels": len(per_label),
-                "rows_written": result.rows,
-                "errors": n_errors,
-            },
-            "per_label": per_label,
-            "errors_by_stage": {str(k): int(v) for k, v in errors["stage"].value_counts().items()} if n_errors else {},
-            "reduction": result.reduction.summary(),
-            "timings_s": {k: round(v, 3) for k, v in timer.stages.items()},
-            "images_per_second": {
-                "featurize": round(len(listing) / featurize_s, 3) if featurize_s else None,
-                "overall": round(len(listing) / timer.total, 3),
-            },
-            "cluster": result.cluster,
-            "precision": resolved.to_dict(),
-            "weights": {
-                "requested": winfo.requested,
-                "kind": winfo.kind,
-                "source": winfo.source,
-                "sha256": winfo.sha256,
-                "file_sha256": winfo.file_sha256,
-                "random": winfo.is_random,
-                "warning": winfo.warning,
-            },
-            "warnings": warnings,
-            "extra": result.extra,
-            "versions": versions(),
-            "config": cfg.to_dict(),
-            "files": {
-                "features": "features/",
-                "errors": "errors.parquet",
-                "reduction": "reduction.npz",
-                "scree": "scree.png",
-                "performance_report": result.extra.get("performance_report"),
-                "report": report.REPORT_NAME,
-            },
-        }
-        target.write_json("run.json", doc)
-        # Built from the record just written and the staged files, committed with them.
-        target.write_bytes(report.REPORT_NAME, report.build_report(doc, target.staging, storage_options))
+        backend = get_backend(cfg.backend)
+        ctx = RunContext(
+            cfg=cfg,
+            listing=listing,
+            weights=weights,
+            weights_info=winfo,
+            target=target,
+            timer=timer,
+            progress=progress or Progress(),
+            on_cluster=lambda shape: emit("cluster", shape),
+            session=session,
+        )
+        with storage.committed(target):
+            result = backend(ctx)
+            errors = pd.concat([rejected, result.errors], ignore_index=True) if len(rejected) else result.errors
+            n_errors = len(errors)
+            check_errors(cfg, n_listed, n_errors)
+            with timer.stage("write"):
+                target.write_bytes("errors.parquet", _errors_parquet(errors))
+                target.write_bytes("reduction.npz", result.reduction.to_npz())
+                target.write_bytes("scree.png", scree_png(result.reduction, f"Scree plot ({cfg.backend}, {len(listing)} images)"))
+            doc = _run_record(cfg, target, timer, started, n_listed, n_errors, errors, per_label, listing, result,
+                              resolved, winfo, warnings)
+            target.write_json("run.json", doc)
+            # Built from the record just written and the staged files, committed with them.
+            target.write_bytes(report.REPORT_NAME, report.build_report(doc, target.staging, storage_options))
     # Committed: the featurized partitions kept for --resume are not needed any more.
     checkpoint.clear(cfg.output, storage_options)
     return doc
+
+
+def _run_record(cfg, target, timer, started, n_listed, n_errors, errors, per_label, listing, result,
+                resolved, winfo, warnings) -> dict:
+    """The ``run.json`` document."""
+    featurize_s = timer.stages.get("featurize", 0.0)
+    return {
+        "fruitdask_version": __version__,
+        "run_id": target.run_id,
+        "backend": cfg.backend,
+        "input": cfg.input,
+        "output": cfg.output,
+        "started_at": started.isoformat(),
+        "duration_s": round(timer.total, 3),
+        "counts": {
+            "images_listed": n_listed,
+            "labels": len(per_label),
+            "rows_written": result.rows,
+            "errors": n_errors,
+        },
+        "per_label": per_label,
+        "errors_by_stage": {str(k): int(v) for k, v in errors["stage"].value_counts().items()} if n_errors else {},
+        "reduction": result.reduction.summary(),
+        "timings_s": {k: round(v, 3) for k, v in timer.stages.items()},
+        "images_per_second": {
+            "featurize": round(len(listing) / featurize_s, 3) if featurize_s else None,
+            "overall": round(len(listing) / timer.total, 3),
+        },
+        "cluster": result.cluster,
+        "precision": resolved.to_dict(),
+        "weights": {
+            "requested": winfo.requested,
+            "kind": winfo.kind,
+            "source": winfo.source,
+            "sha256": winfo.sha256,
+            "file_sha256": winfo.file_sha256,
+            "random": winfo.is_random,
+            "warning": winfo.warning,
+        },
+        "warnings": warnings,
+        "extra": result.extra,
+        "versions": versions(),
+        "config": cfg.to_dict(),
+        "files": {
+            "features": "features/",
+            "errors": "errors.parquet",
+            "reduction": "reduction.npz",
+            "scree": "scree.png",
+            "performance_report": result.extra.get("performance_report"),
+            "report": report.REPORT_NAME,
+        },
+    }

@@ -99,3 +99,29 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, capsys, tiny_ima
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "fruitdask", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("fruitdask ")
+
+
+def _cancelled():
+    from distributed.client import CancelledFuturesGroup, FutureCancelledError, FuturesCancelledError
+
+    return FuturesCancelledError([CancelledFuturesGroup([FutureCancelledError("k", "already forgotten")], "already forgotten")])
+
+
+@pytest.mark.parametrize("error", [_cancelled(), RuntimeError("boom\nsecond line")], ids=["futures-cancelled", "runtime"])
+def test_any_error_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch, error):
+    """Not only fruitdask's own errors: anything reaching the CLI (a Dask FuturesCancelledError
+    from a lost worker, a bug) is one line on stderr and exit 1; the traceback needs --debug."""
+    from fruitdask import pipeline
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pipeline, "run", fail)
+    argv = ["run", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--quiet"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"fruitdask: error: {type(error).__name__}: ")
+    assert "Traceback" not in err and "--debug" in err
+    assert cli.main([*argv, "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("fruitdask: error: ")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +31,8 @@ class RunContext:
     timer: StageTimer
     progress: Progress = field(default_factory=Progress)  # counts images; a no-op unless the CLI draws it
     on_cluster: Callable[[dict], None] = lambda _: None
+    #: What :func:`open_backend` yielded (the Dask client and its warm workers), if anything.
+    session: Any = None
 
 
 @dataclass
@@ -40,6 +44,16 @@ class BackendResult:
     reduction: Reduction
     cluster: dict
     extra: dict = field(default_factory=dict)
+
+
+def open_backend(cfg: RunConfig, timer: StageTimer, on_cluster: Callable[[dict], None]) -> AbstractContextManager:
+    """Start the engine early, before the listing and the weights, so its workers warm up
+    meanwhile (Dask); a backend without this step gets a ``None`` session."""
+    if cfg.backend == "dask":
+        from .dask_backend import session
+
+        return session(cfg, timer, on_cluster)
+    return nullcontext(None)
 
 
 def get_backend(name: str) -> Callable[[RunContext], BackendResult]:

@@ -1,12 +1,22 @@
-"""The Dask backend: scatter the weights, ``map_partitions`` the featurization, stream the PCA.
+"""The Dask backend: load the weights from a file on each worker, ``map_partitions`` the
+featurization over a Parquet manifest, stream the PCA.
 
-Weights travel with ``client.scatter([weights], broadcast=True)``: one transfer per worker,
-visible in the dashboard as a single key, and passed to tasks as a future so they never sit
-inside a task's closure. (A ``WorkerPlugin`` would also survive the loss of every holder,
-but it keeps a second copy in the scheduler's memory and hides the transfer from the task
-graph; a lost worker is recovered either way, because the remaining replicas feed the
-replacement.) Each worker process builds its Keras model once and reuses it
-(:func:`fruitdask.model.cached_model`).
+Nothing the run needs exists only in a worker's memory, so losing any worker at any stage
+costs a recompute, never the run, on schedulers with their default configuration (Active
+Memory Manager on, as on dask/helm-chart, dask-gateway or Coiled clusters):
+
+- the **weights** are a file the tasks name (:class:`fruitdask.weights_file.WeightsSource`:
+  the user's ``s3://`` file, or an ``.npz`` the client stages for a local file, ImageNet or
+  random weights); each worker process reads it once, the first time it builds its model
+  (:func:`fruitdask.model.cached_model`), so the weights travel to each worker once, also to
+  a worker that joins late or replaces a dead one. Never scattered: scattered data cannot be
+  recomputed, and the AMM drops its extra replicas;
+- the **listing** is a Parquet manifest in the staging prefix, one row group per partition,
+  read back by tasks (:mod:`fruitdask.manifest`);
+- the **reduction** is written there too and read by a task the write stage depends on.
+
+Workers warm up (import TensorFlow, build VGG16 for the run's image size) as soon as the
+cluster is up (:func:`session`), while the client lists the images and reads the weights.
 """
 
 from __future__ import annotations
@@ -16,7 +26,11 @@ import logging
 import math
 import os
 import tempfile
-from contextlib import ExitStack
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import dask
 import dask.array as da
@@ -24,27 +38,33 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
-from .. import checkpoint, frames, storage
-from ..cluster import cluster_shape, dask_client
+from .. import checkpoint, frames, manifest, model, storage
+from ..cluster import cluster_shape, dask_client, worker_addresses
+from ..config import RunConfig
 from ..errors import OutputError
-from ..reduce import fit_incremental_pca, silence_first_batch_warning
+from ..reduce import Reduction, fit_incremental_pca, silence_first_batch_warning
+from ..runinfo import StageTimer
+from ..weights_file import WeightsSource, npz_bytes
 from . import BackendResult, RunContext
 
 logger = logging.getLogger(__name__)
 
 
 def featurize_on_worker(
-    df: pd.DataFrame, weights: list[np.ndarray], checkpoints: checkpoint.Checkpoints | None = None, **kwargs
+    df: pd.DataFrame, weights: WeightsSource | list[np.ndarray], checkpoints: checkpoint.Checkpoints | None = None, **kwargs
 ) -> pd.DataFrame:
     """Task body: pin TensorFlow to this worker's threads, then featurize the partition
     (or reuse its checkpoint under ``--resume``; see :mod:`fruitdask.checkpoint`)."""
+    return checkpoint.featurize_checkpointed(df, weights, checkpoints, threads=_worker_threads(), **kwargs)
+
+
+def _worker_threads() -> int | None:
     from distributed import get_worker
 
     try:
-        threads = get_worker().state.nthreads
+        return get_worker().state.nthreads
     except ValueError:  # not on a worker (e.g. the synchronous scheduler in tests)
-        threads = None
-    return checkpoint.featurize_checkpointed(df, weights, checkpoints, threads=threads, **kwargs)
+        return None
 
 
 def track_images(collection, counts: list[int], bar) -> None:
@@ -85,93 +105,159 @@ def _matrix_of(df: pd.DataFrame) -> np.ndarray:
     return frames.matrix(df["features"])
 
 
-def run(ctx: RunContext) -> BackendResult:
-    """Featurize, reduce and write the dataset into ``ctx.target``'s staging prefix."""
-    cfg, timer = ctx.cfg, ctx.timer
-    storage_options = cfg.storage.storage_options()
-    extra: dict = {}
+#: Folder of the staging prefix for the run's own inputs (manifest, weights, reduction);
+#: removed before the commit, so it never reaches the output.
+INTERNAL = "_fruitdask"
+
+
+@dataclass
+class Session:
+    """A connected client, its cluster's shape, and the warm-up tasks sent to its workers."""
+
+    client: Any
+    shape: dict
+    warm_ups: list = field(default_factory=list)
+
+
+def _submit_warm_ups(client, cfg: RunConfig) -> list:
+    """One :func:`warm_up_on_worker` task pinned to each worker present now (a worker that
+    joins later builds its model at its first partition instead)."""
+    return [
+        client.submit(warm_up_on_worker, cfg.image_size, cfg.precision, key=f"warm-up-{uuid.uuid4().hex}",
+                      workers=[w], allow_other_workers=False, pure=False)
+        for w in worker_addresses(client)
+    ]
+
+
+def warm_up_on_worker(image_size: int, precision: str = "float32") -> float:
+    """Task body: :func:`fruitdask.model.warm_up` with this worker's thread count."""
+    return model.warm_up(image_size, _worker_threads(), precision)
+
+
+@contextmanager
+def session(cfg: RunConfig, timer: StageTimer, on_cluster: Callable[[dict], None] = lambda _: None) -> Iterator[Session]:
+    """Open the client (``startup``), report the cluster, and start the workers' warm-up."""
     with ExitStack() as stack:
         with timer.stage("startup"):
             client = stack.enter_context(dask_client(cfg))
         shape = cluster_shape(client)
-        ctx.on_cluster(shape)
-        from distributed import performance_report, wait
+        on_cluster(shape)
+        warm = _submit_warm_ups(client, cfg)
+        try:
+            yield Session(client, shape, warm)
+        finally:
+            if warm:
+                client.cancel(warm)  # unfinished on a worker that died; finished ones are released
 
-        with tempfile.TemporaryDirectory(prefix="fruitdask-") as tmp:
-            report_file = os.path.join(tmp, "dask-report.html")
-            with performance_report(filename=report_file):
-                with timer.stage("broadcast"):
-                    # Wrapped in a list: scatter() of a bare list returns one future per item.
-                    weights = client.scatter([ctx.weights], broadcast=True, hash=False)[0]
-                    wait(weights)
-                    parts = _split(ctx.listing, n_partitions(len(ctx.listing), cfg.partition_size, shape["threads"] or 1))
-                    # The listing travels as data, not inside the task graph: a lake of
-                    # millions of paths would otherwise make a graph of hundreds of MB.
-                    # hash=False: dask's tokenize of pandas-3 string columns ignores their
-                    # values, so hashed scatter merged every partition into one key.
-                    # broadcast=True, like the weights: scattered data cannot be recomputed,
-                    # so a part held by one worker only would be lost with it (issue 6).
-                    listing = dd.from_delayed(
-                        client.scatter(parts, hash=False, broadcast=True), meta=ctx.listing.iloc[:0], verify_meta=False
+
+def weights_source(ctx: RunContext, storage_options: dict) -> WeightsSource:
+    """Where workers load the weights from: the user's remote file as is, otherwise an
+    ``.npz`` of them staged beside the output (workers may not see the client's disk, and
+    random or ImageNet weights have no file at all)."""
+    info = ctx.weights_info
+    if info.kind == "file" and storage.is_remote(ctx.cfg.weights):
+        return WeightsSource(ctx.cfg.weights, info.sha256, storage_options)
+    url = ctx.target.write_bytes(f"{INTERNAL}/weights-{info.sha256[:16]}.npz", npz_bytes(ctx.weights))
+    return WeightsSource(url, info.sha256, storage_options)
+
+
+def _read_reduction(url: str, storage_options: dict) -> Reduction:
+    return Reduction.from_npz(storage.read_bytes(url, storage_options))
+
+
+def run(ctx: RunContext) -> BackendResult:
+    """Featurize, reduce and write the dataset into ``ctx.target``'s staging prefix."""
+    with ExitStack() as stack:
+        sess = ctx.session or stack.enter_context(session(ctx.cfg, ctx.timer, ctx.on_cluster))
+        return _run(ctx, sess)
+
+
+def _run(ctx: RunContext, sess: Session) -> BackendResult:
+    cfg, timer, client, shape = ctx.cfg, ctx.timer, sess.client, sess.shape
+    storage_options = cfg.storage.storage_options()
+    extra: dict = {}
+    from distributed import performance_report, wait
+
+    with tempfile.TemporaryDirectory(prefix="fruitdask-") as tmp:
+        report_file = os.path.join(tmp, "dask-report.html")
+        with performance_report(filename=report_file):
+            with timer.stage("broadcast"):
+                # Files, not scattered data: every task input can be read again (module doc).
+                source = weights_source(ctx, storage_options)
+                parts = _split(ctx.listing, n_partitions(len(ctx.listing), cfg.partition_size, shape["threads"] or 1))
+                manifest_url = ctx.target.staging_path(f"{INTERNAL}/manifest.parquet")
+                manifest.write_manifest(parts, manifest_url, storage_options)
+                listing = dd.from_map(
+                    manifest.read_part, range(len(parts)), url=manifest_url, storage_options=storage_options,
+                    meta=ctx.listing.iloc[:0], label="manifest", enforce_metadata=False,
+                )
+            with timer.stage("featurize"):
+                ckpt = checkpoint.for_run(cfg.output, ctx.weights_info.sha256, cfg)
+                extra["checkpoint"] = {"prefix": ckpt.prefix, "resume": ckpt.resume}
+                feats = listing.map_partitions(
+                    featurize_on_worker,
+                    source,
+                    weights_key=ctx.weights_info.sha256,
+                    image_size=cfg.image_size,
+                    precision=cfg.precision,
+                    pooling=cfg.pooling,
+                    batch_size=cfg.batch_size,
+                    storage_options=storage_options,
+                    checkpoints=ckpt,
+                    meta=frames.features_meta(),
+                ).persist()
+                track_images(feats, [len(p) for p in parts], ctx.progress)
+                wait(feats)
+                errors = (
+                    feats[~feats["error_stage"].isna()][["path", "label", "error_stage", "error_reason"]]
+                    .compute()
+                    .rename(columns={"error_stage": "stage", "error_reason": "reason"})
+                    .reset_index(drop=True)
+                )
+                good = feats[feats["error_stage"].isna()][["path", "label", "features"]]
+                lengths = [int(x) for x in good.map_partitions(len).compute()]
+            n_rows = sum(lengths)
+            with timer.stage("pca"):
+                client.run(silence_first_batch_warning, on_error="ignore")  # a worker may be gone
+                d = cfg.feature_dim
+                blocks = [
+                    da.from_delayed(dask.delayed(_matrix_of)(part), shape=(n, d), dtype=np.float32)
+                    for part, n in zip(good.to_delayed(), lengths, strict=True)
+                    if n > 0
+                ]
+                X = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, d), dtype=np.float32)
+                reduction = fit_incremental_pca(
+                    X,
+                    components=cfg.components,
+                    variance=cfg.variance,
+                    batch_size=cfg.pca_batch_size,
+                    power_iterations=cfg.pca_power_iterations,
+                    seed=cfg.seed,
+                )
+            with timer.stage("write"):
+                # A task result read from a staged file, not scattered: recomputable anywhere.
+                red_url = ctx.target.write_bytes(f"{INTERNAL}/reduction.npz", reduction.to_npz())
+                red = dask.delayed(_read_reduction, pure=True)(red_url, storage_options)
+                out = good.map_partitions(frames.add_pca, red, meta=frames.output_meta())
+                writes = [
+                    dask.delayed(storage.write_parquet_part)(
+                        part, ctx.target.staging_path(f"features/part-{i:05d}.parquet"), frames.OUTPUT_SCHEMA, storage_options
                     )
-                with timer.stage("featurize"):
-                    ckpt = checkpoint.for_run(cfg.output, ctx.weights_info.sha256, cfg)
-                    extra["checkpoint"] = {"prefix": ckpt.prefix, "resume": ckpt.resume}
-                    feats = listing.map_partitions(
-                        featurize_on_worker,
-                        weights,
-                        weights_key=ctx.weights_info.sha256,
-                        image_size=cfg.image_size,
-                        precision=cfg.precision,
-                        pooling=cfg.pooling,
-                        batch_size=cfg.batch_size,
-                        storage_options=storage_options,
-                        checkpoints=ckpt,
-                        meta=frames.features_meta(),
-                    ).persist()
-                    track_images(feats, [len(p) for p in parts], ctx.progress)
-                    wait(feats)
-                    errors = (
-                        feats[~feats["error_stage"].isna()][["path", "label", "error_stage", "error_reason"]]
-                        .compute()
-                        .rename(columns={"error_stage": "stage", "error_reason": "reason"})
-                        .reset_index(drop=True)
-                    )
-                    good = feats[feats["error_stage"].isna()][["path", "label", "features"]]
-                    lengths = [int(x) for x in good.map_partitions(len).compute()]
-                n_rows = sum(lengths)
-                with timer.stage("pca"):
-                    client.run(silence_first_batch_warning)
-                    d = cfg.feature_dim
-                    blocks = [
-                        da.from_delayed(dask.delayed(_matrix_of)(part), shape=(n, d), dtype=np.float32)
-                        for part, n in zip(good.to_delayed(), lengths, strict=True)
-                        if n > 0
-                    ]
-                    X = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, d), dtype=np.float32)
-                    reduction = fit_incremental_pca(
-                        X,
-                        components=cfg.components,
-                        variance=cfg.variance,
-                        batch_size=cfg.pca_batch_size,
-                        power_iterations=cfg.pca_power_iterations,
-                        seed=cfg.seed,
-                    )
-                with timer.stage("write"):
-                    # Broadcast like the weights: a lost worker must not take the only copy.
-                    red = client.scatter(reduction, broadcast=True, hash=False)
-                    out = good.map_partitions(frames.add_pca, red, meta=frames.output_meta())
-                    writes = [
-                        dask.delayed(storage.write_parquet_part)(
-                            part, ctx.target.staging_path(f"features/part-{i:05d}.parquet"), frames.OUTPUT_SCHEMA, storage_options
-                        )
-                        for i, part in enumerate(out.to_delayed())
-                    ]
-                    written = sum(dask.compute(*writes))
-            with open(report_file, "rb") as f:
-                ctx.target.write_bytes("dask-report.html", f.read())
-            extra["performance_report"] = "dask-report.html"
-        extra["weight_replicas"] = len(client.who_has(weights).get(weights.key, ()))
+                    for i, part in enumerate(out.to_delayed())
+                ]
+                written = sum(dask.compute(*writes))
+        with open(report_file, "rb") as f:
+            ctx.target.write_bytes("dask-report.html", f.read())
+        extra["performance_report"] = "dask-report.html"
+    del feats
+    storage.remove_prefix(ctx.target.staging_path(INTERNAL), storage_options)
+    extra["weights_loads"] = _weights_loads(client, ctx.weights_info.sha256)
     if written != n_rows:
         raise OutputError(f"wrote {written} rows but featurized {n_rows}: the output is incomplete, run again")
     return BackendResult(rows=n_rows, errors=errors, reduction=reduction, cluster=shape, extra=extra)
+
+
+def _weights_loads(client, key: str) -> dict[str, int]:
+    """How many times each live worker read the weights file (1 each in the normal case)."""
+    counts = client.run(model.load_counts, on_error="ignore")
+    return {w: int(c.get(key, 0)) for w, c in sorted(counts.items()) if isinstance(c, dict)}

@@ -1,0 +1,44 @@
+"""Task bodies that take a little longer, so a test can kill a worker in the middle of a stage.
+
+Imported by the ``dask worker`` processes of tests/test_lost_workers.py (their PYTHONPATH
+holds tests/), so the functions travel by reference like fruitdask's own. Each one waits
+``DELAY`` seconds and then calls the real task body, unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from fruitdask import storage
+from fruitdask.backends import dask_backend
+
+DELAY = 0.4
+# The real bodies, taken before any test patches the modules' names with the ones below.
+_featurize = dask_backend.featurize_on_worker
+_matrix_of = dask_backend._matrix_of
+_write = storage.write_parquet_part
+
+
+#: A worker started with this variable naming a file waits while that file exists before
+#: each featurize task (tests/test_lost_workers.py holds one worker back with it).
+GATE_ENV = "FRUITDASK_TEST_GATE"
+
+
+def slow_featurize(*args, **kwargs):
+    gate = os.environ.get(GATE_ENV)
+    deadline = time.monotonic() + 300
+    while gate and os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(DELAY)
+    return _featurize(*args, **kwargs)
+
+
+def slow_matrix_of(df):
+    time.sleep(DELAY)
+    return _matrix_of(df)
+
+
+def slow_write(*args, **kwargs):
+    time.sleep(DELAY)
+    return _write(*args, **kwargs)
