@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 #: Set on the scheduler and every worker. The pipeline broadcasts the model weights with
 #: ``scatter(broadcast=True)``; the Active Memory Manager's ReduceReplicas policy would
 #: otherwise drop those replicas again and every task would refetch them.
-AMM_OFF_ENV: dict[str, str] = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}
 
 SCHEDULER_PORT = 8786
 DASHBOARD_PORT = 8787
@@ -231,7 +230,6 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
         "AWS_REGION": settings.region,
         "AWS_DEFAULT_REGION": settings.region,
         **TF_ENV,
-        **AMM_OFF_ENV,
         **tls_env(),
     }
     labels = {

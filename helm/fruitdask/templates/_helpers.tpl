@@ -131,7 +131,8 @@ nodeAffinity:
             values: [{{ .Values.region | quote }}]
 {{- end }}
 
-{{/* Environment of every container: writable HOME/TMPDIR, TF and AMM settings, TLS.
+{{/* Environment of every container: writable HOME/TMPDIR, TF settings, TLS (the Active Memory Manager keeps
+   Dask's default: nothing a run needs exists only as scattered data).
 The region, the region allow-list and the S3 endpoint come after tfEnv/extraEnv: when
 a name appears twice Kubernetes keeps the last one, so even values that skipped the
 schema (helm --skip-schema-validation) cannot override them. */}}
@@ -140,10 +141,6 @@ schema (helm --skip-schema-validation) cannot override them. */}}
   value: /home/fruitdask
 - name: TMPDIR
   value: /tmp
-# The pipeline broadcasts the weights with scatter(broadcast=True); the Active Memory
-# Manager's ReduceReplicas would drop those replicas again.
-- name: DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START
-  value: "False"
 {{- range $k, $v := .Values.tfEnv }}
 - name: {{ $k }}
   value: {{ $v | quote }}
