@@ -160,7 +160,7 @@ def _imagenet(image_size: int) -> list[np.ndarray]:
     cached = imagenet_cache_file()
     if os.path.isfile(cached):
         # The file Keras downloaded is a legacy .h5: read it with h5py, no TensorFlow.
-        return _from_file(cached, None)
+        return _from_file(cached, None)[0]
     try:
         return build_vgg16(image_size, weights="imagenet").get_weights()
     except Exception as e:
