@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import peak_rss_bytes  # noqa: E402 - a sibling script
+from memory import peak_rss_bytes
 
 RANK, ROWS_PER_BLOCK = 400, 64
 
