@@ -463,15 +463,19 @@ def test_overwrite_accepts_a_fruitdask_output_even_incomplete(tmp_path, marker):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_SUCCESS", "run.json"]
 
 
+def _run_1(where: str, s3, tmp_path) -> tuple[str, dict | None]:
+    """An output location ``run-1`` on S3 (eu-west-3 bucket) or in a local folder."""
+    if where == "s3":
+        s3.bucket("out-euw3", "eu-west-3")
+        return "s3://out-euw3/run-1", opts(s3)
+    return str(tmp_path / "run-1"), None
+
+
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_a_second_run_on_the_same_output_fails_clearly(s3, tmp_path, where):
     from fruitdask.errors import OutputBusyError
 
-    if where == "s3":
-        s3.bucket("out-euw3", "eu-west-3")
-        url, o = "s3://out-euw3/run-1", opts(s3)
-    else:
-        url, o = str(tmp_path / "run-1"), None
+    url, o = _run_1(where, s3, tmp_path)
     first = storage.OutputTarget.open(url, o, overwrite=False, run_id="first")
     second = storage.OutputTarget.open(url, o, overwrite=False, run_id="second")
     with storage.committed(first):
@@ -493,11 +497,7 @@ def test_commit_checks_the_lock_again(s3, tmp_path, where):
     lock deleted by hand) commits nothing."""
     from fruitdask.errors import OutputBusyError
 
-    if where == "s3":
-        s3.bucket("out-euw3", "eu-west-3")
-        url, o = "s3://out-euw3/run-1", opts(s3)
-    else:
-        url, o = str(tmp_path / "run-1"), None
+    url, o = _run_1(where, s3, tmp_path)
     target = storage.OutputTarget.open(url, o, overwrite=False, run_id="mine")
     with pytest.raises(OutputBusyError, match="being written by run intruder"):
         with storage.committed(target):
