@@ -33,9 +33,10 @@ from fruitdask.config import TF_ENV  # noqa: E402
 for _k, _v in TF_ENV.items():
     os.environ.setdefault(_k, _v)
 
-from fruitdask import featurize, frames, storage  # noqa: E402
-from fruitdask.bundle import ModelBundle  # noqa: E402
-from fruitdask.model import _keras, cached_model  # noqa: E402
+from fruitdask import storage  # noqa: E402
+from fruitdask.classifier.bundle import ModelBundle  # noqa: E402
+from fruitdask.features import featurize, frames  # noqa: E402
+from fruitdask.features.model import _keras, cached_model  # noqa: E402
 
 DEFAULT_PHOTOS = REPO / "fruitdask" / "sample_data" / "Training"
 

@@ -90,9 +90,9 @@ class BareVGG16:
     def __init__(self, model: str, photos: list[bytes], batch: int) -> None:
         import numpy as np
 
-        from fruitdask import featurize
-        from fruitdask.bundle import ModelBundle
-        from fruitdask.model import cached_model
+        from fruitdask.classifier.bundle import ModelBundle
+        from fruitdask.features import featurize
+        from fruitdask.features.model import cached_model
 
         bundle = ModelBundle.load(model)
         featurizer = bundle.featurizer()

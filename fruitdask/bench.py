@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import KubeSettings, RunConfig, StorageSettings
-from .errors import ConfigError
-from .progress import Progress
+from fruitdask.config import KubeSettings, RunConfig, StorageSettings
+from fruitdask.errors import ConfigError
+from fruitdask.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ STAGES = ("startup", "listing", "weights", "featurize", "pca", "write")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_run_options
+    from fruitdask.cli import add_run_options
 
     g = p.add_argument_group("bench")
     g.add_argument("--images", type=int, default=200, help="how many images of --input to use (default: 200)")
@@ -188,7 +188,7 @@ def run_child(task: str, work: Path, *, prec: str = "float32", repeat: int = 0, 
 
 def machine(cpuinfo: str | None = None) -> dict:
     """CPU model, core count, memory and the bf16 flags that decide ``--precision auto``."""
-    from . import precision
+    from fruitdask.features import precision
 
     text = precision.read_cpuinfo() if cpuinfo is None else cpuinfo
     flags = precision.cpu_flags(text)
@@ -220,7 +220,7 @@ def sample_load(seconds: float = QUIET_SAMPLE_S) -> dict:
 
 def parse_precisions(text: str | None, default: str) -> list[str]:
     """The ``--precisions`` axis, resolved on this machine (bfloat16 refused where emulated)."""
-    from . import precision
+    from fruitdask.features import precision
 
     asked = [p.strip() for p in (text or default).split(",") if p.strip()]
     out: list[str] = []
@@ -232,8 +232,8 @@ def parse_precisions(text: str | None, default: str) -> list[str]:
 
 
 def command(args: argparse.Namespace) -> int:
-    from . import storage
-    from .cli import config_from_args
+    from fruitdask import storage
+    from fruitdask.cli import config_from_args
 
     if args.input is None:
         args.input = str(BENCH_IMAGES)
@@ -323,7 +323,7 @@ def held_out_accuracy(features: np.ndarray, labels: np.ndarray, variance: float,
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
-    from .classify import fit_classifier
+    from fruitdask.classifier.classify import fit_classifier
 
     labels = np.asarray(labels)
     test = np.zeros(len(labels), dtype=bool)
@@ -556,7 +556,8 @@ def _child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from . import featurize, model, storage
+    from fruitdask import storage
+    from fruitdask.features import featurize, model
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -612,7 +613,7 @@ def _child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
 
 
 def _child_pipeline(cfg: RunConfig, work: Path, backend: str) -> dict:
-    from . import pipeline
+    from fruitdask import pipeline
 
     cfg = dataclasses.replace(cfg, backend=backend, output=str(work / f"out-{backend}-{cfg.precision}"))
     ends: list[float] = []
@@ -638,7 +639,7 @@ def _child_pipeline(cfg: RunConfig, work: Path, backend: str) -> dict:
 
 def _child_pca(cfg: RunConfig, work: Path, engine: str) -> dict:
     """Time the standardize + PCA fit alone on the raw run's unpooled features."""
-    from .reduce import fit_incremental_pca, plan_pca
+    from fruitdask.reduce import fit_incremental_pca, plan_pca
 
     X = np.load(work / "unpooled.npy")
     n, d = X.shape
@@ -650,9 +651,9 @@ def _child_pca(cfg: RunConfig, work: Path, engine: str) -> dict:
         red = fit_incremental_pca(da.from_array(X, chunks=(min(n, 256), d)), components=cfg.components, variance=cfg.variance,
                                   batch_size=cfg.pca_batch_size, power_iterations=cfg.pca_power_iterations, seed=cfg.seed)
         return {"status": "ok", "d": d, "n": n, "fit_s": round(time.perf_counter() - t, 3), "k": red.k, "method": red.method}
-    from .backends.spark_backend import check_pca_size, spark_pca
-    from .errors import ReductionError
-    from .spark_session import spark_session
+    from fruitdask.backends.spark.backend import check_pca_size, spark_pca
+    from fruitdask.backends.spark.session import spark_session
+    from fruitdask.errors import ReductionError
 
     try:
         driver_memory = check_pca_size(unpooled)
@@ -671,7 +672,7 @@ def _child_pca(cfg: RunConfig, work: Path, engine: str) -> dict:
 def _child_main(argv: list[str]) -> int:
     task, work = argv[0], Path(argv[1])
     prec, repeat = (argv[2], int(argv[3])) if len(argv) > 3 else ("float32", 0)
-    from .config import TF_ENV
+    from fruitdask.config import TF_ENV
 
     for key, value in TF_ENV.items():
         os.environ.setdefault(key, value)
@@ -681,7 +682,7 @@ def _child_main(argv: list[str]) -> int:
         logging.basicConfig(level=logging.WARNING)
         result = _child_raw(cfg, work, unpooled and repeat == 0)
     else:
-        from .cli import setup_logging
+        from fruitdask.cli import setup_logging
 
         setup_logging(quiet=True, debug=False)
         if task in ("dask", "spark"):

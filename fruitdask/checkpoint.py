@@ -29,7 +29,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from . import frames, storage
+from fruitdask import storage
+from fruitdask.features import frames
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def featurize_checkpointed(
     df
         A partition of ``path, label`` rows.
     weights, kwargs
-        Passed on to ``featurize`` (:func:`fruitdask.frames.featurize_frame`).
+        Passed on to ``featurize`` (:func:`fruitdask.features.frames.featurize_frame`).
     checkpoints
         None to neither read nor write checkpoints.
     """

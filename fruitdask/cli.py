@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import BACKENDS, POOLINGS, TF_ENV, RunConfig, StorageSettings, build_config
-from .errors import FruitdaskError
+from fruitdask import __version__
+from fruitdask.config import BACKENDS, POOLINGS, TF_ENV, RunConfig, StorageSettings, build_config
+from fruitdask.errors import FruitdaskError
 
 logger = logging.getLogger("fruitdask")
 
@@ -31,9 +31,9 @@ DEFAULT_OUTPUT = "fruitdask-output"
 #: Sub-commands living in their own modules: each has ``add_arguments(parser)`` and
 #: ``command(args) -> int``. ``run`` is defined here.
 COMMAND_MODULES: dict[str, tuple[str, str]] = {
-    "train": ("fruitdask.train_cli", "train a fruit classifier on the PCA features of a run output, evaluate it on a Test/ tree"),
-    "predict": ("fruitdask.predict_cli", "predict the fruit in photos with a model written by `train` (top-k labels)"),
-    "report": ("fruitdask.report_cli", "rebuild OUTPUT/report.html, the self-contained HTML page of a finished run"),
+    "train": ("fruitdask.commands.train", "train a fruit classifier on the PCA features of a run output, evaluate it on a Test/ tree"),
+    "predict": ("fruitdask.commands.predict", "predict the fruit in photos with a model written by `train` (top-k labels)"),
+    "report": ("fruitdask.commands.report", "rebuild OUTPUT/report.html, the self-contained HTML page of a finished run"),
     "bench": ("fruitdask.bench", "time raw Keras vs the Dask vs the Spark pipeline on the same images and weights"),
     "serve": ("fruitdask.serve.command", "serve a model written by `train` over HTTP: POST a photo to /v1/predict, get the fruit"),
 
@@ -200,8 +200,8 @@ def _on_event(name: str, data: dict) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import pipeline
-    from .progress import progress_bar
+    from fruitdask import pipeline
+    from fruitdask.progress import progress_bar
 
     cfg = config_from_args(args)
     # The bar starts with the featurization, after the cluster line (dashboard URL) is printed.
@@ -214,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         doc["counts"]["rows_written"], doc["counts"]["errors"], cfg.output, red["k"],
         100 * red["variance_reached"], doc["images_per_second"]["featurize"] or 0, doc["duration_s"],
     )
-    from .report import report_location
+    from fruitdask.report.page import report_location
 
     report_path = report_location(cfg.output)
     logger.info("report: %s", report_path)

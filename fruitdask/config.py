@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
-from .precision import PRECISIONS
+from fruitdask.errors import ConfigError
+from fruitdask.features.precision import PRECISIONS
 
 #: AWS regions located in EU member states (GDPR territory). London (eu-west-2) and
 #: Zurich (eu-central-2) are in Europe but outside the EU, so they are not listed.
@@ -107,7 +107,7 @@ class RunConfig:
     batch_size: int = 32
     partition_size: int = 64
     pooling: str = "avg"
-    precision: str = "float32"  # float32 | bfloat16 | auto (fruitdask.precision)
+    precision: str = "float32"  # float32 | bfloat16 | auto (fruitdask.features.precision)
     weights: str = "auto"
     allow_random_weights: bool = False  # --weights auto may fall back to random only when asked
     seed: int = 0

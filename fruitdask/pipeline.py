@@ -15,13 +15,15 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from . import __version__, checkpoint, model, precision, report, storage
-from .backends import RunContext, get_backend, open_backend
-from .config import RunConfig
-from .errors import InputError, TooManyErrors, WeightsError
-from .progress import Progress
-from .reduce import scree_png
-from .runinfo import StageTimer, label_counts, versions
+from fruitdask import __version__, checkpoint, storage
+from fruitdask.backends import RunContext, get_backend, open_backend
+from fruitdask.config import RunConfig
+from fruitdask.errors import InputError, TooManyErrors, WeightsError
+from fruitdask.features import model, precision
+from fruitdask.progress import Progress
+from fruitdask.reduce import scree_png
+from fruitdask.report import page as report
+from fruitdask.runinfo import StageTimer, label_counts, versions
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ReductionError
+from fruitdask.errors import ReductionError
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ def _gram_reduction(Z, spec: Spectrum, k: int, mean, scale, variance: float, n_s
 
 def scree_png(reduction: Reduction, title: str = "Scree plot") -> bytes:
     """Bars per component, the cumulative curve, the target and the chosen K, as PNG bytes."""
-    from .report_plots import text_as_data
+    from fruitdask.report.plots import text_as_data
 
     with text_as_data():
         return _scree_png(reduction, title)

@@ -48,7 +48,7 @@ def tiny_images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory) -> Path:
     """Seeded random VGG16 (no top) weights saved the way users save real ones."""
-    from fruitdask import model
+    from fruitdask.features import model
 
     path = tmp_path_factory.mktemp("weights") / "vgg16_notop.weights.h5"
     keras = model._keras()

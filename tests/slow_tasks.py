@@ -11,7 +11,7 @@ import os
 import time
 
 from fruitdask import storage
-from fruitdask.backends import dask_backend
+from fruitdask.backends.dask import backend as dask_backend
 
 DELAY = 0.4
 # The real bodies, taken before any test patches the modules' names with the ones below.

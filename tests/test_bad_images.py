@@ -19,10 +19,11 @@ import pytest
 from conftest import BUNDLED, SMALL_SIZE, copy_images
 from PIL import Image, ImageFile
 
-from fruitdask import cli, featurize, storage
+from fruitdask import cli, storage
 from fruitdask.config import build_config
 from fruitdask.errors import TooManyErrors
-from fruitdask.featurize import DecodeError, decode_image, open_image
+from fruitdask.features import featurize
+from fruitdask.features.featurize import DecodeError, decode_image, open_image
 from fruitdask.pipeline import check_errors
 
 S = SMALL_SIZE
@@ -297,7 +298,7 @@ def test_run_help_documents_exit_codes(capsys):
 
 
 def test_unreadable_file_is_a_read_error_and_an_all_bad_partition_keeps_its_rows(tmp_path):
-    from fruitdask import frames
+    from fruitdask.features import frames
 
     df = pd.DataFrame({"path": [str(tmp_path / "L" / "vanished.jpg"), str(tmp_path / "L" / "empty.jpg")], "label": ["L", "L"]})
     (tmp_path / "L").mkdir()

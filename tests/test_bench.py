@@ -139,7 +139,7 @@ def test_bench_smoke_run_writes_json_and_markdown(tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_bench_compares_precisions_over_repeats(tmp_path, monkeypatch):
-    from fruitdask import precision
+    from fruitdask.features import precision
 
     # The parent resolves the axis; a Zen 4 cpuinfo lets bf16 through on any machine (the
     # children then run it, natively here, emulated elsewhere).

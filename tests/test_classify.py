@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, SMALL_SIZE, copy_images
 
-from fruitdask import frames, storage
-from fruitdask.bundle import FeatureSpec, Featurizer, LinearClassifier, ModelBundle, load_verified_weights
-from fruitdask.classify import evaluate, fit_classifier, load_run
+from fruitdask import storage
+from fruitdask.classifier.bundle import FeatureSpec, Featurizer, LinearClassifier, ModelBundle, load_verified_weights
+from fruitdask.classifier.classify import evaluate, fit_classifier, load_run
 from fruitdask.cli import main
 from fruitdask.errors import InputError, ModelError
+from fruitdask.features import frames
 
 LABELS = 12
 TRAIN_PER_LABEL = 12

@@ -17,10 +17,11 @@ import psutil
 import pytest
 from conftest import BUNDLED, SMALL_SIZE, copy_images
 
-from fruitdask import cli, frames, pipeline
-from fruitdask.cluster import dask_client
+from fruitdask import cli, pipeline
+from fruitdask.backends.dask.cluster import dask_client
 from fruitdask.config import TF_ENV, build_config
 from fruitdask.errors import ClusterError
+from fruitdask.features import frames
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def _kill_a_busy_worker(client, stop: threading.Event, killed: list) -> None:
 
 def _reference_features(listing: pd.DataFrame, weights_file: Path) -> pd.DataFrame:
     """Features of an undisturbed, single-process run over the same images."""
-    from fruitdask import model
+    from fruitdask.features import model
 
     weights, info = model.load_weights(str(weights_file))
     out = frames.featurize_frame(

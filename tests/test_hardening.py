@@ -19,12 +19,14 @@ import pytest
 from conftest import BUNDLED, REPO, SMALL_SIZE, copy_images
 from PIL import Image
 
-from fruitdask import cli, model, pipeline, report_plots, storage
-from fruitdask.bundle import FeatureSpec, WeightsRef, load_verified_weights
+from fruitdask import cli, pipeline, storage
+from fruitdask.classifier.bundle import FeatureSpec, WeightsRef, load_verified_weights
 from fruitdask.config import StorageSettings, build_config
 from fruitdask.errors import RegionError, UntrustedReferenceError, WeightsError
-from fruitdask.featurize import DecodeError, decode_image
+from fruitdask.features import model
+from fruitdask.features.featurize import DecodeError, decode_image
 from fruitdask.reduce import Reduction, scree_png
+from fruitdask.report import plots as report_plots
 
 S = SMALL_SIZE
 ODD_LABELS = ["a$\\foo$b", "$", "_hidden", "50% {x} <b>&", "x\x00y", "Pomme rôtie 🍎", "tab\there", "L" * 200]
@@ -87,7 +89,7 @@ def test_odd_labels_never_break_a_chart(label):
         report_plots.labels_bar_png({label: 3, "ok": 2}),
         report_plots.pca_scatter_png(np.arange(8.0).reshape(4, 2), [label, label, "ok", "ok"], shown_of=4),
     ]
-    from fruitdask.classify import confusion_png
+    from fruitdask.classifier.classify import confusion_png
 
     metrics = {"labels": [label, "ok"], "confusion": [[2, 1], [0, 3]], "accuracy": 5 / 6}
     pngs.append(confusion_png(metrics, title=f"held out {label}"))
@@ -176,7 +178,7 @@ def test_stored_weights_reference_goes_through_the_commands_guard(s3, monkeypatc
 
 def test_predict_guards_the_weights_reference_of_the_bundle(s3, tmp_path, monkeypatch, capsys):
     """bundle.json names weights in a us-east-1 bucket: predict refuses before reading them."""
-    from fruitdask import bundle as bundle_mod
+    from fruitdask.classifier import bundle as bundle_mod
 
     s3.bucket("models-us", "us-east-1")
     calls = []
@@ -231,7 +233,7 @@ def test_report_rebuild_guards_thumbnail_paths_read_from_parquet(s3, tmp_path, m
     rebuild refuses before reading any thumbnail."""
     import pyarrow as pa
 
-    from fruitdask.frames import OUTPUT_SCHEMA
+    from fruitdask.features.frames import OUTPUT_SCHEMA
 
     s3.bucket("fruits-us", "us-east-1")
     out = tmp_path / "out"

@@ -16,9 +16,7 @@ import kubernetes_validate
 import pytest
 from k8s_validation import KUBE_VERSION, REPO, dask_cluster_schema, pod_policy_violations, pod_specs
 
-from fruitdask.config import EU_REGIONS, TF_ENV, KubeSettings
-from fruitdask.errors import ClusterError
-from fruitdask.kube import (
+from fruitdask.backends.dask.kube import (
     cluster_resources,
     make_cluster_spec,
     make_network_policies,
@@ -27,7 +25,9 @@ from fruitdask.kube import (
     tls_env,
     worker_threads,
 )
-from fruitdask.kube_connect import KubeConnection, client_security, open_kube_cluster
+from fruitdask.backends.dask.kube_connect import KubeConnection, client_security, open_kube_cluster
+from fruitdask.config import EU_REGIONS, TF_ENV, KubeSettings
+from fruitdask.errors import ClusterError
 
 AMM = "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START"
 SETTINGS = KubeSettings(
@@ -288,8 +288,8 @@ def test_dask_client_connects_with_the_kube_connection(monkeypatch, tls_files) -
     from distributed import LocalCluster
     from distributed.security import Security
 
-    import fruitdask.kube_connect
-    from fruitdask.cluster import dask_client
+    import fruitdask.backends.dask.kube_connect
+    from fruitdask.backends.dask.cluster import dask_client
     from fruitdask.config import RunConfig
 
     with dask.config.set(_tls_config(tls_files)):
@@ -302,7 +302,7 @@ def test_dask_client_connects_with_the_kube_connection(monkeypatch, tls_files) -
             assert settings == SETTINGS
             yield KubeConnection(cluster.scheduler_address, client_sec, None)
 
-        monkeypatch.setattr(fruitdask.kube_connect, "open_kube_cluster", fake_open)
+        monkeypatch.setattr(fruitdask.backends.dask.kube_connect, "open_kube_cluster", fake_open)
         cfg = RunConfig(input="in", output="out", cluster="kubernetes", kube=SETTINGS, cluster_timeout=10)
         with dask_client(cfg) as client:
             assert client.scheduler.address == cluster.scheduler_address
@@ -424,8 +424,8 @@ def test_worker_threads(cpu: str, expected: int) -> None:
 
 def test_builder_is_pure_and_imports_no_dask_kubernetes() -> None:
     code = (
-        "import sys; from fruitdask.config import KubeSettings; from fruitdask.kube import cluster_resources;"
-        "import fruitdask.kube_connect; cluster_resources(KubeSettings(), {});"
+        "import sys; from fruitdask.config import KubeSettings; from fruitdask.backends.dask.kube import cluster_resources;"
+        "import fruitdask.backends.dask.kube_connect; cluster_resources(KubeSettings(), {});"
         "assert not {'dask_kubernetes', 'kr8s'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)

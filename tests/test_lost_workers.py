@@ -33,9 +33,10 @@ import pytest
 import slow_tasks
 from conftest import BUNDLED, SMALL_SIZE, copy_images
 
-from fruitdask import cli, frames, model, pipeline, storage
-from fruitdask.backends import dask_backend
+from fruitdask import cli, pipeline, storage
+from fruitdask.backends.dask import backend as dask_backend
 from fruitdask.config import TF_ENV, build_config
+from fruitdask.features import frames, model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

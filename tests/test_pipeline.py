@@ -20,8 +20,9 @@ import pytest
 from conftest import SMALL_SIZE
 from PIL import Image
 
-from fruitdask import cli, featurize, model
+from fruitdask import cli
 from fruitdask.config import TF_ENV
+from fruitdask.features import featurize, model
 from fruitdask.reduce import Reduction
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

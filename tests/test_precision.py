@@ -11,12 +11,13 @@ import pyarrow as pa
 import pytest
 from conftest import BUNDLED, SMALL_SIZE
 
-from fruitdask import checkpoint, model, precision
-from fruitdask.backends import spark_backend
-from fruitdask.bundle import FeatureSpec
+from fruitdask import checkpoint
+from fruitdask.backends.spark import backend as spark_backend
+from fruitdask.classifier.bundle import FeatureSpec
 from fruitdask.config import build_config
 from fruitdask.errors import ConfigError
-from fruitdask.featurize import featurize_bytes
+from fruitdask.features import model, precision
+from fruitdask.features.featurize import featurize_bytes
 
 ZEN4 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -134,7 +135,7 @@ def test_spark_featurize_batches_builds_the_requested_precision(weights_file):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_run_records_the_precision_everywhere(tiny_images, weights_file, tmp_path, monkeypatch):
-    from fruitdask.classify import load_run
+    from fruitdask.classifier.classify import load_run
     from fruitdask.cli import main
 
     # The client decides; a Zen 4 cpuinfo makes auto pick bf16 on any machine (emulated
@@ -167,9 +168,9 @@ def test_bundle_keeps_the_precision_and_featurizes_with_it(tmp_path, weights_fil
     import dask
     import dask.array as da
 
-    from fruitdask import frames
-    from fruitdask.bundle import LinearClassifier, ModelBundle, WeightsRef
-    from fruitdask.classify import fit_classifier
+    from fruitdask.classifier.bundle import LinearClassifier, ModelBundle, WeightsRef
+    from fruitdask.classifier.classify import fit_classifier
+    from fruitdask.features import frames
     from fruitdask.reduce import fit_incremental_pca
 
     rng = np.random.default_rng(0)

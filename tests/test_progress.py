@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import SMALL_SIZE
 
-from fruitdask.backends.dask_backend import track_images
+from fruitdask.backends.dask.backend import track_images
 from fruitdask.progress import ImageProgressBar, Poller, Progress, progress_bar
 
 
@@ -127,8 +127,8 @@ def test_spark_featurizer_counts_each_batch_into_the_accumulator(weights_file):
     import pyarrow as pa
     from conftest import BUNDLED
 
-    from fruitdask import model
-    from fruitdask.backends import spark_backend
+    from fruitdask.backends.spark import backend as spark_backend
+    from fruitdask.features import model
 
     class Accumulator:
         value = 0

@@ -20,7 +20,9 @@ import pytest
 from conftest import BUNDLED, REPO, copy_images
 from PIL import Image
 
-from fruitdask import cli, report, report_plots
+from fruitdask import cli
+from fruitdask.report import page as report
+from fruitdask.report import plots as report_plots
 
 ARTIFACTS = REPO / "test-artifacts"
 SECTIONS = ("run", "data", "labels", "thumbnails", "skipped", "reduction", "scree", "scatter", "cost", "environment")

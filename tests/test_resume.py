@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import BUNDLED, SMALL_SIZE, copy_images
 
-from fruitdask import checkpoint, featurize, frames, pipeline
-from fruitdask.backends import dask_backend
+from fruitdask import checkpoint, pipeline
+from fruitdask.backends.dask import backend as dask_backend
 from fruitdask.config import build_config
+from fruitdask.features import featurize, frames
 
 
 class CrashDuringPCA(RuntimeError):

@@ -397,7 +397,7 @@ def test_load_failure_exits_1_and_sigterm_exits_0(serve_model, tmp_path):
     """Two more server processes: one given weights of another sha256 stops with exit 1 and
     the reason; a healthy one stopped with SIGTERM drains and exits 0."""
     other = tmp_path / "other.weights.h5"
-    from fruitdask import model
+    from fruitdask.features import model
 
     keras = model._keras()
     keras.utils.set_random_seed(99)

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import BUNDLED, SMALL_SIZE, copy_images
 
-from fruitdask.backends import spark_backend
+from fruitdask.backends.spark import backend as spark_backend
+from fruitdask.backends.spark.session import spark_conf
 from fruitdask.cli import main
 from fruitdask.config import RunConfig
 from fruitdask.errors import ReductionError
-from fruitdask.spark_session import spark_conf
 
 
 def _java_children() -> list[psutil.Process]:

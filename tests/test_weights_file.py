@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import SMALL_SIZE
 
-from fruitdask import model
 from fruitdask.errors import WeightsError
-from fruitdask.weights_file import WeightsSource, npz_bytes, read_weights
+from fruitdask.features import model
+from fruitdask.features.weights_file import WeightsSource, npz_bytes, read_weights
 
 REPO = Path(__file__).resolve().parents[1]
 

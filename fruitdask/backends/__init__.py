@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..config import RunConfig
-from ..errors import ConfigError
-from ..model import WeightsInfo
-from ..progress import Progress
-from ..reduce import Reduction
-from ..runinfo import StageTimer
-from ..storage import OutputTarget
+from fruitdask.config import RunConfig
+from fruitdask.errors import ConfigError
+from fruitdask.features.model import WeightsInfo
+from fruitdask.progress import Progress
+from fruitdask.reduce import Reduction
+from fruitdask.runinfo import StageTimer
+from fruitdask.storage import OutputTarget
 
 
 @dataclass
@@ -50,7 +50,7 @@ def open_backend(cfg: RunConfig, timer: StageTimer, on_cluster: Callable[[dict],
     """Start the engine early, before the listing and the weights, so its workers warm up
     meanwhile (Dask); a backend without this step gets a ``None`` session."""
     if cfg.backend == "dask":
-        from .dask_backend import session
+        from fruitdask.backends.dask.backend import session
 
         return session(cfg, timer, on_cluster)
     return nullcontext(None)
@@ -59,11 +59,11 @@ def open_backend(cfg: RunConfig, timer: StageTimer, on_cluster: Callable[[dict],
 def get_backend(name: str) -> Callable[[RunContext], BackendResult]:
     """The ``run`` function of backend ``name`` (imported lazily: Spark is an extra)."""
     if name == "dask":
-        from .dask_backend import run
+        from fruitdask.backends.dask.backend import run
 
         return run
     if name == "spark":
-        from .spark_backend import run
+        from fruitdask.backends.spark.backend import run
 
         return run
     raise ConfigError(f"unknown backend {name!r}: use dask or spark")

@@ -18,6 +18,6 @@ Starlette, uvicorn, python-multipart and prometheus-client are the ``serve`` ext
 
 from __future__ import annotations
 
-from .settings import ServeSettings
+from fruitdask.serve.settings import ServeSettings
 
 __all__ = ["ServeSettings"]

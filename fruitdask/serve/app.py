@@ -23,11 +23,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..featurize import DecodeError
-from .batcher import MicroBatcher, Overloaded
-from .metrics import MetricsMiddleware, ServeMetrics
-from .predictor import Predictor
-from .settings import PART_IMAGE_TYPES, RAW_IMAGE_TYPES, ServeSettings
+from fruitdask.features.featurize import DecodeError
+from fruitdask.serve.batcher import MicroBatcher, Overloaded
+from fruitdask.serve.metrics import MetricsMiddleware, ServeMetrics
+from fruitdask.serve.predictor import Predictor
+from fruitdask.serve.settings import PART_IMAGE_TYPES, RAW_IMAGE_TYPES, ServeSettings
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import logging
 import signal
 import threading
 
-from ..cli import add_quiet_debug, add_storage_options, storage_settings
-from .settings import ServeSettings
+from fruitdask.cli import add_quiet_debug, add_storage_options, storage_settings
+from fruitdask.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +56,20 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 
 def command(args: argparse.Namespace) -> int:
-    from ..errors import FruitdaskError, ModelError
+    from fruitdask.errors import FruitdaskError, ModelError
 
     try:
         import uvicorn
 
-        from .app import create_app
+        from fruitdask.serve.app import create_app
     except ImportError as e:
         raise FruitdaskError(f"`fruitdask serve` needs the serve extra ({e.name} is missing): "
                              "pip install 'fruitdask[serve]'") from e
 
-    from .. import storage
-    from ..bundle import ModelBundle
-    from .predictor import Predictor
-    from .protocol import header_timeout_protocol
+    from fruitdask import storage
+    from fruitdask.classifier.bundle import ModelBundle
+    from fruitdask.serve.predictor import Predictor
+    from fruitdask.serve.protocol import header_timeout_protocol
 
     settings = settings_from_args(args)
     storage_cfg = storage_settings(args, args.model, args.model)

@@ -1,9 +1,9 @@
 """Photo bytes to label probabilities, with the very functions ``fruitdask predict`` runs.
 
-``predict`` reads a file and calls :func:`fruitdask.frames.featurize_frame`, which runs
-:func:`fruitdask.featurize.decode_image` on each file's bytes and
-:func:`fruitdask.featurize.featurize_arrays` on the stacked images with the model from
-:func:`fruitdask.model.cached_model`, then :meth:`ModelBundle.predict_proba` and
+``predict`` reads a file and calls :func:`fruitdask.features.frames.featurize_frame`, which runs
+:func:`fruitdask.features.featurize.decode_image` on each file's bytes and
+:func:`fruitdask.features.featurize.featurize_arrays` on the stacked images with the model from
+:func:`fruitdask.features.model.cached_model`, then :meth:`ModelBundle.predict_proba` and
 :meth:`ModelBundle.top_k`. The server calls the same functions, split in two so that
 decoding runs per request and the VGG16 call once per micro-batch.
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import featurize, model
-from ..bundle import Featurizer, ModelBundle
+from fruitdask.classifier.bundle import Featurizer, ModelBundle
+from fruitdask.features import featurize, model
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from ..featurize import MAX_PIXELS
+from fruitdask.errors import ConfigError
+from fruitdask.features.featurize import MAX_PIXELS
 
 #: Media types ``POST /v1/predict`` takes as a raw body (the image bytes themselves).
 RAW_IMAGE_TYPES = ("image/jpeg", "image/png")

@@ -21,8 +21,8 @@ from typing import Any
 import fsspec
 import pandas as pd
 
-from ..errors import InputError, OutputError, StorageError, UntrustedReferenceError
-from . import listing, s3errors, safety
+from fruitdask.errors import InputError, OutputError, StorageError, UntrustedReferenceError
+from fruitdask.storage import listing, s3errors, safety
 
 logger = logging.getLogger(__name__)
 
@@ -426,7 +426,7 @@ def read_parquet(url: str, storage_options: Mapping[str, Any] | None = None, col
     """Read one Parquet file or a folder of part files (a run's ``features/``).
 
     List columns come back as Arrow-backed series (``pd.ArrowDtype``), ready for
-    :func:`fruitdask.frames.matrix`.
+    :func:`fruitdask.features.frames.matrix`.
     """
     import pyarrow.parquet as pq
 
@@ -502,4 +502,4 @@ def download_to_local(url: str, local_path: str, storage_options: Mapping[str, A
 
 # The region guard lives beside, in storage/regions.py; re-exported so callers keep
 # using ``storage.guard_regions``.
-from .regions import bucket_region, guard_regions, normalize_region, split_bucket  # noqa: E402, F401
+from fruitdask.storage.regions import bucket_region, guard_regions, normalize_region, split_bucket  # noqa: E402, F401

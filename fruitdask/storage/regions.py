@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
-from ..errors import RegionError, StorageError
-from . import is_remote, s3errors
+from fruitdask.errors import RegionError, StorageError
+from fruitdask.storage import is_remote, s3errors
 
 if TYPE_CHECKING:
-    from ..config import StorageSettings
+    from fruitdask.config import StorageSettings
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ that are not ``OSError`` at all. :func:`explain` looks at both and returns one
 
 from __future__ import annotations
 
-from ..errors import FruitdaskError, InputError, StorageError
+from fruitdask.errors import FruitdaskError, InputError, StorageError
 
 #: S3 error codes (and bare HTTP statuses, which HEAD requests carry instead of a code)
 #: grouped by what the user has to do about them.

@@ -17,8 +17,8 @@ from typing import Any
 
 import fsspec
 
-from ..errors import OutputBusyError, OutputError
-from . import s3errors
+from fruitdask.errors import OutputBusyError, OutputError
+from fruitdask.storage import s3errors
 
 logger = logging.getLogger(__name__)
 

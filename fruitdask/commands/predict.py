@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .cli import add_quiet_debug, add_storage_options, storage_settings
+from fruitdask.cli import add_quiet_debug, add_storage_options, storage_settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,9 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from . import frames, storage
-    from .bundle import ModelBundle
-    from .errors import ConfigError
+    from fruitdask import storage
+    from fruitdask.classifier.bundle import ModelBundle
+    from fruitdask.errors import ConfigError
+    from fruitdask.features import frames
 
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")

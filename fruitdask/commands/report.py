@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .cli import add_quiet_debug, add_storage_options, storage_settings
+from fruitdask.cli import add_quiet_debug, add_storage_options, storage_settings
 
 logger = logging.getLogger("fruitdask")
 
@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from . import report, storage
+    from fruitdask import storage
+    from fruitdask.report import page as report
 
     settings = storage_settings(args, args.output, args.output)
     storage.guard_regions([args.output], settings)

@@ -3,7 +3,7 @@
 The builders are pure: :func:`make_cluster_spec` turns :class:`~fruitdask.config.KubeSettings`
 into the ``DaskCluster`` resource, :func:`make_network_policies` and
 :func:`make_scheduler_service_account` into the objects created beside it, so everything is
-tested without a cluster. :mod:`fruitdask.kube_connect` creates them and connects the
+tested without a cluster. :mod:`fruitdask.backends.dask.kube_connect` creates them and connects the
 client; it is the only place that talks to the Kubernetes API.
 
 The pods get the same hardening as the Helm chart (``helm/fruitdask``): non-root, read-only
@@ -22,8 +22,8 @@ import logging
 import math
 from typing import Any
 
-from .config import EU_REGIONS, TF_ENV, KubeSettings
-from .errors import ClusterError
+from fruitdask.config import EU_REGIONS, TF_ENV, KubeSettings
+from fruitdask.errors import ClusterError
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ start of every run. :func:`read_weights` reads the three formats users have with
 
 :class:`WeightsSource` is what a featurize task carries instead of the arrays: a small,
 picklable recipe (a file URL and its digest). A worker loads the file the first time it
-builds its model (:func:`fruitdask.model.cached_model`), so the weights reach each worker
+builds its model (:func:`fruitdask.features.model.cached_model`), so the weights reach each worker
 once, and a worker that joins late or replaces a dead one loads them the same way: nothing
 the run needs lives only in a worker's memory.
 """
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import WeightsError
+from fruitdask.errors import WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def read_weights_bytes(name: str, data: bytes) -> list[np.ndarray]:
 
 def read_weights(url: str, storage_options: Mapping[str, Any] | None = None) -> list[np.ndarray]:
     """Read a weights file from a path or URI (through :mod:`fruitdask.storage`), no TensorFlow."""
-    from . import storage
+    from fruitdask import storage
 
     name = posixpath.basename(url.rstrip("/"))
     if not storage.is_remote(url) and name.endswith(".h5"):
@@ -132,7 +132,7 @@ class WeightsSource:
 
     def load(self) -> list[np.ndarray]:
         """Read the file and check it is the run's weights (a file replaced mid-run is refused)."""
-        from .model import weights_digest
+        from fruitdask.features.model import weights_digest
 
         try:
             weights = [np.asarray(w, dtype=np.float32) for w in read_weights(self.url, self.storage_options)]

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import frames, storage
-from .bundle import FeatureSpec, Featurizer, LinearClassifier, ModelBundle, WeightsRef
-from .errors import InputError
-from .reduce import Reduction
-from .runinfo import versions
+from fruitdask import storage
+from fruitdask.classifier.bundle import FeatureSpec, Featurizer, LinearClassifier, ModelBundle, WeightsRef
+from fruitdask.errors import InputError
+from fruitdask.features import frames
+from fruitdask.reduce import Reduction
+from fruitdask.runinfo import versions
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def report_markdown(metrics: dict, title: str) -> str:
 
 def confusion_png(metrics: dict, title: str = "Confusion matrix") -> bytes:
     """The confusion matrix (rows: true label, columns: predicted) as PNG bytes."""
-    from .report_plots import text_as_data
+    from fruitdask.report.plots import text_as_data
 
     with text_as_data():
         return _confusion_png(metrics, title)

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from fruitdask import storage
 
 SCHEMA = pa.schema([("path", pa.string()), ("label", pa.string())])
 

@@ -1,6 +1,6 @@
 """The charts of the run report, drawn with matplotlib's Agg backend and returned as PNG bytes.
 
-Pure functions: numbers in, PNG bytes out. :mod:`fruitdask.report` decides what to plot and
+Pure functions: numbers in, PNG bytes out. :mod:`fruitdask.report.page` decides what to plot and
 embeds the bytes as ``data:`` URIs.
 """
 

@@ -27,10 +27,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__, frames, report_plots, storage
-from .config import StorageSettings
-from .errors import InputError
-from .featurize import DecodeError, decode_image
+from fruitdask import __version__, storage
+from fruitdask.config import StorageSettings
+from fruitdask.errors import InputError
+from fruitdask.features import frames
+from fruitdask.features.featurize import DecodeError, decode_image
+from fruitdask.report import plots as report_plots
 
 logger = logging.getLogger(__name__)
 

@@ -5,14 +5,14 @@ Nothing the run needs exists only in a worker's memory, so losing any worker at 
 costs a recompute, never the run, on schedulers with their default configuration (Active
 Memory Manager on, as on dask/helm-chart, dask-gateway or Coiled clusters):
 
-- the **weights** are a file the tasks name (:class:`fruitdask.weights_file.WeightsSource`:
+- the **weights** are a file the tasks name (:class:`fruitdask.features.weights_file.WeightsSource`:
   the user's ``s3://`` file, or an ``.npz`` the client stages for a local file, ImageNet or
   random weights); each worker process reads it once, the first time it builds its model
-  (:func:`fruitdask.model.cached_model`), so the weights travel to each worker once, also to
+  (:func:`fruitdask.features.model.cached_model`), so the weights travel to each worker once, also to
   a worker that joins late or replaces a dead one. Never scattered: scattered data cannot be
   recomputed, and the AMM drops its extra replicas;
 - the **listing** is a Parquet manifest in the staging prefix, one row group per partition,
-  read back by tasks (:mod:`fruitdask.manifest`);
+  read back by tasks (:mod:`fruitdask.backends.dask.manifest`);
 - the **reduction** is written there too and read by a task the write stage depends on.
 
 Workers warm up (import TensorFlow, build VGG16 for the run's image size) as soon as the
@@ -38,14 +38,16 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
-from .. import checkpoint, frames, manifest, model, storage
-from ..cluster import cluster_shape, dask_client, worker_addresses
-from ..config import RunConfig
-from ..errors import OutputError
-from ..reduce import Reduction, fit_incremental_pca, silence_first_batch_warning
-from ..runinfo import StageTimer
-from ..weights_file import WeightsSource, npz_bytes
-from . import BackendResult, RunContext
+from fruitdask import checkpoint, storage
+from fruitdask.backends import BackendResult, RunContext
+from fruitdask.backends.dask import manifest
+from fruitdask.backends.dask.cluster import cluster_shape, dask_client, worker_addresses
+from fruitdask.config import RunConfig
+from fruitdask.errors import OutputError
+from fruitdask.features import frames, model
+from fruitdask.features.weights_file import WeightsSource, npz_bytes
+from fruitdask.reduce import Reduction, fit_incremental_pca, silence_first_batch_warning
+from fruitdask.runinfo import StageTimer
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ def _submit_warm_ups(client, cfg: RunConfig) -> list:
 
 
 def warm_up_on_worker(image_size: int, precision: str = "float32") -> float:
-    """Task body: :func:`fruitdask.model.warm_up` with this worker's thread count."""
+    """Task body: :func:`fruitdask.features.model.warm_up` with this worker's thread count."""
     return model.warm_up(image_size, _worker_threads(), precision)
 
 

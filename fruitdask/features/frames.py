@@ -2,7 +2,7 @@
 
 A partition is a frame of ``path, label``. :func:`featurize_frame` reads its images (through
 :mod:`fruitdask.storage`), featurizes them with the pure functions of
-:mod:`fruitdask.featurize`, and returns ``path, label, features, error_stage, error_reason``
+:mod:`fruitdask.features.featurize`, and returns ``path, label, features, error_stage, error_reason``
 where ``features`` is a real Arrow ``list<float32>`` column: it reaches Parquet as numbers,
 never as the strings an object column of numpy arrays turns into.
 """
@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from . import featurize, model, storage
+from fruitdask import storage
+from fruitdask.features import featurize, model
 
 logger = logging.getLogger(__name__)
 

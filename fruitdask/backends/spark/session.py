@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from .config import TF_ENV, RunConfig
-from .errors import ClusterError
+from fruitdask.config import TF_ENV, RunConfig
+from fruitdask.errors import ClusterError
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Create (or connect to) the ``--cluster kubernetes`` Dask cluster and reach it over TLS.
 
-The objects come from the pure builders of :mod:`fruitdask.kube`; this module only makes
+The objects come from the pure builders of :mod:`fruitdask.backends.dask.kube`; this module only makes
 the Kubernetes calls (:class:`OperatorApi`, on kr8s and dask-kubernetes, imported lazily so
 the rest of fruitdask runs without them) and builds the client's TLS credentials. The
 calls sit behind the small :class:`KubeApi` protocol so the create/delete logic is tested
@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .config import KubeSettings
-from .errors import ClusterError
-from .kube import cluster_resources
+from fruitdask.backends.dask.kube import cluster_resources
+from fruitdask.config import KubeSettings
+from fruitdask.errors import ClusterError
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@
   the listing's paths are read through :func:`fruitdask.storage.read_bytes` inside the
   executors (the hadoop-aws jars cannot be assumed).
 - Weights travel once with ``sc.broadcast``; each Python worker builds its Keras model once
-  (:func:`fruitdask.model.cached_model`) inside ``mapInArrow`` (the Arrow sibling of
+  (:func:`fruitdask.features.model.cached_model`) inside ``mapInArrow`` (the Arrow sibling of
   ``mapInPandas``: batches stay Arrow, so ``list<float32>`` columns never round-trip through
   pandas objects) and calls the same batch functions as the Dask backend
-  (:func:`fruitdask.featurize.featurize_bytes`, :func:`fruitdask.frames.assemble`).
+  (:func:`fruitdask.features.featurize.featurize_bytes`, :func:`fruitdask.features.frames.assemble`).
 - ``pyspark.ml`` ``StandardScaler`` + ``PCA``; K by the same variance rule
   (:func:`fruitdask.reduce.finish`). Spark's PCA gathers a ``d x d`` covariance on the
   driver, so a large ``d`` is refused before anything starts unless
@@ -31,12 +31,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .. import featurize, frames, model, storage
-from ..config import RunConfig
-from ..errors import OutputError, ReductionError
-from ..progress import Poller
-from ..reduce import Reduction, finish, plan_pca, safe_scale
-from . import BackendResult, RunContext
+from fruitdask import storage
+from fruitdask.backends import BackendResult, RunContext
+from fruitdask.config import RunConfig
+from fruitdask.errors import OutputError, ReductionError
+from fruitdask.features import featurize, frames, model
+from fruitdask.progress import Poller
+from fruitdask.reduce import Reduction, finish, plan_pca, safe_scale
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +216,8 @@ def run(ctx: RunContext) -> BackendResult:
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
-    from ..spark_session import spark_session
-    from .dask_backend import n_partitions
+    from fruitdask.backends.dask.backend import n_partitions
+    from fruitdask.backends.spark.session import spark_session
 
     cfg, timer = ctx.cfg, ctx.timer
     driver_memory = check_pca_size(cfg)

@@ -2,7 +2,7 @@
 
 Three modes, chosen by ``--cluster``: ``local`` (a ``LocalCluster`` of worker processes
 sized to this machine), an existing scheduler address (``tcp://host:8786``, ``tls://...``),
-or ``kubernetes`` (dask-kubernetes' operator, see :mod:`fruitdask.kube_connect`). Whatever this
+or ``kubernetes`` (dask-kubernetes' operator, see :mod:`fruitdask.backends.dask.kube_connect`). Whatever this
 module creates, it closes.
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-from .config import TF_ENV, RunConfig
-from .errors import ClusterError
+from fruitdask.config import TF_ENV, RunConfig
+from fruitdask.errors import ClusterError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def dask_client(cfg: RunConfig) -> Iterator:
         if target == "local":
             cluster = _local(cfg, stack)
         elif target == "kubernetes":
-            from .kube_connect import open_kube_cluster
+            from fruitdask.backends.dask.kube_connect import open_kube_cluster
 
             kube = stack.enter_context(open_kube_cluster(cfg.kube, dict(TF_ENV)))
             cluster, security = kube.scheduler_address, kube.security

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from fruitdask.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

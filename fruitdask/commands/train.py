@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from .cli import add_quiet_debug, add_storage_options, storage_settings
+from fruitdask.cli import add_quiet_debug, add_storage_options, storage_settings
 
 logger = logging.getLogger("fruitdask")
 
@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from . import classify, storage
+    from fruitdask import storage
+    from fruitdask.classifier import classify
 
     settings = storage_settings(args, args.features, args.model_out)
     storage.guard_regions([args.features, args.test_input, args.test_features, args.model_out, args.weights], settings)

@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__, frames, model, precision, storage
-from .errors import ModelError, WeightsError
-from .reduce import Reduction
+from fruitdask import __version__, storage
+from fruitdask.errors import ModelError, WeightsError
+from fruitdask.features import frames, model, precision
+from fruitdask.reduce import Reduction
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def load_verified_weights(
 
 class Featurizer:
     """Photos to raw VGG16 features, with the very functions the pipeline's workers run
-    (:func:`fruitdask.frames.featurize_frame`: read, decode, resize, preprocess, pool)."""
+    (:func:`fruitdask.features.frames.featurize_frame`: read, decode, resize, preprocess, pool)."""
 
     def __init__(self, weights: list[np.ndarray], spec: FeatureSpec, batch_size: int,
                  storage_options: Mapping[str, Any] | None = None) -> None:

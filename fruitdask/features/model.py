@@ -1,8 +1,8 @@
 """The VGG16 feature extractor: weights read on the client, one compiled model per worker process.
 
 The client reads the weights once (:func:`load_weights`; a weights file with h5py alone,
-no TensorFlow, see :mod:`fruitdask.weights_file`) to check and hash them. The Dask backend
-hands workers a recipe to load them from a file (:class:`fruitdask.weights_file.WeightsSource`),
+no TensorFlow, see :mod:`fruitdask.features.weights_file`) to check and hash them. The Dask backend
+hands workers a recipe to load them from a file (:class:`fruitdask.features.weights_file.WeightsSource`),
 the Spark backend broadcasts the arrays. Inside a worker, :func:`warm_up` builds the graph
 early and :func:`cached_model` gives it the weights the first time, then reuses it for every
 later partition of the run.
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FruitdaskError, UntrustedReferenceError, WeightsError
+from fruitdask.errors import FruitdaskError, UntrustedReferenceError, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +182,8 @@ def _from_file(
     """Weights and the file's sha256, read with h5py alone: the client never imports
     TensorFlow for a weights file (issue 14). A ``.keras`` file named by a stored reference
     (``referenced``) is only read when its bytes hash to ``keras_sha256``."""
-    from . import storage
-    from .weights_file import WEIGHTS_SUFFIXES, read_weights
+    from fruitdask import storage
+    from fruitdask.features.weights_file import WEIGHTS_SUFFIXES, read_weights
 
     storage.check_protocols([spec], "weights location", "pass --weights PATH_OR_URI of a local file or an s3:// object")
     name = spec.rstrip("/").rsplit("/", 1)[-1]
@@ -328,7 +328,7 @@ def warm_up(image_size: int, threads: int | None = None, precision: str = "float
 def cached_model(key: str, weights: Any, image_size: int, threads: int | None = None, precision: str = "float32") -> Any:
     """Return this process's compiled model for ``(key, image_size, precision)``, building it once.
 
-    ``weights`` is the list of arrays, or a :class:`fruitdask.weights_file.WeightsSource`
+    ``weights`` is the list of arrays, or a :class:`fruitdask.features.weights_file.WeightsSource`
     (anything with ``load()``) read only here, once per process: a warm graph left by
     :func:`warm_up` then just receives them.
     """

@@ -1,0 +1,1 @@
+"""The Dask backend, with its clusters (local, ``tcp://``, Kubernetes)."""

@@ -1,0 +1,1 @@
+"""The Spark backend, kept to compare the architecture (``--backend spark``)."""

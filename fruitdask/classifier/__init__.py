@@ -1,0 +1,1 @@
+"""The fruit classifier trained on a run's PCA features: training, the portable bundle, prediction."""

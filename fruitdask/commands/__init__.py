@@ -1,0 +1,1 @@
+"""The sub-commands of ``python -m fruitdask``: one module each, shared flags in :mod:`.options`."""

@@ -1,0 +1,1 @@
+"""The run report: the self-contained ``report.html`` and every plot."""
