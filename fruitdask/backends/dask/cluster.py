@@ -20,6 +20,12 @@ from fruitdask.errors import ClusterError
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = "20s"
+#: How local worker processes are started. ``forkserver`` forks each worker from a small
+#: server process that already imported ``distributed`` (and numpy, pandas...), and its
+#: children leave with ``os._exit`` instead of unwinding a TensorFlow-laden interpreter:
+#: measured on 2 cores, closing a 2-worker cluster after TensorFlow ran took 2.4 s with
+#: Dask's default ``spawn`` and 0.1 s with ``forkserver``, and starting it 1.5 s less.
+LOCAL_START_METHOD = "forkserver"
 
 @dataclass(frozen=True)
 class LocalShape:
@@ -39,9 +45,27 @@ def local_shape(n_workers: int | None, threads_per_worker: int | None, cores: in
     return LocalShape(workers, threads)
 
 
+def local_start_method() -> str | None:
+    """``forkserver`` where this platform has it and Dask's own default (``spawn``) is in
+    force; ``None`` (keep the configured method) when someone chose one on purpose."""
+    import multiprocessing
+
+    import dask
+
+    configured = dask.config.get("distributed.worker.multiprocessing-method", "spawn")
+    if configured != "spawn" or LOCAL_START_METHOD not in multiprocessing.get_all_start_methods():
+        return None
+    return LOCAL_START_METHOD
+
+
 def _local(cfg: RunConfig, stack: ExitStack):
+    import dask
     from distributed import LocalCluster
 
+    method = local_start_method()
+    if method:
+        # For the cluster's whole life: a nanny restarting a lost worker reads it again.
+        stack.enter_context(dask.config.set({"distributed.worker.multiprocessing-method": method}))
     shape = local_shape(cfg.n_workers, cfg.threads_per_worker)
     logger.info("starting LocalCluster: %d workers x %d threads", shape.n_workers, shape.threads_per_worker)
     try:
