@@ -62,10 +62,11 @@ def subset(src: Path, dest: Path, n: int) -> Path:
 @contextmanager
 def local_cluster(args: argparse.Namespace, env: dict[str, str] | None = None):
     """The measured cluster, shaped as a run's (default Dask configuration), closed whatever happens."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, processes=True,
-                           memory_limit=args.memory_limit, dashboard_address=":0", env=env)
+    from fruitdask.backends.dask.cluster import start_local_cluster
+
+    cluster = start_local_cluster(args.workers, args.threads, memory_limit=args.memory_limit, env=env)
     client = Client(cluster)
     try:
         yield cluster, client

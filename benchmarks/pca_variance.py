@@ -46,14 +46,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import dask
     import dask.array as da
-    from distributed import Client, LocalCluster, wait
+    from distributed import Client, wait
     from sklearn.decomposition import PCA
 
+    from fruitdask.backends.dask.cluster import start_local_cluster
     from fruitdask.reduce import fit_incremental_pca
 
     n, d = args.rows, args.features
     gib = 2**30
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="4GiB", dashboard_address=":0") as lc, Client(lc) as client:
+    with start_local_cluster(2, 1, memory_limit="4GiB", env=None) as lc, Client(lc) as client:
         sizes = [ROWS_PER_BLOCK] * (n // ROWS_PER_BLOCK) + ([n % ROWS_PER_BLOCK] if n % ROWS_PER_BLOCK else [])
         blocks = [da.from_delayed(dask.delayed(block)(i, m, d), shape=(m, d), dtype=np.float32) for i, m in enumerate(sizes)]
         X = da.concatenate(blocks).persist()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,45 @@ def weights_file(tmp_path_factory) -> Path:
     keras.utils.set_random_seed(1234)
     model.build_vgg16(SMALL_SIZE).save_weights(str(path))
     return path
+
+
+def _cluster_factory() -> Iterator[Callable]:
+    """Body of the ``local_cluster`` fixtures: a factory, and teardown of all it started."""
+    import dask
+    from distributed import Client
+
+    from fruitdask.backends.dask.cluster import start_local_cluster
+
+    with ExitStack() as stack:
+
+        def start(n_workers: int = 1, threads_per_worker: int = 1, *, processes: bool = True, amm: bool = True,
+                  client: bool = True, set_as_default: bool = True, **kwargs):
+            """Start a LocalCluster (``kwargs`` go to it: ``memory_limit``, ``env``, ``lifetime``...).
+
+            ``amm=False`` starts the scheduler without the Active Memory Manager; otherwise
+            Dask's configuration decides (its default has it on). Returns ``(cluster, client)``; ``client`` is ``None`` when the
+            test reaches the cluster only by address.
+            """
+            no_amm = {"distributed.scheduler.active-memory-manager.start": False}
+            with dask.config.set(no_amm) if not amm else nullcontext():
+                cluster = start_local_cluster(n_workers, threads_per_worker, processes=processes, **kwargs)
+            stack.callback(cluster.close)
+            if not client:
+                return cluster, None
+            c = Client(cluster, set_as_default=set_as_default)
+            stack.callback(c.close)  # closed before its cluster: callbacks run last in, first out
+            return cluster, c
+
+        yield start
+
+
+@pytest.fixture
+def local_cluster() -> Iterator[Callable]:
+    """Factory of LocalClusters (and clients) closed at the end of the test."""
+    yield from _cluster_factory()
+
+
+@pytest.fixture(scope="module")
+def module_local_cluster() -> Iterator[Callable]:
+    """The same factory, for module fixtures: its clusters are closed after the module."""
+    yield from _cluster_factory()

@@ -214,17 +214,10 @@ INVALID_FILES = {
 
 
 @pytest.fixture(scope="module")
-def thread_cluster():
+def thread_cluster(module_local_cluster):
     """An in-process cluster: the run reaches it by address, like any remote scheduler."""
-    import dask
-    from distributed import LocalCluster
-
-    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
-        cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0")
-    try:
-        yield cluster.scheduler_address
-    finally:
-        cluster.close()
+    cluster, _ = module_local_cluster(1, 2, processes=False, amm=False, client=False)
+    return cluster.scheduler_address
 
 
 @pytest.fixture(scope="module")

@@ -34,20 +34,10 @@ def _features(out: Path) -> pd.DataFrame:
 
 
 @pytest.fixture
-def process_cluster():
+def process_cluster(local_cluster):
     """A LocalCluster of 2 single-threaded worker processes that the test owns (Dask's
     default configuration: the Active Memory Manager is on)."""
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", env=dict(TF_ENV), memory_limit="2GiB"
-    )
-    client = Client(cluster)
-    try:
-        yield cluster, client
-    finally:
-        client.close()
-        cluster.close()
+    return local_cluster(2, 1, memory_limit="2GiB")
 
 
 def _kill_a_busy_worker(client, stop: threading.Event, killed: list) -> None:

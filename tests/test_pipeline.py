@@ -21,7 +21,6 @@ from conftest import SMALL_SIZE
 from PIL import Image
 
 from fruitdask import cli
-from fruitdask.config import TF_ENV
 from fruitdask.features import featurize, model
 from fruitdask.reduce import Reduction
 
@@ -29,17 +28,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    from distributed import Client, LocalCluster
-
+def cluster(module_local_cluster):
     # Default Dask configuration (Active Memory Manager on), as on most shared clusters.
-    lc = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", env=dict(TF_ENV))
-    client = Client(lc)
-    try:
-        yield client
-    finally:
-        client.close()
-        lc.close()
+    _, client = module_local_cluster(2, 1)
+    return client
 
 
 @pytest.fixture(scope="module")

@@ -94,15 +94,13 @@ def test_poller_advances_by_the_counter_growth():
     assert rec.events[-1] == ("advance", 3) and poller.seen == 12
 
 
-def test_dask_tracking_advances_by_partition_image_counts():
-    from distributed import Client, LocalCluster
-
+def test_dask_tracking_advances_by_partition_image_counts(local_cluster):
     counts = [3, 5, 2, 7]
     parts = [pd.DataFrame({"x": range(n)}) for n in counts]
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as lc, Client(lc):
-        collection = dd.from_delayed([dask.delayed(p) for p in parts], meta=parts[0].iloc[:0]).persist()
-        rec = Recorder()
-        track_images(collection, counts, rec)
+    local_cluster(1, 2, processes=False)
+    collection = dd.from_delayed([dask.delayed(p) for p in parts], meta=parts[0].iloc[:0]).persist()
+    rec = Recorder()
+    track_images(collection, counts, rec)
     assert rec.events[0] == ("start", 17) and rec.events[-1] == ("close", 0)
     steps = sorted(n for kind, n in rec.events if kind == "advance")
     assert steps == sorted(counts)

@@ -22,18 +22,9 @@ class CrashDuringPCA(RuntimeError):
 
 
 @pytest.fixture(scope="module")
-def cluster_client():
-    import dask
-    from distributed import Client, LocalCluster
-
-    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
-        cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0")
-    client = Client(cluster, set_as_default=False)
-    try:
-        yield cluster.scheduler_address, client
-    finally:
-        client.close()
-        cluster.close()
+def cluster_client(module_local_cluster):
+    cluster, client = module_local_cluster(1, 2, processes=False, amm=False, set_as_default=False)
+    return cluster.scheduler_address, client
 
 
 def model_images(client) -> int:

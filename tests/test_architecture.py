@@ -1,0 +1,186 @@
+"""Guards on the shape of the package, read from its source (pure AST, nothing imported).
+
+* No function or method longer than :data:`MAX_FUNCTION_LINES` lines, from its ``def``
+  line to its last line.
+* No import cycle between ``fruitdask`` modules, counting every import anywhere in a module:
+  at module level and inside functions (lazy imports too), relative ones resolved,
+  ``from pkg import submodule`` counted as an import of the submodule, and a package's
+  ``__init__`` importing its own submodules counted like any other module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fruitdask"
+MAX_FUNCTION_LINES = 60
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every ``.py`` file of the package."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int, str, int]]:
+    """``(file, def line, qualified name, length)`` of each function longer than ``limit``."""
+    found = []
+
+    def visit(node: ast.AST, prefix: str, rel: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f"{prefix}{child.name}"
+                length = child.end_lineno - child.lineno + 1
+                if length > limit:
+                    found.append((rel, child.lineno, name, length))
+                visit(child, f"{name}.", rel)
+            elif isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.", rel)
+            else:
+                visit(child, prefix, rel)
+
+    for path in _modules().values():
+        visit(_tree(path), "", str(path.relative_to(PACKAGE.parent)))
+    return sorted(found)
+
+
+def _resolve(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, known: set[str]) -> set[str]:
+    """The package modules an import statement of ``module`` loads."""
+
+    def owner(name: str) -> str | None:  # the longest known module that ``name`` lies in
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    if isinstance(node, ast.Import):
+        targets = {owner(alias.name) for alias in node.names}
+    else:
+        if node.level:
+            base = module if is_package else module.rpartition(".")[0]
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            source = f"{base}.{node.module}" if node.module else base
+        else:
+            source = node.module or ""
+        targets = set()
+        for alias in node.names:
+            sub = f"{source}.{alias.name}"
+            targets.add(sub if sub in known else owner(source))
+    return {t for t in targets if t}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, anywhere in its body."""
+    modules = _modules()
+    known = set(modules)
+    graph = {}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        edges = set()
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                edges |= _resolve(node, name, is_package, known)
+        graph[name] = edges - {name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle path (first module repeated at the end) per strongly connected component."""
+    return [_cycle_through(min(c), c, graph) for c in knots(graph)]
+
+
+def knots(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module: each holds a cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[set[str]] = []
+
+    def connect(v: str) -> None:  # Tarjan's algorithm; the package is small, recursion is fine
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return sorted(components, key=min)
+
+
+def _cycle_through(start: str, component: set[str], graph: dict[str, set[str]]) -> list[str]:
+    """A shortest path from ``start`` back to itself inside ``component`` (breadth first)."""
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v] & component):
+                if w == start:
+                    path = [v]
+                    while path[-1] != start:
+                        path.append(parents[path[-1]])
+                    return [start, *reversed(path[:-1]), start] if v != start else [start, start]
+                if w not in parents:
+                    parents[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    raise AssertionError(f"{start} is in a cycle but no path returns to it")
+
+
+def test_no_function_is_longer_than_60_lines():
+    offenders = long_functions()
+    listing = "\n".join(f"  {f}:{line} {name} ({n} lines)" for f, line, name, n in offenders)
+    assert not offenders, (
+        f"{len(offenders)} functions longer than {MAX_FUNCTION_LINES} lines (def line to last line); "
+        f"split them into named steps:\n{listing}"
+    )
+
+
+def test_no_import_cycle_between_fruitdask_modules():
+    graph = import_graph()
+    cycles = import_cycles(graph)
+    listing = "\n".join(
+        "  " + " -> ".join(c) + (f"  (one of the cycles among {', '.join(sorted(k))})" if len(k) > len(c) - 1 else "")
+        for c, k in zip(cycles, knots(graph), strict=True)
+    )
+    assert not cycles, (
+        f"{len(cycles)} import cycles between fruitdask modules (lazy imports inside functions count); "
+        f"move the shared piece into a module both can import:\n{listing}"
+    )
+
+
+def test_the_guards_see_what_they_guard():
+    """The checks themselves: the graph has the package's real edges, a cycle is found."""
+    graph = import_graph()
+    assert "fruitdask.cli" in graph and "fruitdask.backends.dask.cluster" in graph
+    assert "fruitdask.errors" in graph["fruitdask.backends.dask.cluster"]  # module level, absolute
+    assert "fruitdask.backends.dask.kube_connect" in graph["fruitdask.backends.dask.cluster"]  # lazy, in a function
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
