@@ -15,7 +15,7 @@ from fruitdask import checkpoint
 from fruitdask.backends.spark import backend as spark_backend
 from fruitdask.classifier.bundle import FeatureSpec
 from fruitdask.config import build_config
-from fruitdask.errors import ConfigError
+from fruitdask.errors import ClusterError, ConfigError
 from fruitdask.features import model, precision
 from fruitdask.features.featurize import featurize_bytes
 
@@ -189,3 +189,25 @@ def test_bundle_keeps_the_precision_and_featurizes_with_it(tmp_path, weights_fil
     photo = sorted(BUNDLED.rglob("*.jpg"))[0]
     back.featurizer().featurize([str(photo)])
     assert seen == ["bfloat16"]
+
+
+def test_a_remote_cluster_gets_bf16_only_when_every_worker_has_it():
+    bf = {"requested": "auto", "precision": "bfloat16", "reason": "auto: CPU has avx512_bf16"}
+    fp = {"requested": "auto", "precision": "float32", "reason": "auto: no native bf16"}
+    both = precision.agree("auto", {"tcp://a:1": bf, "tcp://b:1": dict(bf)})
+    assert both.precision == "bfloat16" and "all 2 workers" in both.reason
+    mixed = precision.agree("auto", {"tcp://a:1": bf, "tcp://b:1": fp})
+    assert mixed.precision == "float32" and "tcp://b:1" in mixed.reason
+    with pytest.raises(ConfigError, match="tcp://b:1"):
+        precision.agree("bfloat16", {"tcp://a:1": {**bf, "requested": "bfloat16"}, "tcp://b:1": fp})
+    assert precision.agree("float32", {"tcp://a:1": bf}).precision == "float32"
+    with pytest.raises(ClusterError):
+        precision.agree("auto", {})
+
+
+def test_a_worker_answers_its_own_resolution_and_never_raises(monkeypatch):
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda: "model name: Old CPU\nflags: fpu avx2\n")
+    monkeypatch.setattr(precision, "gpu_compute_capabilities", list)
+    assert precision.detect_on_worker("auto")["precision"] == "float32"
+    refused = precision.detect_on_worker("bfloat16")
+    assert refused["precision"] == "float32" and "emulated" in refused["reason"]

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from fruitdask.errors import ConfigError
+from fruitdask.errors import ClusterError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -145,3 +145,43 @@ def detect_and_resolve(requested: str) -> Resolved:
     if requested == "float32":
         return Resolved(requested, "float32", "requested")
     return resolve(requested, read_cpuinfo(), gpu_compute_capabilities())
+
+
+
+def agree(requested: str, per_worker: dict[str, dict]) -> Resolved:
+    """One precision for a cluster whose workers each resolved ``requested`` on their own
+    hardware (``--cluster`` a scheduler address or Kubernetes: the client's CPU says nothing
+    about the workers'). ``per_worker`` maps a worker to its :func:`detect_on_worker` answer.
+    bfloat16 only where every worker has it natively: one emulating worker would make each
+    partition it gets several times slower.
+
+    Raises
+    ------
+    ClusterError
+        When no worker answered (nothing to decide on).
+    ConfigError
+        ``bfloat16`` asked while some worker would only emulate it.
+    """
+    if not per_worker:
+        raise ClusterError(f"--precision {requested}: no worker answered, cannot tell whether they have native bf16")
+    if requested == "float32":
+        return Resolved(requested, "float32", "requested")
+    without = sorted(w for w, r in per_worker.items() if r["precision"] != "bfloat16")
+    if not without:
+        reasons = sorted({r["reason"].removeprefix("auto: ") for r in per_worker.values()})
+        why = f"all {len(per_worker)} workers: {'; '.join(reasons)}"
+        return Resolved(requested, "bfloat16", f"auto: {why}" if requested == "auto" else why)
+    summary = f"{len(without)} of {len(per_worker)} workers without native bf16 (e.g. {without[0]}: {per_worker[without[0]]['reason']})"
+    if requested == "bfloat16":
+        raise ConfigError(f"--precision bfloat16: {summary}; bf16 would be emulated there. Use --precision auto or float32")
+    return Resolved(requested, "float32", f"auto: {summary}")
+
+
+def detect_on_worker(requested: str) -> dict:
+    """``client.run`` body: this worker's :func:`detect_and_resolve` as a plain dict
+    (``bfloat16`` where it would be emulated answers float32 with the reason, so that
+    :func:`agree` can name the worker)."""
+    try:
+        return detect_and_resolve(requested).to_dict()
+    except ConfigError as e:
+        return {"requested": requested, "precision": "float32", "reason": str(e)}
