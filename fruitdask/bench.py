@@ -60,7 +60,7 @@ STAGES = ("startup", "listing", "weights", "featurize", "pca", "write")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from fruitdask.cli import add_run_options
+    from fruitdask.commands.options import add_run_options
 
     g = p.add_argument_group("bench")
     g.add_argument("--images", type=int, default=200, help="how many images of --input to use (default: 200)")
@@ -233,7 +233,7 @@ def parse_precisions(text: str | None, default: str) -> list[str]:
 
 def command(args: argparse.Namespace) -> int:
     from fruitdask import storage
-    from fruitdask.cli import config_from_args
+    from fruitdask.commands.options import config_from_args
 
     if args.input is None:
         args.input = str(BENCH_IMAGES)
@@ -682,7 +682,7 @@ def _child_main(argv: list[str]) -> int:
         logging.basicConfig(level=logging.WARNING)
         result = _child_raw(cfg, work, unpooled and repeat == 0)
     else:
-        from fruitdask.cli import setup_logging
+        from fruitdask.commands.options import setup_logging
 
         setup_logging(quiet=True, debug=False)
         if task in ("dask", "spark"):
