@@ -31,7 +31,7 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "train": ("fruitdask.commands.train", "train a fruit classifier on the PCA features of a run output, evaluate it on a Test/ tree"),
     "predict": ("fruitdask.commands.predict", "predict the fruit in photos with a model written by `train` (top-k labels)"),
     "report": ("fruitdask.commands.report", "rebuild OUTPUT/report.html, the self-contained HTML page of a finished run"),
-    "bench": ("fruitdask.bench", "time raw Keras vs the Dask vs the Spark pipeline on the same images and weights"),
+    "bench": ("fruitdask.commands.bench", "time raw Keras vs the Dask vs the Spark pipeline on the same images and weights"),
     "serve": ("fruitdask.commands.serve", "serve a model written by `train` over HTTP: POST a photo to /v1/predict, get the fruit"),
 }
 
