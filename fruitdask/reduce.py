@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -325,15 +326,10 @@ def fit_incremental_pca(
     values, for the scree plot; ``n_fitted`` is K). Above, IncrementalPCA fits about 2K
     components and the first K are applied.
     """
-    import dask.array as da
-    from dask_ml.decomposition import IncrementalPCA
-
     silence_first_batch_warning()
     n_samples, n_features = (int(x) for x in X.shape)
     plan = plan_pca(n_samples, n_features, components, batch_size)
-    mean, std = da.compute(X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64))
-    scale = safe_scale(std)
-    Z = (X.astype(np.float64) - mean) / scale
+    mean, scale, Z = _standardize(X)
     if plan.fixed_k is None:
         spec = spectrum(Z, power_iterations=power_iterations, seed=seed, gram_max_samples=gram_max_samples)
         k = max(1, min(choose_k(spec.ratios, variance), n_samples, n_features))
@@ -347,16 +343,7 @@ def fit_incremental_pca(
         plan = PCAPlan(min(batch, n_samples, n_features, 2 * k + 10), batch, None)
     else:
         spec, k = None, plan.fixed_k
-    ipca = IncrementalPCA(
-        n_components=plan.n_fit,
-        batch_size=plan.batch_size,
-        svd_solver="randomized",
-        iterated_power=power_iterations,
-        random_state=seed,
-    )
-    ipca.fit(Z)
-    logger.info("IncrementalPCA: %d components fitted on %d x %d in batches of %d",
-                plan.n_fit, n_samples, n_features, plan.batch_size)
+    ipca = _fit_ipca(Z, plan, power_iterations, seed)
     method = f"dask-ml IncrementalPCA (randomized, {power_iterations} power iterations)"
     fitted_var = np.asarray(ipca.explained_variance_, dtype=np.float64)
     fitted_ratio = np.asarray(ipca.explained_variance_ratio_, dtype=np.float64)
@@ -375,6 +362,34 @@ def fit_incremental_pca(
         n_samples=n_samples,
         method=f"{method}; K from the {spec.method}",
     )
+
+
+def _standardize(X) -> tuple[np.ndarray, np.ndarray, Any]:
+    """``(mean, scale, Z)`` of a dask array: per-feature mean and safe scale in one pass,
+    and the lazy float64 ``Z = (X - mean) / scale`` the PCA streams over."""
+    import dask.array as da
+
+    mean, std = da.compute(X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64))
+    scale = safe_scale(std)
+    return mean, scale, (X.astype(np.float64) - mean) / scale
+
+
+def _fit_ipca(Z, plan: PCAPlan, power_iterations: int, seed: int):
+    """dask-ml's IncrementalPCA with the randomized solver, fitted batch by batch."""
+    from dask_ml.decomposition import IncrementalPCA
+
+    ipca = IncrementalPCA(
+        n_components=plan.n_fit,
+        batch_size=plan.batch_size,
+        svd_solver="randomized",
+        iterated_power=power_iterations,
+        random_state=seed,
+    )
+    ipca.fit(Z)
+    n_samples, n_features = (int(x) for x in Z.shape)
+    logger.info("IncrementalPCA: %d components fitted on %d x %d in batches of %d",
+                plan.n_fit, n_samples, n_features, plan.batch_size)
+    return ipca
 
 
 def _gram_reduction(Z, spec: Spectrum, k: int, mean, scale, variance: float, n_samples: int) -> Reduction:

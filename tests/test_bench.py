@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import BUNDLED, SMALL_SIZE
 
-from fruitdask import bench
+from fruitdask.bench import children, engine, machine, markdown, quality, summary
 from fruitdask.cli import main
 from fruitdask.config import RunConfig
 from fruitdask.errors import ConfigError
@@ -18,35 +18,35 @@ ZEN4 = "model name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
 
 
 def test_pick_first_or_evenly_spaced():
-    assert bench.pick(10, 3, "first") == [0, 1, 2]
-    assert bench.pick(10, 3, "even") == [1, 5, 8]
-    assert bench.pick(4, 10, "even") == [0, 1, 2, 3]
+    assert engine.pick(10, 3, "first") == [0, 1, 2]
+    assert engine.pick(10, 3, "even") == [1, 5, 8]
+    assert engine.pick(4, 10, "even") == [0, 1, 2, 3]
 
 
 def test_steady_rate_excludes_the_first_wave():
     # 2 slots, 6 partitions of 10 images: the first wave (warm-up) ends at 10 s, then one
     # partition per slot every 2 s.
-    assert bench.steady_rate([10, 10, 12, 12, 14, 14], 60, 2) == pytest.approx(40 / 4)
-    assert bench.steady_rate([5, 6], 20, 2) is None  # no second wave: not measurable
+    assert summary.steady_rate([10, 10, 12, 12, 14, 14], 60, 2) == pytest.approx(40 / 4)
+    assert summary.steady_rate([5, 6], 20, 2) is None  # no second wave: not measurable
 
 
 def test_fill_doc_replaces_only_its_section(tmp_path):
     doc = tmp_path / "review.md"
     doc.write_text("intro\n<!-- bench:224 start -->\nold\n<!-- bench:224 end -->\nrest\n")
-    bench.fill_doc(doc, "224", "| new |\n")
+    markdown.fill_doc(doc, "224", "| new |\n")
     assert doc.read_text() == "intro\n<!-- bench:224 start -->\n| new |\n<!-- bench:224 end -->\nrest\n"
     with pytest.raises(ConfigError, match="bench:100 start"):
-        bench.fill_doc(doc, "100", "x")
+        markdown.fill_doc(doc, "100", "x")
 
 
 def test_unpooled_pca_children_time_dask_and_refuse_large_spark(tmp_path):
     cfg = RunConfig(input="x", output="y", image_size=224)
     rng = np.random.default_rng(0)
     np.save(tmp_path / "unpooled.npy", rng.normal(size=(6, 7 * 7 * 512)).astype(np.float32))
-    spark = bench._child_pca(cfg, tmp_path, "spark")  # refused before any JVM starts
+    spark = children.child_pca(cfg, tmp_path, "spark")  # refused before any JVM starts
     assert spark["status"] == "refused" and "--spark-allow-large-pca" in spark["reason"] and spark["d"] == 25088
     np.save(tmp_path / "unpooled.npy", rng.normal(size=(6, 64)).astype(np.float32))
-    dask = bench._child_pca(cfg, tmp_path, "dask")
+    dask = children.child_pca(cfg, tmp_path, "dask")
     assert dask["status"] == "ok" and dask["d"] == 64 and dask["fit_s"] > 0
 
 
@@ -59,7 +59,7 @@ def _run(wall, steady, images=10, status="ok", busy=3.0, **timings):
     return {"status": status, "wall_s": wall, "images": images, "images_per_s_e2e": round(images / wall, 3),
             "steady_images_per_s": steady, "fixed_cost_s": wall - images / steady, "timings_s": {"featurize": 1.0, **timings},
             "memory": {"driver_mb": 100.0, "jvm_mb": 0.0, "workers_mb": 50.0, "worker_max_mb": 50.0, "n_workers": 1},
-            "load_before": {"cpu_busy_pct": busy, "load_1min": 0.1, "quiet": busy <= bench.QUIET_CPU_PCT},
+            "load_before": {"cpu_busy_pct": busy, "load_1min": 0.1, "quiet": busy <= machine.QUIET_CPU_PCT},
             "partition_ends_s": list(range(500)), "weights_sha256": "w"}
 
 
@@ -70,7 +70,7 @@ def test_summary_reports_median_and_spread_and_ratios(tmp_path):
     args = argparse.Namespace(input="in", repeats=3)
     runs = {"float32": {"raw": [_run(10, 2.0), _run(12, 2.0), _run(11, 2.2)],
                         "dask": [_run(20, 2.0), _run(22, 1.8, busy=60.0), _run(21, 1.9)]}}
-    rep = bench.summarize(cfg, args, 10, ["float32"], runs, {}, {}, {}, bench.machine(ZEN4))
+    rep = summary.summarize(cfg, args, 10, ["float32"], runs, {}, {}, {}, machine.machine(ZEN4))
     raw, dask = rep["results"]["float32"]["raw"], rep["results"]["float32"]["dask"]
     assert raw["wall_s"] == {"median": 11.0, "min": 10.0, "max": 12.0, "n": 3}
     assert dask["ratio_to_raw_e2e"] == round(dask["images_per_s_e2e"]["median"] / raw["images_per_s_e2e"]["median"], 3)
@@ -80,7 +80,7 @@ def test_summary_reports_median_and_spread_and_ratios(tmp_path):
     assert rep["machine"]["cpu"] == "AMD EPYC 9R14" and rep["machine"]["cpu_flags"]["avx512_bf16"] is True
     assert all("partition_ends_s" not in r for r in dask["runs"])  # bench.json stays small enough to commit
     assert len(json.dumps(rep)) < 20_000
-    md = bench.markdown(rep)
+    md = markdown.markdown(rep)
     assert "| raw | 11.0 (10.0–12.0) |" in md and "NOT quiet" in md and "avx512_bf16" in md
 
 
@@ -95,7 +95,7 @@ def test_precision_comparison_and_held_out_accuracy(tmp_path):
     np.savez(tmp_path / "raw_features-bfloat16.npz", paths=paths, features=x16)
     (tmp_path / "config-float32.json").write_text(json.dumps({"variance": 0.95}))
     runs = {"float32": {"raw": [_run(10, 2.0), _run(10, 2.0)]}, "bfloat16": {"raw": [_run(5, 4.0), _run(5, 4.4)]}}
-    cmp = bench.compare_precisions(tmp_path, runs, ["float32", "bfloat16"], 0)
+    cmp = quality.compare_precisions(tmp_path, runs, ["float32", "bfloat16"], 0)
     assert cmp["accuracy"]["float32"]["accuracy"] == 1.0 and cmp["accuracy"]["float32"]["test"] == 9
     vs = cmp["vs_baseline"]["bfloat16"]
     assert vs["engines"]["raw"] == {"speed_ratio_e2e": 2.0, "speed_ratio_steady": 2.1}

@@ -21,6 +21,7 @@ from PIL import Image
 
 from fruitdask import cli, pipeline, storage
 from fruitdask.classifier.bundle import FeatureSpec, WeightsRef, load_verified_weights
+from fruitdask.commands.run import EXIT_SKIPPED
 from fruitdask.config import StorageSettings, build_config
 from fruitdask.errors import RegionError, UntrustedReferenceError, WeightsError
 from fruitdask.features import model
@@ -344,7 +345,7 @@ def test_run_puts_refused_files_in_errors_parquet_and_reconciles(tmp_path, weigh
     out = tmp_path / "out"
     code = cli.main(["run", "--input", str(root), "--output", str(out), "--image-size", str(S), "--weights", str(weights_file),
                      "--workers", "1", "--threads-per-worker", "1", "--components", "1", "--max-file-mb", "0.5", "-q"])
-    assert code == cli.EXIT_SKIPPED
+    assert code == EXIT_SKIPPED
     errors = pq.read_table(out / "errors.parquet").to_pandas()
     assert sorted(Path(p).name for p in errors["path"]) == ["Linked folder", "big.jpg", "broken.jpg", "escape.jpg", "etc.jpg"]
     assert set(errors["stage"]) == {"list"}

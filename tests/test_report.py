@@ -21,6 +21,7 @@ from conftest import BUNDLED, REPO, copy_images
 from PIL import Image
 
 from fruitdask import cli
+from fruitdask.commands.run import EXIT_SKIPPED
 from fruitdask.report import page as report
 from fruitdask.report import plots as report_plots
 
@@ -95,7 +96,7 @@ def run_out(tmp_path_factory):
         rc = cli.main(["run", "--input", str(src), "--output", str(out), "--image-size", "32", "--weights", "random",
                        "--workers", "1", "--threads-per-worker", "2"])
     # A run that skipped files says so in its exit status (EXIT_SKIPPED) and still commits.
-    assert rc == cli.EXIT_SKIPPED
+    assert rc == EXIT_SKIPPED
     last = json.loads(stdout.getvalue().strip().splitlines()[-1])
     return {"out": out, "src": src, "printed": last, "empty": first / "empty.jpg"}
 

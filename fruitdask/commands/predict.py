@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from fruitdask.cli import add_quiet_debug, add_storage_options, storage_settings
+from fruitdask.commands.options import add_quiet_debug, add_storage_options, storage_settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fruitdask.cli import add_quiet_debug, add_storage_options, storage_settings
+from fruitdask.commands.options import add_quiet_debug, add_storage_options, storage_settings
 
 logger = logging.getLogger("fruitdask")
 

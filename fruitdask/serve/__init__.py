@@ -10,7 +10,7 @@ micro-batched into one VGG16 call. The modules, one concern each:
 - :mod:`.metrics`: Prometheus metrics and the ASGI middleware that records requests;
 - :mod:`.app`: the Starlette application factory (routes, body limits, JSON errors);
 - :mod:`.protocol`: uvicorn's HTTP/1.1 protocol with a request-header timeout;
-- :mod:`.command`: the ``serve`` sub-command (region guard, bundle, uvicorn).
+- :mod:`fruitdask.commands.serve` (outside this package): the ``serve`` sub-command (region guard, bundle, uvicorn).
 
 Starlette, uvicorn, python-multipart and prometheus-client are the ``serve`` extra
 (``pip install fruitdask[serve]``); nothing here is imported by the pipeline.

@@ -23,26 +23,13 @@ import pandas as pd
 
 from fruitdask.errors import InputError, OutputError, StorageError, UntrustedReferenceError
 from fruitdask.storage import listing, s3errors, safety
+from fruitdask.storage.regions import bucket_region, guard_regions, normalize_region, split_bucket  # noqa: F401 - re-exported
+from fruitdask.storage.urls import get_fs, is_remote  # is_remote re-exported too
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SUCCESS_MARKER = "_SUCCESS"
-
-
-def is_remote(url: str) -> bool:
-    """True for URLs with a protocol other than the local file system."""
-    protocol = fsspec.core.split_protocol(url)[0]
-    return protocol not in (None, "file", "local")
-
-
-def get_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return ``(filesystem, path)`` for ``url``; options only apply to remote URLs."""
-    opts = dict(storage_options or {}) if is_remote(url) else {}
-    try:
-        return fsspec.core.url_to_fs(url, **opts)
-    except (ImportError, ValueError) as e:
-        raise StorageError(f"cannot open {url!r}: {e}") from e
 
 
 #: Default ``--max-file-mb``: a Fruits-360 image is ~5 KB, a 24-megapixel JPEG ~15 MB.
@@ -499,7 +486,3 @@ def download_to_local(url: str, local_path: str, storage_options: Mapping[str, A
         raise translate(e, url) from e
     return local_path
 
-
-# The region guard lives beside, in storage/regions.py; re-exported so callers keep
-# using ``storage.guard_regions``.
-from fruitdask.storage.regions import bucket_region, guard_regions, normalize_region, split_bucket  # noqa: E402, F401

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
+import fruitdask.storage.s3errors as s3errors
 from fruitdask.errors import RegionError, StorageError
-from fruitdask.storage import is_remote, s3errors
+from fruitdask.storage.urls import is_remote
 
 if TYPE_CHECKING:
     from fruitdask.config import StorageSettings

@@ -17,8 +17,8 @@ from typing import Any
 
 import fsspec
 
+import fruitdask.storage.s3errors as s3errors
 from fruitdask.errors import OutputBusyError, OutputError
-from fruitdask.storage import s3errors
 
 logger = logging.getLogger(__name__)
 

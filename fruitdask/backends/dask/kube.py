@@ -214,6 +214,34 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
         If the region is outside the EU allow-list, the worker count is below 1, a
         resource quantity is malformed, or no TLS Secret is named.
     """
+    _check_settings(settings)
+    # The worker's sizes first: a malformed quantity fails before anything else is built.
+    worker = _worker_container(settings, env)
+    labels = _labels(settings)
+    return {
+        "apiVersion": "kubernetes.dask.org/v1",
+        "kind": "DaskCluster",
+        "metadata": {"name": settings.name, "namespace": settings.namespace, "labels": labels},
+        "spec": {
+            "idleTimeout": 0,
+            "worker": {
+                "replicas": settings.n_workers,
+                "metadata": {"labels": {**labels, "app.kubernetes.io/component": "worker"}},
+                "spec": _pod_spec(settings, worker, settings.service_account, _scratch_volumes(settings)),
+            },
+            "scheduler": {
+                "metadata": {"labels": {**labels, "app.kubernetes.io/component": "scheduler"}},
+                "spec": _pod_spec(
+                    settings, _scheduler_container(settings, env), scheduler_service_account_name(settings), []
+                ),
+                "service": _scheduler_service(settings),
+            },
+        },
+    }
+
+
+def _check_settings(settings: KubeSettings) -> None:
+    """Refuse what must never be deployed: no TLS, a region outside the EU, no workers."""
     _check_tls_secret(settings)
     if settings.region not in EU_REGIONS:
         raise ClusterError(
@@ -221,9 +249,11 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
         )
     if settings.n_workers < 1:
         raise ClusterError(f"n_workers must be at least 1, got {settings.n_workers}: e.g. 2")
-    memory_limit = int(parse_quantity(settings.worker_memory) * MEMORY_FRACTION)
-    nthreads = worker_threads(settings.worker_cpu)
-    full_env = {
+
+
+def _pod_env(settings: KubeSettings, env: dict[str, str]) -> dict[str, str]:
+    """The environment of every pod: ``env`` under the settings it may not override."""
+    return {
         **env,
         "HOME": HOME,
         "TMPDIR": "/tmp",
@@ -232,18 +262,26 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
         **TF_ENV,
         **tls_env(),
     }
-    labels = {
+
+
+def _labels(settings: KubeSettings) -> dict[str, str]:
+    return {
         "app.kubernetes.io/name": "fruitdask",
         "app.kubernetes.io/instance": settings.name,
         "app.kubernetes.io/managed-by": "dask-kubernetes",
         "app.kubernetes.io/part-of": "fruitdask",
     }
 
+
+def _worker_container(settings: KubeSettings, env: dict[str, str]) -> dict[str, Any]:
+    """``dask worker`` on fixed ports, sized from the settings, pointed at the TLS scheduler."""
+    memory_limit = int(parse_quantity(settings.worker_memory) * MEMORY_FRACTION)
+    nthreads = worker_threads(settings.worker_cpu)
     worker_resources = {
         "requests": {"cpu": settings.worker_cpu, "memory": settings.worker_memory},
         "limits": {"cpu": settings.worker_cpu, "memory": settings.worker_memory},
     }
-    worker_container = {
+    return {
         "name": "worker",
         "image": settings.image,
         "args": [
@@ -267,7 +305,7 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
             "--nanny-port",
             str(NANNY_PORT),
         ],
-        "env": _env_list({**full_env, "DASK_SCHEDULER_ADDRESS": scheduler_address(settings)}),
+        "env": _env_list({**_pod_env(settings, env), "DASK_SCHEDULER_ADDRESS": scheduler_address(settings)}),
         "resources": worker_resources,
         "ports": [
             {"name": "http-dashboard", "containerPort": WORKER_DASHBOARD_PORT, "protocol": "TCP"},
@@ -275,12 +313,21 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
             {"name": "tcp-nanny", "containerPort": NANNY_PORT, "protocol": "TCP"},
         ],
     }
-    scheduler_container = {
+
+
+def _scratch_volumes(settings: KubeSettings) -> list[dict[str, Any]]:
+    """The worker's spill directory, as large as its memory."""
+    return [{"name": "scratch", "emptyDir": {"sizeLimit": settings.worker_memory}}]
+
+
+def _scheduler_container(settings: KubeSettings, env: dict[str, str]) -> dict[str, Any]:
+    """``dask scheduler`` on TLS, with the health probes dask-kubernetes' own spec has."""
+    return {
         "name": "scheduler",
         "image": settings.image,
         "args": ["dask", "scheduler", "--host", "0.0.0.0", "--port", str(SCHEDULER_PORT),
                  "--protocol", "tls", "--dashboard-address", f":{DASHBOARD_PORT}"],
-        "env": _env_list(full_env),
+        "env": _env_list(_pod_env(settings, env)),
         "resources": SCHEDULER_RESOURCES,
         "ports": [
             {"name": "tcp-comm", "containerPort": SCHEDULER_PORT, "protocol": "TCP"},
@@ -298,38 +345,22 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
             "periodSeconds": 20,
         },
     }
-    scratch = [{"name": "scratch", "emptyDir": {"sizeLimit": settings.worker_memory}}]
+
+
+def _scheduler_service(settings: KubeSettings) -> dict[str, Any]:
+    """The ClusterIP Service the operator creates for the scheduler's comm and dashboard."""
     return {
-        "apiVersion": "kubernetes.dask.org/v1",
-        "kind": "DaskCluster",
-        "metadata": {"name": settings.name, "namespace": settings.namespace, "labels": labels},
-        "spec": {
-            "idleTimeout": 0,
-            "worker": {
-                "replicas": settings.n_workers,
-                "metadata": {"labels": {**labels, "app.kubernetes.io/component": "worker"}},
-                "spec": _pod_spec(settings, worker_container, settings.service_account, scratch),
-            },
-            "scheduler": {
-                "metadata": {"labels": {**labels, "app.kubernetes.io/component": "scheduler"}},
-                "spec": _pod_spec(
-                    settings, scheduler_container, scheduler_service_account_name(settings), []
-                ),
-                "service": {
-                    "type": "ClusterIP",
-                    "selector": {
-                        "dask.org/cluster-name": settings.name,
-                        "dask.org/component": "scheduler",
-                    },
-                    "ports": [
-                        {"name": "tcp-comm", "protocol": "TCP", "port": SCHEDULER_PORT,
-                         "targetPort": "tcp-comm"},
-                        {"name": "http-dashboard", "protocol": "TCP", "port": DASHBOARD_PORT,
-                         "targetPort": "http-dashboard"},
-                    ],
-                },
-            },
+        "type": "ClusterIP",
+        "selector": {
+            "dask.org/cluster-name": settings.name,
+            "dask.org/component": "scheduler",
         },
+        "ports": [
+            {"name": "tcp-comm", "protocol": "TCP", "port": SCHEDULER_PORT,
+             "targetPort": "tcp-comm"},
+            {"name": "http-dashboard", "protocol": "TCP", "port": DASHBOARD_PORT,
+             "targetPort": "http-dashboard"},
+        ],
     }
 
 

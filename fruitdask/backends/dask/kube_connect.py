@@ -164,15 +164,7 @@ def open_kube_cluster(
     created: list[dict[str, Any]] = []
     try:
         try:
-            if settings.connect_existing:
-                logger.info("connecting to DaskCluster %s in namespace %s", settings.name, settings.namespace)
-            else:
-                logger.info(
-                    "creating DaskCluster %s in namespace %s with %d workers (TLS, NetworkPolicy)",
-                    settings.name,
-                    settings.namespace,
-                    settings.n_workers,
-                )
+            _log_start(settings)
             for obj in resources:
                 api.create(obj)
                 created.append(obj)
@@ -180,22 +172,44 @@ def open_kube_cluster(
         except ClusterError:
             raise
         except Exception as e:  # kr8s/httpx/asyncio raise many types for "no cluster"
-            action = "connect to" if settings.connect_existing else "create"
-            raise ClusterError(
-                f"could not {action} DaskCluster {settings.name!r} in namespace {settings.namespace!r}: {e}. "
-                "Check that kubectl reaches the cluster (KUBECONFIG, or run in-cluster), that the "
-                "dask-kubernetes operator is installed (helm install --repo https://helm.dask.org "
-                "-n dask-operator --create-namespace dask-kubernetes-operator dask-kubernetes-operator), "
-                "and, with connect_existing, that the cluster exists"
-            ) from e
+            raise _unreachable(settings, e) from e
         yield KubeConnection(_tls(comm), security, dashboard)
     finally:
-        for obj in reversed(created):
-            try:
-                api.delete(obj)
-            except Exception as e:  # noqa: BLE001 - keep deleting the rest; the first error wins
-                logger.warning(
-                    "could not delete %s %s: %s; delete it with kubectl -n %s delete %s %s",
-                    obj["kind"], obj["metadata"]["name"], e, settings.namespace,
-                    obj["kind"].lower(), obj["metadata"]["name"],
-                )
+        _delete_created(api, created, settings.namespace)
+
+
+def _log_start(settings: KubeSettings) -> None:
+    if settings.connect_existing:
+        logger.info("connecting to DaskCluster %s in namespace %s", settings.name, settings.namespace)
+    else:
+        logger.info(
+            "creating DaskCluster %s in namespace %s with %d workers (TLS, NetworkPolicy)",
+            settings.name,
+            settings.namespace,
+            settings.n_workers,
+        )
+
+
+def _unreachable(settings: KubeSettings, e: Exception) -> ClusterError:
+    """The error for a cluster that could not be created or reached, with what to check."""
+    action = "connect to" if settings.connect_existing else "create"
+    return ClusterError(
+        f"could not {action} DaskCluster {settings.name!r} in namespace {settings.namespace!r}: {e}. "
+        "Check that kubectl reaches the cluster (KUBECONFIG, or run in-cluster), that the "
+        "dask-kubernetes operator is installed (helm install --repo https://helm.dask.org "
+        "-n dask-operator --create-namespace dask-kubernetes-operator dask-kubernetes-operator), "
+        "and, with connect_existing, that the cluster exists"
+    )
+
+
+def _delete_created(api: KubeApi, created: list[dict[str, Any]], namespace: str) -> None:
+    """Delete what was created, newest first; a failure is logged and the rest still go."""
+    for obj in reversed(created):
+        try:
+            api.delete(obj)
+        except Exception as e:  # noqa: BLE001 - keep deleting the rest; the first error wins
+            logger.warning(
+                "could not delete %s %s: %s; delete it with kubectl -n %s delete %s %s",
+                obj["kind"], obj["metadata"]["name"], e, namespace,
+                obj["kind"].lower(), obj["metadata"]["name"],
+            )

@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 
-from fruitdask.cli import add_quiet_debug, add_storage_options, storage_settings
+from fruitdask.commands.options import add_quiet_debug, add_storage_options, storage_settings
 from fruitdask.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)

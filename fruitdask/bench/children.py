@@ -1,0 +1,197 @@
+"""The children of a bench, one engine run each (``python -m fruitdask.bench TASK ...``).
+
+Each writes ``TASK-PREC-REPEAT.json`` in the work folder for :func:`fruitdask.bench.engine.run_child`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fruitdask.bench.summary import steady_rate
+from fruitdask.config import KubeSettings, RunConfig, StorageSettings
+from fruitdask.progress import Progress
+
+
+def _load_config(work: Path, prec: str) -> tuple[RunConfig, bool]:
+    d = json.loads((work / f"config-{prec}.json").read_text())
+    unpooled = d.pop("unpooled_pca")
+    storage = {**d.pop("storage")}
+    storage["allowed_regions"] = tuple(storage["allowed_regions"])
+    kube = KubeSettings(**d.pop("kube"))
+    return RunConfig(**d, storage=StorageSettings(**storage), kube=kube), unpooled
+
+
+def child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
+    """A plain single-process Keras script doing the pipelines' work: list, load weights,
+    build VGG16, featurize batch by batch, standardize + PCA (scikit-learn), write Parquet.
+
+    It uses the pipelines' own batch functions, so the features are the same; only the
+    orchestration (and its cost) differs.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fruitdask import storage
+    from fruitdask.features import model
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    listing = storage.list_images(cfg.input)
+    timings["listing"] = time.perf_counter() - t
+    t = time.perf_counter()
+    weights, info = model.load_weights(cfg.weights, image_size=cfg.image_size, seed=cfg.seed,
+                                       allow_random=cfg.allow_random_weights)
+    timings["weights"] = time.perf_counter() - t
+    t = time.perf_counter()
+    vgg = model.cached_model(info.sha256, weights, cfg.image_size, os.cpu_count(), cfg.precision)
+    timings["startup"] = time.perf_counter() - t
+    paths, labels = list(listing["path"]), list(listing["label"])
+    maps, ends = _featurize_batches(vgg, paths, cfg, "none" if unpooled else cfg.pooling)
+    timings["featurize"] = ends[-1]
+    pooled = _keep_features(maps, paths, cfg, work, unpooled)
+    t = time.perf_counter()
+    reduced, n_components = _raw_pca(pooled, cfg)
+    timings["pca"] = time.perf_counter() - t
+    t = time.perf_counter()
+    out = work / f"out-raw-{cfg.precision}"
+    out.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"path": paths, "label": labels, "features": list(pooled), "pca": list(reduced)}),
+                   out / "features.parquet")
+    timings["write"] = time.perf_counter() - t
+    n = len(paths)
+    first = min(cfg.batch_size, n)
+    steady = (n - first) / (ends[-1] - ends[0]) if len(ends) > 1 else None
+    return {
+        "timings_s": {k: round(v, 3) for k, v in timings.items()} | {"first_batch": round(ends[0], 3)},
+        "steady_images_per_s": round(steady, 3) if steady else None,
+        "slots": 1, "threads": os.cpu_count(), "weights_sha256": info.sha256, "images": n, "k": n_components,
+    }
+
+
+def _featurize_batches(vgg, paths: list[str], cfg: RunConfig, pooling: str) -> tuple[np.ndarray, list[float]]:
+    """Read and featurize batch by batch; the features, and when each batch ended (s)."""
+    from fruitdask import storage
+    from fruitdask.features import featurize
+
+    feats, ends = [], []
+    t0 = time.perf_counter()
+    for i in range(0, len(paths), cfg.batch_size):
+        contents = [storage.read_bytes(p) for p in paths[i : i + cfg.batch_size]]
+        res = featurize.featurize_bytes(vgg, contents, cfg.image_size, pooling, cfg.batch_size)
+        feats.append(res.features)
+        ends.append(time.perf_counter() - t0)
+    return np.concatenate(feats), ends
+
+
+def _keep_features(maps: np.ndarray, paths: list[str], cfg: RunConfig, work: Path, unpooled: bool) -> np.ndarray:
+    """Save the features for the parity and precision checks (and, with ``unpooled``, the
+    feature maps for the PCA timing on wide features); return the pooled features."""
+    from fruitdask.features import featurize
+
+    if unpooled:  # for the PCA timing on wide features (once, outside the timed stages)
+        side = cfg.image_size // 32
+        np.save(work / "unpooled.npy", maps)
+        pooled = featurize.pool(maps.reshape(len(maps), side, side, 512), cfg.pooling) if cfg.pooling != "none" else maps
+    else:
+        pooled = maps
+    np.savez(work / f"raw_features-{cfg.precision}.npz", paths=np.array(paths), features=pooled)
+    return pooled
+
+
+def _raw_pca(pooled: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, int]:
+    """Standardize + exact PCA with scikit-learn, as a plain script would: ``(reduced, K)``."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    z = StandardScaler().fit_transform(pooled.astype(np.float64))
+    pca = PCA(n_components=cfg.components or (cfg.variance if cfg.variance < 1 else None), svd_solver="full")
+    reduced = pca.fit_transform(z).astype(np.float32)
+    return reduced, int(pca.n_components_)
+
+
+def child_pipeline(cfg: RunConfig, work: Path, backend: str) -> dict:
+    from fruitdask import pipeline
+
+    cfg = dataclasses.replace(cfg, backend=backend, output=str(work / f"out-{backend}-{cfg.precision}"))
+    ends: list[float] = []
+
+    class PartitionEnds(Progress):  # Dask: when each featurize partition finished
+        def start(self, total: int) -> None:
+            self.t0 = time.perf_counter()
+
+        def advance(self, images: int) -> None:
+            ends.append(round(time.perf_counter() - self.t0, 3))
+
+    doc = pipeline.run(cfg, progress=PartitionEnds() if backend == "dask" else None)
+    ends = ends or doc["extra"].get("featurize_task_ends_s", [])
+    t, n = doc["timings_s"], doc["counts"]["images_listed"]
+    slots = doc["cluster"].get("threads") or 1
+    steady = steady_rate(ends, n, slots)
+    return {
+        "timings_s": t, "steady_images_per_s": round(steady, 3) if steady else None,
+        "partitions": len(ends), "slots": slots, "weights_sha256": doc["weights"]["sha256"],
+        "images": n, "k": doc["reduction"]["k"], "pca_method": doc["reduction"]["method"],
+    }
+
+
+def child_pca(cfg: RunConfig, work: Path, engine: str) -> dict:
+    """Time the standardize + PCA fit alone on the raw run's unpooled features."""
+    from fruitdask.reduce import fit_incremental_pca, plan_pca
+
+    X = np.load(work / "unpooled.npy")
+    n, d = X.shape
+    unpooled = dataclasses.replace(cfg, pooling="none")
+    if engine == "dask":
+        import dask.array as da
+
+        t = time.perf_counter()
+        red = fit_incremental_pca(da.from_array(X, chunks=(min(n, 256), d)), components=cfg.components, variance=cfg.variance,
+                                  batch_size=cfg.pca_batch_size, power_iterations=cfg.pca_power_iterations, seed=cfg.seed)
+        return {"status": "ok", "d": d, "n": n, "fit_s": round(time.perf_counter() - t, 3), "k": red.k, "method": red.method}
+    from fruitdask.backends.spark.backend import check_pca_size, spark_pca
+    from fruitdask.backends.spark.session import spark_session
+    from fruitdask.errors import ReductionError
+
+    try:
+        driver_memory = check_pca_size(unpooled)
+    except ReductionError as e:
+        return {"status": "refused", "d": d, "n": n, "reason": str(e)}
+    with spark_session(unpooled, driver_memory=driver_memory) as spark:
+        from pyspark.ml.linalg import Vectors
+
+        df = spark.createDataFrame([(Vectors.dense(row.astype(np.float64)),) for row in X], ["x"]).cache()
+        df.count()
+        t = time.perf_counter()
+        red = spark_pca(df, plan_pca(n, d, cfg.components, cfg.pca_batch_size), n, cfg.variance)
+        return {"status": "ok", "d": d, "n": n, "fit_s": round(time.perf_counter() - t, 3), "k": red.k, "method": red.method}
+
+
+def main(argv: list[str]) -> int:
+    task, work = argv[0], Path(argv[1])
+    prec, repeat = (argv[2], int(argv[3])) if len(argv) > 3 else ("float32", 0)
+    from fruitdask.config import TF_ENV
+
+    for key, value in TF_ENV.items():
+        os.environ.setdefault(key, value)
+    cfg, unpooled = _load_config(work, prec)
+    if task == "raw":
+        # A plain script's logging: importing the CLI would import distributed, not a raw cost.
+        logging.basicConfig(level=logging.WARNING)
+        result = child_raw(cfg, work, unpooled and repeat == 0)
+    else:
+        from fruitdask.commands.options import setup_logging
+
+        setup_logging(quiet=True, debug=False)
+        if task in ("dask", "spark"):
+            result = child_pipeline(cfg, work, task)
+        else:
+            result = child_pca(cfg, work, task.removeprefix("pca-"))
+    (work / f"{task}-{prec}-{repeat}.json").write_text(json.dumps(result))
+    return 0

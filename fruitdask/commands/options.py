@@ -1,0 +1,169 @@
+"""Options and set-up that several sub-commands share: one place for each flag.
+
+The storage flags, ``--quiet``/``--debug``, the run options of ``run`` and ``bench``, the
+configuration built from them (flags over ``FRUITDASK_*`` environment over defaults) and the
+logging set-up. Nothing here imports :mod:`fruitdask.cli`: the dispatcher imports the
+commands, never the other way round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from fruitdask.config import BACKENDS, POOLINGS, RunConfig, StorageSettings, build_config
+
+logger = logging.getLogger("fruitdask")
+
+#: The real Fruits-360 images shipped with the package (12 labels x 10 images).
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "Training"
+DEFAULT_OUTPUT = "fruitdask-output"
+
+_D = RunConfig()
+
+
+def add_storage_options(p: argparse.ArgumentParser) -> None:
+    """The ``s3://`` flags, shared by every command that reads or writes storage."""
+    g = p.add_argument_group("storage (s3://)")
+    g.add_argument("--s3-endpoint", dest="storage_endpoint_url", help="S3 endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
+    g.add_argument("--aws-profile", dest="storage_profile", help="AWS profile name (default: the usual AWS credential chain)")
+    g.add_argument("--aws-region", dest="storage_region", help="AWS region for the S3 client (default: from the AWS config)")
+    g.add_argument("--allowed-regions", dest="storage_allowed_regions",
+                   type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+                   help="comma-separated regions buckets may live in (default: the EU member-state regions)")
+
+
+def add_quiet_debug(p: argparse.ArgumentParser) -> None:
+    """``--quiet`` / ``--debug`` for the commands that only read and write files."""
+    g = p.add_argument_group("output")
+    g.add_argument("--quiet", "-q", action="store_true", default=None, help="print nothing but errors")
+    g.add_argument("--debug", action="store_true", default=None, help="verbose logs and tracebacks on errors")
+
+
+def storage_settings(args: argparse.Namespace, input_url: str, output_url: str) -> StorageSettings:
+    """Storage settings from flags over ``FRUITDASK_STORAGE_*``/AWS environment over defaults."""
+    flags = {k: v for k, v in vars(args).items() if k.startswith("storage_")}
+    return build_config({**flags, "input": input_url, "output": output_url}, os.environ).storage
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``run`` and ``bench``: data, model, PCA, cluster, storage (in this order in --help)."""
+    _add_data_options(p)
+    _add_model_options(p)
+    _add_reduction_options(p)
+    _add_execution_options(p)
+    add_storage_options(p)
+    _add_kube_options(p)
+    _add_output_options(p)
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    """``--input``, ``--output``, ``--overwrite``."""
+    g = p.add_argument_group("data")
+    g.add_argument("--input", help=f"folder or URI of <Label>/<image>.jpg files (default: the bundled sample, {SAMPLE_DIR.parent.name})")
+    g.add_argument("--output", help=f"folder or URI for the results (default: ./{DEFAULT_OUTPUT})")
+    g.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output (default: refuse)")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """VGG16: weights, input size, batch, pooling, precision, seed."""
+    g = p.add_argument_group("model")
+    g.add_argument("--weights", help="auto | imagenet | random | PATH_OR_URI of a .weights.h5/.keras file "
+                   f"(default: {_D.weights}: ImageNet if it can be had, else the run fails; random only with --allow-random-weights)")
+    g.add_argument("--allow-random-weights", action="store_true", default=None,
+                   help="let --weights auto fall back to seeded random weights when ImageNet cannot be had "
+                   "(offline demos: features are then not ImageNet features)")
+    g.add_argument("--image-size", type=int, help=f"square input size fed to VGG16, >= 32 (default: {_D.image_size})")
+    g.add_argument("--batch-size", type=int, help=f"images per VGG16 inference batch (default: {_D.batch_size})")
+    g.add_argument("--pooling", choices=POOLINGS, help=f"avg/max: 512 features; none: flattened maps, 25,088 at 224 (default: {_D.pooling})")
+    g.add_argument("--precision", choices=("float32", "bfloat16", "auto"),
+                   help=f"VGG16 arithmetic: bfloat16 (Keras mixed_bfloat16, about 2x faster) needs a CPU with "
+                   f"AVX512_BF16 or AMX or a bf16 GPU; auto picks it where present; features stay float32 (default: {_D.precision})")
+    g.add_argument("--seed", type=int, help=f"seed for random weights and the randomized SVD (default: {_D.seed})")
+
+
+def _add_reduction_options(p: argparse.ArgumentParser) -> None:
+    """The IncrementalPCA: K or the variance target, batch rows, power iterations."""
+    g = p.add_argument_group("reduction (PCA)")
+    g.add_argument("--components", type=int, help="number of principal components K (default: from --variance)")
+    g.add_argument("--variance", type=float, help=f"explained-variance target that chooses K (default: {_D.variance})")
+    g.add_argument("--pca-batch-size", type=int, help="rows per IncrementalPCA batch, >= K (default: min(images, 1024))")
+    g.add_argument("--pca-power-iterations", type=int, help=f"power iterations of the randomized SVD (default: {_D.pca_power_iterations})")
+
+
+def _add_execution_options(p: argparse.ArgumentParser) -> None:
+    """Backend and cluster, partitions, error limits, resume, Spark."""
+    g = p.add_argument_group("execution")
+    g.add_argument("--backend", choices=BACKENDS, help=f"engine that runs the stages (default: {_D.backend})")
+    g.add_argument("--cluster", help="local | kubernetes | scheduler address such as tcp://host:8786 (default: local)")
+    g.add_argument("--workers", dest="n_workers", type=int, help="local cluster worker processes (default: one per core)")
+    g.add_argument("--threads-per-worker", type=int, help="threads per local worker (default: 1 on <= 4 cores, else 2)")
+    g.add_argument("--memory-limit", help=f"memory per local worker (default: {_D.memory_limit})")
+    g.add_argument("--dashboard-address", help=f"local dashboard address (default: {_D.dashboard_address!r}, a free port)")
+    g.add_argument("--cluster-timeout", type=float, help=f"seconds to reach the scheduler before failing (default: {_D.cluster_timeout:g})")
+    g.add_argument("--partition-size", type=int, help=f"images per partition/task (default: {_D.partition_size})")
+    g.add_argument("--max-errors", type=float, help="fail when more images are unusable: a count, or a fraction < 1 (default: no limit)")
+    g.add_argument("--max-file-mb", type=float,
+                   help=f"skip files larger than this many MiB, by the listed size, before reading them; they go to "
+                   f"errors.parquet (default: {_D.max_file_mb:g})")
+    g.add_argument("--skipped-ok", action="store_true", default=None,
+                   help="exit 0 instead of 4 when files were skipped (for schedulers that treat any non-zero "
+                   "exit as failure: Kubernetes Jobs, Airflow); --max-errors still bounds them")
+    g.add_argument("--resume", action="store_true", default=None, help="reuse featurized partitions checkpointed by an earlier failed run")
+    g.add_argument("--spark-master", help=f"Spark master URL for --backend spark (default: {_D.spark_master})")
+    g.add_argument("--spark-allow-large-pca", action="store_true", default=None,
+                   help="let Spark's PCA gather a d x d covariance on the driver even when it is large")
+
+
+def _add_kube_options(p: argparse.ArgumentParser) -> None:
+    """The ``DaskCluster`` of ``--cluster kubernetes``."""
+    g = p.add_argument_group("kubernetes (--cluster kubernetes)")
+    g.add_argument("--kube-name", help=f"DaskCluster name (default: {_D.kube.name})")
+    g.add_argument("--kube-namespace", help=f"namespace (default: {_D.kube.namespace})")
+    g.add_argument("--kube-image", help=f"container image (default: {_D.kube.image})")
+    g.add_argument("--kube-workers", dest="kube_n_workers", type=int, help=f"worker pods (default: {_D.kube.n_workers})")
+    g.add_argument("--kube-worker-cpu", help=f"CPU per worker pod (default: {_D.kube.worker_cpu})")
+    g.add_argument("--kube-worker-memory", help=f"memory per worker pod (default: {_D.kube.worker_memory})")
+    g.add_argument("--kube-service-account", help=f"workers' service account with S3 access via IRSA; the scheduler never gets it (default: {_D.kube.service_account})")
+    g.add_argument("--kube-tls-secret", help=f"Secret with ca.crt, tls.crt, tls.key for mutual TLS; the client reads its own copies from "
+                   f"DASK_DISTRIBUTED__COMM__TLS__* (default: {_D.kube.tls_secret})")
+    g.add_argument("--kube-region", help=f"EU region the worker pods must run in (default: {_D.kube.region})")
+    g.add_argument("--kube-connect-existing", action="store_true", default=None, help="connect to an existing DaskCluster instead of creating one")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """``--quiet`` / ``--debug`` as ``run`` and ``bench`` word them (progress bar, statistics)."""
+    g = p.add_argument_group("output")
+    g.add_argument("--quiet", "-q", action="store_true", default=None, help="no progress bar or statistics, errors only")
+    g.add_argument("--debug", action="store_true", default=None, help="verbose logs (Dask, Spark) and tracebacks on errors")
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
+    """Build the run configuration: flags over ``FRUITDASK_*`` environment over defaults."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    flags.update(overrides)
+    if flags.get("input") is None and "FRUITDASK_INPUT" not in os.environ:
+        flags["input"] = str(SAMPLE_DIR)
+    if flags.get("output") is None and "FRUITDASK_OUTPUT" not in os.environ:
+        flags["output"] = DEFAULT_OUTPUT
+    return build_config(flags, os.environ)
+
+
+def setup_logging(quiet: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if not debug else logging.INFO)
+    logger.setLevel(level)
+    if not debug:
+        import distributed  # noqa: F401 - configures its loggers at import; quiet them after
+
+        for name in list(logging.root.manager.loggerDict):
+            if name.split(".")[0] in ("distributed", "tensorflow", "absl", "py4j", "pyspark", "h5py"):
+                logging.getLogger(name).setLevel(logging.ERROR)
