@@ -45,6 +45,7 @@ from fruitdask.backends.dask.cluster import cluster_shape, dask_client, worker_a
 from fruitdask.config import RunConfig
 from fruitdask.errors import OutputError
 from fruitdask.features import frames, model
+from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsSource, npz_bytes
 from fruitdask.reduce import Reduction, fit_incremental_pca, silence_first_batch_warning
 from fruitdask.runinfo import StageTimer
@@ -53,11 +54,12 @@ logger = logging.getLogger(__name__)
 
 
 def featurize_on_worker(
-    df: pd.DataFrame, weights: WeightsSource | list[np.ndarray], checkpoints: checkpoint.Checkpoints | None = None, **kwargs
+    df: pd.DataFrame, weights: WeightsSource | list[np.ndarray], settings: FeatureSettings,
+    checkpoints: checkpoint.Checkpoints | None = None,
 ) -> pd.DataFrame:
     """Task body: pin TensorFlow to this worker's threads, then featurize the partition
     (or reuse its checkpoint under ``--resume``; see :mod:`fruitdask.checkpoint`)."""
-    return checkpoint.featurize_checkpointed(df, weights, checkpoints, threads=_worker_threads(), **kwargs)
+    return checkpoint.featurize_checkpointed(df, weights, settings, checkpoints, threads=_worker_threads())
 
 
 def _worker_threads() -> int | None:
@@ -194,19 +196,11 @@ def _run(ctx: RunContext, sess: Session) -> BackendResult:
                     meta=ctx.listing.iloc[:0], label="manifest", enforce_metadata=False,
                 )
             with timer.stage("featurize"):
-                ckpt = checkpoint.for_run(cfg.output, ctx.weights_info.sha256, cfg)
+                settings = FeatureSettings.from_config(cfg, ctx.weights_info.sha256)
+                ckpt = checkpoint.for_run(cfg.output, settings, cfg.resume)
                 extra["checkpoint"] = {"prefix": ckpt.prefix, "resume": ckpt.resume}
                 feats = listing.map_partitions(
-                    featurize_on_worker,
-                    source,
-                    weights_key=ctx.weights_info.sha256,
-                    image_size=cfg.image_size,
-                    precision=cfg.precision,
-                    pooling=cfg.pooling,
-                    batch_size=cfg.batch_size,
-                    storage_options=storage_options,
-                    checkpoints=ckpt,
-                    meta=frames.features_meta(),
+                    featurize_on_worker, source, settings, checkpoints=ckpt, meta=frames.features_meta()
                 ).persist()
                 track_images(feats, [len(p) for p in parts], ctx.progress)
                 wait(feats)

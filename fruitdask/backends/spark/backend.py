@@ -35,7 +35,8 @@ from fruitdask import storage
 from fruitdask.backends import BackendResult, RunContext
 from fruitdask.config import RunConfig
 from fruitdask.errors import OutputError, ReductionError
-from fruitdask.features import featurize, frames, model
+from fruitdask.features import frames
+from fruitdask.features.settings import FeatureSettings
 from fruitdask.progress import Poller
 from fruitdask.reduce import Reduction, finish, plan_pca, safe_scale
 
@@ -89,31 +90,20 @@ def check_pca_size(cfg: RunConfig) -> str | None:
     return f"{math.ceil(8 * need / 2**30) + 1}g"
 
 
-def featurize_batches(batches: Iterator[pa.RecordBatch], bc, *, ends=None, weights_key: str, image_size: int, pooling: str,
-                      batch_size: int, storage_options: dict, threads: int | None, precision: str = "float32",
-                      images=None) -> Iterator[pa.RecordBatch]:
-    """``mapInArrow`` body: ``path, label, content`` batches to feature batches.
+def featurize_batches(batches: Iterator[pa.RecordBatch], bc, settings: FeatureSettings, *, threads: int | None,
+                      ends=None, images=None) -> Iterator[pa.RecordBatch]:
+    """``mapInArrow`` body: ``path, label, content`` batches to feature batches, with the
+    partition function of the Dask backend (:func:`fruitdask.features.frames.featurize_frame`)
+    on the bytes Spark read.
 
     Rows whose ``content`` is null (``s3://`` inputs, or files Spark's lister hides) are read
-    through :func:`fruitdask.storage.read_bytes` here, in the executor.
+    through :func:`fruitdask.storage.read_bytes` there, in the executor.
     """
-    vgg = None
     for batch in batches:
         if batch.num_rows == 0:
             continue
-        if vgg is None:
-            vgg = model.cached_model(weights_key, bc.value, image_size, threads, precision)
         df = pd.DataFrame({"path": batch.column("path").to_pylist(), "label": batch.column("label").to_pylist()})
-        contents = batch.column("content").to_pylist()
-        missing = [i for i, c in enumerate(contents) if c is None]
-        read_errors: dict[int, str] = {}
-        if missing:
-            read, errs = frames.read_many([df["path"][i] for i in missing], storage_options)
-            for j, i in enumerate(missing):
-                contents[i] = read[j]
-            read_errors = {missing[j]: msg for j, msg in errs.items()}
-        result = featurize.featurize_bytes(vgg, contents, image_size, pooling, batch_size)
-        out = frames.assemble(df, result, read_errors)
+        out = frames.featurize_frame(df, bc.value, settings, threads=threads, contents=batch.column("content").to_pylist())
         if images is not None:  # the driver's progress bar (reaches it as each task ends)
             images.add(batch.num_rows)
         yield pa.RecordBatch.from_pandas(out, schema=frames.FEATURES_SCHEMA, preserve_index=False)
@@ -241,7 +231,7 @@ def run(ctx: RunContext) -> BackendResult:
             bc = sc.broadcast(ctx.weights)
         ends = sc.accumulator([], _EndTimes())
         done = sc.accumulator(0)
-        body = _featurizer(bc, ends, ctx, storage_options, threads, done)
+        body = _featurizer(bc, ends, FeatureSettings.from_config(cfg, ctx.weights_info.sha256), threads, done)
         with timer.stage("featurize"):
             t0 = time.time()
             feats = images.mapInArrow(body, FEATURES_DDL).persist(StorageLevel.MEMORY_AND_DISK)
@@ -274,14 +264,9 @@ def run(ctx: RunContext) -> BackendResult:
     return BackendResult(rows=n_rows, errors=errors, reduction=reduction, cluster=cluster, extra=extra)
 
 
-def _featurizer(bc, ends, ctx: RunContext, storage_options: dict, threads: int, done=None):
-    cfg = ctx.cfg
-    key = ctx.weights_info.sha256
-
+def _featurizer(bc, ends, settings: FeatureSettings, threads: int, done=None):
     def body(batches):
-        return featurize_batches(batches, bc, ends=ends, weights_key=key, image_size=cfg.image_size, pooling=cfg.pooling,
-                                 batch_size=cfg.batch_size, storage_options=storage_options, threads=threads,
-                                 precision=cfg.precision, images=done)
+        return featurize_batches(batches, bc, settings, threads=threads, ends=ends, images=done)
 
     return body
 
