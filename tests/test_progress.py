@@ -12,8 +12,8 @@ import pytest
 from conftest import SMALL_SIZE
 
 from fruitdask.backends.dask.backend import track_images
-from fruitdask.progress import ImageProgressBar, Poller, Progress, progress_bar
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.progress import ImageProgressBar, Poller, Progress, progress_bar
 
 
 class FakeClock:
