@@ -184,11 +184,11 @@ def split_rows(df):
     The one place that tells them apart, for the Dask backend (``df`` a Dask DataFrame: both
     results stay lazy), the Spark backend (its collected error rows) and the classifier.
     """
-    bad = df["error_stage"].notna()
-    errors = df[bad][["path", "label", "error_stage", "error_reason"]].rename(
+    ok = df["error_stage"].isna()  # Dask's Series has no notna()
+    errors = df[~ok][["path", "label", "error_stage", "error_reason"]].rename(
         columns={"error_stage": "stage", "error_reason": "reason"}
     )
-    return df[~bad][["path", "label", "features"]], errors
+    return df[ok][["path", "label", "features"]], errors
 
 
 def add_pca(df: pd.DataFrame, reduction) -> pd.DataFrame:

@@ -16,7 +16,6 @@ import base64
 import datetime as dt
 import html
 import io
-import json
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor

@@ -23,17 +23,12 @@ import pandas as pd
 
 from fruitdask.errors import InputError, OutputError, StorageError, UntrustedReferenceError
 from fruitdask.storage import listing, s3errors, safety
+from fruitdask.storage.urls import is_remote
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SUCCESS_MARKER = "_SUCCESS"
-
-
-def is_remote(url: str) -> bool:
-    """True for URLs with a protocol other than the local file system."""
-    protocol = fsspec.core.split_protocol(url)[0]
-    return protocol not in (None, "file", "local")
 
 
 def get_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

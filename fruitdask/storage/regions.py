@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from fruitdask.errors import RegionError, StorageError
-from fruitdask.storage import is_remote, s3errors
+from fruitdask.storage import s3errors
+from fruitdask.storage.urls import is_remote
 
 if TYPE_CHECKING:
     from fruitdask.config import StorageSettings
