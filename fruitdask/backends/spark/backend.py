@@ -1,18 +1,19 @@
 """The Spark backend: the seed notebook's stages on PySpark, done right, for comparison.
 
-- Listing: Spark's ``binaryFile`` reader (``recursiveFileLookup``, one ``pathGlobFilter``
-  that matches .jpg/.jpeg/.png in any letter case) for local paths, checked against
-  :func:`fruitdask.storage.list_images` so both backends see the same rows; for ``s3://``
-  the listing's paths are read through :func:`fruitdask.storage.read_bytes` inside the
+- Reading: the rows are the pipeline's listing. For local paths Spark's ``binaryFile``
+  reader (``recursiveFileLookup``, one ``pathGlobFilter`` that matches .jpg/.jpeg/.png in
+  any letter case) reads the bytes, checked against that listing so both backends see the
+  same rows (timed in the featurize stage: it is Spark reading images, not listing them);
+  for ``s3://`` the paths are read through :func:`fruitdask.storage.read_bytes` inside the
   executors (the hadoop-aws jars cannot be assumed).
 - Weights travel once with ``sc.broadcast``; each Python worker builds its Keras model once
   (:func:`fruitdask.features.model.cached_model`) inside ``mapInArrow`` (the Arrow sibling of
   ``mapInPandas``: batches stay Arrow, so ``list<float32>`` columns never round-trip through
-  pandas objects) and calls the same batch functions as the Dask backend
-  (:func:`fruitdask.features.featurize.featurize_bytes`, :func:`fruitdask.features.frames.assemble`).
+  pandas objects) and calls the Dask backend's partition function,
+  :func:`fruitdask.features.frames.featurize_frame`, on the bytes Spark read.
 - ``pyspark.ml`` ``StandardScaler`` + ``PCA``; K by the same variance rule
   (:func:`fruitdask.reduce.finish`). Spark's PCA gathers a ``d x d`` covariance on the
-  driver, so a large ``d`` is refused before anything starts unless
+  driver, so a large ``d`` is refused before the session starts unless
   ``--spark-allow-large-pca``.
 - Parquet parts are written by the executors through :mod:`fruitdask.storage`, with the
   same Arrow schema as the Dask backend.
