@@ -47,3 +47,28 @@ def test_split_rows_separates_good_rows_and_errors():
     assert list(good.columns) == ["path", "label", "features"] and list(good["path"]) == ["a", "c"]
     assert list(errors.columns) == frames.ERROR_COLUMNS
     assert errors.to_dict(orient="records") == [{"path": "b", "label": "L", "stage": "decode", "reason": "not an image"}]
+
+
+def test_spark_featurizes_with_the_shared_partition_function(monkeypatch):
+    import numpy as np
+    import pyarrow as pa
+
+    from fruitdask.backends.spark import backend as spark_backend
+    from fruitdask.features import featurize
+
+    seen = []
+
+    def fake(df, weights, settings, *, threads=None, contents=None):
+        seen.append((list(df["path"]), list(contents), settings, threads, weights))
+        return frames.assemble(df, featurize.BatchResult(np.ones((len(df), 2), np.float32), list(range(len(df)))), {})
+
+    class Broadcast:
+        value = "weights"
+
+    monkeypatch.setattr(frames, "featurize_frame", fake)
+    settings = FeatureSettings("k", 32, "avg", 4)
+    batch = pa.RecordBatch.from_pydict({"path": ["a", "b"], "label": ["L", "L"], "content": [b"x", None]})
+    out = list(spark_backend.featurize_batches(iter([batch]), Broadcast(), settings, threads=3))
+    # The bytes Spark read go in as they are; a null one is read by featurize_frame itself.
+    assert seen == [(["a", "b"], [b"x", None], settings, 3, "weights")]
+    assert out[0].num_rows == 2 and out[0].schema == frames.FEATURES_SCHEMA
