@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from fruitdask import storage
 from fruitdask.features import frames
+from fruitdask.features.settings import FeatureSettings
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +47,13 @@ def checkpoint_root(output_url: str) -> str:
     return f"{parent}/.{name}.{SUFFIX}"
 
 
-def fingerprint(weights_key: str, image_size: int, pooling: str, batch_size: int, precision: str = "float32") -> str:
-    """Hash of the settings that decide a partition's features (not of its rows)."""
-    text = f"v{FORMAT_VERSION}|{weights_key}|{image_size}|{pooling}|{batch_size}"
-    if precision != "float32":  # float32 fingerprints stay those of the runs before --precision
-        text += f"|{precision}"
+def fingerprint(settings: FeatureSettings) -> str:
+    """Hash of the settings that decide a partition's features (not of its rows, nor of the
+    storage options they are read with)."""
+    s = settings
+    text = f"v{FORMAT_VERSION}|{s.weights_key}|{s.image_size}|{s.pooling}|{s.batch_size}"
+    if s.precision != "float32":  # float32 fingerprints stay those of the runs before --precision
+        text += f"|{s.precision}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -110,22 +113,23 @@ class Checkpoints:
             logger.warning("could not checkpoint %s (%s): a --resume would compute it again", url, e)
 
 
-def for_run(output_url: str, weights_key: str, cfg: Any) -> Checkpoints:
-    """The :class:`Checkpoints` of a run of ``cfg`` writing to ``output_url``."""
-    fp = fingerprint(weights_key, cfg.image_size, cfg.pooling, cfg.batch_size, getattr(cfg, "precision", "float32"))
+def for_run(output_url: str, settings: FeatureSettings, resume: bool) -> Checkpoints:
+    """The :class:`Checkpoints` of a run featurizing with ``settings`` into ``output_url``."""
     return Checkpoints(
-        prefix=storage.join(checkpoint_root(output_url), fp),
-        resume=bool(cfg.resume),
-        storage_options=dict(cfg.storage.storage_options()),
+        prefix=storage.join(checkpoint_root(output_url), fingerprint(settings)),
+        resume=bool(resume),
+        storage_options=dict(settings.storage_options),
     )
 
 
 def featurize_checkpointed(
     df: pd.DataFrame,
     weights: Any,
+    settings: FeatureSettings,
     checkpoints: Checkpoints | None,
-    featurize: Callable[..., pd.DataFrame] = frames.featurize_frame,
-    **kwargs: Any,
+    *,
+    threads: int | None = None,
+    featurize: Callable[..., pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
     """Featurize one partition, reusing its checkpoint when resuming, and checkpoint it.
 
@@ -133,19 +137,22 @@ def featurize_checkpointed(
     ----------
     df
         A partition of ``path, label`` rows.
-    weights, kwargs
-        Passed on to ``featurize`` (:func:`fruitdask.features.frames.featurize_frame`).
+    weights, settings, threads
+        Passed on to :func:`fruitdask.features.frames.featurize_frame`.
     checkpoints
         None to neither read nor write checkpoints.
+    featurize
+        Stands in for :func:`~fruitdask.features.frames.featurize_frame` (tests count calls).
     """
+    featurize = featurize or frames.featurize_frame
     if checkpoints is None or len(df) == 0:
-        return featurize(df, weights, **kwargs)
+        return featurize(df, weights, settings, threads=threads)
     if checkpoints.resume:
         cached = checkpoints.load(df)
         if cached is not None:
             logger.info("reused checkpoint of %d images", len(df))
             return cached
-    result = featurize(df, weights, **kwargs)
+    result = featurize(df, weights, settings, threads=threads)
     checkpoints.save(result, df)
     return result
 

@@ -9,35 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import io
 import logging
 from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
 
 import pandas as pd
 
-from fruitdask import __version__, checkpoint, storage
-from fruitdask.backends import RunContext, get_backend, open_backend
+from fruitdask import checkpoint, output, storage
+from fruitdask.backends import make_backend
+from fruitdask.backends.base import Backend
 from fruitdask.config import RunConfig
-from fruitdask.errors import InputError, TooManyErrors, WeightsError
+from fruitdask.errors import InputError, OutputError, TooManyErrors, WeightsError
 from fruitdask.features import model, precision
+from fruitdask.features.settings import FeatureSettings
 from fruitdask.progress import Progress
-from fruitdask.reduce import scree_png
+from fruitdask.reduce import Reduction, scree_png
 from fruitdask.report import page as report
-from fruitdask.runinfo import StageTimer, label_counts, versions
+from fruitdask.runinfo import StageTimer, label_counts
 
 logger = logging.getLogger(__name__)
-
-
-def _errors_parquet(errors: pd.DataFrame) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table(
-        {c: pa.array(errors[c].astype(object).tolist() if len(errors) else [], type=pa.string()) for c in ("path", "label", "stage", "reason")}
-    )
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
 
 
 def check_errors(cfg: RunConfig, n_listed: int, n_errors: int) -> None:
@@ -75,132 +66,130 @@ def run(
         can print statistics and the dashboard URL as soon as they are known.
     """
     emit = on_event or (lambda name, data: None)
-    timer = StageTimer()
-    started = dt.datetime.now(dt.UTC)
-    storage_options = cfg.storage.storage_options()
-
-    # Resolved once here (auto -> float32 or bfloat16; bfloat16 refused where it would be
-    # emulated) so that every worker, checkpoint and record sees the same precision.
-    resolved = precision.detect_and_resolve(cfg.precision)
-    if cfg.precision != "float32":
-        logger.info("precision %s (%s)", resolved.precision, resolved.reason)
-    cfg = dataclasses.replace(cfg, precision=resolved.precision)
-
+    timer, started = StageTimer(), dt.datetime.now(dt.UTC)
+    cfg, resolved = _resolve_precision(cfg)
     # Nothing is read or written before every location passes the region guard.
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
+    storage_options = cfg.storage.storage_options()
     target = storage.OutputTarget.open(cfg.output, storage_options, cfg.overwrite)
-
-    def load_weights():
-        with timer.stage("weights"):
-            loaded = model.load_weights(
-                cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=storage_options,
-                allow_random=cfg.allow_random_weights,
-            )
-        check_random_weights(cfg, loaded[1])
-        return loaded
-
+    backend = make_backend(cfg, target, progress or Progress())
     # A weights file is read with h5py in a fraction of a second: read it before any cluster
     # starts, so a bad file fails at once. Random (or downloaded ImageNet) weights need Keras
     # on the client: that import overlaps the workers' warm-up instead.
-    from_file = cfg.weights not in model.WEIGHTS_CHOICES
-    if from_file:
-        weights, winfo = load_weights()
-    with open_backend(cfg, timer, lambda shape: emit("cluster", shape)) as session:
-        # The cluster is up and its workers warm up (TensorFlow, VGG16) while the client
-        # lists the images (and makes the weights when they are not a file).
-        with timer.stage("listing"):
-            # Over-size files and links out of the input root are refused from the listing alone.
-            listing, rejected = storage.scan_images(cfg.input, storage_options, cfg.max_file_bytes)
-        n_listed = len(listing) + len(rejected)
-        if listing.empty:
-            raise InputError(
-                f"every one of the {n_listed} images under {cfg.input!r} was refused before reading "
-                f"(first: {rejected['path'].iloc[0]}: {rejected['reason'].iloc[0]})"
-            )
-        per_label = label_counts(listing)
-        emit("listed", {"images": len(listing), "labels": len(per_label), "per_label": per_label})
-        if not from_file:
-            weights, winfo = load_weights()
-        warnings = [winfo.warning] if winfo.warning else []
-
-        backend = get_backend(cfg.backend)
-        ctx = RunContext(
-            cfg=cfg,
-            listing=listing,
-            weights=weights,
-            weights_info=winfo,
-            target=target,
-            timer=timer,
-            progress=progress or Progress(),
-            on_cluster=lambda shape: emit("cluster", shape),
-            session=session,
-        )
+    loaded = _load_weights(cfg, timer, storage_options) if cfg.weights not in model.WEIGHTS_CHOICES else None
+    with ExitStack() as engine:
+        if backend.starts_early:
+            # The cluster is up and its workers warm up (TensorFlow, VGG16) while the client
+            # lists the images (and makes the weights when they are not a file).
+            _start(backend, engine, timer, emit)
+        listing, rejected = _list_images(cfg, timer, emit, storage_options)
+        weights, winfo = loaded or _load_weights(cfg, timer, storage_options)
         with storage.committed(target):
-            result = backend(ctx)
-            errors = pd.concat([rejected, result.errors], ignore_index=True) if len(rejected) else result.errors
-            n_errors = len(errors)
-            check_errors(cfg, n_listed, n_errors)
-            with timer.stage("write"):
-                target.write_bytes("errors.parquet", _errors_parquet(errors))
-                target.write_bytes("reduction.npz", result.reduction.to_npz())
-                target.write_bytes("scree.png", scree_png(result.reduction, f"Scree plot ({cfg.backend}, {len(listing)} images)"))
-            doc = _run_record(cfg, target, timer, started, n_listed, n_errors, errors, per_label, listing, result,
-                              resolved, winfo, warnings)
-            target.write_json("run.json", doc)
-            # Built from the record just written and the staged files, committed with them.
-            target.write_bytes(report.REPORT_NAME, report.build_report(doc, target.staging, storage_options))
+            settings = FeatureSettings.from_config(cfg, winfo.sha256)
+            done = _featurize_reduce_write(backend, timer, emit, listing, (weights, winfo), settings)
+            errors = pd.concat([rejected, done.errors], ignore_index=True) if len(rejected) else done.errors
+            n_listed = len(listing) + len(rejected)
+            check_errors(cfg, n_listed, len(errors))
+            record = output.RunRecord(
+                cfg=cfg, run_id=target.run_id, started=started, timer=timer, n_listed=n_listed, n_images=len(listing),
+                per_label=label_counts(listing), errors=errors, rows=done.rows, reduction=done.reduction,
+                cluster=backend.cluster, precision=resolved.to_dict(), weights=winfo,
+                warnings=[winfo.warning] if winfo.warning else [], extra=backend.extra,
+            )
+            doc = _write_outputs(record, target, timer, storage_options)
     # Committed: the featurized partitions kept for --resume are not needed any more.
     checkpoint.clear(cfg.output, storage_options)
     return doc
 
 
-def _run_record(cfg, target, timer, started, n_listed, n_errors, errors, per_label, listing, result,
-                resolved, winfo, warnings) -> dict:
-    """The ``run.json`` document."""
-    featurize_s = timer.stages.get("featurize", 0.0)
-    return {
-        "fruitdask_version": __version__,
-        "run_id": target.run_id,
-        "backend": cfg.backend,
-        "input": cfg.input,
-        "output": cfg.output,
-        "started_at": started.isoformat(),
-        "duration_s": round(timer.total, 3),
-        "counts": {
-            "images_listed": n_listed,
-            "labels": len(per_label),
-            "rows_written": result.rows,
-            "errors": n_errors,
-        },
-        "per_label": per_label,
-        "errors_by_stage": {str(k): int(v) for k, v in errors["stage"].value_counts().items()} if n_errors else {},
-        "reduction": result.reduction.summary(),
-        "timings_s": {k: round(v, 3) for k, v in timer.stages.items()},
-        "images_per_second": {
-            "featurize": round(len(listing) / featurize_s, 3) if featurize_s else None,
-            "overall": round(len(listing) / timer.total, 3),
-        },
-        "cluster": result.cluster,
-        "precision": resolved.to_dict(),
-        "weights": {
-            "requested": winfo.requested,
-            "kind": winfo.kind,
-            "source": winfo.source,
-            "sha256": winfo.sha256,
-            "file_sha256": winfo.file_sha256,
-            "random": winfo.is_random,
-            "warning": winfo.warning,
-        },
-        "warnings": warnings,
-        "extra": result.extra,
-        "versions": versions(),
-        "config": cfg.to_dict(),
-        "files": {
-            "features": "features/",
-            "errors": "errors.parquet",
-            "reduction": "reduction.npz",
-            "scree": "scree.png",
-            "performance_report": result.extra.get("performance_report"),
-            "report": report.REPORT_NAME,
-        },
-    }
+def _resolve_precision(cfg: RunConfig) -> tuple[RunConfig, precision.Resolved]:
+    """Resolve ``--precision`` once here (auto -> float32 or bfloat16; bfloat16 refused where
+    it would be emulated) so that every worker, checkpoint and record sees the same one."""
+    resolved = precision.detect_and_resolve(cfg.precision)
+    if cfg.precision != "float32":
+        logger.info("precision %s (%s)", resolved.precision, resolved.reason)
+    return dataclasses.replace(cfg, precision=resolved.precision), resolved
+
+
+def _load_weights(cfg: RunConfig, timer: StageTimer, storage_options: dict) -> tuple[list, model.WeightsInfo]:
+    with timer.stage("weights"):
+        loaded = model.load_weights(
+            cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=storage_options,
+            allow_random=cfg.allow_random_weights,
+        )
+    check_random_weights(cfg, loaded[1])
+    return loaded
+
+
+def _start(backend: Backend, stack: ExitStack, timer: StageTimer, emit: Callable[[str, dict], None]) -> None:
+    """Start the engine (closed with ``stack``), report the cluster, start the warm-up."""
+    with timer.stage("startup"):
+        backend.start(stack)
+    emit("cluster", backend.describe())
+    backend.warm_up(stack)
+
+
+def _list_images(cfg: RunConfig, timer: StageTimer, emit: Callable[[str, dict], None],
+                 storage_options: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The images to featurize and the files refused from the listing alone (over-size
+    files, links out of the input root)."""
+    with timer.stage("listing"):
+        listing, rejected = storage.scan_images(cfg.input, storage_options, cfg.max_file_bytes)
+    if listing.empty:
+        raise InputError(
+            f"every one of the {len(rejected)} images under {cfg.input!r} was refused before reading "
+            f"(first: {rejected['path'].iloc[0]}: {rejected['reason'].iloc[0]})"
+        )
+    per_label = label_counts(listing)
+    emit("listed", {"images": len(listing), "labels": len(per_label), "per_label": per_label})
+    return listing, rejected
+
+
+@dataclass
+class _Written:
+    rows: int
+    errors: pd.DataFrame
+    reduction: Reduction
+
+
+def _featurize_reduce_write(backend: Backend, timer: StageTimer, emit: Callable[[str, dict], None],
+                            listing: pd.DataFrame, weights: tuple[list, model.WeightsInfo], settings: FeatureSettings) -> _Written:
+    """The backend's steps, each in its stage, then the row check. A backend that starts
+    late (Spark) starts here, once the output is locked, and stops once the dataset is written."""
+    with ExitStack() as late:
+        if not backend.starts_early:
+            _start(backend, late, timer, emit)
+        with backend.running():
+            done, written = _stages(backend, timer, listing, weights, settings)
+    if written != done.rows:
+        raise OutputError(f"wrote {written} rows but featurized {done.rows}: the output is incomplete, run again")
+    return done
+
+
+def _stages(backend: Backend, timer: StageTimer, listing: pd.DataFrame, weights: tuple[list, model.WeightsInfo],
+            settings: FeatureSettings) -> tuple[_Written, int]:
+    # The backend's handle on the featurized rows ends with this function: the cluster
+    # releases them before the backend cleans up after its steps.
+    with timer.stage("broadcast"):
+        backend.prepare(listing, *weights)
+    with timer.stage("featurize"):
+        feats = backend.featurize(settings)
+    with timer.stage("pca"):
+        reduction = backend.reduce(feats)
+    with timer.stage("write"):
+        written = backend.write(feats, reduction)
+    return _Written(feats.rows, feats.errors, reduction), written
+
+
+def _write_outputs(record: output.RunRecord, target: storage.OutputTarget, timer: StageTimer,
+                   storage_options: dict) -> dict:
+    """``errors.parquet``, ``reduction.npz``, ``scree.png``, ``run.json`` and the report."""
+    reduction, cfg = record.reduction, record.cfg
+    with timer.stage("write"):
+        target.write_bytes(output.ERRORS, output.errors_parquet(record.errors))
+        target.write_bytes(output.REDUCTION, reduction.to_npz())
+        target.write_bytes(output.SCREE, scree_png(reduction, f"Scree plot ({cfg.backend}, {record.n_images} images)"))
+    doc = record.write(target)
+    # Built from the record just written and the staged files, committed with them.
+    target.write_bytes(output.REPORT, report.build_report(doc, target.staging, storage_options))
+    return doc

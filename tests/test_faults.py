@@ -22,6 +22,7 @@ from fruitdask.backends.dask.cluster import dask_client
 from fruitdask.config import TF_ENV, build_config
 from fruitdask.errors import ClusterError
 from fruitdask.features import frames
+from fruitdask.features.settings import FeatureSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,9 +61,7 @@ def _reference_features(listing: pd.DataFrame, weights_file: Path) -> pd.DataFra
     from fruitdask.features import model
 
     weights, info = model.load_weights(str(weights_file))
-    out = frames.featurize_frame(
-        listing, weights, weights_key=info.sha256, image_size=SMALL_SIZE, pooling="avg", batch_size=32, storage_options=None
-    )
+    out = frames.featurize_frame(listing, weights, FeatureSettings(info.sha256, SMALL_SIZE, "avg", 32))
     return out.sort_values("path").reset_index(drop=True)
 
 

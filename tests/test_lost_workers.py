@@ -37,6 +37,7 @@ from fruitdask import cli, pipeline, storage
 from fruitdask.backends.dask import backend as dask_backend
 from fruitdask.config import TF_ENV, build_config
 from fruitdask.features import frames, model
+from fruitdask.features.settings import FeatureSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -129,8 +130,8 @@ def images(tmp_path_factory) -> Path:
 def reference(images, weights_file) -> pd.DataFrame:
     """Features of an undisturbed, single-process run over the same images."""
     weights, info = model.load_weights(str(weights_file))
-    out = frames.featurize_frame(storage.list_images(str(images)), weights, weights_key=info.sha256,
-                                 image_size=SMALL_SIZE, pooling="avg", batch_size=32, storage_options=None)
+    out = frames.featurize_frame(storage.list_images(str(images)), weights,
+                                 FeatureSettings(info.sha256, SMALL_SIZE, "avg", 32))
     return out.sort_values("path").reset_index(drop=True)
 
 

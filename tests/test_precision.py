@@ -18,6 +18,7 @@ from fruitdask.config import build_config
 from fruitdask.errors import ClusterError, ConfigError
 from fruitdask.features import model, precision
 from fruitdask.features.featurize import featurize_bytes
+from fruitdask.features.settings import FeatureSettings
 
 ZEN4 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -107,9 +108,9 @@ def test_bf16_features_match_float32_and_no_policy_leaks(weights_file):
 
 
 def test_checkpoint_fingerprint_and_bundle_spec_carry_the_precision():
-    fp = checkpoint.fingerprint("w", 32, "avg", 8)
-    assert checkpoint.fingerprint("w", 32, "avg", 8, "float32") == fp  # old float32 checkpoints stay valid
-    assert checkpoint.fingerprint("w", 32, "avg", 8, "bfloat16") != fp
+    fp = checkpoint.fingerprint(FeatureSettings("w", 32, "avg", 8))
+    assert checkpoint.fingerprint(FeatureSettings("w", 32, "avg", 8, "float32")) == fp  # old float32 checkpoints stay valid
+    assert checkpoint.fingerprint(FeatureSettings("w", 32, "avg", 8, "bfloat16")) != fp
     model_spec = FeatureSpec("w", 32, "avg", "bfloat16")
     assert FeatureSpec("w", 32, "avg").mismatch(model_spec) == ["precision bfloat16 (model: float32)"]
 
@@ -125,9 +126,8 @@ def test_spark_featurize_batches_builds_the_requested_precision(weights_file):
     photo = sorted(BUNDLED.rglob("*.jpg"))[0]
     batch = pa.RecordBatch.from_pydict({"path": [str(photo)], "label": [photo.parent.name], "content": [photo.read_bytes()]})
     before = dict(model.BUILDS)
-    out = list(spark_backend.featurize_batches(iter([batch]), _Broadcast(fp32.get_weights()), weights_key="spark-bf16",
-                                               image_size=SMALL_SIZE, pooling="avg", batch_size=4, storage_options={},
-                                               threads=None, precision="bfloat16"))
+    out = list(spark_backend.featurize_batches(iter([batch]), _Broadcast(fp32.get_weights()),
+                                               FeatureSettings("spark-bf16", SMALL_SIZE, "avg", 4, "bfloat16"), threads=None))
     assert out[0].num_rows == 1 and model.BUILDS["spark-bf16"] == before.get("spark-bf16", 0) + 1
     assert any(k == ("spark-bf16", SMALL_SIZE, "bfloat16") for k in model._MODELS)
 
@@ -185,7 +185,7 @@ def test_bundle_keeps_the_precision_and_featurizes_with_it(tmp_path, weights_fil
     assert back.spec.precision == "bfloat16"
     seen = []
     real = frames.featurize_frame
-    monkeypatch.setattr(frames, "featurize_frame", lambda *a, **k: seen.append(k["precision"]) or real(*a, **k))
+    monkeypatch.setattr(frames, "featurize_frame", lambda *a, **k: seen.append(a[2].precision) or real(*a, **k))
     photo = sorted(BUNDLED.rglob("*.jpg"))[0]
     back.featurizer().featurize([str(photo)])
     assert seen == ["bfloat16"]

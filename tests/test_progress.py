@@ -12,6 +12,7 @@ import pytest
 from conftest import SMALL_SIZE
 
 from fruitdask.backends.dask.backend import track_images
+from fruitdask.features.settings import FeatureSettings
 from fruitdask.progress import ImageProgressBar, Poller, Progress, progress_bar
 
 
@@ -141,6 +142,6 @@ def test_spark_featurizer_counts_each_batch_into_the_accumulator(weights_file):
     batches = [pa.RecordBatch.from_pydict({"path": [str(p) for p in chunk], "label": [p.parent.name for p in chunk],
                                            "content": [p.read_bytes() for p in chunk]}) for chunk in (photos[:3], photos[3:])]
     acc = Accumulator()
-    out = list(spark_backend.featurize_batches(iter(batches), Broadcast(), weights_key="progress", image_size=SMALL_SIZE,
-                                               pooling="avg", batch_size=4, storage_options={}, threads=None, images=acc))
+    out = list(spark_backend.featurize_batches(iter(batches), Broadcast(), FeatureSettings("progress", SMALL_SIZE, "avg", 4),
+                                               threads=None, images=acc))
     assert [b.num_rows for b in out] == [3, 2] and acc.value == 5

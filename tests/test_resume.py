@@ -15,6 +15,7 @@ from fruitdask import checkpoint, pipeline
 from fruitdask.backends.dask import backend as dask_backend
 from fruitdask.config import build_config
 from fruitdask.features import featurize, frames
+from fruitdask.features.settings import FeatureSettings
 
 
 class CrashDuringPCA(RuntimeError):
@@ -79,12 +80,15 @@ def test_resume_after_a_crash_during_pca_reuses_checkpoints(tmp_path, cluster_cl
     np.testing.assert_array_equal(frames.matrix(resumed["features"]), frames.matrix(fresh["features"]))
 
 
+SETTINGS = FeatureSettings("w", 32, "avg", 8)
+
+
 def _listing(n: int) -> pd.DataFrame:
     return pd.DataFrame({"path": [f"/x/L/{i}.jpg" for i in range(n)], "label": ["L"] * n})
 
 
 def _fake_featurize(calls: list):
-    def featurize_frame(df, weights, **kwargs):
+    def featurize_frame(df, weights, settings, **kwargs):
         calls.append(len(df))
         result = frames.assemble(
             df, featurize.BatchResult(np.full((len(df), 4), 7.0, np.float32), list(range(len(df)))), {}
@@ -97,29 +101,29 @@ def _fake_featurize(calls: list):
 def test_checkpoint_roundtrip_and_damaged_files(tmp_path):
     ckpt = checkpoint.Checkpoints(prefix=str(tmp_path / "ck"), resume=True)
     df, calls = _listing(5), []
-    first = checkpoint.featurize_checkpointed(df, None, ckpt, featurize=_fake_featurize(calls))
-    again = checkpoint.featurize_checkpointed(df, None, ckpt, featurize=_fake_featurize(calls))
+    first = checkpoint.featurize_checkpointed(df, None, SETTINGS, ckpt, featurize=_fake_featurize(calls))
+    again = checkpoint.featurize_checkpointed(df, None, SETTINGS, ckpt, featurize=_fake_featurize(calls))
     assert calls == [5]
     pd.testing.assert_frame_equal(first, again)
     assert list(again.dtypes) == list(frames.features_meta().dtypes)
 
     # A torn file (worker killed mid-write) is recomputed, not trusted.
     Path(ckpt.part_url(df)).write_bytes(b"PAR1 torn")
-    checkpoint.featurize_checkpointed(df, None, ckpt, featurize=_fake_featurize(calls))
+    checkpoint.featurize_checkpointed(df, None, SETTINGS, ckpt, featurize=_fake_featurize(calls))
     assert calls == [5, 5]
 
     # Other rows get another file; without --resume nothing is read.
-    checkpoint.featurize_checkpointed(_listing(6), None, ckpt, featurize=_fake_featurize(calls))
+    checkpoint.featurize_checkpointed(_listing(6), None, SETTINGS, ckpt, featurize=_fake_featurize(calls))
     fresh = checkpoint.Checkpoints(prefix=ckpt.prefix, resume=False)
-    checkpoint.featurize_checkpointed(df, None, fresh, featurize=_fake_featurize(calls))
+    checkpoint.featurize_checkpointed(df, None, SETTINGS, fresh, featurize=_fake_featurize(calls))
     assert calls == [5, 5, 6, 5]
 
 
 def test_checkpoint_location_is_deterministic():
     cfg = build_config({"input": "i", "output": "s3://b/runs/out", "image_size": 32, "weights": "random"}, {})
-    a = checkpoint.for_run(cfg.output, "abc", cfg)
-    b = checkpoint.for_run(cfg.output + "/", "abc", cfg)
+    a = checkpoint.for_run(cfg.output, FeatureSettings.from_config(cfg, "abc"), cfg.resume)
+    b = checkpoint.for_run(cfg.output + "/", FeatureSettings.from_config(cfg, "abc"), cfg.resume)
     assert a.prefix == b.prefix and a.prefix.startswith("s3://b/runs/.out.fruitdask-checkpoint/")
     other = build_config({"input": "i", "output": "s3://b/runs/out", "image_size": 64, "weights": "random"}, {})
-    assert checkpoint.for_run(other.output, "abc", other).prefix != a.prefix
-    assert checkpoint.for_run(cfg.output, "def", cfg).prefix != a.prefix
+    assert checkpoint.for_run(other.output, FeatureSettings.from_config(other, "abc"), other.resume).prefix != a.prefix
+    assert checkpoint.for_run(cfg.output, FeatureSettings.from_config(cfg, "def"), cfg.resume).prefix != a.prefix

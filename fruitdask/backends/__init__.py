@@ -1,69 +1,43 @@
-"""Execution backends: where the shared stages run (Dask by default, Spark to compare)."""
+"""Execution backends: where and how the shared stages run (Dask by default, Spark to compare).
+
+A backend decides only *where* things run. The pipeline (:mod:`fruitdask.pipeline`) calls
+its steps in order, each inside its own stage timer, and owns everything both backends
+share: the listing, the weights, the featurization settings, the split of good rows and
+errors (:func:`fruitdask.features.frames.split_rows`), the row check and the run record.
+
+The steps of a :class:`fruitdask.backends.base.Backend`, in the order the pipeline calls them:
+
+``start(stack)`` (stage ``startup``)
+    Open the engine; it closes with ``stack``. Dask starts before the listing, so that its
+    workers warm up meanwhile (``starts_early``); Spark once the output is locked.
+``describe()``, ``warm_up(stack)``
+    The cluster's shape (``run.json``'s ``cluster``), then early work on the workers.
+``running()``
+    A context around the steps below (Dask: the performance report, then its clean-up).
+``prepare(listing, weights, weights_info)`` (stage ``broadcast``)
+    Get the listing and the weights to the workers.
+``featurize(settings)`` (stage ``featurize``) -> :class:`fruitdask.backends.base.Featurized`
+``reduce(featurized)`` (stage ``pca``) -> :class:`fruitdask.reduce.Reduction`
+``write(featurized, reduction)`` (stage ``write``) -> rows written into ``features/``
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
-import pandas as pd
-
+from fruitdask.backends.base import Backend
 from fruitdask.config import RunConfig
 from fruitdask.errors import ConfigError
-from fruitdask.features.model import WeightsInfo
 from fruitdask.progress import Progress
-from fruitdask.reduce import Reduction
-from fruitdask.runinfo import StageTimer
 from fruitdask.storage import OutputTarget
 
 
-@dataclass
-class RunContext:
-    """Everything a backend gets: the config, the listing, the weights and where to write."""
-
-    cfg: RunConfig
-    listing: pd.DataFrame
-    weights: list[np.ndarray]
-    weights_info: WeightsInfo
-    target: OutputTarget
-    timer: StageTimer
-    progress: Progress = field(default_factory=Progress)  # counts images; a no-op unless the CLI draws it
-    on_cluster: Callable[[dict], None] = lambda _: None
-    #: What :func:`open_backend` yielded (the Dask client and its warm workers), if anything.
-    session: Any = None
-
-
-@dataclass
-class BackendResult:
-    """What a backend hands back to the pipeline once the dataset is in staging."""
-
-    rows: int
-    errors: pd.DataFrame
-    reduction: Reduction
-    cluster: dict
-    extra: dict = field(default_factory=dict)
-
-
-def open_backend(cfg: RunConfig, timer: StageTimer, on_cluster: Callable[[dict], None]) -> AbstractContextManager:
-    """Start the engine early, before the listing and the weights, so its workers warm up
-    meanwhile (Dask); a backend without this step gets a ``None`` session."""
+def make_backend(cfg: RunConfig, target: OutputTarget, progress: Progress) -> Backend:
+    """The backend ``cfg.backend`` writing into ``target`` (imported lazily: Spark is an extra)."""
     if cfg.backend == "dask":
-        from fruitdask.backends.dask.backend import session
+        from fruitdask.backends.dask.backend import DaskBackend
 
-        return session(cfg, timer, on_cluster)
-    return nullcontext(None)
+        return DaskBackend(cfg, target, progress)
+    if cfg.backend == "spark":
+        from fruitdask.backends.spark.backend import SparkBackend
 
-
-def get_backend(name: str) -> Callable[[RunContext], BackendResult]:
-    """The ``run`` function of backend ``name`` (imported lazily: Spark is an extra)."""
-    if name == "dask":
-        from fruitdask.backends.dask.backend import run
-
-        return run
-    if name == "spark":
-        from fruitdask.backends.spark.backend import run
-
-        return run
-    raise ConfigError(f"unknown backend {name!r}: use dask or spark")
+        return SparkBackend(cfg, target, progress)
+    raise ConfigError(f"unknown backend {cfg.backend!r}: use dask or spark")

@@ -16,17 +16,18 @@ def parity(work: Path, engines: list[str], prec: str) -> dict:
     raw_file = work / f"raw_features-{prec}.npz"
     if not raw_file.exists():
         return {}
-    import pyarrow.parquet as pq
+    from fruitdask import output
+    from fruitdask.features.frames import matrix
 
     with np.load(raw_file) as z:
         raw = dict(zip(z["paths"].tolist(), z["features"], strict=True))
     out = {}
     for engine in engines:
-        folder = work / f"out-{engine}-{prec}" / "features"
-        if engine == "raw" or not folder.exists():
+        folder = work / f"out-{engine}-{prec}"
+        if engine == "raw" or not (folder / output.FEATURES).exists():
             continue
-        t = pq.read_table(folder, columns=["path", "features"]).to_pydict()
-        diffs = [float(np.max(np.abs(np.asarray(f, np.float32) - raw[p]))) for p, f in zip(t["path"], t["features"], strict=True)]
+        t = output.read_run(str(folder)).features(["path", "features"])
+        diffs = [float(np.max(np.abs(f - raw[p]))) for p, f in zip(t["path"], matrix(t["features"]), strict=True)]
         out[engine] = {"rows": len(diffs), "max_abs_diff_vs_raw": max(diffs, default=None)}
     return out
 

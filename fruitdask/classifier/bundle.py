@@ -37,6 +37,7 @@ import pandas as pd
 from fruitdask import __version__, storage
 from fruitdask.errors import ModelError, WeightsError
 from fruitdask.features import frames, model, precision
+from fruitdask.features.settings import FeatureSettings
 from fruitdask.reduce import Reduction
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,16 @@ class FeatureSpec:
     image_size: int
     pooling: str
     precision: str = "float32"
+
+    @classmethod
+    def of(cls, settings: FeatureSettings) -> FeatureSpec:
+        """The comparable part of a run's :class:`~fruitdask.features.settings.FeatureSettings`."""
+        return cls(settings.weights_key, settings.image_size, settings.pooling, settings.precision)
+
+    def settings(self, batch_size: int, storage_options: Mapping[str, Any] | None = None) -> FeatureSettings:
+        """The featurization settings that reproduce features of this spec."""
+        return FeatureSettings(self.weights_sha256, self.image_size, self.pooling, int(batch_size), self.precision,
+                               dict(storage_options or {}))
 
     def mismatch(self, other: FeatureSpec) -> list[str]:
         """Human-readable differences between ``self`` (expected) and ``other`` (given)."""
@@ -120,15 +131,12 @@ class Featurizer:
         self.spec = spec
         self.batch_size = batch_size
         self.storage_options = dict(storage_options or {})
+        self.settings = spec.settings(batch_size, self.storage_options)
 
     def featurize(self, paths: Sequence[str], labels: Sequence[str | None] | None = None) -> pd.DataFrame:
         """``path, label, features, error_stage, error_reason`` rows, one per path (errors kept)."""
         df = pd.DataFrame({"path": list(paths), "label": list(labels) if labels is not None else [None] * len(paths)})
-        return frames.featurize_frame(
-            df, self.weights, weights_key=self.spec.weights_sha256, image_size=self.spec.image_size,
-            pooling=self.spec.pooling, batch_size=self.batch_size, storage_options=self.storage_options,
-            precision=self.spec.precision,
-        )
+        return frames.featurize_frame(df, self.weights, self.settings)
 
 
 @dataclass

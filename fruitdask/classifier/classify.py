@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fruitdask import storage
+from fruitdask import output, storage
 from fruitdask.classifier.bundle import FeatureSpec, Featurizer, LinearClassifier, ModelBundle, WeightsRef
 from fruitdask.errors import InputError
 from fruitdask.features import frames
+from fruitdask.output import CommittedRun
 from fruitdask.reduce import Reduction
 from fruitdask.runinfo import versions
 
@@ -37,15 +38,21 @@ CHUNK = 64
 class RunOutput:
     """A committed ``fruitdask run`` output: its features, reduction and settings."""
 
-    url: str
-    doc: dict
+    run: CommittedRun
     reduction: Reduction
     table: pd.DataFrame  # path, label, features, pca
 
     @property
+    def url(self) -> str:
+        return self.run.url
+
+    @property
+    def doc(self) -> dict:
+        return self.run.record
+
+    @property
     def spec(self) -> FeatureSpec:
-        cfg = self.doc["config"]
-        return FeatureSpec(self.doc["weights"]["sha256"], int(cfg["image_size"]), cfg["pooling"], cfg.get("precision", "float32"))
+        return FeatureSpec.of(self.run.feature_settings())
 
     @property
     def weights(self) -> WeightsRef:
@@ -55,26 +62,17 @@ class RunOutput:
 
     @property
     def batch_size(self) -> int:
-        return int(self.doc["config"]["batch_size"])
+        return self.run.feature_settings().batch_size
 
 
 def load_run(url: str, storage_options: Mapping[str, Any] | None = None, columns: tuple[str, ...] = ("path", "label", "pca")) -> RunOutput:
     """Read a committed run output; refuse an unfinished or foreign folder with the fix."""
-    try:
-        storage.read_bytes(storage.join(url, storage.SUCCESS_MARKER), storage_options)
-        doc = json.loads(storage.read_bytes(storage.join(url, "run.json"), storage_options))
-        reduction = Reduction.from_npz(storage.read_bytes(storage.join(url, "reduction.npz"), storage_options))
-    except FileNotFoundError as e:
-        raise InputError(
-            f"{url!r} is not a completed fruitdask run output (no {e.filename or 'run.json/_SUCCESS'}): "
-            "pass the --output folder of a finished `fruitdask run` to --features"
-        ) from e
-    except (PermissionError, OSError) as e:
-        raise storage.translate(e, url) from e
-    table = storage.read_parquet(storage.join(url, "features"), storage_options, columns=list(columns))
+    run = output.read_run(url, storage_options)
+    reduction = run.reduction()
+    table = run.features(columns)
     if len(table) == 0:
         raise InputError(f"run output {url!r} has no feature rows: run the pipeline on an input with images")
-    return RunOutput(url, doc, reduction, table)
+    return RunOutput(run, reduction, table)
 
 
 def featurize_tree(featurizer: Featurizer, url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -89,13 +87,11 @@ def featurize_tree(featurizer: Featurizer, url: str, storage_options: Mapping[st
         chunk = listing.iloc[start : start + CHUNK]
         parts.append(featurizer.featurize(list(chunk["path"]), list(chunk["label"])))
         logger.info("featurized %d/%d held-out images", min(start + CHUNK, len(listing)), len(listing))
-    df = pd.concat(parts, ignore_index=True)
-    bad = df["error_stage"].notna()
-    errors = df.loc[bad, ["path", "label", "error_stage", "error_reason"]].rename(
-        columns={"error_stage": "stage", "error_reason": "reason"}).reset_index(drop=True)
+    good, errors = frames.split_rows(pd.concat(parts, ignore_index=True))
+    errors = errors.reset_index(drop=True)
     for row in errors.itertuples():
         logger.warning("skipped %s: %s", row.path, row.reason)
-    return df.loc[~bad, ["path", "label", "features"]].reset_index(drop=True), errors
+    return good.reset_index(drop=True), errors
 
 
 def fit_classifier(X: np.ndarray, y: np.ndarray, *, C: float = 1.0, max_iter: int = 2000):
@@ -224,6 +220,37 @@ def train(
     train_accuracy = float(np.mean(np.asarray(bundle.labels)[bundle.classifier.predict_proba(X).argmax(axis=1)] == y))
     logger.info("fitted on %d images, %d labels, K=%d (training accuracy %.3f)", len(y), len(bundle.labels), X.shape[1], train_accuracy)
 
+    held_out, errors, spec, source = _held_out_set(bundle, test_input, test_features, storage_options, weights_override, guard)
+    y_test = held_out["label"].astype(str).to_numpy()
+    proba = bundle.predict_proba(frames.matrix(held_out["features"]), spec)
+    metrics = evaluate(y_test, np.asarray(bundle.labels)[proba.argmax(axis=1)], bundle.labels)
+    fit = {"n_train": len(y), "train_accuracy": train_accuracy, "C": C, "max_iter": max_iter,
+           "k": int(X.shape[1]), "n_iter": int(np.max(pipe[-1].n_iter_))}
+    report = _report(features_url, source, run, fit, errors, metrics)
+    bundle.info = {
+        "training": {"run": features_url, "run_id": run.doc.get("run_id"), "n_train": len(y), "train_accuracy": train_accuracy,
+                     "C": C, "max_iter": max_iter},
+        "evaluation": {"held_out": source, "n": metrics["n"], "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                       "skipped": len(errors)},
+        "versions": versions(),
+    }
+    return bundle, report, _report_files(run, report, metrics)
+
+
+def _report_files(run: RunOutput, report: dict, metrics: dict) -> dict[str, bytes]:
+    title = f"Held-out evaluation ({run.weights.kind} weights, {run.spec.image_size}px, {run.spec.pooling} pooling)"
+    return {
+        "report.json": json.dumps(report, indent=2, default=str).encode(),
+        "report.md": report_markdown(metrics, title).encode(),
+        "confusion.png": confusion_png(metrics),
+    }
+
+
+def _held_out_set(bundle: ModelBundle, test_input: str | None, test_features: str | None,
+                  storage_options: Mapping[str, Any] | None, weights_override: str | None,
+                  guard: Callable[[list[str]], None] | None) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSpec, str]:
+    """The held-out rows (``path, label, features``), the skipped ones, the spec their
+    features were made with, and where they came from; refused when unusable."""
     if test_input is not None:
         featurizer = bundle.featurizer(storage_options, weights_override, guard)
         held_out, errors = featurize_tree(featurizer, test_input, storage_options)
@@ -233,39 +260,26 @@ def train(
         held_out, errors, spec, source = test_run.table, pd.DataFrame(columns=["path", "label", "stage", "reason"]), test_run.spec, test_features
     if len(held_out) == 0:
         raise InputError(f"no usable held-out image in {source!r}: {len(errors)} skipped, see the warnings")
-    y_test = held_out["label"].astype(str).to_numpy()
-    unknown = sorted(set(y_test) - set(bundle.labels))
+    unknown = sorted(set(held_out["label"].astype(str)) - set(bundle.labels))
     if unknown:
         raise InputError(
             f"held-out labels {unknown} are not among the {len(bundle.labels)} training labels: "
             "evaluate on a Test/ tree with the training labels, or train on a run that has them"
         )
-    proba = bundle.predict_proba(frames.matrix(held_out["features"]), spec)
-    y_pred = np.asarray(bundle.labels)[proba.argmax(axis=1)]
-    metrics = evaluate(y_test, y_pred, bundle.labels)
-    report = {
+    return held_out, errors, spec, source
+
+
+def _report(features_url: str, source: str, run: RunOutput, fit: dict, errors: pd.DataFrame, metrics: dict) -> dict:
+    """``report.json``: the fit and the held-out evaluation."""
+    return {
         "features": features_url,
         "held_out": source,
-        "n_train": len(y),
-        "train_accuracy": train_accuracy,
-        "k": int(X.shape[1]),
-        "classifier": {"type": "StandardScaler + LogisticRegression", "C": C, "max_iter": max_iter,
-                       "n_iter": int(np.max(pipe[-1].n_iter_))},
+        "n_train": fit["n_train"],
+        "train_accuracy": fit["train_accuracy"],
+        "k": fit["k"],
+        "classifier": {"type": "StandardScaler + LogisticRegression", "C": fit["C"], "max_iter": fit["max_iter"],
+                       "n_iter": fit["n_iter"]},
         "weights": {"kind": run.weights.kind, "source": run.weights.source, "sha256": run.weights.sha256},
         "skipped": errors.astype(object).to_dict(orient="records"),
         **metrics,
     }
-    bundle.info = {
-        "training": {"run": features_url, "run_id": run.doc.get("run_id"), "n_train": len(y), "train_accuracy": train_accuracy,
-                     "C": C, "max_iter": max_iter},
-        "evaluation": {"held_out": source, "n": metrics["n"], "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                       "skipped": len(errors)},
-        "versions": versions(),
-    }
-    title = f"Held-out evaluation ({run.weights.kind} weights, {run.spec.image_size}px, {run.spec.pooling} pooling)"
-    files = {
-        "report.json": json.dumps(report, indent=2, default=str).encode(),
-        "report.md": report_markdown(metrics, title).encode(),
-        "confusion.png": confusion_png(metrics),
-    }
-    return bundle, report, files

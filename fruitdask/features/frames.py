@@ -10,7 +10,7 @@ never as the strings an object column of numpy arrays turns into.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from fruitdask import storage
 from fruitdask.features import featurize, model
+from fruitdask.features.settings import FeatureSettings
 
 logger = logging.getLogger(__name__)
 
@@ -130,23 +131,64 @@ def assemble(df: pd.DataFrame, result: featurize.BatchResult, read_errors: dict[
 
 def featurize_frame(
     df: pd.DataFrame,
-    weights: list[np.ndarray],
+    weights: Any,
+    settings: FeatureSettings,
     *,
-    weights_key: str,
-    image_size: int,
-    pooling: str,
-    batch_size: int,
-    storage_options: Mapping[str, Any] | None,
     threads: int | None = None,
-    precision: str = "float32",
+    contents: Sequence[bytes | None] | None = None,
 ) -> pd.DataFrame:
-    """Read, decode and featurize one partition of ``path, label`` rows."""
+    """Read, decode and featurize one partition of ``path, label`` rows.
+
+    Parameters
+    ----------
+    weights
+        The weights, or a :class:`fruitdask.features.weights_file.WeightsSource` each worker
+        process loads once (:func:`fruitdask.features.model.cached_model`).
+    settings
+        What decides the features, and the ``storage_options`` the images are read with.
+    threads
+        TensorFlow threads of this worker (a runtime value, not a setting).
+    contents
+        The images' bytes when the caller already read them (Spark's ``binaryFile``); a
+        ``None`` entry is read here through :mod:`fruitdask.storage`.
+    """
     if len(df) == 0:
         return features_meta()
-    vgg = model.cached_model(weights_key, weights, image_size, threads, precision)
-    contents, read_errors = read_many(list(df["path"]), storage_options)
-    result = featurize.featurize_bytes(vgg, contents, image_size, pooling, batch_size)
+    s = settings
+    vgg = model.cached_model(s.weights_key, weights, s.image_size, threads, s.precision)
+    if contents is None:
+        contents, read_errors = read_many(list(df["path"]), s.storage_options)
+    else:
+        contents, read_errors = _read_missing(df, list(contents), s.storage_options)
+    result = featurize.featurize_bytes(vgg, contents, s.image_size, s.pooling, s.batch_size)
     return assemble(df, result, read_errors)
+
+
+def _read_missing(
+    df: pd.DataFrame, contents: list[bytes | None], storage_options: Mapping[str, Any] | None
+) -> tuple[list[bytes | None], dict[int, str]]:
+    """Fill the ``None`` entries of ``contents`` by reading their paths."""
+    missing = [i for i, c in enumerate(contents) if c is None]
+    if not missing:
+        return contents, {}
+    read, errs = read_many([df["path"].iloc[i] for i in missing], storage_options)
+    for j, i in enumerate(missing):
+        contents[i] = read[j]
+    return contents, {missing[j]: msg for j, msg in errs.items()}
+
+
+def split_rows(df):
+    """The good rows (``path, label, features``) and the skipped ones (``path, label, stage,
+    reason``) of a featurized frame.
+
+    The one place that tells them apart, for the Dask backend (``df`` a Dask DataFrame: both
+    results stay lazy), the Spark backend (its collected error rows) and the classifier.
+    """
+    ok = df["error_stage"].isna()  # Dask's Series has no notna()
+    errors = df[~ok][["path", "label", "error_stage", "error_reason"]].rename(
+        columns={"error_stage": "stage", "error_reason": "reason"}
+    )
+    return df[ok][["path", "label", "features"]], errors
 
 
 def add_pca(df: pd.DataFrame, reduction) -> pd.DataFrame:

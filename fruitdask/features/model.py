@@ -10,7 +10,6 @@ later partition of the run.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from fruitdask.errors import FruitdaskError, UntrustedReferenceError, WeightsError
+from fruitdask.features.weights_file import weights_digest
 
 logger = logging.getLogger(__name__)
 
@@ -122,15 +122,6 @@ def build_vgg16(image_size: int, weights: str | None = None, precision: str = "f
         base = keras.applications.VGG16(weights=weights, include_top=False, input_shape=shape)
     out = keras.layers.Activation("linear", dtype="float32", name="features_float32")(base.output)
     return keras.Model(base.input, out, name="vgg16_bf16")
-
-
-def weights_digest(weights: list[np.ndarray]) -> str:
-    """A content hash of the weights, to name them in caches and ``run.json``."""
-    h = hashlib.sha256()
-    for w in weights:
-        h.update(str(w.shape).encode())
-        h.update(np.ascontiguousarray(w).tobytes())
-    return h.hexdigest()
 
 
 #: (in channels, out channels) of VGG16's 13 convolutions, in graph order.

@@ -22,6 +22,7 @@ the run needs lives only in a worker's memory.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -119,6 +120,15 @@ def npz_bytes(weights: list[np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+def weights_digest(weights: list[np.ndarray]) -> str:
+    """A content hash of the weights, to name them in caches and ``run.json``."""
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(str(w.shape).encode())
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class WeightsSource:
     """Where a worker loads the run's weights from: a file URL and the digest it must have.
@@ -132,8 +142,6 @@ class WeightsSource:
 
     def load(self) -> list[np.ndarray]:
         """Read the file and check it is the run's weights (a file replaced mid-run is refused)."""
-        from fruitdask.features.model import weights_digest
-
         try:
             weights = [np.asarray(w, dtype=np.float32) for w in read_weights(self.url, self.storage_options)]
         except (OSError, ValueError, KeyError) as e:

@@ -16,7 +16,6 @@ import base64
 import datetime as dt
 import html
 import io
-import json
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fruitdask import __version__, storage
+from fruitdask import __version__, output, storage
 from fruitdask.config import StorageSettings
 from fruitdask.errors import InputError
 from fruitdask.features import frames
@@ -36,7 +35,7 @@ from fruitdask.report import plots as report_plots
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = "report.html"
+REPORT_NAME = output.REPORT
 THUMBS_PER_LABEL = 4
 THUMB_SIZE = 96
 #: Stages in the order they run; run.json stores them sorted by name.
@@ -62,14 +61,14 @@ class OutputData:
 # ----------------------------------------------------------------------------- reading
 
 
-def _points_and_paths(root: str, rows: int, storage_options: Mapping[str, Any] | None) -> tuple[np.ndarray, list[str], dict]:
+def _points_and_paths(run: output.CommittedRun, rows: int) -> tuple[np.ndarray, list[str], dict]:
     """Stream ``features/`` part by part, keeping a seeded sample of the first two components
     and up to :data:`THUMB_POOL` paths per label; only ``path, label, pca`` are read."""
     rng = np.random.default_rng(0)
     keep = min(1.0, MAX_POINTS / max(rows, 1))
     pcs, labels, pool = [], [], {}
-    for part in storage.list_files(storage.join(root, "features"), storage_options, ".parquet"):
-        df = storage.read_parquet(part, storage_options, columns=["path", "label", "pca"])
+    for part in run.feature_parts():
+        df = storage.read_parquet(part, run.storage_options, columns=["path", "label", "pca"])
         if df.empty:
             continue
         mask = rng.random(len(df)) < keep
@@ -118,7 +117,8 @@ def read_outputs(
     ``guard`` is called with the thumbnail paths before any is read: they come from the
     Parquet files, so when rebuilding they are data, checked like any location given by flag.
     """
-    pcs, pc_labels, pool = _points_and_paths(root, int(doc["counts"]["rows_written"]), storage_options)
+    run = output.CommittedRun(root, dict(doc), storage_options)
+    pcs, pc_labels, pool = _points_and_paths(run, int(doc["counts"]["rows_written"]))
     chosen = pick_thumbnails(pool)
     flat = [p for paths in chosen.values() for p in paths]
     if guard is not None:
@@ -131,12 +131,12 @@ def read_outputs(
         logger.warning("%d of %d thumbnails could not be read from the input (moved or deleted?)", missing, len(uris))
     data = OutputData(pcs=pcs, pc_labels=pc_labels, thumbs={k: [(p, uris[p]) for p in v] for k, v in chosen.items()})
     try:
-        data.errors = storage.read_parquet(storage.join(root, "errors.parquet"), storage_options)
+        data.errors = run.errors()
     except InputError:
         logger.warning("no errors.parquet under %s: the skipped-files section will be empty", root)
     try:
-        data.scree_png = storage.read_bytes(storage.join(root, "scree.png"), storage_options)
-    except FileNotFoundError:
+        data.scree_png = run.scree()
+    except InputError:
         logger.warning("no scree.png under %s", root)
     return data
 
@@ -374,21 +374,14 @@ def build_report(
     return render(doc, read_outputs(doc, root, storage_options, guard)).encode("utf-8")
 
 
-def rebuild(output: str, storage_options: Mapping[str, Any] | None = None, settings: StorageSettings | None = None) -> str:
+def rebuild(location: str, storage_options: Mapping[str, Any] | None = None, settings: StorageSettings | None = None) -> str:
     """Rebuild ``OUTPUT/report.html`` of a finished run from its files; return its URL.
 
     With ``settings``, the run's input and every thumbnail path read from the Parquet files
     must pass the region guard; without, only local paths and ``s3://`` are read.
     """
-    url = output.rstrip("/")
-    try:
-        doc = json.loads(storage.read_bytes(storage.join(url, "run.json"), storage_options))
-    except FileNotFoundError as e:
-        raise InputError(f"{url!r} has no run.json: pass the --output folder or URI of a finished `fruitdask run`") from e
-    except (PermissionError, OSError) as e:
-        raise storage.translate(e, url) from e
-    except json.JSONDecodeError as e:
-        raise InputError(f"{url}/run.json is not valid JSON ({e}): rerun `fruitdask run` to write it again") from e
+    run = output.read_run(location, storage_options, committed=False)
+    url, doc = run.url, run.record
     guard: Callable[[list[str]], None] = storage.check_protocols
     if settings is not None:
         storage.guard_regions([doc.get("input")], settings)
@@ -400,8 +393,8 @@ def rebuild(output: str, storage_options: Mapping[str, Any] | None = None, setti
     return storage.write_file(storage.join(url, REPORT_NAME), page, storage_options)
 
 
-def report_location(output: str) -> str:
+def report_location(location: str) -> str:
     """Where a run's report is, as a person would open it (an absolute path when local)."""
-    if storage.is_remote(output):
-        return storage.join(output, REPORT_NAME)
-    return str(Path(output.removeprefix("file://")).resolve() / REPORT_NAME)
+    if storage.is_remote(location):
+        return storage.join(location, REPORT_NAME)
+    return str(Path(location.removeprefix("file://")).resolve() / REPORT_NAME)

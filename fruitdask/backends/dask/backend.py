@@ -16,20 +16,18 @@ Memory Manager on, as on dask/helm-chart, dask-gateway or Coiled clusters):
 - the **reduction** is written there too and read by a task the write stage depends on.
 
 Workers warm up (import TensorFlow, build VGG16 for the run's image size) as soon as the
-cluster is up (:func:`session`), while the client lists the images and reads the weights.
+cluster is up (:meth:`DaskBackend.warm_up`), while the client lists the images and reads the weights.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -38,26 +36,28 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
-from fruitdask import checkpoint, storage
-from fruitdask.backends import BackendResult, RunContext
+from fruitdask import checkpoint, output, storage
+from fruitdask.backends.base import Featurized, n_partitions
 from fruitdask.backends.dask import manifest
 from fruitdask.backends.dask.cluster import cluster_shape, dask_client, worker_addresses
 from fruitdask.config import RunConfig
-from fruitdask.errors import OutputError
 from fruitdask.features import frames, model
+from fruitdask.features.model import WeightsInfo
+from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsSource, npz_bytes
+from fruitdask.progress import Progress
 from fruitdask.reduce import Reduction, fit_incremental_pca, silence_first_batch_warning
-from fruitdask.runinfo import StageTimer
 
 logger = logging.getLogger(__name__)
 
 
 def featurize_on_worker(
-    df: pd.DataFrame, weights: WeightsSource | list[np.ndarray], checkpoints: checkpoint.Checkpoints | None = None, **kwargs
+    df: pd.DataFrame, weights: WeightsSource | list[np.ndarray], settings: FeatureSettings,
+    checkpoints: checkpoint.Checkpoints | None = None,
 ) -> pd.DataFrame:
     """Task body: pin TensorFlow to this worker's threads, then featurize the partition
     (or reuse its checkpoint under ``--resume``; see :mod:`fruitdask.checkpoint`)."""
-    return checkpoint.featurize_checkpointed(df, weights, checkpoints, threads=_worker_threads(), **kwargs)
+    return checkpoint.featurize_checkpointed(df, weights, settings, checkpoints, threads=_worker_threads())
 
 
 def _worker_threads() -> int | None:
@@ -89,15 +89,6 @@ def track_images(collection, counts: list[int], bar) -> None:
         bar.close()
 
 
-def n_partitions(n_images: int, partition_size: int, n_threads: int) -> int:
-    """Partitions of about ``partition_size`` images, a multiple of the cluster's threads so
-    that the last wave keeps every thread busy."""
-    parts = max(1, math.ceil(n_images / partition_size))
-    if n_threads > 1:
-        parts = math.ceil(parts / n_threads) * n_threads
-    return max(1, min(parts, n_images))
-
-
 def _split(listing: pd.DataFrame, parts: int) -> list[pd.DataFrame]:
     bounds = np.linspace(0, len(listing), parts + 1).round().astype(int)
     return [listing.iloc[a:b].reset_index(drop=True) for a, b in itertools.pairwise(bounds) if b > a]
@@ -112,151 +103,132 @@ def _matrix_of(df: pd.DataFrame) -> np.ndarray:
 INTERNAL = "_fruitdask"
 
 
-@dataclass
-class Session:
-    """A connected client, its cluster's shape, and the warm-up tasks sent to its workers."""
-
-    client: Any
-    shape: dict
-    warm_ups: list = field(default_factory=list)
-
-
-def _submit_warm_ups(client, cfg: RunConfig) -> list:
-    """One :func:`warm_up_on_worker` task pinned to each worker present now (a worker that
-    joins later builds its model at its first partition instead)."""
-    return [
-        client.submit(warm_up_on_worker, cfg.image_size, cfg.precision, key=f"warm-up-{uuid.uuid4().hex}",
-                      workers=[w], allow_other_workers=False, pure=False)
-        for w in worker_addresses(client)
-    ]
-
-
 def warm_up_on_worker(image_size: int, precision: str = "float32") -> float:
     """Task body: :func:`fruitdask.features.model.warm_up` with this worker's thread count."""
     return model.warm_up(image_size, _worker_threads(), precision)
-
-
-@contextmanager
-def session(cfg: RunConfig, timer: StageTimer, on_cluster: Callable[[dict], None] = lambda _: None) -> Iterator[Session]:
-    """Open the client (``startup``), report the cluster, and start the workers' warm-up."""
-    with ExitStack() as stack:
-        with timer.stage("startup"):
-            client = stack.enter_context(dask_client(cfg))
-        shape = cluster_shape(client)
-        on_cluster(shape)
-        warm = _submit_warm_ups(client, cfg)
-        try:
-            yield Session(client, shape, warm)
-        finally:
-            if warm:
-                client.cancel(warm)  # unfinished on a worker that died; finished ones are released
-
-
-def weights_source(ctx: RunContext, storage_options: dict) -> WeightsSource:
-    """Where workers load the weights from: the user's remote file as is, otherwise an
-    ``.npz`` of them staged beside the output (workers may not see the client's disk, and
-    random or ImageNet weights have no file at all)."""
-    info = ctx.weights_info
-    if info.kind == "file" and storage.is_remote(ctx.cfg.weights):
-        return WeightsSource(ctx.cfg.weights, info.sha256, storage_options)
-    url = ctx.target.write_bytes(f"{INTERNAL}/weights-{info.sha256[:16]}.npz", npz_bytes(ctx.weights))
-    return WeightsSource(url, info.sha256, storage_options)
 
 
 def _read_reduction(url: str, storage_options: dict) -> Reduction:
     return Reduction.from_npz(storage.read_bytes(url, storage_options))
 
 
-def run(ctx: RunContext) -> BackendResult:
-    """Featurize, reduce and write the dataset into ``ctx.target``'s staging prefix."""
-    with ExitStack() as stack:
-        sess = ctx.session or stack.enter_context(session(ctx.cfg, ctx.timer, ctx.on_cluster))
-        return _run(ctx, sess)
+class DaskBackend:
+    """The run's steps on a Dask cluster (see :mod:`fruitdask.backends` for the order)."""
+
+    starts_early = True  # the workers warm up while the client lists the images
+
+    def __init__(self, cfg: RunConfig, target: storage.OutputTarget, progress: Progress) -> None:
+        self.cfg, self.target, self.progress = cfg, target, progress
+        self.storage_options = dict(target.storage_options)
+        self.cluster: dict = {}
+        self.extra: dict = {}
+        self.client: Any = None
+        self.weights_key = ""
+
+    def start(self, stack: ExitStack) -> None:
+        self.client = stack.enter_context(dask_client(self.cfg))
+
+    def describe(self) -> dict:
+        self.cluster = cluster_shape(self.client)
+        return self.cluster
+
+    def warm_up(self, stack: ExitStack) -> None:
+        """One :func:`warm_up_on_worker` task pinned to each worker present now (a worker that
+        joins later builds its model at its first partition instead)."""
+        warm = [
+            self.client.submit(warm_up_on_worker, self.cfg.image_size, self.cfg.precision, key=f"warm-up-{uuid.uuid4().hex}",
+                               workers=[w], allow_other_workers=False, pure=False)
+            for w in worker_addresses(self.client)
+        ]
+        if warm:  # unfinished on a worker that died; finished ones are released
+            stack.callback(self.client.cancel, warm)
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """The steps under a Dask performance report, copied to the output after them; the
+        run's own inputs are then removed from staging."""
+        from distributed import performance_report
+
+        with tempfile.TemporaryDirectory(prefix="fruitdask-") as tmp:
+            report_file = os.path.join(tmp, output.DASK_REPORT)
+            with performance_report(filename=report_file):
+                yield
+            with open(report_file, "rb") as f:
+                self.target.write_bytes(output.DASK_REPORT, f.read())
+            self.extra["performance_report"] = output.DASK_REPORT
+        storage.remove_prefix(self.target.staging_path(INTERNAL), self.storage_options)
+        self.extra["weights_loads"] = _weights_loads(self.client, self.weights_key)
+
+    def prepare(self, listing: pd.DataFrame, weights: list[np.ndarray], weights_info: WeightsInfo) -> None:
+        """The weights and the listing as files in staging, not scattered data: every task
+        input can be read again (module doc)."""
+        self.weights_key = weights_info.sha256
+        self.source = weights_source(self.cfg, self.target, weights, weights_info, self.storage_options)
+        parts = _split(listing, n_partitions(len(listing), self.cfg.partition_size, self.cluster.get("threads") or 1))
+        self.counts = [len(p) for p in parts]
+        url = self.target.staging_path(f"{INTERNAL}/manifest.parquet")
+        manifest.write_manifest(parts, url, self.storage_options)
+        self.listing = dd.from_map(
+            manifest.read_part, range(len(parts)), url=url, storage_options=self.storage_options,
+            meta=listing.iloc[:0], label="manifest", enforce_metadata=False,
+        )
+
+    def featurize(self, settings: FeatureSettings) -> Featurized:
+        """Featurize every partition (or reuse its checkpoint), persisted on the workers."""
+        from distributed import wait
+
+        ckpt = checkpoint.for_run(self.cfg.output, settings, self.cfg.resume)
+        self.extra["checkpoint"] = {"prefix": ckpt.prefix, "resume": ckpt.resume}
+        feats = self.listing.map_partitions(
+            featurize_on_worker, self.source, settings, checkpoints=ckpt, meta=frames.features_meta()
+        ).persist()
+        track_images(feats, self.counts, self.progress)
+        wait(feats)
+        good, errors = frames.split_rows(feats)
+        errors = errors.compute().reset_index(drop=True)
+        lengths = [int(x) for x in good.map_partitions(len).compute()]
+        return Featurized(data=(good, lengths), rows=sum(lengths), errors=errors)
+
+    def reduce(self, featurized: Featurized) -> Reduction:
+        """IncrementalPCA streamed over the persisted partitions."""
+        good, lengths = featurized.data
+        self.client.run(silence_first_batch_warning, on_error="ignore")  # a worker may be gone
+        d, cfg = self.cfg.feature_dim, self.cfg
+        blocks = [
+            da.from_delayed(dask.delayed(_matrix_of)(part), shape=(n, d), dtype=np.float32)
+            for part, n in zip(good.to_delayed(), lengths, strict=True)
+            if n > 0
+        ]
+        X = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, d), dtype=np.float32)
+        return fit_incremental_pca(X, components=cfg.components, variance=cfg.variance, batch_size=cfg.pca_batch_size,
+                                   power_iterations=cfg.pca_power_iterations, seed=cfg.seed)
+
+    def write(self, featurized: Featurized, reduction: Reduction) -> int:
+        """One Parquet part per partition, with its ``pca`` column, written by the workers."""
+        good, _ = featurized.data
+        # A task result read from a staged file, not scattered: recomputable anywhere.
+        red_url = self.target.write_bytes(f"{INTERNAL}/reduction.npz", reduction.to_npz())
+        red = dask.delayed(_read_reduction, pure=True)(red_url, self.storage_options)
+        out = good.map_partitions(frames.add_pca, red, meta=frames.output_meta())
+        writes = [
+            dask.delayed(storage.write_parquet_part)(
+                part, self.target.staging_path(f"{output.FEATURES}/part-{i:05d}.parquet"), frames.OUTPUT_SCHEMA,
+                self.storage_options,
+            )
+            for i, part in enumerate(out.to_delayed())
+        ]
+        return sum(dask.compute(*writes))
 
 
-def _run(ctx: RunContext, sess: Session) -> BackendResult:
-    cfg, timer, client, shape = ctx.cfg, ctx.timer, sess.client, sess.shape
-    storage_options = cfg.storage.storage_options()
-    extra: dict = {}
-    from distributed import performance_report, wait
-
-    with tempfile.TemporaryDirectory(prefix="fruitdask-") as tmp:
-        report_file = os.path.join(tmp, "dask-report.html")
-        with performance_report(filename=report_file):
-            with timer.stage("broadcast"):
-                # Files, not scattered data: every task input can be read again (module doc).
-                source = weights_source(ctx, storage_options)
-                parts = _split(ctx.listing, n_partitions(len(ctx.listing), cfg.partition_size, shape["threads"] or 1))
-                manifest_url = ctx.target.staging_path(f"{INTERNAL}/manifest.parquet")
-                manifest.write_manifest(parts, manifest_url, storage_options)
-                listing = dd.from_map(
-                    manifest.read_part, range(len(parts)), url=manifest_url, storage_options=storage_options,
-                    meta=ctx.listing.iloc[:0], label="manifest", enforce_metadata=False,
-                )
-            with timer.stage("featurize"):
-                ckpt = checkpoint.for_run(cfg.output, ctx.weights_info.sha256, cfg)
-                extra["checkpoint"] = {"prefix": ckpt.prefix, "resume": ckpt.resume}
-                feats = listing.map_partitions(
-                    featurize_on_worker,
-                    source,
-                    weights_key=ctx.weights_info.sha256,
-                    image_size=cfg.image_size,
-                    precision=cfg.precision,
-                    pooling=cfg.pooling,
-                    batch_size=cfg.batch_size,
-                    storage_options=storage_options,
-                    checkpoints=ckpt,
-                    meta=frames.features_meta(),
-                ).persist()
-                track_images(feats, [len(p) for p in parts], ctx.progress)
-                wait(feats)
-                errors = (
-                    feats[~feats["error_stage"].isna()][["path", "label", "error_stage", "error_reason"]]
-                    .compute()
-                    .rename(columns={"error_stage": "stage", "error_reason": "reason"})
-                    .reset_index(drop=True)
-                )
-                good = feats[feats["error_stage"].isna()][["path", "label", "features"]]
-                lengths = [int(x) for x in good.map_partitions(len).compute()]
-            n_rows = sum(lengths)
-            with timer.stage("pca"):
-                client.run(silence_first_batch_warning, on_error="ignore")  # a worker may be gone
-                d = cfg.feature_dim
-                blocks = [
-                    da.from_delayed(dask.delayed(_matrix_of)(part), shape=(n, d), dtype=np.float32)
-                    for part, n in zip(good.to_delayed(), lengths, strict=True)
-                    if n > 0
-                ]
-                X = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, d), dtype=np.float32)
-                reduction = fit_incremental_pca(
-                    X,
-                    components=cfg.components,
-                    variance=cfg.variance,
-                    batch_size=cfg.pca_batch_size,
-                    power_iterations=cfg.pca_power_iterations,
-                    seed=cfg.seed,
-                )
-            with timer.stage("write"):
-                # A task result read from a staged file, not scattered: recomputable anywhere.
-                red_url = ctx.target.write_bytes(f"{INTERNAL}/reduction.npz", reduction.to_npz())
-                red = dask.delayed(_read_reduction, pure=True)(red_url, storage_options)
-                out = good.map_partitions(frames.add_pca, red, meta=frames.output_meta())
-                writes = [
-                    dask.delayed(storage.write_parquet_part)(
-                        part, ctx.target.staging_path(f"features/part-{i:05d}.parquet"), frames.OUTPUT_SCHEMA, storage_options
-                    )
-                    for i, part in enumerate(out.to_delayed())
-                ]
-                written = sum(dask.compute(*writes))
-        with open(report_file, "rb") as f:
-            ctx.target.write_bytes("dask-report.html", f.read())
-        extra["performance_report"] = "dask-report.html"
-    del feats
-    storage.remove_prefix(ctx.target.staging_path(INTERNAL), storage_options)
-    extra["weights_loads"] = _weights_loads(client, ctx.weights_info.sha256)
-    if written != n_rows:
-        raise OutputError(f"wrote {written} rows but featurized {n_rows}: the output is incomplete, run again")
-    return BackendResult(rows=n_rows, errors=errors, reduction=reduction, cluster=shape, extra=extra)
+def weights_source(cfg: RunConfig, target: storage.OutputTarget, weights: list[np.ndarray], info: WeightsInfo,
+                   storage_options: dict) -> WeightsSource:
+    """Where workers load the weights from: the user's remote file as is, otherwise an
+    ``.npz`` of them staged beside the output (workers may not see the client's disk, and
+    random or ImageNet weights have no file at all)."""
+    if info.kind == "file" and storage.is_remote(cfg.weights):
+        return WeightsSource(cfg.weights, info.sha256, storage_options)
+    url = target.write_bytes(f"{INTERNAL}/weights-{info.sha256[:16]}.npz", npz_bytes(weights))
+    return WeightsSource(url, info.sha256, storage_options)
 
 
 def _weights_loads(client, key: str) -> dict[str, int]:

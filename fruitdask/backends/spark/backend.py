@@ -1,18 +1,19 @@
 """The Spark backend: the seed notebook's stages on PySpark, done right, for comparison.
 
-- Listing: Spark's ``binaryFile`` reader (``recursiveFileLookup``, one ``pathGlobFilter``
-  that matches .jpg/.jpeg/.png in any letter case) for local paths, checked against
-  :func:`fruitdask.storage.list_images` so both backends see the same rows; for ``s3://``
-  the listing's paths are read through :func:`fruitdask.storage.read_bytes` inside the
+- Reading: the rows are the pipeline's listing. For local paths Spark's ``binaryFile``
+  reader (``recursiveFileLookup``, one ``pathGlobFilter`` that matches .jpg/.jpeg/.png in
+  any letter case) reads the bytes, checked against that listing so both backends see the
+  same rows (timed in the featurize stage: it is Spark reading images, not listing them);
+  for ``s3://`` the paths are read through :func:`fruitdask.storage.read_bytes` inside the
   executors (the hadoop-aws jars cannot be assumed).
 - Weights travel once with ``sc.broadcast``; each Python worker builds its Keras model once
   (:func:`fruitdask.features.model.cached_model`) inside ``mapInArrow`` (the Arrow sibling of
   ``mapInPandas``: batches stay Arrow, so ``list<float32>`` columns never round-trip through
-  pandas objects) and calls the same batch functions as the Dask backend
-  (:func:`fruitdask.features.featurize.featurize_bytes`, :func:`fruitdask.features.frames.assemble`).
+  pandas objects) and calls the Dask backend's partition function,
+  :func:`fruitdask.features.frames.featurize_frame`, on the bytes Spark read.
 - ``pyspark.ml`` ``StandardScaler`` + ``PCA``; K by the same variance rule
   (:func:`fruitdask.reduce.finish`). Spark's PCA gathers a ``d x d`` covariance on the
-  driver, so a large ``d`` is refused before anything starts unless
+  driver, so a large ``d`` is refused before the session starts unless
   ``--spark-allow-large-pca``.
 - Parquet parts are written by the executors through :mod:`fruitdask.storage`, with the
   same Arrow schema as the Dask backend.
@@ -25,18 +26,20 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from fruitdask import storage
-from fruitdask.backends import BackendResult, RunContext
+from fruitdask import output, storage
+from fruitdask.backends.base import Featurized, n_partitions
 from fruitdask.config import RunConfig
 from fruitdask.errors import OutputError, ReductionError
-from fruitdask.features import featurize, frames, model
-from fruitdask.progress import Poller
+from fruitdask.features import frames
+from fruitdask.features.model import WeightsInfo
+from fruitdask.features.settings import FeatureSettings
+from fruitdask.progress import Poller, Progress
 from fruitdask.reduce import Reduction, finish, plan_pca, safe_scale
 
 logger = logging.getLogger(__name__)
@@ -89,31 +92,20 @@ def check_pca_size(cfg: RunConfig) -> str | None:
     return f"{math.ceil(8 * need / 2**30) + 1}g"
 
 
-def featurize_batches(batches: Iterator[pa.RecordBatch], bc, *, ends=None, weights_key: str, image_size: int, pooling: str,
-                      batch_size: int, storage_options: dict, threads: int | None, precision: str = "float32",
-                      images=None) -> Iterator[pa.RecordBatch]:
-    """``mapInArrow`` body: ``path, label, content`` batches to feature batches.
+def featurize_batches(batches: Iterator[pa.RecordBatch], bc, settings: FeatureSettings, *, threads: int | None,
+                      ends=None, images=None) -> Iterator[pa.RecordBatch]:
+    """``mapInArrow`` body: ``path, label, content`` batches to feature batches, with the
+    partition function of the Dask backend (:func:`fruitdask.features.frames.featurize_frame`)
+    on the bytes Spark read.
 
     Rows whose ``content`` is null (``s3://`` inputs, or files Spark's lister hides) are read
-    through :func:`fruitdask.storage.read_bytes` here, in the executor.
+    through :func:`fruitdask.storage.read_bytes` there, in the executor.
     """
-    vgg = None
     for batch in batches:
         if batch.num_rows == 0:
             continue
-        if vgg is None:
-            vgg = model.cached_model(weights_key, bc.value, image_size, threads, precision)
         df = pd.DataFrame({"path": batch.column("path").to_pylist(), "label": batch.column("label").to_pylist()})
-        contents = batch.column("content").to_pylist()
-        missing = [i for i, c in enumerate(contents) if c is None]
-        read_errors: dict[int, str] = {}
-        if missing:
-            read, errs = frames.read_many([df["path"][i] for i in missing], storage_options)
-            for j, i in enumerate(missing):
-                contents[i] = read[j]
-            read_errors = {missing[j]: msg for j, msg in errs.items()}
-        result = featurize.featurize_bytes(vgg, contents, image_size, pooling, batch_size)
-        out = frames.assemble(df, result, read_errors)
+        out = frames.featurize_frame(df, bc.value, settings, threads=threads, contents=batch.column("content").to_pylist())
         if images is not None:  # the driver's progress bar (reaches it as each task ends)
             images.add(batch.num_rows)
         yield pa.RecordBatch.from_pandas(out, schema=frames.FEATURES_SCHEMA, preserve_index=False)
@@ -135,21 +127,22 @@ def write_batches(batches: Iterator[pa.RecordBatch], bc_reduction, *, staging: s
     yield pa.RecordBatch.from_pydict({"rows": [rows]}, schema=pa.schema([("rows", pa.int64())]))
 
 
-def _images_frame(spark, ctx: RunContext, parts: int):
-    """A DataFrame of ``path, label, content`` with exactly the rows of ``ctx.listing``."""
+def _images_frame(spark, input_url: str, listing: pd.DataFrame, parts: int):
+    """A DataFrame of ``path, label, content`` with exactly the rows of ``listing``: the
+    bytes as Spark's ``binaryFile`` read them (local input), or null to be read in the
+    executors (``s3://``)."""
     from pyspark.sql import functions as F
 
-    cfg = ctx.cfg
-    listed = set(ctx.listing["path"])
+    listed = set(listing["path"])
     schema = "path string, label string, content binary"
-    if storage.is_remote(cfg.input):
-        rows = [(p, lab, None) for p, lab in zip(ctx.listing["path"], ctx.listing["label"], strict=True)]
+    if storage.is_remote(input_url):
+        rows = [(p, lab, None) for p, lab in zip(listing["path"], listing["label"], strict=True)]
         return spark.createDataFrame(rows, schema).repartition(parts), {"listing": "storage.list_images (s3)"}
     raw = (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
         .option("pathGlobFilter", IMAGE_GLOB)
-        .load(cfg.input)
+        .load(input_url)
     )
     # binaryFile names files "file:/a/Cherry 1/x.jpg" (not percent-encoded): drop the scheme only.
     images = raw.select(F.regexp_replace("path", "^file:(//)?", "").alias("path"), "content")
@@ -163,7 +156,7 @@ def _images_frame(spark, ctx: RunContext, parts: int):
         images = images.filter(~F.col("path").isin(extra))
     if missing:
         logger.info("%d listed files were hidden from Spark's reader (e.g. %s): read in the executors", len(missing), missing[0])
-        sub = ctx.listing[ctx.listing["path"].isin(missing)]
+        sub = listing[listing["path"].isin(missing)]
         images = images.unionByName(spark.createDataFrame([(p, lab, None) for p, lab in zip(sub["path"], sub["label"], strict=True)], schema))
     return images.repartition(parts), {"listing": "binaryFile", "hidden_from_spark": len(missing), "ignored": len(extra)}
 
@@ -210,78 +203,96 @@ def spark_pca(vectors, plan, n_rows: int, variance: float) -> Reduction:
     )
 
 
-def run(ctx: RunContext) -> BackendResult:
-    """Featurize, reduce and write the dataset into ``ctx.target``'s staging prefix."""
-    from pyspark import StorageLevel
-    from pyspark.ml.functions import array_to_vector
-    from pyspark.sql import functions as F
+class SparkBackend:
+    """The run's steps on PySpark (see :mod:`fruitdask.backends` for the order)."""
 
-    from fruitdask.backends.dask.backend import n_partitions
-    from fruitdask.backends.spark.session import spark_session
+    starts_early = False  # the JVM starts once the output is locked, as the notebook did
 
-    cfg, timer = ctx.cfg, ctx.timer
-    driver_memory = check_pca_size(cfg)
-    storage_options = cfg.storage.storage_options()
-    warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
-    with ExitStack() as stack:
-        with timer.stage("startup"):
-            session = stack.enter_context(spark_session(cfg, driver_memory=driver_memory))
-        sc = session.sparkContext
-        threads = int(sc.getConf().get("spark.task.cpus", "1"))
-        cluster = {
+    def __init__(self, cfg: RunConfig, target: storage.OutputTarget, progress: Progress) -> None:
+        self.cfg, self.target, self.progress = cfg, target, progress
+        self.storage_options = dict(target.storage_options)
+        self.cluster: dict = {}
+        self.extra: dict = {}
+
+    def start(self, stack: ExitStack) -> None:
+        """Refuse a PCA the driver cannot hold, then start the session."""
+        from fruitdask.backends.spark.session import spark_session
+
+        driver_memory = check_pca_size(self.cfg)
+        warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
+        self.session = stack.enter_context(spark_session(self.cfg, driver_memory=driver_memory))
+        self.sc = self.session.sparkContext
+
+    def describe(self) -> dict:
+        sc = self.sc
+        self.cluster = {
             "backend": "spark", "n_workers": 1 if sc.master.startswith("local") else None,
             "threads": sc.defaultParallelism, "memory_limit_bytes": None, "scheduler": sc.master,
             "dashboard": sc.uiWebUrl, "spark_version": sc.version,
         }
-        ctx.on_cluster(cluster)
-        parts = n_partitions(len(ctx.listing), cfg.partition_size, sc.defaultParallelism)
-        with timer.stage("listing"):
-            images, listing_info = _images_frame(session, ctx, parts)
-        with timer.stage("broadcast"):
-            bc = sc.broadcast(ctx.weights)
-        ends = sc.accumulator([], _EndTimes())
-        done = sc.accumulator(0)
-        body = _featurizer(bc, ends, ctx, storage_options, threads, done)
-        with timer.stage("featurize"):
-            t0 = time.time()
-            feats = images.mapInArrow(body, FEATURES_DDL).persist(StorageLevel.MEMORY_AND_DISK)
-            ctx.progress.start(len(ctx.listing))
-            try:
-                with Poller(ctx.progress, lambda: done.value):
-                    # A real sink: counting the features column forces the UDF (a bare count() may prune it).
-                    total, with_features = feats.select(F.count(F.lit(1)), F.count("features")).first()
-            finally:
-                ctx.progress.close()
-            bad = feats.filter(F.col("error_stage").isNotNull()).select("path", "label", "error_stage", "error_reason").collect()
-        errors = pd.DataFrame([tuple(r) for r in bad], columns=frames.ERROR_COLUMNS)
-        if total != len(ctx.listing):
-            raise OutputError(f"Spark featurized {total} rows for {len(ctx.listing)} listed images: run again with --debug")
-        n_rows = int(with_features)
-        with timer.stage("pca"):
-            plan = plan_pca(n_rows, cfg.feature_dim, cfg.components, cfg.pca_batch_size)
-            good = feats.filter(F.col("error_stage").isNull()).select("path", "label", "features")
-            reduction = spark_pca(good.select(array_to_vector("features").alias("x")), plan, n_rows, cfg.variance)
-        with timer.stage("write"):
-            bc_red = sc.broadcast(reduction)
-            staging = ctx.target.staging_path("features")
-            writer = _writer(bc_red, staging, storage_options)
-            written = good.mapInArrow(writer, "rows long").agg(F.sum("rows")).first()[0] or 0
-        feats.unpersist()
-        extra = {**listing_info, "partitions": parts, "featurize_task_ends_s": sorted(round(t - t0, 3) for t in ends.value),
-                 "broadcast": "sc.broadcast (lazy: executors fetch it in their first task)"}
-    if written != n_rows:
-        raise OutputError(f"wrote {written} rows but featurized {n_rows}: the output is incomplete, run again")
-    return BackendResult(rows=n_rows, errors=errors, reduction=reduction, cluster=cluster, extra=extra)
+        return self.cluster
+
+    def warm_up(self, stack: ExitStack) -> None:
+        """Nothing: each Python worker builds its model in its first task."""
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        yield
+        self.feats.unpersist()
+        self.extra = {**self.listing_info, "partitions": self.parts,
+                      "featurize_task_ends_s": sorted(round(t - self.t0, 3) for t in self.ends.value),
+                      "broadcast": "sc.broadcast (lazy: executors fetch it in their first task)"}
+
+    def prepare(self, listing: pd.DataFrame, weights: list[np.ndarray], weights_info: WeightsInfo) -> None:
+        self.listing = listing
+        self.parts = n_partitions(len(listing), self.cfg.partition_size, self.sc.defaultParallelism)
+        self.bc = self.sc.broadcast(weights)
+
+    def featurize(self, settings: FeatureSettings) -> Featurized:
+        """Spark reads the bytes (``binaryFile``) and ``mapInArrow`` featurizes them with the
+        shared partition function; the features stay persisted on the executors."""
+        from pyspark import StorageLevel
+        from pyspark.sql import functions as F
+
+        images, self.listing_info = _images_frame(self.session, self.cfg.input, self.listing, self.parts)
+        self.ends, done = self.sc.accumulator([], _EndTimes()), self.sc.accumulator(0)
+        threads = int(self.sc.getConf().get("spark.task.cpus", "1"))
+        body = _featurizer(self.bc, self.ends, settings, threads, done)
+        self.t0 = time.time()
+        self.feats = feats = images.mapInArrow(body, FEATURES_DDL).persist(StorageLevel.MEMORY_AND_DISK)
+        self.progress.start(len(self.listing))
+        try:
+            with Poller(self.progress, lambda: done.value):
+                # A real sink: counting the features column forces the UDF (a bare count() may prune it).
+                total, with_features = feats.select(F.count(F.lit(1)), F.count("features")).first()
+        finally:
+            self.progress.close()
+        bad = feats.filter(F.col("error_stage").isNotNull()).select(*frames.FEATURES_SCHEMA.names).collect()
+        _, errors = frames.split_rows(pd.DataFrame([tuple(r) for r in bad], columns=frames.FEATURES_SCHEMA.names))
+        if total != len(self.listing):
+            raise OutputError(f"Spark featurized {total} rows for {len(self.listing)} listed images: run again with --debug")
+        good = feats.filter(F.col("error_stage").isNull()).select("path", "label", "features")
+        return Featurized(data=good, rows=int(with_features), errors=errors.reset_index(drop=True))
+
+    def reduce(self, featurized: Featurized) -> Reduction:
+        """``pyspark.ml`` StandardScaler + PCA (driver-side covariance)."""
+        from pyspark.ml.functions import array_to_vector
+
+        cfg, n_rows = self.cfg, featurized.rows
+        plan = plan_pca(n_rows, cfg.feature_dim, cfg.components, cfg.pca_batch_size)
+        return spark_pca(featurized.data.select(array_to_vector("features").alias("x")), plan, n_rows, cfg.variance)
+
+    def write(self, featurized: Featurized, reduction: Reduction) -> int:
+        """One Parquet part per partition, written by the executors."""
+        from pyspark.sql import functions as F
+
+        writer = _writer(self.sc.broadcast(reduction), self.target.staging_path(output.FEATURES), self.storage_options)
+        return featurized.data.mapInArrow(writer, "rows long").agg(F.sum("rows")).first()[0] or 0
 
 
-def _featurizer(bc, ends, ctx: RunContext, storage_options: dict, threads: int, done=None):
-    cfg = ctx.cfg
-    key = ctx.weights_info.sha256
-
+def _featurizer(bc, ends, settings: FeatureSettings, threads: int, done=None):
     def body(batches):
-        return featurize_batches(batches, bc, ends=ends, weights_key=key, image_size=cfg.image_size, pooling=cfg.pooling,
-                                 batch_size=cfg.batch_size, storage_options=storage_options, threads=threads,
-                                 precision=cfg.precision, images=done)
+        return featurize_batches(batches, bc, settings, threads=threads, ends=ends, images=done)
 
     return body
 

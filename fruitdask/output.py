@@ -1,0 +1,203 @@
+"""The output contract: what a run writes, under which names, and how it is read back.
+
+::
+
+    OUTPUT/
+      _SUCCESS              written last, by :meth:`fruitdask.storage.OutputTarget.commit`
+      features/part-*.parquet   path, label, features, pca
+      errors.parquet        path, label, stage, reason
+      reduction.npz         :class:`fruitdask.reduce.Reduction`
+      scree.png
+      run.json              :class:`RunRecord`
+      dask-report.html      Dask performance report (dask backend)
+      report.html           the run report
+
+The pipeline writes through :class:`RunRecord` and :func:`errors_parquet`; ``train``, the
+report and the benchmark read a finished run through :func:`read_run`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from fruitdask import __version__, storage
+from fruitdask.errors import InputError
+from fruitdask.features.frames import ERROR_COLUMNS
+from fruitdask.features.settings import FeatureSettings
+from fruitdask.reduce import Reduction
+from fruitdask.runinfo import StageTimer, versions
+
+if TYPE_CHECKING:
+    from fruitdask.config import RunConfig
+    from fruitdask.features.model import WeightsInfo
+
+FEATURES = "features"
+ERRORS = "errors.parquet"
+REDUCTION = "reduction.npz"
+SCREE = "scree.png"
+RUN_JSON = "run.json"
+REPORT = "report.html"
+DASK_REPORT = "dask-report.html"
+SUCCESS = storage.SUCCESS_MARKER
+
+NOT_A_RUN_HINT = "pass the --output folder or URI of a finished `fruitdask run`"
+
+
+def errors_parquet(errors: pd.DataFrame) -> bytes:
+    """``errors.parquet``: one string row per skipped file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {c: pa.array(errors[c].astype(object).tolist() if len(errors) else [], type=pa.string()) for c in ERROR_COLUMNS}
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+@dataclass
+class RunRecord:
+    """What a run records about itself; :meth:`document` is ``run.json``."""
+
+    cfg: RunConfig
+    run_id: str
+    started: dt.datetime
+    timer: StageTimer
+    n_listed: int  # every file listed, refused ones included
+    n_images: int  # the images handed to the backend
+    per_label: dict[str, int]
+    errors: pd.DataFrame
+    rows: int
+    reduction: Reduction
+    cluster: dict
+    precision: dict
+    weights: WeightsInfo
+    warnings: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def document(self) -> dict:
+        """The ``run.json`` document (timings and duration as of now)."""
+        timer, featurize_s = self.timer, self.timer.stages.get("featurize", 0.0)
+        return {
+            "fruitdask_version": __version__,
+            "run_id": self.run_id,
+            "backend": self.cfg.backend,
+            "input": self.cfg.input,
+            "output": self.cfg.output,
+            "started_at": self.started.isoformat(),
+            "duration_s": round(timer.total, 3),
+            "counts": {"images_listed": self.n_listed, "labels": len(self.per_label), "rows_written": self.rows,
+                       "errors": len(self.errors)},
+            "per_label": self.per_label,
+            "errors_by_stage": self._errors_by_stage(),
+            "reduction": self.reduction.summary(),
+            "timings_s": {k: round(v, 3) for k, v in timer.stages.items()},
+            "images_per_second": {
+                "featurize": round(self.n_images / featurize_s, 3) if featurize_s else None,
+                "overall": round(self.n_images / timer.total, 3),
+            },
+            "cluster": self.cluster,
+            "precision": self.precision,
+            "weights": self._weights(),
+            "warnings": self.warnings,
+            "extra": self.extra,
+            "versions": versions(),
+            "config": self.cfg.to_dict(),
+            "files": {"features": f"{FEATURES}/", "errors": ERRORS, "reduction": REDUCTION, "scree": SCREE,
+                      "performance_report": self.extra.get("performance_report"), "report": REPORT},
+        }
+
+    def _errors_by_stage(self) -> dict[str, int]:
+        if not len(self.errors):
+            return {}
+        return {str(k): int(v) for k, v in self.errors["stage"].value_counts().items()}
+
+    def _weights(self) -> dict:
+        w = self.weights
+        return {"requested": w.requested, "kind": w.kind, "source": w.source, "sha256": w.sha256,
+                "file_sha256": w.file_sha256, "random": w.is_random, "warning": w.warning}
+
+    def write(self, target: storage.OutputTarget) -> dict:
+        """Write ``run.json`` into ``target``'s staging prefix; return the document."""
+        doc = self.document()
+        target.write_json(RUN_JSON, doc)
+        return doc
+
+
+@dataclass
+class CommittedRun:
+    """A run output (or its staging prefix while it commits): its record and file readers."""
+
+    url: str
+    record: dict
+    storage_options: Mapping[str, Any] | None = None
+
+    def path(self, name: str) -> str:
+        return storage.join(self.url, name)
+
+    def reduction(self) -> Reduction:
+        return Reduction.from_npz(self._read(REDUCTION))
+
+    def features(self, columns: tuple[str, ...] | list[str] | None = None) -> pd.DataFrame:
+        """The ``features/`` rows (only ``columns`` when given)."""
+        return storage.read_parquet(self.path(FEATURES), self.storage_options, columns=list(columns) if columns else None)
+
+    def feature_parts(self) -> list[str]:
+        """The ``features/`` part files, in order (to stream them one by one)."""
+        return storage.list_files(self.path(FEATURES), self.storage_options, ".parquet")
+
+    def errors(self) -> pd.DataFrame:
+        """``errors.parquet`` (an :class:`InputError` when it is absent)."""
+        return storage.read_parquet(self.path(ERRORS), self.storage_options)
+
+    def scree(self) -> bytes:
+        return self._read(SCREE)
+
+    def feature_settings(self) -> FeatureSettings:
+        """The settings the run's features were made with, as recorded in ``run.json``."""
+        cfg = self.record["config"]
+        return FeatureSettings(self.record["weights"]["sha256"], int(cfg["image_size"]), cfg["pooling"],
+                               int(cfg["batch_size"]), cfg.get("precision", "float32"), dict(self.storage_options or {}))
+
+    def _read(self, name: str) -> bytes:
+        try:
+            return storage.read_bytes(self.path(name), self.storage_options)
+        except FileNotFoundError as e:
+            raise _not_a_run(self.url, name) from e
+        except (PermissionError, OSError) as e:
+            raise storage.translate(e, self.url) from e
+
+
+def _not_a_run(url: str, name: str) -> InputError:
+    return InputError(f"{url!r} is not a completed fruitdask run output (no {name}): {NOT_A_RUN_HINT}")
+
+
+def read_run(url: str, storage_options: Mapping[str, Any] | None = None, *, committed: bool = True) -> CommittedRun:
+    """Read the record of the run output at ``url``; refuse a foreign or unfinished folder.
+
+    ``committed=False`` accepts an output without ``_SUCCESS`` (its report is rebuilt from
+    whatever ``run.json`` says).
+    """
+    url = url.rstrip("/")
+    name = RUN_JSON
+    try:
+        if committed:
+            name = SUCCESS
+            storage.read_bytes(storage.join(url, SUCCESS), storage_options)
+            name = RUN_JSON
+        doc = json.loads(storage.read_bytes(storage.join(url, RUN_JSON), storage_options))
+    except FileNotFoundError as e:
+        raise _not_a_run(url, name) from e
+    except json.JSONDecodeError as e:
+        raise InputError(f"{url}/{RUN_JSON} is not valid JSON ({e}): rerun `fruitdask run` to write it again") from e
+    except (PermissionError, OSError) as e:
+        raise storage.translate(e, url) from e
+    return CommittedRun(url, doc, storage_options)
