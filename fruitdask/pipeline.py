@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from fruitdask import checkpoint, output, storage
-from fruitdask.backends import make_backend
+from fruitdask.backends import make_backend, workers_elsewhere
 from fruitdask.backends.base import Backend
 from fruitdask.config import RunConfig
 from fruitdask.errors import InputError, OutputError, TooManyErrors, WeightsError
@@ -67,7 +67,9 @@ def run(
     """
     emit = on_event or (lambda name, data: None)
     timer, started = StageTimer(), dt.datetime.now(dt.UTC)
-    cfg, resolved = _resolve_precision(cfg)
+    # Decided on this machine, before anything is touched, unless the model runs on other
+    # machines (a remote Dask cluster): then the workers answer once the cluster is up.
+    resolved = None if workers_elsewhere(cfg) else _resolve_precision(cfg.precision)
     # Nothing is read or written before every location passes the region guard.
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
     storage_options = cfg.storage.storage_options()
@@ -82,6 +84,9 @@ def run(
             # The cluster is up and its workers warm up (TensorFlow, VGG16) while the client
             # lists the images (and makes the weights when they are not a file).
             _start(backend, engine, timer, emit)
+            resolved = resolved or _resolve_precision(cfg.precision, backend)
+            backend.warm_up(engine, resolved.precision)
+        cfg = dataclasses.replace(cfg, precision=resolved.precision)
         listing, rejected = _list_images(cfg, timer, emit, storage_options)
         weights, winfo = loaded or _load_weights(cfg, timer, storage_options)
         with storage.committed(target):
@@ -102,13 +107,14 @@ def run(
     return doc
 
 
-def _resolve_precision(cfg: RunConfig) -> tuple[RunConfig, precision.Resolved]:
-    """Resolve ``--precision`` once here (auto -> float32 or bfloat16; bfloat16 refused where
-    it would be emulated) so that every worker, checkpoint and record sees the same one."""
-    resolved = precision.detect_and_resolve(cfg.precision)
-    if cfg.precision != "float32":
+def _resolve_precision(requested: str, backend: Backend | None = None) -> precision.Resolved:
+    """Resolve ``--precision`` once (auto -> float32 or bfloat16; bfloat16 refused where it
+    would be emulated) so that every worker, checkpoint and record sees the same one: on
+    this machine, or by the backend's workers when they run elsewhere."""
+    resolved = backend.resolve_precision(requested) if backend else precision.detect_and_resolve(requested)
+    if requested != "float32":
         logger.info("precision %s (%s)", resolved.precision, resolved.reason)
-    return dataclasses.replace(cfg, precision=resolved.precision), resolved
+    return resolved
 
 
 def _load_weights(cfg: RunConfig, timer: StageTimer, storage_options: dict) -> tuple[list, model.WeightsInfo]:
@@ -122,11 +128,10 @@ def _load_weights(cfg: RunConfig, timer: StageTimer, storage_options: dict) -> t
 
 
 def _start(backend: Backend, stack: ExitStack, timer: StageTimer, emit: Callable[[str, dict], None]) -> None:
-    """Start the engine (closed with ``stack``), report the cluster, start the warm-up."""
+    """Start the engine (closed with ``stack``) and report the cluster."""
     with timer.stage("startup"):
         backend.start(stack)
     emit("cluster", backend.describe())
-    backend.warm_up(stack)
 
 
 def _list_images(cfg: RunConfig, timer: StageTimer, emit: Callable[[str, dict], None],
@@ -159,6 +164,7 @@ def _featurize_reduce_write(backend: Backend, timer: StageTimer, emit: Callable[
     with ExitStack() as late:
         if not backend.starts_early:
             _start(backend, late, timer, emit)
+            backend.warm_up(late, settings.precision)
         with backend.running():
             done, written = _stages(backend, timer, listing, weights, settings)
     if written != done.rows:

@@ -211,3 +211,21 @@ def test_a_worker_answers_its_own_resolution_and_never_raises(monkeypatch):
     assert precision.detect_on_worker("auto")["precision"] == "float32"
     refused = precision.detect_on_worker("bfloat16")
     assert refused["precision"] == "float32" and "emulated" in refused["reason"]
+
+
+def test_a_remote_cluster_resolves_auto_on_its_workers_not_the_client(tiny_images, weights_file, tmp_path, monkeypatch,
+                                                                      local_cluster):
+    from fruitdask.cli import main
+
+    # The workers are processes of their own (unpatched: this machine's real flags); the
+    # client is told it has an old CPU, so a client-side decision would show.
+    expected = precision.resolve("auto", precision.read_cpuinfo(), []).precision
+    cluster, _ = local_cluster(1, 1, client=False)
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda path="/proc/cpuinfo": "model name: Old CPU\nflags: fpu avx2\n")
+    out = tmp_path / "out"
+    code = main(["run", "--input", str(tiny_images), "--output", str(out), "--image-size", str(SMALL_SIZE),
+                 "--weights", str(weights_file), "--precision", "auto", "--cluster", cluster.scheduler_address, "--quiet"])
+    assert code == 0
+    doc = json.loads((out / "run.json").read_text())
+    assert doc["precision"]["precision"] == doc["config"]["precision"] == expected
+    assert "worker" in doc["precision"]["reason"], doc["precision"]

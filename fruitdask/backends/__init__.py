@@ -10,8 +10,10 @@ The steps of a :class:`fruitdask.backends.base.Backend`, in the order the pipeli
 ``start(stack)`` (stage ``startup``)
     Open the engine; it closes with ``stack``. Dask starts before the listing, so that its
     workers warm up meanwhile (``starts_early``); Spark once the output is locked.
-``describe()``, ``warm_up(stack)``
-    The cluster's shape (``run.json``'s ``cluster``), then early work on the workers.
+``describe()``, ``resolve_precision(requested)``, ``warm_up(stack, precision)``
+    The cluster's shape (``run.json``'s ``cluster``); ``--precision`` resolved by the workers
+    themselves when they run on other machines (:func:`workers_elsewhere`; otherwise the
+    pipeline resolves it on this one before anything starts); then early work on the workers.
 ``running()``
     A context around the steps below (Dask: the performance report, then its clean-up).
 ``prepare(listing, weights, weights_info)`` (stage ``broadcast``)
@@ -41,3 +43,9 @@ def make_backend(cfg: RunConfig, target: OutputTarget, progress: Progress) -> Ba
 
         return SparkBackend(cfg, target, progress)
     raise ConfigError(f"unknown backend {cfg.backend!r}: use dask or spark")
+
+
+def workers_elsewhere(cfg: RunConfig) -> bool:
+    """Whether the model runs on other machines than this one (a Dask scheduler address or
+    Kubernetes), so that what this machine's CPU can do says nothing about the workers."""
+    return cfg.backend == "dask" and cfg.cluster != "local"

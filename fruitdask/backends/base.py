@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from fruitdask.features.model import WeightsInfo
+from fruitdask.features.precision import Resolved
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.reduce import Reduction
 
@@ -37,7 +38,9 @@ class Backend(Protocol):
 
     def describe(self) -> dict: ...
 
-    def warm_up(self, stack: ExitStack) -> None: ...
+    def resolve_precision(self, requested: str) -> Resolved: ...
+
+    def warm_up(self, stack: ExitStack, precision: str) -> None: ...
 
     def running(self) -> AbstractContextManager: ...
 

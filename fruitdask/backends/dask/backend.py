@@ -43,6 +43,7 @@ from fruitdask.backends.dask.cluster import cluster_shape, dask_client, worker_a
 from fruitdask.config import RunConfig
 from fruitdask.features import frames, model
 from fruitdask.features.model import WeightsInfo
+from fruitdask.features.precision import Resolved, agree, detect_on_worker
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsSource, npz_bytes
 from fruitdask.progress import Progress
@@ -132,11 +133,16 @@ class DaskBackend:
         self.cluster = cluster_shape(self.client)
         return self.cluster
 
-    def warm_up(self, stack: ExitStack) -> None:
+    def resolve_precision(self, requested: str) -> Resolved:
+        """Each worker resolves ``requested`` on its own hardware; bf16 only if all have it."""
+        answers = self.client.run(detect_on_worker, requested, on_error="return")
+        return agree(requested, {w: a for w, a in answers.items() if isinstance(a, dict)})
+
+    def warm_up(self, stack: ExitStack, precision: str) -> None:
         """One :func:`warm_up_on_worker` task pinned to each worker present now (a worker that
         joins later builds its model at its first partition instead)."""
         warm = [
-            self.client.submit(warm_up_on_worker, self.cfg.image_size, self.cfg.precision, key=f"warm-up-{uuid.uuid4().hex}",
+            self.client.submit(warm_up_on_worker, self.cfg.image_size, precision, key=f"warm-up-{uuid.uuid4().hex}",
                                workers=[w], allow_other_workers=False, pure=False)
             for w in worker_addresses(self.client)
         ]

@@ -38,6 +38,7 @@ from fruitdask.config import RunConfig
 from fruitdask.errors import OutputError, ReductionError
 from fruitdask.features import frames
 from fruitdask.features.model import WeightsInfo
+from fruitdask.features.precision import Resolved, detect_and_resolve
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.progress import Poller, Progress
 from fruitdask.reduce import Reduction, finish, plan_pca, safe_scale
@@ -232,7 +233,12 @@ class SparkBackend:
         }
         return self.cluster
 
-    def warm_up(self, stack: ExitStack) -> None:
+    def resolve_precision(self, requested: str) -> Resolved:
+        """On the driver's machine: executors are assumed alike (``--spark-master`` elsewhere
+        is a comparison set-up, see docs/architecture-review.md)."""
+        return detect_and_resolve(requested)
+
+    def warm_up(self, stack: ExitStack, precision: str) -> None:
         """Nothing: each Python worker builds its model in its first task."""
 
     @contextmanager
