@@ -107,7 +107,7 @@ class RunConfig:
     batch_size: int = 32
     partition_size: int = 64
     pooling: str = "avg"
-    precision: str = "float32"  # float32 | bfloat16 | auto (fruitdask.features.precision)
+    precision: str = "auto"  # float32 | bfloat16 | auto (fruitdask.features.precision): bf16 where native
     weights: str = "auto"
     allow_random_weights: bool = False  # --weights auto may fall back to random only when asked
     seed: int = 0

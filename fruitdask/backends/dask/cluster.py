@@ -116,6 +116,10 @@ def _local(cfg: RunConfig, stack: ExitStack):
             shape.threads_per_worker,
             memory_limit=cfg.memory_limit,
             dashboard_address=cfg.dashboard_address,
+            # The fork server is started once per process and keeps the environment of
+            # that moment: give each worker this process's environment of *now* (AWS
+            # profile, endpoint, credentials files), as a spawned worker would inherit it.
+            env={**os.environ, **TF_ENV} if method else TF_ENV,
             silence_logs=logging.ERROR if not cfg.debug else logging.INFO,
         )
     except Exception as e:
