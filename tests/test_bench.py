@@ -110,7 +110,7 @@ def test_bench_smoke_run_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench"
     code = main(["bench", "--input", str(BUNDLED), "--images", "8", "--image-size", str(SMALL_SIZE),
                  "--backends", "raw,dask,spark", "--no-unpooled-pca", "--out", str(out), "--repeats", "1",
-                 "--workers", "1", "--spark-master", "local[1]",
+                 "--workers", "1", "--spark-master", "local[1]", "--precision", "float32",
                  "--fill-doc", str(doc), "--doc-section", "smoke", "--quiet"])
     assert code == 0
     rep = json.loads((out / "bench.json").read_text())

@@ -74,7 +74,7 @@ def test_lost_worker_during_featurization(tmp_path, process_cluster, weights_fil
     images = copy_images(BUNDLED, tmp_path / "in", 12, 2)  # 24 images, 12 partitions
     cfg = build_config({
         "input": str(images), "output": str(tmp_path / "out"), "image_size": SMALL_SIZE, "weights": str(weights_file),
-        "partition_size": 2, "cluster": cluster.scheduler_address, "quiet": True, "components": 4,
+        "partition_size": 2, "cluster": cluster.scheduler_address, "quiet": True, "components": 4, "precision": "float32",
     }, {})
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_a_busy_worker, args=(client, stop, killed), daemon=True)

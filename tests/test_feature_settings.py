@@ -15,7 +15,7 @@ from fruitdask.features.settings import FeatureSettings
 
 
 def test_from_config_round_trips_through_pickle():
-    cfg = build_config({"input": "i", "output": "o", "image_size": 64, "pooling": "max", "batch_size": 16},
+    cfg = build_config({"input": "i", "output": "o", "image_size": 64, "pooling": "max", "batch_size": 16, "precision": "float32"},
                        {"AWS_ENDPOINT_URL": "http://127.0.0.1:5555"})
     s = FeatureSettings.from_config(cfg, "abc")
     assert (s.weights_key, s.image_size, s.pooling, s.batch_size, s.precision) == ("abc", 64, "max", 16, "float32")

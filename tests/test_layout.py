@@ -22,3 +22,15 @@ def test_help_does_not_import_tensorflow():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'pyspark')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_every_module_has_its_line_in_the_architecture_map():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "architecture.md").read_text()
+    modules = sorted(str(p.relative_to(root)) for p in (root / "fruitdask").rglob("*.py"))
+    # A package __init__ that is only its one-line docstring needs no line of its own.
+    trivial = {m for m in modules if m.endswith("__init__.py") and len((root / m).read_text().splitlines()) <= 1}
+    missing = [m for m in modules if f"`{m}`" not in text and m not in trivial]
+    assert not missing, f"docs/architecture.md has no line for {missing}"

@@ -137,7 +137,7 @@ def reference(images, weights_file) -> pd.DataFrame:
 
 def _flags(images: Path, out: Path, address: str, weights_file: Path, **more) -> dict:
     return {"input": str(images), "output": str(out), "cluster": address, "image_size": SMALL_SIZE,
-            "weights": str(weights_file), "partition_size": 2, "components": 4, "quiet": True, **more}
+            "weights": str(weights_file), "partition_size": 2, "components": 4, "quiet": True, "precision": "float32", **more}
 
 
 def _check_output(out: Path, reference: pd.DataFrame) -> None:
@@ -222,7 +222,7 @@ def test_worker_killed_during_featurization(tmp_path, cluster, images, weights_f
     thread = _killer(client, pick, killed, stop)
     out = tmp_path / "out"
     args = ["run", "--input", str(images), "--output", str(out), "--cluster", pc.address, "--image-size", str(SMALL_SIZE),
-            "--weights", str(weights_file), "--partition-size", "1", "--components", "4", "--quiet"]
+            "--weights", str(weights_file), "--partition-size", "1", "--components", "4", "--precision", "float32", "--quiet"]
     try:
         code = cli.main(args)
     finally:

@@ -38,7 +38,7 @@ def cluster(module_local_cluster):
 def run_output(tmp_path_factory, cluster, bundled_sample, weights_file):
     out = tmp_path_factory.mktemp("run") / "out"
     args = ["run", "--input", str(bundled_sample), "--output", str(out), "--cluster", cluster.scheduler.address,
-            "--image-size", str(SMALL_SIZE), "--weights", str(weights_file), "--partition-size", "10", "--quiet"]
+            "--image-size", str(SMALL_SIZE), "--weights", str(weights_file), "--partition-size", "10", "--precision", "float32", "--quiet"]
     handler = _ListHandler()
     logging.getLogger().addHandler(handler)
     try:

@@ -125,7 +125,7 @@ def serve_model(tmp_path_factory, weights_file) -> dict:
     root = tmp_path_factory.mktemp("serve")
     test_dir = copy_images(SAMPLE / "Test", root / "Test", 12, 2)
     rc = main(["run", "--input", str(BUNDLED), "--output", str(root / "run"), "--image-size", str(SMALL_SIZE),
-               "--weights", str(weights_file), "--workers", "1", "--threads-per-worker", "2", "--quiet"])
+               "--weights", str(weights_file), "--workers", "1", "--threads-per-worker", "2", "--precision", "float32", "--quiet"])
     assert rc == 0
     rc = main(["train", "--features", str(root / "run"), "--test-input", str(test_dir), "--model-out", str(root / "model"), "--quiet"])
     assert rc == 0
