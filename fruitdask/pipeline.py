@@ -70,6 +70,8 @@ def run(
     # Decided on this machine, before anything is touched, unless the model runs on other
     # machines (a remote Dask cluster): then the workers answer once the cluster is up.
     resolved = None if workers_elsewhere(cfg) else _resolve_precision(cfg.precision)
+    if resolved:  # a local cluster's workers start warming up with it
+        cfg = dataclasses.replace(cfg, precision=resolved.precision)
     # Nothing is read or written before every location passes the region guard.
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
     storage_options = cfg.storage.storage_options()

@@ -72,3 +72,29 @@ def test_storage_options_hold_no_credentials():
     cfg = build_config({**BASE, "storage_endpoint_url": "http://x", "storage_profile": "p"}, env)
     text = repr(cfg.storage.storage_options()) + repr(cfg.to_dict())
     assert "SECRET" not in text and "AKIAEXAMPLEKEY" not in text
+
+
+def test_local_cluster_shape_defaults():
+    from fruitdask.backends.dask.cluster import LocalShape, local_shape
+
+    assert local_shape(None, None, cores=2) == LocalShape(1, 2)  # measured best on 2 cores
+    assert local_shape(None, None, cores=1) == LocalShape(1, 1)
+    assert local_shape(2, None, cores=2) == LocalShape(2, 1)  # an explicit choice wins
+    assert local_shape(None, None, cores=4) == LocalShape(4, 1)
+    assert local_shape(None, None, cores=16) == LocalShape(8, 2)
+
+
+def test_local_workers_warm_up_as_they_start_without_any_task(local_cluster):
+    import time
+
+    from fruitdask.backends.dask.cluster import _warm_up_preload
+    from fruitdask.config import build_config
+    from fruitdask.features import model
+
+    assert _warm_up_preload(build_config({"input": "i", "output": "o", "precision": "auto"}, {})) == {}
+    cfg = build_config({"input": "i", "output": "o", "image_size": 32, "precision": "float32"}, {})
+    _, client = local_cluster(1, 1, **_warm_up_preload(cfg))
+    deadline = time.monotonic() + 120
+    while not (built := client.run(lambda: dict(model.WARM)))[next(iter(built))].get("built"):
+        assert time.monotonic() < deadline, "the worker never warmed up"
+        time.sleep(0.5)

@@ -31,8 +31,6 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import dask
-import dask.array as da
-import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
@@ -174,6 +172,8 @@ class DaskBackend:
         self.counts = [len(p) for p in parts]
         url = self.target.staging_path(f"{INTERNAL}/manifest.parquet")
         manifest.write_manifest(parts, url, self.storage_options)
+        import dask.dataframe as dd  # here, not at import: the cluster starts sooner
+
         self.listing = dd.from_map(
             manifest.read_part, range(len(parts)), url=url, storage_options=self.storage_options,
             meta=listing.iloc[:0], label="manifest", enforce_metadata=False,
@@ -197,6 +197,8 @@ class DaskBackend:
 
     def reduce(self, featurized: Featurized) -> Reduction:
         """IncrementalPCA streamed over the persisted partitions."""
+        import dask.array as da
+
         good, lengths = featurized.data
         self.client.run(silence_first_batch_warning, on_error="ignore")  # a worker may be gone
         d, cfg = self.cfg.feature_dim, self.cfg
@@ -228,11 +230,16 @@ class DaskBackend:
 
 def weights_source(cfg: RunConfig, target: storage.OutputTarget, weights: list[np.ndarray], info: WeightsInfo,
                    storage_options: dict) -> WeightsSource:
-    """Where workers load the weights from: the user's remote file as is, otherwise an
-    ``.npz`` of them staged beside the output (workers may not see the client's disk, and
-    random or ImageNet weights have no file at all)."""
+    """Where workers load the weights from: the user's file as is when the workers can read
+    it (a remote file, or a local one for a local cluster's workers, which share this disk;
+    each worker checks the digest), otherwise an ``.npz`` of them staged beside the output
+    (remote workers may not see the client's disk, and random or ImageNet weights have no
+    file at all)."""
     if info.kind == "file" and storage.is_remote(cfg.weights):
         return WeightsSource(cfg.weights, info.sha256, storage_options)
+    if info.kind == "file" and cfg.cluster == "local":  # absolute: a worker's directory may differ
+        url = cfg.weights if "://" in cfg.weights else os.path.abspath(cfg.weights)
+        return WeightsSource(url, info.sha256, storage_options)
     url = target.write_bytes(f"{INTERNAL}/weights-{info.sha256[:16]}.npz", npz_bytes(weights))
     return WeightsSource(url, info.sha256, storage_options)
 
