@@ -23,8 +23,9 @@ CONNECT_TIMEOUT = "20s"
 #: How local worker processes are started. ``forkserver`` forks each worker from a small
 #: server process that already imported ``distributed`` (and numpy, pandas...), and its
 #: children leave with ``os._exit`` instead of unwinding a TensorFlow-laden interpreter:
-#: measured on 2 cores, closing a 2-worker cluster after TensorFlow ran took 2.4 s with
-#: Dask's default ``spawn`` and 0.1 s with ``forkserver``, and starting it 1.5 s less.
+#: on a quiet 2-core machine (``benchmarks/cluster_lifecycle.py``), closing a 2-worker
+#: cluster after TensorFlow ran took 1.10 s with Dask's default ``spawn`` and 0.05 s with
+#: ``forkserver``; starting it 0.2 s more (the fork server starts first).
 LOCAL_START_METHOD = "forkserver"
 
 
