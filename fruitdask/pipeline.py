@@ -86,9 +86,10 @@ def run(
             # The cluster is up and its workers warm up (TensorFlow, VGG16) while the client
             # lists the images (and makes the weights when they are not a file).
             _start(backend, engine, timer, emit)
-            resolved = resolved or _resolve_precision(cfg.precision, backend)
-            backend.warm_up(engine, resolved.precision)
-        cfg = dataclasses.replace(cfg, precision=resolved.precision)
+            if resolved is None:  # the workers run elsewhere: they answer for their hardware
+                resolved = _resolve_precision(cfg.precision, backend)
+                cfg = dataclasses.replace(cfg, precision=resolved.precision)
+            backend.warm_up(engine, cfg.precision)
         listing, rejected = _list_images(cfg, timer, emit, storage_options)
         weights, winfo = loaded or _load_weights(cfg, timer, storage_options)
         with storage.committed(target):

@@ -235,9 +235,8 @@ def weights_source(cfg: RunConfig, target: storage.OutputTarget, weights: list[n
     each worker checks the digest), otherwise an ``.npz`` of them staged beside the output
     (remote workers may not see the client's disk, and random or ImageNet weights have no
     file at all)."""
-    if info.kind == "file" and storage.is_remote(cfg.weights):
-        return WeightsSource(cfg.weights, info.sha256, storage_options)
-    if info.kind == "file" and cfg.cluster == "local":  # absolute: a worker's directory may differ
+    if info.kind == "file" and (storage.is_remote(cfg.weights) or cfg.cluster == "local"):
+        # A local path made absolute: a worker's working directory may differ.
         url = cfg.weights if "://" in cfg.weights else os.path.abspath(cfg.weights)
         return WeightsSource(url, info.sha256, storage_options)
     url = target.write_bytes(f"{INTERNAL}/weights-{info.sha256[:16]}.npz", npz_bytes(weights))
