@@ -53,7 +53,7 @@ def weights_file(tmp_path_factory) -> Path:
     from fruitdask.features import model
 
     path = tmp_path_factory.mktemp("weights") / "vgg16_notop.weights.h5"
-    keras = model._keras()
+    keras = model.import_keras()
     keras.utils.set_random_seed(1234)
     model.build_vgg16(SMALL_SIZE).save_weights(str(path))
     return path

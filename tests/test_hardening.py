@@ -202,7 +202,7 @@ def test_predict_guards_the_weights_reference_of_the_bundle(s3, tmp_path, monkey
 
 
 def _keras_file(tmp_path: Path) -> Path:
-    keras = model._keras()
+    keras = model.import_keras()
     keras.utils.set_random_seed(7)
     path = tmp_path / "vgg16_notop.keras"
     model.build_vgg16(S).save(str(path))
@@ -217,7 +217,7 @@ def test_keras_file_is_hashed_before_it_is_deserialized(tmp_path, monkeypatch):
     ref = WeightsRef(kind="file", source=str(path), sha256=info.sha256, file_sha256=info.file_sha256)
     assert len(load_verified_weights(ref, S, None)) == len(weights)
 
-    keras = model._keras()
+    keras = model.import_keras()
 
     def no_load(*a, **k):
         raise AssertionError("the .keras file was deserialized before its hash was checked")

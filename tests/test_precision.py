@@ -88,7 +88,7 @@ def test_this_machine_resolves_auto_from_its_own_flags():
 
 
 def test_bf16_features_match_float32_and_no_policy_leaks(weights_file):
-    keras = model._keras()
+    keras = model.import_keras()
     fp32 = model.build_vgg16(SMALL_SIZE)
     fp32.load_weights(str(weights_file))
     weights = fp32.get_weights()

@@ -399,7 +399,7 @@ def test_load_failure_exits_1_and_sigterm_exits_0(serve_model, tmp_path):
     other = tmp_path / "other.weights.h5"
     from fruitdask.features import model
 
-    keras = model._keras()
+    keras = model.import_keras()
     keras.utils.set_random_seed(99)
     model.build_vgg16(SMALL_SIZE).save_weights(str(other))
     with serve_process(serve_model["model"], tmp_path / "bad.log", "--weights", str(other)) as info:

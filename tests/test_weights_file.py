@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def keras_model():
     """A VGG16 with seeded weights other than the conftest file's, so a mix-up shows."""
-    keras = model._keras()
+    keras = model.import_keras()
     keras.utils.set_random_seed(77)
     return model.build_vgg16(SMALL_SIZE)
 

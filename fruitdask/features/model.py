@@ -58,9 +58,13 @@ class WeightsInfo:
         return self.kind == "random"
 
 
-def _keras():
-    # Imported lazily: importing TensorFlow costs seconds and must happen after the
-    # process's TF environment (threads, oneDNN) is set.
+def import_keras():
+    """Import TensorFlow (quietly) and Keras once; return ``keras``.
+
+    Imported lazily: importing TensorFlow costs seconds and must happen after the
+    process's TF environment (threads, oneDNN) is set. Local workers find it imported
+    already by the fork server they are forked from (:mod:`fruitdask.backends.dask.forkserver`).
+    """
     if "keras" not in sys.modules:
         with _quiet_stderr():
             import tensorflow  # noqa: F401 - the C++ runtime logs its banner at import
@@ -112,7 +116,7 @@ def build_vgg16(image_size: int, weights: str | None = None, precision: str = "f
     weights, bfloat16 compute) with a float32 cast at the output, so the features are
     float32 and the weights list is the same as the float32 model's.
     """
-    keras = _keras()
+    keras = import_keras()
     shape = (image_size, image_size, 3)
     if precision == "float32":
         return keras.applications.VGG16(weights=weights, include_top=False, input_shape=shape)
@@ -162,7 +166,7 @@ def _imagenet(image_size: int) -> list[np.ndarray]:
 
 
 def _random(seed: int) -> list[np.ndarray]:
-    keras = _keras()
+    keras = import_keras()
     keras.utils.set_random_seed(seed)
     return build_vgg16(32).get_weights()
 
@@ -272,7 +276,7 @@ def pin_tf_threads(threads: int | None) -> None:
     global _THREADS_SET
     if _THREADS_SET or not threads:
         return
-    _keras()
+    import_keras()
     import tensorflow as tf
 
     try:
