@@ -419,10 +419,9 @@ def scree_png(reduction: Reduction, title: str = "Scree plot") -> bytes:
 
 
 def _scree_png(reduction: Reduction, title: str) -> bytes:
-    import matplotlib
+    from fruitdask.report.plots import import_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = import_pyplot()
 
     ratios = reduction.explained_variance_ratio
     shown = min(len(ratios), max(2 * reduction.k, 30))

@@ -25,11 +25,15 @@ The steps of a :class:`fruitdask.backends.base.Backend`, in the order the pipeli
 
 from __future__ import annotations
 
-from fruitdask.backends.base import Backend
+from typing import TYPE_CHECKING
+
 from fruitdask.config import RunConfig
 from fruitdask.errors import ConfigError
-from fruitdask.progress import Progress
-from fruitdask.storage import OutputTarget
+
+if TYPE_CHECKING:  # light on purpose: the run command imports this before anything heavy
+    from fruitdask.backends.base import Backend
+    from fruitdask.progress import Progress
+    from fruitdask.storage import OutputTarget
 
 
 def make_backend(cfg: RunConfig, target: OutputTarget, progress: Progress) -> Backend:
@@ -43,6 +47,16 @@ def make_backend(cfg: RunConfig, target: OutputTarget, progress: Progress) -> Ba
 
         return SparkBackend(cfg, target, progress)
     raise ConfigError(f"unknown backend {cfg.backend!r}: use dask or spark")
+
+
+def start_early(cfg: RunConfig) -> None:
+    """Start what the backend can start before the run's own imports and checks: for a
+    local Dask cluster, the fork server its workers come from, importing TensorFlow
+    (:mod:`fruitdask.backends.dask.forkserver`). Nothing for the other backends."""
+    if cfg.backend == "dask" and cfg.cluster == "local":
+        from fruitdask.backends.dask.cluster import start_fork_server
+
+        start_fork_server()
 
 
 def workers_elsewhere(cfg: RunConfig) -> bool:

@@ -116,10 +116,17 @@ def _raw_pca(pooled: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, int]:
     return reduced, int(pca.n_components_)
 
 
+#: The engines that run the pipeline as ``fruitdask run`` does (start, exit included).
+PIPELINE_TASKS = ("dask", "spark")
+
+
 def child_pipeline(cfg: RunConfig, work: Path, backend: str) -> dict:
-    from fruitdask import pipeline
+    from fruitdask.backends import start_early
 
     cfg = dataclasses.replace(cfg, backend=backend, output=str(work / f"out-{backend}-{cfg.precision}"))
+    start_early(cfg)  # what `fruitdask run` does before its imports
+    from fruitdask import pipeline
+
     ends: list[float] = []
 
     class PartitionEnds(Progress):  # Dask: when each featurize partition finished
@@ -189,7 +196,7 @@ def main(argv: list[str]) -> int:
         from fruitdask.commands.options import setup_logging
 
         setup_logging(quiet=True, debug=False)
-        if task in ("dask", "spark"):
+        if task in PIPELINE_TASKS:
             result = child_pipeline(cfg, work, task)
         else:
             result = child_pca(cfg, work, task.removeprefix("pca-"))

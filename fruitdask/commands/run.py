@@ -52,10 +52,14 @@ def _on_event(name: str, data: dict) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    from fruitdask.backends import start_early
+
+    cfg = config_from_args(args)
+    # Before the pipeline's imports: local workers' imports overlap the client's.
+    start_early(cfg)
     from fruitdask import pipeline
     from fruitdask.progress import progress_bar
 
-    cfg = config_from_args(args)
     # The bar starts with the featurization, after the cluster line (dashboard URL) is printed.
     doc = pipeline.run(cfg, progress=progress_bar(cfg.quiet), on_event=_on_event)
     red = doc["reduction"]

@@ -17,7 +17,8 @@ TOP_LABELS = 10
 OTHER = "other"
 
 
-def _pyplot():
+def import_pyplot():
+    """matplotlib's pyplot on the Agg backend (no display), imported once."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +48,7 @@ def legend_text(text: str) -> str:
 
 
 def _png(fig) -> bytes:
-    plt = _pyplot()
+    plt = import_pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
@@ -61,7 +62,7 @@ def labels_bar_png(per_label: Mapping[str, int]) -> bytes:
 
 
 def _labels_bar_png(per_label: Mapping[str, int]) -> bytes:
-    plt = _pyplot()
+    plt = import_pyplot()
     items = sorted(per_label.items(), key=lambda kv: (-kv[1], kv[0]))
     names = [k for k, _ in items][::-1]
     counts = [v for _, v in items][::-1]
@@ -105,7 +106,7 @@ def pca_scatter_png(
 
 
 def _pca_scatter_png(pcs: np.ndarray, labels: Sequence[str], *, shown_of: int, ratios: Sequence[float], top: int) -> bytes:
-    plt = _pyplot()
+    plt = import_pyplot()
     pcs = np.asarray(pcs, dtype=np.float64)
     y = pcs[:, 1] if pcs.shape[1] > 1 else np.zeros(len(pcs))
     grouped, legend = group_labels(labels, top)
@@ -137,7 +138,7 @@ def timings_bar_png(timings: Mapping[str, float]) -> bytes:
 
 
 def _timings_bar_png(timings: Mapping[str, float]) -> bytes:
-    plt = _pyplot()
+    plt = import_pyplot()
     names = list(timings)[::-1]
     secs = [float(timings[n]) for n in names]
     fig, ax = plt.subplots(figsize=(8, max(2.0, 0.35 * len(names) + 1.0)))

@@ -37,7 +37,7 @@ import pandas as pd
 from fruitdask import checkpoint, output, storage
 from fruitdask.backends.base import Featurized, n_partitions
 from fruitdask.backends.dask import manifest
-from fruitdask.backends.dask.cluster import cluster_shape, dask_client, worker_addresses
+from fruitdask.backends.dask.cluster import cluster_shape, dask_client, start_fork_server, worker_addresses
 from fruitdask.config import RunConfig
 from fruitdask.features import frames, model
 from fruitdask.features.model import WeightsInfo
@@ -111,6 +111,22 @@ def _read_reduction(url: str, storage_options: dict) -> Reduction:
     return Reduction.from_npz(storage.read_bytes(url, storage_options))
 
 
+def preimport_client_modules() -> None:
+    """Import what the client's later steps need (Dask's collections for the listing and
+    the PCA, matplotlib for the scree plot and the report) now, before the cluster starts.
+
+    A local cluster's worker can only be forked once the fork server has imported
+    TensorFlow (seconds, on one core); this process waits for it anyway, so these imports
+    use the idle core instead of sitting between the stages after the model is ready.
+    """
+    import dask.array
+    import dask.dataframe  # noqa: F401
+
+    from fruitdask.report.plots import import_pyplot
+
+    import_pyplot()
+
+
 class DaskBackend:
     """The run's steps on a Dask cluster (see :mod:`fruitdask.backends` for the order)."""
 
@@ -125,6 +141,9 @@ class DaskBackend:
         self.weights_key = ""
 
     def start(self, stack: ExitStack) -> None:
+        if self.cfg.cluster == "local":
+            start_fork_server()  # a no-op when ``fruitdask run`` started it as it started
+        preimport_client_modules()
         self.client = stack.enter_context(dask_client(self.cfg))
 
     def describe(self) -> dict:
@@ -172,7 +191,7 @@ class DaskBackend:
         self.counts = [len(p) for p in parts]
         url = self.target.staging_path(f"{INTERNAL}/manifest.parquet")
         manifest.write_manifest(parts, url, self.storage_options)
-        import dask.dataframe as dd  # here, not at import: the cluster starts sooner
+        import dask.dataframe as dd  # imported already by preimport_client_modules
 
         self.listing = dd.from_map(
             manifest.read_part, range(len(parts)), url=url, storage_options=self.storage_options,

@@ -66,6 +66,15 @@ def local_start_method() -> str | None:
     return LOCAL_START_METHOD
 
 
+def start_fork_server() -> None:
+    """Start the fork server local workers come from, with their imports, if they will be
+    forked (:func:`local_start_method`); a no-op once it runs."""
+    if local_start_method() == "forkserver":
+        from fruitdask.backends.dask import forkserver
+
+        forkserver.start_early(TF_ENV)
+
+
 def start_local_cluster(
     n_workers: int,
     threads_per_worker: int,
@@ -123,6 +132,7 @@ def _local(cfg: RunConfig, stack: ExitStack):
 
     method = local_start_method()
     if method:
+        start_fork_server()  # started already by the command, unless called as a library
         # For the cluster's whole life: a nanny restarting a lost worker reads it again.
         stack.enter_context(dask.config.set({"distributed.worker.multiprocessing-method": method}))
     shape = local_shape(cfg.n_workers, cfg.threads_per_worker)

@@ -1,0 +1,46 @@
+"""What every local worker imports, imported once in the fork server it is forked from.
+
+The preload of :mod:`fruitdask.backends.dask.forkserver`: never imported by the client.
+A failed import is logged and left to the worker, which imports again and reports it
+where it runs (a preload that raises would stop the fork server, and every worker with it).
+
+The server leaves with ``os._exit`` once its client is gone, as its children do: it
+only ever imported modules, and unwinding an interpreter that imported TensorFlow takes
+about a second of CPU after the run has ended.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+
+from fruitdask.backends.dask.forkserver import SERVER_ENV
+
+logger = logging.getLogger(__name__)
+
+
+def _leave_now() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
+
+
+# Only in the server that fruitdask started (the mark is not passed on to its workers).
+if os.environ.pop(SERVER_ENV, None) == "1":
+    atexit.register(_leave_now)
+
+try:
+    import distributed  # noqa: F401 - what Dask's own fork-server preload imports
+    import pandas  # noqa: F401
+    import PIL.Image  # noqa: F401
+    import pyarrow  # noqa: F401
+
+    import fruitdask.features.frames  # noqa: F401
+    from fruitdask.features import model
+
+    model.import_keras()  # TensorFlow and Keras; the graph is built after the fork
+    import keras.applications.vgg16  # noqa: F401
+except Exception:  # pragma: no cover - reported again by the worker that needs it
+    logger.exception("preloading the workers' imports failed")
