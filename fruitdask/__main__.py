@@ -1,8 +1,6 @@
 """``python -m fruitdask``: the CLI entry point."""
 
-import sys
-
-from fruitdask.cli import main
+from fruitdask.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

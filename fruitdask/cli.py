@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from fruitdask import __version__
 from fruitdask.commands.options import setup_logging
@@ -49,7 +50,9 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser. With ``command``, only that sub-command gets its arguments (the
+    others are listed, their modules not imported): all that parsing its line needs."""
     parser = argparse.ArgumentParser(
         prog="fruitdask",
         description="Featurize Fruits-360 images with VGG16 on Dask (or Spark), reduce with IncrementalPCA, "
@@ -58,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fruitdask {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMAND_MODULES.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
         kwargs = {"description": help_text, **getattr(module, "PARSER_KWARGS", {})}
         p = sub.add_parser(name, help=help_text, **kwargs)
@@ -70,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     for key, value in TF_ENV.items():
         os.environ.setdefault(key, value)
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The first word that is not an option names the command (the top level has no
+    # option that takes a value).
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMAND_MODULES else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -102,6 +112,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def entry() -> None:
+    """The process's entry point (``fruitdask``, ``python -m fruitdask``): :func:`main`, then exit.
+
+    Before the interpreter unwinds, every object goes to the garbage collector's permanent
+    generation (:func:`gc.freeze`): the last collections of a process that imported pandas,
+    Dask, pyarrow and matplotlib otherwise take 0.6 s on 2 cores, after everything is
+    written and committed. Objects are still freed by reference counting and ``atexit``
+    handlers still run; only the final hunt for reference cycles is skipped, and the
+    operating system takes the memory back anyway. :func:`main` alone (tests, embedding)
+    leaves the collector as it is.
+    """
+    code = main()
+    exit_quickly(code)
+
+
+def exit_quickly(code: int) -> NoReturn:
+    """``sys.exit(code)`` without the final garbage collections (see :func:`entry`)."""
+    import gc
+
+    gc.freeze()
+    sys.exit(code)
 
 
 def _one_line(text: str) -> str:

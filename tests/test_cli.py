@@ -101,6 +101,66 @@ def test_python_dash_m_entry_point():
     assert proc.returncode == 0 and proc.stdout.startswith("fruitdask ")
 
 
+def test_python_dash_m_keeps_the_exit_code(tmp_path):
+    """The entry point leaves without the final garbage collections (gc.freeze) but with
+    the command's exit code and its one-line error."""
+    proc = subprocess.run([sys.executable, "-m", "fruitdask", "run", "--input", str(tmp_path / "nope"),
+                           "--output", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().startswith("fruitdask: error: ")
+
+
+def _fresh_python(code: str, **env: str) -> str:
+    import os
+    import textwrap
+
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_a_command_line_imports_only_its_own_command():
+    """``fruitdask run ...`` builds the run parser alone: the other commands' modules (the
+    bench's numpy, the service's settings) are not imported before the run starts."""
+    out = _fresh_python("""
+        import sys
+        from fruitdask import cli
+        args = cli.build_parser("run").parse_args(["run", "--workers", "1"])
+        print(sorted(m for m in sys.modules if m.startswith("fruitdask.commands.")), args.n_workers)
+    """)
+    assert out == "['fruitdask.commands.options', 'fruitdask.commands.run'] 1"
+
+
+def test_quiet_logging_quiets_distributed_without_importing_it():
+    out = _fresh_python("""
+        import logging, sys
+        from fruitdask.commands.options import setup_logging
+        setup_logging(quiet=True, debug=False)
+        before = "distributed" in sys.modules
+        import distributed
+        print(before, logging.getLogger("distributed").level, logging.getLogger("distributed.client").level,
+              logging.getLogger("distributed.scheduler").getEffectiveLevel())
+    """)
+    assert out == "False 40 40 40"
+
+
+def test_quiet_logging_leaves_a_logging_file_of_the_user_alone(tmp_path):
+    """A user's ``distributed.logging-file-config`` excludes a ``logging`` section (distributed
+    raises at import if both are set): the quiet set-up must not add one."""
+    ini = tmp_path / "logging.ini"
+    ini.write_text("[loggers]\nkeys=root\n[handlers]\nkeys=h\n[formatters]\nkeys=f\n[logger_root]\nlevel=INFO\n"
+                   "handlers=h\n[handler_h]\nclass=StreamHandler\nlevel=INFO\nformatter=f\nargs=(sys.stderr,)\n"
+                   "[formatter_f]\nformat=%(message)s\n")
+    out = _fresh_python("""
+        from fruitdask.commands.options import setup_logging
+        setup_logging(quiet=True, debug=False)
+        import distributed
+        print("imported")
+    """, DASK_DISTRIBUTED__LOGGING_FILE_CONFIG=str(ini))
+    assert out == "imported"
+
+
 def _cancelled():
     from distributed.client import CancelledFuturesGroup, FutureCancelledError, FuturesCancelledError
 

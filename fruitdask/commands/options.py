@@ -162,8 +162,31 @@ def setup_logging(quiet: bool, debug: bool) -> None:
     root.setLevel(logging.WARNING if not debug else logging.INFO)
     logger.setLevel(level)
     if not debug:
-        import distributed  # noqa: F401 - configures its loggers at import; quiet them after
+        quiet_libraries()
 
-        for name in list(logging.root.manager.loggerDict):
-            if name.split(".")[0] in ("distributed", "tensorflow", "absl", "py4j", "pyspark", "h5py"):
-                logging.getLogger(name).setLevel(logging.ERROR)
+
+#: Libraries whose INFO and WARNING lines are noise to a user (errors still show).
+QUIET_LOGGERS = ("distributed", "tensorflow", "absl", "py4j", "pyspark", "h5py")
+
+
+def quiet_libraries() -> None:
+    """Libraries log errors only: the loggers that exist now, and ``distributed``'s when
+    it is imported later (it sets their levels at import, from Dask's ``logging``
+    configuration; importing it here would cost a third of a second before the run can
+    start its workers)."""
+    import dask
+
+    # Where distributed looks (its ``_find_logging_config``): under ``distributed`` if the
+    # logging keys are there, else at the top. A logging file or a dictConfig of the
+    # user's own is left alone.
+    section = "distributed." if {"logging", "logging-file-config"} & set(dask.config.get("distributed", {}) or {}) else ""
+    levels = dask.config.get(f"{section}logging", {}) or {}
+    if not dask.config.get(f"{section}logging-file-config", None) and "version" not in levels:
+        dask.config.set({f"{section}logging": {**levels, **{name: "error" for name in _DISTRIBUTED_LOGGERS}}})
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+#: The loggers ``distributed`` configures at import (its defaults name these).
+_DISTRIBUTED_LOGGERS = ("distributed", "distributed.client", "distributed.gc")
