@@ -1,7 +1,7 @@
 """Benchmark (not a test): the LocalCluster shape (workers x threads) against raw Keras.
 
-    python benchmarks/local_shape.py --shapes 16x1,8x2,4x4,2x8,1x16 [--images 480] [--image-size 224]
-        [--precision float32] [--repeats 1] [--input DIR] [--weights FILE] [--out DIR]
+    python benchmarks/local_shape.py --shapes 16x1,8x2,4x4,2x8,1x16 [--images 667] [--image-size 224]
+        [--precision float32] [--repeats 1] [--partition-size 16] [--input DIR] [--weights FILE] [--out DIR]
 
 For each shape, one ``fruitdask bench --backends raw,dask --workers W --threads-per-worker T``
 invocation: the raw Keras baseline runs in the same invocation as the shape it is compared
@@ -25,7 +25,7 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "fruitdask", "bench", "--backends", "raw,dask", "--no-unpooled-pca", "--quiet",
            "--images", str(args.images), "--image-size", str(args.image_size), "--repeats", str(args.repeats),
            "--precisions", args.precision, "--workers", str(workers), "--threads-per-worker", str(threads),
-           "--out", str(out)]
+           "--partition-size", str(args.partition_size), "--out", str(out)]
     cmd += ["--input", args.input] if args.input else []
     cmd += ["--weights", args.weights] if args.weights else []
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -34,6 +34,8 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict:
     bench = json.loads((out / "bench.json").read_text())
     res = bench["results"][args.precision]
     raw, dask = res["raw"], res["dask"]
+    if not (dask.get("steady_images_per_s") and raw.get("steady_images_per_s")):
+        return {"shape": shape, "status": "no steady rate: fewer partitions than two waves (more --images, smaller --partition-size)"}
     return {
         "shape": shape, "status": "ok", "cpus": bench["machine"]["cpus"], "cpu": bench["machine"]["cpu"],
         "cpu_flags": bench["machine"]["cpu_flags"], "quiet": bench["machine"]["quiet"],
@@ -48,10 +50,12 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=f"{os.cpu_count()}x1,{max(1, (os.cpu_count() or 2) // 2)}x2,1x{os.cpu_count()}")
-    p.add_argument("--images", type=int, default=480)
+    p.add_argument("--images", type=int, default=667)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--partition-size", type=int, default=16,
+                   help="images per partition: small enough for two waves on every slot (default: 16)")
     p.add_argument("--input")
     p.add_argument("--weights")
     p.add_argument("--out", default="shape-results")

@@ -78,10 +78,13 @@ def test_local_cluster_shape_defaults():
     from fruitdask.backends.dask.cluster import LocalShape, local_shape
 
     assert local_shape(None, None, cores=2) == LocalShape(1, 2)  # measured best on 2 cores
+    assert local_shape(None, None, cores=16) == LocalShape(1, 16)  # and on 16
     assert local_shape(None, None, cores=1) == LocalShape(1, 1)
-    assert local_shape(2, None, cores=2) == LocalShape(2, 1)  # an explicit choice wins
-    assert local_shape(None, None, cores=4) == LocalShape(4, 1)
-    assert local_shape(None, None, cores=16) == LocalShape(8, 2)
+    assert local_shape(None, None, cores=4) == LocalShape(1, 4)
+    assert local_shape(None, None, cores=64) == LocalShape(4, 16)  # a worker per 16 cores above
+    assert local_shape(2, None, cores=2) == LocalShape(2, 1)  # an explicit choice wins, completed
+    assert local_shape(None, 4, cores=16) == LocalShape(4, 4)
+    assert local_shape(3, 5, cores=2) == LocalShape(3, 5)
 
 
 def test_local_workers_warm_up_as_they_start_without_any_task(local_cluster):

@@ -35,22 +35,29 @@ class LocalShape:
     threads_per_worker: int
 
 
+#: Most threads one local worker gets by default: the largest machine measured (16 cores).
+MAX_LOCAL_THREADS = 16
+
+
 def local_shape(n_workers: int | None, threads_per_worker: int | None, cores: int | None = None) -> LocalShape:
     """Default LocalCluster shape, by measurement (docs/architecture-review.md, "LocalCluster shape").
 
-    On 2 cores, one worker with 2 threads: one TensorFlow import and one VGG16 build instead
-    of two competing for the cores, and TensorFlow's own threads run one partition at near
-    the plain script's rate (120 images at 224 px: 27.2 s against 28.7 s for 2 x 1, steady
-    7.07 against 6.82 images/s). On more cores (not measured here: every machine of this
-    project had 2), one single-threaded process per core up to 4 cores, then 2 threads per
-    process, which keeps Python decoding off one GIL.
+    One worker process with a thread per core: one TensorFlow import, one VGG16 build and
+    one copy of the weights, and its partitions share TensorFlow's thread pool. Measured
+    best at 224 px, float32, against raw Keras in the same invocation
+    (``benchmarks/local_shape.py``): on 2 cores 1 x 2 (27.2 s end to end against 28.7 s
+    for 2 x 1); on 16 cores (Intel Xeon with AMX) 1 x 16, steady 51.9 and 54.5 images/s
+    in two invocations against 48.9 and 49.6 for 8 x 2, 50.7 and 51.8 for 2 x 8, 46.7 for
+    16 x 1, and the best end to end in both. Above 16 cores (not measured) one such worker
+    per 16 cores. A flag given alone is completed to fill the cores.
     """
     cores = cores or os.cpu_count() or 1
-    if cores <= 2 and not (n_workers or threads_per_worker):
-        return LocalShape(1, cores)
-    threads = threads_per_worker or (1 if cores <= 4 else 2)
-    workers = n_workers or max(1, cores // threads)
-    return LocalShape(workers, threads)
+    if n_workers and threads_per_worker:
+        return LocalShape(n_workers, threads_per_worker)
+    if n_workers:
+        return LocalShape(n_workers, max(1, cores // n_workers))
+    threads = threads_per_worker or min(cores, MAX_LOCAL_THREADS)
+    return LocalShape(max(1, cores // threads), threads)
 
 
 def local_start_method() -> str | None:
