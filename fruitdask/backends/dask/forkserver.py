@@ -48,8 +48,10 @@ def start_early(env: Mapping[str, str]) -> bool:
     """
     from multiprocessing import forkserver
 
-    server = forkserver._forkserver  # the process-wide server multiprocessing forks from
-    if server._forkserver_pid is not None:
+    # The process-wide server multiprocessing forks from (CPython 3.10 to 3.13 alike). If a
+    # Python lacks it, Dask starts its own server with the cluster, as before.
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", 0) is not None:
         return False
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
     env = {**env, SERVER_ENV: "1"}
