@@ -117,6 +117,9 @@ class RunConfig:
     pca_power_iterations: int = 2
     overwrite: bool = False
     resume: bool = False
+    keep_deleted: bool = False  # keep the rows of images gone from the input (Auto Loader's behaviour)
+    rebuild: bool = False  # featurize every image again into a new table version
+    refit: bool = False  # fit the PCA again on every row and re-project them
     max_errors: float | None = None
     max_file_mb: float = 50.0  # files larger than this (by the listing) are skipped unread
     skipped_ok: bool = False

@@ -27,6 +27,14 @@ class OutputBusyError(OutputError):
     """Another run holds the output's lock: two runs must never write one output at once."""
 
 
+class ConcurrentRunError(OutputError):
+    """Another run committed to the features table while this one worked; nothing of this run was committed."""
+
+
+class SettingsMismatchError(OutputError):
+    """The table's features were made with other settings than this run's."""
+
+
 class WeightsError(FruitdaskError):
     """Model weights could not be loaded or do not fit the VGG16 graph."""
 

@@ -3,17 +3,16 @@
 ::
 
     OUTPUT/
-      _SUCCESS              written last, by :meth:`fruitdask.storage.OutputTarget.commit`
-      features/part-*.parquet   path, label, features, pca
-      errors.parquet        path, label, stage, reason
-      reduction.npz         :class:`fruitdask.reduce.Reduction`
-      scree.png
-      run.json              :class:`RunRecord`
-      dask-report.html      Dask performance report (dask backend)
-      report.html           the run report
+      features/             the Delta table (fruitdask.lake): one row per current image
+      pca/<fit>.npz         every PCA fit the rows name (``pca_fit``)
+      errors.parquet        the current unusable images: path, label, stage, reason, image_key, source_version, run_id
+      reduction.npz         the current fit (:class:`fruitdask.reduce.Reduction`), scree.png its plot
+      run.json              the last run's :class:`RunRecord`; report.html, dask-report.html
+      runs/<run_id>/        every run's run.json, report.html and dask-report.html
+      _SUCCESS              written once a run has committed
 
-The pipeline writes through :class:`RunRecord` and :func:`errors_parquet`; ``train``, the
-report and the benchmark read a finished run through :func:`read_run`.
+The pipeline writes through :class:`RunRecord` and :func:`publish` after the table's commit;
+``train``, the report and the benchmark read an output through :func:`read_run`.
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ import pandas as pd
 
 from fruitdask import __version__, storage
 from fruitdask.errors import InputError
-from fruitdask.features.frames import ERROR_COLUMNS
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.lake.schema import ERROR_COLUMNS
 from fruitdask.reduce import Reduction
 from fruitdask.runinfo import StageTimer, versions
 
@@ -46,6 +45,7 @@ RUN_JSON = "run.json"
 REPORT = "report.html"
 DASK_REPORT = "dask-report.html"
 SUCCESS = storage.SUCCESS_MARKER
+RUNS = "runs"
 
 NOT_A_RUN_HINT = "pass the --output folder or URI of a finished `fruitdask run`"
 
@@ -55,9 +55,12 @@ def errors_parquet(errors: pd.DataFrame) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table(
-        {c: pa.array(errors[c].astype(object).tolist() if len(errors) else [], type=pa.string()) for c in ERROR_COLUMNS}
-    )
+    def column(c: str) -> list:
+        if not len(errors) or c not in errors:
+            return [None] * len(errors)
+        return [None if v is None or v is pd.NA or (isinstance(v, float) and v != v) else str(v) for v in errors[c].tolist()]
+
+    table = pa.table({c: pa.array(column(c), type=pa.string()) for c in ERROR_COLUMNS})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
@@ -82,6 +85,7 @@ class RunRecord:
     weights: WeightsInfo
     warnings: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    lake: dict = field(default_factory=dict)  # the table's counts and versions (pipeline.lake_counts)
 
     def document(self) -> dict:
         """The ``run.json`` document (timings and duration as of now)."""
@@ -95,7 +99,11 @@ class RunRecord:
             "started_at": self.started.isoformat(),
             "duration_s": round(timer.total, 3),
             "counts": {"images_listed": self.n_listed, "labels": len(self.per_label), "rows_written": self.rows,
-                       "errors": len(self.errors)},
+                       "errors": len(self.errors),
+                       **{k: self.lake[k] for k in ("listed", "added", "updated", "removed", "unchanged", "featurized")
+                          if k in self.lake}},
+            "table": {k: self.lake.get(k) for k in ("version_before", "version_after", "rows", "pca_fit", "refitted",
+                                                    "files_added", "files_removed")},
             "per_label": self.per_label,
             "errors_by_stage": self._errors_by_stage(),
             "reduction": self.reduction.summary(),
@@ -112,7 +120,8 @@ class RunRecord:
             "versions": versions(),
             "config": self.cfg.to_dict(),
             "files": {"features": f"{FEATURES}/", "errors": ERRORS, "reduction": REDUCTION, "scree": SCREE,
-                      "performance_report": self.extra.get("performance_report"), "report": REPORT},
+                      "performance_report": self.extra.get("performance_report"), "report": REPORT,
+                      "run": f"{RUNS}/{self.run_id}/"},
         }
 
     def _errors_by_stage(self) -> dict[str, int]:
@@ -146,13 +155,20 @@ class CommittedRun:
     def reduction(self) -> Reduction:
         return Reduction.from_npz(self._read(REDUCTION))
 
-    def features(self, columns: tuple[str, ...] | list[str] | None = None) -> pd.DataFrame:
-        """The ``features/`` rows (only ``columns`` when given)."""
-        return storage.read_parquet(self.path(FEATURES), self.storage_options, columns=list(columns) if columns else None)
+    def features(self, columns: tuple[str, ...] | list[str] | None = None, version: int | None = None) -> pd.DataFrame:
+        """The table's current rows (only ``columns`` when given; ``version`` for time travel)."""
+        from fruitdask.lake import table as delta
+
+        dt_ = delta.load(self.url, self.storage_options, version)
+        table = dt_.to_pyarrow_dataset().to_table(columns=list(columns) if columns else None)
+        return table.to_pandas(types_mapper=pd.ArrowDtype)
 
     def feature_parts(self) -> list[str]:
-        """The ``features/`` part files, in order (to stream them one by one)."""
-        return storage.list_files(self.path(FEATURES), self.storage_options, ".parquet")
+        """The table's current data files, as URLs or paths (to stream them one by one)."""
+        from fruitdask.lake import table as delta
+
+        uris = delta.load(self.url, self.storage_options).file_uris()
+        return sorted(u[len("file://"):] if u.startswith("file://") else u for u in uris)
 
     def errors(self) -> pd.DataFrame:
         """``errors.parquet`` (an :class:`InputError` when it is absent)."""

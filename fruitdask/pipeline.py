@@ -1,18 +1,29 @@
-"""The run, stage by stage: list, count, load weights, featurize + reduce (backend), write.
+"""The run, stage by stage: list and diff against the table, load weights, featurize,
+(re)fit the PCA, commit one table version, then write the run's record beside it.
 
-Backend-independent steps live here so both backends produce the same files:
-``features/`` (Parquet), ``errors.parquet``, ``reduction.npz``, ``scree.png`` and
-``run.json``, committed atomically by :class:`fruitdask.storage.OutputTarget`.
+::
+
+    OUTPUT/
+      features/             the Delta table (lake.table): one row per current image
+      pca/<fit>.npz         every PCA fit the table's rows name (pca_fit column)
+      errors.parquet        the current images that could not be used
+      reduction.npz, scree.png   the current fit (copies), its scree plot
+      run.json, report.html, dask-report.html   the last run's record
+      runs/<run_id>/        every run's run.json and report, kept
+      _SUCCESS              written once a run has committed
+
+A run with nothing to do (no new, changed or removed image, same settings) says so after
+the listing and exits: no cluster is started, no TensorFlow imported, nothing is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
 
 import pandas as pd
 
@@ -20,13 +31,17 @@ from fruitdask import checkpoint, output, storage
 from fruitdask.backends import make_backend, workers_elsewhere
 from fruitdask.backends.base import Backend
 from fruitdask.config import RunConfig
-from fruitdask.errors import InputError, OutputError, TooManyErrors, WeightsError
+from fruitdask.errors import InputError, TooManyErrors, WeightsError
 from fruitdask.features import model, precision
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.lake import keys, update
+from fruitdask.lake import plan as lake_plan
+from fruitdask.lake import table as delta
+from fruitdask.lake.schema import ERROR_COLUMNS
 from fruitdask.progress import Progress
-from fruitdask.reduce import Reduction, scree_png
+from fruitdask.reduce import scree_png
 from fruitdask.report import page as report
-from fruitdask.runinfo import StageTimer, label_counts
+from fruitdask.runinfo import StageTimer
 
 logger = logging.getLogger(__name__)
 
@@ -54,151 +69,270 @@ def run(
     progress: Progress | None = None,
     on_event: Callable[[str, dict], None] | None = None,
 ) -> dict:
-    """Run the whole pipeline and return the ``run.json`` document.
+    """Bring the output's features table up to date with the input; return ``run.json``.
 
     Parameters
     ----------
     progress
-        Told how many images there are and advanced as partitions complete
-        (:class:`fruitdask.progress.Progress`); the CLI draws a bar with it.
+        Told how many images there are to featurize and advanced as partitions complete.
     on_event
-        Called as ``on_event(name, data)`` at milestones (``listed``, ``cluster``), so the CLI
-        can print statistics and the dashboard URL as soon as they are known.
+        Called as ``on_event(name, data)`` at milestones (``listed``, ``planned``,
+        ``cluster``), so the CLI can print statistics and the dashboard URL as soon as known.
     """
     emit = on_event or (lambda name, data: None)
     timer, started = StageTimer(), dt.datetime.now(dt.UTC)
-    # Decided on this machine, before anything is touched, unless the model runs on other
-    # machines (a remote Dask cluster): then the workers answer once the cluster is up.
+    # Decided on this machine unless the model runs elsewhere (then the workers answer).
     resolved = None if workers_elsewhere(cfg) else _resolve_precision(cfg.precision)
-    if resolved:  # a local cluster's workers start warming up with it
+    if resolved:
         cfg = dataclasses.replace(cfg, precision=resolved.precision)
     # Nothing is read or written before every location passes the region guard.
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
-    storage_options = cfg.storage.storage_options()
-    target = storage.OutputTarget.open(cfg.output, storage_options, cfg.overwrite)
+    so = cfg.storage.storage_options()
+    target = storage.OutputTarget.for_update(cfg.output, so)
+    with timer.stage("table"):
+        state = open_output(cfg, so)
     backend = make_backend(cfg, target, progress or Progress())
-    # A weights file is read with h5py in a fraction of a second: read it before any cluster
-    # starts, so a bad file fails at once. Random (or downloaded ImageNet) weights need Keras
-    # on the client: that import overlaps the workers' warm-up instead.
-    loaded = _load_weights(cfg, timer, storage_options) if cfg.weights not in model.WEIGHTS_CHOICES else None
-    with ExitStack() as engine:
-        if backend.starts_early:
-            # The cluster is up and its workers warm up (TensorFlow, VGG16) while the client
-            # lists the images (and makes the weights when they are not a file).
-            _start(backend, engine, timer, emit)
-            if resolved is None:  # the workers run elsewhere: they answer for their hardware
-                resolved = _resolve_precision(cfg.precision, backend)
-                cfg = dataclasses.replace(cfg, precision=resolved.precision)
-            backend.warm_up(engine, cfg.precision)
-        listing, rejected = _list_images(cfg, timer, emit, storage_options)
-        weights, winfo = loaded or _load_weights(cfg, timer, storage_options)
-        with storage.committed(target):
-            settings = FeatureSettings.from_config(cfg, winfo.sha256)
-            done = _featurize_reduce_write(backend, timer, emit, listing, (weights, winfo), settings)
-            errors = pd.concat([rejected, done.errors], ignore_index=True) if len(rejected) else done.errors
-            n_listed = len(listing) + len(rejected)
-            check_errors(cfg, n_listed, len(errors))
-            record = output.RunRecord(
-                cfg=cfg, run_id=target.run_id, started=started, timer=timer, n_listed=n_listed, n_images=len(listing),
-                per_label=label_counts(listing), errors=errors, rows=done.rows, reduction=done.reduction,
-                cluster=backend.cluster, precision=resolved.to_dict(), weights=winfo,
-                warnings=[winfo.warning] if winfo.warning else [], extra=backend.extra,
-            )
-            doc = _write_outputs(record, target, timer, storage_options)
-    # Committed: the featurized partitions kept for --resume are not needed any more.
-    checkpoint.clear(cfg.output, storage_options)
-    return doc
+    run = _Run(cfg, target, backend, state, timer, emit, started, resolved)
+    with ExitStack() as stack:
+        target.lock()
+        stack.callback(target.unlock)
+        stack.callback(target.abort)  # the run's staging (manifest, weights copy) goes either way
+        return run.go(stack)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _resolve_precision(requested: str, backend: Backend | None = None) -> precision.Resolved:
-    """Resolve ``--precision`` once (auto -> float32 or bfloat16; bfloat16 refused where it
-    would be emulated) so that every worker, checkpoint and record sees the same one: on
-    this machine, or by the backend's workers when they run elsewhere."""
     resolved = backend.resolve_precision(requested) if backend else precision.detect_and_resolve(requested)
     if requested != "float32":
         logger.info("precision %s (%s)", resolved.precision, resolved.reason)
     return resolved
 
 
-def _load_weights(cfg: RunConfig, timer: StageTimer, storage_options: dict) -> tuple[list, model.WeightsInfo]:
-    with timer.stage("weights"):
-        loaded = model.load_weights(
-            cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=storage_options,
-            allow_random=cfg.allow_random_weights,
-        )
-    check_random_weights(cfg, loaded[1])
-    return loaded
-
-
-def _start(backend: Backend, stack: ExitStack, timer: StageTimer, emit: Callable[[str, dict], None]) -> None:
-    """Start the engine (closed with ``stack``) and report the cluster."""
-    with timer.stage("startup"):
-        backend.start(stack)
-    emit("cluster", backend.describe())
-
-
-def _list_images(cfg: RunConfig, timer: StageTimer, emit: Callable[[str, dict], None],
-                 storage_options: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The images to featurize and the files refused from the listing alone (over-size
-    files, links out of the input root)."""
-    with timer.stage("listing"):
-        listing, rejected = storage.scan_images(cfg.input, storage_options, cfg.max_file_bytes)
-    if listing.empty:
+def open_output(cfg: RunConfig, storage_options: dict) -> delta.TableState:
+    """The output's table; an output from before the table is replaced only with
+    ``--overwrite``, a folder fruitdask did not write never."""
+    state = delta.open_table(cfg.output, storage_options)
+    if state.exists:
+        return state
+    fs, path = storage.get_fs(cfg.output, storage_options)
+    try:
+        names = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)) if fs.isdir(path) else []
+    except FileNotFoundError:
+        names = []
+    if fs.isfile(path):
+        raise InputError(f"output {cfg.output!r} is a file: choose another --output (a folder or prefix)")
+    if not names:
+        return state
+    storage.safety.check_replaceable(cfg.output, names)
+    if not cfg.overwrite:
         raise InputError(
-            f"every one of the {len(rejected)} images under {cfg.input!r} was refused before reading "
-            f"(first: {rejected['path'].iloc[0]}: {rejected['reason'].iloc[0]})"
+            f"output {cfg.output!r} holds a fruitdask output from before the features table (Parquet parts, no "
+            f"features/_delta_log): pass --overwrite to replace it with a table, or choose another --output"
         )
-    per_label = label_counts(listing)
-    emit("listed", {"images": len(listing), "labels": len(per_label), "per_label": per_label})
-    return listing, rejected
+    logger.warning("replacing the pre-table output at %s (--overwrite)", cfg.output)
+    storage.remove_prefix(storage.join(cfg.output, delta.TABLE_DIR), storage_options)
+    return state
 
 
-@dataclass
-class _Written:
-    rows: int
-    errors: pd.DataFrame
-    reduction: Reduction
+class _Run:
+    """One run's state between its stages (see :func:`run`)."""
+
+    def __init__(self, cfg: RunConfig, target: storage.OutputTarget, backend: Backend, state: delta.TableState,
+                 timer: StageTimer, emit: Callable, started: dt.datetime, resolved: precision.Resolved | None) -> None:
+        self.cfg, self.target, self.backend, self.state = cfg, target, backend, state
+        self.timer, self.emit, self.started, self.resolved = timer, emit, started, resolved
+        self.so = cfg.storage.storage_options()
+        self.engine_started = False
+
+    def go(self, stack: ExitStack) -> dict:
+        cfg = self.cfg
+        # A first run's workers warm up while the client lists; an update lists first, so
+        # that a run with nothing to do starts nothing.
+        if self.backend.starts_early and not self.state.exists:
+            self._start(stack)
+        loaded = self._load_weights() if cfg.weights not in model.WEIGHTS_CHOICES else None
+        spill = stack.enter_context(lake_plan.spill_dir())
+        plan = self._plan(spill)
+        if not (plan.changes_table or cfg.refit or cfg.rebuild or self._settings_changed(loaded)):
+            return self._up_to_date(plan)
+        weights, winfo = loaded or self._load_weights()
+        settings = FeatureSettings.from_config(cfg, winfo.sha256)
+        fp = keys.settings_fingerprint(settings)
+        check_settings(self.state, fp, cfg)
+        if not self.engine_started:
+            self._start(stack)
+        with self.backend.running():
+            with self.timer.stage("broadcast"):
+                self.backend.prepare(weights, winfo)
+            outcome = update.apply(self.backend, plan, self.state, self._request(plan, settings, fp, winfo),
+                                   settings, self.timer)
+        checkpoint.clear(cfg.output, self.so)
+        return self._record(plan, outcome, winfo)
+
+    def _start(self, stack: ExitStack) -> None:
+        with self.timer.stage("startup"):
+            self.backend.start(stack)
+        self.emit("cluster", self.backend.describe())
+        if self.resolved is None:  # the workers run elsewhere: they answer for their hardware
+            self.resolved = _resolve_precision(self.cfg.precision, self.backend)
+            self.cfg = dataclasses.replace(self.cfg, precision=self.resolved.precision)
+        self.backend.warm_up(stack, self.cfg.precision)
+        self.engine_started = True
+
+    def _load_weights(self) -> tuple[list, model.WeightsInfo]:
+        cfg = self.cfg
+        with self.timer.stage("weights"):
+            loaded = model.load_weights(cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=self.so,
+                                        allow_random=cfg.allow_random_weights)
+        check_random_weights(cfg, loaded[1])
+        return loaded
+
+    def _plan(self, spill: str) -> lake_plan.Plan:
+        cfg = self.cfg
+        with self.timer.stage("listing"):
+            listed = lake_plan.list_input(cfg.input, self.so, cfg.max_file_bytes, spill, self.target.run_id)
+            if not listed.n_images and not self.state.exists:
+                first = listed.refused.iloc[0]
+                raise InputError(f"every one of the {len(listed.refused)} images under {cfg.input!r} was refused "
+                                 f"before reading (first: {first['path']}: {first['reason']})")
+            self.emit("listed", {"images": listed.n_images, "labels": len(listed.per_label), "per_label": listed.per_label})
+        with self.timer.stage("diff"):
+            prior = read_errors(cfg.output, self.so) if self.state.exists else None
+            plan = lake_plan.make_plan(
+                listed, lake_plan.table_keys(self.state), prior, manifest_url=self.target.staging_path("manifest.parquet"),
+                storage_options=self.so, part_size=self._part_size(listed.n_images), keep_deleted=cfg.keep_deleted,
+                rebuild=cfg.rebuild or (cfg.overwrite and self.state.exists),
+            )
+        self.emit("planned", plan_counts(plan))
+        return plan
+
+    def _part_size(self, n_images: int) -> int:
+        """Images per partition: ``--partition-size``, smaller when fewer images than threads."""
+        threads = int(self.backend.cluster.get("threads") or 1) if self.engine_started else 1
+        return max(1, min(self.cfg.partition_size, -(-n_images // max(threads, 1)) if n_images else 1))
+
+    def _settings_changed(self, loaded) -> bool:
+        """Whether this run's feature settings may differ from the table's (checked without
+        loading weights: a weights file is hashed, a named choice compared by name and seed)."""
+        old = self.state.meta.get("feature_settings") or {}
+        if not self.state.exists or not old:
+            return False
+        cfg = self.cfg
+        now = {"image_size": cfg.image_size, "pooling": cfg.pooling, "precision": cfg.precision, "weights": cfg.weights}
+        if loaded is not None:
+            now["weights_sha256"] = loaded[1].sha256
+        elif cfg.weights in ("random", "auto"):
+            now["seed"] = cfg.seed
+        return any(old.get(k) != v for k, v in now.items())
+
+    def _request(self, plan: lake_plan.Plan, settings: FeatureSettings, fp: str, winfo: model.WeightsInfo) -> update.Request:
+        cfg = self.cfg
+        meta = {"run_id": self.target.run_id, "input": cfg.input, "settings": fp, "format": keys.TABLE_FORMAT,
+                "feature_settings": {"image_size": cfg.image_size, "pooling": cfg.pooling, "precision": cfg.precision,
+                                     "weights": cfg.weights, "weights_sha256": winfo.sha256, "seed": cfg.seed}}
+        return update.Request(
+            output=cfg.output, run_id=self.target.run_id, settings_fp=fp, components=cfg.components, variance=cfg.variance,
+            refit=cfg.refit, rebuild=cfg.rebuild or (cfg.overwrite and self.state.exists), resume=cfg.resume,
+            feature_dim=cfg.feature_dim, pca_batch_size=cfg.pca_batch_size, power_iterations=cfg.pca_power_iterations,
+            seed=cfg.seed, meta=meta, check=lambda errors: check_errors(cfg, plan.listed, len(plan.errors) + len(errors)),
+        )
+
+    def _up_to_date(self, plan: lake_plan.Plan) -> dict:
+        counts = plan_counts(plan)
+        logger.info("the table is up to date with the input (version %s, %d images): nothing to do",
+                    self.state.version, counts["unchanged"])
+        return {"run_id": self.target.run_id, "up_to_date": True, "counts": {**counts, "featurized": 0},
+                "table": {"version_before": self.state.version, "version_after": self.state.version},
+                "duration_s": round(self.timer.total, 3), "timings_s": dict(self.timer.stages)}
+
+    def _record(self, plan: lake_plan.Plan, outcome: update.Outcome, winfo: model.WeightsInfo) -> dict:
+        errors = current_errors(plan, outcome, self.target.run_id)
+        record = output.RunRecord(
+            cfg=self.cfg, run_id=self.target.run_id, started=self.started, timer=self.timer, n_listed=plan.listed,
+            n_images=outcome.featurized, per_label=plan.per_label, errors=errors, rows=outcome.added + outcome.updated,
+            reduction=outcome.reduction, cluster=self.backend.cluster, precision=self.resolved.to_dict() if self.resolved else {},
+            weights=winfo, warnings=[winfo.warning] if winfo.warning else [], extra=self.backend.extra,
+            lake=lake_counts(plan, outcome),
+        )
+        with self.timer.stage("publish"):
+            return publish(record, self.target, outcome.refitted)
 
 
-def _featurize_reduce_write(backend: Backend, timer: StageTimer, emit: Callable[[str, dict], None],
-                            listing: pd.DataFrame, weights: tuple[list, model.WeightsInfo], settings: FeatureSettings) -> _Written:
-    """The backend's steps, each in its stage, then the row check. A backend that starts
-    late (Spark) starts here, once the output is locked, and stops once the dataset is written."""
-    with ExitStack() as late:
-        if not backend.starts_early:
-            _start(backend, late, timer, emit)
-            backend.warm_up(late, settings.precision)
-        with backend.running():
-            done, written = _stages(backend, timer, listing, weights, settings)
-    if written != done.rows:
-        raise OutputError(f"wrote {written} rows but featurized {done.rows}: the output is incomplete, run again")
-    return done
+def publish(record: output.RunRecord, target: storage.OutputTarget, refitted: bool) -> dict:
+    """Write the run's record beside the committed table: ``errors.parquet``, the current
+    fit and its scree plot (when refitted), ``run.json`` and the report, at the top (the
+    last run's) and under ``runs/<run_id>/`` (kept); ``_SUCCESS`` last."""
+    so = target.storage_options
 
+    def put(name: str, data: bytes) -> None:
+        storage.write_file(storage.join(target.url, name), data, so)
 
-def _stages(backend: Backend, timer: StageTimer, listing: pd.DataFrame, weights: tuple[list, model.WeightsInfo],
-            settings: FeatureSettings) -> tuple[_Written, int]:
-    # The backend's handle on the featurized rows ends with this function: the cluster
-    # releases them before the backend cleans up after its steps.
-    with timer.stage("broadcast"):
-        backend.prepare(listing, *weights)
-    with timer.stage("featurize"):
-        feats = backend.featurize(settings)
-    with timer.stage("pca"):
-        reduction = backend.reduce(feats)
-    with timer.stage("write"):
-        written = backend.write(feats, reduction)
-    return _Written(feats.rows, feats.errors, reduction), written
-
-
-def _write_outputs(record: output.RunRecord, target: storage.OutputTarget, timer: StageTimer,
-                   storage_options: dict) -> dict:
-    """``errors.parquet``, ``reduction.npz``, ``scree.png``, ``run.json`` and the report."""
-    reduction, cfg = record.reduction, record.cfg
-    with timer.stage("write"):
-        target.write_bytes(output.ERRORS, output.errors_parquet(record.errors))
-        target.write_bytes(output.REDUCTION, reduction.to_npz())
-        target.write_bytes(output.SCREE, scree_png(reduction, f"Scree plot ({cfg.backend}, {record.n_images} images)"))
-    doc = record.write(target)
-    # Built from the record just written and the staged files, committed with them.
-    target.write_bytes(output.REPORT, report.build_report(doc, target.staging, storage_options))
+    put(output.ERRORS, output.errors_parquet(record.errors))
+    if refitted:
+        put(output.REDUCTION, record.reduction.to_npz())
+        put(output.SCREE, scree_png(record.reduction, f"Scree plot ({record.cfg.backend}, {record.reduction.n_samples} rows)"))
+    run_dir = f"{output.RUNS}/{record.run_id}"
+    try:
+        dask_report = storage.read_bytes(target.staging_path(output.DASK_REPORT), so)
+        put(output.DASK_REPORT, dask_report)
+        put(f"{run_dir}/{output.DASK_REPORT}", dask_report)
+    except FileNotFoundError:
+        pass
+    doc = record.document()
+    text = json.dumps(doc, indent=2, sort_keys=True, default=str).encode()
+    put(f"{run_dir}/{output.RUN_JSON}", text)
+    put(output.RUN_JSON, text)
+    page = report.build_report(doc, target.url, so)
+    put(f"{run_dir}/{output.REPORT}", page)
+    put(output.REPORT, page)
+    put(output.SUCCESS, b"")
     return doc
+
+
+def check_settings(state: delta.TableState, fp: str, cfg: RunConfig) -> None:
+    """Refuse to mix features made with other settings into the table."""
+    from fruitdask.errors import SettingsMismatchError
+
+    old = state.meta.get("settings")
+    if state.exists and old and old != fp and not (cfg.rebuild or cfg.overwrite):
+        was = state.meta.get("feature_settings") or {}
+        raise SettingsMismatchError(
+            f"the table at {delta.table_url(cfg.output)} holds features made with other settings "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(was.items()) if k != 'weights_sha256')}) than this run's "
+            f"(image_size {cfg.image_size}, pooling {cfg.pooling}, precision {cfg.precision}, weights {cfg.weights}): "
+            f"write to another --output, or pass --rebuild to featurize everything again into a new version"
+        )
+
+
+def plan_counts(plan: lake_plan.Plan) -> dict:
+    return {"listed": plan.listed, "added": plan.added, "updated": plan.updated, "removed": plan.removed,
+            "unchanged": plan.unchanged, "to_featurize": plan.featurize, "errors_kept": len(plan.errors)}
+
+
+def lake_counts(plan: lake_plan.Plan, outcome: update.Outcome) -> dict:
+    """``run.json``'s table counts: what the run did to the table."""
+    return {
+        "listed": plan.listed, "added": outcome.added, "updated": outcome.updated, "removed": plan.removed,
+        "unchanged": plan.unchanged, "featurized": outcome.featurized, "rows": outcome.rows,
+        "version_before": outcome.version_before, "version_after": outcome.version_after, "pca_fit": outcome.fit_id,
+        "refitted": outcome.refitted, "files_added": outcome.files_added, "files_removed": outcome.files_removed,
+    }
+
+
+def read_errors(output_url: str, storage_options: dict) -> pd.DataFrame | None:
+    """The previous run's ``errors.parquet`` (None if it has none)."""
+    try:
+        df = storage.read_parquet(storage.join(output_url, output.ERRORS), storage_options)
+    except (InputError, FileNotFoundError):
+        return None
+    except Exception as e:  # noqa: BLE001 - a damaged file only costs retries of its images
+        logger.warning("cannot read the previous errors.parquet (%s): its images are retried", e)
+        return None
+    return df if set(ERROR_COLUMNS) <= set(df.columns) else None
+
+
+def current_errors(plan: lake_plan.Plan, outcome: update.Outcome, run_id: str) -> pd.DataFrame:
+    """Refused at listing, still failing from before, and failed in this run."""
+    new = outcome.errors.assign(run_id=run_id)[ERROR_COLUMNS] if len(outcome.errors) else None
+    frames_ = [f.astype(object) for f in (plan.errors, new) if f is not None and len(f)]
+    return pd.concat(frames_, ignore_index=True)[ERROR_COLUMNS] if frames_ else pd.DataFrame(columns=ERROR_COLUMNS)

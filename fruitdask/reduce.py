@@ -330,6 +330,15 @@ def fit_incremental_pca(
     n_samples, n_features = (int(x) for x in X.shape)
     plan = plan_pca(n_samples, n_features, components, batch_size)
     mean, scale, Z = _standardize(X)
+    if plan.fixed_k is None and n_samples > gram_max_samples:
+        # Above the Gram matrix's size: one IncrementalPCA pass fits up to
+        # MAX_FIT_COMPONENTS components and K is read off their exact-denominator ratios
+        # (no task holds more than a batch: the randomized spectrum's R factors would).
+        ipca = _fit_ipca(Z, plan, power_iterations, seed)
+        return finish(plan, mean, scale, np.asarray(ipca.mean_), np.asarray(ipca.components_),
+                      np.asarray(ipca.explained_variance_, dtype=np.float64),
+                      np.asarray(ipca.explained_variance_ratio_, dtype=np.float64), variance, n_samples,
+                      f"dask-ml IncrementalPCA (randomized, {power_iterations} power iterations; K from its own spectrum)")
     if plan.fixed_k is None:
         spec = spectrum(Z, power_iterations=power_iterations, seed=seed, gram_max_samples=gram_max_samples)
         k = max(1, min(choose_k(spec.ratios, variance), n_samples, n_features))

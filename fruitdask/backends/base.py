@@ -1,11 +1,10 @@
-"""What the pipeline and every backend share: the :class:`Backend` steps, the
-:class:`Featurized` handle, and :func:`n_partitions` (see :mod:`fruitdask.backends`)."""
+"""What the pipeline and every backend share: the :class:`Backend` steps and
+:func:`n_partitions` (see :mod:`fruitdask.backends`)."""
 
 from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -14,17 +13,6 @@ import pandas as pd
 from fruitdask.features.model import WeightsInfo
 from fruitdask.features.precision import Resolved
 from fruitdask.features.settings import FeatureSettings
-from fruitdask.reduce import Reduction
-
-
-@dataclass
-class Featurized:
-    """What a backend's featurize step hands back: its own handle on the good rows (kept on
-    the cluster), how many there are, and the skipped rows (``path, label, stage, reason``)."""
-
-    data: Any
-    rows: int
-    errors: pd.DataFrame
 
 
 class Backend(Protocol):
@@ -44,13 +32,14 @@ class Backend(Protocol):
 
     def running(self) -> AbstractContextManager: ...
 
-    def prepare(self, listing: pd.DataFrame, weights: list[np.ndarray], weights_info: WeightsInfo) -> None: ...
+    def prepare(self, weights: list[np.ndarray], weights_info: WeightsInfo) -> None: ...
 
-    def featurize(self, settings: FeatureSettings) -> Featurized: ...
+    def featurize_parts(self, manifest_url: str, sizes: list[int], settings: FeatureSettings, ckpt: Any, sink: Any,
+                        fit: Any) -> pd.DataFrame: ...
 
-    def reduce(self, featurized: Featurized) -> Reduction: ...
+    def map_tasks(self, fn: Any, args_list: list[tuple]) -> list: ...
 
-    def write(self, featurized: Featurized, reduction: Reduction) -> int: ...
+    def tree_reduce(self, leaves: list[tuple]) -> Any: ...
 
 
 def n_partitions(n_images: int, partition_size: int, n_threads: int) -> int:

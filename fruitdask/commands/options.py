@@ -66,7 +66,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--input", help=f"folder or URI of <Label>/<image>.jpg files (default: the bundled sample, {SAMPLE_DIR.parent.name})")
     g.add_argument("--output", help=f"folder or URI for the results (default: ./{DEFAULT_OUTPUT})")
-    g.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output (default: refuse)")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an output written before the features table; on a table, the same as --rebuild")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -114,6 +115,12 @@ def _add_execution_options(p: argparse.ArgumentParser) -> None:
                    help="exit 0 instead of 4 when files were skipped (for schedulers that treat any non-zero "
                    "exit as failure: Kubernetes Jobs, Airflow); --max-errors still bounds them")
     g.add_argument("--resume", action="store_true", default=None, help="reuse featurized partitions checkpointed by an earlier failed run")
+    g.add_argument("--keep-deleted", action="store_true", default=None,
+                   help="keep the rows of images gone from the input (default: remove them, so the table is the input)")
+    g.add_argument("--rebuild", action="store_true", default=None,
+                   help="featurize every image again into a new table version (e.g. after changing --image-size)")
+    g.add_argument("--refit", action="store_true", default=None,
+                   help="fit the PCA again on every row and re-project them (automatic when the table doubled since the last fit)")
     g.add_argument("--spark-master", help=f"Spark master URL for --backend spark (default: {_D.spark_master})")
     g.add_argument("--spark-allow-large-pca", action="store_true", default=None,
                    help="let Spark's PCA gather a d x d covariance on the driver even when it is large")

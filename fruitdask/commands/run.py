@@ -1,4 +1,4 @@
-"""``fruitdask run``: the pipeline, from listing the images to the committed Parquet dataset."""
+"""``fruitdask run``: bring the output's features table up to date with the input."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ EXIT_OK = 0
 EXIT_SKIPPED = 4
 
 RUN_EPILOG = """exit codes:
-  0    success, every listed image was featurized
-  4    success with skipped files: the dataset is committed, the unusable images are
+  0    success: the table holds every listed image (or was up to date already)
+  4    success with skipped files: the table is committed, the unusable images are
        listed in OUTPUT/errors.parquet and counted in run.json (treat as success with
        a warning; --max-errors turns too many of them into exit 3; --skipped-ok
        makes it 0)
-  1    failure (input, output, storage, weights, cluster); nothing committed
+  1    failure (input, output, storage, weights, cluster, another run committed
+       first, other feature settings than the table's); nothing committed
   2    bad flag or configuration value
   3    more unusable images than --max-errors allows; nothing committed
   130  interrupted (Ctrl-C); 143 terminated (SIGTERM): cluster closed, nothing committed
@@ -31,7 +32,9 @@ RUN_EPILOG = """exit codes:
 
 #: How the dispatcher builds this command's parser (``help`` comes from its table).
 PARSER_KWARGS = {
-    "description": "Run the pipeline. With no flags it processes the bundled sample on a local cluster.",
+    "description": "Bring the output's features table (Delta Lake) up to date with the input: featurize new and "
+                   "changed images, remove the rows of deleted ones, commit one table version. With no flags it "
+                   "processes the bundled sample on a local cluster.",
     "epilog": RUN_EPILOG,
     "formatter_class": argparse.RawDescriptionHelpFormatter,
 }
@@ -46,6 +49,9 @@ def _on_event(name: str, data: dict) -> None:
         logger.info("%d images, %d labels", data["images"], data["labels"])
         for label, n in data["per_label"].items():
             logger.info("  %-24s %6d", label, n)
+    elif name == "planned":
+        logger.info("against the table: %d new, %d changed, %d removed, %d unchanged; %d to featurize",
+                    data["added"], data["updated"], data["removed"], data["unchanged"], data["to_featurize"])
     elif name == "cluster":
         logger.info("cluster: %s workers, %s threads; dashboard: %s",
                     data.get("n_workers"), data.get("threads"), data.get("dashboard"))
@@ -55,25 +61,43 @@ def command(args: argparse.Namespace) -> int:
     from fruitdask.backends import start_early
 
     cfg = config_from_args(args)
-    # Before the pipeline's imports: local workers' imports overlap the client's.
-    start_early(cfg)
+    # Before the pipeline's imports: local workers' imports overlap the client's (only for
+    # a new table: an update lists first, and starts nothing when there is nothing to do).
+    if not _has_local_table(cfg.output):
+        start_early(cfg)
     from fruitdask import pipeline
     from fruitdask.progress import progress_bar
 
     # The bar starts with the featurization, after the cluster line (dashboard URL) is printed.
     doc = pipeline.run(cfg, progress=progress_bar(cfg.quiet), on_event=_on_event)
-    red = doc["reduction"]
+    if doc.get("up_to_date"):
+        if not cfg.quiet:
+            print(json.dumps({"output": cfg.output, "up_to_date": True, "version": doc["table"]["version_after"]}))
+        return EXIT_OK
+    red, counts, table = doc["reduction"], doc["counts"], doc["table"]
     for w in doc["warnings"]:
         logger.warning("WARNING: %s", w)
     logger.info(
-        "wrote %d rows (%d skipped) to %s: K=%d components, %.1f%% variance, %.2f images/s featurizing, %.1fs in all",
-        doc["counts"]["rows_written"], doc["counts"]["errors"], cfg.output, red["k"],
-        100 * red["variance_reached"], doc["images_per_second"]["featurize"] or 0, doc["duration_s"],
+        "table version %s -> %s: %d added, %d updated, %d removed, %d unchanged (%d skipped); %d rows; PCA fit %s "
+        "(K=%d, %.1f%% variance%s); %.2f images/s featurizing, %.1fs in all",
+        table["version_before"], table["version_after"], counts["added"], counts["updated"], counts["removed"],
+        counts["unchanged"], counts["errors"], table["rows"], table["pca_fit"], red["k"], 100 * red["variance_reached"],
+        ", refitted" if table["refitted"] else "", doc["images_per_second"]["featurize"] or 0, doc["duration_s"],
     )
     from fruitdask.report.page import report_location
 
     report_path = report_location(cfg.output)
     logger.info("report: %s", report_path)
     if not cfg.quiet:
-        print(json.dumps({"output": cfg.output, "rows": doc["counts"]["rows_written"], "k": red["k"], "report": report_path}))
-    return EXIT_SKIPPED if doc["counts"]["errors"] and not cfg.skipped_ok else EXIT_OK
+        print(json.dumps({"output": cfg.output, "rows": table["rows"], "version": table["version_after"],
+                          "added": counts["added"], "updated": counts["updated"], "removed": counts["removed"],
+                          "k": red["k"], "report": report_path}))
+    return EXIT_SKIPPED if counts["errors"] and not cfg.skipped_ok else EXIT_OK
+
+
+def _has_local_table(output: str) -> bool:
+    """A local output that already holds a features table (checked without any import:
+    remote outputs are not touched before the region guard)."""
+    import os
+
+    return "://" not in output and os.path.isdir(os.path.join(output, "features", "_delta_log"))

@@ -37,11 +37,22 @@ DEFAULT_MAX_FILE_MB = 50
 REJECTED_COLUMNS = ["path", "label", "stage", "reason"]
 
 
-def scan_images(
-    url: str, storage_options: Mapping[str, Any] | None = None, max_file_bytes: int | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """List images under ``url``, recursively, with their label; set aside those refused
-    from the listing alone, before any byte of them is read.
+@dataclass
+class ListedBatch:
+    """One folder's worth of the listing: accepted images and files refused from the listing
+    alone. ``images``: ``(path, label, size, tag)``; ``refused``: ``(path, label, reason, size, tag)``."""
+
+    images: list[tuple[str, str, int | None, str | None]]
+    refused: list[tuple[str, str, str, int | None, str | None]]
+
+
+def iter_images(
+    url: str, storage_options: Mapping[str, Any] | None = None, max_file_bytes: int | None = None,
+    threads: int = listing.LIST_THREADS,
+) -> Iterator[ListedBatch]:
+    """Stream the images under ``url``, recursively, with their label, a batch per folder
+    listed (folders listed concurrently; nothing cached); set aside those refused from the
+    listing alone, before any byte of them is read.
 
     The label is the name of the folder that holds the image (``Cherry 1/r_0_100.jpg`` has
     label ``Cherry 1``). Extensions ``.jpg``, ``.jpeg`` and ``.png`` match in any letter case.
@@ -49,43 +60,68 @@ def scan_images(
     would be read whole into a worker), and, locally, symbolic links that lead outside the
     input root (or nowhere); links inside the root are kept, linked folders not followed.
 
-    Returns
-    -------
-    (listing, rejected)
-        ``listing``: columns ``path`` (full path or URL, sorted) and ``label``;
-        ``rejected``: ``path, label, stage, reason`` (stage ``list``), for ``errors.parquet``.
+    Raises
+    ------
+    InputError
+        ``url`` does not exist or is a file.
     """
     fs, root = get_fs(url, storage_options)
+    remote = is_remote(url)
     try:
         if not fs.exists(root):
             raise InputError(f"input {url!r} does not exist: check the path, or pass --input DIR_OR_URI")
         if not fs.isdir(root):
             raise InputError(f"input {url!r} is a file, not a folder: pass the folder that holds <Label>/<image>.jpg")
-        remote = is_remote(url)
-        found = listing.remote_entries(fs, root) if remote else listing.local_entries(root)
+        batches = listing.remote_batches(fs, root, threads) if remote else listing.local_batches(root, threads)
+        for entries in batches:
+            yield _accept(entries, fs, remote, max_file_bytes)
     except s3errors.storage_exceptions() as e:
         raise translate(e, url) from e
-    rows, rejected = [], []
-    for path in sorted(found):
-        size, problem, folder = found[path]
+
+
+def _accept(entries: list[listing.Entry], fs: fsspec.AbstractFileSystem, remote: bool, max_file_bytes: int | None) -> ListedBatch:
+    images, refused = [], []
+    for path, size, tag, problem in entries:
         name = posixpath.basename(path)
-        if not folder and (name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS)):
+        if not listing.is_linked_folder_entry((path, size, tag, problem)) and (
+            name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS)
+        ):
             continue
-        label = posixpath.basename(posixpath.dirname(path))
+        label = listing.label_of(path)
         # Full URLs for remote files so any process can open them without the root.
         full = fs.unstrip_protocol(path) if remote else path
         if problem is None and max_file_bytes is not None and size is not None and size > max_file_bytes:
             problem = (f"file of {size:,} bytes is over the {max_file_bytes:,}-byte limit (--max-file-mb "
                        f"{max_file_bytes / 2**20:g}): not read; raise --max-file-mb if such files are expected")
         if problem is None:
-            rows.append((full, label))
+            images.append((full, label, size, tag))
         else:
-            rejected.append((full, label, "list", problem))
+            refused.append((full, label, problem, size, tag))
+    return ListedBatch(images, refused)
+
+
+def scan_images(
+    url: str, storage_options: Mapping[str, Any] | None = None, max_file_bytes: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The whole listing of :func:`iter_images` in memory (for small trees: the classifier's
+    test folders, the bench), sorted by path.
+
+    Returns
+    -------
+    (listing, rejected)
+        ``listing``: columns ``path`` and ``label``;
+        ``rejected``: ``path, label, stage, reason`` (stage ``list``), for ``errors.parquet``.
+    """
+    rows, rejected = [], []
+    for batch in iter_images(url, storage_options, max_file_bytes):
+        rows.extend((p, lab) for p, lab, _, _ in batch.images)
+        rejected.extend((p, lab, "list", reason) for p, lab, reason, _, _ in batch.refused)
     if not rows and not rejected:
         raise InputError(
             f"no images found under {url!r}: expected <Label>/<image>.jpg|.jpeg|.png files (any letter case)"
         )
-    return pd.DataFrame(rows, columns=["path", "label"]), pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
+    listing_df = pd.DataFrame(sorted(rows), columns=["path", "label"])
+    return listing_df, pd.DataFrame(sorted(rejected), columns=REJECTED_COLUMNS)
 
 
 def list_images(
@@ -212,6 +248,17 @@ class OutputTarget:
             raise OutputError(f"output {url!r} already exists{state}: pass --overwrite to replace it, or choose another --output")
         if exists:
             safety.check_replaceable(url, names)
+        return target
+
+    @classmethod
+    def for_update(cls, url: str, storage_options: Mapping[str, Any] | None, run_id: str | None = None) -> OutputTarget:
+        """A target updated in place (the features table and the files beside it), with a
+        staging prefix for the run's own inputs and the output's lock; writes nothing."""
+        target = cls(url.rstrip("/"), dict(storage_options or {}), run_id or uuid.uuid4().hex[:12])
+        if is_remote(target.url) and "/" not in fsspec.core.split_protocol(target.url)[1].strip("/"):
+            raise OutputError(
+                f"--output {url!r} is a bucket root: pass a prefix inside it, such as {join(target.url, 'features/run-1')}"
+            )
         return target
 
     @property
@@ -439,12 +486,18 @@ def list_files(url: str, storage_options: Mapping[str, Any] | None = None, suffi
 
 
 def write_file(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Write one small file in place (not staged: for files rebuilt beside a committed output)."""
+    """Write one file in place, whole or not at all: one ``PutObject`` on S3, a temporary
+    file renamed over the target locally (a reader never sees half of it)."""
     fs, p = get_fs(url, storage_options)
     try:
         fs.makedirs(posixpath.dirname(p), exist_ok=True)
-        with fs.open(p, "wb") as f:
-            f.write(data)
+        if is_remote(url):
+            fs.pipe_file(p, data)
+        else:
+            tmp = f"{p}.{uuid.uuid4().hex[:8]}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, p)
     except (PermissionError, OSError) as e:
         raise translate(e, url) from e
     return url

@@ -1,23 +1,57 @@
-"""What the input listing sees of each file: its size (from the listing, never by reading
-it) and, for local trees, whether it is a symbolic link leading out of the input root."""
+"""What the input listing sees of each file: its size and version tag (from the listing,
+never by reading it) and, for local trees, whether it is a symbolic link leading out of the
+input root.
+
+The listing is streamed: the folders at the top of the input (the labels) are listed
+concurrently by a bounded pool of threads, and each folder's entries come back as one batch
+as soon as it is listed; no listing cache is kept (s3fs's is dropped after each folder), so
+the caller can spill batches to disk and hold nothing per image.
+"""
 
 from __future__ import annotations
 
 import os
+import posixpath
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 
-Entry = tuple[int | None, str | None, bool]  # size, why it is refused, is a linked folder
+#: ``(path, size, version tag, why it is refused)``: the tag is the S3 ETag or the local mtime in ns.
+Entry = tuple[str, int | None, str | None, str | None]
+#: Folders listed at once (each an S3 ListObjectsV2 stream, or a local walk).
+LIST_THREADS = 16
 
 
-def remote_entries(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Entry]:
-    """``path -> (size, None, False)`` of every object under ``root``, sizes from the listing."""
-    return {p: (info.get("size"), None, False) for p, info in fs.find(root, withdirs=False, detail=True).items()}
+def _stream(folders: list[str], list_one, files: list[Entry], threads: int) -> Iterator[list[Entry]]:
+    if files:
+        yield files
+    if not folders:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(folders))), thread_name_prefix="fruitdask-list") as pool:
+        yield from pool.map(list_one, folders)
 
 
-def local_entries(root: str) -> dict[str, Entry]:
-    """``path -> (size, problem, linked folder)`` of every file under ``root``, without
-    following links out.
+def remote_batches(fs: fsspec.AbstractFileSystem, root: str, threads: int = LIST_THREADS) -> Iterator[list[Entry]]:
+    """Batches of ``(path, size, ETag, None)``, one per top-level folder under ``root``."""
+    top = fs.ls(root, detail=True, refresh=True)
+    files = [(i["name"], i.get("size"), i.get("ETag"), None) for i in top if i.get("type") != "directory"]
+    folders = [i["name"] for i in top if i.get("type") == "directory"]
+
+    def list_one(folder: str) -> list[Entry]:
+        found = fs.find(folder, withdirs=False, detail=True)
+        fs.invalidate_cache(folder)  # the lake may hold millions of keys: keep no listing cache
+        return [(p, info.get("size"), info.get("ETag"), None) for p, info in found.items()]
+
+    try:
+        yield from _stream(folders, list_one, files, threads)
+    finally:
+        fs.invalidate_cache(root)
+
+
+def local_batches(root: str, threads: int = LIST_THREADS) -> Iterator[list[Entry]]:
+    """Batches of ``(path, size, mtime_ns, problem)`` of every file under ``root``, one per
+    top-level folder, without following links out of the root.
 
     Paths keep the root as given (``root/Label/x.jpg``); a symbolic link is resolved and
     refused when its target is outside the root's real location, or missing. Linked folders
@@ -25,25 +59,54 @@ def local_entries(root: str) -> dict[str, Entry]:
     """
     real_root = os.path.realpath(root)
     inside = real_root.rstrip(os.sep) + os.sep
-    out: dict[str, Entry] = {}
-    for folder, dirs, files in os.walk(root, followlinks=False):
+    files: list[Entry] = []
+    folders: list[str] = []
+    with os.scandir(root) as it:
+        for e in sorted(it, key=lambda e: e.name):
+            if e.is_dir(follow_symlinks=False):
+                folders.append(e.path)
+            elif e.is_symlink() and os.path.isdir(e.path):
+                files.extend(_linked_folder(e.path, inside))
+            else:
+                files.append(_local_file(e.path, real_root, inside))
+    yield from _stream(folders, lambda top: _walk(top, real_root, inside), files, threads)
+
+
+def _linked_folder(link: str, inside: str) -> list[Entry]:
+    if (os.path.realpath(link) + os.sep).startswith(inside):
+        return []
+    return [(link, None, None, f"symbolic link to a folder outside the input root ({os.path.realpath(link)}): not followed")]
+
+
+def _walk(top: str, real_root: str, inside: str) -> list[Entry]:
+    out: list[Entry] = []
+    for folder, dirs, names in os.walk(top, followlinks=False):
         for d in dirs:
             link = os.path.join(folder, d)
-            if os.path.islink(link) and not (os.path.realpath(link) + os.sep).startswith(inside):
-                out[link] = (None, f"symbolic link to a folder outside the input root ({os.path.realpath(link)}): "
-                                   "not followed", True)
-        for f in files:
-            path = os.path.join(folder, f)
-            if os.path.islink(path):
-                target = os.path.realpath(path)
-                if not target.startswith(inside):
-                    out[path] = (None, f"symbolic link to {target}, outside the input root {real_root}: not read", False)
-                    continue
-                if not os.path.exists(target):
-                    out[path] = (None, f"broken symbolic link (to {target}): not read", False)
-                    continue
-            try:
-                out[path] = (os.stat(path).st_size, None, False)
-            except OSError as e:
-                out[path] = (None, f"cannot stat file: {e}", False)
+            if os.path.islink(link):
+                out.extend(_linked_folder(link, inside))
+        out.extend(_local_file(os.path.join(folder, f), real_root, inside) for f in names)
     return out
+
+
+def _local_file(path: str, real_root: str, inside: str) -> Entry:
+    if os.path.islink(path):
+        target = os.path.realpath(path)
+        if not target.startswith(inside):
+            return (path, None, None, f"symbolic link to {target}, outside the input root {real_root}: not read")
+        if not os.path.exists(target):
+            return (path, None, None, f"broken symbolic link (to {target}): not read")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return (path, None, None, f"cannot stat file: {e}")
+    return (path, st.st_size, str(st.st_mtime_ns), None)
+
+
+def is_linked_folder_entry(entry: Entry) -> bool:
+    """A refused linked folder (reported, but it is no image)."""
+    return entry[3] is not None and entry[3].startswith("symbolic link to a folder")
+
+
+def label_of(path: str) -> str:
+    return posixpath.basename(posixpath.dirname(path))

@@ -1,19 +1,21 @@
 """The Dask backend: load the weights from a file on each worker, ``map_partitions`` the
-featurization over a Parquet manifest, stream the PCA.
+featurization over a Parquet manifest, and run the lake's task bodies on the workers.
 
-Nothing the run needs exists only in a worker's memory, so losing any worker at any stage
-costs a recompute, never the run, on schedulers with their default configuration (Active
-Memory Manager on, as on dask/helm-chart, dask-gateway or Coiled clusters):
+Nothing the run needs exists only in a worker's memory, and no feature stays in it: each
+partition's features go to storage (its checkpoint, or straight into a data file of the
+table) as the task that made them ends; every later step (the PCA moments, the projection,
+the rewrite of table files) is a task that reads files of bounded size and returns a small
+receipt. Losing any worker at any stage costs a recompute, never the run, on schedulers
+with their default configuration (Active Memory Manager on):
 
 - the **weights** are a file the tasks name (:class:`fruitdask.features.weights_file.WeightsSource`:
   the user's ``s3://`` file, or an ``.npz`` the client stages for a local file, ImageNet or
   random weights); each worker process reads it once, the first time it builds its model
-  (:func:`fruitdask.features.model.cached_model`), so the weights travel to each worker once, also to
-  a worker that joins late or replaces a dead one. Never scattered: scattered data cannot be
+  (:func:`fruitdask.features.model.cached_model`). Never scattered: scattered data cannot be
   recomputed, and the AMM drops its extra replicas;
-- the **listing** is a Parquet manifest in the staging prefix, one row group per partition,
-  read back by tasks (:mod:`fruitdask.backends.dask.manifest`);
-- the **reduction** is written there too and read by a task the write stage depends on.
+- the **listing** is the plan's Parquet manifest, one row group per partition, read back by
+  tasks (``dd.from_map``);
+- the **PCA fit** is a file beside the table that tasks read once per process.
 
 Workers warm up (import TensorFlow, build VGG16 for the run's image size) as soon as the
 cluster is up (:meth:`DaskBackend.warm_up`), while the client lists the images and reads the weights.
@@ -21,7 +23,6 @@ cluster is up (:meth:`DaskBackend.warm_up`), while the client lists the images a
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import tempfile
@@ -35,28 +36,32 @@ import numpy as np
 import pandas as pd
 
 from fruitdask import checkpoint, output, storage
-from fruitdask.backends.base import Featurized, n_partitions
-from fruitdask.backends.dask import manifest
 from fruitdask.backends.dask.cluster import cluster_shape, dask_client, start_fork_server, worker_addresses
 from fruitdask.config import RunConfig
-from fruitdask.features import frames, model
+from fruitdask.features import model
 from fruitdask.features.model import WeightsInfo
 from fruitdask.features.precision import Resolved, agree, detect_on_worker
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsSource, npz_bytes
+from fruitdask.lake import tasks
+from fruitdask.pca_moments import merge_all
 from fruitdask.progress import Progress
 from fruitdask.reduce import Reduction, fit_incremental_pca, silence_first_batch_warning
+
+#: Moments merged per task of the tree reduction.
+TREE_FAN_IN = 8
 
 logger = logging.getLogger(__name__)
 
 
 def featurize_on_worker(
-    df: pd.DataFrame, weights: WeightsSource | list[np.ndarray], settings: FeatureSettings,
-    checkpoints: checkpoint.Checkpoints | None = None,
+    df: pd.DataFrame, source: WeightsSource | list[np.ndarray], settings: FeatureSettings,
+    ckpt: checkpoint.Checkpoints, sink: tasks.Sink, fit: tasks.Fit | None, partition_info: dict | None = None,
 ) -> pd.DataFrame:
-    """Task body: pin TensorFlow to this worker's threads, then featurize the partition
-    (or reuse its checkpoint under ``--resume``; see :mod:`fruitdask.checkpoint`)."""
-    return checkpoint.featurize_checkpointed(df, weights, settings, checkpoints, threads=_worker_threads())
+    """Task body: featurize one manifest partition with this worker's threads and write it
+    (:func:`fruitdask.lake.tasks.featurize_part`); returns the partition's receipt."""
+    index = int(partition_info["number"]) if partition_info else 0
+    return tasks.featurize_part(df, source, settings, ckpt, sink, fit, index, threads=_worker_threads())
 
 
 def _worker_threads() -> int | None:
@@ -68,33 +73,18 @@ def _worker_threads() -> int | None:
         return None
 
 
-def track_images(collection, counts: list[int], bar) -> None:
-    """Advance ``bar`` by each partition's image count as its future completes.
+def track_images(futures: list, counts: list[int], bar) -> None:
+    """Advance ``bar`` by each partition's image count as its future completes
+    (``futures[i]`` computes partition ``i`` of ``counts[i]`` images)."""
+    from distributed import as_completed
 
-    ``counts[i]`` is the number of listed images in partition ``i`` of the persisted
-    ``collection`` (known from the listing), so the bar counts images, not tasks.
-    """
-    from distributed import as_completed, futures_of
-
-    futures = futures_of(collection)
+    index = {f.key: i for i, f in enumerate(futures)}
     bar.start(sum(counts))
     try:
         for future in as_completed(futures):
-            # Keys are (name, partition); the name is the optimized graph's, not the
-            # collection's own, so only the partition number is reliable.
-            i = future.key[-1] if isinstance(future.key, tuple) else None
-            bar.advance(counts[i] if isinstance(i, int) and 0 <= i < len(counts) else sum(counts) // max(len(futures), 1))
+            bar.advance(counts[index.get(future.key, 0)])
     finally:
         bar.close()
-
-
-def _split(listing: pd.DataFrame, parts: int) -> list[pd.DataFrame]:
-    bounds = np.linspace(0, len(listing), parts + 1).round().astype(int)
-    return [listing.iloc[a:b].reset_index(drop=True) for a, b in itertools.pairwise(bounds) if b > a]
-
-
-def _matrix_of(df: pd.DataFrame) -> np.ndarray:
-    return frames.matrix(df["features"])
 
 
 #: Folder of the staging prefix for the run's own inputs (manifest, weights, reduction);
@@ -105,10 +95,6 @@ INTERNAL = "_fruitdask"
 def warm_up_on_worker(image_size: int, precision: str = "float32") -> float:
     """Task body: :func:`fruitdask.features.model.warm_up` with this worker's thread count."""
     return model.warm_up(image_size, _worker_threads(), precision)
-
-
-def _read_reduction(url: str, storage_options: dict) -> Reduction:
-    return Reduction.from_npz(storage.read_bytes(url, storage_options))
 
 
 def preimport_client_modules() -> None:
@@ -168,8 +154,8 @@ class DaskBackend:
 
     @contextmanager
     def running(self) -> Iterator[None]:
-        """The steps under a Dask performance report, copied to the output after them; the
-        run's own inputs are then removed from staging."""
+        """The steps under a Dask performance report, staged (the pipeline publishes it
+        with the run's record once the table is committed)."""
         from distributed import performance_report
 
         with tempfile.TemporaryDirectory(prefix="fruitdask-") as tmp:
@@ -179,72 +165,75 @@ class DaskBackend:
             with open(report_file, "rb") as f:
                 self.target.write_bytes(output.DASK_REPORT, f.read())
             self.extra["performance_report"] = output.DASK_REPORT
-        storage.remove_prefix(self.target.staging_path(INTERNAL), self.storage_options)
         self.extra["weights_loads"] = _weights_loads(self.client, self.weights_key)
 
-    def prepare(self, listing: pd.DataFrame, weights: list[np.ndarray], weights_info: WeightsInfo) -> None:
-        """The weights and the listing as files in staging, not scattered data: every task
-        input can be read again (module doc)."""
+    def prepare(self, weights: list[np.ndarray], weights_info: WeightsInfo) -> None:
+        """The weights as a file the tasks name, not scattered data (module doc)."""
         self.weights_key = weights_info.sha256
         self.source = weights_source(self.cfg, self.target, weights, weights_info, self.storage_options)
-        parts = _split(listing, n_partitions(len(listing), self.cfg.partition_size, self.cluster.get("threads") or 1))
-        self.counts = [len(p) for p in parts]
-        url = self.target.staging_path(f"{INTERNAL}/manifest.parquet")
-        manifest.write_manifest(parts, url, self.storage_options)
-        import dask.dataframe as dd  # imported already by preimport_client_modules
 
-        self.listing = dd.from_map(
-            manifest.read_part, range(len(parts)), url=url, storage_options=self.storage_options,
-            meta=listing.iloc[:0], label="manifest", enforce_metadata=False,
-        )
+    def featurize_parts(self, manifest_url: str, sizes: list[int], settings: FeatureSettings,
+                        ckpt: checkpoint.Checkpoints, sink: tasks.Sink, fit: tasks.Fit | None) -> pd.DataFrame:
+        """``map_partitions`` of the featurization over the manifest; the receipts, gathered
+        as partitions end (the bar counts images)."""
+        import dask.dataframe as dd
 
-    def featurize(self, settings: FeatureSettings) -> Featurized:
-        """Featurize every partition (or reuse its checkpoint), persisted on the workers."""
-        from distributed import wait
-
-        ckpt = checkpoint.for_run(self.cfg.output, settings, self.cfg.resume)
         self.extra["checkpoint"] = {"prefix": ckpt.prefix, "resume": ckpt.resume}
-        feats = self.listing.map_partitions(
-            featurize_on_worker, self.source, settings, checkpoints=ckpt, meta=frames.features_meta()
-        ).persist()
-        track_images(feats, self.counts, self.progress)
-        wait(feats)
-        good, errors = frames.split_rows(feats)
-        errors = errors.compute().reset_index(drop=True)
-        lengths = [int(x) for x in good.map_partitions(len).compute()]
-        return Featurized(data=(good, lengths), rows=sum(lengths), errors=errors)
+        listing = dd.from_map(
+            tasks.read_manifest_part, range(len(sizes)), url=manifest_url, storage_options=self.storage_options,
+            label="manifest", enforce_metadata=False,
+        )
+        receipts = listing.map_partitions(featurize_on_worker, self.source, settings, ckpt, sink, fit,
+                                          meta=tasks.receipt_meta())
+        futures = self.client.compute(receipts.to_delayed())
+        try:
+            track_images(futures, sizes, self.progress)
+            parts = self.client.gather(futures)
+        finally:
+            self.client.cancel(futures)
+        return pd.concat(parts, ignore_index=True) if parts else tasks.receipt_meta()
 
-    def reduce(self, featurized: Featurized) -> Reduction:
-        """IncrementalPCA streamed over the persisted partitions."""
+    def map_tasks(self, fn, args_list: list[tuple]) -> list:
+        """``fn(*args)`` for each ``args`` on the workers; the (small) results in order."""
+        if not args_list:
+            return []
+        name = f"{fn.__name__}-{uuid.uuid4().hex[:8]}"
+        futures = [self.client.submit(fn, *args, key=f"{name}-{i}", pure=False) for i, args in enumerate(args_list)]
+        try:
+            return self.client.gather(futures)
+        finally:
+            self.client.cancel(futures)
+
+    def tree_reduce(self, leaves: list[tuple]):
+        """Run each ``(fn, args)`` leaf, then merge their moments :data:`TREE_FAN_IN` at a time
+        on the workers, so that no task's input grows with the number of partitions."""
+        if not leaves:
+            return None
+        name = uuid.uuid4().hex[:8]
+        level = [self.client.submit(fn, *args, key=f"moments-{name}-{i}", pure=False) for i, (fn, args) in enumerate(leaves)]
+        depth = 0
+        while len(level) > 1:
+            depth += 1
+            level = [self.client.submit(merge_all, level[i : i + TREE_FAN_IN], key=f"merge-{name}-{depth}-{i}", pure=False)
+                     for i in range(0, len(level), TREE_FAN_IN)]
+        return level[0].result()
+
+    def fit_wide(self, staged: list[tuple[int, int]], manifest_url: str, ckpt: checkpoint.Checkpoints,
+                 sink: tasks.Sink, kept_files: list[tuple[str, np.ndarray | None]], req) -> Reduction:
+        """Features too wide for moments: dask-ml's IncrementalPCA over blocks that are each
+        one checkpoint or one table file, read by the task that needs it."""
         import dask.array as da
 
-        good, lengths = featurized.data
         self.client.run(silence_first_batch_warning, on_error="ignore")  # a worker may be gone
-        d, cfg = self.cfg.feature_dim, self.cfg
-        blocks = [
-            da.from_delayed(dask.delayed(_matrix_of)(part), shape=(n, d), dtype=np.float32)
-            for part, n in zip(good.to_delayed(), lengths, strict=True)
-            if n > 0
-        ]
+        kept_rows = self.map_tasks(tasks.kept_rows, [(sink, p, rows) for p, rows in kept_files])
+        d = req.feature_dim
+        blocks = [da.from_delayed(dask.delayed(tasks.features_part)(i, manifest_url, ckpt), shape=(n, d), dtype=np.float32)
+                  for i, n in staged if n]
+        blocks += [da.from_delayed(dask.delayed(tasks.features_file)(sink, p, rows), shape=(n, d), dtype=np.float32)
+                   for (p, rows), n in zip(kept_files, kept_rows, strict=True) if n]
         X = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, d), dtype=np.float32)
-        return fit_incremental_pca(X, components=cfg.components, variance=cfg.variance, batch_size=cfg.pca_batch_size,
-                                   power_iterations=cfg.pca_power_iterations, seed=cfg.seed)
-
-    def write(self, featurized: Featurized, reduction: Reduction) -> int:
-        """One Parquet part per partition, with its ``pca`` column, written by the workers."""
-        good, _ = featurized.data
-        # A task result read from a staged file, not scattered: recomputable anywhere.
-        red_url = self.target.write_bytes(f"{INTERNAL}/reduction.npz", reduction.to_npz())
-        red = dask.delayed(_read_reduction, pure=True)(red_url, self.storage_options)
-        out = good.map_partitions(frames.add_pca, red, meta=frames.output_meta())
-        writes = [
-            dask.delayed(storage.write_parquet_part)(
-                part, self.target.staging_path(f"{output.FEATURES}/part-{i:05d}.parquet"), frames.OUTPUT_SCHEMA,
-                self.storage_options,
-            )
-            for i, part in enumerate(out.to_delayed())
-        ]
-        return sum(dask.compute(*writes))
+        return fit_incremental_pca(X, components=req.components, variance=req.variance, batch_size=req.pca_batch_size,
+                                   power_iterations=req.power_iterations, seed=req.seed)
 
 
 def weights_source(cfg: RunConfig, target: storage.OutputTarget, weights: list[np.ndarray], info: WeightsInfo,

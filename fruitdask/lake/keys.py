@@ -1,0 +1,60 @@
+"""Stable image keys, source versions and settings fingerprints, and their compact hashes.
+
+The diff of a listing against the table compares 16-byte key hashes and 8-byte version
+hashes (``pandas.util.hash_array`` under two hash keys: 128 bits per key), never Python
+strings: the client holds a few dozen bytes per image, whatever the lake's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from fruitdask.features.settings import FeatureSettings
+
+#: Bumped when the table's layout or the meaning of its columns changes.
+TABLE_FORMAT = 1
+_KEY_A, _KEY_B = "fruitdask-key-a0", "fruitdask-key-b1"  # hash_array wants 16 characters
+
+
+def image_key(root: str, path: str) -> str:
+    """The image's path relative to the input root (``Apple Braeburn/r_1_100.jpg``): stable
+    across runs and readable; the same on every storage."""
+    root = root.rstrip("/")
+    rel = path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path)
+    return rel
+
+
+def source_version(size: int | None, tag: object) -> str:
+    """``<size>:<ETag>`` on S3, ``<size>:<mtime_ns>`` locally: what changes when the file does."""
+    size_text = "" if size is None else str(int(size))
+    tag_text = "" if tag is None else str(tag).strip('"')
+    return f"{size_text}:{tag_text}"
+
+
+def settings_fingerprint(settings: FeatureSettings) -> str:
+    """What decides a feature vector: weights sha256, image size, pooling, precision (the
+    batch size does not change the numbers beyond rounding, so it may differ between runs)."""
+    s = settings
+    text = f"table-v{TABLE_FORMAT}|{s.weights_key}|{s.image_size}|{s.pooling}|{s.precision}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def hash_keys(values: Sequence[str] | np.ndarray) -> np.ndarray:
+    """128-bit hashes of strings as a ``S16`` array (sortable, comparable)."""
+    arr = np.asarray(values, dtype=object)
+    out = np.empty((len(arr), 2), dtype="<u8")
+    if len(arr):
+        out[:, 0] = pd.util.hash_array(arr, hash_key=_KEY_A, categorize=False)
+        out[:, 1] = pd.util.hash_array(arr, hash_key=_KEY_B, categorize=False)
+    return out.view("S16").reshape(len(arr))
+
+
+def hash_versions(values: Sequence[str] | np.ndarray) -> np.ndarray:
+    """64-bit hashes of source versions (compared only between rows of the same key)."""
+    arr = np.asarray(values, dtype=object)
+    return pd.util.hash_array(arr, hash_key=_KEY_A, categorize=False) if len(arr) else np.zeros(0, "<u8")

@@ -1,0 +1,258 @@
+"""The diff of the input against the table: what this run featurizes, rewrites and removes.
+
+The listing is streamed (:func:`fruitdask.storage.iter_images`) into a spill file on the
+client's disk while only hashes stay in memory: 16 bytes of key hash and 8 of version hash
+per listed image, and per table row 16 + 8 bytes plus its file and row numbers (8 bytes).
+The diff is a sort and a binary search over those arrays; the images to featurize are then
+copied from the spill file into the run's manifest, one row group per partition. The
+client's share is measured in ``benchmarks/lake_scale.py`` (docs/lake.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import posixpath
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fruitdask import storage
+from fruitdask.errors import InputError
+from fruitdask.lake import keys
+from fruitdask.lake.schema import ERROR_COLUMNS, MANIFEST_SCHEMA, SPILL_SCHEMA, TRANSIENT_STAGES
+from fruitdask.lake.table import TableState, relative
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Listed:
+    """The streamed listing: a spill file of accepted images (in listing order) and their
+    hashes; the refused files (few) as error rows."""
+
+    spill: str
+    key_hash: np.ndarray
+    version_hash: np.ndarray
+    refused: pd.DataFrame
+    per_label: dict[str, int]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.key_hash)
+
+
+@dataclass
+class TableKeys:
+    """The table's rows as hashes, with the file and row each one lives in."""
+
+    files: list[tuple[str, int]]  # (path relative to the table root, size in bytes)
+    key_hash: np.ndarray
+    version_hash: np.ndarray
+    file_index: np.ndarray  # int32
+    row_index: np.ndarray  # int32
+
+
+@dataclass
+class Plan:
+    """What one run does to the table (counts in ``run.json``'s ``counts``)."""
+
+    listed: int
+    added: int
+    updated: int
+    removed: int
+    unchanged: int
+    per_label: dict[str, int]
+    manifest_url: str | None
+    part_sizes: list[int]
+    rewrite: list[tuple[str, int, np.ndarray]]  # (file, size, rows to drop): files kept in part
+    drop: list[tuple[str, int]]  # files removed whole
+    keep: list[tuple[str, int]]  # files untouched
+    errors: pd.DataFrame  # refused at listing + earlier failures still current
+    rows_kept: int = 0  # rows of the untouched files
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def featurize(self) -> int:
+        return sum(self.part_sizes)
+
+    @property
+    def changes_table(self) -> bool:
+        return bool(self.featurize or self.rewrite or self.drop)
+
+
+def list_input(url: str, storage_options: Mapping[str, Any] | None, max_file_bytes: int | None, spill_dir: str,
+               run_id: str) -> Listed:
+    """Stream the listing of ``url`` into a spill file in ``spill_dir``; keep hashes only."""
+    spill = os.path.join(spill_dir, "listing.parquet")
+    root = url.rstrip("/")
+    key_parts, version_parts, refused, per_label = [], [], [], Counter()
+    with pq.ParquetWriter(spill, SPILL_SCHEMA) as writer:
+        for batch in storage.iter_images(url, storage_options, max_file_bytes):
+            if batch.images:
+                paths, labels, sizes, tags = zip(*batch.images, strict=True)
+                ks = [keys.image_key(root, p) for p in paths]
+                vs = [keys.source_version(s, t) for s, t in zip(sizes, tags, strict=True)]
+                writer.write_table(pa.table([list(paths), list(labels), ks, vs], schema=SPILL_SCHEMA))
+                key_parts.append(keys.hash_keys(ks))
+                version_parts.append(keys.hash_versions(vs))
+                per_label.update(labels)
+            refused.extend((p, lab, "list", why, keys.image_key(root, p), keys.source_version(s, t), run_id)
+                           for p, lab, why, s, t in batch.refused)
+    if not key_parts and not refused:
+        raise InputError(f"no images found under {url!r}: expected <Label>/<image>.jpg|.jpeg|.png files (any letter case)")
+    return Listed(
+        spill, np.concatenate(key_parts) if key_parts else np.zeros(0, "S16"),
+        np.concatenate(version_parts) if version_parts else np.zeros(0, "<u8"),
+        pd.DataFrame(refused, columns=ERROR_COLUMNS), dict(sorted(per_label.items())),
+    )
+
+
+def table_keys(state: TableState) -> TableKeys:
+    """Hashes of the table's keys and versions, file by file (two string columns read)."""
+    if not state.exists:
+        return TableKeys([], np.zeros(0, "S16"), np.zeros(0, "<u8"), np.zeros(0, np.int32), np.zeros(0, np.int32))
+    actions = pa.table(state.dt.get_add_actions(flatten=True))
+    sizes = dict(zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist(), strict=True))
+    files, kh, vh, fi, ri = [], [], [], [], []
+    for i, fragment in enumerate(state.dataset().get_fragments()):
+        rel = relative(state, fragment.path)
+        files.append((rel, int(sizes.get(rel, 0) or 0)))
+        t = fragment.to_table(columns=["image_key", "source_version"])
+        kh.append(keys.hash_keys(t.column("image_key").to_numpy(zero_copy_only=False)))
+        vh.append(keys.hash_versions(t.column("source_version").to_numpy(zero_copy_only=False)))
+        fi.append(np.full(t.num_rows, i, np.int32))
+        ri.append(np.arange(t.num_rows, dtype=np.int32))
+
+    def cat(parts, dtype):
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    return TableKeys(files, cat(kh, "S16"), cat(vh, "<u8"), cat(fi, np.int32), cat(ri, np.int32))
+
+
+@dataclass
+class Diff:
+    todo: np.ndarray  # bool over the listing: featurize
+    changed: np.ndarray  # bool over the listing: in the table with another version
+    added: int
+    updated: int
+    unchanged: int
+    drop_rows: np.ndarray  # bool over the table rows: leave the table
+    removed: int
+
+
+def diff(listed: Listed, table: TableKeys, prior_errors: pd.DataFrame, *, keep_deleted: bool, rebuild: bool) -> tuple[Diff, pd.DataFrame]:
+    """Compare the listing with the table (and earlier failures); return the diff and the
+    earlier error rows that still hold (same file version, a failure that would repeat)."""
+    n, m = listed.n_images, len(table.key_hash)
+    order = np.argsort(table.key_hash, kind="stable")
+    sorted_keys = table.key_hash[order]
+    pos = np.minimum(np.searchsorted(sorted_keys, listed.key_hash), max(m - 1, 0))
+    found = (sorted_keys[pos] == listed.key_hash) if m else np.zeros(n, bool)
+    row = order[pos] if m else np.zeros(n, np.int64)
+    same = found & (table.version_hash[row] == listed.version_hash) if m else found
+    in_listing = np.zeros(m, bool)
+    in_listing[row[found]] = True
+    changed = found & ~same
+    removed = ~in_listing
+    todo = np.ones(n, bool) if rebuild else ~same
+    kept_errors = _still_failing(listed, prior_errors, todo)
+    if len(kept_errors):
+        todo &= ~np.isin(listed.key_hash, keys.hash_keys(kept_errors["image_key"].tolist()))
+    drop_rows = np.ones(m, bool) if rebuild else changed_rows(row, changed, m) | (removed if not keep_deleted else np.zeros(m, bool))
+    d = Diff(todo, changed, int((~found).sum()), int(changed.sum()), int(same.sum()), drop_rows,
+             int(removed.sum()) if not keep_deleted or rebuild else 0)
+    return d, kept_errors
+
+
+def changed_rows(row: np.ndarray, changed: np.ndarray, m: int) -> np.ndarray:
+    out = np.zeros(m, bool)
+    out[row[changed]] = True
+    return out
+
+
+def _still_failing(listed: Listed, prior: pd.DataFrame, todo: np.ndarray) -> pd.DataFrame:
+    """Earlier failures of files listed again unchanged, whose failure would repeat: they are
+    reported again, not retried. A changed file, or a storage hiccup (stage ``read``), is retried."""
+    if prior is None or not len(prior):
+        return pd.DataFrame(columns=ERROR_COLUMNS)
+    prior = prior[~prior["stage"].isin(TRANSIENT_STAGES | {"list"})]
+    if not len(prior):
+        return pd.DataFrame(columns=ERROR_COLUMNS)
+    pk, pv = keys.hash_keys(prior["image_key"].tolist()), keys.hash_versions(prior["source_version"].tolist())
+    listed_pairs = pd.Index(zip(listed.key_hash[todo].tolist(), listed.version_hash[todo].tolist(), strict=True))
+    hit = pd.Index(zip(pk.tolist(), pv.tolist(), strict=True)).isin(listed_pairs)
+    return prior[hit].reset_index(drop=True)
+
+
+def write_manifest(listed: Listed, todo: np.ndarray, updated: np.ndarray, url: str,
+                   storage_options: Mapping[str, Any] | None, part_size: int) -> list[int]:
+    """Copy the rows to featurize from the spill file into the manifest at ``url``, one row
+    group of about ``part_size`` rows per partition, each row marked ``added`` or
+    ``updated``; return the partitions' sizes."""
+    total = int(todo.sum())
+    if not total:
+        return []
+    parts = max(1, -(-total // part_size))
+    bounds = np.linspace(0, total, parts + 1).round().astype(int)
+    sizes = [int(b - a) for a, b in itertools.pairwise(bounds) if b > a]
+    fs, path = storage.get_fs(url, storage_options)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    start, buffered, group = 0, [], 0
+    with fs.open(path, "wb") as f, pq.ParquetWriter(f, MANIFEST_SCHEMA) as writer:
+        for batch in pq.ParquetFile(listed.spill).iter_batches(batch_size=65536):
+            mask = todo[start : start + batch.num_rows]
+            change = np.where(updated[start : start + batch.num_rows][mask], "updated", "added")
+            start += batch.num_rows
+            if mask.any():
+                chosen = pa.Table.from_batches([batch]).filter(pa.array(mask))
+                buffered.append(chosen.append_column("change", pa.array(change, pa.string())))
+            while group < len(sizes) and sum(t.num_rows for t in buffered) >= sizes[group]:
+                table = pa.concat_tables(buffered)
+                writer.write_table(table.slice(0, sizes[group]), row_group_size=sizes[group])
+                buffered, group = [table.slice(sizes[group])], group + 1
+    return sizes
+
+
+def file_actions(table: TableKeys, drop_rows: np.ndarray) -> tuple[list, list, list, int]:
+    """Per table file: rewrite (some rows leave), drop (all rows leave) or keep; and the
+    rows of the kept files."""
+    rewrite, drop, keep, kept_rows = [], [], [], 0
+    counts = np.bincount(table.file_index, minlength=len(table.files))
+    dropped = np.bincount(table.file_index[drop_rows], minlength=len(table.files))
+    for i, (path, size) in enumerate(table.files):
+        if dropped[i] == 0:
+            keep.append((path, size))
+            kept_rows += int(counts[i])
+        elif dropped[i] == counts[i]:
+            drop.append((path, size))
+        else:
+            rows = np.sort(table.row_index[drop_rows & (table.file_index == i)])
+            rewrite.append((path, size, rows))
+    return rewrite, drop, keep, kept_rows
+
+
+def make_plan(listed: Listed, table: TableKeys, prior_errors: pd.DataFrame, *, manifest_url: str,
+              storage_options: Mapping[str, Any] | None, part_size: int, keep_deleted: bool, rebuild: bool) -> Plan:
+    """The diff turned into a plan: the manifest written, the files sorted by fate."""
+    d, kept = diff(listed, table, prior_errors, keep_deleted=keep_deleted, rebuild=rebuild)
+    sizes = write_manifest(listed, d.todo, d.changed, manifest_url, storage_options, part_size)
+    rewrite, drop, keep, kept_rows = file_actions(table, d.drop_rows)
+    errors = pd.concat([listed.refused, kept], ignore_index=True) if len(kept) else listed.refused
+    return Plan(
+        listed=listed.n_images + len(listed.refused), added=d.added, updated=d.updated, removed=d.removed,
+        unchanged=d.unchanged, per_label=listed.per_label, manifest_url=manifest_url if sizes else None,
+        part_sizes=sizes, rewrite=rewrite, drop=drop, keep=keep, errors=errors, rows_kept=kept_rows,
+    )
+
+
+def spill_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="fruitdask-listing-")

@@ -1,0 +1,255 @@
+"""What runs on a worker (Dask) or an executor (Spark): each body reads and writes files
+of bounded size, and returns a small receipt, never the features.
+
+- :func:`featurize_part`: one manifest partition through VGG16 (checkpointed, see
+  :mod:`fruitdask.checkpoint`), then, when the PCA fit is known, projected and written as
+  a data file of the table; otherwise left in its checkpoint until the fit is made.
+- :func:`moments_part`, :func:`moments_file`: the PCA moments of a checkpointed partition or
+  of the rows a table file keeps (:mod:`fruitdask.pca_moments`).
+- :func:`project_part`: a checkpointed partition projected and written into the table.
+- :func:`rewrite_file`: a table file without the rows that leave it (removed or changed
+  images), re-projected when the PCA was refitted.
+
+Data files are named ``part-<run_id>-<n|p|r><index>.parquet`` under the table root: a run
+killed before its commit leaves files that no version names (removed by a vacuum).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fruitdask import checkpoint, storage
+from fruitdask.features import frames
+from fruitdask.features.settings import FeatureSettings
+from fruitdask.lake.schema import MANIFEST_SCHEMA, TABLE_SCHEMA
+from fruitdask.pca_moments import Moments
+from fruitdask.reduce import Reduction
+
+#: Columns of a partition's receipt (one row per written file or per failed image).
+RECEIPT_COLUMNS = ["kind", "part", "file", "size", "rows", "stats", "added", "updated", "path", "label", "stage",
+                   "reason", "image_key", "source_version"]
+_NUMBERS = ("part", "size", "rows", "added", "updated")
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A PCA fit the tasks project with: its id and where its ``.npz`` is."""
+
+    fit_id: str
+    url: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def load(self) -> Reduction:
+        return _cached_fit(self.url, dict(self.storage_options))
+
+
+_FITS: dict[str, Reduction] = {}
+
+
+def _cached_fit(url: str, storage_options: dict) -> Reduction:
+    """One read of a fit per process (a worker projects many partitions with it)."""
+    if url not in _FITS:
+        _FITS.clear()
+        _FITS[url] = Reduction.from_npz(storage.read_bytes(url, storage_options))
+    return _FITS[url]
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where a run's tasks write: the table root, the run, the settings fingerprint."""
+
+    table_url: str
+    run_id: str
+    settings: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def file_url(self, name: str) -> str:
+        return storage.join(self.table_url, name)
+
+
+def read_manifest_part(index: int, url: str, storage_options: Mapping[str, Any] | None) -> pd.DataFrame:
+    """Row group ``index`` of the manifest (``path, label, image_key, source_version, change``)."""
+    fs, path = storage.get_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(index)
+    except OSError as e:
+        raise storage.translate(e, url) from e
+    return table.cast(MANIFEST_SCHEMA).to_pandas()
+
+
+def featurize_part(df: pd.DataFrame, source: Any, settings: FeatureSettings, ckpt: checkpoint.Checkpoints,
+                   sink: Sink, fit: Fit | None, index: int, threads: int | None = None) -> pd.DataFrame:
+    """Featurize one manifest partition; write it into the table when ``fit`` is given.
+
+    Returns the receipt: a ``file`` row (the data file written) or a ``staged`` row (the
+    checkpoint holding the features until the fit), and an ``error`` row per failed image.
+    """
+    if len(df) == 0:
+        return receipt([])
+    out = checkpoint.featurize_checkpointed(df[["path", "label"]], source, settings, ckpt, threads=threads)
+    ok = out["error_stage"].isna().to_numpy()
+    rows = _error_rows(df, out, ok)
+    n_ok = int(ok.sum())
+    changes = df["change"].to_numpy()[ok]
+    counts = {"added": int((changes == "added").sum()), "updated": int((changes == "updated").sum())}
+    if fit is not None and n_ok:
+        rows.append({"kind": "file", "part": index, **write_rows(df[ok], out[ok], sink, fit, f"n{index:05d}"), **counts})
+    elif n_ok:
+        rows.append({"kind": "staged", "part": index, "file": ckpt.part_url(df[["path", "label"]]), "rows": n_ok, **counts})
+    return receipt(rows)
+
+
+def _error_rows(df: pd.DataFrame, out: pd.DataFrame, ok: np.ndarray) -> list[dict]:
+    bad = np.flatnonzero(~ok)
+    return [
+        {"kind": "error", "path": df["path"].iloc[i], "label": df["label"].iloc[i], "stage": out["error_stage"].iloc[i],
+         "reason": out["error_reason"].iloc[i], "image_key": df["image_key"].iloc[i],
+         "source_version": df["source_version"].iloc[i]}
+        for i in bad
+    ]
+
+
+def receipt(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=RECEIPT_COLUMNS)
+    return frame.astype({c: ("float64" if c in _NUMBERS else object) for c in RECEIPT_COLUMNS})
+
+
+def receipt_meta() -> pd.DataFrame:
+    return receipt([])
+
+
+def write_rows(manifest: pd.DataFrame, feats: pd.DataFrame, sink: Sink, fit: Fit, suffix: str) -> dict:
+    """The good rows of a partition as a table data file, with their ``pca``."""
+    reduction = fit.load()
+    x = frames.matrix(feats["features"])
+    n = len(manifest)
+    now = pd.Timestamp(dt.datetime.now(dt.UTC))
+    table = pa.table(
+        {
+            "image_key": pa.array(manifest["image_key"].tolist(), pa.string()),
+            "path": pa.array(manifest["path"].tolist(), pa.string()),
+            "label": pa.array(manifest["label"].tolist(), pa.string()),
+            "source_version": pa.array(manifest["source_version"].tolist(), pa.string()),
+            "settings": pa.array([sink.settings] * n, pa.string()),
+            "run_id": pa.array([sink.run_id] * n, pa.string()),
+            "featurized_at": pa.array([now] * n, TABLE_SCHEMA.field("featurized_at").type),
+            "features": _list_array(x),
+            "pca": _list_array(reduction.transform(x)),
+            "pca_fit": pa.array([fit.fit_id] * n, pa.string()),
+        },
+        schema=TABLE_SCHEMA,
+    )
+    return write_file(table, sink, f"part-{sink.run_id}-{suffix}.parquet")
+
+
+def _list_array(x: np.ndarray) -> pa.Array:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    d = x.shape[1] if x.ndim == 2 else 0
+    offsets = pa.array(np.arange(0, (len(x) + 1) * d, d, dtype=np.int32) if d else np.zeros(len(x) + 1, np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(x.ravel()), type=pa.list_(pa.float32()))
+
+
+def write_file(table: pa.Table, sink: Sink, name: str) -> dict:
+    """Write one data file under the table root; return its Delta add action's fields."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="snappy")
+    data = buf.getvalue()
+    storage.write_file(sink.file_url(name), data, sink.storage_options)
+    return {"file": name, "size": len(data), "rows": table.num_rows, "stats": file_stats(table)}
+
+
+def file_stats(table: pa.Table) -> str:
+    """Delta's per-file statistics: row count, min/max and null counts of the key columns."""
+    import pyarrow.compute as pc
+
+    cols = ("image_key", "label", "run_id", "pca_fit")
+    mins, maxs, nulls = {}, {}, {}
+    for c in cols:
+        col = table.column(c)
+        nulls[c] = col.null_count
+        if table.num_rows and col.null_count < table.num_rows:
+            mm = pc.min_max(col)
+            mins[c], maxs[c] = mm["min"].as_py(), mm["max"].as_py()
+    return json.dumps({"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
+
+
+def _checkpointed(index: int, manifest_url: str, ckpt: checkpoint.Checkpoints) -> tuple[pd.DataFrame, pd.DataFrame]:
+    df = read_manifest_part(index, manifest_url, ckpt.storage_options)
+    out = ckpt.load(df[["path", "label"]])
+    if out is None:
+        raise FileNotFoundError(f"the featurized partition {index} ({ckpt.part_url(df[['path', 'label']])}) is gone: run again")
+    ok = out["error_stage"].isna().to_numpy()
+    return df[ok], out[ok]
+
+
+def moments_part(index: int, manifest_url: str, ckpt: checkpoint.Checkpoints) -> Moments | None:
+    """PCA moments of a checkpointed partition's good rows."""
+    return Moments.of(features_part(index, manifest_url, ckpt))
+
+
+def project_part(index: int, manifest_url: str, ckpt: checkpoint.Checkpoints, sink: Sink, fit: Fit) -> dict | None:
+    """A checkpointed partition projected with ``fit`` and written into the table."""
+    df, feats = _checkpointed(index, manifest_url, ckpt)
+    return write_rows(df, feats, sink, fit, f"p{index:05d}") if len(df) else None
+
+
+def _kept(sink: Sink, rel: str, drop_rows: np.ndarray | None) -> pa.Table:
+    fs, path = storage.get_fs(sink.file_url(rel), sink.storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f).cast(TABLE_SCHEMA)
+    except OSError as e:
+        raise storage.translate(e, sink.file_url(rel)) from e
+    if drop_rows is not None and len(drop_rows):
+        keep = np.ones(table.num_rows, bool)
+        keep[drop_rows] = False
+        table = table.filter(pa.array(keep))
+    return table
+
+
+def moments_file(sink: Sink, rel: str, drop_rows: np.ndarray | None) -> Moments | None:
+    """PCA moments of the rows a table file keeps."""
+    return Moments.of(features_file(sink, rel, drop_rows))
+
+
+def rewrite_file(sink: Sink, rel: str, drop_rows: np.ndarray | None, fit: Fit | None, index: int) -> dict | None:
+    """A table file without ``drop_rows``, its ``pca`` recomputed with ``fit`` when given;
+    None when no row is left."""
+    table = _kept(sink, rel, drop_rows)
+    if table.num_rows == 0:
+        return None
+    if fit is not None:
+        x = frames.matrix(table.column("features").to_pandas(types_mapper=pd.ArrowDtype))
+        table = table.set_column(table.schema.get_field_index("pca"), "pca", _list_array(fit.load().transform(x)))
+        table = table.set_column(table.schema.get_field_index("pca_fit"), "pca_fit", pa.array([fit.fit_id] * table.num_rows, pa.string()))
+    return write_file(table, sink, f"part-{sink.run_id}-r{index:05d}.parquet")
+
+
+def kept_rows(sink: Sink, rel: str, drop_rows: np.ndarray | None) -> int:
+    """Rows a table file keeps (from its footer)."""
+    fs, path = storage.get_fs(sink.file_url(rel), sink.storage_options)
+    with fs.open(path, "rb") as f:
+        n = pq.ParquetFile(f).metadata.num_rows
+    return n - (0 if drop_rows is None else len(drop_rows))
+
+
+def features_part(index: int, manifest_url: str, ckpt: checkpoint.Checkpoints) -> np.ndarray:
+    """The features matrix of a checkpointed partition's good rows."""
+    _, feats = _checkpointed(index, manifest_url, ckpt)
+    return frames.matrix(feats["features"])
+
+
+def features_file(sink: Sink, rel: str, drop_rows: np.ndarray | None) -> np.ndarray:
+    """The features matrix of the rows a table file keeps."""
+    return frames.matrix(_kept(sink, rel, drop_rows).column("features").to_pandas(types_mapper=pd.ArrowDtype))

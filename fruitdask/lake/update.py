@@ -1,0 +1,197 @@
+"""One run's update of the features table, the same on every backend.
+
+The backend only runs bodies of :mod:`fruitdask.lake.tasks` where it runs things (Dask
+workers, Spark executors) through three primitives: ``featurize_parts`` (the manifest's
+partitions, with the progress bar), ``map_tasks`` and ``tree_reduce``. Everything else is
+decided here:
+
+1. featurize the plan's partitions; with the current PCA fit known, each task writes its
+   data file at once (one pass); when a fit is needed (first run, ``--refit``, ``--rebuild``,
+   or the table grew :data:`REFIT_GROWTH` times since the last fit) the features wait in
+   their checkpoints;
+2. fit the PCA from moments summed by a tree reduction over the checkpoints and the rows the
+   table keeps (features up to 4,096 wide; wider ones through dask-ml's IncrementalPCA), write
+   it as ``OUTPUT/pca/<fit>.npz``, then project every checkpoint and rewrite every kept file
+   with it;
+3. rewrite the files that lose rows (removed or changed images), and commit every added and
+   removed file as **one** table version (:func:`fruitdask.lake.table.commit`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fruitdask import checkpoint, storage
+from fruitdask.errors import ReductionError
+from fruitdask.lake import table as delta
+from fruitdask.lake import tasks
+from fruitdask.lake.plan import Plan
+from fruitdask.pca_moments import MAX_MOMENT_FEATURES, fit
+from fruitdask.reduce import Reduction
+from fruitdask.runinfo import StageTimer
+
+logger = logging.getLogger(__name__)
+
+#: The PCA is refitted on all rows when the table holds this many times the rows of the last fit.
+REFIT_GROWTH = 2.0
+FIT_DIR = "pca"
+
+
+@dataclass
+class Request:
+    """What the run asks of the update (from the configuration)."""
+
+    output: str
+    run_id: str
+    settings_fp: str
+    components: int | None
+    variance: float
+    refit: bool
+    rebuild: bool
+    resume: bool
+    feature_dim: int
+    pca_batch_size: int | None = None
+    power_iterations: int = 2
+    seed: int = 0
+    meta: dict = field(default_factory=dict)  # the commit's description (counts added here)
+    #: Called with this run's failed images before anything is committed (``--max-errors``).
+    check: Callable[[pd.DataFrame], None] = lambda errors: None
+
+
+@dataclass
+class Outcome:
+    """What the update did (``run.json``'s counts and table versions)."""
+
+    version_before: int | None
+    version_after: int | None
+    featurized: int
+    added: int
+    updated: int
+    errors: pd.DataFrame
+    reduction: Reduction | None
+    fit_id: str | None
+    refitted: bool
+    rows: int
+    files_added: int
+    files_removed: int
+
+
+def needs_fit(plan: Plan, state: delta.TableState, req: Request) -> bool:
+    """A new PCA fit: none yet, asked for, or the table grew past :data:`REFIT_GROWTH` times."""
+    rows_at_fit = int(state.meta.get("pca_rows") or 0)
+    rows_after = plan.unchanged + plan.featurize
+    grown = rows_at_fit > 0 and rows_after >= REFIT_GROWTH * rows_at_fit
+    if grown:
+        logger.info("the table grew from %d rows at the last PCA fit to %d: refitting", rows_at_fit, rows_after)
+    return not state.exists or req.rebuild or req.refit or not state.meta.get("pca_fit") or grown
+
+
+def apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, settings, timer: StageTimer) -> Outcome:
+    """Featurize, (re)fit, rewrite and commit; return what happened."""
+    sink = tasks.Sink(delta.table_url(req.output), req.run_id, req.settings_fp, dict(state.storage_options))
+    ckpt = checkpoint.for_run(req.output, settings, req.resume)
+    refit = needs_fit(plan, state, req)
+    current = None if refit else tasks.Fit(state.meta["pca_fit"], fit_url(req.output, state.meta["pca_fit"]), sink.storage_options)
+    with timer.stage("featurize"):
+        receipts = backend.featurize_parts(plan.manifest_url, plan.part_sizes, settings, ckpt, sink, current) if plan.featurize else tasks.receipt_meta()
+    errors = receipts[receipts["kind"] == "error"]
+    req.check(errors)
+    files = receipts[receipts["kind"] == "file"]
+    if refit:
+        with timer.stage("pca"):
+            reduction, current = _refit(backend, plan, state, req, receipts, ckpt, sink)
+        with timer.stage("write"):
+            adds = _project(backend, plan, receipts, ckpt, sink, current)
+            removed = [(p, s) for p, s, _ in plan.rewrite] + plan.drop + plan.keep
+    else:
+        reduction = current.load()
+        with timer.stage("write"):
+            adds = _file_adds(files) + _rewrite(backend, plan.rewrite, sink, None)
+            removed = [(p, s) for p, s, _ in plan.rewrite] + plan.drop
+    ok = receipts[receipts["kind"].isin(["file", "staged"])]
+    out = Outcome(state.version, state.version, int(sum(plan.part_sizes)), int(ok["added"].sum()), int(ok["updated"].sum()),
+                  errors, reduction, current.fit_id, refit, _rows_after(plan, adds, refit), len(adds), len(removed))
+    with timer.stage("commit"):
+        meta = {**req.meta, "pca_fit": current.fit_id, "pca_k": reduction.k,
+                "pca_rows": reduction.n_samples if refit else state.meta.get("pca_rows"),
+                "pca_fit_seq": _fit_seq(state) + (1 if refit else 0), "rows": out.rows,
+                "counts": {"added": out.added, "updated": out.updated, "removed": plan.removed}}
+        out.version_after = delta.commit(state, adds, [{"path": p, "size": s} for p, s in removed], meta)
+    return out
+
+
+def _rows_after(plan: Plan, adds: list[dict], refit: bool) -> int:
+    """Rows of the new version: those of the added files, plus the untouched files' rows."""
+    return int(sum(a["rows"] for a in adds)) + (0 if refit else plan.rows_kept)
+
+
+def _fit_seq(state: delta.TableState) -> int:
+    return int(state.meta.get("pca_fit_seq") or 0)
+
+
+def fit_url(output: str, fit_id: str) -> str:
+    return storage.join(output, FIT_DIR, f"{fit_id}.npz")
+
+
+def _file_adds(files: pd.DataFrame) -> list[dict]:
+    return [{"path": r.file, "size": int(r.size), "rows": int(r.rows), "stats": r.stats} for r in files.itertuples()]
+
+
+def _as_add(result: dict | None) -> list[dict]:
+    return [] if result is None else [{"path": result["file"], "size": result["size"], "rows": result["rows"], "stats": result["stats"]}]
+
+
+def _rewrite(backend: Any, rewrite: list, sink: tasks.Sink, fit_: tasks.Fit | None, start: int = 0) -> list[dict]:
+    args = [(sink, path, rows, fit_, start + i) for i, (path, _, rows) in enumerate(rewrite)]
+    return [a for r in backend.map_tasks(tasks.rewrite_file, args) for a in _as_add(r)]
+
+
+def _refit(backend: Any, plan: Plan, state: delta.TableState, req: Request, receipts: pd.DataFrame,
+           ckpt: checkpoint.Checkpoints, sink: tasks.Sink) -> tuple[Reduction, tasks.Fit]:
+    """Fit the PCA on every row the table will hold; write it beside the table."""
+    staged = _staged_parts(receipts, plan)
+    kept_files = [(p, rows) for p, _, rows in plan.rewrite] + [(p, None) for p, _ in plan.keep]
+    if req.feature_dim > MAX_MOMENT_FEATURES:
+        st = receipts[receipts["kind"] == "staged"]
+        rows = dict(zip(st["part"].astype(int), st["rows"].astype(int), strict=True))
+        reduction = backend.fit_wide([(i, int(rows[i])) for i in staged], plan.manifest_url, ckpt, sink, kept_files, req)
+    else:
+        leaves = [(tasks.moments_part, (i, plan.manifest_url, ckpt)) for i in staged]
+        leaves += [(tasks.moments_file, (sink, p, rows)) for p, rows in kept_files]
+        moments = backend.tree_reduce(leaves)
+        reduction = fit(moments, components=req.components, variance=req.variance)
+    fit_id = f"{_fit_seq(state) + 1:04d}-{req.run_id}"
+    url = fit_url(req.output, fit_id)
+    storage.write_file(url, reduction.to_npz(), sink.storage_options)
+    logger.info("PCA fit %s: K=%d (%.4f of the variance) on %d rows", fit_id, reduction.k, reduction.variance_reached,
+                reduction.n_samples)
+    return reduction, tasks.Fit(fit_id, url, sink.storage_options)
+
+
+def _staged_parts(receipts: pd.DataFrame, plan: Plan) -> list[int]:
+    """Indexes of the partitions whose good rows wait in their checkpoints."""
+    return sorted(int(i) for i in receipts.loc[receipts["kind"] == "staged", "part"])
+
+
+def _project(backend: Any, plan: Plan, receipts: pd.DataFrame, ckpt, sink: tasks.Sink, fit_: tasks.Fit) -> list[dict]:
+    """Every checkpointed partition projected, every kept file re-projected, with ``fit_``."""
+    staged = _staged_parts(receipts, plan)
+    adds = [a for r in backend.map_tasks(tasks.project_part, [(i, plan.manifest_url, ckpt, sink, fit_) for i in staged])
+            for a in _as_add(r)]
+    kept = [(p, s, rows) for p, s, rows in plan.rewrite] + [(p, s, np.zeros(0, np.int32)) for p, s in plan.keep]
+    return adds + _rewrite(backend, kept, sink, fit_)
+
+
+def check_wide(feature_dim: int, backend_name: str) -> None:
+    """Spark sums moments only: refuse features too wide for them before any work."""
+    if backend_name == "spark" and feature_dim > MAX_MOMENT_FEATURES:
+        raise ReductionError(
+            f"{feature_dim:,} features per image are too wide for the exact PCA of the Spark backend (at most "
+            f"{MAX_MOMENT_FEATURES:,}): use --backend dask (IncrementalPCA streams), or --pooling avg"
+        )
