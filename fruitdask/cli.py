@@ -28,10 +28,11 @@ logger = logging.getLogger("fruitdask")
 #: ``command(args) -> int``, and may have ``PARSER_KWARGS`` for its parser. None of them
 #: imports TensorFlow at import time, so ``--help`` stays fast.
 COMMAND_MODULES: dict[str, tuple[str, str]] = {
-    "run": ("fruitdask.commands.run", "run the pipeline: list images, broadcast VGG16, featurize, PCA, write Parquet"),
+    "run": ("fruitdask.commands.run", "bring the features table up to date with the input: list, diff, featurize new images, PCA, one Delta commit"),
     "train": ("fruitdask.commands.train", "train a fruit classifier on the PCA features of a run output, evaluate it on a Test/ tree"),
     "predict": ("fruitdask.commands.predict", "predict the fruit in photos with a model written by `train` (top-k labels)"),
     "report": ("fruitdask.commands.report", "rebuild OUTPUT/report.html, the self-contained HTML page of a finished run"),
+    "table": ("fruitdask.commands.table", "the features table's life: history, vacuum, compact, a version's summary (time travel)"),
     "bench": ("fruitdask.commands.bench", "time raw Keras vs the Dask vs the Spark pipeline on the same images and weights"),
     "serve": ("fruitdask.commands.serve", "serve a model written by `train` over HTTP: POST a photo to /v1/predict, get the fruit"),
 }

@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 import time
 
-from fruitdask import storage
 from fruitdask.backends.dask import backend as dask_backend
+from fruitdask.lake import tasks
 
 DELAY = 0.4
 # The real bodies, taken before any test patches the modules' names with the ones below.
 _featurize = dask_backend.featurize_on_worker
-_matrix_of = dask_backend._matrix_of
-_write = storage.write_parquet_part
+_moments = tasks.moments_part
+_project = tasks.project_part
 
 
 #: A worker started with this variable naming a file waits while that file exists before
@@ -34,11 +34,11 @@ def slow_featurize(*args, **kwargs):
     return _featurize(*args, **kwargs)
 
 
-def slow_matrix_of(df):
+def slow_moments(*args, **kwargs):
     time.sleep(DELAY)
-    return _matrix_of(df)
+    return _moments(*args, **kwargs)
 
 
-def slow_write(*args, **kwargs):
+def slow_project(*args, **kwargs):
     time.sleep(DELAY)
-    return _write(*args, **kwargs)
+    return _project(*args, **kwargs)

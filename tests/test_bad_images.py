@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import BUNDLED, SMALL_SIZE, copy_images
+from conftest import BUNDLED, SMALL_SIZE, copy_images, read_features
 from PIL import Image, ImageFile
 
 from fruitdask import cli, storage
@@ -259,7 +259,7 @@ def test_run_skips_bad_files_and_reconciles(tmp_path, thread_cluster, messy_inpu
     assert by_name["empty.jpg"][1:] == ("decode", "empty file (0 bytes)")
     assert by_name["bomb.png"][0] == "Pomme rôtie" and "bomb" in by_name["bomb.png"][2]
 
-    rows = pq.read_table(out / "features").to_pandas()
+    rows = read_features(out, arrow=False)
     assert rows["path"].is_unique and len(rows) == n_good
     assert str(messy_input / "Pomme rôtie" / "ma pomme ü 1.jpg") in set(rows["path"])
     assert all(len(f) == 512 and np.isfinite(f).all() for f in rows["features"])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import read_features
 from k8s_validation import REPO, render
 
 pytestmark = [
@@ -153,7 +154,6 @@ def test_chart_processes_run_the_pipeline(tmp_path: Path, processes: list[subpro
     for p in processes:  # nobody crashed along the way
         assert p.poll() is None, f"a chart process exited early (code {p.returncode}):\n{_tails(logs)}"
 
-    import pandas as pd
 
-    features = pd.read_parquet(output / "features")
+    features = read_features(output, arrow=False)
     assert len(features) == 6

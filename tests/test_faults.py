@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
-from conftest import BUNDLED, SMALL_SIZE, copy_images
+from conftest import BUNDLED, SMALL_SIZE, copy_images, read_features
 
 from fruitdask import cli, pipeline
 from fruitdask.backends.dask.cluster import dask_client
@@ -28,9 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _features(out: Path) -> pd.DataFrame:
-    import pyarrow.parquet as pq
 
-    df = pq.read_table(out / "features").to_pandas(types_mapper=pd.ArrowDtype)
+    df = read_features(out)
     return df.sort_values("path").reset_index(drop=True)
 
 

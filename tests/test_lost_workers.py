@@ -31,13 +31,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import slow_tasks
-from conftest import BUNDLED, SMALL_SIZE, copy_images
+from conftest import BUNDLED, SMALL_SIZE, copy_images, read_features
 
 from fruitdask import cli, pipeline, storage
 from fruitdask.backends.dask import backend as dask_backend
 from fruitdask.config import TF_ENV, build_config
 from fruitdask.features import frames, model
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.lake import tasks
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -143,7 +144,7 @@ def _flags(images: Path, out: Path, address: str, weights_file: Path, **more) ->
 def _check_output(out: Path, reference: pd.DataFrame) -> None:
     """Every image exactly once, in one file per partition, with the reference's features."""
     parts = sorted((out / "features").glob("part-*.parquet"))
-    df = pq.read_table(out / "features").to_pandas(types_mapper=pd.ArrowDtype)
+    df = read_features(out)
     df = df.sort_values("path").reset_index(drop=True)
     assert len(df) == N_IMAGES and df["path"].is_unique
     assert sum(pq.read_metadata(p).num_rows for p in parts) == N_IMAGES
@@ -236,14 +237,14 @@ def test_worker_killed_during_featurization(tmp_path, cluster, images, weights_f
 def test_worker_killed_during_pca(tmp_path, cluster, images, weights_file, reference, monkeypatch):
     out = tmp_path / "out"
     _run_with_a_kill(monkeypatch, cluster, _flags(images, out, cluster[0].address, weights_file),
-                     (dask_backend, "_matrix_of", slow_tasks.slow_matrix_of), _processing("slow_matrix_of"))
+                     (tasks, "moments_part", slow_tasks.slow_moments), _processing("slow_moments"))
     _check_output(out, reference)
 
 
 def test_worker_killed_during_write(tmp_path, cluster, images, weights_file, reference, monkeypatch):
     out = tmp_path / "out"
     _run_with_a_kill(monkeypatch, cluster, _flags(images, out, cluster[0].address, weights_file),
-                     (storage, "write_parquet_part", slow_tasks.slow_write), _processing("slow_write"))
+                     (tasks, "project_part", slow_tasks.slow_project), _processing("slow_project"))
     _check_output(out, reference)
 
 

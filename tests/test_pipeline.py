@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
-from conftest import SMALL_SIZE
+from conftest import SMALL_SIZE, read_features
 from PIL import Image
 
 from fruitdask import cli
@@ -69,7 +69,7 @@ def _expected_rows(root: Path) -> pd.DataFrame:
 def test_output_has_one_row_per_image_with_the_folder_label(run_output, bundled_sample):
     out, _ = run_output
     assert (out / "_SUCCESS").exists()
-    df = pd.read_parquet(out / "features").sort_values("path").reset_index(drop=True)
+    df = read_features(out, arrow=False).sort_values("path").reset_index(drop=True)
     expected = _expected_rows(bundled_sample)
     assert len(df) == len(expected) == 120
     assert df["path"].is_unique
@@ -82,7 +82,7 @@ def test_features_are_numbers_for_pandas_and_pyarrow(run_output):
     schema = ds.dataset(out / "features").schema
     assert schema.field("features").type == pa.list_(pa.float32())
     assert schema.field("pca").type == pa.list_(pa.float32())
-    df = pd.read_parquet(out / "features")
+    df = read_features(out, arrow=False)
     first = df["features"].iloc[0]
     assert isinstance(first, np.ndarray) and first.dtype == np.float32 and first.shape == (512,)
     table = ds.dataset(out / "features").to_table()
@@ -95,7 +95,7 @@ def test_features_match_a_plain_single_process_keras_run(run_output, weights_fil
     from keras.applications.vgg16 import preprocess_input
 
     out, _ = run_output
-    df = pd.read_parquet(out / "features").sort_values("path")
+    df = read_features(out, arrow=False).sort_values("path")
     vgg = keras.applications.VGG16(weights=None, include_top=False, input_shape=(SMALL_SIZE, SMALL_SIZE, 3))
     vgg.load_weights(str(weights_file))
     images = [
@@ -113,7 +113,7 @@ def test_pca_matches_sklearn_exact_pca(run_output):
     out, _ = run_output
     run = json.loads((out / "run.json").read_text())
     red = Reduction.from_npz((out / "reduction.npz").read_bytes())
-    df = pd.read_parquet(out / "features")
+    df = read_features(out, arrow=False)
     x = np.stack(df["features"].to_numpy()).astype(np.float64)
     std = x.std(axis=0)
     z = (x - x.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BUNDLED, copy_images
+from conftest import BUNDLED, copy_images, read_features
 from PIL import Image
 
 from fruitdask import cli
@@ -41,7 +41,7 @@ def features(module_local_cluster, images, weights_file, tmp_path_factory) -> di
             "--weights", str(weights_file), "--partition-size", "3", "--components", "2", "-q",
         ])
         assert code == 0, pooling
-        written[pooling] = pd.read_parquet(out / "features").sort_values("path").reset_index(drop=True)
+        written[pooling] = read_features(out, arrow=False).sort_values("path").reset_index(drop=True)
     return written
 
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
-from conftest import BUNDLED, SMALL_SIZE, copy_images
+from conftest import BUNDLED, SMALL_SIZE, copy_images, read_features
 
 from fruitdask import checkpoint, pipeline
 from fruitdask.backends.dask import backend as dask_backend
@@ -34,7 +33,7 @@ def model_images(client) -> int:
 
 
 def features(out: Path) -> pd.DataFrame:
-    df = pq.read_table(out / "features").to_pandas(types_mapper=pd.ArrowDtype)
+    df = read_features(out)
     return df.sort_values("path").reset_index(drop=True)
 
 

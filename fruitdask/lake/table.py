@@ -215,3 +215,16 @@ def compact(output_url: str, storage_options: Mapping[str, Any] | None, target_b
     meta = last_meta(dt)
     props = CommitProperties(custom_metadata={META_KEY: json.dumps({**meta, "operation": "compact"}, sort_keys=True)})
     return dict(dt.optimize.compact(target_size=target_bytes, commit_properties=props))
+
+
+def summary(output_url: str, storage_options: Mapping[str, Any] | None, version: int | None = None) -> dict:
+    """A version's rows, files, labels and PCA fits (reads two small columns)."""
+    dt = load(output_url, storage_options, version)
+    t = dt.to_pyarrow_dataset().to_table(columns=["label", "pca_fit"])
+    labels = t.column("label").value_counts().to_pylist()
+    return {
+        "version": dt.version(), "rows": t.num_rows, "files": len(dt.file_uris()),
+        "labels": {d["values"]: d["counts"] for d in sorted(labels, key=lambda d: str(d["values"]))},
+        "pca_fits": sorted({str(v) for v in t.column("pca_fit").unique().to_pylist()}),
+        "fruitdask": last_meta(dt),
+    }

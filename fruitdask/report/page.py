@@ -39,12 +39,16 @@ REPORT_NAME = output.REPORT
 THUMBS_PER_LABEL = 4
 THUMB_SIZE = 96
 #: Stages in the order they run; run.json stores them sorted by name.
-STAGE_ORDER = ("listing", "weights", "startup", "broadcast", "featurize", "pca", "write")
+STAGE_ORDER = ("table", "listing", "diff", "weights", "startup", "broadcast", "featurize", "pca", "write", "commit", "publish")
 #: Points drawn on the PCA scatter; larger outputs are sampled (seeded, so rebuilds agree).
 MAX_POINTS = 6000
 #: Paths remembered per label to pick thumbnails from, spread over the label.
 THUMB_POOL = 256
 MAX_SKIPPED_ROWS = 200
+#: Labels shown with thumbnails (the page stays small for a lake of thousands of labels).
+MAX_THUMB_LABELS = 300
+#: Table files read for the PCA scatter and the thumbnails: a seeded sample past this many.
+MAX_SCATTER_FILES = 64
 
 
 @dataclass
@@ -65,9 +69,13 @@ def _points_and_paths(run: output.CommittedRun, rows: int) -> tuple[np.ndarray, 
     """Stream ``features/`` part by part, keeping a seeded sample of the first two components
     and up to :data:`THUMB_POOL` paths per label; only ``path, label, pca`` are read."""
     rng = np.random.default_rng(0)
+    parts = run.feature_parts()
+    if len(parts) > MAX_SCATTER_FILES:  # bounded: a seeded sample of the table's files
+        parts = sorted(rng.choice(parts, MAX_SCATTER_FILES, replace=False).tolist())
+        rows = int(rows * MAX_SCATTER_FILES / len(run.feature_parts()))
     keep = min(1.0, MAX_POINTS / max(rows, 1))
     pcs, labels, pool = [], [], {}
-    for part in run.feature_parts():
+    for part in parts:
         df = storage.read_parquet(part, run.storage_options, columns=["path", "label", "pca"])
         if df.empty:
             continue
@@ -118,7 +126,7 @@ def read_outputs(
     Parquet files, so when rebuilding they are data, checked like any location given by flag.
     """
     run = output.CommittedRun(root, dict(doc), storage_options)
-    pcs, pc_labels, pool = _points_and_paths(run, int(doc["counts"]["rows_written"]))
+    pcs, pc_labels, pool = _points_and_paths(run, int((doc.get("table") or {}).get("rows") or doc["counts"]["rows_written"]))
     chosen = pick_thumbnails(pool)
     flat = [p for paths in chosen.values() for p in paths]
     if guard is not None:
@@ -239,12 +247,14 @@ def _data_section(doc: Mapping[str, Any], data: OutputData) -> str:
     c, per_label = doc["counts"], doc.get("per_label", {})
     cards = "".join(
         f'<div class="card">{_num(c.get(k), "counts", k)}<small>{_e(name)}</small></div>'
-        for k, name in (("images_listed", "images listed"), ("labels", "labels"),
-                        ("rows_written", "rows written"), ("errors", "files skipped"))
+        for k, name in (("images_listed", "images listed"), ("labels", "labels"), ("added", "added"),
+                        ("updated", "updated"), ("removed", "removed"), ("unchanged", "unchanged"),
+                        ("featurized", "featurized"), ("errors", "files skipped"))
+        if k in c
     )
     chart = _img(report_plots.labels_bar_png(per_label), "images per label") if per_label else ""
     cells = []
-    for label in sorted(per_label):
+    for label in sorted(per_label)[:MAX_THUMB_LABELS]:
         imgs = "".join(
             f'<img class="thumb" alt="{_e(label)}" title="{_e(p)}" src="{uri}">' if uri
             else f'<span class="missing" title="{_e(p)}: not readable now"></span>'
@@ -289,7 +299,7 @@ def _reduction_section(doc: Mapping[str, Any], data: OutputData) -> str:
     ]
     scree = _img(data.scree_png, f"scree plot, K = {r.get('k')}") if data.scree_png else "<p>scree.png not found.</p>"
     if len(data.pcs):
-        png = report_plots.pca_scatter_png(data.pcs, data.pc_labels, shown_of=int(doc["counts"]["rows_written"]),
+        png = report_plots.pca_scatter_png(data.pcs, data.pc_labels, shown_of=int((doc.get("table") or {}).get("rows") or doc["counts"]["rows_written"]),
                                            ratios=r.get("explained_variance_ratio", [])[:2])
         scatter = _img(png, "first two principal components by label")
     else:

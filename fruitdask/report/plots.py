@@ -61,16 +61,30 @@ def labels_bar_png(per_label: Mapping[str, int]) -> bytes:
         return _labels_bar_png(per_label)
 
 
+#: Labels drawn as bars; past this many, the smallest are summed into one "other" bar
+#: (a chart of 3,000 bars would pass matplotlib's pixel limit).
+MAX_LABEL_BARS = 200
+
+
+def summarise_labels(per_label: Mapping[str, int], top: int = MAX_LABEL_BARS) -> list[tuple[str, int]]:
+    """The ``top - 1`` largest labels, largest first, and one ``other (N labels)`` bar."""
+    items = sorted(per_label.items(), key=lambda kv: (-kv[1], kv[0]))
+    if len(items) <= top:
+        return items
+    rest = items[top - 1 :]
+    return [*items[: top - 1], (f"other ({len(rest):,} labels)", sum(v for _, v in rest))]
+
+
 def _labels_bar_png(per_label: Mapping[str, int]) -> bytes:
     plt = import_pyplot()
-    items = sorted(per_label.items(), key=lambda kv: (-kv[1], kv[0]))
+    items = summarise_labels(per_label)
     names = [k for k, _ in items][::-1]
     counts = [v for _, v in items][::-1]
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * len(names) + 1.2)))
     bars = ax.barh(names, counts, color="#4c72b0")
     ax.bar_label(bars, padding=3, fontsize=8)
     ax.set_xlabel("images")
-    ax.set_title(f"Images per label ({len(names)} labels)")
+    ax.set_title(f"Images per label ({len(per_label):,} labels)")
     ax.tick_params(axis="y", labelsize=8)
     ax.margins(x=0.1)
     fig.tight_layout()

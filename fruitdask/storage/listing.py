@@ -10,6 +10,7 @@ the caller can spill batches to disk and hold nothing per image.
 
 from __future__ import annotations
 
+import collections
 import os
 import posixpath
 from collections.abc import Iterator
@@ -24,12 +25,20 @@ LIST_THREADS = 16
 
 
 def _stream(folders: list[str], list_one, files: list[Entry], threads: int) -> Iterator[list[Entry]]:
+    """``files``, then each folder's entries, listed by ``threads`` threads; at most
+    ``threads`` folders are listed or waiting at once, so a slow consumer bounds memory."""
     if files:
         yield files
     if not folders:
         return
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(folders))), thread_name_prefix="fruitdask-list") as pool:
-        yield from pool.map(list_one, folders)
+    width = max(1, min(threads, len(folders)))
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="fruitdask-list") as pool:
+        pending = collections.deque(pool.submit(list_one, f) for f in folders[:width])
+        for folder in folders[width:]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(list_one, folder))
+        while pending:
+            yield pending.popleft().result()
 
 
 def remote_batches(fs: fsspec.AbstractFileSystem, root: str, threads: int = LIST_THREADS) -> Iterator[list[Entry]]:

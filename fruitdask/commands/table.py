@@ -1,0 +1,70 @@
+"""``fruitdask table``: the life of an output's features table (Delta Lake).
+
+::
+
+    fruitdask table history OUTPUT [--limit N]        versions, newest first, with what each run did
+    fruitdask table vacuum OUTPUT [--retain-hours H]  delete files no recent version needs (--dry-run)
+    fruitdask table compact OUTPUT [--target-mb MB]   merge the small files daily runs leave
+    fruitdask table show OUTPUT [--version V]         rows, labels, PCA fit of a version (time travel)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from fruitdask.commands.options import add_quiet_debug, add_storage_options, storage_settings
+
+logger = logging.getLogger("fruitdask")
+
+#: Default retention of ``vacuum``: versions of the last week stay readable (Delta's default).
+DEFAULT_RETAIN_HOURS = 168
+
+PARSER_KWARGS = {
+    "description": "The life of an output's features table: history, vacuum, compaction, a version's summary. "
+                   "Old versions stay readable (time travel) until a vacuum removes the files they need.",
+    "epilog": __doc__.split("::", 1)[1],
+    "formatter_class": argparse.RawDescriptionHelpFormatter,
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("history", "vacuum", "compact", "show"), help="what to do with the table")
+    p.add_argument("output", metavar="OUTPUT", help="output folder or URI of `fruitdask run` (holds features/)")
+    p.add_argument("--limit", type=int, help="history: newest N versions only (default: all)")
+    p.add_argument("--retain-hours", type=float, default=DEFAULT_RETAIN_HOURS,
+                   help=f"vacuum: keep the files versions of the last H hours need (default: {DEFAULT_RETAIN_HOURS}, a week)")
+    p.add_argument("--dry-run", action="store_true", help="vacuum: list what would be deleted, delete nothing")
+    p.add_argument("--target-mb", type=float, default=128.0, help="compact: target size of a data file (default: 128)")
+    p.add_argument("--version", dest="table_version", type=int, help="show: this version instead of the latest")
+    add_storage_options(p)
+    add_quiet_debug(p)
+
+
+def command(args: argparse.Namespace) -> int:
+    from fruitdask import storage
+    from fruitdask.errors import ConfigError
+    from fruitdask.lake import table as delta
+
+    settings = storage_settings(args, args.output, args.output)
+    storage.guard_regions([args.output], settings)
+    so = settings.storage_options()
+    if args.action == "history":
+        result = delta.history(args.output, so, args.limit)
+    elif args.action == "vacuum":
+        if args.retain_hours < 0:
+            raise ConfigError(f"--retain-hours must be 0 or more, got {args.retain_hours:g}")
+        files = delta.vacuum(args.output, so, int(args.retain_hours), args.dry_run)
+        logger.info("%s %d files no version of the last %g hours needs", "would delete" if args.dry_run else "deleted",
+                    len(files), args.retain_hours)
+        result = {"dry_run": args.dry_run, "files": files}
+    elif args.action == "compact":
+        if not args.target_mb > 0:
+            raise ConfigError(f"--target-mb must be positive, got {args.target_mb:g}")
+        result = delta.compact(args.output, so, int(args.target_mb * 2**20))
+    else:
+        result = delta.summary(args.output, so, args.table_version)
+    if not args.quiet:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
