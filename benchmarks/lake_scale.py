@@ -61,7 +61,8 @@ def make_table(root: Path, out: Path, n: int, labels: int) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from fruitdask.lake import keys, table as delta, tasks
+    from fruitdask.lake import keys, tasks
+    from fruitdask.lake import table as delta
     from fruitdask.lake.schema import TABLE_SCHEMA
 
     state = delta.open_table(str(out), {})
@@ -93,7 +94,8 @@ def make_table(root: Path, out: Path, n: int, labels: int) -> None:
 
 def measure(root: Path, out: Path, part_size: int) -> dict:
     """The plan of one run, timed, in this (fresh) process."""
-    from fruitdask.lake import plan as lake_plan, table as delta
+    from fruitdask.lake import plan as lake_plan
+    from fruitdask.lake import table as delta
     from fruitdask.lake.update import MAX_MOMENT_FEATURES  # noqa: F401 - the run's imports, before the baseline
     from fruitdask.storage import listing
 
@@ -133,12 +135,10 @@ def child(n: int, labels: int, part_size: int) -> dict:
         t0 = time.perf_counter()
         make_lake(root, n, labels)
         made = time.perf_counter() - t0
-        code = ("import json,sys; sys.path.insert(0, %r); import lake_scale as m; from pathlib import Path; "
-                "m.make_table(Path(%r), Path(%r), %d, %d)") % (str(Path(__file__).parent), str(root), str(out), n, labels)
-        subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
-        code = ("import json,sys; sys.path.insert(0, %r); import lake_scale as m; from pathlib import Path; "
-                "print(json.dumps(m.measure(Path(%r), Path(%r), %d)))") % (str(Path(__file__).parent), str(root), str(out), part_size)
-        proc = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True, text=True)
+        me = [sys.executable, __file__]
+        subprocess.run([*me, "--make-table", str(root), str(out), str(n), str(labels)], check=True, cwd=REPO)
+        proc = subprocess.run([*me, "--measure", str(root), str(out), str(part_size)], check=True, cwd=REPO,
+                              capture_output=True, text=True)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         r["make_lake_s"] = round(made, 1)
         return r
@@ -150,7 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labels", type=int, default=200)
     p.add_argument("--partition-size", type=int, default=64)
     p.add_argument("--json", type=Path)
+    p.add_argument("--make-table", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.make_table:
+        root, out, n, labels = args.make_table
+        make_table(Path(root), Path(out), int(n), int(labels))
+        return 0
+    if args.measure:
+        root, out, part = args.measure
+        print(json.dumps(measure(Path(root), Path(out), int(part))))
+        return 0
     results = []
     for n in args.sizes:
         r = child(n, args.labels, args.partition_size)
