@@ -379,3 +379,50 @@ def test_jpeg_and_png_still_decode():
     for fmt in ("JPEG", "PNG"):
         assert decode_image(_encode(fmt), S).shape == (S, S, 3)
 
+
+
+# --- issue 23, item 7: a name is read as itself, never re-parsed as a URL ---------------------------
+
+
+def _chained_name_tree(root: Path, outside: Path) -> Path:
+    """``big::a.jpg`` beside an over-size ``big``, ``x::a.jpg`` beside a link ``x`` out of the root."""
+    label = root / "Apple"
+    label.mkdir(parents=True)
+    (label / "big").write_bytes(b"B" * 5000)
+    (label / "big::a.jpg").write_bytes(b"big-a")
+    outside.write_bytes(b"secret")
+    os.symlink(outside, label / "x")
+    (label / "x::a.jpg").write_bytes(b"x-a")
+    return root
+
+
+def test_a_double_colon_in_a_local_name_reads_that_file_not_its_prefix(tmp_path):
+    root = _chained_name_tree(tmp_path / "in", tmp_path / "secret")
+    listing, rejected = storage.scan_images(str(root), None, max_file_bytes=1000)
+    assert rejected.empty
+    read = {Path(p).name: storage.read_bytes(p) for p in listing["path"]}
+    assert read == {"big::a.jpg": b"big-a", "x::a.jpg": b"x-a"}
+
+
+def test_a_double_colon_in_an_s3_key_reads_that_object_not_its_prefix(s3):
+    s3.bucket("fruits-eu", "eu-west-3")
+    s3.fs.pipe_file("fruits-eu/T/Apple/big", b"B" * 5000)
+    s3.fs.pipe_file("fruits-eu/T/Apple/big::a.jpg", b"big-a")
+    opts = {"client_kwargs": {"endpoint_url": s3.endpoint}}
+    listing, rejected = storage.scan_images("s3://fruits-eu/T", opts, 1000)
+    assert rejected.empty and listing["path"].tolist() == ["s3://fruits-eu/T/Apple/big::a.jpg"]
+    assert storage.read_bytes(listing["path"][0], opts) == b"big-a"
+
+
+def test_an_s3_key_that_s3fs_would_cut_is_an_error_row_never_another_object(s3):
+    """s3fs reads ``k?versionId=v`` as object ``k``: such a key is refused from the listing
+    and by :func:`storage.read_bytes` (an ``OSError``: the image's error row)."""
+    s3.bucket("fruits-eu", "eu-west-3")
+    s3.fs.pipe_file("fruits-eu/T/Apple/big", b"B" * 5000)
+    s3.client().put_object(Bucket="fruits-eu", Key="T/Apple/big?versionId=1.jpg", Body=b"v")
+    opts = {"client_kwargs": {"endpoint_url": s3.endpoint}}
+    listing, rejected = storage.scan_images("s3://fruits-eu/T", opts, 1000)
+    assert listing.empty and rejected["path"].tolist() == ["s3://fruits-eu/T/Apple/big?versionId=1.jpg"]
+    assert "cannot be read safely" in rejected["reason"][0]
+    with pytest.raises(OSError, match="cannot be read safely"):
+        storage.read_bytes("s3://fruits-eu/T/Apple/big?versionId=1.jpg", opts)

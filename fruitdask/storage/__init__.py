@@ -24,7 +24,7 @@ import pandas as pd
 from fruitdask.errors import InputError, OutputError, StorageError, UntrustedReferenceError
 from fruitdask.storage import listing, s3errors, safety
 from fruitdask.storage.regions import bucket_region, guard_regions, normalize_region, split_bucket  # noqa: F401 - re-exported
-from fruitdask.storage.urls import get_fs, is_remote  # is_remote re-exported too
+from fruitdask.storage.urls import get_fs, is_remote, unsafe_name  # is_remote re-exported too
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def scan_images(
         label = posixpath.basename(posixpath.dirname(path))
         # Full URLs for remote files so any process can open them without the root.
         full = fs.unstrip_protocol(path) if remote else path
+        problem = problem or unsafe_name(full)
         if problem is None and max_file_bytes is not None and size is not None and size > max_file_bytes:
             problem = (f"file of {size:,} bytes is over the {max_file_bytes:,}-byte limit (--max-file-mb "
                        f"{max_file_bytes / 2**20:g}): not read; raise --max-file-mb if such files are expected")
@@ -112,7 +113,12 @@ def read_bytes(path: str, storage_options: Mapping[str, Any] | None = None) -> b
     An ``OSError`` (missing file, access denied to one object) propagates as is, for the
     caller to record against that image; failures that doom every read of the run (no
     credentials, endpoint unreachable) become a :class:`StorageError` that fails the run.
+    ``path`` is read as itself: a name the file system would parse into another object's
+    (``k?versionId=v`` on S3) is an ``OSError``, never that object's bytes.
     """
+    problem = unsafe_name(path)
+    if problem is not None:
+        raise OSError(f"{path}: {problem}")
     fs, p = get_fs(path, storage_options)
     try:
         with fs.open(p, "rb") as f:
