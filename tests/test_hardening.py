@@ -229,6 +229,25 @@ def test_keras_file_is_hashed_before_it_is_deserialized(tmp_path, monkeypatch):
             load_verified_weights(bad, S, None)
 
 
+@pytest.mark.integration
+def test_referenced_h5_file_is_hashed_before_libhdf5_parses_it(weights_file, monkeypatch):
+    """Issue 23, item 9: every referenced weights file, not only ``.keras``, is hashed first."""
+    import h5py
+
+    weights, info = model.load_weights(str(weights_file))
+    ref = WeightsRef(kind="file", source=str(weights_file), sha256=info.sha256, file_sha256=info.file_sha256)
+    assert len(load_verified_weights(ref, S, None)) == len(weights)
+
+    def no_parse(*a, **k):
+        raise AssertionError("the .h5 file was parsed by libhdf5 before its hash was checked")
+
+    monkeypatch.setattr(h5py, "File", no_parse)
+    for bad in (WeightsRef(kind="file", source=str(weights_file), sha256=info.sha256, file_sha256="f" * 64),
+                WeightsRef(kind="file", source=str(weights_file), sha256=info.sha256)):  # no file hash recorded
+        with pytest.raises(UntrustedReferenceError, match="refused before loading it"):
+            load_verified_weights(bad, S, None)
+
+
 def test_report_rebuild_guards_thumbnail_paths_read_from_parquet(s3, tmp_path, monkeypatch, capsys):
     """A features/ part whose paths point at another bucket (or another protocol): the
     rebuild refuses before reading any thumbnail."""
