@@ -349,8 +349,9 @@ class OutputTarget:
                 # First, so a reader stops trusting the old dataset before any file goes.
                 fs.rm_file(marker)
             if old:
-                fs.rm([p for p in old if p != marker])
+                safety.delete_checked(fs, [p for p in old if p != marker], self.url)
             fs.copy(files, copies)
+            safety.check_exactly(fs, target, copies, self.url)
             fs.pipe_file(marker, b"")
         except BaseException:
             _remove_quietly(fs, [marker, *copies, *old], target)

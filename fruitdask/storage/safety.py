@@ -165,9 +165,11 @@ def restore(fs: fsspec.AbstractFileSystem, backup_files: list[str], backup: str,
     rest = [p for p in backup_files if p != marker]
     try:
         fs.copy(rest, [target + p[len(backup):] for p in rest])
+        # The marker only goes back over exactly the old dataset (nothing left of the new one).
+        check_exactly(fs, target, [target + p[len(backup):] for p in rest], "s3://" + target)
         if marker in backup_files:
             fs.copy(marker, f"{target}/{SUCCESS_MARKER}")
-    except s3errors.storage_exceptions() as e:
+    except (*s3errors.storage_exceptions(), OutputError) as e:
         logger.error(
             "could not put the previous dataset back at %s (%s): it is intact at %s; copy it back with "
             "`aws s3 sync %s %s`", target, e, backup_url, backup_url, "s3://" + target,
@@ -175,6 +177,49 @@ def restore(fs: fsspec.AbstractFileSystem, backup_files: list[str], backup: str,
         return False
     remove_quietly(fs, backup_files, backup)
     return True
+
+
+def delete_checked(fs: fsspec.AbstractFileSystem, paths: list[str], target_url: str) -> None:
+    """Delete ``paths`` (``bucket/key``) with S3's bulk delete and raise :class:`OutputError`
+    naming every key it did not delete.
+
+    ``DeleteObjects`` answers 200 and lists per-key failures (``AccessDenied`` from a bucket
+    policy, an object lock) in ``Errors``; s3fs's ``rm`` drops that list, which let a commit
+    write ``_SUCCESS`` over a mix of old and new parts (issue 23, item 8).
+    """
+    by_bucket: dict[str, list[str]] = {}
+    for p in paths:
+        bucket, _, key = p.partition("/")
+        by_bucket.setdefault(bucket, []).append(key)
+    failed: list[str] = []
+    for bucket, keys in by_bucket.items():
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = {"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
+            out = fs.call_s3("delete_objects", Bucket=bucket, Delete=batch)
+            failed += [f"{bucket}/{e.get('Key')} ({e.get('Code')})" for e in out.get("Errors") or []]
+    for p in paths:
+        fs.invalidate_cache(posixpath.dirname(p))
+    if failed:
+        shown = ", ".join(failed[:5]) + (f", ... ({len(failed)} objects)" if len(failed) > 5 else "")
+        raise OutputError(
+            f"could not commit the output to {target_url!r}: S3 did not delete {shown}; the commit is rolled back "
+            "(the old dataset is put back): grant s3:DeleteObject on the output prefix (check bucket policies and "
+            "object locks) and run again"
+        )
+
+
+def check_exactly(fs: fsspec.AbstractFileSystem, target: str, expected: list[str], target_url: str) -> None:
+    """Raise :class:`OutputError` unless the objects under ``target`` are ``expected``, no
+    more, no fewer (a fresh listing, before ``_SUCCESS`` vouches for them)."""
+    forget_listings(fs, target)
+    present = set(fs.find(target.rstrip("/") + "/"))
+    extra, missing = sorted(present - set(expected)), sorted(set(expected) - present)
+    if extra or missing:
+        raise OutputError(
+            f"could not commit the output to {target_url!r}: before {SUCCESS_MARKER} it held "
+            f"{len(extra)} objects this run did not write ({', '.join(extra[:3]) or '-'}) and lacked {len(missing)} "
+            f"({', '.join(missing[:3]) or '-'}); the commit is rolled back: is another writer at work on it?"
+        )
 
 
 def remove_quietly(fs: fsspec.AbstractFileSystem, paths: list[str], prefix: str) -> None:
