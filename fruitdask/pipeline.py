@@ -75,7 +75,7 @@ def run(
     # Nothing is read or written before every location passes the region guard.
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
     storage_options = cfg.storage.storage_options()
-    target = storage.OutputTarget.open(cfg.output, storage_options, cfg.overwrite)
+    target = storage.OutputTarget.open(cfg.output, storage_options, cfg.overwrite, lease_ttl=cfg.storage.lock_ttl)
     backend = make_backend(cfg, target, progress or Progress())
     # A weights file is read with h5py in a fraction of a second: read it before any cluster
     # starts, so a bad file fails at once. Random (or downloaded ImageNet) weights need Keras

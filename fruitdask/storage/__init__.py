@@ -22,7 +22,7 @@ import fsspec
 import pandas as pd
 
 from fruitdask.errors import InputError, OutputError, StorageError, UntrustedReferenceError
-from fruitdask.storage import listing, s3errors, safety
+from fruitdask.storage import lease, listing, s3errors, safety
 from fruitdask.storage.regions import bucket_region, guard_regions, normalize_region, split_bucket  # noqa: F401 - re-exported
 from fruitdask.storage.urls import get_fs, is_remote, unsafe_name  # is_remote re-exported too
 
@@ -174,8 +174,10 @@ class OutputTarget:
       and puts the old dataset back from the copy aside.
 
     Only one run writes a target at a time: :func:`committed` takes a lock object
-    ``.<name>.fruitdask-lock`` beside it (with the run id), :meth:`commit` checks it is still
-    this run's, and the lock goes when the run ends. ``--overwrite`` only replaces a
+    ``.<name>.fruitdask-lock`` beside it (with the run id), a lease of ``lease_ttl`` seconds
+    that a heartbeat thread renews while the run lives (a dead run's lock is taken over once
+    its lease runs out), :meth:`commit` checks it is still this run's, and the lock goes when
+    the run ends. ``--overwrite`` only replaces a
     fruitdask output (``_SUCCESS``, ``run.json`` or ``bundle.json`` at its top).
     """
 
@@ -183,9 +185,12 @@ class OutputTarget:
     storage_options: Mapping[str, Any]
     run_id: str
     locked: bool = field(default=False, compare=False)
+    lease_ttl: float = field(default=lease.DEFAULT_TTL_S, compare=False)
+    _heartbeat: lease.Heartbeat | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def open(cls, url: str, storage_options: Mapping[str, Any] | None, overwrite: bool, run_id: str | None = None) -> OutputTarget:
+    def open(cls, url: str, storage_options: Mapping[str, Any] | None, overwrite: bool, run_id: str | None = None,
+             lease_ttl: float = lease.DEFAULT_TTL_S) -> OutputTarget:
         """Check the target and prepare a staging prefix beside it; writes nothing.
 
         Raises
@@ -193,7 +198,7 @@ class OutputTarget:
         OutputError
             The target exists (and ``overwrite`` is false), is a file, or is a bucket root.
         """
-        target = cls(url.rstrip("/"), dict(storage_options or {}), run_id or uuid.uuid4().hex[:12])
+        target = cls(url.rstrip("/"), dict(storage_options or {}), run_id or uuid.uuid4().hex[:12], lease_ttl=lease_ttl)
         if is_remote(target.url) and "/" not in fsspec.core.split_protocol(target.url)[1].strip("/"):
             raise OutputError(
                 f"--output {url!r} is a bucket root: pass a prefix inside it, such as {join(target.url, 'features/run-1')}"
@@ -231,22 +236,28 @@ class OutputTarget:
         return safety.sibling(self.url, f".fruitdask-old-{self.run_id}")
 
     def lock(self) -> None:
-        """Take the output's lock for this run.
+        """Take the output's lock for this run (taking over a dead run's expired lease) and
+        start renewing it.
 
         Raises
         ------
         OutputBusyError
-            Another run holds it (the message names that run and how to clear a dead lock).
+            Another run holds it (the message names that run and when its lease runs out).
         """
         fs, path = get_fs(self.lock_url, self.storage_options)
+        remote = is_remote(self.url)
         try:
-            safety.acquire_lock(fs, path, is_remote(self.url), self.url, self.lock_url, self.run_id)
+            held = safety.acquire_lease(fs, path, remote, self.url, self.lock_url, self.run_id, self.lease_ttl)
         except s3errors.storage_exceptions() as e:
             raise translate(e, self.lock_url) from e
+        self._heartbeat = lease.Heartbeat(fs, path, remote, held, self.lease_ttl).start()
         self.locked = True
 
     def unlock(self) -> None:
-        """Release the lock if this run holds it."""
+        """Stop renewing the lock and release it if this run holds it."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self.locked:
             fs, path = get_fs(self.lock_url, self.storage_options)
             safety.release_lock(fs, path, self.run_id)
@@ -295,6 +306,8 @@ class OutputTarget:
         _, staging = get_fs(self.staging, self.storage_options)
         try:
             if self.locked:
+                if self._heartbeat is not None:  # a fresh lease for the commit (a lost one fails the check)
+                    self._heartbeat.renew()
                 lfs, lpath = get_fs(self.lock_url, self.storage_options)
                 safety.check_lock(lfs, lpath, self.url, self.lock_url, self.run_id)
             if is_remote(self.url):
