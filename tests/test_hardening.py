@@ -445,3 +445,29 @@ def test_an_s3_key_that_s3fs_would_cut_is_an_error_row_never_another_object(s3):
     assert "cannot be read safely" in rejected["reason"][0]
     with pytest.raises(OSError, match="cannot be read safely"):
         storage.read_bytes("s3://fruits-eu/T/Apple/big?versionId=1.jpg", opts)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_run_featurizes_double_colon_names_as_themselves(tmp_path, weights_file):
+    """End to end (Dask workers read the files): ``big::a.jpg`` and ``x::a.jpg`` are the
+    images they are, not the over-size ``big`` or the link ``x`` out of the root."""
+    root = copy_images(BUNDLED, tmp_path / "in", 1, 2)
+    label = next(root.iterdir())
+    originals = sorted(p.name for p in label.iterdir())
+    first = label / originals[0]
+    (label / "big").write_bytes(b"\xff\xd8" + b"x" * (2**20))  # over --max-file-mb, and no image
+    (label / "big::a.jpg").write_bytes(first.read_bytes())
+    (tmp_path / "secret").write_bytes(b"root:x:0:0")
+    os.symlink(tmp_path / "secret", label / "x")
+    (label / "x::a.jpg").write_bytes(first.read_bytes())
+    out = tmp_path / "out"
+    code = cli.main(["run", "--input", str(root), "--output", str(out), "--image-size", str(S), "--weights", str(weights_file),
+                     "--workers", "1", "--threads-per-worker", "1", "--components", "1", "--max-file-mb", "0.5", "-q"])
+    assert code == 0
+    assert not (out / "errors.parquet").exists() or pq.read_table(out / "errors.parquet").num_rows == 0
+    features = pd.read_parquet(out / "features").set_index("path")
+    rows = {Path(p).name: np.asarray(v) for p, v in features["features"].items()}
+    assert set(rows) == {*originals, "big::a.jpg", "x::a.jpg"}, set(rows)
+    np.testing.assert_array_equal(rows["big::a.jpg"], rows[first.name])
+    np.testing.assert_array_equal(rows["x::a.jpg"], rows[first.name])
