@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -196,3 +197,14 @@ def test_a_run_killed_with_sigkill_leaves_a_lock_the_next_run_takes_over(tmp_pat
     assert re.search(rf"took over the output lock \S+ from run {dead['run_id']} \(host {dead['host']}, pid {dead['pid']}, "
                      r"since .*\), whose lease ran out at .* without renewal", again.stderr), again.stderr
     assert (out / "_SUCCESS").exists() and not lock.exists()
+
+
+def test_a_locked_target_travels_to_workers_without_its_heartbeat(tmp_path):
+    target = storage.OutputTarget.open(str(tmp_path / "run-1"), None, overwrite=False, lease_ttl=TTL)
+    with storage.committed(target):
+        copy = pickle.loads(pickle.dumps(target))
+        assert copy.staging == target.staging and not copy.locked and copy._heartbeat is None
+        copy.write_bytes("run.json", b"{}")
+        copy.unlock()  # a copy never releases the lock of the run
+        assert _lock_doc(target, None)["run_id"] == target.run_id
+    assert (tmp_path / "run-1" / "run.json").read_bytes() == b"{}"

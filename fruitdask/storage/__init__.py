@@ -225,6 +225,11 @@ class OutputTarget:
             safety.check_replaceable(url, names)
         return target
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The heartbeat (a thread) stays with the process that holds the lock: a copy sent
+        # to a worker or executor can write staging files, never renew or release the lock.
+        return {**self.__dict__, "_heartbeat": None, "locked": False}
+
     @property
     def lock_url(self) -> str:
         """The lock object beside the target (never inside: the target gets replaced)."""
