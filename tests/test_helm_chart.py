@@ -81,7 +81,7 @@ def test_chart_metadata_and_lint() -> None:
 
 
 def test_ci_values_cover_every_option() -> None:
-    assert {"tls-values", "gpu-values", "metrics-values", "job-values", "karpenter-values", "serve-values"} <= set(CI_VALUES)
+    assert {"tls-values", "plain-tcp-values", "gpu-values", "metrics-values", "job-values", "karpenter-values", "serve-values"} <= set(CI_VALUES)
 
 
 def test_every_object_is_valid_kubernetes(rendered) -> None:
