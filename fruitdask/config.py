@@ -49,6 +49,9 @@ class StorageSettings:
     profile: str | None = None
     allowed_regions: tuple[str, ...] = EU_REGIONS
     connect_timeout: float = 10.0
+    # Seconds the output lock holds without renewal (renewed every third of it while the run
+    # lives); a killed run's lock is taken over once it runs out (docs/s3.md).
+    lock_ttl: float = 180.0
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec ``storage_options`` for ``s3://`` URLs. Never holds secrets: credentials
@@ -161,6 +164,8 @@ class RunConfig:
             raise ConfigError(f"--max-file-mb must be a positive number of megabytes, got {self.max_file_mb}: e.g. --max-file-mb 50")
         if self.max_errors is not None and self.max_errors < 0:
             raise ConfigError(f"--max-errors must be >= 0, got {self.max_errors}")
+        if not self.storage.lock_ttl >= 3:
+            raise ConfigError(f"FRUITDASK_STORAGE_LOCK_TTL must be at least 3 seconds, got {self.storage.lock_ttl}: e.g. 180")
         return self
 
     @property

@@ -88,7 +88,7 @@ def run(
     # Nothing is read or written before every location passes the region guard.
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
     so = cfg.storage.storage_options()
-    target = storage.OutputTarget.for_update(cfg.output, so)
+    target = storage.OutputTarget.for_update(cfg.output, so, lease_ttl=cfg.storage.lock_ttl)
     with timer.stage("table"):
         state = open_output(cfg, so)
     backend = make_backend(cfg, target, progress or Progress())
@@ -235,6 +235,7 @@ class _Run:
             refit=cfg.refit, rebuild=cfg.rebuild or (cfg.overwrite and self.state.exists), resume=cfg.resume,
             feature_dim=cfg.feature_dim, pca_batch_size=cfg.pca_batch_size, power_iterations=cfg.pca_power_iterations,
             seed=cfg.seed, meta=meta, check=lambda errors: check_errors(cfg, plan.listed, len(plan.errors) + len(errors)),
+            before_commit=self.target.ensure_held,
         )
 
     def _up_to_date(self, plan: lake_plan.Plan) -> dict:

@@ -97,7 +97,9 @@ def test_chart_processes_run_the_pipeline(tmp_path: Path, processes: list[subpro
         for image in sorted(label.glob("*.jpg"))[:3]:
             shutil.copy(image, data / label.name / image.name)
 
-    objects = render({"worker": {"resources": {"requests": WORKER_RESOURCES, "limits": WORKER_RESOURCES}}})
+    # Plain TCP on loopback (TLS is the chart's default: tests/test_tls_hook.py runs it for real).
+    objects = render({"worker": {"resources": {"requests": WORKER_RESOURCES, "limits": WORKER_RESOURCES}},
+                      "tls": {"enabled": False}})
     scheduler_c = _container(objects, "Deployment", "-scheduler")
     worker_c = _container(objects, "Deployment", "-worker")
     test_c = _container(objects, "Pod", "-test-connection")

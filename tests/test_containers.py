@@ -95,8 +95,8 @@ def chart_values(s3_endpoint: str, job: dict[str, Any] | None = None, tls: bool 
             "resources": {"requests": {"cpu": "1", "memory": "3Gi"}, "limits": {"cpu": "1", "memory": "3Gi"}},
             **job,
         }
-    if tls:
-        values["tls"] = {"enabled": True, "existingSecret": TLS_SECRET}
+    # TLS is the chart's default; the plain runs here turn it off (NetworkPolicies stay on).
+    values["tls"] = {"enabled": True, "existingSecret": TLS_SECRET} if tls else {"enabled": False}
     return values
 
 

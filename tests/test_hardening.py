@@ -229,6 +229,25 @@ def test_keras_file_is_hashed_before_it_is_deserialized(tmp_path, monkeypatch):
             load_verified_weights(bad, S, None)
 
 
+@pytest.mark.integration
+def test_referenced_h5_file_is_hashed_before_libhdf5_parses_it(weights_file, monkeypatch):
+    """Issue 23, item 9: every referenced weights file, not only ``.keras``, is hashed first."""
+    import h5py
+
+    weights, info = model.load_weights(str(weights_file))
+    ref = WeightsRef(kind="file", source=str(weights_file), sha256=info.sha256, file_sha256=info.file_sha256)
+    assert len(load_verified_weights(ref, S, None)) == len(weights)
+
+    def no_parse(*a, **k):
+        raise AssertionError("the .h5 file was parsed by libhdf5 before its hash was checked")
+
+    monkeypatch.setattr(h5py, "File", no_parse)
+    for bad in (WeightsRef(kind="file", source=str(weights_file), sha256=info.sha256, file_sha256="f" * 64),
+                WeightsRef(kind="file", source=str(weights_file), sha256=info.sha256)):  # no file hash recorded
+        with pytest.raises(UntrustedReferenceError, match="refused before loading it"):
+            load_verified_weights(bad, S, None)
+
+
 def test_report_rebuild_guards_thumbnail_paths_read_from_parquet(s3, tmp_path, monkeypatch, capsys):
     """A features/ part whose paths point at another bucket (or another protocol): the
     rebuild refuses before reading any thumbnail."""
@@ -379,3 +398,76 @@ def test_jpeg_and_png_still_decode():
     for fmt in ("JPEG", "PNG"):
         assert decode_image(_encode(fmt), S).shape == (S, S, 3)
 
+
+
+# --- issue 23, item 7: a name is read as itself, never re-parsed as a URL ---------------------------
+
+
+def _chained_name_tree(root: Path, outside: Path) -> Path:
+    """``big::a.jpg`` beside an over-size ``big``, ``x::a.jpg`` beside a link ``x`` out of the root."""
+    label = root / "Apple"
+    label.mkdir(parents=True)
+    (label / "big").write_bytes(b"B" * 5000)
+    (label / "big::a.jpg").write_bytes(b"big-a")
+    outside.write_bytes(b"secret")
+    os.symlink(outside, label / "x")
+    (label / "x::a.jpg").write_bytes(b"x-a")
+    return root
+
+
+def test_a_double_colon_in_a_local_name_reads_that_file_not_its_prefix(tmp_path):
+    root = _chained_name_tree(tmp_path / "in", tmp_path / "secret")
+    listing, rejected = storage.scan_images(str(root), None, max_file_bytes=1000)
+    assert rejected.empty
+    read = {Path(p).name: storage.read_bytes(p) for p in listing["path"]}
+    assert read == {"big::a.jpg": b"big-a", "x::a.jpg": b"x-a"}
+
+
+def test_a_double_colon_in_an_s3_key_reads_that_object_not_its_prefix(s3):
+    s3.bucket("fruits-eu", "eu-west-3")
+    s3.fs.pipe_file("fruits-eu/T/Apple/big", b"B" * 5000)
+    s3.fs.pipe_file("fruits-eu/T/Apple/big::a.jpg", b"big-a")
+    opts = {"client_kwargs": {"endpoint_url": s3.endpoint}}
+    listing, rejected = storage.scan_images("s3://fruits-eu/T", opts, 1000)
+    assert rejected.empty and listing["path"].tolist() == ["s3://fruits-eu/T/Apple/big::a.jpg"]
+    assert storage.read_bytes(listing["path"][0], opts) == b"big-a"
+
+
+def test_an_s3_key_that_s3fs_would_cut_is_an_error_row_never_another_object(s3):
+    """s3fs reads ``k?versionId=v`` as object ``k``: such a key is refused from the listing
+    and by :func:`storage.read_bytes` (an ``OSError``: the image's error row)."""
+    s3.bucket("fruits-eu", "eu-west-3")
+    s3.fs.pipe_file("fruits-eu/T/Apple/big", b"B" * 5000)
+    s3.client().put_object(Bucket="fruits-eu", Key="T/Apple/big?versionId=1.jpg", Body=b"v")
+    opts = {"client_kwargs": {"endpoint_url": s3.endpoint}}
+    listing, rejected = storage.scan_images("s3://fruits-eu/T", opts, 1000)
+    assert listing.empty and rejected["path"].tolist() == ["s3://fruits-eu/T/Apple/big?versionId=1.jpg"]
+    assert "cannot be read safely" in rejected["reason"][0]
+    with pytest.raises(OSError, match="cannot be read safely"):
+        storage.read_bytes("s3://fruits-eu/T/Apple/big?versionId=1.jpg", opts)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_run_featurizes_double_colon_names_as_themselves(tmp_path, weights_file):
+    """End to end (Dask workers read the files): ``big::a.jpg`` and ``x::a.jpg`` are the
+    images they are, not the over-size ``big`` or the link ``x`` out of the root."""
+    root = copy_images(BUNDLED, tmp_path / "in", 1, 2)
+    label = next(root.iterdir())
+    originals = sorted(p.name for p in label.iterdir())
+    first = label / originals[0]
+    (label / "big").write_bytes(b"\xff\xd8" + b"x" * (2**20))  # over --max-file-mb, and no image
+    (label / "big::a.jpg").write_bytes(first.read_bytes())
+    (tmp_path / "secret").write_bytes(b"root:x:0:0")
+    os.symlink(tmp_path / "secret", label / "x")
+    (label / "x::a.jpg").write_bytes(first.read_bytes())
+    out = tmp_path / "out"
+    code = cli.main(["run", "--input", str(root), "--output", str(out), "--image-size", str(S), "--weights", str(weights_file),
+                     "--workers", "1", "--threads-per-worker", "1", "--components", "1", "--max-file-mb", "0.5", "-q"])
+    assert code == 0
+    assert not (out / "errors.parquet").exists() or pq.read_table(out / "errors.parquet").num_rows == 0
+    features = pd.read_parquet(out / "features").set_index("path")
+    rows = {Path(p).name: np.asarray(v) for p, v in features["features"].items()}
+    assert set(rows) == {*originals, "big::a.jpg", "x::a.jpg"}, set(rows)
+    np.testing.assert_array_equal(rows["big::a.jpg"], rows[first.name])
+    np.testing.assert_array_equal(rows["x::a.jpg"], rows[first.name])

@@ -43,6 +43,14 @@ def rendered(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any], list[
     return request.param, values, render(values)
 
 
+def dask_pods(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The pods that run fruitdask and Dask: every workload but the TLS setup hook Job,
+    which has a test of its own (:func:`test_tls_setup_hook_is_minimal_and_hardened`)."""
+    if obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "tls-setup":
+        return []
+    return pod_specs(obj)
+
+
 def by_kind(objects: list[dict[str, Any]], kind: str, suffix: str = "") -> list[dict[str, Any]]:
     return [o for o in objects if o["kind"] == kind and o["metadata"]["name"].endswith(suffix)]
 
@@ -73,7 +81,7 @@ def test_chart_metadata_and_lint() -> None:
 
 
 def test_ci_values_cover_every_option() -> None:
-    assert {"tls-values", "gpu-values", "metrics-values", "job-values", "karpenter-values", "serve-values"} <= set(CI_VALUES)
+    assert {"tls-values", "plain-tcp-values", "gpu-values", "metrics-values", "job-values", "karpenter-values", "serve-values"} <= set(CI_VALUES)
 
 
 def test_every_object_is_valid_kubernetes(rendered) -> None:
@@ -96,7 +104,7 @@ def test_custom_resources_are_validated_not_skipped(rendered) -> None:
 
 def test_every_pod_is_hardened_and_in_the_eu(rendered) -> None:
     _, _, objects = rendered
-    pods = [p for o in objects for p in pod_specs(o)]
+    pods = [p for o in objects for p in dask_pods(o)]
     assert len(pods) >= 3  # scheduler, worker, helm test (+ Job)
     problems = [p for where, spec in pods for p in pod_policy_violations(where, spec, EU_REGIONS)]
     assert not problems, "\n".join(problems)
@@ -133,7 +141,7 @@ def test_commands_are_dask_subcommands(rendered) -> None:
     assert container(one(objects, "Deployment", "-scheduler"))["command"] == ["dask", "scheduler"]
     assert container(one(objects, "Deployment", "-worker"))["command"] == ["dask", "worker"]
     for obj in objects:
-        for _, spec in pod_specs(obj):
+        for _, spec in dask_pods(obj):
             for c in spec["containers"]:
                 words = c.get("command", []) + c.get("args", [])
                 assert not {"dask-scheduler", "dask-worker"} & set(words), words
@@ -142,7 +150,7 @@ def test_commands_are_dask_subcommands(rendered) -> None:
 def test_env_tf_and_amm_everywhere(rendered) -> None:
     _, _, objects = rendered
     for obj in objects:
-        for where, spec in pod_specs(obj):
+        for where, spec in dask_pods(obj):
             env = env_of(spec["containers"][0])
             assert AMM not in env, where  # Dask's default: a run needs no scattered replica
             for k, v in TF_ENV.items():
@@ -157,7 +165,7 @@ def test_no_secret_objects_or_secret_values(rendered) -> None:
     text = yaml.safe_dump_all(objects)
     assert not re.search(r"AKIA[0-9A-Z]{16}", text)
     for obj in objects:
-        for _, spec in pod_specs(obj):
+        for _, spec in dask_pods(obj):
             for e in spec["containers"][0].get("env", []):
                 assert not re.search(r"SECRET|PASSWORD|TOKEN", e["name"]), e["name"]
 
@@ -188,7 +196,7 @@ def test_worker_nthreads_and_memory_limit_from_resources(cpu, memory, fraction, 
     args = container(one(objects, "Deployment", "-worker"))["args"]
     assert args[args.index("--nthreads") + 1] == threads
     assert args[args.index("--memory-limit") + 1] == limit
-    assert args[0] == "tcp://fruits-fruitdask-scheduler:8786"
+    assert args[0] == "tls://fruits-fruitdask-scheduler:8786"
 
 
 def test_worker_scratch_is_a_writable_emptydir() -> None:
@@ -226,14 +234,14 @@ def test_scheduler_has_no_s3_role() -> None:
 
 
 def test_job_runs_fruitdask_against_the_release_scheduler() -> None:
-    assert not by_kind(render({}), "Job")
+    assert not by_kind(render({}), "Job", "-run")
     objects = render(CI_VALUES["job-values"])
     job = one(objects, "Job", "-run")
     c = container(job)
     assert c["command"] == ["python", "-m", "fruitdask", "run"]
     args = c["args"]
     assert args[:6] == [
-        "--cluster", "tcp://fruits-fruitdask-scheduler:8786",
+        "--cluster", "tls://fruits-fruitdask-scheduler:8786",
         "--input", "s3://fruits-eu-west-1/fruits-360/Training",
         "--output", "s3://fruits-eu-west-1/features/run-1",
     ]
@@ -256,7 +264,7 @@ def test_tls_mounts_secret_and_uses_tls_addresses() -> None:
     worker = container(one(objects, "Deployment", "-worker"))
     assert worker["args"][0] == "tls://fruits-fruitdask-scheduler:8786"
     for obj in objects:
-        for where, spec in pod_specs(obj):
+        for where, spec in dask_pods(obj):
             (vol,) = [v for v in spec["volumes"] if v["name"] == "tls"]
             assert vol["secret"]["secretName"] == "fruitdask-dask-tls", where
             env = env_of(spec["containers"][0])
@@ -311,7 +319,7 @@ def test_s3_settings_reach_every_pod_and_fruitdask_reads_them() -> None:
 
     values = {"s3": {"endpointUrl": "http://moto:5000", "allowedRegions": ["eu-west-1", "eu-central-1"]},
               **CI_VALUES["job-values"]}
-    pods = [p for o in render(values) for p in pod_specs(o)]
+    pods = [p for o in render(values) for p in dask_pods(o)]
     assert len(pods) == 4  # scheduler, worker, Job, helm test
     for where, spec in pods:
         env = env_of(spec["containers"][0])
@@ -321,7 +329,7 @@ def test_s3_settings_reach_every_pod_and_fruitdask_reads_them() -> None:
         storage = build_config({"input": "s3://b/in", "output": "s3://b/out"}, env).storage
         assert storage.endpoint_url == "http://moto:5000", where
         assert storage.allowed_regions == ("eu-west-1", "eu-central-1"), where
-    for where, spec in (p for o in render({}) for p in pod_specs(o)):
+    for where, spec in (p for o in render({}) for p in dask_pods(o)):
         env = env_of(spec["containers"][0])
         assert env["FRUITDASK_STORAGE_ALLOWED_REGIONS"] == ALL_EU, where
         assert not {"FRUITDASK_STORAGE_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"} & set(env), where
@@ -330,7 +338,7 @@ def test_s3_settings_reach_every_pod_and_fruitdask_reads_them() -> None:
 def test_chart_region_env_comes_after_extra_env() -> None:
     """Kubernetes keeps the last of two same-named variables: the chart's region, allow-list
     and endpoint follow tfEnv/extraEnv, so they win even where the schema was skipped."""
-    for _, spec in (p for o in render({"extraEnv": {"MY_SETTING": "1"}}) for p in pod_specs(o)):
+    for _, spec in (p for o in render({"extraEnv": {"MY_SETTING": "1"}}) for p in dask_pods(o)):
         names = [e["name"] for e in spec["containers"][0]["env"]]
         last_free = max(names.index(k) for k in ("MY_SETTING", *TF_ENV))
         for guarded in ("AWS_REGION", "AWS_DEFAULT_REGION", "FRUITDASK_STORAGE_ALLOWED_REGIONS"):
@@ -401,7 +409,7 @@ def test_network_policies_ingress() -> None:
     assert rule_ports(worker["spec"]["ingress"][0]) == {(9000, "TCP"), (9001, "TCP")}
     assert CLIENT in [f["podSelector"]["matchLabels"] for f in worker["spec"]["ingress"][0]["from"]]
     # The helm test pod and the Job carry every label of the client selector.
-    pods = [one(objects, "Pod"), one(render(CI_VALUES["job-values"]), "Job")]
+    pods = [one(objects, "Pod"), one(render(CI_VALUES["job-values"]), "Job", "-run")]
     for pod in pods:
         labels = pod["metadata"]["labels"] if pod["kind"] == "Pod" else pod["spec"]["template"]["metadata"]["labels"]
         assert CLIENT.items() <= labels.items(), labels
@@ -479,7 +487,7 @@ def test_helm_test_hook_checks_worker_count() -> None:
     c = pod["spec"]["containers"][0]
     assert c["command"] == ["python", "-c"]
     assert "wait_for_workers" in c["args"][0]
-    assert c["args"][1:3] == ["tcp://fruits-fruitdask-scheduler:8786", "5"]
+    assert c["args"][1:3] == ["tls://fruits-fruitdask-scheduler:8786", "5"]
     compile(c["args"][0], "helm-test", "exec")  # the embedded script is valid Python
 
 
@@ -536,7 +544,9 @@ def test_tfenv_default_matches_package() -> None:
         ({"job": {"weights": "random"}}, "/job/weights"),
         ({"job": {"weights": "imagenet"}}, "/job/weights"),
         ({"job": {"weights": "https://example.com/vgg16_notop.weights.h5"}}, "/job/weights"),
-        ({"tls": {"enabled": True}}, "/tls/existingSecret"),
+        ({"tls": {"enabled": False}, "networkPolicy": {"enabled": False}}, "/networkPolicy/enabled"),
+        ({"tls": {"existingSecret": "Not_A_Name"}}, "/tls/existingSecret"),
+        ({"tls": {"validityDays": 0}}, "/tls/validityDays"),
         ({"podSecurity": {"runAsUser": 0}}, "/podSecurity/runAsUser"),
         ({"worker": {"resources": {"limits": {"memory": "lots"}}}}, "/worker/resources/limits/memory"),
         ({"karpenter": {"zones": ["us-east-1a"]}}, "/karpenter/zones"),
@@ -673,3 +683,52 @@ def test_notes_show_how_to_call_the_serve_api() -> None:
     notes = render_notes(CI_VALUES["serve-values"])
     assert "port-forward svc/fruits-fruitdask-serve 8080" in notes
     assert "http://localhost:8080/v1/predict" in notes
+
+
+# --- issue 23, item 12: TLS on by default, with a CA the chart makes for the release ---------
+
+
+def test_tls_is_on_by_default_with_the_secret_of_the_hook() -> None:
+    objects = render({})
+    sched = container(one(objects, "Deployment", "-scheduler"))
+    assert sched["args"][sched["args"].index("--protocol") + 1] == "tls"
+    assert container(one(objects, "Deployment", "-worker"))["args"][0] == "tls://fruits-fruitdask-scheduler:8786"
+    for obj in objects:
+        for where, spec in dask_pods(obj):
+            (vol,) = [v for v in spec["volumes"] if v["name"] == "tls"]
+            assert vol["secret"]["secretName"] == "fruits-fruitdask-dask-tls", where
+            assert env_of(spec["containers"][0])["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "True", where
+    job = one(objects, "Job", "-tls-setup")
+    assert container(job)["args"] == ["fruitdask", "fruits-fruitdask-dask-tls", "fruits", "365", "fruits-fruitdask-scheduler"]
+    # An existing Secret replaces the hook; TLS off (with NetworkPolicies on) has neither.
+    with_secret = render({"tls": {"existingSecret": "mine"}})
+    assert not [o for o in with_secret if o["metadata"]["name"].endswith("-tls-setup")]
+    assert {v["secret"]["secretName"] for o in with_secret for _, s in dask_pods(o) for v in s["volumes"] if v["name"] == "tls"} == {"mine"}
+    plain = render({"tls": {"enabled": False}})
+    assert container(one(plain, "Deployment", "-worker"))["args"][0] == "tcp://fruits-fruitdask-scheduler:8786"
+    assert not [o for o in plain if "tls" in o["metadata"]["name"]] and by_kind(plain, "NetworkPolicy")
+
+
+def test_tls_setup_hook_is_minimal_and_hardened() -> None:
+    objects = [o for o in render({}) if o["metadata"]["name"] == "fruits-fruitdask-tls-setup"]
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "Job", "Role", "RoleBinding", "ServiceAccount"]
+    weights = {}
+    for obj in objects:
+        ann = obj["metadata"]["annotations"]
+        assert ann["helm.sh/hook"] == "pre-install,pre-upgrade", obj["kind"]
+        assert ann["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded", obj["kind"]
+        weights[obj["kind"]] = int(ann["helm.sh/hook-weight"])
+        validate_object(obj)
+    assert weights["Job"] > max(w for k, w in weights.items() if k != "Job")  # RBAC and script first
+    (role,) = [o for o in objects if o["kind"] == "Role"]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["fruits-fruitdask-dask-tls"], "verbs": ["get"]},
+    ]
+    (job,) = [o for o in objects if o["kind"] == "Job"]
+    (where, spec), = pod_specs(job)
+    assert not pod_policy_violations(where, spec, EU_REGIONS)
+    assert spec["serviceAccountName"] == "fruits-fruitdask-tls-setup" and spec["automountServiceAccountToken"] is True
+    (cm,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    assert cm["data"]["make_dask_tls.py"].strip() == (CHART / "files" / "make_dask_tls.py").read_text().strip()
+    # Every other pod keeps automountServiceAccountToken false (checked in the hardening test).

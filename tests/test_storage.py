@@ -424,6 +424,52 @@ def test_overwrite_whose_restore_fails_too_leaves_the_old_dataset_aside_and_says
         storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=False)
 
 
+def _deny_delete(s3, bucket: str, key: str) -> None:
+    """A bucket policy that denies deleting one key: S3's bulk delete (``DeleteObjects``)
+    then answers 200 with a per-key ``AccessDenied`` and deletes the others."""
+    statement = {"Effect": "Deny", "Principal": "*", "Action": "s3:DeleteObject", "Resource": f"arn:aws:s3:::{bucket}/{key}"}
+    s3.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [statement]}))
+
+
+def test_overwrite_whose_old_part_cannot_be_deleted_rolls_back_instead_of_mixing(s3):
+    """Issue 23, item 8: an old part that the bulk delete failed to remove must not end up
+    under a new ``_SUCCESS`` beside the new parts."""
+    _old_dataset(s3)
+    _deny_delete(s3, "out-euw3", "run-1/features/part-00001.parquet")
+    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    _stage(target, s3, {"features/part-00000.parquet": b"new0", "run.json": b"{}"})
+    with pytest.raises(OutputError, match=r"could not commit.*part-00001\.parquet.*AccessDenied"):
+        target.commit()
+    # The old dataset, whole and alone, under its own _SUCCESS; no staging left.
+    assert [o for o in s3.objects() if ".fruitdask-old-" not in o] == sorted(f"out-euw3/run-1/{rel}" for rel in OLD)
+    for rel, data in OLD.items():
+        assert s3.read(f"out-euw3/run-1/{rel}") == data
+    assert not any(".fruitdask-tmp-" in o for o in s3.objects())
+
+
+def test_commit_rolls_back_when_the_target_holds_objects_it_did_not_write(s3, monkeypatch, caplog):
+    """The target is listed again before ``_SUCCESS``: an object another writer put there
+    while the commit copied is never vouched for by a marker, neither the new nor the old."""
+    _old_dataset(s3)
+    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    _stage(target, s3, {"features/part-00000.parquet": b"new0", "run.json": b"{}"})
+    fs = target.fs_path[0]
+    real = fs.copy
+
+    def copy_then_stray(src, dst, **kw):
+        real(src, dst, **kw)
+        if ".fruitdask-tmp-" in str(src):
+            s3.fs.pipe_file("out-euw3/run-1/features/part-00009.parquet", b"stray")
+
+    monkeypatch.setattr(fs, "copy", copy_then_stray)
+    with pytest.raises(OutputError, match=r"could not commit.*1 objects this run did not write.*part-00009"):
+        target.commit()
+    assert "out-euw3/run-1/_SUCCESS" not in s3.objects()
+    backup = target.backup.removeprefix("s3://")
+    assert sorted(o[len(backup) + 1:] for o in s3.objects() if o.startswith(backup + "/")) == sorted(OLD)
+    assert target.backup in caplog.text
+
+
 def test_successful_overwrite_leaves_no_copy_aside_and_no_lock(s3):
     _old_dataset(s3)
     target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)

@@ -104,15 +104,16 @@ def load_verified_weights(
 
     The location comes from a stored document, so it is untrusted: only a local file or
     ``s3://`` (:func:`fruitdask.storage.check_protocols`), through ``guard`` (the
-    region guard of the command) when given, and a ``.keras`` file is hashed before it is
-    deserialized.
+    region guard of the command) when given, and the referenced file (any format) is hashed
+    before it is parsed. An ``override`` is the user's own ``--weights``: trusted like
+    ``run --weights``, it is checked by the weights' sha256 only.
     """
     spec = override or ref.spec
     storage.check_protocols([spec], "weights location", "pass --weights PATH_OR_URI of a local file or an s3:// object")
     if guard is not None:
         guard([spec])
     weights, info = model.load_weights(spec, image_size=image_size, seed=ref.seed, storage_options=dict(storage_options or {}),
-                                       keras_sha256=ref.file_sha256, referenced=True)
+                                       keras_sha256=ref.file_sha256, referenced=override is None)
     if info.sha256 != ref.sha256:
         raise WeightsError(
             f"weights {spec!r} have sha256 {info.sha256[:16]}…, but the features were made with "

@@ -175,8 +175,9 @@ def _from_file(
     spec: str, storage_options: dict[str, Any] | None, keras_sha256: str | None = None, referenced: bool = False
 ) -> tuple[list[np.ndarray], str]:
     """Weights and the file's sha256, read with h5py alone: the client never imports
-    TensorFlow for a weights file (issue 14). A ``.keras`` file named by a stored reference
-    (``referenced``) is only read when its bytes hash to ``keras_sha256``."""
+    TensorFlow for a weights file (issue 14). A file named by a stored reference
+    (``referenced``), whatever its format, is only parsed (by libhdf5, zipfile) when its
+    bytes hash to ``keras_sha256``: the parsers are attack surface (issue 23, item 9)."""
     from fruitdask import storage
     from fruitdask.features.weights_file import WEIGHTS_SUFFIXES, read_weights
 
@@ -194,12 +195,12 @@ def _from_file(
         except Exception as e:
             raise WeightsError(f"cannot read weights file {spec!r}: {e}") from e
         digest = storage.file_sha256(local)
-        # A .keras archive is only opened when it is the very file the reference names.
-        if name.endswith(".keras") and referenced and digest != keras_sha256:
+        # A referenced file is only opened when it is the very file the reference names.
+        if referenced and digest != keras_sha256:
             raise UntrustedReferenceError(
                 f"weights file {spec!r} has sha256 {digest[:16]}…, the reference expects "
                 f"{(keras_sha256 or 'none recorded')[:16]}…: refused before loading it; pass --weights PATH_OR_URI "
-                "of the very .keras file the run used (or a .weights.h5 of the same weights)"
+                "of the very file the run used (or any weights file you trust of the same weights)"
             )
         try:
             weights = read_weights(local)
@@ -233,8 +234,9 @@ def load_weights(
         Let ``auto`` fall back to random weights. Off by default: random features look like
         real ones, so a run must never end up with them unless someone asked.
     keras_sha256, referenced
-        ``spec`` comes from a stored reference (``run.json``, ``bundle.json``): a ``.keras``
-        file is only deserialized when its bytes hash to ``keras_sha256``.
+        ``spec`` comes from a stored reference (``run.json``, ``bundle.json``): the file
+        (``.keras``, ``.weights.h5``, ``.h5``) is only parsed when its bytes hash to
+        ``keras_sha256``.
     """
     if spec == "imagenet":
         weights = _imagenet(image_size)

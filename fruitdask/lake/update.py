@@ -62,6 +62,8 @@ class Request:
     meta: dict = field(default_factory=dict)  # the commit's description (counts added here)
     #: Called with this run's failed images before anything is committed (``--max-errors``).
     check: Callable[[pd.DataFrame], None] = lambda errors: None
+    #: Called right before the commit (the output's lock still held: see OutputTarget.ensure_held).
+    before_commit: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -122,6 +124,7 @@ def apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, setti
                 "pca_rows": reduction.n_samples if refit else state.meta.get("pca_rows"),
                 "pca_fit_seq": _fit_seq(state) + (1 if refit else 0), "rows": out.rows,
                 "counts": {"added": out.added, "updated": out.updated, "removed": plan.removed}}
+        req.before_commit()
         out.version_after = delta.commit(state, adds, [{"path": p, "size": s} for p, s in removed], meta)
     return out
 

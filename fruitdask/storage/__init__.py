@@ -22,9 +22,9 @@ import fsspec
 import pandas as pd
 
 from fruitdask.errors import InputError, OutputError, StorageError, UntrustedReferenceError
-from fruitdask.storage import listing, s3errors, safety
+from fruitdask.storage import lease, listing, s3errors, safety
 from fruitdask.storage.regions import bucket_region, guard_regions, normalize_region, split_bucket  # noqa: F401 - re-exported
-from fruitdask.storage.urls import get_fs, is_remote  # is_remote re-exported too
+from fruitdask.storage.urls import get_fs, is_remote, unsafe_name  # is_remote re-exported too
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def _accept(entries: list[listing.Entry], fs: fsspec.AbstractFileSystem, remote:
         label = listing.label_of(path)
         # Full URLs for remote files so any process can open them without the root.
         full = fs.unstrip_protocol(path) if remote else path
+        problem = problem or unsafe_name(full)
         if problem is None and max_file_bytes is not None and size is not None and size > max_file_bytes:
             problem = (f"file of {size:,} bytes is over the {max_file_bytes:,}-byte limit (--max-file-mb "
                        f"{max_file_bytes / 2**20:g}): not read; raise --max-file-mb if such files are expected")
@@ -148,7 +149,12 @@ def read_bytes(path: str, storage_options: Mapping[str, Any] | None = None) -> b
     An ``OSError`` (missing file, access denied to one object) propagates as is, for the
     caller to record against that image; failures that doom every read of the run (no
     credentials, endpoint unreachable) become a :class:`StorageError` that fails the run.
+    ``path`` is read as itself: a name the file system would parse into another object's
+    (``k?versionId=v`` on S3) is an ``OSError``, never that object's bytes.
     """
+    problem = unsafe_name(path)
+    if problem is not None:
+        raise OSError(f"{path}: {problem}")
     fs, p = get_fs(path, storage_options)
     try:
         with fs.open(p, "rb") as f:
@@ -204,8 +210,10 @@ class OutputTarget:
       and puts the old dataset back from the copy aside.
 
     Only one run writes a target at a time: :func:`committed` takes a lock object
-    ``.<name>.fruitdask-lock`` beside it (with the run id), :meth:`commit` checks it is still
-    this run's, and the lock goes when the run ends. ``--overwrite`` only replaces a
+    ``.<name>.fruitdask-lock`` beside it (with the run id), a lease of ``lease_ttl`` seconds
+    that a heartbeat thread renews while the run lives (a dead run's lock is taken over once
+    its lease runs out), :meth:`commit` checks it is still this run's, and the lock goes when
+    the run ends. ``--overwrite`` only replaces a
     fruitdask output (``_SUCCESS``, ``run.json`` or ``bundle.json`` at its top).
     """
 
@@ -213,9 +221,12 @@ class OutputTarget:
     storage_options: Mapping[str, Any]
     run_id: str
     locked: bool = field(default=False, compare=False)
+    lease_ttl: float = field(default=lease.DEFAULT_TTL_S, compare=False)
+    _heartbeat: lease.Heartbeat | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def open(cls, url: str, storage_options: Mapping[str, Any] | None, overwrite: bool, run_id: str | None = None) -> OutputTarget:
+    def open(cls, url: str, storage_options: Mapping[str, Any] | None, overwrite: bool, run_id: str | None = None,
+             lease_ttl: float = lease.DEFAULT_TTL_S) -> OutputTarget:
         """Check the target and prepare a staging prefix beside it; writes nothing.
 
         Raises
@@ -223,7 +234,7 @@ class OutputTarget:
         OutputError
             The target exists (and ``overwrite`` is false), is a file, or is a bucket root.
         """
-        target = cls(url.rstrip("/"), dict(storage_options or {}), run_id or uuid.uuid4().hex[:12])
+        target = cls(url.rstrip("/"), dict(storage_options or {}), run_id or uuid.uuid4().hex[:12], lease_ttl=lease_ttl)
         if is_remote(target.url) and "/" not in fsspec.core.split_protocol(target.url)[1].strip("/"):
             raise OutputError(
                 f"--output {url!r} is a bucket root: pass a prefix inside it, such as {join(target.url, 'features/run-1')}"
@@ -251,15 +262,29 @@ class OutputTarget:
         return target
 
     @classmethod
-    def for_update(cls, url: str, storage_options: Mapping[str, Any] | None, run_id: str | None = None) -> OutputTarget:
+    def for_update(cls, url: str, storage_options: Mapping[str, Any] | None, run_id: str | None = None,
+                   lease_ttl: float = lease.DEFAULT_TTL_S) -> OutputTarget:
         """A target updated in place (the features table and the files beside it), with a
         staging prefix for the run's own inputs and the output's lock; writes nothing."""
-        target = cls(url.rstrip("/"), dict(storage_options or {}), run_id or uuid.uuid4().hex[:12])
+        target = cls(url.rstrip("/"), dict(storage_options or {}), run_id or uuid.uuid4().hex[:12], lease_ttl=lease_ttl)
         if is_remote(target.url) and "/" not in fsspec.core.split_protocol(target.url)[1].strip("/"):
             raise OutputError(
                 f"--output {url!r} is a bucket root: pass a prefix inside it, such as {join(target.url, 'features/run-1')}"
             )
         return target
+    def __getstate__(self) -> dict[str, Any]:
+        # The heartbeat (a thread) stays with the process that holds the lock: a copy sent
+        # to a worker or executor can write staging files, never renew or release the lock.
+        return {**self.__dict__, "_heartbeat": None, "locked": False}
+
+    def ensure_held(self) -> None:
+        """Before a commit: renew the lease and check the lock is still this run's (a run
+        that stalled past its lease and was taken over commits nothing)."""
+        if self.locked:
+            if self._heartbeat is not None:  # a fresh lease for the commit (a lost one fails the check)
+                self._heartbeat.renew()
+            lfs, lpath = get_fs(self.lock_url, self.storage_options)
+            safety.check_lock(lfs, lpath, self.url, self.lock_url, self.run_id)
 
     @property
     def lock_url(self) -> str:
@@ -272,22 +297,28 @@ class OutputTarget:
         return safety.sibling(self.url, f".fruitdask-old-{self.run_id}")
 
     def lock(self) -> None:
-        """Take the output's lock for this run.
+        """Take the output's lock for this run (taking over a dead run's expired lease) and
+        start renewing it.
 
         Raises
         ------
         OutputBusyError
-            Another run holds it (the message names that run and how to clear a dead lock).
+            Another run holds it (the message names that run and when its lease runs out).
         """
         fs, path = get_fs(self.lock_url, self.storage_options)
+        remote = is_remote(self.url)
         try:
-            safety.acquire_lock(fs, path, is_remote(self.url), self.url, self.lock_url, self.run_id)
+            held = safety.acquire_lease(fs, path, remote, self.url, self.lock_url, self.run_id, self.lease_ttl)
         except s3errors.storage_exceptions() as e:
             raise translate(e, self.lock_url) from e
+        self._heartbeat = lease.Heartbeat(fs, path, remote, held, self.lease_ttl).start()
         self.locked = True
 
     def unlock(self) -> None:
-        """Release the lock if this run holds it."""
+        """Stop renewing the lock and release it if this run holds it."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self.locked:
             fs, path = get_fs(self.lock_url, self.storage_options)
             safety.release_lock(fs, path, self.run_id)
@@ -335,9 +366,7 @@ class OutputTarget:
         fs, target = self.fs_path
         _, staging = get_fs(self.staging, self.storage_options)
         try:
-            if self.locked:
-                lfs, lpath = get_fs(self.lock_url, self.storage_options)
-                safety.check_lock(lfs, lpath, self.url, self.lock_url, self.run_id)
+            self.ensure_held()
             if is_remote(self.url):
                 self._commit_copy(fs, staging, target)
             else:
@@ -390,8 +419,9 @@ class OutputTarget:
                 # First, so a reader stops trusting the old dataset before any file goes.
                 fs.rm_file(marker)
             if old:
-                fs.rm([p for p in old if p != marker])
+                safety.delete_checked(fs, [p for p in old if p != marker], self.url)
             fs.copy(files, copies)
+            safety.check_exactly(fs, target, copies, self.url)
             fs.pipe_file(marker, b"")
         except BaseException:
             _remove_quietly(fs, [marker, *copies, *old], target)

@@ -8,17 +8,15 @@ reader's contract, are described in docs/s3.md ("The commit protocol").
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import os
 import posixpath
-import socket
 from typing import Any
 
 import fsspec
 
 import fruitdask.storage.s3errors as s3errors
 from fruitdask.errors import OutputBusyError, OutputError
+from fruitdask.storage import lease
 
 logger = logging.getLogger(__name__)
 
@@ -58,67 +56,74 @@ def top_level_names(paths: list[str], root: str) -> list[str]:
 # --- the run lock ----------------------------------------------------------------------
 
 
-def lock_document(run_id: str) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+def lock_document(run_id: str, ttl_s: float = lease.DEFAULT_TTL_S) -> dict[str, Any]:
+    return lease.document(run_id, ttl_s)
 
 
 def _busy(target_url: str, lock_url: str, holder: dict[str, Any] | None, run_id: str) -> OutputBusyError:
+    until = holder.get("expires_at") if holder else None
     who = (
-        f"run {holder.get('run_id')} (host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('started_at')})"
+        f"run {holder.get('run_id')} (host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('started_at')}"
+        f"{f', lease until {until}' if until else ''})"
         if holder else "another run"
     )
+    dead = (f"its lease runs out at {until} unless renewed, and the next run then takes the lock over"
+            if until else f"delete the lock {lock_url} and run again")
     return OutputBusyError(
         f"output {target_url!r} is being written by {who}; this run ({run_id}) stops: wait for it to finish, "
-        f"or, if that run is dead (killed with SIGKILL), delete the lock {lock_url} and run again"
+        f"or, if that run is dead (killed with SIGKILL), {dead}"
     )
+
+
+def _is_remote_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" not in protocols
 
 
 def read_lock(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
     """The lock document at ``path``, or ``None`` when there is none."""
-    try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        return {"run_id": "?", "host": "?", "pid": "?", "started_at": "? (unreadable lock)"}
-    return doc if isinstance(doc, dict) else {"run_id": "?"}
+    held = lease.read(fs, path, _is_remote_fs(fs))
+    return held.doc if held is not None else None
 
 
-def acquire_lock(fs: fsspec.AbstractFileSystem, path: str, remote: bool, target_url: str, lock_url: str, run_id: str) -> None:
-    """Create the lock object at ``path`` if none exists; else raise :class:`OutputBusyError`.
+def acquire_lease(fs: fsspec.AbstractFileSystem, path: str, remote: bool, target_url: str, lock_url: str, run_id: str,
+                  ttl_s: float = lease.DEFAULT_TTL_S) -> lease.Held:
+    """Take the lock at ``path`` for ``ttl_s`` seconds: create it, or take over one whose
+    holder stopped renewing it (logged, naming that run); else raise :class:`OutputBusyError`.
 
-    Locally ``O_EXCL`` makes creation atomic. On S3 a conditional ``PutObject``
-    (``If-None-Match: *``, honoured by AWS S3 since 2024, MinIO and moto) does; a store that
-    ignores the condition still gets the re-check at commit (:func:`check_lock`).
+    Creation and takeover are conditional writes (:mod:`fruitdask.storage.lease`): of two
+    runs racing, only one gets the lock; a store that ignores the conditions still gets the
+    re-check at commit (:func:`check_lock`).
     """
-    body = json.dumps(lock_document(run_id)).encode()
-    if not remote:
-        os.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            raise _busy(target_url, lock_url, read_lock(fs, path), run_id) from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-        return
-    bucket, _, key = path.partition("/")
-    try:
-        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
-    except s3errors.storage_exceptions() as e:
-        err = s3errors.client_error(e)
-        code = str(err.response.get("Error", {}).get("Code", "")) if err is not None else ""
-        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-            raise _busy(target_url, lock_url, read_lock(fs, path), run_id) from e
-        raise
-    fs.invalidate_cache(posixpath.dirname(path))
+    doc = lease.document(run_id, ttl_s)
+    current = None
+    for _ in range(3):  # the lock may change between our reads: a few tries, then "busy"
+        held = lease.create(fs, path, remote, doc)
+        if held is not None:
+            return held
+        current = lease.read(fs, path, remote)
+        if current is None:
+            continue  # released meanwhile
+        if not current.expired(ttl_s):
+            break
+        held = lease.replace(fs, path, remote, current, doc)
+        if held is not None:
+            d = current.doc
+            logger.warning(
+                "took over the output lock %s from run %s (host %s, pid %s, since %s), whose lease ran out at %s "
+                "without renewal: that run is presumed dead", lock_url, d.get("run_id"), d.get("host"), d.get("pid"),
+                d.get("started_at"), dt.datetime.fromtimestamp(current.expires(ttl_s), dt.UTC).isoformat(timespec="seconds"),
+            )
+            return held
+    raise _busy(target_url, lock_url, current.doc if current is not None else None, run_id)
+
+
+def acquire_lock(fs: fsspec.AbstractFileSystem, path: str, remote: bool, target_url: str, lock_url: str, run_id: str,
+                 ttl_s: float = lease.DEFAULT_TTL_S) -> None:
+    """Create the lock object at ``path`` (or take over an expired one); else raise
+    :class:`OutputBusyError`. See :func:`acquire_lease`, which also returns the lease to
+    renew (:class:`fruitdask.storage.lease.Heartbeat`)."""
+    acquire_lease(fs, path, remote, target_url, lock_url, run_id, ttl_s)
 
 
 def check_lock(fs: fsspec.AbstractFileSystem, path: str, target_url: str, lock_url: str, run_id: str) -> None:
@@ -131,11 +136,12 @@ def check_lock(fs: fsspec.AbstractFileSystem, path: str, target_url: str, lock_u
 
 def release_lock(fs: fsspec.AbstractFileSystem, path: str, run_id: str) -> None:
     """Delete the lock if it is this run's; a failure is logged (the run's outcome stands)."""
+    remote = _is_remote_fs(fs)
     try:
         fs.invalidate_cache(posixpath.dirname(path))
-        holder = read_lock(fs, path)
-        if holder is not None and holder.get("run_id") == run_id:
-            fs.rm_file(path)
+        held = lease.read(fs, path, remote)
+        if held is not None and held.doc.get("run_id") == run_id and not lease.delete(fs, path, remote, held):
+            logger.warning("did not remove the output lock %s: it changed while this run released it", path)
     except s3errors.storage_exceptions() as e:
         logger.warning("could not remove the output lock %s: %s", path, e)
 
@@ -165,9 +171,11 @@ def restore(fs: fsspec.AbstractFileSystem, backup_files: list[str], backup: str,
     rest = [p for p in backup_files if p != marker]
     try:
         fs.copy(rest, [target + p[len(backup):] for p in rest])
+        # The marker only goes back over exactly the old dataset (nothing left of the new one).
+        check_exactly(fs, target, [target + p[len(backup):] for p in rest], "s3://" + target)
         if marker in backup_files:
             fs.copy(marker, f"{target}/{SUCCESS_MARKER}")
-    except s3errors.storage_exceptions() as e:
+    except (*s3errors.storage_exceptions(), OutputError) as e:
         logger.error(
             "could not put the previous dataset back at %s (%s): it is intact at %s; copy it back with "
             "`aws s3 sync %s %s`", target, e, backup_url, backup_url, "s3://" + target,
@@ -175,6 +183,49 @@ def restore(fs: fsspec.AbstractFileSystem, backup_files: list[str], backup: str,
         return False
     remove_quietly(fs, backup_files, backup)
     return True
+
+
+def delete_checked(fs: fsspec.AbstractFileSystem, paths: list[str], target_url: str) -> None:
+    """Delete ``paths`` (``bucket/key``) with S3's bulk delete and raise :class:`OutputError`
+    naming every key it did not delete.
+
+    ``DeleteObjects`` answers 200 and lists per-key failures (``AccessDenied`` from a bucket
+    policy, an object lock) in ``Errors``; s3fs's ``rm`` drops that list, which let a commit
+    write ``_SUCCESS`` over a mix of old and new parts (issue 23, item 8).
+    """
+    by_bucket: dict[str, list[str]] = {}
+    for p in paths:
+        bucket, _, key = p.partition("/")
+        by_bucket.setdefault(bucket, []).append(key)
+    failed: list[str] = []
+    for bucket, keys in by_bucket.items():
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = {"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
+            out = fs.call_s3("delete_objects", Bucket=bucket, Delete=batch)
+            failed += [f"{bucket}/{e.get('Key')} ({e.get('Code')})" for e in out.get("Errors") or []]
+    for p in paths:
+        fs.invalidate_cache(posixpath.dirname(p))
+    if failed:
+        shown = ", ".join(failed[:5]) + (f", ... ({len(failed)} objects)" if len(failed) > 5 else "")
+        raise OutputError(
+            f"could not commit the output to {target_url!r}: S3 did not delete {shown}; the commit is rolled back "
+            "(the old dataset is put back): grant s3:DeleteObject on the output prefix (check bucket policies and "
+            "object locks) and run again"
+        )
+
+
+def check_exactly(fs: fsspec.AbstractFileSystem, target: str, expected: list[str], target_url: str) -> None:
+    """Raise :class:`OutputError` unless the objects under ``target`` are ``expected``, no
+    more, no fewer (a fresh listing, before ``_SUCCESS`` vouches for them)."""
+    forget_listings(fs, target)
+    present = set(fs.find(target.rstrip("/") + "/"))
+    extra, missing = sorted(present - set(expected)), sorted(set(expected) - present)
+    if extra or missing:
+        raise OutputError(
+            f"could not commit the output to {target_url!r}: before {SUCCESS_MARKER} it held "
+            f"{len(extra)} objects this run did not write ({', '.join(extra[:3]) or '-'}) and lacked {len(missing)} "
+            f"({', '.join(missing[:3]) or '-'}); the commit is rolled back: is another writer at work on it?"
+        )
 
 
 def remove_quietly(fs: fsspec.AbstractFileSystem, paths: list[str], prefix: str) -> None:

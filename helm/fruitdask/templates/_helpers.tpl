@@ -65,6 +65,12 @@ app.kubernetes.io/part-of: fruitdask
 {{- if .Values.tls.enabled }}tls{{ else }}tcp{{ end }}
 {{- end }}
 
+{{/* The Secret with ca.crt, tls.crt and tls.key: the user's, or the one the chart's
+pre-install hook makes with a CA dedicated to this release (templates/tls-setup.yaml). */}}
+{{- define "fruitdask.tlsSecretName" -}}
+{{- default (printf "%s-dask-tls" (include "fruitdask.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
 {{- define "fruitdask.schedulerAddress" -}}
 {{ include "fruitdask.protocol" . }}://{{ include "fruitdask.fullname" . }}-scheduler:{{ .Values.scheduler.service.port }}
 {{- end }}
@@ -206,7 +212,7 @@ envFrom:
 {{- if .Values.tls.enabled }}
 - name: tls
   secret:
-    secretName: {{ .Values.tls.existingSecret }}
+    secretName: {{ include "fruitdask.tlsSecretName" . }}
     defaultMode: 0440
 {{- end }}
 {{- end }}

@@ -1,0 +1,230 @@
+"""The output lock as a lease: a lock object that says until when it holds, renewed by a
+heartbeat while its run lives, and taken over safely once its holder stopped renewing.
+
+Every write of the lock object is conditional, so that of two runs racing for it only one
+wins, whether they create it or take over an expired one:
+
+- S3: ``PutObject`` with ``If-None-Match: *`` (create) or ``If-Match: <ETag read>``
+  (renew, take over): the ETag is read *before* the body, so a write in between fails the
+  condition instead of being overwritten.
+- local: ``O_EXCL`` (create); to renew or take over, a claim file named after the exact
+  content read is created with ``O_EXCL``, the lock is read again under that claim and,
+  if unchanged, replaced with ``os.replace`` (atomic). A second taker cannot hold the same
+  claim, and once the first is done the content has changed.
+
+:mod:`fruitdask.storage.safety` builds the lock's public functions on these.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+import fruitdask.storage.s3errors as s3errors
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a lease holds without renewal; the heartbeat renews it every third of that.
+DEFAULT_TTL_S = 180.0
+#: S3 answers to a conditional write whose condition failed (or whose object is gone).
+CONFLICT_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404")
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
+
+
+def document(run_id: str, ttl_s: float, started_at: str | None = None) -> dict[str, Any]:
+    """The lease document of this process for ``run_id``, valid ``ttl_s`` from now."""
+    now = time.time()
+    return {
+        "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+        "started_at": started_at or _iso(now), "renewed_at": _iso(now), "expires_at": _iso(now + ttl_s), "ttl_s": ttl_s,
+    }
+
+
+@dataclass(frozen=True)
+class Held:
+    """A lock object as read: its document, its version (S3 ETag, or the local content)
+    and when it was last written (a fallback expiry for documents without ``expires_at``)."""
+
+    doc: dict[str, Any]
+    version: str
+    modified: float
+
+    def expires(self, default_ttl_s: float) -> float:
+        try:
+            return dt.datetime.fromisoformat(str(self.doc["expires_at"])).timestamp()
+        except (KeyError, ValueError):  # a lock of an older fruitdask, or unreadable
+            return self.modified + default_ttl_s
+
+    def expired(self, default_ttl_s: float) -> bool:
+        return time.time() >= self.expires(default_ttl_s)
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return {"run_id": "?", "host": "?", "pid": "?", "started_at": "? (unreadable lock)"}
+    return doc if isinstance(doc, dict) else {"run_id": "?"}
+
+
+def read(fs: fsspec.AbstractFileSystem, path: str, remote: bool) -> Held | None:
+    """The lock at ``path`` as :class:`Held`, or ``None`` when there is none."""
+    try:
+        if remote:
+            fs.invalidate_cache(path)
+            info = fs.info(path)  # the ETag first: a write after it fails our If-Match
+            data = fs.cat_file(path)
+            return Held(_parse(data), str(info.get("ETag", "")), info["LastModified"].timestamp())
+        with open(path, "rb") as f:
+            data = f.read()
+            modified = os.fstat(f.fileno()).st_mtime
+        return Held(_parse(data), data.decode("utf-8", "replace"), modified)
+    except FileNotFoundError:
+        return None
+
+
+def _put(fs: fsspec.AbstractFileSystem, path: str, body: bytes, **condition: str) -> str | None:
+    """Conditional ``PutObject``; the new ETag, or ``None`` when the condition failed."""
+    bucket, _, key = path.partition("/")
+    try:
+        out = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
+    except s3errors.storage_exceptions() as e:
+        err = s3errors.client_error(e)
+        code = str(err.response.get("Error", {}).get("Code", "")) if err is not None else ""
+        if code in CONFLICT_CODES or isinstance(e, FileNotFoundError):
+            return None
+        raise
+    fs.invalidate_cache(path)
+    fs.invalidate_cache(posixpath.dirname(path))
+    return str(out.get("ETag", ""))
+
+
+def create(fs: fsspec.AbstractFileSystem, path: str, remote: bool, doc: dict[str, Any]) -> Held | None:
+    """Create the lock with ``doc`` if there is none; ``None`` when one exists."""
+    body = json.dumps(doc).encode()
+    if remote:
+        etag = _put(fs, path, body, IfNoneMatch="*")
+        return Held(doc, etag, time.time()) if etag is not None else None
+    os.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return None
+    with os.fdopen(fd, "wb") as f:
+        f.write(body)
+    return Held(doc, body.decode(), time.time())
+
+
+def _under_claim(fs: fsspec.AbstractFileSystem, path: str, held: Held, action) -> bool:
+    """Locally: run ``action()`` only if the lock is still exactly ``held``, holding the
+    ``O_EXCL`` claim on that content meanwhile; False when the claim or the check fails."""
+    claim = f"{path}.claim-{hashlib.sha256(held.version.encode()).hexdigest()[:16]}"
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    try:
+        current = read(fs, path, False)
+        if current is None or current.version != held.version:
+            return False
+        action()
+        return True
+    finally:
+        os.unlink(claim)
+
+
+def replace(fs: fsspec.AbstractFileSystem, path: str, remote: bool, held: Held, doc: dict[str, Any]) -> Held | None:
+    """Write ``doc`` over the lock only if it is still exactly ``held``; ``None`` otherwise
+    (renewed, taken over or deleted meanwhile)."""
+    body = json.dumps(doc).encode()
+    if remote:
+        etag = _put(fs, path, body, IfMatch=held.version)
+        return Held(doc, etag, time.time()) if etag is not None else None
+
+    def write() -> None:
+        tmp = f"{path}.new-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(body)
+        os.replace(tmp, path)
+
+    return Held(doc, body.decode(), time.time()) if _under_claim(fs, path, held, write) else None
+
+
+def delete(fs: fsspec.AbstractFileSystem, path: str, remote: bool, held: Held) -> bool:
+    """Delete the lock only if it is still exactly ``held``; False otherwise."""
+    if not remote:
+        return _under_claim(fs, path, held, lambda: os.unlink(path))
+    bucket, _, key = path.partition("/")
+    try:
+        fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=held.version)
+    except s3errors.storage_exceptions() as e:
+        err = s3errors.client_error(e)
+        if (str(err.response.get("Error", {}).get("Code", "")) if err is not None else "") in CONFLICT_CODES:
+            return False
+        raise
+    fs.invalidate_cache(path)
+    fs.invalidate_cache(posixpath.dirname(path))
+    return True
+
+
+class Heartbeat:
+    """Renews a held lease every ``ttl_s / 3`` seconds on a daemon thread until stopped.
+
+    A renewal that finds the lock changed (another run took it over after this one stalled
+    longer than the TTL) stops the heartbeat and marks it :attr:`lost`; the commit then
+    refuses (:func:`fruitdask.storage.safety.check_lock`).
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, remote: bool, held: Held, ttl_s: float) -> None:
+        self.fs, self.path, self.remote, self.held, self.ttl_s = fs, path, remote, held, ttl_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._mutex = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"fruitdask-lease-{held.doc.get('run_id')}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def renew(self) -> bool:
+        """Renew now; False (and :attr:`lost`) when the lock is no longer this lease."""
+        with self._mutex:
+            if self.lost:
+                return False
+            doc = document(str(self.held.doc["run_id"]), self.ttl_s, self.held.doc.get("started_at"))
+            new = replace(self.fs, self.path, self.remote, self.held, doc)
+            if new is None:
+                self.lost = True
+                logger.error("lost the output lock %s: another run took it over (this run stopped renewing it for "
+                             "longer than its %g s lease); this run will not commit", self.path, self.ttl_s)
+                return False
+            self.held = new
+            return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if not self.renew():
+                    return
+            except s3errors.storage_exceptions() as e:  # transient: the next beat tries again
+                logger.warning("could not renew the output lock %s (%s): retrying in %.0f s", self.path, e, self.ttl_s / 3)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
