@@ -72,7 +72,7 @@ def command(args: argparse.Namespace) -> int:
     from fruitdask.serve.protocol import header_timeout_protocol
 
     settings = settings_from_args(args)
-    storage_cfg = storage_settings(args, args.model, args.model)
+    storage_cfg = storage_settings(args)
     # Before anything is read: the bundle and the weights must live in allowed (EU) regions.
     storage.guard_regions([args.model, args.weights], storage_cfg)
     opts = storage_cfg.storage_options()
