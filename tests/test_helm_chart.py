@@ -742,3 +742,11 @@ def test_notes_show_how_to_call_the_serve_api() -> None:
     notes = render_notes(CI_VALUES["serve-values"])
     assert "port-forward svc/fruits-fruitdask-serve 8080" in notes
     assert "http://localhost:8080/v1/predict" in notes
+
+
+def test_serve_metrics_are_scraped_on_the_probe_port() -> None:
+    objects = render({**CI_VALUES["serve-values"], "metrics": {"podMonitor": {"enabled": True}}})
+    monitor = one(objects, "PodMonitor", "-serve")
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "probes"
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "serve"
+    assert not by_kind(render(CI_VALUES["metrics-values"]), "PodMonitor", "-serve")
