@@ -278,3 +278,41 @@ def test_connections_and_inflight_bytes_are_sized_from_the_memory_limit(capsys):
     # Too small for the model and two worst-case decodes: refused with what it needs.
     rc = main(["serve", "--model", "unused", "--memory-limit", str(2 * gib), "--decode-threads", "2"])
     assert rc == 2 and "give the pod at least 2,394 MiB" in capsys.readouterr().err
+
+
+def test_byte_budget_waits_for_bytes_given_back_then_times_out():
+    import asyncio
+
+    from fruitdask.serve.limits import BudgetTimeout, ByteBudget
+
+    async def scenario():
+        budget = ByteBudget(100)
+        async with budget.reservation() as first:
+            await first.take(70, timeout=1)
+            with pytest.raises(BudgetTimeout, match="70 bytes of uploads are in flight"):
+                await budget.take(40, timeout=0.1)
+            waiting = asyncio.ensure_future(budget.take(40, timeout=5))
+            await asyncio.sleep(0.1)
+            assert not waiting.done()
+        await asyncio.wait_for(waiting, 1)  # the first reservation ended: its 70 bytes came back
+        assert budget.used == 40
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.integration
+def test_a_request_waits_while_the_bytes_in_flight_are_at_the_budget(tmp_path):
+    """Item 1: a body that would pass --max-inflight-bytes waits until another request's bytes come back."""
+    timeout = 3.0
+    flags = ("--max-body-bytes", "100000", "--max-inflight-bytes", "100000", "--body-timeout", str(timeout))
+    with fake_server(tmp_path, *flags) as srv:
+        head = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", srv["port"]), timeout=30) as holder:
+            holder.sendall(head + JPEG[:100])  # declares the whole budget, then stalls: 408 after the timeout
+            time.sleep(0.5)
+            start = time.monotonic()
+            status, body = post_image(srv["port"], JPEG)
+            waited = time.monotonic() - start
+            assert status == 200, body
+            assert timeout - 1.0 < waited < timeout + 2, waited
+            assert b" 408 " in holder.recv(65536)
