@@ -272,12 +272,12 @@ def test_connections_and_inflight_bytes_are_sized_from_the_memory_limit(capsys):
     assert plan.max_connections == 4096  # capped; the memory would take more
     small = plan_for_memory(int(2.6 * gib), max_pixels=SERVE_MAX_PIXELS, max_body_bytes=10 * 2**20, decode_threads=2)
     left = int(2.6 * gib) - MODEL_BYTES - decodes
-    assert small.max_inflight_bytes == left // 4
+    assert small.max_inflight_bytes == left // 4 > 2 * 10 * 2**20
     assert small.max_connections == (left - left // 4) // CONNECTION_BYTES
     assert MODEL_BYTES + decodes + small.max_inflight_bytes + small.max_connections * CONNECTION_BYTES <= 2.6 * gib
     # Too small for the model and two worst-case decodes: refused with what it needs.
     rc = main(["serve", "--model", "unused", "--memory-limit", str(2 * gib), "--decode-threads", "2"])
-    assert rc == 2 and "give the pod at least 2,394 MiB" in capsys.readouterr().err
+    assert rc == 2 and "give the pod at least 2,404 MiB" in capsys.readouterr().err
 
 
 def test_byte_budget_waits_for_bytes_given_back_then_times_out():
@@ -304,11 +304,14 @@ def test_byte_budget_waits_for_bytes_given_back_then_times_out():
 def test_a_request_waits_while_the_bytes_in_flight_are_at_the_budget(tmp_path):
     """Item 1: a body that would pass --max-inflight-bytes waits until another request's bytes come back."""
     timeout = 3.0
-    flags = ("--max-body-bytes", "100000", "--max-inflight-bytes", "100000", "--body-timeout", str(timeout))
+    flags = ("--max-body-bytes", "100000", "--max-inflight-bytes", "200000", "--body-timeout", str(timeout))
     with fake_server(tmp_path, *flags) as srv:
         head = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
-        with socket.create_connection(("127.0.0.1", srv["port"]), timeout=30) as holder:
-            holder.sendall(head + JPEG[:100])  # declares the whole budget, then stalls: 408 after the timeout
+        with socket.create_connection(("127.0.0.1", srv["port"]), timeout=30) as holder, \
+                socket.create_connection(("127.0.0.1", srv["port"]), timeout=30) as other:
+            # Each declares half the budget, then stalls: 408 after the timeout.
+            holder.sendall(head + JPEG[:100])
+            other.sendall(head + JPEG[:100])
             time.sleep(0.5)
             start = time.monotonic()
             status, body = post_image(srv["port"], JPEG)

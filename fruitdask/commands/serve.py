@@ -79,7 +79,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         host=args.host, port=args.port, probe_port=args.probe_port, drain_seconds=args.drain_seconds,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, decode_threads=decode_threads,
-        max_inflight_bytes=args.max_inflight_bytes or max(inflight, args.max_body_bytes), body_timeout_s=args.body_timeout,
+        max_inflight_bytes=args.max_inflight_bytes or max(inflight, 2 * args.max_body_bytes), body_timeout_s=args.body_timeout,
         header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
         max_connections=args.max_connections or max_connections, default_top=args.top, threads=args.threads,
     )

@@ -108,12 +108,13 @@ def plan_for_memory(memory_limit: int, *, max_pixels: int, max_body_bytes: int, 
     """``--max-connections`` and ``--max-inflight-bytes`` that fit ``memory_limit`` bytes.
 
     What is left after the model (:data:`MODEL_BYTES`) and ``decode_threads`` worst-case
-    decodes goes a quarter to request bodies (at least one ``--max-body-bytes``, at most
-    256 MiB) and the rest to connections at :data:`CONNECTION_BYTES` each.
+    decodes goes a quarter to request bodies (at most 256 MiB, at least two
+    ``--max-body-bytes``: a multipart body counts twice) and the rest to connections at
+    :data:`CONNECTION_BYTES` each.
     """
     decodes = decode_threads * DECODE_BYTES_PER_PIXEL * max_pixels
     left = memory_limit - MODEL_BYTES - decodes
-    inflight = min(max(left // 4, max_body_bytes), 256 * 2**20)
+    inflight = max(min(left // 4, 256 * 2**20), 2 * max_body_bytes)
     connections = (left - inflight) // CONNECTION_BYTES
     if connections < MIN_CONNECTIONS:
         need = MODEL_BYTES + decodes + inflight + MIN_CONNECTIONS * CONNECTION_BYTES

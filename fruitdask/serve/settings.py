@@ -61,8 +61,9 @@ class ServeSettings:
              "a TCP port 0-65535 other than --port"),
             ("--drain-seconds", self.drain_seconds, self.drain_seconds >= 0, "0 or more seconds"),
             ("--decode-threads", self.decode_threads, self.decode_threads >= 1, "at least 1"),
-            ("--max-inflight-bytes", self.max_inflight_bytes, self.max_inflight_bytes >= self.max_body_bytes,
-             "at least --max-body-bytes"),
+            # A multipart body counts twice (the part is a copy): it must fit.
+            ("--max-inflight-bytes", self.max_inflight_bytes, self.max_inflight_bytes >= 2 * self.max_body_bytes,
+             "at least twice --max-body-bytes"),
             ("--max-batch", self.max_batch, self.max_batch >= 1, "at least 1"),
             ("--max-wait-ms", self.max_wait_ms, self.max_wait_ms >= 0, "0 or more"),
             ("--max-queue", self.max_queue, self.max_queue >= self.max_batch, "at least --max-batch"),
