@@ -319,3 +319,17 @@ def test_a_request_waits_while_the_bytes_in_flight_are_at_the_budget(tmp_path):
             assert status == 200, body
             assert timeout - 1.0 < waited < timeout + 2, waited
             assert b" 408 " in holder.recv(65536)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("busy", ["--port", "--probe-port"])
+def test_a_port_in_use_stops_the_server_with_the_reason(busy):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = {"--port": free_port(), "--probe-port": free_port(), busy: taken.getsockname()[1]}
+        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "serve_fakes.py"), *(str(x) for kv in ports.items() for x in kv)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    what = "API" if busy == "--port" else "probe"
+    assert proc.returncode != 0 and f"FruitdaskError: the {what} port {ports[busy]} could not be opened" in proc.stderr, proc.stderr

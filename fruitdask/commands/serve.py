@@ -125,7 +125,9 @@ def command(args: argparse.Namespace) -> int:
 
 def run_server(settings: ServeSettings, load: Callable[[], Predictor], *, log_level: str = "info",
                access_log: bool = False) -> str | None:
-    """Serve until SIGTERM/SIGINT (exit after the drain) or a failed load; return its reason."""
+    """Serve until SIGTERM/SIGINT (exit after the drain) or a failed load; return its reason.
+    A port that cannot be opened raises :class:`FruitdaskError`."""
+    from fruitdask.errors import FruitdaskError
     from fruitdask.serve.app import create_app
     from fruitdask.serve.probes import create_probe_app
     from fruitdask.serve.runner import Servers
@@ -141,4 +143,6 @@ def run_server(settings: ServeSettings, load: Callable[[], Predictor], *, log_le
     app = create_app(settings, load, on_load_failure)
     servers = Servers(app, create_probe_app(app.state.serve), log_level=log_level, access_log=access_log)
     servers.run()
+    if servers.error:
+        raise FruitdaskError(servers.error)
     return failure[0] if failure else None

@@ -58,6 +58,8 @@ class Servers:
             timeout_keep_alive=s.keep_alive_s, timeout_graceful_shutdown=5, log_level=log_level, access_log=access_log,
             server_header=False))
         self._stopping: asyncio.Task | None = None
+        #: Why a server could not start (a port in use), once :meth:`serve` returned.
+        self.error: str | None = None
 
     @property
     def started(self) -> bool:
@@ -86,15 +88,23 @@ class Servers:
         if threading.current_thread() is threading.main_thread():
             loop.add_signal_handler(signal.SIGTERM, self.stop)
             loop.add_signal_handler(signal.SIGINT, lambda: self.stop(wait=False))
-        probes = loop.create_task(self.probes.serve(), name="fruitdask-probes")
+        probes = loop.create_task(self._serve(self.probes, "probe"), name="fruitdask-probes")
         try:
-            await self.public.serve()
+            await self._serve(self.public, "API")
         finally:
             self.probes.should_exit = True
             await probes
             if threading.current_thread() is threading.main_thread():
                 loop.remove_signal_handler(signal.SIGTERM)
                 loop.remove_signal_handler(signal.SIGINT)
+
+    async def _serve(self, server: uvicorn.Server, what: str) -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn's answer to a port it cannot listen on (it logged why)
+            self.error = self.error or (f"the {what} port {server.config.port} could not be opened "
+                                        "(in use?): pass another --port / --probe-port")
+            self.public.should_exit = True
 
     def run(self) -> None:
         asyncio.run(self.serve())
