@@ -742,6 +742,7 @@ def test_notes_show_how_to_call_the_serve_api() -> None:
     notes = render_notes(CI_VALUES["serve-values"])
     assert "port-forward svc/fruits-fruitdask-serve 8080" in notes
     assert "http://localhost:8080/v1/predict" in notes
+    assert "port-forward deploy/fruits-fruitdask-serve 8081" in notes and "localhost:8081/readyz" in notes
 
 
 def test_serve_metrics_are_scraped_on_the_probe_port() -> None:
