@@ -134,17 +134,17 @@ async def client(port: int, photos: list[bytes], todo: list[int], deadline: floa
         writer.close()
 
 
-async def load_level(port: int, photos: list[bytes], concurrency: int, requests: int, max_seconds: float) -> dict:
+async def load_level(port: int, probe_port: int, photos: list[bytes], concurrency: int, requests: int, max_seconds: float) -> dict:
     # Warm-up: a few requests so connection set-up is not in the numbers.
     await asyncio.gather(*(client(port, photos, list(range(2)), time.perf_counter() + 30, [], []) for _ in range(min(concurrency, 4))))
-    before = server_sums(port)
+    before = server_sums(probe_port)
     todo = list(range(requests))
     latencies: list[float] = []
     errors: list[str] = []
     start = time.perf_counter()
     await asyncio.gather(*(client(port, photos, todo, start + max_seconds, latencies, errors) for _ in range(concurrency)))
     wall = time.perf_counter() - start
-    after = server_sums(port)
+    after = server_sums(probe_port)
     d = {k: after[k] - before[k] for k in SERVER_SUMS}
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [latencies[0]] * 99
     return {
@@ -199,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     if not photos:
         print(f"no .jpg photos under {args.photos}", file=sys.stderr)
         return 1
-    port = free_port()
+    port, probe_port = free_port(), free_port()
     log = tempfile.NamedTemporaryFile(prefix="serve-bench-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "fruitdask", "serve", "--model", args.model, "--host", HOST, "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--quiet"]
+           "--probe-port", str(probe_port), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     server = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"server exited {server.returncode}: see {log.name}", file=sys.stderr)
                 return 1
             try:
-                if get(port, "/readyz")[0] == 200:
+                if get(probe_port, "/readyz")[0] == 200:
                     break
             except OSError:
                 pass
@@ -228,13 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         baselines = [bare.measure(args.baseline_seconds)]
         levels = []
         for c in (int(x) for x in args.concurrency.split(",")):
-            level = asyncio.run(load_level(port, photos, c, args.requests, args.max_seconds))
+            level = asyncio.run(load_level(port, probe_port, photos, c, args.requests, args.max_seconds))
             baselines.append(bare.measure(args.baseline_seconds))
             level["bare_images_per_s"] = (baselines[-2]["images_per_s"] + baselines[-1]["images_per_s"]) / 2
             level["ratio_to_bare"] = level["throughput"] / level["bare_images_per_s"]
             levels.append(level)
     finally:
-        server.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGINT)  # no --drain-seconds wait: nothing routes traffic here
         try:
             server.wait(60)
         except subprocess.TimeoutExpired:

@@ -242,6 +242,25 @@ def build_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = N
         The environment to read ``FRUITDASK_*`` from (``os.environ`` when omitted).
     """
     env = os.environ if environ is None else environ
+    kube_values = _layer(KubeSettings, KubeSettings(), env, flags, "KUBE_")
+    run_values = _layer(RunConfig, RunConfig(), env, flags, "")
+    cfg = RunConfig(
+        **run_values,
+        storage=build_storage_settings(flags, env),
+        kube=KubeSettings(**kube_values),
+    )
+    return cfg.validate()
+
+
+def build_storage_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> StorageSettings:
+    """Only the :class:`StorageSettings`: ``storage_*`` flags over ``FRUITDASK_STORAGE_*`` and
+    the AWS variables over defaults.
+
+    The commands that only read and write storage (``serve``, ``predict``, ``train``,
+    ``report``) build these alone, so a run setting exported for ``run`` (say
+    ``FRUITDASK_VARIANCE=2``) is neither read nor validated by them.
+    """
+    env = os.environ if environ is None else environ
     storage_values = _layer(StorageSettings, StorageSettings(), env, flags, "STORAGE_")
     # The usual AWS variables are honoured too, so a profile or endpoint set for the AWS CLI
     # reaches fruitdask without a second name.
@@ -251,11 +270,4 @@ def build_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = N
         storage_values["allowed_regions"] = tuple(
             r.strip() for r in storage_values["allowed_regions"].split(",") if r.strip()
         )
-    kube_values = _layer(KubeSettings, KubeSettings(), env, flags, "KUBE_")
-    run_values = _layer(RunConfig, RunConfig(), env, flags, "")
-    cfg = RunConfig(
-        **run_values,
-        storage=StorageSettings(**storage_values),
-        kube=KubeSettings(**kube_values),
-    )
-    return cfg.validate()
+    return StorageSettings(**storage_values)

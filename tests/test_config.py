@@ -101,3 +101,30 @@ def test_local_workers_warm_up_as_they_start_without_any_task(local_cluster):
     while not (built := client.run(lambda: dict(model.WARM)))[next(iter(built))].get("built"):
         assert time.monotonic() < deadline, "the worker never warmed up"
         time.sleep(0.5)
+
+
+def test_storage_settings_read_only_the_storage_environment():
+    """A run setting in the environment (``FRUITDASK_VARIANCE=2``) is no concern of storage."""
+    from fruitdask.config import build_storage_settings
+
+    env = {"FRUITDASK_VARIANCE": "2", "FRUITDASK_IMAGE_SIZE": "big", "FRUITDASK_KUBE_N_WORKERS": "x",
+           "FRUITDASK_STORAGE_ALLOWED_REGIONS": "eu-west-3", "AWS_ENDPOINT_URL": "http://127.0.0.1:5555"}
+    settings = build_storage_settings({"storage_region": "eu-west-3"}, env)
+    assert settings.allowed_regions == ("eu-west-3",) and settings.region == "eu-west-3"
+    assert settings.endpoint_url == "http://127.0.0.1:5555"
+    with pytest.raises(ConfigError, match="FRUITDASK_STORAGE_CONNECT_TIMEOUT='soon'"):
+        build_storage_settings({}, {"FRUITDASK_STORAGE_CONNECT_TIMEOUT": "soon"})
+
+
+@pytest.mark.parametrize("command", [["serve", "--model", "{tmp}"], ["predict", "x.jpg", "--model", "{tmp}"],
+                                     ["train", "--features", "{tmp}", "--test-features", "{tmp}", "--model-out", "{tmp}/m"],
+                                     ["report", "{tmp}"]])
+def test_a_run_setting_in_the_environment_does_not_break_the_other_commands(command, tmp_path, monkeypatch, capsys):
+    from fruitdask.cli import main
+
+    monkeypatch.setenv("FRUITDASK_VARIANCE", "2")
+    monkeypatch.setenv("FRUITDASK_IMAGE_SIZE", "big")
+    rc = main([a.replace("{tmp}", str(tmp_path)) for a in command])
+    err = capsys.readouterr().err
+    assert rc != 0  # tmp_path is no model and no run: each fails for its own reason
+    assert "variance" not in err and "IMAGE_SIZE" not in err, err

@@ -110,8 +110,10 @@ def test_every_pod_is_hardened_and_in_the_eu(rendered) -> None:
     assert not problems, "\n".join(problems)
     for where, spec in pods:
         assert spec["automountServiceAccountToken"] is False, where
-        # The IRSA account everywhere but on the scheduler (see test_scheduler_has_no_s3_role).
-        expected = "fruits-fruitdask-scheduler" if where.endswith("-scheduler") else "fruits-fruitdask"
+        # The IRSA account everywhere but on the scheduler (see test_scheduler_has_no_s3_role)
+        # and the serve pods (their own, read-only: see test_serve_pods_have_their_own_identity).
+        expected = {"-scheduler": "fruits-fruitdask-scheduler", "-serve": "fruits-fruitdask-serve"}.get(
+            where[where.rfind("-"):], "fruits-fruitdask")
         assert spec["serviceAccountName"] == expected, where
         mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
         assert {"/home/fruitdask", "/tmp"} <= mounts, where
@@ -560,6 +562,8 @@ def test_tfenv_default_matches_package() -> None:
         ({"serve": {"extraArgs": ["--allowed-regions", "us-east-1"]}}, "/serve/extraArgs/0"),
         ({"serve": {"extraArgs": ["--top", "5", "--s3-endpoint=http://evil"]}}, "/serve/extraArgs/2"),
         ({"serve": {"extraArgs": ["--aws-region", "us-east-1"]}}, "/serve/extraArgs/0"),
+        ({"serve": {"extraArgs": ["--probe-port", "9090"]}}, "/serve/extraArgs/0"),
+        ({"serve": {"networkPolicy": {"egressCidrs": ["::/0"]}}}, "/serve/networkPolicy/egressCidrs/0"),
     ],
 )
 def test_schema_refuses(values: dict[str, Any], where: str) -> None:
@@ -627,17 +631,64 @@ def test_serve_deployment_reads_the_eu_bucket_and_probes_readiness() -> None:
     assert args[args.index("--host") + 1] == "0.0.0.0" and args[args.index("--port") + 1] == "8080"
     assert args[args.index("--threads") + 1] == "4"  # limits.cpu of the ci file
     assert args[args.index("--max-body-bytes") + 1] == "10485760"
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert args[args.index("--decode-threads") + 1] == "4"
+    assert args[args.index("--max-pixels") + 1] == "16777216"
+    # Probes on their own port, outside the API's connection cap (#23 item 2).
+    assert args[args.index("--probe-port") + 1] == "8081"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "probes"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "probes"}
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "probes", "containerPort": 8081, "protocol": "TCP"}]
+    # --memory-limit is the container's limit, from the downward API.
+    assert args[args.index("--memory-limit") + 1] == "$(SERVE_MEMORY_LIMIT)"
+    (memory,) = [e for e in c["env"] if e["name"] == "SERVE_MEMORY_LIMIT"]
+    assert memory["valueFrom"]["resourceFieldRef"] == {"containerName": "serve", "resource": "limits.memory"}
     # The region guard of the command needs the pod's S3 identity and region.
     assert env_of(c)["AWS_REGION"] == "eu-west-1"
-    assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == "fruits-fruitdask"
     assert deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    # The whole fruitdask CLI checks the flags: every one the chart passes exists.
+    # The whole fruitdask CLI checks the flags: every one the chart passes exists, and the
+    # settings they make fit the memory limit (4Gi in the ci file).
     from fruitdask.cli import build_parser
+    from fruitdask.commands.serve import settings_from_args
 
-    build_parser().parse_args(["serve", *args])
+    args = [str(4 * 2**30) if a == "$(SERVE_MEMORY_LIMIT)" else a for a in args]
+    settings = settings_from_args(build_parser().parse_args(["serve", *args]))
+    assert settings.probe_port == 8081 and settings.decode_threads == 4 and settings.max_connections >= 1024
+
+
+def test_serve_drains_before_it_stops() -> None:
+    """#23 item 4: the preStop hook fails readiness and waits drainSeconds; the grace period covers
+    it and the 30 s uvicorn gives open requests."""
+    deploy = one(render(CI_VALUES["serve-values"]), "Deployment", "-serve")
+    c = container(deploy)
+    assert c["lifecycle"]["preStop"] == {"httpGet": {"path": "/drain", "port": "probes"}}
+    assert c["args"][c["args"].index("--drain-seconds") + 1] == "15"
+    assert 15 >= c["readinessProbe"]["periodSeconds"] * c["readinessProbe"]["failureThreshold"]  # unready by then
+    assert deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 15 + 30 + 10
+
+
+def test_serve_pods_have_their_own_identity_and_no_dask_key() -> None:
+    """#23 item 5: not the workers' IRSA role nor their credentials Secret; no Dask TLS key."""
+    values = {**CI_VALUES["serve-values"], "tls": {"enabled": True, "existingSecret": "fruitdask-dask-tls"},
+              "s3": {"credentialsSecret": "workers-keys"}}
+    objects = render(values)
+    spec = one(objects, "Deployment", "-serve")["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "fruits-fruitdask-serve"
+    account = one(objects, "ServiceAccount", "-serve")
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == "arn:aws:iam::123456789012:role/fruitdask-serve"
+    assert account["automountServiceAccountToken"] is False
+    c = spec["containers"][0]
+    assert "envFrom" not in c  # s3.credentialsSecret is the workers'
+    assert not [e for e in c["env"] if e["name"].startswith("DASK_")]
+    assert {v["name"] for v in spec["volumes"]} == {"home", "tmp"}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/home/fruitdask", "/tmp"}
+    # The workers keep theirs.
+    worker = container(one(objects, "Deployment", "-worker"))
+    assert worker["envFrom"] == [{"secretRef": {"name": "workers-keys"}}]
+    # Stores without IRSA: the serve pods' own read-only keys.
+    values["serve"] = {**values["serve"], "credentialsSecret": "serve-read-only"}
+    c = container(one(render(values), "Deployment", "-serve"))
+    assert c["envFrom"] == [{"secretRef": {"name": "serve-read-only"}}]
 
 
 def test_serve_service_hpa_pdb_select_the_serve_pods() -> None:
@@ -660,17 +711,35 @@ def test_serve_service_hpa_pdb_select_the_serve_pods() -> None:
     # Other components' selectors do not catch the serve pods.
     worker_pdb = one(objects, "PodDisruptionBudget", "-worker")
     assert not worker_pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    api, metrics = policy["spec"]["ingress"]
+    api, probes = policy["spec"]["ingress"]
     assert api["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"fruitdask.io/serve-client": "true"}}}]
-    assert metrics["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    # The probe port: the monitoring namespace only (the kubelet needs no rule on the VPC CNI).
+    assert probes["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     # Numeric ports (the VPC CNI policy agent and named ports do not mix).
-    assert api["ports"] == metrics["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert api["ports"] == [{"port": 8080, "protocol": "TCP"}] and probes["ports"] == [{"port": 8081, "protocol": "TCP"}]
+    # Egress: DNS, and HTTPS to the S3 (and STS) CIDRs given, never the whole internet.
+    dns, s3 = policy["spec"]["egress"]
+    assert dns["ports"][0]["port"] == 53
+    assert s3 == {"to": [{"ipBlock": {"cidr": c}} for c in ("52.218.0.0/17", "3.5.64.0/21", "3.5.72.0/23", "10.0.128.0/20")],
+                  "ports": [{"port": 443, "protocol": "TCP"}]}
     assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_serve_egress_must_be_narrowed_and_kubelet_cidrs_reach_the_probe_port_only() -> None:
+    serve = {"enabled": True, "model": "s3://fruits-eu-west-1/models/m"}
+    with pytest.raises(helm.HelmError, match=re.escape("serve.networkPolicy.egressCidrs is required")):
+        render({"serve": serve})
+    with pytest.raises(helm.HelmValuesError, match="egressCidrs"):
+        render({"serve": {**serve, "networkPolicy": {"egressCidrs": ["0.0.0.0/0"]}}})
+    render({"serve": serve, "networkPolicy": {"enabled": False}})  # no policy: nothing to narrow
+    objects = render({"serve": {**serve, "networkPolicy": {"egressCidrs": ["10.0.0.0/16"], "kubeletCidrs": ["10.0.0.0/16"]}}})
+    api, probes = one(objects, "NetworkPolicy", "-serve")["spec"]["ingress"]
+    assert {"ipBlock": {"cidr": "10.0.0.0/16"}} in probes["from"] and {"ipBlock": {"cidr": "10.0.0.0/16"}} not in api["from"]
 
 
 def test_serve_without_autoscaling_has_fixed_replicas() -> None:
     objects = render({"serve": {"enabled": True, "model": "s3://fruits-eu-west-1/models/m", "replicas": 3,
-                                "pdb": {"enabled": False}}})
+                                "pdb": {"enabled": False}, "networkPolicy": {"egressCidrs": ["10.0.0.0/16"]}}})
     deploy = one(objects, "Deployment", "-serve")
     assert deploy["spec"]["replicas"] == 3
     assert "--weights" not in container(deploy)["args"]
@@ -683,6 +752,7 @@ def test_notes_show_how_to_call_the_serve_api() -> None:
     notes = render_notes(CI_VALUES["serve-values"])
     assert "port-forward svc/fruits-fruitdask-serve 8080" in notes
     assert "http://localhost:8080/v1/predict" in notes
+    assert "port-forward deploy/fruits-fruitdask-serve 8081" in notes and "localhost:8081/readyz" in notes
 
 
 # --- issue 23, item 12: TLS on by default, with a CA the chart makes for the release ---------
@@ -732,3 +802,11 @@ def test_tls_setup_hook_is_minimal_and_hardened() -> None:
     (cm,) = [o for o in objects if o["kind"] == "ConfigMap"]
     assert cm["data"]["make_dask_tls.py"].strip() == (CHART / "files" / "make_dask_tls.py").read_text().strip()
     # Every other pod keeps automountServiceAccountToken false (checked in the hardening test).
+
+
+def test_serve_metrics_are_scraped_on_the_probe_port() -> None:
+    objects = render({**CI_VALUES["serve-values"], "metrics": {"podMonitor": {"enabled": True}}})
+    monitor = one(objects, "PodMonitor", "-serve")
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "probes"
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "serve"
+    assert not by_kind(render(CI_VALUES["metrics-values"]), "PodMonitor", "-serve")

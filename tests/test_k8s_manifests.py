@@ -32,12 +32,24 @@ def test_eksctl_cluster_in_eu_west_1(eksctl) -> None:
 
 def test_eksctl_oidc_and_irsa_service_account(eksctl) -> None:
     assert eksctl["iam"]["withOIDC"] is True
-    (sa,) = eksctl["iam"]["serviceAccounts"]
-    # The chart (release "fruits") creates this ServiceAccount; eksctl only makes the role.
+    sa, serve = eksctl["iam"]["serviceAccounts"]
+    # The chart (release "fruits") creates these ServiceAccounts; eksctl only makes the roles.
     assert sa["metadata"] == {"name": "fruits-fruitdask", "namespace": "fruitdask",
                               "labels": {"app.kubernetes.io/part-of": "fruitdask"}}
     assert sa["roleOnly"] is True
     assert [a.rsplit("/", 1)[1] for a in sa["attachPolicyARNs"]] == ["fruitdask-s3-eu"]
+    # The serve pods' own role: read the model, not the workers' write access (#23 item 5).
+    assert serve["metadata"]["name"] == "fruits-fruitdask-serve" and serve["roleOnly"] is True
+    assert [a.rsplit("/", 1)[1] for a in serve["attachPolicyARNs"]] == ["fruitdask-serve-read-model"]
+
+
+def test_serve_policy_only_reads_the_model_and_weights() -> None:
+    policy = json.loads((K8S / "iam-policy-serve.json").read_text())
+    (allow,) = [s for s in policy["Statement"] if s["Effect"] == "Allow"]
+    assert allow["Action"] == ["s3:GetObject"]
+    assert allow["Resource"] == ["arn:aws:s3:::fruits-eu-west-1/models/*", "arn:aws:s3:::fruits-eu-west-1/weights/*"]
+    (deny,) = [s for s in policy["Statement"] if s["Effect"] == "Deny"]
+    assert sorted(deny["Condition"]["StringNotEquals"]["aws:RequestedRegion"]) == sorted(EU_REGIONS)
 
 
 def test_eksctl_node_groups(eksctl) -> None:

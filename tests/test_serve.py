@@ -136,8 +136,8 @@ def serve_model(tmp_path_factory, weights_file) -> dict:
 
 @contextlib.contextmanager
 def serve_process(model: Path, log: Path, *extra: str) -> Iterator[dict]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "fruitdask", "serve", "--model", str(model), "--port", str(port),
+    port, probe = free_port(), free_port()
+    cmd = [sys.executable, "-m", "fruitdask", "serve", "--model", str(model), "--port", str(port), "--probe-port", str(probe),
            "--max-body-bytes", str(MAX_BODY), "--max-pixels", str(MAX_PIXELS), "--body-timeout", str(TIMEOUT),
            "--header-timeout", str(TIMEOUT), "--max-wait-ms", "50", "--threads", "2", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -146,7 +146,7 @@ def serve_process(model: Path, log: Path, *extra: str) -> Iterator[dict]:
         # hands its children an ignored SIGINT.
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    info = {"port": port, "proc": proc, "log": log, "seen": []}
+    info = {"port": port, "probe": probe, "proc": proc, "log": log, "seen": []}
     try:
         yield info
     finally:
@@ -166,7 +166,7 @@ def wait_ready(info: dict, timeout: float = 300) -> None:
         if info["proc"].poll() is not None:
             raise AssertionError(f"server exited {info['proc'].returncode}:\n{info['log'].read_text()}")
         try:
-            status, _, body = call(info["port"], "GET", "/readyz", timeout=5)
+            status, _, body = call(info["probe"], "GET", "/readyz", timeout=5)
             info["seen"].append((status, json.loads(body)))
             if status == 200:
                 return
@@ -184,8 +184,8 @@ def server(serve_model, tmp_path_factory) -> Iterator[dict]:
         deadline = time.monotonic() + 120
         while True:
             try:
-                info["early_health"] = call(info["port"], "GET", "/healthz", timeout=5)[0]
-                info["early_ready"] = call(info["port"], "GET", "/readyz", timeout=5)
+                info["early_health"] = call(info["probe"], "GET", "/healthz", timeout=5)[0]
+                info["early_ready"] = call(info["probe"], "GET", "/readyz", timeout=5)
                 info["early_predict"] = post_image(info["port"], serve_model["photos"][0].read_bytes())
                 break
             except (ConnectionError, OSError):
@@ -223,9 +223,9 @@ def test_readiness_waits_for_the_model(server):
     assert (status, body["error"]) == (503, "loading"), body
     assert server["early_ready"][1]["retry-after"] == "2"
     assert server["early_predict"][0] == 503 and server["early_predict"][1]["error"] == "loading"
-    status, _, body = call(server["port"], "GET", "/readyz")
+    status, _, body = call(server["probe"], "GET", "/readyz")
     assert status == 200 and json.loads(body)["status"] == "ready"
-    assert call(server["port"], "GET", "/healthz")[0] == 200
+    assert call(server["probe"], "GET", "/healthz")[0] == 200
 
 
 @pytest.mark.integration
@@ -238,6 +238,7 @@ def test_predictions_equal_fruitdask_predict(server, reference):
         assert_same(body["predictions"], reference[str(photo)], str(photo))
         correct += body["predictions"][0]["label"] == photo.parent.name
         assert body["model"]["image_size"] == SMALL_SIZE and body["elapsed_ms"] > 0
+        assert "source" not in body["model"]  # where the model is stored is not the public's business
     assert correct >= 18  # 24 photos; `train` measured about 0.98 on such held-out photos
     # The default is 3 labels; ?top caps at the number of labels; multipart gives the same answer.
     photo = server["photos"][5]
@@ -330,7 +331,7 @@ def test_bad_inputs_get_4xx_json_and_the_server_stays_up(server):
     assert server["proc"].poll() is None
     status, body = post_image(port, jpeg)
     assert status == 200 and len(body["predictions"]) == 3
-    text = call(port, "GET", "/metrics")[2].decode()
+    text = call(server["probe"], "GET", "/metrics")[2].decode()
     for code, n in (("400", 7), ("413", 5), ("415", 3), ("408", 1)):
         assert metric(text, "fruitdask_serve_requests_total", endpoint="/v1/predict", status=code) >= n, code
     assert metric(text, "fruitdask_serve_rejected_images_total", error="decompression_bomb") >= 2
@@ -340,7 +341,7 @@ def test_bad_inputs_get_4xx_json_and_the_server_stays_up(server):
 @pytest.mark.slow
 def test_concurrent_clients_are_batched_and_each_gets_its_answer(server, reference):
     port, photos = server["port"], server["photos"]
-    before = call(port, "GET", "/metrics")[2].decode()
+    before = call(server["probe"], "GET", "/metrics")[2].decode()
     rng = random.Random(7)
     jobs = [(rng.choice(photos), i % 3 == 0) for i in range(96)]
 
@@ -357,7 +358,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_answer(server, referen
     for photo, (status, body) in answers:
         assert status == 200, body
         assert_same(body["predictions"], reference[str(photo)], str(photo))
-    after = call(port, "GET", "/metrics")[2].decode()
+    after = call(server["probe"], "GET", "/metrics")[2].decode()
     batches = metric(after, "fruitdask_serve_batch_size_count") - metric(before, "fruitdask_serve_batch_size_count")
     images = metric(after, "fruitdask_serve_batch_size_sum") - metric(before, "fruitdask_serve_batch_size_sum")
     assert images == len(jobs)
@@ -369,7 +370,8 @@ def test_concurrent_clients_are_batched_and_each_gets_its_answer(server, referen
 @pytest.mark.slow
 def test_metrics_and_model_endpoints(server):
     post_image(server["port"], server["photos"][1].read_bytes())
-    status, headers, body = call(server["port"], "GET", "/metrics")
+    assert call(server["port"], "GET", "/metrics")[0] == 404  # the probe port's, not the public's
+    status, headers, body = call(server["probe"], "GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     text = body.decode()
     for name in ("fruitdask_serve_requests_total", "fruitdask_serve_request_duration_seconds_bucket",
@@ -388,6 +390,9 @@ def test_metrics_and_model_endpoints(server):
     assert doc["image_size"] == SMALL_SIZE and doc["pooling"] == "avg" and doc["precision"] == "float32"
     assert doc["training"]["train_accuracy"] == bundle["training"]["train_accuracy"] > 0.5
     assert doc["evaluation"]["accuracy"] == bundle["evaluation"]["accuracy"]
+    # No storage location reaches the public: not the bundle's, the weights', the run's or the test set's.
+    assert str(server["model"]) not in body.decode() and str(server["root"]) not in body.decode()
+    assert "source" not in doc and "source" not in doc["weights"]
     assert doc["batching"]["max_batch"] == 32 and doc["limits"]["max_body_bytes"] == MAX_BODY
 
 
@@ -408,7 +413,7 @@ def test_load_failure_exits_1_and_sigterm_exits_0(serve_model, tmp_path):
     assert rc == 1, log
     assert "the model could not be loaded" in log and "sha256" in log
 
-    with serve_process(serve_model["model"], tmp_path / "ok.log") as info:
+    with serve_process(serve_model["model"], tmp_path / "ok.log", "--drain-seconds", "1") as info:
         wait_ready(info)
         info["proc"].send_signal(signal.SIGTERM)
         assert info["proc"].wait(60) == 0, (tmp_path / "ok.log").read_text()
@@ -503,30 +508,31 @@ def test_micro_batcher_failure_reaches_every_request_of_the_batch():
 
 
 def test_readiness_and_load_failure_without_tensorflow():
-    """uvicorn in a thread; the loader is held back by the test, then fails."""
-    import uvicorn
-
+    """The command's two servers in a thread; the loader is held back by the test, then fails.
+    The reason reaches the log and the probe port; the public port says only that it failed."""
     from fruitdask.serve.app import create_app
+    from fruitdask.serve.probes import create_probe_app
+    from fruitdask.serve.runner import Servers
     from fruitdask.serve.settings import ServeSettings
 
     release, failures = threading.Event(), []
 
     def load():
         release.wait(30)
-        raise RuntimeError("weights have sha256 0123…, the bundle wants 4567…")
+        raise RuntimeError("weights s3://secret-bucket/w.h5 have sha256 0123…, the bundle wants 4567…")
 
-    port = free_port()
-    app = create_app(ServeSettings(port=port), load, failures.append)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    port, probe = free_port(), free_port()
+    app = create_app(ServeSettings(port=port, probe_port=probe), load, failures.append)
+    servers = Servers(app, create_probe_app(app.state.serve), log_level="warning")
+    thread = threading.Thread(target=servers.run, daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline
+        while not servers.started:
+            assert time.monotonic() < deadline and thread.is_alive()
             time.sleep(0.02)
-        assert call(port, "GET", "/healthz")[0] == 200
-        status, headers, body = call(port, "GET", "/readyz")
+        assert call(probe, "GET", "/healthz")[0] == 200
+        status, headers, body = call(probe, "GET", "/readyz")
         assert status == 503 and json.loads(body)["error"] == "loading" and headers["retry-after"] == "2"
         assert post_image(port, b"\xff\xd8\xff")[1]["error"] == "loading"
         assert call(port, "GET", "/v1/model")[0] == 503
@@ -536,13 +542,17 @@ def test_readiness_and_load_failure_without_tensorflow():
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert "sha256" in failures[0]
-        status, _, body = call(port, "GET", "/readyz")
+        status, _, body = call(probe, "GET", "/readyz")
         assert status == 503 and json.loads(body)["error"] == "model_failed" and "sha256" in json.loads(body)["reason"]
-        assert call(port, "GET", "/healthz")[0] == 503  # liveness fails too: Kubernetes restarts the pod
-        text = call(port, "GET", "/metrics")[2].decode()
+        assert call(probe, "GET", "/healthz")[0] == 503  # liveness fails too: Kubernetes restarts the pod
+        text = call(probe, "GET", "/metrics")[2].decode()
         assert metric(text, "fruitdask_serve_ready") == 0
         assert metric(text, "fruitdask_serve_requests_total", endpoint="/readyz", method="GET", status="503") == 2
+        status, body = post_image(port, b"\xff\xd8\xff")
+        assert (status, body["error"]) == (503, "model_failed")
+        assert "secret-bucket" not in body["reason"] and "sha256" not in body["reason"]
     finally:
         release.set()
-        server.should_exit = True
+        servers.exit_now()
         thread.join(30)
+    assert not thread.is_alive()

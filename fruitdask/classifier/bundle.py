@@ -80,6 +80,10 @@ class FeatureSpec:
         return out
 
 
+#: What ``WeightsRef.kind`` may be.
+WEIGHT_KINDS = ("imagenet", "random", "file")
+
+
 @dataclass(frozen=True)
 class WeightsRef:
     """Where the VGG16 weights of a run came from (``run.json``'s ``weights`` + seed)."""
@@ -89,6 +93,13 @@ class WeightsRef:
     sha256: str
     seed: int = 0
     file_sha256: str | None = None  # of the weights file's bytes (kind "file")
+
+    def __post_init__(self) -> None:
+        # Read from a stored document: a kind such as "File" would otherwise be taken for a
+        # file whose location no check saw (the region guard asked for kind == "file").
+        if self.kind not in WEIGHT_KINDS:
+            raise ModelError(f"weights kind {self.kind!r} is not one of {', '.join(WEIGHT_KINDS)}: "
+                             "the bundle or run.json was edited or is corrupt; train the model again")
 
     @property
     def spec(self) -> str:
@@ -287,5 +298,9 @@ class ModelBundle:
         # Bundles written before --precision existed were float32.
         spec = FeatureSpec(pre["weights_sha256"], int(pre["image_size"]), pre["pooling"], pre.get("precision", "float32"))
         known = {"format", "fruitdask_version", "created_at", "labels", "weights", "preprocessing", "reduction", "classifier", "files"}
-        return cls(spec=spec, weights=WeightsRef(**doc["weights"]), batch_size=int(pre["batch_size"]),
+        try:
+            weights = WeightsRef(**doc["weights"])
+        except TypeError as e:
+            raise ModelError(f"{storage.join(url, BUNDLE_FILE)!r} has a malformed weights entry ({e}): train the model again") from e
+        return cls(spec=spec, weights=weights, batch_size=int(pre["batch_size"]),
                    reduction=reduction, classifier=classifier, info={k: v for k, v in doc.items() if k not in known})

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fruitdask.config import BACKENDS, POOLINGS, RunConfig, StorageSettings, build_config
+from fruitdask.config import BACKENDS, POOLINGS, RunConfig, StorageSettings, build_config, build_storage_settings
 
 logger = logging.getLogger("fruitdask")
 
@@ -44,10 +44,11 @@ def add_quiet_debug(p: argparse.ArgumentParser) -> None:
     g.add_argument("--debug", action="store_true", default=None, help="verbose logs and tracebacks on errors")
 
 
-def storage_settings(args: argparse.Namespace, input_url: str, output_url: str) -> StorageSettings:
-    """Storage settings from flags over ``FRUITDASK_STORAGE_*``/AWS environment over defaults."""
+def storage_settings(args: argparse.Namespace) -> StorageSettings:
+    """Storage settings from flags over ``FRUITDASK_STORAGE_*``/AWS environment over defaults;
+    nothing else of the run configuration is read (a command validates only what it uses)."""
     flags = {k: v for k, v in vars(args).items() if k.startswith("storage_")}
-    return build_config({**flags, "input": input_url, "output": output_url}, os.environ).storage
+    return build_storage_settings(flags, os.environ)
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ def command(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
-    settings = storage_settings(args, args.model, args.model)
+    settings = storage_settings(args)
     storage.guard_regions([args.model, args.weights, *args.photos], settings)
     opts = settings.storage_options()
     bundle = ModelBundle.load(args.model, opts)

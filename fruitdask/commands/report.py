@@ -20,7 +20,7 @@ def command(args: argparse.Namespace) -> int:
     from fruitdask import storage
     from fruitdask.report import page as report
 
-    settings = storage_settings(args, args.output, args.output)
+    settings = storage_settings(args)
     storage.guard_regions([args.output], settings)
     report.rebuild(args.output, settings.storage_options(), settings=settings)
     if not args.quiet:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fruitdask.commands.options import add_quiet_debug, add_storage_options, storage_settings
+from fruitdask.serve.limits import plan_for_memory
 from fruitdask.serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from fruitdask.serve.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="PATH_OR_URI",
                    help="where the model's weights file is now, if it moved (its sha256 must match the bundle)")
     p.add_argument("--host", default=_D.host, help=f"address to listen on (default: {_D.host}; 0.0.0.0 in a container)")
-    p.add_argument("--port", type=int, default=_D.port, help=f"TCP port (default: {_D.port})")
+    p.add_argument("--port", type=int, default=_D.port, help=f"TCP port of the API (default: {_D.port})")
+    p.add_argument("--probe-port", type=int, default=_D.probe_port,
+                   help=f"TCP port of /healthz, /readyz, /metrics and /drain, outside --max-connections; keep it "
+                   f"private (default: {_D.probe_port})")
+    p.add_argument("--drain-seconds", type=float, default=_D.drain_seconds,
+                   help=f"on SIGTERM (or GET /drain), seconds readiness fails while requests are still served, "
+                   f"before the API port closes (default: {_D.drain_seconds:g})")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=_D.max_batch, help=f"most images per VGG16 call (default: {_D.max_batch})")
     g.add_argument("--max-wait-ms", type=float, default=_D.max_wait_ms,
@@ -32,26 +43,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=int, default=_D.max_body_bytes,
                    help=f"largest request body; larger ones get 413 (default: {_D.max_body_bytes:,})")
     g.add_argument("--max-pixels", type=int, default=_D.max_pixels,
-                   help=f"largest image, width x height (decompression bombs get 413; default: {_D.max_pixels:,})")
+                   help=f"largest image decoded, width x height (JPEGs at their decoded scale); larger ones get 413 "
+                   f"(default: {_D.max_pixels:,})")
+    g.add_argument("--decode-threads", type=int, default=None,
+                   help="decodes at once, each up to ~10 bytes per --max-pixels pixel (default: the usable cores, at most 8)")
+    g.add_argument("--max-inflight-bytes", type=int, default=None,
+                   help=f"bytes of request bodies held at once across requests; more wait, then 503 "
+                   f"(default: from --memory-limit, else {_D.max_inflight_bytes:,})")
+    g.add_argument("--memory-limit", type=int, default=None, metavar="BYTES",
+                   help="the container's memory limit: sizes --max-connections and --max-inflight-bytes to fit it "
+                   "(the chart passes limits.memory)")
     g.add_argument("--body-timeout", type=float, default=_D.body_timeout_s,
                    help=f"seconds to receive a body once its headers came; then 408 (default: {_D.body_timeout_s:g})")
     g.add_argument("--header-timeout", type=float, default=_D.header_timeout_s,
                    help=f"seconds to receive the request headers; then the connection is closed (default: {_D.header_timeout_s:g})")
     g.add_argument("--keep-alive", type=int, default=_D.keep_alive_s,
                    help=f"seconds an idle keep-alive connection stays open (default: {_D.keep_alive_s})")
-    g.add_argument("--max-connections", type=int, default=_D.max_connections,
-                   help=f"open connections and requests beyond this get 503 (default: {_D.max_connections})")
+    g.add_argument("--max-connections", type=int, default=None,
+                   help=f"open connections and requests on the API port beyond this get 503 "
+                   f"(default: from --memory-limit, else {_D.max_connections})")
     g.add_argument("--top", type=int, default=_D.default_top, help=f"labels per answer without ?top= (default: {_D.default_top})")
     add_storage_options(p)
     add_quiet_debug(p)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """The frozen settings; what is not given is sized from ``--memory-limit`` and the cores."""
+    decode_threads = args.decode_threads or min(8, len(os.sched_getaffinity(0)))
+    max_connections, inflight = _D.max_connections, _D.max_inflight_bytes
+    if args.memory_limit is not None:
+        plan = plan_for_memory(args.memory_limit, max_pixels=args.max_pixels, max_body_bytes=args.max_body_bytes,
+                               decode_threads=decode_threads)
+        max_connections, inflight = plan.max_connections, plan.max_inflight_bytes
     return ServeSettings(
-        host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, body_timeout_s=args.body_timeout,
-        header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive, max_connections=args.max_connections,
-        default_top=args.top, threads=args.threads,
+        host=args.host, port=args.port, probe_port=args.probe_port, drain_seconds=args.drain_seconds,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, decode_threads=decode_threads,
+        max_inflight_bytes=args.max_inflight_bytes or max(inflight, 2 * args.max_body_bytes), body_timeout_s=args.body_timeout,
+        header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
+        max_connections=args.max_connections or max_connections, default_top=args.top, threads=args.threads,
     )
 
 
@@ -59,9 +89,9 @@ def command(args: argparse.Namespace) -> int:
     from fruitdask.errors import FruitdaskError, ModelError
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
-        from fruitdask.serve.app import create_app
+        import fruitdask.serve.app  # noqa: F401
     except ImportError as e:
         raise FruitdaskError(f"`fruitdask serve` needs the serve extra ({e.name} is missing): "
                              "pip install 'fruitdask[serve]'") from e
@@ -69,56 +99,50 @@ def command(args: argparse.Namespace) -> int:
     from fruitdask import storage
     from fruitdask.classifier.bundle import ModelBundle
     from fruitdask.serve.predictor import Predictor
-    from fruitdask.serve.protocol import header_timeout_protocol
 
     settings = settings_from_args(args)
-    storage_cfg = storage_settings(args, args.model, args.model)
+    storage_cfg = storage_settings(args)
     # Before anything is read: the bundle and the weights must live in allowed (EU) regions.
     storage.guard_regions([args.model, args.weights], storage_cfg)
     opts = storage_cfg.storage_options()
     bundle = ModelBundle.load(args.model, opts)  # small JSON + npz: a bad --model fails here, at once
-    if bundle.weights.kind == "file" and not args.weights:
-        storage.guard_regions([bundle.weights.source], storage_cfg)
+    # The weights' location comes from bundle.json: guarded now, whatever its kind, not after the TF import.
+    storage.guard_regions([args.weights or bundle.weights.spec], storage_cfg)
 
     def load() -> Predictor:
+        # The weights location in bundle.json is data: guarded like any location given by flag.
         return Predictor.load(bundle, args.model, opts, weights_override=args.weights, max_pixels=settings.max_pixels,
-                              threads=settings.threads, warm_batches=(1, settings.max_batch))
+                              threads=settings.threads, warm_batches=(1, settings.max_batch),
+                              guard=lambda urls: storage.guard_regions(urls, storage_cfg))
 
-    failure: list[str] = []
-    server: uvicorn.Server | None = None
-
-    def on_load_failure(reason: str) -> None:
-        failure.append(reason)
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(settings, load, on_load_failure)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, http=header_timeout_protocol(settings.header_timeout_s),
-        lifespan="on", timeout_keep_alive=settings.keep_alive_s, limit_concurrency=settings.max_connections,
-        timeout_graceful_shutdown=30, log_level="warning" if args.quiet else "info", access_log=bool(args.debug),
-        server_header=False,
-    )
-    server = uvicorn.Server(config)
-    logger.info("serving %s on http://%s:%d (the model loads in the background; /readyz says when)",
-                args.model, settings.host, settings.port)
-    with _stop_quietly():
-        server.run()
+    logger.info("serving %s on http://%s:%d, probes on port %d (the model loads in the background; /readyz says when)",
+                args.model, settings.host, settings.port, settings.probe_port)
+    failure = run_server(settings, load, log_level="warning" if args.quiet else "info", access_log=bool(args.debug))
     if failure:
-        raise ModelError(f"the model could not be loaded, the server stopped: {failure[0]}")
+        raise ModelError(f"the model could not be loaded, the server stopped: {failure}")
     return 0
 
 
-class _stop_quietly:
-    """SIGTERM and Ctrl-C are how a server is stopped: uvicorn drains the connections, and
-    re-raises the signal afterwards; handle it here so the exit is 0, not 143/130."""
+def run_server(settings: ServeSettings, load: Callable[[], Predictor], *, log_level: str = "info",
+               access_log: bool = False) -> str | None:
+    """Serve until SIGTERM/SIGINT (exit after the drain) or a failed load; return its reason.
+    A port that cannot be opened raises :class:`FruitdaskError`."""
+    from fruitdask.errors import FruitdaskError
+    from fruitdask.serve.app import create_app
+    from fruitdask.serve.probes import create_probe_app
+    from fruitdask.serve.runner import Servers
 
-    def __enter__(self) -> None:
-        self.saved = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.saved[sig] = signal.signal(sig, lambda s, f: None)
+    failure: list[str] = []
+    servers: Servers | None = None
 
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)
+    def on_load_failure(reason: str) -> None:
+        failure.append(reason)
+        if servers is not None:
+            servers.exit_now()
+
+    app = create_app(settings, load, on_load_failure)
+    servers = Servers(app, create_probe_app(app.state.serve), log_level=log_level, access_log=access_log)
+    servers.run()
+    if servers.error:
+        raise FruitdaskError(servers.error)
+    return failure[0] if failure else None

@@ -36,7 +36,7 @@ def command(args: argparse.Namespace) -> int:
     from fruitdask import storage
     from fruitdask.classifier import classify
 
-    settings = storage_settings(args, args.features, args.model_out)
+    settings = storage_settings(args)
     storage.guard_regions([args.features, args.test_input, args.test_features, args.model_out, args.weights], settings)
     opts = settings.storage_options()
     # Refuse an existing --model-out before minutes of featurizing, not after.

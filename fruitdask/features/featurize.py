@@ -46,30 +46,79 @@ class DecodeError(ValueError):
     """One image could not be decoded; the message is the reason written to ``errors``."""
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparency is composited on white like the dataset."""
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+#: Rows converted at a time by :func:`_to_rgb`: its temporaries stay a few MB whatever the
+#: image's height, instead of several full-size copies (a 16-bit 4000x4000 PNG cost +428 MiB).
+STRIP_ROWS = 256
+
+
+def _strips(height: int):
+    return ((top, min(top + STRIP_ROWS, height)) for top in range(0, height, STRIP_ROWS))
+
+
+def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+    """A 16-bit (``I;16*``) or 32-bit (``I``) grayscale image as 8-bit ``L``, in strips, with
+    integer arithmetic: ``round(v / 257)``, v clipped to [0, 65535] (``65535 / 255 = 257``).
+    A 16-bit mode is 16-bit however dark the picture; only the 32-bit ``I`` mode (which some
+    PIL versions give 16-bit PNGs) guesses its range from the values (<= 255: 8-bit)."""
+    width, height = img.size
+    eight_bit = img.mode == "I" and img.getextrema()[1] <= 255
+    out = np.empty((height, width), dtype=np.uint8)
+    for top, bottom in _strips(height):
+        strip = np.asarray(img.crop((0, top, width, bottom))).astype(np.int32)
+        strip = np.clip(strip, 0, 255 if eight_bit else 65535)
+        out[top:bottom] = strip if eight_bit else (strip + 128) // 257
+    # frombuffer shares ``out``'s memory: no second full-size copy.
+    return Image.frombuffer("L", (width, height), out, "raw", "L", 0, 1)
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode in ("RGB", "P") and "transparency" in img.info)
+
+
+def _rgb_in_strips(img: Image.Image) -> Image.Image:
+    """RGB, transparency composited on white, converted in strips of rows: one full-size
+    RGB output and strip-sized temporaries (instead of three full-size RGBA copies).
+
+    The strips are not resized on the way: PIL picks the order of its two resize passes
+    from the shape, so only a resize of the whole converted image gives its exact pixels.
+    """
+    width, height = img.size
+    out = Image.new("RGB", (width, height))
+    alpha = _has_alpha(img)
+    for top, bottom in _strips(height):
+        piece = img.crop((0, top, width, bottom))
+        if alpha:
+            rgba = piece.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            piece = Image.alpha_composite(background, rgba)
+        out.paste(piece.convert("RGB"), (0, top))
+    return out
+
+
+def _to_rgb(img: Image.Image, size: int | None = None) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency is composited on white like the dataset.
+
+    Memory stays near the decoded image's own: conversions run in strips of
+    :data:`STRIP_ROWS` rows with integer arithmetic, and a gray image is resized to
+    ``size`` (when given) *before* it becomes RGB, which is exact (bicubic works per
+    channel, and RGB of gray repeats one channel three times).
+    """
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        # A 16-bit mode is 16-bit however dark the picture; only the 32-bit "I" mode (which
-        # some PIL versions give 16-bit PNGs) has to guess its range from the values.
-        top = 65535.0 if img.mode != "I" or arr.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert("RGB")
-    return img.convert("RGB") if img.mode != "RGB" else img
+        img = _sixteen_bit_to_l(img)
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("L", "1") and size is not None and img.size != (size, size):
+        img = (img.convert("L") if img.mode == "1" else img).resize((size, size), RESAMPLE)
+    if img.mode == "RGB" and not _has_alpha(img):
+        return img
+    return _rgb_in_strips(img)
 
 
 def open_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and load one encoded image, refusing bombs before any pixel is decoded.
 
-    The pixel count comes from the header alone, so a decompression bomb is refused without
+    ``max_pixels`` bounds the pixels decoded (after the JPEG scaling below). The pixel
+    count comes from the header alone, so a decompression bomb is refused without
     allocating its pixels. A JPEG at least twice ``size`` on each side is decoded at 1/2,
     1/4 or 1/8 scale straight from the DCT (PIL draft mode): an 8000x6000 photo loads as
     1000x750, about 2 MB instead of 144 MB. EXIF orientation is applied.
@@ -86,14 +135,15 @@ def open_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> Image.Im
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = img.size
-            if width * height > max_pixels:
-                raise DecodeError(
-                    f"image of {width}x{height} pixels is over the {max_pixels:,}-pixel limit (decompression bomb?)"
-                )
             if img.format == "JPEG" and width * height >= DRAFT_MIN_PIXELS and min(width, height) >= 2 * size:
                 # Only for big photos: draft changes pixels, so dataset-sized images (100x100)
                 # must decode exactly as a plain PIL open would (parity with plain Keras).
                 img.draft("RGB", (size, size))
+            # The limit is on the pixels decoded: a 48 MP phone JPEG decodes at 1/8 scale.
+            if img.width * img.height > max_pixels:
+                raise DecodeError(
+                    f"image of {width}x{height} pixels is over the {max_pixels:,}-pixel limit (decompression bomb?)"
+                )
             img.load()
             return ImageOps.exif_transpose(img)
     except DecodeError:
@@ -139,7 +189,7 @@ def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.nda
     """
     img = open_image(data, size, max_pixels)
     try:
-        rgb = _to_rgb(img)
+        rgb = _to_rgb(img, size)
         if rgb.size != (size, size):
             rgb = rgb.resize((size, size), RESAMPLE)
         return np.asarray(rgb, dtype=np.uint8)

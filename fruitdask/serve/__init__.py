@@ -8,9 +8,13 @@ micro-batched into one VGG16 call. The modules, one concern each:
 - :mod:`.predictor`: decode + featurize + classify with ``predict``'s own functions;
 - :mod:`.batcher`: the micro-batcher (bounded wait, bounded batch, one inference thread);
 - :mod:`.metrics`: Prometheus metrics and the ASGI middleware that records requests;
-- :mod:`.app`: the Starlette application factory (routes, body limits, JSON errors);
+- :mod:`.app`: the public Starlette application (``/v1/predict``, ``/v1/model``, body limits, JSON errors);
+- :mod:`.probes`: ``/healthz``, ``/readyz``, ``/metrics``, ``/drain`` on a port of their own;
+- :mod:`.state`: what both applications share (model, batcher, budget, drain), :class:`ApiError`;
+- :mod:`.limits`: ``?top=``, the bytes in flight, sizing from the memory limit;
+- :mod:`.runner`: both uvicorn servers in one process, and the drain on SIGTERM;
 - :mod:`.protocol`: uvicorn's HTTP/1.1 protocol with a request-header timeout;
-- :mod:`fruitdask.commands.serve` (outside this package): the ``serve`` sub-command (region guard, bundle, uvicorn).
+- :mod:`fruitdask.commands.serve` (outside this package): the ``serve`` sub-command (region guard, bundle, servers).
 
 Starlette, uvicorn, python-multipart and prometheus-client are the ``serve`` extra
 (``pip install fruitdask[serve]``); nothing here is imported by the pipeline.

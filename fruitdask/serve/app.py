@@ -1,8 +1,9 @@
-"""The Starlette application: routes, request limits, JSON errors, background model load.
+"""The public Starlette application: routes, request limits, JSON errors, background model load.
 
 Every refusal is a JSON body ``{"error": CODE, "reason": SENTENCE}`` with a 4xx status
 (503 while the model loads or the queue is full): a bad request never takes the server
-down, and the model runs only on bodies that decoded into an image.
+down, and the model runs only on bodies that decoded into an image. The probes and the
+metrics are another application on another port (:mod:`fruitdask.serve.probes`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import anyio
 from starlette.applications import Starlette
@@ -25,51 +25,29 @@ from starlette.routing import Route
 
 from fruitdask.features.featurize import DecodeError
 from fruitdask.serve.batcher import MicroBatcher, Overloaded
+from fruitdask.serve.limits import BudgetTimeout, Reservation, parse_top
 from fruitdask.serve.metrics import MetricsMiddleware, ServeMetrics
 from fruitdask.serve.predictor import Predictor
+from fruitdask.serve.probes import PROBE_ENDPOINTS
 from fruitdask.serve.settings import PART_IMAGE_TYPES, RAW_IMAGE_TYPES, ServeSettings
+from fruitdask.serve.state import ApiError, ServeState, json_error
 
 logger = logging.getLogger(__name__)
 
 #: First bytes of the formats the API takes (checked before PIL sees the body).
 SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
-ENDPOINTS = ("/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics")
-
-
-class ApiError(Exception):
-    """A refused request: HTTP ``status``, a stable ``error`` code and a ``reason`` sentence."""
-
-    def __init__(self, status: int, error: str, reason: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(reason)
-        self.status, self.error, self.reason, self.headers = status, error, reason, headers
-
-
-@dataclass
-class ServeState:
-    """What the handlers share: the model once loaded, the batcher, the metrics."""
-
-    settings: ServeSettings
-    metrics: ServeMetrics
-    predictor: Predictor | None = None
-    batcher: MicroBatcher | None = None
-    load_error: str | None = None
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def ready(self) -> bool:
-        return self.predictor is not None and self.batcher is not None
-
-
-def _json_error(status: int, error: str, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": error, "reason": reason}, status_code=status, headers=headers)
+ENDPOINTS = ("/v1/predict", "/v1/model", *PROBE_ENDPOINTS)
 
 
 # --- reading the request --------------------------------------------------------------
 
 
-async def read_body(request: Request, settings: ServeSettings) -> bytes:
+async def read_body(request: Request, settings: ServeSettings, held: Reservation) -> bytes:
     """The body, refused with 413 past ``max_body_bytes`` (from Content-Length before any byte
-    is read, else while streaming a chunked body) and with 408 past ``body_timeout_s``."""
+    is read, else while streaming a chunked body) and with 408 past ``body_timeout_s``.
+
+    Its bytes are taken from the budget of bytes in flight (``held``) before they are read:
+    the Content-Length at once, a chunked body chunk by chunk."""
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -78,11 +56,14 @@ async def read_body(request: Request, settings: ServeSettings) -> bytes:
         if int(declared) > limit:
             raise ApiError(413, "body_too_large", f"the body is {int(declared):,} bytes, over the {limit:,}-byte limit: "
                            "send a smaller photo (a few hundred kB is plenty: the model sees it at a few hundred pixels)")
+        await _take(held, int(declared), settings)
     chunks, size = [], 0
     try:
         with anyio.fail_after(settings.body_timeout_s):
             async for chunk in request.stream():
                 size += len(chunk)
+                if declared is None:
+                    await _take(held, len(chunk), settings)
                 if size > limit:
                     raise ApiError(413, "body_too_large", f"the body grew past the {limit:,}-byte limit while streaming: "
                                    "send a smaller photo")
@@ -93,11 +74,18 @@ async def read_body(request: Request, settings: ServeSettings) -> bytes:
     return b"".join(chunks)
 
 
+async def _take(held: Reservation, n: int, settings: ServeSettings) -> None:
+    try:
+        await held.take(n, settings.body_timeout_s)
+    except BudgetTimeout as e:
+        raise ApiError(503, "busy", f"{e}: retry shortly", headers={"Retry-After": "1"}) from e
+
+
 async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-async def image_bytes(request: Request, settings: ServeSettings) -> bytes:
+async def image_bytes(request: Request, settings: ServeSettings, held: Reservation) -> bytes:
     """The image of a raw ``image/jpeg|png`` body or of a multipart ``image`` field."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
@@ -105,9 +93,10 @@ async def image_bytes(request: Request, settings: ServeSettings) -> bytes:
         raise ApiError(415, "unsupported_media_type",
                        f"Content-Type {content_type or '(none)'!r} is not accepted: send the photo as the body with "
                        f"Content-Type {' or '.join(RAW_IMAGE_TYPES)}, or as the multipart/form-data field 'image'")
-    body = await read_body(request, settings)
+    body = await read_body(request, settings, held)
     if media != "multipart/form-data":
         return body
+    await _take(held, len(body), settings)  # the part is a copy of the body's bytes
     parser = MultiPartParser(request.headers, _one_chunk(body), max_files=1, max_fields=16,
                              max_part_size=settings.max_body_bytes)
     try:
@@ -147,13 +136,13 @@ def decode_error(e: DecodeError) -> ApiError:
     return ApiError(400, "undecodable_image", reason)
 
 
-def parse_top(request: Request, settings: ServeSettings, n_labels: int) -> int:
+def top_of(request: Request, settings: ServeSettings, n_labels: int) -> int:
     raw = request.query_params.get("top")
-    if raw is None:
-        return min(settings.default_top, n_labels)
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise ApiError(400, "bad_top", f"top={raw!r} is not usable: pass a whole number from 1 to {n_labels}")
-    return min(int(raw), n_labels)
+    top = parse_top(raw, settings.default_top, n_labels)
+    if top is None:
+        shown = raw if len(raw or "") <= 20 else raw[:20] + "…"
+        raise ApiError(400, "bad_top", f"top={shown!r} is not usable: pass a whole number from 1 to {n_labels}")
+    return top
 
 
 # --- handlers -------------------------------------------------------------------------
@@ -163,28 +152,23 @@ def _state(request: Request) -> ServeState:
     return request.app.state.serve
 
 
-def _not_ready(state: ServeState) -> ApiError:
-    if state.load_error:
-        return ApiError(503, "model_failed", f"the model could not be loaded: {state.load_error}")
-    return ApiError(503, "loading", f"the model is loading ({time.monotonic() - state.started:.0f} s so far): retry shortly",
-                    headers={"Retry-After": "2"})
-
-
 async def predict(request: Request) -> Response:
     start = time.perf_counter()
     state = _state(request)
     if not state.ready:
-        raise _not_ready(state)
+        raise state.not_ready()
     predictor, batcher = state.predictor, state.batcher
     assert predictor is not None and batcher is not None
     try:
-        top = parse_top(request, state.settings, len(predictor.bundle.labels))
-        data = await image_bytes(request, state.settings)
-        check_signature(data)
-        try:
-            image = await anyio.to_thread.run_sync(predictor.decode, data)
-        except DecodeError as e:
-            raise decode_error(e) from e
+        top = top_of(request, state.settings, len(predictor.bundle.labels))
+        async with state.budget.reservation() as held:
+            data = await image_bytes(request, state.settings, held)
+            check_signature(data)
+            try:
+                image = await anyio.to_thread.run_sync(predictor.decode, data, limiter=state.decode_limiter)
+            except DecodeError as e:
+                raise decode_error(e) from e
+            del data
     except ApiError as e:
         state.metrics.rejected.labels(e.error).inc()
         raise
@@ -202,7 +186,7 @@ async def predict(request: Request) -> Response:
 async def model_info(request: Request) -> Response:
     state = _state(request)
     if not state.ready:
-        raise _not_ready(state)
+        raise state.not_ready()
     assert state.predictor is not None
     s = state.settings
     return JSONResponse({**state.predictor.describe(),
@@ -211,40 +195,16 @@ async def model_info(request: Request) -> Response:
                                     "body_timeout_s": s.body_timeout_s, "accepted": [*RAW_IMAGE_TYPES, "multipart/form-data"]}})
 
 
-async def healthz(request: Request) -> Response:
-    """Liveness: the process answers. A model that failed to load fails it too (restart)."""
-    state = _state(request)
-    if state.load_error:
-        return _json_error(503, "model_failed", state.load_error)
-    return JSONResponse({"status": "ok"})
-
-
-async def readyz(request: Request) -> Response:
-    """Readiness: 200 only once the model is loaded and the batcher runs."""
-    state = _state(request)
-    if not state.ready:
-        e = _not_ready(state)
-        return _json_error(e.status, e.error, e.reason, e.headers)
-    return JSONResponse({"status": "ready", "load_seconds": round(state.predictor.load_seconds, 3)})
-
-
-async def metrics(request: Request) -> Response:
-    state = _state(request)
-    state.metrics.queue_depth.set(state.batcher.depth if state.batcher else 0)
-    body, content_type = state.metrics.exposition()
-    return Response(body, media_type=content_type)
-
-
 async def _api_error(request: Request, exc: ApiError) -> Response:
-    return _json_error(exc.status, exc.error, exc.reason, exc.headers)
+    return json_error(exc.status, exc.error, exc.reason, exc.headers)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    return _json_error(exc.status_code, "http_" + str(exc.status_code), str(exc.detail), exc.headers)
+    return json_error(exc.status_code, "http_" + str(exc.status_code), str(exc.detail), exc.headers)
 
 
 async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
-    return _json_error(400, "client_disconnected", "the client closed the connection before sending the whole body")
+    return json_error(400, "client_disconnected", "the client closed the connection before sending the whole body")
 
 
 # --- the application ------------------------------------------------------------------
@@ -269,7 +229,7 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
             predictor = await anyio.to_thread.run_sync(load, abandon_on_cancel=True)
         except Exception as e:
             state.load_error = f"{type(e).__name__}: {e}" if not str(e) else str(e)
-            logger.exception("the model could not be loaded")
+            logger.exception("the model could not be loaded")  # the reason: the log and the probe port only
             if on_load_failure is not None:
                 on_load_failure(state.load_error)
             return
@@ -296,9 +256,6 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
         routes=[
             Route("/v1/predict", predict, methods=["POST"]),
             Route("/v1/model", model_info, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
         ],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, ClientDisconnect: _client_gone},
         lifespan=lifespan,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -38,11 +38,13 @@ class Predictor:
     @classmethod
     def load(cls, bundle: ModelBundle, source: str, storage_options: Mapping[str, Any] | None, *,
              weights_override: str | None = None, max_pixels: int = featurize.MAX_PIXELS,
-             threads: int | None = None, warm_batches: tuple[int, ...] = (1,)) -> Predictor:
+             threads: int | None = None, warm_batches: tuple[int, ...] = (1,),
+             guard: Callable[[list[str]], None] | None = None) -> Predictor:
         """Load and verify the weights (sha256), build VGG16 and run it once per ``warm_batches``
-        size, so that the first request does not pay for TensorFlow's graph tracing."""
+        size, so that the first request does not pay for TensorFlow's graph tracing. ``guard``
+        (the region guard) sees the weights' location first, whatever the bundle's kind."""
         start = time.perf_counter()
-        featurizer = bundle.featurizer(storage_options, weights_override)
+        featurizer = bundle.featurizer(storage_options, weights_override, guard=guard)
         spec = featurizer.spec
         # The bundle's precision: served features must be those the classifier was trained on.
         vgg = model.cached_model(spec.weights_sha256, featurizer.weights, spec.image_size, threads, precision=spec.precision)
@@ -74,19 +76,18 @@ class Predictor:
         return [{"label": label, "probability": round(p, 6)} for label, p in best]
 
     def summary(self) -> dict:
-        """What a prediction answer says about the model that made it."""
+        """What a prediction answer says about the model that made it (never where it is stored)."""
         spec = self.featurizer.spec
-        return {"source": self.source, "weights_sha256": spec.weights_sha256, "image_size": spec.image_size,
-                "labels": len(self.bundle.labels)}
+        return {"weights_sha256": spec.weights_sha256, "image_size": spec.image_size, "labels": len(self.bundle.labels)}
 
     def describe(self) -> dict:
-        """``GET /v1/model``: labels, weights, preprocessing and the training metrics."""
+        """``GET /v1/model``: labels, weights, preprocessing and the training metrics. Public:
+        the bundle's and the weights' locations (bucket names, paths) are left out."""
         b, spec = self.bundle, self.featurizer.spec
         info = b.info
         return {
-            "source": self.source,
             "labels": b.labels,
-            "weights": {"kind": b.weights.kind, "source": b.weights.source, "sha256": b.weights.sha256},
+            "weights": {"kind": b.weights.kind, "sha256": b.weights.sha256},
             "image_size": spec.image_size,
             "pooling": spec.pooling,
             "precision": spec.precision,
@@ -94,8 +95,8 @@ class Predictor:
             "training": {
                 "train_accuracy": info.get("training", {}).get("train_accuracy"),
                 "n_train": info.get("training", {}).get("n_train"),
-                "run": info.get("training", {}).get("run"),
+                "run_id": info.get("training", {}).get("run_id"),
             },
-            "evaluation": {k: info.get("evaluation", {}).get(k) for k in ("accuracy", "macro_f1", "n", "held_out")},
+            "evaluation": {k: info.get("evaluation", {}).get(k) for k in ("accuracy", "macro_f1", "n")},
             "load_seconds": round(self.load_seconds, 3),
         }

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fruitdask.errors import ConfigError
-from fruitdask.features.featurize import MAX_PIXELS
+
+#: The service's ``--max-pixels`` (4096 x 4096): a photo decodes in at most about 160 MiB.
+#: The pipeline's own limit (64 MP) is for trusted files; this one is for the public's.
+#: JPEGs are counted as decoded: a 48 MP phone photo decodes at 1/8 scale, 0.75 MP.
+SERVE_MAX_PIXELS = 4096 * 4096
 
 #: Media types ``POST /v1/predict`` takes as a raw body (the image bytes themselves).
 RAW_IMAGE_TYPES = ("image/jpeg", "image/png")
@@ -19,6 +23,10 @@ class ServeSettings:
 
     host: str = "127.0.0.1"
     port: int = 8080
+    #: Port of ``/healthz``, ``/readyz``, ``/metrics`` and ``/drain``: outside ``max_connections``.
+    probe_port: int = 8081
+    #: Seconds between failing readiness (preStop ``/drain`` or SIGTERM) and closing the port.
+    drain_seconds: float = 15.0
     #: Most images in one VGG16 call.
     max_batch: int = 32
     #: How long the first request of a batch waits for company, in milliseconds.
@@ -28,7 +36,11 @@ class ServeSettings:
     #: Largest request body: refused from Content-Length before reading, or while streaming.
     max_body_bytes: int = 10 * 2**20
     #: Largest image in pixels (width x height, from the header): decompression bombs.
-    max_pixels: int = MAX_PIXELS
+    max_pixels: int = SERVE_MAX_PIXELS
+    #: Decodes running at once (about the cores): each may take ~10 bytes per pixel.
+    decode_threads: int = 2
+    #: Bytes of request bodies held at once across all requests; more wait (then 503).
+    max_inflight_bytes: int = 64 * 2**20
     #: Seconds a client may take to send its body once the headers arrived (408 after).
     body_timeout_s: float = 10.0
     #: Seconds a client may take to send its request headers (connection closed after).
@@ -45,6 +57,13 @@ class ServeSettings:
     def __post_init__(self) -> None:
         checks = [
             ("--port", self.port, 0 <= self.port <= 65535, "a TCP port 0-65535"),
+            ("--probe-port", self.probe_port, 0 <= self.probe_port <= 65535 and (self.probe_port != self.port or self.port == 0),
+             "a TCP port 0-65535 other than --port"),
+            ("--drain-seconds", self.drain_seconds, self.drain_seconds >= 0, "0 or more seconds"),
+            ("--decode-threads", self.decode_threads, self.decode_threads >= 1, "at least 1"),
+            # A multipart body counts twice (the part is a copy): it must fit.
+            ("--max-inflight-bytes", self.max_inflight_bytes, self.max_inflight_bytes >= 2 * self.max_body_bytes,
+             "at least twice --max-body-bytes"),
             ("--max-batch", self.max_batch, self.max_batch >= 1, "at least 1"),
             ("--max-wait-ms", self.max_wait_ms, self.max_wait_ms >= 0, "0 or more"),
             ("--max-queue", self.max_queue, self.max_queue >= self.max_batch, "at least --max-batch"),

@@ -143,6 +143,12 @@ The region, the region allow-list and the S3 endpoint come after tfEnv/extraEnv:
 a name appears twice Kubernetes keeps the last one, so even values that skipped the
 schema (helm --skip-schema-validation) cannot override them. */}}
 {{- define "fruitdask.env" -}}
+{{ include "fruitdask.storageEnv" . }}
+{{- include "fruitdask.tlsEnv" . }}
+{{- end }}
+
+{{/* fruitdask.env without the Dask TLS settings: for the serve pods, which are no Dask client. */}}
+{{- define "fruitdask.storageEnv" -}}
 - name: HOME
   value: /home/fruitdask
 - name: TMPDIR
@@ -167,6 +173,9 @@ schema (helm --skip-schema-validation) cannot override them. */}}
 - name: AWS_ENDPOINT_URL_S3
   value: {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{- define "fruitdask.tlsEnv" -}}
 {{- if .Values.tls.enabled }}
 - name: DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION
   value: "True"
@@ -191,10 +200,7 @@ envFrom:
 {{- end }}
 
 {{- define "fruitdask.volumeMounts" -}}
-- name: home
-  mountPath: /home/fruitdask
-- name: tmp
-  mountPath: /tmp
+{{ include "fruitdask.scratchVolumeMounts" . }}
 {{- if .Values.tls.enabled }}
 - name: tls
   mountPath: /etc/dask/tls
@@ -202,13 +208,25 @@ envFrom:
 {{- end }}
 {{- end }}
 
-{{- define "fruitdask.volumes" -}}
+{{/* The writable scratch folders (the root filesystem is read-only), without the Dask TLS key. */}}
+{{- define "fruitdask.scratchVolumeMounts" -}}
+- name: home
+  mountPath: /home/fruitdask
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{- define "fruitdask.scratchVolumes" -}}
 - name: home
   emptyDir:
     sizeLimit: 1Gi
 - name: tmp
   emptyDir:
     sizeLimit: 2Gi
+{{- end }}
+
+{{- define "fruitdask.volumes" -}}
+{{ include "fruitdask.scratchVolumes" . }}
 {{- if .Values.tls.enabled }}
 - name: tls
   secret:

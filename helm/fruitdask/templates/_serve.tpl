@@ -16,3 +16,12 @@
 {{ include "fruitdask.selectorLabels" . }}
 app.kubernetes.io/component: serve
 {{- end }}
+
+{{/* The serve pods' own service account: read-only on the model (never the workers' role). */}}
+{{- define "fruitdask.serveServiceAccountName" -}}
+{{- if .Values.serve.serviceAccount.create }}
+{{- default (printf "%s-serve" (include "fruitdask.fullname" .)) .Values.serve.serviceAccount.name }}
+{{- else }}
+{{- required "serve.serviceAccount.name is required when serve.serviceAccount.create is false" .Values.serve.serviceAccount.name }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,72 @@
+"""The probe application: ``/healthz``, ``/readyz``, ``/metrics`` and ``/drain`` on a port of
+their own (``--probe-port``).
+
+The public port has a connection cap (``--max-connections``): 1,024 slow clients filled it
+and the kubelet's liveness probe failed with them, restarting healthy pods. Here no cap
+applies, and the chart admits only the kubelet and the monitoring namespace to this port,
+so the load-failure reason (which can name buckets and hashes) is said here and not on the
+public port.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fruitdask.serve.metrics import MetricsMiddleware
+from fruitdask.serve.state import ServeState, drain, json_error
+
+PROBE_ENDPOINTS = ("/healthz", "/readyz", "/metrics", "/drain")
+
+
+def _state(request: Request) -> ServeState:
+    return request.app.state.serve
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness: the process answers. A model that failed to load fails it too (restart)."""
+    state = _state(request)
+    if state.load_error:
+        return json_error(503, "model_failed", state.load_error)
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: 200 once the model is loaded and the batcher runs, until the drain begins."""
+    state = _state(request)
+    if state.draining_since is not None:
+        return json_error(503, "draining", "the server is shutting down: send requests to another replica")
+    if not state.ready:
+        e = state.not_ready(public=False)
+        return json_error(e.status, e.error, e.reason, e.headers)
+    assert state.predictor is not None
+    return JSONResponse({"status": "ready", "load_seconds": round(state.predictor.load_seconds, 3)})
+
+
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    state.metrics.queue_depth.set(state.batcher.depth if state.batcher else 0)
+    body, content_type = state.metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+async def drain_endpoint(request: Request) -> Response:
+    """The preStop hook: fail readiness, answer once ``--drain-seconds`` have passed (then the
+    kubelet sends SIGTERM and the server closes its public port at once)."""
+    await drain(_state(request))
+    return JSONResponse({"status": "drained"})
+
+
+def create_probe_app(state: ServeState) -> Starlette:
+    """The probe application over the public application's ``state`` (``app.state.serve``)."""
+    app = Starlette(routes=[
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/drain", drain_endpoint, methods=["GET"]),
+    ])
+    app.state.serve = state
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    return app

@@ -1,0 +1,110 @@
+"""Two uvicorn servers in one process, and the order in which they stop.
+
+The public application listens on ``--port`` under ``--max-connections``; the probe
+application (:mod:`fruitdask.serve.probes`) on ``--probe-port`` with no cap. Stopping:
+
+1. readiness fails (SIGTERM, or the preStop hook's ``GET /drain`` before it);
+2. for ``--drain-seconds`` every request is still served, while load balancers and
+   kube-proxy stop sending new ones;
+3. the public port closes, open requests finish (up to :data:`GRACEFUL_SECONDS`);
+4. the probe port closes, the process exits 0.
+
+Ctrl-C (SIGINT) skips the wait. The runner owns the signals: the uvicorn servers do not
+install theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import uvicorn
+from starlette.applications import Starlette
+
+from fruitdask.serve.protocol import header_timeout_protocol
+from fruitdask.serve.state import ServeState, drain
+
+logger = logging.getLogger(__name__)
+
+#: Seconds open requests get to finish once the public port closed.
+GRACEFUL_SECONDS = 30
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves SIGTERM and SIGINT to :class:`Servers`."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Servers:
+    """The public and the probe server of one ``fruitdask serve`` process."""
+
+    def __init__(self, app: Starlette, probe_app: Starlette, *, log_level: str = "info", access_log: bool = False) -> None:
+        self.state: ServeState = app.state.serve
+        s = self.state.settings
+        self.public = _Server(uvicorn.Config(
+            app, host=s.host, port=s.port, http=header_timeout_protocol(s.header_timeout_s), lifespan="on",
+            timeout_keep_alive=s.keep_alive_s, limit_concurrency=s.max_connections, timeout_graceful_shutdown=GRACEFUL_SECONDS,
+            log_level=log_level, access_log=access_log, server_header=False))
+        self.probes = _Server(uvicorn.Config(
+            probe_app, host=s.host, port=s.probe_port, http=header_timeout_protocol(s.header_timeout_s), lifespan="off",
+            timeout_keep_alive=s.keep_alive_s, timeout_graceful_shutdown=5, log_level=log_level, access_log=access_log,
+            server_header=False))
+        self._stopping: asyncio.Task | None = None
+        #: Why a server could not start (a port in use), once :meth:`serve` returned.
+        self.error: str | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.public.started and self.probes.started
+
+    def stop(self, *, wait: bool = True) -> None:
+        """Begin the stop (from the event loop's thread): drain first unless ``wait`` is false."""
+        if self._stopping is None or not wait:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(wait), name="fruitdask-stop")
+
+    def exit_now(self) -> None:
+        """Stop without draining (a failed model load); callable from any thread."""
+        self.public.should_exit = True
+
+    async def _stop(self, wait: bool) -> None:
+        if wait:
+            await drain(self.state)
+        elif self.state.draining_since is None:
+            self.state.draining_since = time.monotonic()
+        logger.info("closing the public port; open requests get up to %d s", GRACEFUL_SECONDS)
+        self.public.should_exit = True
+
+    async def serve(self) -> None:
+        """Run both until the public server stops; signals are handled when on the main thread."""
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            loop.add_signal_handler(signal.SIGTERM, self.stop)
+            loop.add_signal_handler(signal.SIGINT, lambda: self.stop(wait=False))
+        probes = loop.create_task(self._serve(self.probes, "probe"), name="fruitdask-probes")
+        try:
+            await self._serve(self.public, "API")
+        finally:
+            self.probes.should_exit = True
+            await probes
+            if threading.current_thread() is threading.main_thread():
+                loop.remove_signal_handler(signal.SIGTERM)
+                loop.remove_signal_handler(signal.SIGINT)
+
+    async def _serve(self, server: uvicorn.Server, what: str) -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn's answer to a port it cannot listen on (it logged why)
+            self.error = self.error or (f"the {what} port {server.config.port} could not be opened "
+                                        "(in use?): pass another --port / --probe-port")
+            self.public.should_exit = True
+
+    def run(self) -> None:
+        asyncio.run(self.serve())
