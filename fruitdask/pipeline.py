@@ -145,22 +145,22 @@ class _Run:
         self.engine_started = False
 
     def go(self, stack: ExitStack) -> dict:
-        cfg = self.cfg
         # A first run's workers warm up while the client lists; an update lists first, so
         # that a run with nothing to do starts nothing.
         if self.backend.starts_early and not self.state.exists:
             self._start(stack)
-        loaded = self._load_weights() if cfg.weights not in model.WEIGHTS_CHOICES else None
+        loaded = self._load_weights() if self.cfg.weights not in model.WEIGHTS_CHOICES else None
         spill = stack.enter_context(lake_plan.spill_dir())
         plan = self._plan(spill)
-        if not (plan.changes_table or cfg.refit or cfg.rebuild or self._settings_changed(loaded)):
+        if not (plan.changes_table or self.cfg.refit or self.cfg.rebuild or self._settings_changed(loaded)):
             return self._up_to_date(plan)
+        if not self.engine_started:
+            self._start(stack)  # a remote cluster's workers resolve the precision here
+        cfg = self.cfg
         weights, winfo = loaded or self._load_weights()
         settings = FeatureSettings.from_config(cfg, winfo.sha256)
         fp = keys.settings_fingerprint(settings)
         check_settings(self.state, fp, cfg)
-        if not self.engine_started:
-            self._start(stack)
         with self.backend.running():
             with self.timer.stage("broadcast"):
                 self.backend.prepare(weights, winfo)
@@ -218,7 +218,9 @@ class _Run:
         if not self.state.exists or not old:
             return False
         cfg = self.cfg
-        now = {"image_size": cfg.image_size, "pooling": cfg.pooling, "precision": cfg.precision, "weights": cfg.weights}
+        now = {"image_size": cfg.image_size, "pooling": cfg.pooling, "weights": cfg.weights}
+        if self.resolved is not None:  # a remote cluster's workers have not answered yet
+            now["precision"] = cfg.precision
         if loaded is not None:
             now["weights_sha256"] = loaded[1].sha256
         elif cfg.weights in ("random", "auto"):

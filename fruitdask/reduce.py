@@ -320,25 +320,16 @@ def fit_incremental_pca(
     The randomized solver with ``power_iterations`` (default 2) stays within ~1e-6 of exact
     PCA on VGG16 features; dask-ml's default (0 iterations) under-reports the variance.
 
-    With a variance target (``components=None``), K comes first from :func:`spectrum`. Up to
-    ``gram_max_samples`` rows the PCA is exact, from the Gram eigenpairs, and
-    ``explained_variance_ratio`` holds the exact spectrum (up to :data:`MAX_FIT_COMPONENTS`
-    values, for the scree plot; ``n_fitted`` is K). Above, IncrementalPCA fits about 2K
-    components and the first K are applied.
+    With a variance target (``components=None``): up to ``gram_max_samples`` rows the PCA
+    is exact, from the Gram eigenpairs (:func:`spectrum`; ``n_fitted`` is K); above, one
+    IncrementalPCA pass fits up to :data:`MAX_FIT_COMPONENTS` components and K is read off them.
     """
     silence_first_batch_warning()
     n_samples, n_features = (int(x) for x in X.shape)
     plan = plan_pca(n_samples, n_features, components, batch_size)
     mean, scale, Z = _standardize(X)
     if plan.fixed_k is None and n_samples > gram_max_samples:
-        # Above the Gram matrix's size: one IncrementalPCA pass fits up to
-        # MAX_FIT_COMPONENTS components and K is read off their exact-denominator ratios
-        # (no task holds more than a batch: the randomized spectrum's R factors would).
-        ipca = _fit_ipca(Z, plan, power_iterations, seed)
-        return finish(plan, mean, scale, np.asarray(ipca.mean_), np.asarray(ipca.components_),
-                      np.asarray(ipca.explained_variance_, dtype=np.float64),
-                      np.asarray(ipca.explained_variance_ratio_, dtype=np.float64), variance, n_samples,
-                      f"dask-ml IncrementalPCA (randomized, {power_iterations} power iterations; K from its own spectrum)")
+        return _streamed_k(Z, plan, mean, scale, variance, n_samples, power_iterations, seed)
     if plan.fixed_k is None:
         spec = spectrum(Z, power_iterations=power_iterations, seed=seed, gram_max_samples=gram_max_samples)
         k = max(1, min(choose_k(spec.ratios, variance), n_samples, n_features))
@@ -371,6 +362,18 @@ def fit_incremental_pca(
         n_samples=n_samples,
         method=f"{method}; K from the {spec.method}",
     )
+
+
+def _streamed_k(Z, plan: PCAPlan, mean, scale, variance: float, n_samples: int, power_iterations: int,
+                seed: int) -> Reduction:
+    """Above the Gram matrix's size: one IncrementalPCA pass fits up to
+    :data:`MAX_FIT_COMPONENTS` components and K is read off their exact-denominator ratios
+    (no task holds more than a batch, as the randomized spectrum's stacked R factors would)."""
+    ipca = _fit_ipca(Z, plan, power_iterations, seed)
+    return finish(plan, mean, scale, np.asarray(ipca.mean_), np.asarray(ipca.components_),
+                  np.asarray(ipca.explained_variance_, dtype=np.float64),
+                  np.asarray(ipca.explained_variance_ratio_, dtype=np.float64), variance, n_samples,
+                  f"dask-ml IncrementalPCA (randomized, {power_iterations} power iterations; K from its own spectrum)")
 
 
 def _standardize(X) -> tuple[np.ndarray, np.ndarray, Any]:

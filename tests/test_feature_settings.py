@@ -49,26 +49,40 @@ def test_split_rows_separates_good_rows_and_errors():
     assert errors.to_dict(orient="records") == [{"path": "b", "label": "L", "stage": "decode", "reason": "not an image"}]
 
 
-def test_spark_featurizes_with_the_shared_partition_function(monkeypatch):
+def test_spark_featurizes_with_the_shared_partition_function(monkeypatch, tmp_path):
+    """Spark's executor body hands its manifest partition to the very function every backend
+    uses, with the broadcast weights and the settings, and reports the rows it featurized."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    from fruitdask import checkpoint
     from fruitdask.backends.spark import backend as spark_backend
     from fruitdask.features import featurize
+    from fruitdask.lake import tasks
+    from fruitdask.lake.schema import MANIFEST_SCHEMA
 
     seen = []
 
     def fake(df, weights, settings, *, threads=None, contents=None):
-        seen.append((list(df["path"]), list(contents), settings, threads, weights))
+        seen.append((list(df["path"]), settings, threads, weights))
         return frames.assemble(df, featurize.BatchResult(np.ones((len(df), 2), np.float32), list(range(len(df)))), {})
 
     class Broadcast:
         value = "weights"
 
+    class Accumulator:
+        value = 0
+
+        def add(self, n):
+            self.value += n
+
     monkeypatch.setattr(frames, "featurize_frame", fake)
     settings = FeatureSettings("k", 32, "avg", 4)
-    batch = pa.RecordBatch.from_pydict({"path": ["a", "b"], "label": ["L", "L"], "content": [b"x", None]})
-    out = list(spark_backend.featurize_batches(iter([batch]), Broadcast(), settings, threads=3))
-    # The bytes Spark read go in as they are; a null one is read by featurize_frame itself.
-    assert seen == [(["a", "b"], [b"x", None], settings, 3, "weights")]
-    assert out[0].num_rows == 2 and out[0].schema == frames.FEATURES_SCHEMA
+    url = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table([["a", "b"], ["L", "L"], ["L/a", "L/b"], ["1:1", "1:1"], ["added", "added"]], schema=MANIFEST_SCHEMA), url)
+    acc = Accumulator()
+    out = spark_backend.featurize_index(0, url, Broadcast(), settings, checkpoint.Checkpoints(str(tmp_path / "c"), False, {}),
+                                        tasks.Sink(str(tmp_path / "t"), "r", "s", {}), None, 3, acc)
+    assert seen == [(["a", "b"], settings, 3, "weights")]
+    assert list(out["kind"]) == ["staged"] and int(out["rows"].iloc[0]) == 2 and acc.value == 2

@@ -25,12 +25,12 @@ from fruitdask.runinfo import StageTimer
 RUN_JSON_KEYS = {
     "fruitdask_version", "run_id", "backend", "input", "output", "started_at", "duration_s", "counts", "per_label",
     "errors_by_stage", "reduction", "timings_s", "images_per_second", "cluster", "precision", "weights", "warnings",
-    "extra", "versions", "config", "files",
+    "extra", "versions", "config", "files", "table",
 }
 COUNTS_KEYS = {"images_listed", "labels", "rows_written", "errors"}
 WEIGHTS_KEYS = {"requested", "kind", "source", "sha256", "file_sha256", "random", "warning"}
 FILES = {"features": "features/", "errors": "errors.parquet", "reduction": "reduction.npz", "scree": "scree.png",
-         "performance_report": "dask-report.html", "report": "report.html"}
+         "performance_report": "dask-report.html", "report": "report.html", "run": "runs/r1/"}
 
 
 def _reduction():
@@ -68,22 +68,31 @@ def test_run_record_writes_the_keys_of_run_json(tmp_path):
 
 
 def test_a_committed_run_reads_back(tmp_path):
+    from fruitdask.lake import table as delta
+    from fruitdask.lake import tasks
+
     reduction, x = _reduction()
     record = _record(tmp_path, reduction)
-    target = storage.OutputTarget.open(str(tmp_path / "out"), None, False)
-    with storage.committed(target):
-        features = pd.DataFrame({"path": [f"/in/A/{i}.jpg" for i in range(20)], "label": ["A"] * 20})
-        features["features"] = frames.list_column(x, 20, features.index)
-        out = frames.add_pca(features, reduction)
-        storage.write_parquet_part(out, target.staging_path(output.FEATURES, "part-00000.parquet"), frames.OUTPUT_SCHEMA, None)
-        target.write_bytes(output.ERRORS, output.errors_parquet(record.errors))
-        target.write_bytes(output.REDUCTION, reduction.to_npz())
-        doc = record.write(target)
-    run = output.read_run(str(tmp_path / "out"))
-    assert run.record == json.loads(json.dumps(doc))
+    out = tmp_path / "out"
+    fit_url = storage.write_file(str(out / "pca" / "0001-r1.npz"), reduction.to_npz())
+    manifest = pd.DataFrame({"path": [f"/in/A/{i}.jpg" for i in range(20)], "label": ["A"] * 20,
+                             "image_key": [f"A/{i}.jpg" for i in range(20)], "source_version": ["1:1"] * 20})
+    feats = pd.DataFrame({"features": frames.list_column(x, 20, manifest.index)})
+    sink = tasks.Sink(delta.table_url(str(out)), "r1", "s", {})
+    written = tasks.write_rows(manifest, feats, sink, tasks.Fit("0001-r1", fit_url), "n00000")
+    delta.commit(delta.open_table(str(out), {}), [{"path": written["file"], **written}], [], {"run_id": "r1"})
+    storage.write_file(str(out / output.ERRORS), output.errors_parquet(record.errors))
+    storage.write_file(str(out / output.REDUCTION), reduction.to_npz())
+    doc = record.document()
+    storage.write_file(str(out / output.RUN_JSON), json.dumps(doc, default=str).encode())
+    storage.write_file(str(out / output.SUCCESS), b"")
+    run = output.read_run(str(out))
+    assert run.record == json.loads(json.dumps(doc, default=str))
     np.testing.assert_allclose(run.reduction().components, reduction.components)
-    assert list(run.features(["path", "label"])["path"]) == list(features["path"])
-    assert run.errors().to_dict(orient="records") == record.errors.to_dict(orient="records")
+    assert sorted(run.features(["path", "label"])["path"]) == sorted(manifest["path"])
+    np.testing.assert_allclose(frames.matrix(run.features(["pca"])["pca"]), reduction.transform(x), rtol=1e-5)
+    errors = run.errors()
+    assert errors[["path", "label", "stage", "reason"]].to_dict(orient="records") == record.errors.to_dict(orient="records")
     assert len(run.feature_parts()) == 1
     settings = run.feature_settings()
     assert (settings.weights_key, settings.image_size, settings.pooling) == ("ab" * 32, 32, "avg")

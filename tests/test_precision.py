@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from conftest import BUNDLED, SMALL_SIZE
 
-from fruitdask import checkpoint
+from fruitdask import checkpoint, storage
 from fruitdask.backends.spark import backend as spark_backend
 from fruitdask.classifier.bundle import FeatureSpec
 from fruitdask.config import build_config
@@ -121,16 +121,32 @@ class _Broadcast:
         self.value = value
 
 
-def test_spark_featurize_batches_builds_the_requested_precision(weights_file):
+def test_spark_executor_body_builds_the_requested_precision(weights_file, tmp_path):
+    from fruitdask import checkpoint
+    from fruitdask.lake import tasks
+
     fp32 = model.build_vgg16(SMALL_SIZE)
     fp32.load_weights(str(weights_file))
-    photo = sorted(BUNDLED.rglob("*.jpg"))[0]
-    batch = pa.RecordBatch.from_pydict({"path": [str(photo)], "label": [photo.parent.name], "content": [photo.read_bytes()]})
+    manifest = _one_photo_manifest(tmp_path)
     before = dict(model.BUILDS)
-    out = list(spark_backend.featurize_batches(iter([batch]), _Broadcast(fp32.get_weights()),
-                                               FeatureSettings("spark-bf16", SMALL_SIZE, "avg", 4, "bfloat16"), threads=None))
-    assert out[0].num_rows == 1 and model.BUILDS["spark-bf16"] == before.get("spark-bf16", 0) + 1
+    settings = FeatureSettings("spark-bf16", SMALL_SIZE, "avg", 4, "bfloat16")
+    sink = tasks.Sink(str(tmp_path / "table"), "r", "s", {})
+    ckpt = checkpoint.Checkpoints(str(tmp_path / "ckpt"), False, {})
+    out = spark_backend.featurize_index(0, manifest, _Broadcast(fp32.get_weights()), settings, ckpt, sink, None, 1)
+    assert list(out["kind"]) == ["staged"] and model.BUILDS["spark-bf16"] == before.get("spark-bf16", 0) + 1
     assert any(k == ("spark-bf16", SMALL_SIZE, "bfloat16") for k in model._MODELS)
+
+
+def _one_photo_manifest(tmp_path) -> str:
+    import pyarrow.parquet as pq
+
+    from fruitdask.lake.schema import MANIFEST_SCHEMA
+
+    photo = sorted(BUNDLED.rglob("*.jpg"))[0]
+    url = str(tmp_path / "manifest.parquet")
+    pq.write_table(pa.table([[str(photo)], [photo.parent.name], [f"{photo.parent.name}/{photo.name}"], ["1:1"], ["added"]],
+                            schema=MANIFEST_SCHEMA), url)
+    return url
 
 
 @pytest.mark.integration
@@ -181,7 +197,8 @@ def test_bundle_keeps_the_precision_and_featurizes_with_it(tmp_path, weights_fil
     clf = LinearClassifier.from_sklearn(fit_classifier(red.transform(x), np.array(["a", "b"] * 10)))
     _, info = model.load_weights(str(weights_file))
     spec = FeatureSpec(info.sha256, SMALL_SIZE, "avg", "bfloat16")
-    ModelBundle(spec, WeightsRef("file", str(weights_file), info.sha256), 4, red, clf).save(str(tmp_path / "m"))
+    ref = WeightsRef("file", str(weights_file), info.sha256, file_sha256=info.file_sha256 or storage.file_sha256(str(weights_file)))
+    ModelBundle(spec, ref, 4, red, clf).save(str(tmp_path / "m"))
     back = ModelBundle.load(str(tmp_path / "m"))
     assert back.spec.precision == "bfloat16"
     seen = []

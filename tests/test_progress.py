@@ -12,7 +12,6 @@ import pytest
 from conftest import SMALL_SIZE
 
 from fruitdask.backends.dask.backend import track_images
-from fruitdask.features.settings import FeatureSettings
 from fruitdask.progress import ImageProgressBar, Poller, Progress, progress_bar
 
 
@@ -98,10 +97,10 @@ def test_poller_advances_by_the_counter_growth():
 def test_dask_tracking_advances_by_partition_image_counts(local_cluster):
     counts = [3, 5, 2, 7]
     parts = [pd.DataFrame({"x": range(n)}) for n in counts]
-    local_cluster(1, 2, processes=False)
-    collection = dd.from_delayed([dask.delayed(p) for p in parts], meta=parts[0].iloc[:0]).persist()
+    _, client = local_cluster(1, 2, processes=False)
+    futures = client.compute(dd.from_delayed([dask.delayed(p) for p in parts], meta=parts[0].iloc[:0]).to_delayed())
     rec = Recorder()
-    track_images(collection, counts, rec)
+    track_images(futures, counts, rec)
     assert rec.events[0] == ("start", 17) and rec.events[-1] == ("close", 0)
     steps = sorted(n for kind, n in rec.events if kind == "advance")
     assert steps == sorted(counts)
@@ -122,26 +121,3 @@ def test_cli_prints_the_dashboard_first_then_an_image_bar(tiny_images, weights_f
     assert "12/12 images" in err and "images/s" in err
 
 
-def test_spark_featurizer_counts_each_batch_into_the_accumulator(weights_file):
-    import pyarrow as pa
-    from conftest import BUNDLED
-
-    from fruitdask.backends.spark import backend as spark_backend
-    from fruitdask.features import model
-
-    class Accumulator:
-        value = 0
-
-        def add(self, n: int) -> None:
-            self.value += n
-
-    class Broadcast:
-        value = model.load_weights(str(weights_file))[0]
-
-    photos = sorted(BUNDLED.rglob("*.jpg"))[:5]
-    batches = [pa.RecordBatch.from_pydict({"path": [str(p) for p in chunk], "label": [p.parent.name for p in chunk],
-                                           "content": [p.read_bytes() for p in chunk]}) for chunk in (photos[:3], photos[3:])]
-    acc = Accumulator()
-    out = list(spark_backend.featurize_batches(iter(batches), Broadcast(), FeatureSettings("progress", SMALL_SIZE, "avg", 4),
-                                               threads=None, images=acc))
-    assert [b.num_rows for b in out] == [3, 2] and acc.value == 5

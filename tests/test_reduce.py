@@ -105,7 +105,8 @@ def test_k_from_the_spectrum_matches_sklearn_exact_pca(gram_max):
         np.testing.assert_allclose(red.components, exact.components_[: red.k], atol=1e-6)
         assert red.n_fitted == red.k and red.summary()["n_fit_components"] == red.k
     else:
-        assert "randomized estimate" in red.method and red.k < red.summary()["n_fit_components"] <= 2 * red.k + 10
+        # Above the Gram size: one IncrementalPCA pass fits many components, K read off them.
+        assert "K from its own spectrum" in red.method and red.k < red.summary()["n_fit_components"]
     # What the applied components really explain, measured on the data, against exact PCA.
     projected = red.transform(x).astype(np.float64)
     reached = projected.var(axis=0, ddof=1).sum() / z.var(axis=0, ddof=1).sum()
