@@ -73,18 +73,24 @@ def _worker_threads() -> int | None:
         return None
 
 
-def track_images(futures: list, counts: list[int], bar) -> None:
-    """Advance ``bar`` by each partition's image count as its future completes
-    (``futures[i]`` computes partition ``i`` of ``counts[i]`` images)."""
+def track_images(futures: list, counts: list[int], bar) -> list:
+    """Gather each partition's (small) result as its future completes, releasing it at once,
+    and advance ``bar`` by the partition's image count (``futures[i]`` computes partition
+    ``i`` of ``counts[i]`` images). Returns the results in partition order."""
     from distributed import as_completed
 
     index = {f.key: i for i, f in enumerate(futures)}
+    results: list = [None] * len(futures)
     bar.start(sum(counts))
     try:
         for future in as_completed(futures):
-            bar.advance(counts[index.get(future.key, 0)])
+            i = index.get(future.key, 0)
+            results[i] = future.result()
+            future.release()
+            bar.advance(counts[i])
     finally:
         bar.close()
+    return results
 
 
 #: Folder of the staging prefix for the run's own inputs (manifest, weights, reduction);
@@ -187,8 +193,7 @@ class DaskBackend:
                                           meta=tasks.receipt_meta())
         futures = self.client.compute(receipts.to_delayed())
         try:
-            track_images(futures, sizes, self.progress)
-            parts = self.client.gather(futures)
+            parts = track_images(futures, sizes, self.progress)
         finally:
             self.client.cancel(futures)
         return pd.concat(parts, ignore_index=True) if parts else tasks.receipt_meta()
@@ -205,18 +210,21 @@ class DaskBackend:
             self.client.cancel(futures)
 
     def tree_reduce(self, leaves: list[tuple]):
-        """Run each ``(fn, args)`` leaf, then merge their moments :data:`TREE_FAN_IN` at a time
-        on the workers, so that no task's input grows with the number of partitions."""
+        """Run each ``(fn, args)`` leaf and merge their moments :data:`TREE_FAN_IN` at a time,
+        as one graph: Dask's ordering runs a merge as soon as its leaves are done, so the
+        moments held at once stay a few fan-ins' worth, and no task's input grows with the
+        number of partitions."""
         if not leaves:
             return None
-        name = uuid.uuid4().hex[:8]
-        level = [self.client.submit(fn, *args, key=f"moments-{name}-{i}", pure=False) for i, (fn, args) in enumerate(leaves)]
-        depth = 0
+        level = [dask.delayed(fn, pure=False)(*args, dask_key_name=f"moments-{uuid.uuid4().hex[:8]}-{i}")
+                 for i, (fn, args) in enumerate(leaves)]
         while len(level) > 1:
-            depth += 1
-            level = [self.client.submit(merge_all, level[i : i + TREE_FAN_IN], key=f"merge-{name}-{depth}-{i}", pure=False)
-                     for i in range(0, len(level), TREE_FAN_IN)]
-        return level[0].result()
+            level = [dask.delayed(merge_all, pure=False)(level[i : i + TREE_FAN_IN]) for i in range(0, len(level), TREE_FAN_IN)]
+        future = self.client.compute(level[0])
+        try:
+            return future.result()
+        finally:
+            future.release()
 
     def fit_wide(self, staged: list[tuple[int, int]], manifest_url: str, ckpt: checkpoint.Checkpoints,
                  sink: tasks.Sink, kept_files: list[tuple[str, np.ndarray | None]], req) -> Reduction:
