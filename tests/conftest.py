@@ -28,14 +28,15 @@ SMALL_SIZE = 32  # the real VGG16 graph, at the smallest input it accepts
 def read_features(output, storage_options: dict | None = None, *, arrow: bool = True, version: int | None = None):
     """The current rows of an output's features table (Delta), sorted by path: Arrow-backed
     columns (``arrow``) or plain pandas (list columns as numpy arrays)."""
-    import pandas as pd
 
     from fruitdask.output import CommittedRun
 
-    df = CommittedRun(str(output), {}, storage_options).features(version=version)
-    if not arrow:
-        df = pd.DataFrame({c: (df[c].map(lambda v: v if v is None else __import__("numpy").asarray(v, dtype="float32"))
-                               if c in ("features", "pca") else df[c].astype(object)) for c in df.columns})
+    if arrow:
+        df = CommittedRun(str(output), {}, storage_options).features(version=version)
+    else:  # as pandas.read_parquet gives them: numpy arrays per row
+        from fruitdask.lake import table as delta
+
+        df = delta.load(str(output), storage_options, version).to_pyarrow_dataset().to_table().to_pandas()
     return df.sort_values("path").reset_index(drop=True)
 
 

@@ -253,8 +253,9 @@ def test_run_skips_bad_files_and_reconciles(tmp_path, thread_cluster, messy_inpu
     assert "Empty label" not in doc["per_label"]
 
     errors = pq.read_table(out / "errors.parquet").to_pandas()
-    assert list(errors.columns) == ["path", "label", "stage", "reason"]
-    by_name = {Path(p).name: (label, stage, reason) for p, label, stage, reason in errors.itertuples(index=False)}
+    assert list(errors.columns) == ["path", "label", "stage", "reason", "image_key", "source_version", "run_id"]
+    by_name = {Path(p).name: (label, stage, reason) for p, label, stage, reason in
+               errors[["path", "label", "stage", "reason"]].itertuples(index=False)}
     assert set(by_name) == {Path(r).name for r in INVALID_FILES}
     assert by_name["empty.jpg"][1:] == ("decode", "empty file (0 bytes)")
     assert by_name["bomb.png"][0] == "Pomme rôtie" and "bomb" in by_name["bomb.png"][2]

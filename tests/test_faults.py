@@ -41,16 +41,16 @@ def process_cluster(local_cluster):
 
 
 def _kill_a_busy_worker(client, stop: threading.Event, killed: list) -> None:
-    """Once some partitions are featurized and others are not, SIGKILL a worker that holds
-    finished ones, so its results must be recomputed elsewhere."""
+    """Once a worker is featurizing a partition (others done or waiting), SIGKILL it: that
+    partition must be featurized again elsewhere, and no image may be written twice."""
     while not stop.is_set():
-        held = {w: [k for k in keys if "featurize" in str(k)] for w, keys in client.has_what().items()}
-        done = sum(len(v) for v in held.values())
-        if done >= 2:
-            victim = max(held, key=lambda w: len(held[w]))
+        busy = {w: [k for k in keys if "featurize" in str(k)] for w, keys in client.processing().items()}
+        busy = {w: keys for w, keys in busy.items() if keys}
+        if busy:
+            victim = next(iter(busy))
             pid = client.run(os.getpid, workers=[victim])[victim]
             os.kill(pid, signal.SIGKILL)
-            killed.append((victim, pid, done))
+            killed.append((victim, pid, len(busy[victim])))
             return
         time.sleep(0.02)
 
@@ -84,7 +84,7 @@ def test_lost_worker_during_featurization(tmp_path, process_cluster, weights_fil
         stop.set()
         killer.join()
     assert killed, "no worker was killed: the run finished before the killer saw results"
-    assert doc["counts"] == {"images_listed": 24, "labels": 12, "rows_written": 24, "errors": 0}
+    assert doc["counts"] == {"images_listed": 24, "labels": 12, "rows_written": 24, "errors": 0, "listed": 24, "added": 24, "updated": 0, "removed": 0, "unchanged": 0, "featurized": 24}
     hit = _features(tmp_path / "out")
     ref = _reference_features(storage.list_images(str(images)), weights_file)
     assert hit["path"].is_unique and len(hit) == 24

@@ -249,22 +249,34 @@ def test_referenced_h5_file_is_hashed_before_libhdf5_parses_it(weights_file, mon
 
 
 def test_report_rebuild_guards_thumbnail_paths_read_from_parquet(s3, tmp_path, monkeypatch, capsys):
-    """A features/ part whose paths point at another bucket (or another protocol): the
-    rebuild refuses before reading any thumbnail."""
+    import shutil
+
     import pyarrow as pa
 
-    from fruitdask.features.frames import OUTPUT_SCHEMA
+    from fruitdask.lake.schema import TABLE_SCHEMA
+
+    """A features/ part whose paths point at another bucket (or another protocol): the
+    rebuild refuses before reading any thumbnail."""
+    import numpy as np
+
+    from fruitdask.lake import table as delta
+    from fruitdask.lake import tasks
 
     s3.bucket("fruits-us", "us-east-1")
     out = tmp_path / "out"
-    (out / "features").mkdir(parents=True)
     doc = {"counts": {"rows_written": 2, "images_listed": 2, "errors": 0, "labels": 1}, "input": str(tmp_path / "in"),
            "per_label": {"A": 2}, "weights": {}, "config": {}, "run_id": "r"}
+    out.mkdir()
     (out / "run.json").write_text(json.dumps(doc))
     for name, paths in {"other-bucket": ["s3://fruits-us/A/1.jpg", "s3://fruits-us/A/2.jpg"],
                         "http": ["https://example.com/A/1.jpg", "https://example.com/A/2.jpg"]}.items():
-        df = pd.DataFrame({"path": paths, "label": ["A", "A"], "features": [[0.0], [1.0]], "pca": [[0.0, 1.0], [1.0, 0.0]]})
-        pq.write_table(pa.Table.from_pandas(df, schema=OUTPUT_SCHEMA, preserve_index=False), out / "features" / "part-0.parquet")
+        shutil.rmtree(out / "features", ignore_errors=True)
+        table = pa.table({"image_key": ["A/1.jpg", "A/2.jpg"], "path": paths, "label": ["A", "A"], "source_version": ["1:1"] * 2,
+                          "settings": ["s"] * 2, "run_id": ["r"] * 2, "featurized_at": pa.array([0, 0], pa.timestamp("us", tz="UTC")),
+                          "features": tasks._list_array(np.zeros((2, 1), np.float32)),
+                          "pca": tasks._list_array(np.eye(2, dtype=np.float32)), "pca_fit": ["f"] * 2}, schema=TABLE_SCHEMA)
+        written = tasks.write_file(table, tasks.Sink(delta.table_url(str(out)), "r", "s", {}), "part-0.parquet")
+        delta.commit(delta.open_table(str(out), {}), [{"path": written["file"], **written}], [], {"run_id": "r"})
         read = []
         real_read = storage.read_bytes
 

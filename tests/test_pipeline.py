@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pytest
 from conftest import SMALL_SIZE, read_features
 from PIL import Image
 
 from fruitdask import cli
 from fruitdask.features import featurize, model
+from fruitdask.lake import table as delta
 from fruitdask.reduce import Reduction
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -79,13 +79,14 @@ def test_output_has_one_row_per_image_with_the_folder_label(run_output, bundled_
 
 def test_features_are_numbers_for_pandas_and_pyarrow(run_output):
     out, _ = run_output
-    schema = ds.dataset(out / "features").schema
+    dataset = delta.load(str(out), {}).to_pyarrow_dataset()
+    schema = dataset.schema
     assert schema.field("features").type == pa.list_(pa.float32())
     assert schema.field("pca").type == pa.list_(pa.float32())
     df = read_features(out, arrow=False)
     first = df["features"].iloc[0]
     assert isinstance(first, np.ndarray) and first.dtype == np.float32 and first.shape == (512,)
-    table = ds.dataset(out / "features").to_table()
+    table = dataset.to_table()
     flat = table.column("features").combine_chunks().flatten().to_numpy()
     assert flat.dtype == np.float32 and len(flat) == 120 * 512
 
@@ -131,7 +132,7 @@ def test_pca_matches_sklearn_exact_pca(run_output):
 def test_run_json_records_the_run(run_output, weights_file):
     out, _ = run_output
     run = json.loads((out / "run.json").read_text())
-    assert run["counts"] == {"images_listed": 120, "labels": 12, "rows_written": 120, "errors": 0}
+    assert run["counts"] == {"images_listed": 120, "labels": 12, "rows_written": 120, "errors": 0, "listed": 120, "added": 120, "updated": 0, "removed": 0, "unchanged": 0, "featurized": 120}
     assert run["per_label"]["Cherry 1"] == 10
     assert run["weights"]["kind"] == "file" and run["weights"]["random"] is False
     assert set(run["timings_s"]) >= {"listing", "weights", "startup", "broadcast", "featurize", "pca", "write"}

@@ -11,10 +11,10 @@ import pytest
 from conftest import BUNDLED, SMALL_SIZE, copy_images, read_features
 
 from fruitdask import checkpoint, pipeline
-from fruitdask.backends.dask import backend as dask_backend
 from fruitdask.config import build_config
 from fruitdask.features import featurize, frames
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.lake import update
 
 
 class CrashDuringPCA(RuntimeError):
@@ -52,7 +52,7 @@ def test_resume_after_a_crash_during_pca_reuses_checkpoints(tmp_path, cluster_cl
         raise CrashDuringPCA("killed during PCA")
 
     with monkeypatch.context() as m:
-        m.setattr(dask_backend, "fit_incremental_pca", crash)
+        m.setattr(update, "fit", crash)
         before = model_images(client)
         with pytest.raises(CrashDuringPCA):
             pipeline.run(build_config(flags, {}))
@@ -66,7 +66,8 @@ def test_resume_after_a_crash_during_pca_reuses_checkpoints(tmp_path, cluster_cl
     before = model_images(client)
     doc = pipeline.run(build_config({**flags, "resume": True}, {}))
     assert model_images(client) - before == 0, "VGG16 ran again although every partition was checkpointed"
-    assert doc["counts"] == {"images_listed": 13, "labels": 3, "rows_written": 12, "errors": 1}
+    assert doc["counts"] == {"images_listed": 13, "labels": 3, "rows_written": 12, "errors": 1, "listed": 13, "added": 12,
+                             "updated": 0, "removed": 0, "unchanged": 0, "featurized": 13}
     assert doc["extra"]["checkpoint"]["resume"] is True
     assert not Path(checkpoint.checkpoint_root(str(out))).exists(), "checkpoints outlived the committed run"
 
