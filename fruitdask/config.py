@@ -129,7 +129,6 @@ class RunConfig:
     quiet: bool = False
     debug: bool = False
     spark_master: str = "local[*]"
-    spark_allow_large_pca: bool = False
     storage: StorageSettings = field(default_factory=StorageSettings)
     kube: KubeSettings = field(default_factory=KubeSettings)
 

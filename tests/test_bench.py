@@ -44,7 +44,7 @@ def test_unpooled_pca_children_time_dask_and_refuse_large_spark(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "unpooled.npy", rng.normal(size=(6, 7 * 7 * 512)).astype(np.float32))
     spark = children.child_pca(cfg, tmp_path, "spark")  # refused before any JVM starts
-    assert spark["status"] == "refused" and "--spark-allow-large-pca" in spark["reason"] and spark["d"] == 25088
+    assert spark["status"] == "refused" and "--backend dask" in spark["reason"] and spark["d"] == 25088
     np.save(tmp_path / "unpooled.npy", rng.normal(size=(6, 64)).astype(np.float32))
     dask = children.child_pca(cfg, tmp_path, "dask")
     assert dask["status"] == "ok" and dask["d"] == 64 and dask["fit_s"] > 0

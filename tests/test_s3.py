@@ -12,8 +12,8 @@ import json
 import socket
 from contextlib import closing
 
-import pandas as pd
 import pytest
+from conftest import read_features
 from s3_server import isolate_aws_env
 
 from fruitdask import cli
@@ -78,7 +78,7 @@ ERROR_CASES = {
     "no credentials": ([], "no AWS credentials found"),
     "unknown profile": (["--aws-profile", "no-such-profile"], "no-such-profile"),
     "access denied": ([], f"access denied to 's3://{IN}'"),
-    "output exists": ([], "already exists: pass --overwrite"),
+    "output from before the table": ([], "from before the features table"),
     "output is a bucket root": (["--output", f"s3://{OUT}"], "bucket root"),
     "endpoint unreachable": ([], "cannot reach http://127.0.0.1:"),
 }
@@ -95,7 +95,7 @@ def test_each_error_is_one_line_and_a_failed_exit(eu, capsys, monkeypatch, case)
         key, secret = eu.iam_user("output-only", [{"Effect": "Allow", "Action": "s3:*", "Resource": f"arn:aws:s3:::{OUT}*"}])
         isolate_aws_env(monkeypatch, key, secret)
         eu.enforce_iam()
-    elif case == "output exists":
+    elif case == "output from before the table":
         eu.fs.pipe_file(f"{TARGET.removeprefix('s3://')}/_SUCCESS", b"")
     before = eu.objects() if case != "access denied" else None
     with closing(socket.socket()) as closed_port:
@@ -137,11 +137,10 @@ def test_failed_write_leaves_nothing_then_full_run_eu_west_1_to_eu_west_3(eu, we
        logged. Credentials live only in an AWS profile file and IAM checks are on, so the
        workers could read nothing had the storage options not reached them.
     """
-    import pyarrow.dataset as ds
-    import s3fs
+    from fruitdask.lake import table as delta
 
     eu.upload(weights_file, f"s3://{IN}/models/vgg16_notop.weights.h5")
-    deny_part_1 = {"Effect": "Deny", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{OUT}/*part-00001.parquet"}
+    deny_part_1 = {"Effect": "Deny", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{OUT}/*part-*-p00001.parquet"}
     key, secret = eu.iam_user("pipeline", [ALLOW_ALL_S3, deny_part_1])
     settings = _profile_credentials(tmp_path, monkeypatch, key, secret)
     args = run_args(eu, "--cluster", "local", "--workers", "2", "--threads-per-worker", "1", "--partition-size", "3",
@@ -150,9 +149,9 @@ def test_failed_write_leaves_nothing_then_full_run_eu_west_1_to_eu_west_3(eu, we
     eu.enforce_iam()  # from here on, every request must be signed with the pipeline's key
     code = cli.main([*args, "--quiet"])
     line = one_error_line(capsys)
-    assert code == 1 and "access denied" in line and "part-00001.parquet" in line
+    assert code == 1 and "access denied" in line and "-p00001.parquet" in line
     eu.enforce_iam(False)
-    assert [o for o in eu.objects() if o.startswith(f"{OUT}/features/run-1/")] == []  # no _SUCCESS, no part
+    assert [o for o in eu.objects() if o.startswith(f"{OUT}/features/run-1/")] == []  # no version, no file, no _SUCCESS
     assert not any(".fruitdask-tmp-" in o for o in eu.objects())  # staging removed
     # (featurized partitions stay in .run-1.fruitdask-checkpoint/ for --resume, by design)
 
@@ -164,11 +163,10 @@ def test_failed_write_leaves_nothing_then_full_run_eu_west_1_to_eu_west_3(eu, we
     assert code == 0, captured.err
 
     options = StorageSettings(endpoint_url=eu.endpoint, profile=settings.profile).storage_options()
-    features = f"{TARGET}/features"
-    df = pd.read_parquet(features, storage_options=options)
+    df = read_features(TARGET, options, arrow=False)
     assert len(df) == N_IMAGES and df["path"].str.startswith(f"s3://{IN}/Training/").all()
     assert {len(v) for v in df["features"]} == {512}
-    table = ds.dataset(features.removeprefix("s3://"), filesystem=s3fs.S3FileSystem(**options), format="parquet").to_table()
+    table = delta.load(TARGET, options).to_pyarrow_dataset().to_table()  # the table, as deltalake reads it from S3
     assert table.num_rows == N_IMAGES and table.schema.field("pca").type.value_type.bit_width == 32
 
     eu.enforce_iam(False)
@@ -176,7 +174,8 @@ def test_failed_write_leaves_nothing_then_full_run_eu_west_1_to_eu_west_3(eu, we
     assert f"{OUT}/features/run-1/_SUCCESS" in out
     assert all(o.startswith(f"{OUT}/features/run-1/") for o in out), "staging or checkpoints left beside the output"
     doc = json.loads(eu.read(f"{OUT}/features/run-1/run.json"))
-    assert doc["counts"] == {"images_listed": N_IMAGES, "labels": 3, "rows_written": N_IMAGES, "errors": 0}
+    assert doc["counts"] == {"images_listed": N_IMAGES, "labels": 3, "rows_written": N_IMAGES, "errors": 0, "listed": N_IMAGES,
+                             "added": N_IMAGES, "updated": 0, "removed": 0, "unchanged": 0, "featurized": N_IMAGES}
     assert doc["cluster"]["n_workers"] == 2
     assert doc["weights"]["kind"] == "file" and doc["weights"]["source"].startswith(f"s3://{IN}/")
 

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import pyarrow.parquet as pq
 import pytest
-from conftest import BUNDLED, SMALL_SIZE, copy_images
+from conftest import BUNDLED, SMALL_SIZE, copy_images, read_features
 
-from fruitdask.backends.spark import backend as spark_backend
 from fruitdask.backends.spark.session import spark_conf
 from fruitdask.cli import main
 from fruitdask.config import RunConfig
 from fruitdask.errors import ReductionError
+from fruitdask.lake import table as delta
 
 
 def _java_children() -> list[psutil.Process]:
@@ -34,24 +33,13 @@ def no_jvm_left():
     assert not _java_children(), "a JVM was left running"
 
 
-def test_large_pca_is_refused_before_spark_starts():
-    cfg = RunConfig(input="x", output="y", backend="spark", pooling="none", image_size=224)
-    with pytest.raises(ReductionError) as e:
-        spark_backend.check_pca_size(cfg)
-    msg = str(e.value)
-    assert "25,088 x 25,088" in msg and "5.0 GB" in msg and "--spark-allow-large-pca" in msg
-    # The explicit opt-in goes ahead and asks for a driver big enough for it.
-    allowed = RunConfig(input="x", output="y", pooling="none", image_size=224, spark_allow_large_pca=True)
-    assert spark_backend.check_pca_size(allowed) == "39g"  # room for 8 copies of the 5.0 GB covariance
-    # 4,608 features (100 px, unpooled) killed a default 1 GiB driver in the bench: sized up, no opt-in.
-    assert spark_backend.check_pca_size(RunConfig(input="x", output="y", pooling="none", image_size=100)) == "3g"
-    assert spark_backend.check_pca_size(RunConfig(input="x", output="y")) is None  # 512 features
+def test_features_too_wide_for_the_moments_are_refused_before_spark_starts():
+    from fruitdask.lake.update import check_wide
 
-
-def test_pca_beyond_spark_column_limit_is_refused_even_with_opt_in():
-    cfg = RunConfig(input="x", output="y", pooling="none", image_size=384, spark_allow_large_pca=True)
-    with pytest.raises(ReductionError, match="73,728 features"):
-        spark_backend.check_pca_size(cfg)
+    with pytest.raises(ReductionError, match=r"25,088 features .* --backend dask"):
+        check_wide(RunConfig(input="x", output="y", backend="spark", pooling="none", image_size=224).feature_dim, "spark")
+    check_wide(RunConfig(input="x", output="y", pooling="none", image_size=64).feature_dim, "spark")  # 2 x 2 x 512: summed
+    check_wide(25088, "dask")  # the Dask backend streams them
 
 
 def test_spark_conf_ties_arrow_batches_to_batch_size():
@@ -67,7 +55,7 @@ def test_cli_refuses_unpooled_spark_pca_with_the_flag_to_pass(tiny_images, tmp_p
                  "--weights", "random", "--pooling", "none", "--image-size", "224", "--quiet"])
     assert code == ReductionError.exit_code
     err = capsys.readouterr().err
-    assert "--spark-allow-large-pca" in err and "Traceback" not in err
+    assert "--backend dask" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -85,7 +73,7 @@ def _images(tmp_path: Path) -> Path:
 
 def _read(out: Path) -> tuple[dict, dict[str, np.ndarray], dict[str, str], np.ndarray]:
     doc = json.loads((out / "run.json").read_text())
-    table = pq.read_table(out / "features").to_pydict()
+    table = read_features(out, arrow=False).to_dict(orient="list")
     feats = {p: np.asarray(f, dtype=np.float32) for p, f in zip(table["path"], table["features"], strict=True)}
     labels = dict(zip(table["path"], table["label"], strict=True))
     ratios = np.load(out / "reduction.npz")["explained_variance_ratio"]
@@ -112,13 +100,22 @@ def test_spark_matches_dask_end_to_end(tmp_path, weights_file, no_jvm_left):
     assert s_doc["reduction"]["k"] == d_doc["reduction"]["k"]
     # Same files and run.json fields; the broken file is an error row in both.
     assert set(s_doc) == set(d_doc)
-    assert s_doc["counts"] == d_doc["counts"] == {"images_listed": 15, "labels": 3, "rows_written": 14, "errors": 1}
+    assert s_doc["counts"] == d_doc["counts"] == {"images_listed": 15, "labels": 3, "rows_written": 14, "errors": 1,
+                                                  "listed": 15, "added": 14, "updated": 0, "removed": 0, "unchanged": 0,
+                                                  "featurized": 15}
     assert s_doc["errors_by_stage"] == {"decode": 1}
-    assert s_doc["reduction"]["method"].startswith("pyspark.ml")
-    assert s_doc["extra"]["hidden_from_spark"] == 1 and len(s_doc["extra"]["featurize_task_ends_s"]) >= 1
+    assert s_doc["reduction"]["method"] == d_doc["reduction"]["method"]  # the same exact moments, summed by each engine
+    assert s_doc["cluster"]["backend"] == "spark" and s_doc["extra"]["partitions"] == 3
     for name in ("_SUCCESS", "scree.png", "errors.parquet", "reduction.npz"):
         assert (tmp_path / "spark" / name).exists(), name
-    assert pq.read_schema(next((tmp_path / "spark" / "features").glob("*.parquet"))).names == ["path", "label", "features", "pca"]
+    # The same Delta table: one version, the same columns.
+    assert delta.load(str(tmp_path / "spark"), {}).version() == 0
+    assert delta.load(str(tmp_path / "spark"), {}).schema().to_arrow() == delta.load(str(tmp_path / "dask"), {}).schema().to_arrow()
+    # A day later, Spark brings the table up to date as Dask does: only the new image.
+    shutil.copy2(images / "Apricot" / "UPPER_CASE.JPG", images / "Apricot" / "new.jpg")
+    assert main(["run", "--backend", "spark", "--output", str(tmp_path / "spark"), "--spark-master", "local[1]", *common]) == 0
+    doc = json.loads((tmp_path / "spark" / "run.json").read_text())
+    assert (doc["counts"]["added"], doc["counts"]["featurized"], doc["table"]["version_after"]) == (1, 1, 1)
 
 
 @pytest.mark.integration
@@ -134,7 +131,6 @@ def test_spark_reads_s3_through_fruitdask_storage_in_the_executors(s3, tiny_imag
     assert code == 0
     doc = json.loads(s3.read("fruits-spark-out/run-spark/run.json"))
     assert doc["backend"] == "spark" and doc["counts"]["rows_written"] == 12 and doc["counts"]["errors"] == 0
-    assert doc["extra"]["listing"].startswith("storage.list_images")
     assert "fruits-spark-out/run-spark/_SUCCESS" in s3.objects()
-    assert all(p.startswith("s3://fruits-spark-in/") for p in pq.read_table(
-        s3.fs.open("fruits-spark-out/run-spark/features/part-00000.parquet", "rb")).column("path").to_pylist())
+    rows = read_features(out, s3.storage_options)
+    assert len(rows) == 12 and all(p.startswith("s3://fruits-spark-in/") for p in rows["path"])

@@ -150,7 +150,7 @@ def child_pipeline(cfg: RunConfig, work: Path, backend: str) -> dict:
 
 def child_pca(cfg: RunConfig, work: Path, engine: str) -> dict:
     """Time the standardize + PCA fit alone on the raw run's unpooled features."""
-    from fruitdask.reduce import fit_incremental_pca, plan_pca
+    from fruitdask.reduce import fit_incremental_pca
 
     X = np.load(work / "unpooled.npy")
     n, d = X.shape
@@ -162,21 +162,22 @@ def child_pca(cfg: RunConfig, work: Path, engine: str) -> dict:
         red = fit_incremental_pca(da.from_array(X, chunks=(min(n, 256), d)), components=cfg.components, variance=cfg.variance,
                                   batch_size=cfg.pca_batch_size, power_iterations=cfg.pca_power_iterations, seed=cfg.seed)
         return {"status": "ok", "d": d, "n": n, "fit_s": round(time.perf_counter() - t, 3), "k": red.k, "method": red.method}
-    from fruitdask.backends.spark.backend import check_pca_size, spark_pca
     from fruitdask.backends.spark.session import spark_session
     from fruitdask.errors import ReductionError
+    from fruitdask.lake.update import check_wide
+    from fruitdask.pca_moments import Moments, fit, merge_all
 
     try:
-        driver_memory = check_pca_size(unpooled)
+        check_wide(d, "spark")
     except ReductionError as e:
         return {"status": "refused", "d": d, "n": n, "reason": str(e)}
-    with spark_session(unpooled, driver_memory=driver_memory) as spark:
-        from pyspark.ml.linalg import Vectors
-
-        df = spark.createDataFrame([(Vectors.dense(row.astype(np.float64)),) for row in X], ["x"]).cache()
-        df.count()
+    with spark_session(unpooled) as spark:
+        sc = spark.sparkContext
+        chunks = sc.parallelize([X[i : i + 256] for i in range(0, n, 256)]).cache()
+        chunks.count()
         t = time.perf_counter()
-        red = spark_pca(df, plan_pca(n, d, cfg.components, cfg.pca_batch_size), n, cfg.variance)
+        moments = chunks.map(Moments.of).treeReduce(lambda a, b: merge_all([a, b]))
+        red = fit(moments, components=cfg.components, variance=cfg.variance)
         return {"status": "ok", "d": d, "n": n, "fit_s": round(time.perf_counter() - t, 3), "k": red.k, "method": red.method}
 
 

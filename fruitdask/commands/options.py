@@ -123,8 +123,6 @@ def _add_execution_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refit", action="store_true", default=None,
                    help="fit the PCA again on every row and re-project them (automatic when the table doubled since the last fit)")
     g.add_argument("--spark-master", help=f"Spark master URL for --backend spark (default: {_D.spark_master})")
-    g.add_argument("--spark-allow-large-pca", action="store_true", default=None,
-                   help="let Spark's PCA gather a d x d covariance on the driver even when it is large")
 
 
 def _add_kube_options(p: argparse.ArgumentParser) -> None:

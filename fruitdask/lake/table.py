@@ -43,8 +43,10 @@ def table_url(output_url: str) -> str:
 def delta_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, str] | None:
     """deltalake's (object_store) options for ``url`` from fruitdask's fsspec options.
 
-    Credentials are not passed: delta-rs reads the same AWS chain (environment, profile,
-    web identity) as s3fs does in every process.
+    The credentials are resolved here by botocore's chain, the one s3fs uses in every
+    process (environment keys, ``--aws-profile``, IRSA web identity), and handed to delta-rs
+    in memory only: object_store does not read AWS profiles itself. The region is the
+    bucket's own (looked up once, as the region guard does), unless ``--aws-region`` says.
     """
     if not storage.is_remote(url):
         return None
@@ -55,11 +57,36 @@ def delta_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[s
         out["AWS_ENDPOINT_URL"] = str(client["endpoint_url"])
         if str(client["endpoint_url"]).startswith("http://"):
             out["AWS_ALLOW_HTTP"] = "true"
-    if client.get("region_name"):
-        out["AWS_REGION"] = str(client["region_name"])
-    if opts.get("profile"):
-        out["AWS_PROFILE"] = str(opts["profile"])
+    out.update(_credentials(opts.get("profile")))
+    region = client.get("region_name") or _bucket_region(url, opts)
+    if region:
+        out["AWS_REGION"] = str(region)
     return out
+
+
+def _credentials(profile: str | None) -> dict[str, str]:
+    import botocore.session
+
+    creds = botocore.session.Session(profile=profile).get_credentials()
+    if creds is None:
+        return {}
+    frozen = creds.get_frozen_credentials()
+    out = {"AWS_ACCESS_KEY_ID": frozen.access_key, "AWS_SECRET_ACCESS_KEY": frozen.secret_key}
+    if frozen.token:
+        out["AWS_SESSION_TOKEN"] = frozen.token
+    return out
+
+
+_REGIONS: dict[str, str] = {}
+
+
+def _bucket_region(url: str, storage_options: Mapping[str, Any]) -> str | None:
+    from fruitdask.storage.regions import bucket_region, split_bucket
+
+    bucket = split_bucket(url)[0]
+    if bucket not in _REGIONS:
+        _REGIONS[bucket] = bucket_region(bucket, storage_options)
+    return _REGIONS[bucket]
 
 
 def _uri(url: str) -> str:

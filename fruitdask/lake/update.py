@@ -95,8 +95,38 @@ def needs_fit(plan: Plan, state: delta.TableState, req: Request) -> bool:
 
 
 def apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, settings, timer: StageTimer) -> Outcome:
-    """Featurize, (re)fit, rewrite and commit; return what happened."""
+    """Featurize, (re)fit, rewrite and commit; return what happened. A run that fails
+    before its commit removes the files it wrote (none of them is in any version)."""
     sink = tasks.Sink(delta.table_url(req.output), req.run_id, req.settings_fp, dict(state.storage_options))
+    try:
+        return _apply(backend, plan, state, req, settings, timer, sink)
+    except BaseException:
+        remove_run_files(req.output, sink)
+        raise
+
+
+def remove_run_files(output: str, sink: tasks.Sink) -> None:
+    """Best effort: the data files and the PCA fit of a run that did not commit (checked
+    first: a commit whose answer was lost may have landed, and then its files stay)."""
+    try:
+        if delta.open_table(output, sink.storage_options).meta.get("run_id") == sink.run_id:
+            return
+    except Exception as e:  # noqa: BLE001 - unsure whether it committed: keep the files (a vacuum removes orphans)
+        logger.warning("could not tell whether this run committed (%s): its files are left for a vacuum", e)
+        return
+    for folder, prefix in ((sink.table_url, f"part-{sink.run_id}-"), (storage.join(output, FIT_DIR), "")):
+        try:
+            names = [f for f in storage.list_files(folder, sink.storage_options, ".parquet" if prefix else ".npz")
+                     if f.rsplit("/", 1)[-1].startswith(prefix) and (prefix or sink.run_id in f.rsplit("/", 1)[-1])]
+        except Exception as e:  # noqa: BLE001 - cleanup after a failure must not hide the failure
+            logger.warning("could not list %s to remove this run's files: %s", folder, e)
+            continue
+        for name in names:
+            storage.remove_prefix(name, sink.storage_options)
+
+
+def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, settings, timer: StageTimer,
+           sink: tasks.Sink) -> Outcome:
     ckpt = checkpoint.for_run(req.output, settings, req.resume)
     refit = needs_fit(plan, state, req)
     current = None if refit else tasks.Fit(state.meta["pca_fit"], fit_url(req.output, state.meta["pca_fit"]), sink.storage_options)

@@ -507,6 +507,7 @@ def list_files(url: str, storage_options: Mapping[str, Any] | None = None, suffi
     (``[]`` when the folder does not exist)."""
     fs, p = get_fs(url, storage_options)
     try:
+        _forget_listings(fs, p)  # other processes (workers) may have written there
         if not fs.isdir(p):
             return []
         names = sorted(f for f in fs.ls(p, detail=False) if f.endswith(suffix) and not posixpath.basename(f).startswith("."))

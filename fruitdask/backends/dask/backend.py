@@ -195,7 +195,7 @@ class DaskBackend:
         try:
             parts = track_images(futures, sizes, self.progress)
         finally:
-            self.client.cancel(futures)
+            _settle(self.client, futures)
         return pd.concat(parts, ignore_index=True) if parts else tasks.receipt_meta()
 
     def map_tasks(self, fn, args_list: list[tuple]) -> list:
@@ -207,7 +207,7 @@ class DaskBackend:
         try:
             return self.client.gather(futures)
         finally:
-            self.client.cancel(futures)
+            _settle(self.client, futures)
 
     def tree_reduce(self, leaves: list[tuple]):
         """Run each ``(fn, args)`` leaf and merge their moments :data:`TREE_FAN_IN` at a time,
@@ -242,6 +242,24 @@ class DaskBackend:
         X = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, d), dtype=np.float32)
         return fit_incremental_pca(X, components=req.components, variance=req.variance, batch_size=req.pca_batch_size,
                                    power_iterations=req.power_iterations, seed=req.seed)
+
+
+#: Seconds a failed step waits for its tasks still running (their writes land before the
+#: run removes its files).
+SETTLE_S = 60
+
+
+def _settle(client, futures: list) -> None:
+    """Cancel what has not started, wait (bounded) for what is running: when a step ends,
+    by success or failure, none of its tasks is still writing a file."""
+    from distributed import wait
+
+    client.cancel([f for f in futures if f.status == "pending"])
+    try:
+        wait(futures, timeout=SETTLE_S)
+    except Exception as e:  # noqa: BLE001 - a worker gone or a timeout: the cleanup is best effort
+        logger.debug("tasks still running after the step ended: %s", e)
+    client.cancel(futures)
 
 
 def weights_source(cfg: RunConfig, target: storage.OutputTarget, weights: list[np.ndarray], info: WeightsInfo,
