@@ -25,13 +25,23 @@ _project = tasks.project_part
 GATE_ENV = "FRUITDASK_TEST_GATE"
 
 
+#: Partitions this process featurized (read by the tests with ``client.run(featurized)``).
+FEATURIZED = [0]
+
+
+def featurized() -> int:
+    return FEATURIZED[0]
+
+
 def slow_featurize(*args, **kwargs):
     gate = os.environ.get(GATE_ENV)
     deadline = time.monotonic() + 300
     while gate and os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(DELAY)
-    return _featurize(*args, **kwargs)
+    out = _featurize(*args, **kwargs)
+    FEATURIZED[0] += 1
+    return out
 
 
 def slow_moments(*args, **kwargs):

@@ -221,7 +221,7 @@ def test_workers_never_hold_all_features(tmp_path, cluster, weights_file):
 
     def held(dask_worker):
         return sum(ts.nbytes for ts in dask_worker.state.tasks.values()
-                   if ts.state == "memory" and not str(ts.key).startswith(("moments-", "('merge_all", "merge_all")))
+                   if ts.state == "memory" and not any(n in str(ts.key) for n in ("moments_part", "moments_file", "merge_all")))
 
     def sample():
         while not stop.is_set():

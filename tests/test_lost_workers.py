@@ -143,7 +143,9 @@ def _flags(images: Path, out: Path, address: str, weights_file: Path, **more) ->
 
 def _check_output(out: Path, reference: pd.DataFrame) -> None:
     """Every image exactly once, in one file per partition, with the reference's features."""
-    parts = sorted((out / "features").glob("part-*.parquet"))
+    from fruitdask.lake import table as delta
+
+    parts = [u.removeprefix("file://") for u in delta.load(str(out), {}).file_uris()]
     df = read_features(out)
     df = df.sort_values("path").reset_index(drop=True)
     assert len(df) == N_IMAGES and df["path"].is_unique
@@ -152,7 +154,9 @@ def _check_output(out: Path, reference: pd.DataFrame) -> None:
     np.testing.assert_allclose(frames.matrix(df["features"]), frames.matrix(reference["features"]), rtol=1e-5, atol=1e-5)
     assert not list(out.rglob("_fruitdask*")), "the run's internal files reached the output"
     run = json.loads((out / "run.json").read_text())
-    assert run["counts"] == {"images_listed": N_IMAGES, "labels": 8, "rows_written": N_IMAGES, "errors": 0}
+    assert run["counts"] == {"images_listed": N_IMAGES, "labels": 8, "rows_written": N_IMAGES, "errors": 0, "listed": N_IMAGES,
+                             "added": N_IMAGES, "updated": 0, "removed": 0, "unchanged": 0, "featurized": N_IMAGES}
+    assert delta.load(str(out), {}).version() == 0, "one run, one version"
 
 
 Picker = Callable[[dict, dict], "str | None"]
@@ -208,16 +212,15 @@ def test_worker_killed_during_featurization(tmp_path, cluster, images, weights_f
     client.wait_for_workers(2, timeout=120)
     monkeypatch.setattr(dask_backend, "featurize_on_worker", slow_tasks.slow_featurize)
 
+    seen: set = set()
+
     def pick(processing, has_what):
-        # Most partitions featurized (held in memory), others still running: kill the
-        # worker holding the most finished ones, so they must be computed again. (Late
-        # enough for the AMM to have trimmed the replicas of anything scattered: the
-        # scatter-based code of issue 16 failed here.)
-        done = {w: _keys(keys, "slow_featurize") for w, keys in has_what.items()}
-        running = any(_keys(keys, "slow_featurize") for keys in processing.values())
-        if running and sum(map(len, done.values())) >= N_IMAGES - 4:
-            return max(done, key=lambda w: len(done[w]))
-        return None
+        # Most partitions featurized (their files written), others still running: kill a
+        # worker in the middle of one, so it must be featurized again, and written once.
+        running = {w: _keys(keys, "slow_featurize") for w, keys in processing.items()}
+        seen.update(k for keys in running.values() for k in keys)
+        busy = [w for w, keys in running.items() if keys]
+        return busy[0] if busy and len(seen) >= N_IMAGES // 2 else None
 
     stop, killed = threading.Event(), []
     thread = _killer(client, pick, killed, stop)
@@ -272,13 +275,13 @@ def test_worker_joining_after_the_weights_loads_them(tmp_path, images, weights_f
 
             runner = threading.Thread(target=run, daemon=True)
             runner.start()
-            _wait(lambda: sum(len(_keys(k, "slow_featurize")) for k in client.has_what().values()) >= 2, runner, pc)
+            _wait(lambda: sum(client.run(slow_tasks.featurized).values()) >= 2, runner, pc)
             gate.touch()  # hold the first worker back from here on
             (first,) = client.scheduler_info()["workers"]
             pc.add_worker("late")
             _wait(lambda: len(client.scheduler_info()["workers"]) == 2, runner, pc)
             late = next(w for w in client.scheduler_info()["workers"] if w != first)
-            _wait(lambda: len(_keys(client.has_what().get(late, ()), "slow_featurize")) >= 2, runner, pc)
+            _wait(lambda: client.run(slow_tasks.featurized, workers=[late]).get(late, 0) >= 2, runner, pc)
             gate.unlink()
             runner.join(timeout=300)
             assert "error" not in result, result

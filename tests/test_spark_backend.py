@@ -113,9 +113,10 @@ def test_spark_matches_dask_end_to_end(tmp_path, weights_file, no_jvm_left):
     assert delta.load(str(tmp_path / "spark"), {}).schema().to_arrow() == delta.load(str(tmp_path / "dask"), {}).schema().to_arrow()
     # A day later, Spark brings the table up to date as Dask does: only the new image.
     shutil.copy2(images / "Apricot" / "UPPER_CASE.JPG", images / "Apricot" / "new.jpg")
-    assert main(["run", "--backend", "spark", "--output", str(tmp_path / "spark"), "--spark-master", "local[1]", *common]) == 0
+    assert main(["run", "--backend", "spark", "--output", str(tmp_path / "spark"), "--spark-master", "local[1]", *common]) == 4
     doc = json.loads((tmp_path / "spark" / "run.json").read_text())
-    assert (doc["counts"]["added"], doc["counts"]["featurized"], doc["table"]["version_after"]) == (1, 1, 1)
+    # The broken file, unchanged, is reported again (exit 4), not retried.
+    assert (doc["counts"]["added"], doc["counts"]["featurized"], doc["counts"]["errors"], doc["table"]["version_after"]) == (1, 1, 1, 1)
 
 
 @pytest.mark.integration

@@ -78,14 +78,15 @@ class Sink:
 
 
 def read_manifest_part(index: int, url: str, storage_options: Mapping[str, Any] | None) -> pd.DataFrame:
-    """Row group ``index`` of the manifest (``path, label, image_key, source_version, change``)."""
+    """Row group ``index`` of the manifest (``path, label, image_key, source_version, change``,
+    and ``part``: the partition's number, which names the files its task writes)."""
     fs, path = storage.get_fs(url, storage_options)
     try:
         with fs.open(path, "rb") as f:
             table = pq.ParquetFile(f).read_row_group(index)
     except OSError as e:
         raise storage.translate(e, url) from e
-    return table.cast(MANIFEST_SCHEMA).to_pandas()
+    return table.cast(MANIFEST_SCHEMA).to_pandas().assign(part=index)
 
 
 def featurize_part(df: pd.DataFrame, source: Any, settings: FeatureSettings, ckpt: checkpoint.Checkpoints,

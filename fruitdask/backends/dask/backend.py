@@ -56,11 +56,11 @@ logger = logging.getLogger(__name__)
 
 def featurize_on_worker(
     df: pd.DataFrame, source: WeightsSource | list[np.ndarray], settings: FeatureSettings,
-    ckpt: checkpoint.Checkpoints, sink: tasks.Sink, fit: tasks.Fit | None, partition_info: dict | None = None,
+    ckpt: checkpoint.Checkpoints, sink: tasks.Sink, fit: tasks.Fit | None,
 ) -> pd.DataFrame:
     """Task body: featurize one manifest partition with this worker's threads and write it
     (:func:`fruitdask.lake.tasks.featurize_part`); returns the partition's receipt."""
-    index = int(partition_info["number"]) if partition_info else 0
+    index = int(df["part"].iloc[0]) if len(df) else 0
     return tasks.featurize_part(df, source, settings, ckpt, sink, fit, index, threads=_worker_threads())
 
 
@@ -216,7 +216,8 @@ class DaskBackend:
         number of partitions."""
         if not leaves:
             return None
-        level = [dask.delayed(fn, pure=False)(*args, dask_key_name=f"moments-{uuid.uuid4().hex[:8]}-{i}")
+        name = uuid.uuid4().hex[:8]
+        level = [dask.delayed(fn, pure=False)(*args, dask_key_name=f"{fn.__name__}-{name}-{i}")
                  for i, (fn, args) in enumerate(leaves)]
         while len(level) > 1:
             level = [dask.delayed(merge_all, pure=False)(level[i : i + TREE_FAN_IN]) for i in range(0, len(level), TREE_FAN_IN)]
