@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fruitdask.features.featurize import DecodeError
+from fruitdask.serve import answer, page
 from fruitdask.serve.batcher import MicroBatcher, Overloaded
 from fruitdask.serve.metrics import MetricsMiddleware, ServeMetrics
 from fruitdask.serve.predictor import Predictor
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 #: First bytes of the formats the API takes (checked before PIL sees the body).
 SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
-ENDPOINTS = ("/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics")
+ENDPOINTS = ("/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", *page.PATHS)
 
 
 class ApiError(Exception):
@@ -147,6 +148,14 @@ def decode_error(e: DecodeError) -> ApiError:
     return ApiError(400, "undecodable_image", reason)
 
 
+def language(request: Request) -> str:
+    """``?lang=fr|en``, else ``Accept-Language``, else English (:func:`answer.negotiate`)."""
+    try:
+        return answer.negotiate(request.query_params.get("lang"), request.headers.get("accept-language"))[0]
+    except answer.BadLanguage as e:
+        raise ApiError(400, "bad_lang", str(e)) from e
+
+
 def parse_top(request: Request, settings: ServeSettings, n_labels: int) -> int:
     raw = request.query_params.get("top")
     if raw is None:
@@ -178,6 +187,7 @@ async def predict(request: Request) -> Response:
     predictor, batcher = state.predictor, state.batcher
     assert predictor is not None and batcher is not None
     try:
+        lang = language(request)
         top = parse_top(request, state.settings, len(predictor.bundle.labels))
         data = await image_bytes(request, state.settings)
         check_signature(data)
@@ -189,11 +199,11 @@ async def predict(request: Request) -> Response:
         state.metrics.rejected.labels(e.error).inc()
         raise
     try:
-        proba = await batcher.submit(image)
+        scores = await batcher.submit(image)
     except Overloaded as e:
         raise ApiError(503, "overloaded", f"{e}: retry shortly", headers={"Retry-After": "1"}) from e
     return JSONResponse({
-        "predictions": predictor.top(proba, top),
+        **answer.describe(predictor.top(scores[:-1], top), predictor.open_set, float(scores[-1]), lang),
         "model": predictor.summary(),
         "elapsed_ms": round(1000 * (time.perf_counter() - start), 2),
     })
@@ -273,7 +283,7 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
             if on_load_failure is not None:
                 on_load_failure(state.load_error)
             return
-        batcher = MicroBatcher(predictor.predict_proba, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+        batcher = MicroBatcher(predictor.predict_scores, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
                                max_queue=settings.max_queue, on_batch=state.metrics.observe_batch)
         batcher.start()
         state.predictor, state.batcher = predictor, batcher
@@ -299,6 +309,7 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *page.routes(),
         ],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, ClientDisconnect: _client_gone},
         lifespan=lifespan,

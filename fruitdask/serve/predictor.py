@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fruitdask.classifier.bundle import Featurizer, ModelBundle
+from fruitdask.classifier.openset import OpenSet, standardized
 from fruitdask.features import featurize, model
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class Predictor:
         self.max_pixels = max_pixels
         self.source = source
         self.load_seconds = load_seconds
+        # The calibrated unknown detector; bundles trained before it have none.
+        doc = bundle.info.get("open_set")
+        self.open_set = OpenSet.from_document(doc) if doc else None
 
     @classmethod
     def load(cls, bundle: ModelBundle, source: str, storage_options: Mapping[str, Any] | None, *,
@@ -68,6 +72,17 @@ class Predictor:
         features = featurize.featurize_arrays(self.vgg, images, spec.pooling, max(1, len(images)))
         return self.bundle.predict_proba(features, spec)
 
+    def predict_scores(self, images: np.ndarray) -> np.ndarray:
+        """``(n, n_labels + 1)``: the probabilities, then the distance to the nearest class
+        centroid (:mod:`fruitdask.classifier.openset`; NaN without a detector). One VGG16 call."""
+        spec = self.featurizer.spec
+        features = featurize.featurize_arrays(self.vgg, images, spec.pooling, max(1, len(images)))
+        proba = self.bundle.predict_proba(features, spec)
+        if self.open_set is None:
+            return np.column_stack([proba, np.full(len(proba), np.nan)])
+        z = standardized(self.bundle, self.bundle.reduction.transform(features))
+        return np.column_stack([proba, self.open_set.distance(z)])
+
     def top(self, proba: np.ndarray, k: int) -> list[dict]:
         """The ``k`` best labels of one probability row, as ``predict --json`` writes them."""
         (best,) = self.bundle.top_k(proba[None, :], k)
@@ -98,4 +113,5 @@ class Predictor:
             },
             "evaluation": {k: info.get("evaluation", {}).get(k) for k in ("accuracy", "macro_f1", "n", "held_out")},
             "load_seconds": round(self.load_seconds, 3),
+            "unknown_detector": self.open_set.summary() if self.open_set else None,
         }
