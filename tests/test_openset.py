@@ -17,12 +17,31 @@ from fruitdask.features.featurize import decode_image
 from fruitdask.serve import answer
 
 
-def test_max_distance_separates_fruit_from_non_fruit_with_fewest_errors():
-    fruit = np.array([0.3, 0.4, 0.5, 0.6, 1.5])  # one fruit photo far out: rejecting it is the lesser evil
-    other = np.array([0.9, 1.0, 1.2, 2.0])
-    t = openset.choose_max_distance(fruit, other)
-    assert 0.6 < t < 0.9
-    assert openset.choose_max_distance(fruit, np.array([])) > 1.5  # no non-fruit: reject no fruit
+def test_thresholds_reject_the_most_non_fruit_within_the_fruit_budget():
+    # 20 fruit photos: the budget (5 %) allows one rejected. Non-fruit pictures are far by
+    # one score or the other, never both: only the pair of thresholds catches them all.
+    fruit_d = np.r_[np.linspace(0.3, 0.6, 19), 1.5]
+    fruit_r = np.r_[np.linspace(0.2, 0.4, 19), 0.3]
+    other_d = np.array([0.9, 1.0, 0.4, 0.5])
+    other_r = np.array([0.3, 0.25, 0.8, 0.9])
+    max_d, max_r = openset.choose_thresholds(fruit_d, fruit_r, other_d, other_r)
+    assert 0.6 < max_d < 0.9 and 0.4 < max_r < 0.8  # the far fruit photo is the one rejected
+    # No non-fruit to reject: nothing is rejected.
+    max_d, max_r = openset.choose_thresholds(fruit_d, fruit_r, np.array([]), np.array([]))
+    assert max_d > 1.5 and max_r > 0.4
+    # When rejecting non-fruit would cost more fruit than the budget, fruit wins.
+    max_d, _ = openset.choose_thresholds(np.array([0.1, 0.9]), np.array([0.1, 0.1]), np.array([0.5]), np.array([0.1]))
+    assert max_d > 0.9
+
+
+def test_residual_is_what_the_pca_leaves_out():
+    from fruitdask.reduce import Reduction
+
+    comp = np.array([[1.0, 0.0, 0.0]])
+    red = SimpleNamespace(mean=np.zeros(3), scale=np.ones(3), pca_mean=np.zeros(3), components=comp)
+    got = openset.residual(red, np.array([[5.0, 0.0, 0.0], [0.0, 3.0, 4.0]]))
+    np.testing.assert_allclose(got, [0.0, np.sqrt(25 / 3)])
+    assert Reduction  # the real class has the same four arrays
 
 
 def test_sure_probability_is_the_lowest_that_keeps_answers_right():
@@ -44,22 +63,26 @@ def test_calibration_measures_both_error_rates_on_data_it_did_not_choose_on():
     # Fruit photos are near their centroid but for one photo of the evaluation half.
     distance = np.full(12, 0.1)
     distance[3] = 5.0  # index 3 = the second Pear photo: the evaluation half
-    fruit = Scored(np.full(12, 0.9), held_labels.copy(), distance)
-    calib_other = Scored(np.full(6, 0.9), np.array(["Peach"] * 6), np.full(6, 4.0))
-    eval_other = Scored(np.full(6, 0.9), np.array(["Peach"] * 6), np.array([4.0, 4.0, 4.0, 4.0, 0.05, 4.0]))
+    fruit = Scored(np.full(12, 0.9), held_labels.copy(), distance, np.full(12, 0.1))
+    calib_other = Scored(np.full(6, 0.9), np.array(["Peach"] * 6), np.full(6, 4.0), np.full(6, 0.1))
+    eval_other = Scored(np.full(6, 0.9), np.array(["Peach"] * 6), np.array([4.0, 4.0, 4.0, 4.0, 0.05, 0.05]),
+                        np.array([0.1, 0.1, 0.1, 0.1, 0.1, 9.0]))
     kinds = ["noise", "noise", "text", "text", "uniform", "uniform"]
     det = openset.calibrate(FakeBundle, train, y_train, fruit, held_labels, calib_other, eval_other, kinds)
     assert 0.1 < det.max_distance < 4.0
     assert det.rates["fruit_rejected"] == round(1 / 6, 4)  # 1 of the 6 evaluation fruit photos
+    # The two "uniform" pictures are near a centroid; only the residual of the second gives it away.
+    assert det.max_residual < 9.0
     assert det.rates["nonfruit_accepted"] == round(1 / 6, 4)
     assert det.rates["nonfruit_accepted_by_kind"] == {"noise": 0.0, "text": 0.0, "uniform": 0.5}
     assert det.rates["n_fruit_calibration"] == det.rates["n_fruit_evaluation"] == 6
     np.testing.assert_allclose(det.centroids, [train[:20].mean(axis=0), train[20:].mean(axis=0)])
     again = OpenSet.from_document(det.document())
-    assert again.max_distance == det.max_distance and again.rates == det.rates
+    assert (again.max_distance, again.max_residual) == (det.max_distance, det.max_residual) and again.rates == det.rates
     np.testing.assert_allclose(again.centroids, det.centroids, rtol=1e-5)
-    assert again.status(0.9, 0.05) == "recognised" and again.status(0.3, 0.05) == "uncertain"
-    assert again.status(0.99, 100.0) == "unknown"
+    assert again.status(0.9, 0.05, 0.1) == "recognised" and again.status(0.3, 0.05, 0.1) == "uncertain"
+    assert again.status(0.99, 100.0, 0.1) == "unknown"
+    assert again.status(0.99, 0.05, again.max_residual * 2) == "unknown"
 
 
 def test_non_fruit_pictures_are_deterministic_varied_and_decode_like_photos():
@@ -96,22 +119,23 @@ def _predictions(*pairs):
 
 
 def test_uncertain_names_the_genus_the_candidates_share():
-    det = OpenSet(np.zeros((2, 2)), max_distance=1.0, sure_probability=0.6)
-    body = answer.describe(_predictions(("Peach", 0.45), ("Nectarine", 0.4), ("Banana", 0.05)), det, 0.5, "en")
+    det = OpenSet(np.zeros((2, 2)), max_distance=1.0, sure_probability=0.6, max_residual=1.0)
+    body = answer.describe(_predictions(("Peach", 0.45), ("Nectarine", 0.4), ("Banana", 0.05)), det, 0.5, 0.5, "en")
     assert body["status"] == "uncertain" and body["group"] == {"rank": "genus", "name": "Prunus"}
     assert body["message"] == "We're pretty sure this is in the genus Prunus."
-    body = answer.describe(_predictions(("Peach", 0.45), ("Pear", 0.4)), det, 0.5, "fr")
+    body = answer.describe(_predictions(("Peach", 0.45), ("Pear", 0.4)), det, 0.5, 0.5, "fr")
     assert body["group"] == {"rank": "family", "name": "Rosaceae"}
     assert body["message"] == "Nous sommes presque sûrs que c'est dans la famille Rosaceae."
     assert body["predictions"][0]["fruit"]["name"] == "Pêche" and body["language"] == "fr"
 
 
 def test_recognised_unknown_and_a_bundle_without_detector():
-    det = OpenSet(np.zeros((2, 2)), max_distance=1.0, sure_probability=0.6)
-    body = answer.describe(_predictions(("Banana", 0.9), ("Lemon", 0.1)), det, 0.2, "en")
+    det = OpenSet(np.zeros((2, 2)), max_distance=1.0, sure_probability=0.6, max_residual=1.0)
+    body = answer.describe(_predictions(("Banana", 0.9), ("Lemon", 0.1)), det, 0.2, 0.2, "en")
     assert body["status"] == "recognised" and body["group"] is None
     assert body["predictions"][0]["fruit"]["scientific_name"] == "Musa acuminata (Cavendish group)"
     assert body["predictions"][0]["label"] == "Banana" and body["predictions"][0]["probability"] == 0.9
-    assert answer.describe(_predictions(("Banana", 0.99)), det, 3.0, "en")["status"] == "unknown"
-    old = answer.describe(_predictions(("Banana", 0.99)), None, float("nan"), "en")
-    assert old["status"] == "recognised" and old["detector"]["distance"] is None
+    assert answer.describe(_predictions(("Banana", 0.99)), det, 3.0, 0.2, "en")["status"] == "unknown"
+    assert answer.describe(_predictions(("Banana", 0.99)), det, 0.2, 3.0, "en")["status"] == "unknown"
+    old = answer.describe(_predictions(("Banana", 0.99)), None, float("nan"), float("nan"), "en")
+    assert old["status"] == "recognised" and old["detector"]["distance"] is None and old["detector"]["residual"] is None

@@ -254,10 +254,10 @@ def _open_set(bundle: ModelBundle, X: np.ndarray, y: np.ndarray, held_out: pd.Da
     open_set = openset.calibrate_bundle(bundle, featurizer, X, y, frames.matrix(held_out["features"]),
                                         held_out["label"].astype(str).to_numpy())
     r = open_set.rates
-    logger.info("unknown detector: max distance %.3f, sure from p >= %.2f; fruit rejected %s, non-fruit accepted %s "
-                "(on %d held-out fruit photos and %d non-fruit pictures the thresholds never saw)", open_set.max_distance,
-                open_set.sure_probability, r["fruit_rejected"], r["nonfruit_accepted"], r["n_fruit_evaluation"],
-                r["n_nonfruit_evaluation"])
+    logger.info("unknown detector: max distance %.3f, max residual %.3f, sure from p >= %.2f; fruit rejected %s, "
+                "non-fruit accepted %s (on %d held-out fruit photos and %d non-fruit pictures the thresholds never saw)",
+                open_set.max_distance, open_set.max_residual, open_set.sure_probability, r["fruit_rejected"],
+                r["nonfruit_accepted"], r["n_fruit_evaluation"], r["n_nonfruit_evaluation"])
     return open_set
 
 

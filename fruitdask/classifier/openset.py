@@ -1,17 +1,22 @@
 """Is it a fruit this model knows? The ``recognised`` / ``uncertain`` / ``unknown`` answer.
 
 A softmax always names *some* label, confidently even for noise: a linear model
-extrapolates. So the answer is decided by two calibrated numbers:
+extrapolates. So the answer is decided by three calibrated numbers:
 
-- **distance**: how far the photo's standardized PCA features lie from the nearest class
-  centroid of the training set (root-mean-square over the components). A photo farther than
-  ``max_distance`` is ``unknown``: not a fruit this model has seen.
+- **residual**: the part of the photo's standardized VGG16 features that the run's PCA does
+  not explain (root-mean-square reconstruction error). The PCA was fitted on fruit photos,
+  so a picture unlike them leaves more outside its components. Above ``max_residual``: ``unknown``.
+- **distance**: how far the PCA features (standardized as the classifier sees them) lie
+  from the nearest class centroid of the training set (root-mean-square over the
+  components). Above ``max_distance``: ``unknown``, not a fruit this model has seen.
 - **probability** of the best label: below ``sure_probability`` the answer is ``uncertain``.
 
-:func:`calibrate` chooses ``max_distance`` on a *calibration* split (half the held-out fruit
-photos plus a generated non-fruit set, :mod:`fruitdask.classifier.nonfruit`) and measures
-both error rates on the *other* half and on non-fruit pictures drawn with another seed,
-which the choice never saw: fruit rejected as unknown, non-fruit accepted as a fruit.
+:func:`calibrate` chooses the two ``unknown`` thresholds on a *calibration* split (half the
+held-out fruit photos plus a generated non-fruit set, :mod:`fruitdask.classifier.nonfruit`):
+the pair that accepts the fewest non-fruit pictures while rejecting at most
+:data:`FRUIT_REJECTED_TARGET` of the fruit photos. It then measures both error rates on the
+*other* half and on non-fruit pictures drawn with another seed, which the choice never saw:
+fruit rejected as unknown, non-fruit accepted as a fruit.
 """
 
 from __future__ import annotations
@@ -31,12 +36,23 @@ RECOGNISED, UNCERTAIN, UNKNOWN = "recognised", "uncertain", "unknown"
 MIN_SURE = 0.5
 #: Held-out accuracy wanted among the photos answered ``recognised``.
 TARGET_ACCURACY = 0.95
+#: Share of the calibration fruit photos the ``unknown`` thresholds may reject: a public app
+#: that calls a real fruit "not a fruit" loses its user; the rest of the choice goes to
+#: rejecting non-fruit.
+FRUIT_REJECTED_TARGET = 0.05
 
 
 def standardized(bundle, pca: np.ndarray) -> np.ndarray:
     """PCA features in the classifier's standardized space (its ``StandardScaler``)."""
     c = bundle.classifier
     return (np.asarray(pca, dtype=np.float64) - c.mean) / c.scale
+
+
+def residual(reduction, features: np.ndarray) -> np.ndarray:
+    """RMS of the standardized raw features left outside the PCA components, per row."""
+    z = (np.asarray(features, dtype=np.float64) - reduction.mean) / reduction.scale - reduction.pca_mean
+    projected = (z @ reduction.components.T) @ reduction.components
+    return np.sqrt(((z - projected) ** 2).mean(axis=1))
 
 
 @dataclass
@@ -46,6 +62,7 @@ class OpenSet:
     centroids: np.ndarray  # (n_classes, k), standardized PCA space, in the classifier's class order
     max_distance: float
     sure_probability: float
+    max_residual: float = np.inf
     rates: dict = field(default_factory=dict)
 
     def distance(self, z: np.ndarray) -> np.ndarray:
@@ -54,24 +71,26 @@ class OpenSet:
         d2 = ((z[:, None, :] - self.centroids[None, :, :]) ** 2).mean(axis=2)
         return np.sqrt(d2.min(axis=1))
 
-    def status(self, best_probability: float, distance: float) -> str:
-        if distance > self.max_distance:
+    def status(self, best_probability: float, distance: float, resid: float = 0.0) -> str:
+        if distance > self.max_distance or resid > self.max_residual:
             return UNKNOWN
         return RECOGNISED if best_probability >= self.sure_probability else UNCERTAIN
 
     def document(self) -> dict:
         """The JSON form stored in ``bundle.json`` (centroids rounded to 6 significant digits)."""
-        return {"max_distance": self.max_distance, "sure_probability": self.sure_probability, "rates": self.rates,
+        return {"max_distance": self.max_distance, "max_residual": self.max_residual,
+                "sure_probability": self.sure_probability, "rates": self.rates,
                 "centroids": [[float(f"{v:.6g}") for v in row] for row in self.centroids]}
 
     @classmethod
     def from_document(cls, doc: dict) -> OpenSet:
         return cls(np.asarray(doc["centroids"], dtype=np.float64), float(doc["max_distance"]),
-                   float(doc["sure_probability"]), dict(doc.get("rates", {})))
+                   float(doc["sure_probability"]), float(doc.get("max_residual", np.inf)), dict(doc.get("rates", {})))
 
     def summary(self) -> dict:
         """What ``/v1/model`` and ``train`` say: thresholds and error rates, no centroids."""
-        return {"max_distance": self.max_distance, "sure_probability": self.sure_probability, **self.rates}
+        return {"max_distance": self.max_distance, "max_residual": self.max_residual,
+                "sure_probability": self.sure_probability, **self.rates}
 
 
 def centroids(z: np.ndarray, y: np.ndarray, classes: list[str]) -> np.ndarray:
@@ -79,17 +98,35 @@ def centroids(z: np.ndarray, y: np.ndarray, classes: list[str]) -> np.ndarray:
     return np.stack([z[y == c].mean(axis=0) for c in classes])
 
 
-def choose_max_distance(fruit: np.ndarray, other: np.ndarray) -> float:
-    """The distance threshold with the fewest errors (fruit rejected + non-fruit accepted,
-    each as a rate), ties to fewer fruit rejected; midway between two observed distances."""
+#: Candidate thresholds per score at most (quantiles beyond): keeps the search small on large sets.
+MAX_CANDIDATES = 256
+
+
+def _candidates(fruit: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Thresholds midway between observed values, and one above them all."""
     points = np.unique(np.concatenate([fruit, other]))
-    candidates = np.concatenate([(points[:-1] + points[1:]) / 2, [points[-1] * 1.05]])
-    best, best_key = float(candidates[-1]), (np.inf, np.inf)
-    for t in candidates:
-        rejected, accepted = float(np.mean(fruit > t)), float(np.mean(other <= t)) if len(other) else 0.0
-        key = (rejected + accepted, rejected)
-        if key < best_key:
-            best, best_key = float(t), key
+    mids = np.concatenate([(points[:-1] + points[1:]) / 2, [points[-1] * 1.05 + 1e-9]])
+    if len(mids) > MAX_CANDIDATES:
+        mids = np.unique(np.quantile(mids, np.linspace(0, 1, MAX_CANDIDATES)))
+    return mids
+
+
+def choose_thresholds(fruit_d: np.ndarray, fruit_r: np.ndarray, other_d: np.ndarray,
+                      other_r: np.ndarray) -> tuple[float, float]:
+    """``(max_distance, max_residual)`` that reject at most :data:`FRUIT_REJECTED_TARGET` of
+    the fruit photos and, among those, accept the fewest non-fruit pictures; ties go to
+    fewer fruit rejected, then to the most lenient pair (the largest thresholds)."""
+    td, tr = _candidates(fruit_d, other_d), _candidates(fruit_r, other_r)
+    best, best_key = (float(td[-1]), float(tr[-1])), (np.inf, np.inf, 0.0)
+    for i, d in enumerate(td):
+        # (residual candidates, pictures): accepted when under both thresholds.
+        rejected = 1.0 - ((fruit_d <= d)[None, :] & (fruit_r[None, :] <= tr[:, None])).mean(axis=1)
+        accepted = (((other_d <= d)[None, :] & (other_r[None, :] <= tr[:, None])).mean(axis=1)
+                    if other_d.size else np.zeros(len(tr)))
+        for j in np.flatnonzero(rejected <= FRUIT_REJECTED_TARGET + 1e-12):
+            key = (accepted[j], rejected[j], -(i + j))
+            if key < best_key:
+                best, best_key = (float(d), float(tr[j])), key
     return best
 
 
@@ -115,17 +152,27 @@ def split_halves(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Scored:
-    """Held-out or generated pictures, scored: best probability, its label, the distance."""
+    """Held-out or generated pictures, scored: best probability, its label, the two distances."""
 
     best_p: np.ndarray
     best_label: np.ndarray
     distance: np.ndarray
+    residual: np.ndarray
+
+    def accepted(self, max_distance: float, max_residual: float) -> np.ndarray:
+        return (self.distance <= max_distance) & (self.residual <= max_residual)
 
 
-def score(bundle, cents: np.ndarray, pca: np.ndarray, proba: np.ndarray) -> Scored:
+def score(bundle, cents: np.ndarray, features: np.ndarray, proba: np.ndarray) -> Scored:
+    """Score raw VGG16 ``features`` whose probabilities are ``proba``."""
     probe = OpenSet(cents, np.inf, MIN_SURE)
     labels = np.asarray(bundle.labels)
-    return Scored(proba.max(axis=1), labels[proba.argmax(axis=1)], probe.distance(standardized(bundle, pca)))
+    z = standardized(bundle, bundle.reduction.transform(features))
+    return Scored(proba.max(axis=1), labels[proba.argmax(axis=1)], probe.distance(z), residual(bundle.reduction, features))
+
+
+def _rate(mask: np.ndarray) -> float | None:
+    return round(float(np.mean(mask)), 4) if mask.size else None
 
 
 def calibrate(bundle, train_pca: np.ndarray, train_labels: np.ndarray, fruit: Scored, fruit_labels: np.ndarray,
@@ -138,23 +185,24 @@ def calibrate(bundle, train_pca: np.ndarray, train_labels: np.ndarray, fruit: Sc
     """
     cents = centroids(standardized(bundle, train_pca), train_labels, bundle.labels)
     cal, ev = split_halves(fruit_labels)
-    max_distance = choose_max_distance(fruit.distance[cal], other_calib.distance)
-    accepted = fruit.distance[cal] <= max_distance
-    correct = fruit.best_label[cal] == fruit_labels[cal]
-    sure = choose_sure_probability(fruit.best_p[cal][accepted], correct[accepted]) if accepted.any() else MIN_SURE
+    max_d, max_r = choose_thresholds(fruit.distance[cal], fruit.residual[cal], other_calib.distance, other_calib.residual)
+    accepted = fruit.accepted(max_d, max_r)
+    correct = fruit.best_label == fruit_labels
+    kept = accepted[cal]
+    sure = choose_sure_probability(fruit.best_p[cal][kept], correct[cal][kept]) if kept.any() else MIN_SURE
     kinds = np.asarray(other_kinds)
-    other_ok = other_eval.distance <= max_distance
+    other_ok = other_eval.accepted(max_d, max_r)
     rates = {
-        "fruit_rejected": round(float(np.mean(fruit.distance[ev] > max_distance)), 4) if len(ev) else None,
-        "nonfruit_accepted": round(float(np.mean(other_ok)), 4),
+        "fruit_rejected": _rate(~accepted[ev]),
+        "nonfruit_accepted": _rate(other_ok),
         "n_fruit_calibration": len(cal), "n_fruit_evaluation": len(ev),
         "n_nonfruit_calibration": len(other_calib.distance), "n_nonfruit_evaluation": len(other_eval.distance),
-        "nonfruit_accepted_by_kind": {k: round(float(np.mean(other_ok[kinds == k])), 4) for k in sorted(set(other_kinds))},
-        "fruit_uncertain": round(float(np.mean((fruit.distance[ev] <= max_distance) & (fruit.best_p[ev] < sure))), 4)
-        if len(ev) else None,
+        "nonfruit_accepted_by_kind": {k: _rate(other_ok[kinds == k]) for k in sorted(set(other_kinds))},
+        "fruit_uncertain": _rate(accepted[ev] & (fruit.best_p[ev] < sure)),
+        "fruit_recognised_wrong": _rate(accepted[ev] & (fruit.best_p[ev] >= sure) & ~correct[ev]),
         "evaluated_on": "held-out fruit photos and non-fruit pictures not used to choose the thresholds",
     }
-    return OpenSet(cents, round(max_distance, 6), sure, rates)
+    return OpenSet(cents, round(max_d, 6), sure, round(max_r, 6), rates)
 
 
 #: Generated non-fruit pictures per kind, in each of the two sets.
@@ -180,7 +228,7 @@ def calibrate_bundle(bundle, featurizer, train_pca: np.ndarray, train_labels: np
     spec = featurizer.spec
 
     def scored(features: np.ndarray) -> Scored:
-        return score(bundle, cents, bundle.reduction.transform(features), bundle.predict_proba(features, spec))
+        return score(bundle, cents, features, bundle.predict_proba(features, spec))
 
     cents = centroids(standardized(bundle, train_pca), train_labels, bundle.labels)
     fruit = scored(held_features)

@@ -69,20 +69,30 @@ def negotiate(query_lang: str | None, accept_language: str | None) -> tuple[str,
     return (lang, "accept-language") if lang else (DEFAULT_LANGUAGE, "default")
 
 
-def decide(open_set: OpenSet | None, best_p: float, distance: float) -> str:
+def decide(open_set: OpenSet | None, best_p: float, distance: float, resid: float) -> str:
     """The status; a bundle trained before the detector existed is never ``unknown``."""
     if open_set is None:
         return RECOGNISED if best_p >= MIN_SURE else UNCERTAIN
-    return open_set.status(best_p, distance)
+    return open_set.status(best_p, distance, resid)
 
 
-def describe(predictions: list[dict], open_set: OpenSet | None, distance: float, lang: str) -> dict:
+def _number(x: float) -> float | None:
+    return round(float(x), 4) if np.isfinite(x) else None
+
+
+def respond(predictor, scores: np.ndarray, top: int, lang: str) -> dict:
+    """The answer for one row of :meth:`Predictor.predict_scores`."""
+    proba, distance, resid = predictor.split(scores)
+    return describe(predictor.top(proba, top), predictor.open_set, distance, resid, lang)
+
+
+def describe(predictions: list[dict], open_set: OpenSet | None, distance: float, resid: float, lang: str) -> dict:
     """The answer's body (less ``model`` and ``elapsed_ms``) for ``predictions``, best first,
     each ``{"label", "probability"}`` as :meth:`Predictor.top` returns them."""
     cat = load_catalogue()
     for p in predictions:
         p["fruit"] = cat.describe(p["label"], lang)
-    status = decide(open_set, predictions[0]["probability"], distance)
+    status = decide(open_set, predictions[0]["probability"], distance, resid)
     likely = [p["label"] for p in predictions if p["probability"] >= CANDIDATE_PROBABILITY] or [predictions[0]["label"]]
     group = cat.shared_group(likely) if status == UNCERTAIN and len(likely) > 1 else None
     words = MESSAGES[lang]
@@ -96,7 +106,7 @@ def describe(predictions: list[dict], open_set: OpenSet | None, distance: float,
         "group": group,
         "language": lang,
         "predictions": predictions,
-        "detector": {"distance": round(float(distance), 4) if np.isfinite(distance) else None,
-                     "max_distance": open_set.max_distance if open_set else None,
+        "detector": {"distance": _number(distance), "max_distance": open_set.max_distance if open_set else None,
+                     "residual": _number(resid), "max_residual": open_set.max_residual if open_set else None,
                      "sure_probability": open_set.sure_probability if open_set else MIN_SURE},
     }

@@ -203,7 +203,7 @@ async def predict(request: Request) -> Response:
     except Overloaded as e:
         raise ApiError(503, "overloaded", f"{e}: retry shortly", headers={"Retry-After": "1"}) from e
     return JSONResponse({
-        **answer.describe(predictor.top(scores[:-1], top), predictor.open_set, float(scores[-1]), lang),
+        **answer.respond(predictor, scores, top, lang),
         "model": predictor.summary(),
         "elapsed_ms": round(1000 * (time.perf_counter() - start), 2),
     })

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from fruitdask.classifier.bundle import Featurizer, ModelBundle
-from fruitdask.classifier.openset import OpenSet, standardized
+from fruitdask.classifier.openset import OpenSet, residual, standardized
 from fruitdask.features import featurize, model
 
 logger = logging.getLogger(__name__)
@@ -73,15 +73,21 @@ class Predictor:
         return self.bundle.predict_proba(features, spec)
 
     def predict_scores(self, images: np.ndarray) -> np.ndarray:
-        """``(n, n_labels + 1)``: the probabilities, then the distance to the nearest class
-        centroid (:mod:`fruitdask.classifier.openset`; NaN without a detector). One VGG16 call."""
+        """``(n, n_labels + 2)``: the probabilities, then the distance to the nearest class
+        centroid and the PCA residual (:mod:`fruitdask.classifier.openset`; NaN without a
+        detector). One VGG16 call; :meth:`split` takes a row apart."""
         spec = self.featurizer.spec
         features = featurize.featurize_arrays(self.vgg, images, spec.pooling, max(1, len(images)))
         proba = self.bundle.predict_proba(features, spec)
         if self.open_set is None:
-            return np.column_stack([proba, np.full(len(proba), np.nan)])
+            return np.column_stack([proba, np.full((len(proba), 2), np.nan)])
         z = standardized(self.bundle, self.bundle.reduction.transform(features))
-        return np.column_stack([proba, self.open_set.distance(z)])
+        return np.column_stack([proba, self.open_set.distance(z), residual(self.bundle.reduction, features)])
+
+    @staticmethod
+    def split(scores: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """A row of :meth:`predict_scores`: ``(probabilities, distance, residual)``."""
+        return scores[:-2], float(scores[-2]), float(scores[-1])
 
     def top(self, proba: np.ndarray, k: int) -> list[dict]:
         """The ``k`` best labels of one probability row, as ``predict --json`` writes them."""
