@@ -44,6 +44,19 @@ def test_residual_is_what_the_pca_leaves_out():
     assert Reduction  # the real class has the same four arrays
 
 
+def test_residual_is_judged_against_the_predicted_labels_own_spread():
+    resid = np.array([0.5, 0.6, 0.4, 0.2, 0.2, 0.2])
+    labels = np.array(["Strawberry"] * 3 + ["Orange"] * 3)
+    scale = openset.residual_scale(resid, labels, ["Orange", "Strawberry", "Kiwi"])
+    np.testing.assert_allclose(scale, [0.3, 0.5, 0.3])  # Orange and Kiwi (no photo) floored at the median of all
+    det = OpenSet(np.zeros((3, 2)), 1.0, 0.5, max_residual=1.5, residual_scale=scale)
+    rel = det.relative(np.array([0.6, 0.6]), np.array([1, 0]))
+    np.testing.assert_allclose(rel, [1.2, 2.0])  # the same residual: fine for a strawberry, not for an orange
+    assert [det.status(0.9, 0.1, r) for r in rel] == ["recognised", "unknown"]
+    scored = Scored(np.ones(2), np.array(["Strawberry", "Orange"]), np.zeros(2), np.array([0.6, 0.6]))
+    np.testing.assert_allclose(scored.relative_to(["Orange", "Strawberry", "Kiwi"], scale).residual, rel)
+
+
 def test_sure_probability_is_the_lowest_that_keeps_answers_right():
     best_p = np.array([0.95, 0.9, 0.8, 0.6, 0.55, 0.52])
     correct = np.array([True, True, True, True, False, False])
@@ -71,6 +84,7 @@ def test_calibration_measures_both_error_rates_on_data_it_did_not_choose_on():
     det = openset.calibrate(FakeBundle, train, y_train, fruit, held_labels, calib_other, eval_other, kinds)
     assert 0.1 < det.max_distance < 4.0
     assert det.rates["fruit_rejected"] == round(1 / 6, 4)  # 1 of the 6 evaluation fruit photos
+    assert det.rates["fruit_rejected_by_label"] == {"Peach": 0.0, "Pear": round(1 / 3, 4)}
     # The two "uniform" pictures are near a centroid; only the residual of the second gives it away.
     assert det.max_residual < 9.0
     assert det.rates["nonfruit_accepted"] == round(1 / 6, 4)

@@ -5,7 +5,10 @@ extrapolates. So the answer is decided by three calibrated numbers:
 
 - **residual**: the part of the photo's standardized VGG16 features that the run's PCA does
   not explain (root-mean-square reconstruction error). The PCA was fitted on fruit photos,
-  so a picture unlike them leaves more outside its components. Above ``max_residual``: ``unknown``.
+  so a picture unlike them leaves more outside its components. Some fruits vary more than
+  others (a strawberry more than an orange), so the residual is divided by the typical
+  residual of held-out photos of the predicted label (``residual_scale``). Above
+  ``max_residual``: ``unknown``.
 - **distance**: how far the PCA features (standardized as the classifier sees them) lie
   from the nearest class centroid of the training set (root-mean-square over the
   components). Above ``max_distance``: ``unknown``, not a fruit this model has seen.
@@ -63,6 +66,7 @@ class OpenSet:
     max_distance: float
     sure_probability: float
     max_residual: float = np.inf
+    residual_scale: np.ndarray | None = None  # (n_classes,): typical held-out residual per label
     rates: dict = field(default_factory=dict)
 
     def distance(self, z: np.ndarray) -> np.ndarray:
@@ -71,21 +75,31 @@ class OpenSet:
         d2 = ((z[:, None, :] - self.centroids[None, :, :]) ** 2).mean(axis=2)
         return np.sqrt(d2.min(axis=1))
 
+    def relative(self, resid: np.ndarray, best_index: np.ndarray) -> np.ndarray:
+        """The residual over the typical residual of the predicted label."""
+        if self.residual_scale is None:
+            return np.asarray(resid, dtype=np.float64)
+        return np.asarray(resid, dtype=np.float64) / self.residual_scale[np.asarray(best_index)]
+
     def status(self, best_probability: float, distance: float, resid: float = 0.0) -> str:
+        """``resid`` is the relative residual (:meth:`relative`)."""
         if distance > self.max_distance or resid > self.max_residual:
             return UNKNOWN
         return RECOGNISED if best_probability >= self.sure_probability else UNCERTAIN
 
     def document(self) -> dict:
         """The JSON form stored in ``bundle.json`` (centroids rounded to 6 significant digits)."""
+        scale = None if self.residual_scale is None else [float(f"{v:.6g}") for v in self.residual_scale]
         return {"max_distance": self.max_distance, "max_residual": self.max_residual,
-                "sure_probability": self.sure_probability, "rates": self.rates,
+                "sure_probability": self.sure_probability, "rates": self.rates, "residual_scale": scale,
                 "centroids": [[float(f"{v:.6g}") for v in row] for row in self.centroids]}
 
     @classmethod
     def from_document(cls, doc: dict) -> OpenSet:
+        scale = doc.get("residual_scale")
         return cls(np.asarray(doc["centroids"], dtype=np.float64), float(doc["max_distance"]),
-                   float(doc["sure_probability"]), float(doc.get("max_residual", np.inf)), dict(doc.get("rates", {})))
+                   float(doc["sure_probability"]), float(doc.get("max_residual", np.inf)),
+                   None if scale is None else np.asarray(scale, dtype=np.float64), dict(doc.get("rates", {})))
 
     def summary(self) -> dict:
         """What ``/v1/model`` and ``train`` say: thresholds and error rates, no centroids."""
@@ -152,15 +166,28 @@ def split_halves(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Scored:
-    """Held-out or generated pictures, scored: best probability, its label, the two distances."""
+    """Held-out or generated pictures, scored: best probability, its label, the two distances
+    (``residual`` absolute; :meth:`relative_to` divides it by the predicted label's scale)."""
 
     best_p: np.ndarray
     best_label: np.ndarray
     distance: np.ndarray
     residual: np.ndarray
 
+    def relative_to(self, labels: list[str], scale: np.ndarray) -> Scored:
+        index = {lab: i for i, lab in enumerate(labels)}
+        divisor = scale[[index[lab] for lab in self.best_label]] if len(self.best_label) else 1.0
+        return Scored(self.best_p, self.best_label, self.distance, self.residual / divisor)
+
     def accepted(self, max_distance: float, max_residual: float) -> np.ndarray:
         return (self.distance <= max_distance) & (self.residual <= max_residual)
+
+
+def residual_scale(resid: np.ndarray, labels: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Per label, the median residual of its held-out photos, floored at the median of all of
+    them (a label with few or no photos is not judged on an accidentally small scale)."""
+    floor = float(np.median(resid)) if resid.size else 1.0
+    return np.array([max(float(np.median(resid[labels == c])) if np.any(labels == c) else floor, floor) for c in classes])
 
 
 def score(bundle, cents: np.ndarray, features: np.ndarray, proba: np.ndarray) -> Scored:
@@ -185,6 +212,8 @@ def calibrate(bundle, train_pca: np.ndarray, train_labels: np.ndarray, fruit: Sc
     """
     cents = centroids(standardized(bundle, train_pca), train_labels, bundle.labels)
     cal, ev = split_halves(fruit_labels)
+    scale = residual_scale(fruit.residual[cal], fruit_labels[cal], bundle.labels)
+    fruit, other_calib, other_eval = (x.relative_to(bundle.labels, scale) for x in (fruit, other_calib, other_eval))
     max_d, max_r = choose_thresholds(fruit.distance[cal], fruit.residual[cal], other_calib.distance, other_calib.residual)
     accepted = fruit.accepted(max_d, max_r)
     correct = fruit.best_label == fruit_labels
@@ -198,11 +227,12 @@ def calibrate(bundle, train_pca: np.ndarray, train_labels: np.ndarray, fruit: Sc
         "n_fruit_calibration": len(cal), "n_fruit_evaluation": len(ev),
         "n_nonfruit_calibration": len(other_calib.distance), "n_nonfruit_evaluation": len(other_eval.distance),
         "nonfruit_accepted_by_kind": {k: _rate(other_ok[kinds == k]) for k in sorted(set(other_kinds))},
+        "fruit_rejected_by_label": {lab: _rate(~accepted[ev][fruit_labels[ev] == lab]) for lab in sorted(set(fruit_labels[ev]))},
         "fruit_uncertain": _rate(accepted[ev] & (fruit.best_p[ev] < sure)),
         "fruit_recognised_wrong": _rate(accepted[ev] & (fruit.best_p[ev] >= sure) & ~correct[ev]),
         "evaluated_on": "held-out fruit photos and non-fruit pictures not used to choose the thresholds",
     }
-    return OpenSet(cents, round(max_d, 6), sure, round(max_r, 6), rates)
+    return OpenSet(cents, round(max_d, 6), sure, round(max_r, 6), scale, rates)
 
 
 #: Generated non-fruit pictures per kind, in each of the two sets.

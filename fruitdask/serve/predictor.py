@@ -74,15 +74,16 @@ class Predictor:
 
     def predict_scores(self, images: np.ndarray) -> np.ndarray:
         """``(n, n_labels + 2)``: the probabilities, then the distance to the nearest class
-        centroid and the PCA residual (:mod:`fruitdask.classifier.openset`; NaN without a
-        detector). One VGG16 call; :meth:`split` takes a row apart."""
+        centroid and the relative PCA residual (:mod:`fruitdask.classifier.openset`; NaN
+        without a detector). One VGG16 call; :meth:`split` takes a row apart."""
         spec = self.featurizer.spec
         features = featurize.featurize_arrays(self.vgg, images, spec.pooling, max(1, len(images)))
         proba = self.bundle.predict_proba(features, spec)
         if self.open_set is None:
             return np.column_stack([proba, np.full((len(proba), 2), np.nan)])
         z = standardized(self.bundle, self.bundle.reduction.transform(features))
-        return np.column_stack([proba, self.open_set.distance(z), residual(self.bundle.reduction, features)])
+        resid = self.open_set.relative(residual(self.bundle.reduction, features), proba.argmax(axis=1))
+        return np.column_stack([proba, self.open_set.distance(z), resid])
 
     @staticmethod
     def split(scores: np.ndarray) -> tuple[np.ndarray, float, float]:

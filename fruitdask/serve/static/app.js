@@ -144,6 +144,7 @@
     const dd = document.createElement("dd");
     dd.textContent = value;
     if (key === "family" || key === "genus") dd.lang = "la";
+    if (key === "genus") dd.className = "taxon";  // genus names are written in italics, family names not
     dl.append(dt, dd);
   }
 
