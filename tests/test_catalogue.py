@@ -4,11 +4,13 @@ has a complete entry in both languages, and the schema refuses what is incomplet
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 from importlib import resources
 
 import pytest
-from conftest import BENCH, BUNDLED, SAMPLE
+import tomllib
+from conftest import BENCH, BUNDLED, REPO, SAMPLE
 
 from fruitdask.catalogue import LANGUAGES, Catalogue, load_catalogue
 from fruitdask.errors import InputError
@@ -83,3 +85,14 @@ def test_schema_refuses_an_incomplete_entry(breakage):
         entry["colour"] = "red"
     with pytest.raises(InputError, match=entry["label"]):
         Catalogue.from_document(doc)
+
+
+def test_the_catalogue_and_the_page_are_package_data():
+    """pyproject's package-data globs ship every file the service reads at run time."""
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fruitdask"]
+    package = REPO / "fruitdask"
+    needed = [p for d in ("catalogue", "serve/static") for p in (package / d).iterdir() if p.suffix not in (".py", ".pyc") and p.is_file()]
+    assert {p.name for p in needed} >= {"fruits.json", "index.html", "app.js", "app.css", "icon.svg"}
+    for path in needed:
+        rel = str(path.relative_to(package))
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not package data: add it to pyproject.toml"
