@@ -239,6 +239,29 @@ def test_the_page_says_unknown_for_a_non_fruit_picture(phone, non_fruit_picture,
     assert p.errors == []
 
 
+def test_the_page_explains_an_uncertain_answer(phone, server, held_out_photo):
+    """The server's real answer for a photo, turned into an ``uncertain`` one in transit (no
+    photo of this model is reliably uncertain): the card backs off to the shared genus."""
+    p = phone("fr")
+
+    def uncertain(route):
+        body = route.fetch().json()
+        body.update(status="uncertain", message="Nous sommes presque sûrs que c'est dans le genre Prunus.",
+                    group={"rank": "genus", "name": "Prunus"})
+        body["predictions"][0]["probability"] = 0.45
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+
+    p.page.route("**/v1/predict*", uncertain)
+    p.pick(held_out_photo)
+    card = p.wait_card()
+    assert card["verdict"].startswith("Nous sommes presque sûrs que c'est dans le genre Prunus.")
+    assert "pas sûr" in card["verdict"] and "45" in card["verdict"]
+    fruit = load_catalogue().get(held_out_photo.parent.name)
+    assert card["name"] == f"Peut-être : {fruit.name['fr']}" and card["scientific"] == fruit.scientific_name
+    assert p.page.get_attribute("#result", "data-status") == "uncertain"
+    p.screenshot("uncertain-fr")
+
+
 def test_keyboard_opens_the_file_picker_and_the_language_switch_translates(phone, held_out_photo):
     p = phone("en")
     for _ in range(6):  # skip link, language switch, then the photo button

@@ -97,3 +97,13 @@ def test_the_catalogue_and_the_page_are_package_data():
     for path in needed:
         rel = str(path.relative_to(package))
         assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not package data: add it to pyproject.toml"
+
+
+def test_train_warns_about_labels_missing_from_the_catalogue(caplog):
+    from fruitdask.classifier.classify import warn_uncatalogued
+
+    with caplog.at_level("WARNING", logger="fruitdask.classifier.classify"):
+        assert warn_uncatalogued(["Banana", "Durian", "Cherry Wax Red"]) == ["Durian", "Cherry Wax Red"]
+    assert "2 labels have no entry in the fruit catalogue" in caplog.text and "Durian, Cherry Wax Red" in caplog.text
+    caplog.clear()
+    assert warn_uncatalogued(SHARED_LABELS) == [] and caplog.text == ""

@@ -241,15 +241,21 @@ def train(
     return bundle, report, _report_files(run, report, metrics)
 
 
+def warn_uncatalogued(labels: list[str]) -> list[str]:
+    """Warn about (and return) the labels the fruit catalogue has no entry for."""
+    missing = load_catalogue().missing(labels)
+    if missing:
+        logger.warning("%d labels have no entry in the fruit catalogue (the service answers with their name only): %s; "
+                       "add them to fruitdask/catalogue/fruits.json", len(missing), ", ".join(missing))
+    return missing
+
+
 def _open_set(bundle: ModelBundle, X: np.ndarray, y: np.ndarray, held_out: pd.DataFrame,
               storage_options: Mapping[str, Any] | None, weights_override: str | None,
               guard: Callable[[list[str]], None] | None) -> openset.OpenSet:
     """The ``unknown`` detector calibrated (:mod:`fruitdask.classifier.openset`), and a warning
     for every label the fruit catalogue lacks (the app will answer with its name only)."""
-    missing = load_catalogue().missing(bundle.labels)
-    if missing:
-        logger.warning("%d labels have no entry in the fruit catalogue (the service answers with their name only): %s; "
-                       "add them to fruitdask/catalogue/fruits.json", len(missing), ", ".join(missing))
+    warn_uncatalogued(bundle.labels)
     featurizer = bundle.featurizer(storage_options, weights_override, guard)
     open_set = openset.calibrate_bundle(bundle, featurizer, X, y, frames.matrix(held_out["features"]),
                                         held_out["label"].astype(str).to_numpy())

@@ -15,7 +15,7 @@
       shrinking: "Preparing the photo…", sending: "Looking at the photo…", done: "Done.",
       family: "Family", genus: "Genus", origin: "Origin", season: "Season in Europe", sources: "Sources: ",
       verySure: "The model is very sure", fairlySure: "The model is fairly sure", notSure: "The model is not sure",
-      unknownTitle: "Not a fruit this app knows", unknownTip: "Try again with one fruit, close up, in good light.",
+      unknownTitle: "Not a fruit this app knows", maybe: "Perhaps {name}", unknownTip: "Try again with one fruit, close up, in good light.",
       noEntry: "No information about this fruit yet.", none: "none",
       offline: "No network: check your connection, then try again.",
       loading: "The server is still starting: try again in a few seconds.",
@@ -33,7 +33,7 @@
       shrinking: "Préparation de la photo…", sending: "Analyse de la photo…", done: "Terminé.",
       family: "Famille", genus: "Genre", origin: "Origine", season: "Saison en Europe", sources: "Sources : ",
       verySure: "Le modèle est très sûr", fairlySure: "Le modèle est assez sûr", notSure: "Le modèle n'est pas sûr",
-      unknownTitle: "Pas un fruit que cette application connaît", unknownTip: "Réessayez avec un seul fruit, de près, bien éclairé.",
+      unknownTitle: "Pas un fruit que cette application connaît", maybe: "Peut-être : {name}", unknownTip: "Réessayez avec un seul fruit, de près, bien éclairé.",
       noEntry: "Pas encore d'informations sur ce fruit.", none: "aucune",
       offline: "Pas de réseau : vérifiez votre connexion, puis réessayez.",
       loading: "Le serveur démarre encore : réessayez dans quelques secondes.",
@@ -171,7 +171,8 @@
     verdict.className = "verdict " + body.status;
     verdict.textContent = known ? confidence(body, best.probability) : body.message;
     $("result").dataset.status = body.status;
-    $("fruit-name").textContent = known ? f.name : t("unknownTitle");
+    const name = body.status === "uncertain" ? t("maybe").replace("{name}", f.name) : f.name;
+    $("fruit-name").textContent = known ? name : t("unknownTitle");
     $("scientific").textContent = known ? (f.scientific_name || "") : "";
     $("scientific").lang = "la";
     const dl = $("facts");
