@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 #: First bytes of the formats the API takes (checked before PIL sees the body).
 SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
-ENDPOINTS = ("/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", *page.PATHS)
+ENDPOINTS = ("/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics")
 
 
 class ApiError(Exception):
@@ -148,14 +148,6 @@ def decode_error(e: DecodeError) -> ApiError:
     return ApiError(400, "undecodable_image", reason)
 
 
-def language(request: Request) -> str:
-    """``?lang=fr|en``, else ``Accept-Language``, else English (:func:`answer.negotiate`)."""
-    try:
-        return answer.negotiate(request.query_params.get("lang"), request.headers.get("accept-language"))[0]
-    except answer.BadLanguage as e:
-        raise ApiError(400, "bad_lang", str(e)) from e
-
-
 def parse_top(request: Request, settings: ServeSettings, n_labels: int) -> int:
     raw = request.query_params.get("top")
     if raw is None:
@@ -181,13 +173,13 @@ def _not_ready(state: ServeState) -> ApiError:
 
 async def predict(request: Request) -> Response:
     start = time.perf_counter()
+    lang = language(request)
     state = _state(request)
     if not state.ready:
         raise _not_ready(state)
     predictor, batcher = state.predictor, state.batcher
     assert predictor is not None and batcher is not None
     try:
-        lang = language(request)
         top = parse_top(request, state.settings, len(predictor.bundle.labels))
         data = await image_bytes(request, state.settings)
         check_signature(data)
@@ -309,11 +301,20 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-            *page.routes(),
         ],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, ClientDisconnect: _client_gone},
         lifespan=lifespan,
     )
     app.state.serve = state
+    app.router.routes.extend(page.routes())  # the public page at / (issue #24)
+    state.metrics.endpoints |= frozenset(page.PATHS)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
+
+
+def language(request: Request) -> str:
+    """``?lang=fr|en``, else ``Accept-Language``, else English (:func:`answer.negotiate`)."""
+    try:
+        return answer.negotiate(request.query_params.get("lang"), request.headers.get("accept-language"))[0]
+    except answer.BadLanguage as e:
+        raise ApiError(400, "bad_lang", str(e)) from e
