@@ -153,3 +153,14 @@ def test_recognised_unknown_and_a_bundle_without_detector():
     assert answer.describe(_predictions(("Banana", 0.99)), det, 0.2, 3.0, "en")["status"] == "unknown"
     old = answer.describe(_predictions(("Banana", 0.99)), None, float("nan"), float("nan"), "en")
     assert old["status"] == "recognised" and old["detector"]["distance"] is None and old["detector"]["residual"] is None
+
+
+def test_the_genus_back_off_sees_every_label_not_only_the_top_returned():
+    det = OpenSet(np.zeros((3, 2)), max_distance=1.0, sure_probability=0.6, max_residual=1.0)
+    predictor = SimpleNamespace(
+        bundle=SimpleNamespace(labels=["Banana", "Cherry 1", "Peach"]), open_set=det,
+        split=lambda row: (row[:-2], float(row[-2]), float(row[-1])),
+        top=lambda proba, k: [{"label": "Peach", "probability": 0.5}, {"label": "Cherry 1", "probability": 0.45}][:k])
+    body = answer.respond(predictor, np.array([0.05, 0.45, 0.5, 0.2, 0.2]), 1, "en")  # ?top=1
+    assert len(body["predictions"]) == 1 and body["status"] == "uncertain"
+    assert body["group"] == {"rank": "genus", "name": "Prunus"}

@@ -83,17 +83,24 @@ def _number(x: float) -> float | None:
 def respond(predictor, scores: np.ndarray, top: int, lang: str) -> dict:
     """The answer for one row of :meth:`Predictor.predict_scores`."""
     proba, distance, resid = predictor.split(scores)
-    return describe(predictor.top(proba, top), predictor.open_set, distance, resid, lang)
+    labels = predictor.bundle.labels
+    # The candidates of the genus back-off come from every label, not only the ?top= returned.
+    likely = [labels[j] for j in np.argsort(-proba, kind="stable") if proba[j] >= CANDIDATE_PROBABILITY]
+    return describe(predictor.top(proba, top), predictor.open_set, distance, resid, lang, likely)
 
 
-def describe(predictions: list[dict], open_set: OpenSet | None, distance: float, resid: float, lang: str) -> dict:
+def describe(predictions: list[dict], open_set: OpenSet | None, distance: float, resid: float, lang: str,
+             likely: list[str] | None = None) -> dict:
     """The answer's body (less ``model`` and ``elapsed_ms``) for ``predictions``, best first,
-    each ``{"label", "probability"}`` as :meth:`Predictor.top` returns them."""
+    each ``{"label", "probability"}`` as :meth:`Predictor.top` returns them; ``likely``: the
+    labels of probability :data:`CANDIDATE_PROBABILITY` or more (default: among ``predictions``)."""
     cat = load_catalogue()
     for p in predictions:
         p["fruit"] = cat.describe(p["label"], lang)
     status = decide(open_set, predictions[0]["probability"], distance, resid)
-    likely = [p["label"] for p in predictions if p["probability"] >= CANDIDATE_PROBABILITY] or [predictions[0]["label"]]
+    if likely is None:
+        likely = [p["label"] for p in predictions if p["probability"] >= CANDIDATE_PROBABILITY]
+    likely = likely or [predictions[0]["label"]]
     group = cat.shared_group(likely) if status == UNCERTAIN and len(likely) > 1 else None
     words = MESSAGES[lang]
     if status == UNCERTAIN and group:
