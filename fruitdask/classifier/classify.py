@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 from fruitdask import output, storage
+from fruitdask.catalogue import load_catalogue
+from fruitdask.classifier import openset
 from fruitdask.classifier.bundle import FeatureSpec, Featurizer, LinearClassifier, ModelBundle, WeightsRef
 from fruitdask.errors import InputError
 from fruitdask.features import frames
@@ -224,17 +226,45 @@ def train(
     y_test = held_out["label"].astype(str).to_numpy()
     proba = bundle.predict_proba(frames.matrix(held_out["features"]), spec)
     metrics = evaluate(y_test, np.asarray(bundle.labels)[proba.argmax(axis=1)], bundle.labels)
+    open_set = _open_set(bundle, X, y, held_out, storage_options, weights_override, guard)
     fit = {"n_train": len(y), "train_accuracy": train_accuracy, "C": C, "max_iter": max_iter,
            "k": int(X.shape[1]), "n_iter": int(np.max(pipe[-1].n_iter_))}
-    report = _report(features_url, source, run, fit, errors, metrics)
+    report = {**_report(features_url, source, run, fit, errors, metrics), "open_set": open_set.summary()}
     bundle.info = {
         "training": {"run": features_url, "run_id": run.doc.get("run_id"), "n_train": len(y), "train_accuracy": train_accuracy,
                      "C": C, "max_iter": max_iter},
         "evaluation": {"held_out": source, "n": metrics["n"], "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
                        "skipped": len(errors)},
+        "open_set": open_set.document(),
         "versions": versions(),
     }
     return bundle, report, _report_files(run, report, metrics)
+
+
+def warn_uncatalogued(labels: list[str]) -> list[str]:
+    """Warn about (and return) the labels the fruit catalogue has no entry for."""
+    missing = load_catalogue().missing(labels)
+    if missing:
+        logger.warning("%d labels have no entry in the fruit catalogue (the service answers with their name only): %s; "
+                       "add them to fruitdask/catalogue/fruits.json", len(missing), ", ".join(missing))
+    return missing
+
+
+def _open_set(bundle: ModelBundle, X: np.ndarray, y: np.ndarray, held_out: pd.DataFrame,
+              storage_options: Mapping[str, Any] | None, weights_override: str | None,
+              guard: Callable[[list[str]], None] | None) -> openset.OpenSet:
+    """The ``unknown`` detector calibrated (:mod:`fruitdask.classifier.openset`), and a warning
+    for every label the fruit catalogue lacks (the app will answer with its name only)."""
+    warn_uncatalogued(bundle.labels)
+    featurizer = bundle.featurizer(storage_options, weights_override, guard)
+    open_set = openset.calibrate_bundle(bundle, featurizer, X, y, frames.matrix(held_out["features"]),
+                                        held_out["label"].astype(str).to_numpy())
+    r = open_set.rates
+    logger.info("unknown detector: max distance %.3f, max residual %.3f, sure from p >= %.2f; fruit rejected %s, "
+                "non-fruit accepted %s (on %d held-out fruit photos and %d non-fruit pictures the thresholds never saw)",
+                open_set.max_distance, open_set.max_residual, open_set.sure_probability, r["fruit_rejected"],
+                r["nonfruit_accepted"], r["n_fruit_evaluation"], r["n_nonfruit_evaluation"])
+    return open_set
 
 
 def _report_files(run: RunOutput, report: dict, metrics: dict) -> dict[str, bytes]:

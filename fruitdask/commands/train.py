@@ -53,5 +53,6 @@ def command(args: argparse.Namespace) -> int:
                 report["accuracy"], report["macro_f1"], report["n"], len(report["skipped"]), report["chance"], args.model_out)
     if not args.quiet:
         print(json.dumps({"model": args.model_out, "accuracy": round(report["accuracy"], 4),
-                          "macro_f1": round(report["macro_f1"], 4), "n_test": report["n"], "skipped": len(report["skipped"])}))
+                          "macro_f1": round(report["macro_f1"], 4), "n_test": report["n"], "skipped": len(report["skipped"]),
+                          "unknown_detector": report["open_set"]}))
     return 0

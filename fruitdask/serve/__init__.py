@@ -6,6 +6,9 @@ micro-batched into one VGG16 call. The modules, one concern each:
 
 - :mod:`.settings`: the frozen :class:`ServeSettings` (limits, batching, timeouts);
 - :mod:`.predictor`: decode + featurize + classify with ``predict``'s own functions;
+- :mod:`.answer`: the fruit (:mod:`fruitdask.catalogue`) in the reader's language, and the status
+  recognised / uncertain / unknown (:mod:`fruitdask.classifier.openset`);
+- :mod:`.page`: the public page at ``/`` (``static/``), under a strict Content-Security-Policy;
 - :mod:`.batcher`: the micro-batcher (bounded wait, bounded batch, one inference thread);
 - :mod:`.metrics`: Prometheus metrics and the ASGI middleware that records requests;
 - :mod:`.app`: the public Starlette application (``/v1/predict``, ``/v1/model``, body limits, JSON errors);

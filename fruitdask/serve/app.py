@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fruitdask.features.featurize import DecodeError
+from fruitdask.serve import answer, page
 from fruitdask.serve.batcher import MicroBatcher, Overloaded
 from fruitdask.serve.limits import BudgetTimeout, Reservation, parse_top
 from fruitdask.serve.metrics import MetricsMiddleware, ServeMetrics
@@ -154,6 +155,7 @@ def _state(request: Request) -> ServeState:
 
 async def predict(request: Request) -> Response:
     start = time.perf_counter()
+    lang = language(request)
     state = _state(request)
     if not state.ready:
         raise state.not_ready()
@@ -173,11 +175,11 @@ async def predict(request: Request) -> Response:
         state.metrics.rejected.labels(e.error).inc()
         raise
     try:
-        proba = await batcher.submit(image)
+        scores = await batcher.submit(image)
     except Overloaded as e:
         raise ApiError(503, "overloaded", f"{e}: retry shortly", headers={"Retry-After": "1"}) from e
     return JSONResponse({
-        "predictions": predictor.top(proba, top),
+        **answer.respond(predictor, scores, top, lang),
         "model": predictor.summary(),
         "elapsed_ms": round(1000 * (time.perf_counter() - start), 2),
     })
@@ -233,7 +235,7 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
             if on_load_failure is not None:
                 on_load_failure(state.load_error)
             return
-        batcher = MicroBatcher(predictor.predict_proba, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+        batcher = MicroBatcher(predictor.predict_scores, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
                                max_queue=settings.max_queue, on_batch=state.metrics.observe_batch)
         batcher.start()
         state.predictor, state.batcher = predictor, batcher
@@ -261,5 +263,15 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
         lifespan=lifespan,
     )
     app.state.serve = state
+    app.router.routes.extend(page.routes())  # the public page at / (issue #24)
+    state.metrics.endpoints |= frozenset(page.PATHS)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
+
+
+def language(request: Request) -> str:
+    """``?lang=fr|en``, else ``Accept-Language``, else English (:func:`answer.negotiate`)."""
+    try:
+        return answer.negotiate(request.query_params.get("lang"), request.headers.get("accept-language"))[0]
+    except answer.BadLanguage as e:
+        raise ApiError(400, "bad_lang", str(e)) from e

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fruitdask.classifier.bundle import Featurizer, ModelBundle
+from fruitdask.classifier.openset import OpenSet, residual, standardized
 from fruitdask.features import featurize, model
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class Predictor:
         self.max_pixels = max_pixels
         self.source = source
         self.load_seconds = load_seconds
+        # The calibrated unknown detector; bundles trained before it have none.
+        doc = bundle.info.get("open_set")
+        self.open_set = OpenSet.from_document(doc) if doc else None
 
     @classmethod
     def load(cls, bundle: ModelBundle, source: str, storage_options: Mapping[str, Any] | None, *,
@@ -70,6 +74,24 @@ class Predictor:
         features = featurize.featurize_arrays(self.vgg, images, spec.pooling, max(1, len(images)))
         return self.bundle.predict_proba(features, spec)
 
+    def predict_scores(self, images: np.ndarray) -> np.ndarray:
+        """``(n, n_labels + 2)``: the probabilities, then the distance to the nearest class
+        centroid and the relative PCA residual (:mod:`fruitdask.classifier.openset`; NaN
+        without a detector). One VGG16 call; :meth:`split` takes a row apart."""
+        spec = self.featurizer.spec
+        features = featurize.featurize_arrays(self.vgg, images, spec.pooling, max(1, len(images)))
+        proba = self.bundle.predict_proba(features, spec)
+        if self.open_set is None:
+            return np.column_stack([proba, np.full((len(proba), 2), np.nan)])
+        z = standardized(self.bundle, self.bundle.reduction.transform(features))
+        resid = self.open_set.relative(residual(self.bundle.reduction, features), proba.argmax(axis=1))
+        return np.column_stack([proba, self.open_set.distance(z), resid])
+
+    @staticmethod
+    def split(scores: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """A row of :meth:`predict_scores`: ``(probabilities, distance, residual)``."""
+        return scores[:-2], float(scores[-2]), float(scores[-1])
+
     def top(self, proba: np.ndarray, k: int) -> list[dict]:
         """The ``k`` best labels of one probability row, as ``predict --json`` writes them."""
         (best,) = self.bundle.top_k(proba[None, :], k)
@@ -99,4 +121,5 @@ class Predictor:
             },
             "evaluation": {k: info.get("evaluation", {}).get(k) for k in ("accuracy", "macro_f1", "n")},
             "load_seconds": round(self.load_seconds, 3),
+            "unknown_detector": self.open_set.summary() if self.open_set else None,
         }
