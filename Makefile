@@ -32,7 +32,7 @@ install-test: $(VENV)/.installed-test system-deps
 
 ## run: the pipeline on the bundled sample (120 real images), local cluster, output in ./$(OUT)
 run: install
-	$(PY) -m fruitdask run --output $(OUT) --overwrite --allow-random-weights
+	$(PY) -m fruitdask run --output $(OUT) --allow-random-weights
 
 ## test: install the locked test environment and system packages, lint, run the whole suite
 test: install-test

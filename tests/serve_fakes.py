@@ -56,9 +56,21 @@ class FakePredictor:
     def decode(self, data: bytes) -> np.ndarray:
         return featurize.decode_image(data, self.image_size, self.max_pixels)
 
+    open_set = None  # no unknown detector: every answer is recognised or uncertain
+
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         time.sleep(self.delay)
         return np.full((len(images), len(LABELS)), 1 / len(LABELS))
+
+    def predict_scores(self, images: np.ndarray) -> np.ndarray:
+        """As :meth:`fruitdask.serve.predictor.Predictor.predict_scores`: the probabilities,
+        then the detector's two numbers (NaN: no detector)."""
+        proba = self.predict_proba(images)
+        return np.column_stack([proba, np.full((len(proba), 2), np.nan)])
+
+    @staticmethod
+    def split(scores: np.ndarray) -> tuple[np.ndarray, float, float]:
+        return scores[:-2], float(scores[-2]), float(scores[-1])
 
     def top(self, proba: np.ndarray, k: int) -> list[dict]:
         return [{"label": label, "probability": float(p)} for label, p in zip(LABELS[:k], proba[:k], strict=True)]

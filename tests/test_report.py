@@ -155,7 +155,7 @@ def test_every_number_on_the_page_equals_run_json(page):
     for ptr, text in parsed.values:
         assert matches(text, resolve(doc, ptr)), f"{ptr}: page shows {text!r}, run.json has {resolve(doc, ptr)!r}"
     shown = {p for p, _ in parsed.values}
-    must = {"/counts/images_listed", "/counts/labels", "/counts/rows_written", "/counts/errors", "/reduction/k",
+    must = {"/counts/images_listed", "/counts/labels", "/counts/added", "/counts/updated", "/counts/removed", "/counts/unchanged", "/counts/featurized", "/counts/errors", "/reduction/k",
             "/reduction/variance_reached", "/reduction/variance_target", "/duration_s", "/started_at",
             "/images_per_second/featurize", "/images_per_second/overall", "/config/image_size", "/config/pooling",
             "/weights/source", "/cluster/n_workers", "/cluster/threads"}

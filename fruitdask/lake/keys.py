@@ -24,9 +24,13 @@ _KEY_A, _KEY_B = "fruitdask-key-a0", "fruitdask-key-b1"  # hash_array wants 16 c
 def image_key(root: str, path: str) -> str:
     """The image's path relative to the input root (``Apple Braeburn/r_1_100.jpg``): stable
     across runs and readable; the same on every storage."""
-    root = root.rstrip("/")
-    rel = path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path)
-    return rel
+    root, path = _bare(root).rstrip("/"), _bare(path)
+    return path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path)
+
+
+def _bare(url: str) -> str:
+    """A URL without its protocol (``s3a://b/k`` and ``s3://b/k`` name the same object)."""
+    return url.split("://", 1)[1] if "://" in url else url
 
 
 def source_version(size: int | None, tag: object) -> str:

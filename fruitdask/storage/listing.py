@@ -43,9 +43,12 @@ def _stream(folders: list[str], list_one, files: list[Entry], threads: int) -> I
 
 def remote_batches(fs: fsspec.AbstractFileSystem, root: str, threads: int = LIST_THREADS) -> Iterator[list[Entry]]:
     """Batches of ``(path, size, ETag, None)``, one per top-level folder under ``root``."""
-    top = fs.ls(root, detail=True, refresh=True)
-    files = [(i["name"], i.get("size"), i.get("ETag"), None) for i in top if i.get("type") != "directory"]
-    folders = [i["name"] for i in top if i.get("type") == "directory"]
+    def split(folder: str) -> tuple[list[Entry], list[str]]:
+        top = fs.ls(folder, detail=True, refresh=True)
+        return ([(i["name"], i.get("size"), i.get("ETag"), None) for i in top if i.get("type") != "directory"],
+                [i["name"] for i in top if i.get("type") == "directory"])
+
+    files, folders = _widen(root, split, threads)
 
     def list_one(folder: str) -> list[Entry]:
         found = fs.find(folder, withdirs=False, detail=True)
@@ -68,17 +71,38 @@ def local_batches(root: str, threads: int = LIST_THREADS) -> Iterator[list[Entry
     """
     real_root = os.path.realpath(root)
     inside = real_root.rstrip(os.sep) + os.sep
-    files: list[Entry] = []
-    folders: list[str] = []
-    with os.scandir(root) as it:
-        for e in sorted(it, key=lambda e: e.name):
-            if e.is_dir(follow_symlinks=False):
-                folders.append(e.path)
-            elif e.is_symlink() and os.path.isdir(e.path):
-                files.extend(_linked_folder(e.path, inside))
-            else:
-                files.append(_local_file(e.path, real_root, inside))
+
+    def split(folder: str) -> tuple[list[Entry], list[str]]:
+        files: list[Entry] = []
+        folders: list[str] = []
+        with os.scandir(folder) as it:
+            for e in sorted(it, key=lambda e: e.name):
+                if e.is_dir(follow_symlinks=False):
+                    folders.append(e.path)
+                elif e.is_symlink() and os.path.isdir(e.path):
+                    files.extend(_linked_folder(e.path, inside))
+                else:
+                    files.append(_local_file(e.path, real_root, inside))
+        return files, folders
+
+    files, folders = _widen(root, split, threads)
     yield from _stream(folders, lambda top: _walk(top, real_root, inside), files, threads)
+
+
+def _widen(root: str, split, threads: int, depth: int = 3) -> tuple[list[Entry], list[str]]:
+    """The files at the top and the folders to list in parallel: descend (up to ``depth``
+    levels) while there are fewer folders than threads (``Training/``, ``Test/`` above labels)."""
+    files, folders = split(root)
+    for _ in range(depth):
+        if not folders or len(folders) >= threads:
+            break
+        deeper: list[str] = []
+        for folder in folders:
+            more_files, more_folders = split(folder)
+            files.extend(more_files)
+            deeper.extend(more_folders)
+        folders = deeper
+    return files, folders
 
 
 def _linked_folder(link: str, inside: str) -> list[Entry]:

@@ -255,9 +255,13 @@ def _settle(client, futures: list) -> None:
     by success or failure, none of its tasks is still writing a file."""
     from distributed import wait
 
-    client.cancel([f for f in futures if f.status == "pending"])
+    # A future is "pending" for the client while it waits or runs: ask the scheduler which
+    # are running (cancelling those would not stop their writes), cancel the rest.
+    pending = [f for f in futures if f.status == "pending"]
+    running = {k for keys in client.processing().values() for k in keys} if pending else set()
+    client.cancel([f for f in pending if f.key not in running])
     try:
-        wait(futures, timeout=SETTLE_S)
+        wait([f for f in pending if f.key in running], timeout=SETTLE_S)
     except Exception as e:  # noqa: BLE001 - a worker gone or a timeout: the cleanup is best effort
         logger.debug("tasks still running after the step ended: %s", e)
     client.cancel(futures)
