@@ -96,6 +96,7 @@ def run(
     with ExitStack() as stack:
         target.lock()
         stack.callback(target.unlock)
+        target.remove_stale_staging()
         stack.callback(target.abort)  # the run's staging (manifest, weights copy) goes either way
         return run.go(stack)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -108,22 +109,31 @@ def _resolve_precision(requested: str, backend: Backend | None = None) -> precis
     return resolved
 
 
+#: What a run writes at the top of its output (a first run killed early leaves some of them).
+OUTPUT_NAMES = frozenset({delta.TABLE_DIR, update.FIT_DIR, output.RUNS, output.ERRORS, output.REDUCTION, output.SCREE,
+                          output.RUN_JSON, output.REPORT, output.DASK_REPORT, output.SUCCESS})
+
+
 def open_output(cfg: RunConfig, storage_options: dict) -> delta.TableState:
-    """The output's table; an output from before the table is replaced only with
-    ``--overwrite``, a folder fruitdask did not write never."""
+    """The output's table. A folder with other files than a run writes is refused; an output
+    from before the table (Parquet parts and ``_SUCCESS``, no ``_delta_log``) is replaced only
+    with ``--overwrite``; what a first run killed before its commit left is reused."""
     state = delta.open_table(cfg.output, storage_options)
     if state.exists:
         return state
     fs, path = storage.get_fs(cfg.output, storage_options)
-    try:
-        names = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)) if fs.isdir(path) else []
-    except FileNotFoundError:
-        names = []
     if fs.isfile(path):
         raise InputError(f"output {cfg.output!r} is a file: choose another --output (a folder or prefix)")
-    if not names:
-        return state
-    storage.safety.check_replaceable(cfg.output, names)
+    try:
+        names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)} if fs.isdir(path) else set()
+    except FileNotFoundError:
+        names = set()
+    foreign = sorted(n for n in names - OUTPUT_NAMES if not n.startswith("."))
+    if foreign:
+        raise InputError(f"output {cfg.output!r} holds files fruitdask does not write ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}): choose another --output")
+    if not names & {output.SUCCESS, output.RUN_JSON}:
+        return state  # empty, or left by a first run that never committed: its files are unreferenced
     if not cfg.overwrite:
         raise InputError(
             f"output {cfg.output!r} holds a fruitdask output from before the features table (Parquet parts, no "

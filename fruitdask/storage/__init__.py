@@ -277,6 +277,26 @@ class OutputTarget:
         # to a worker or executor can write staging files, never renew or release the lock.
         return {**self.__dict__, "_heartbeat": None, "locked": False}
 
+    def remove_stale_staging(self) -> list[str]:
+        """Remove the staging prefixes of runs that died on this output (called with the lock
+        held: no other run can be writing one); return them."""
+        parent, name = self.url.rsplit("/", 1) if "/" in self.url else (".", self.url)
+        fs, p = get_fs(parent, self.storage_options)
+        prefix = f".{name}.fruitdask-tmp-"
+        try:
+            _forget_listings(fs, p)
+            stale = [e for e in fs.ls(p, detail=False) if e.rstrip("/").rsplit("/", 1)[-1].startswith(prefix)
+                     and not e.rstrip("/").endswith(self.run_id)]
+        except FileNotFoundError:
+            return []
+        except s3errors.storage_exceptions() as e:
+            logger.warning("could not look for the staging of dead runs beside %s: %s", self.url, e)
+            return []
+        for e in stale:
+            logger.info("removing %s, left by a run that died", e)
+            remove_prefix(fs.unstrip_protocol(e) if is_remote(self.url) else e, self.storage_options)
+        return stale
+
     def ensure_held(self) -> None:
         """Before a commit: renew the lease and check the lock is still this run's (a run
         that stalled past its lease and was taken over commits nothing)."""
