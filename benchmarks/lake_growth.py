@@ -58,7 +58,8 @@ def fruitdask_run(args: argparse.Namespace, backend: str, data: Path, out: Path)
     doc = json.loads(record.read_text()) if fresh and not line.get("up_to_date") else {}
     return {"wall_s": round(wall, 2), "featurized": doc.get("counts", {}).get("featurized", 0),
             "featurize_s": round(doc.get("timings_s", {}).get("featurize", 0.0), 2),
-            "counts": doc.get("counts", {}), "table": doc.get("table", {}), "up_to_date": bool(line.get("up_to_date"))}
+            "timings_s": doc.get("timings_s", {}), "counts": doc.get("counts", {}), "table": doc.get("table", {}),
+            "up_to_date": bool(line.get("up_to_date"))}
 
 
 def grow(data: Path, n: int, new: float, changed: float, deleted: float, seed: int = 1) -> dict:
