@@ -8,19 +8,23 @@ errors (:func:`fruitdask.features.frames.split_rows`), the row check and the run
 The steps of a :class:`fruitdask.backends.base.Backend`, in the order the pipeline calls them:
 
 ``start(stack)`` (stage ``startup``)
-    Open the engine; it closes with ``stack``. Dask starts before the listing, so that its
-    workers warm up meanwhile (``starts_early``); Spark once the output is locked.
+    Open the engine; it closes with ``stack``. Dask starts before the listing on a first run,
+    so that its workers warm up meanwhile (``starts_early``); an update lists and diffs first
+    and starts nothing when there is nothing to do; Spark once there is work.
 ``describe()``, ``resolve_precision(requested)``, ``warm_up(stack, precision)``
     The cluster's shape (``run.json``'s ``cluster``); ``--precision`` resolved by the workers
     themselves when they run on other machines (:func:`workers_elsewhere`; otherwise the
     pipeline resolves it on this one before anything starts); then early work on the workers.
 ``running()``
-    A context around the steps below (Dask: the performance report, then its clean-up).
-``prepare(listing, weights, weights_info)`` (stage ``broadcast``)
-    Get the listing and the weights to the workers.
-``featurize(settings)`` (stage ``featurize``) -> :class:`fruitdask.backends.base.Featurized`
-``reduce(featurized)`` (stage ``pca``) -> :class:`fruitdask.reduce.Reduction`
-``write(featurized, reduction)`` (stage ``write``) -> rows written into ``features/``
+    A context around the steps below (Dask: the performance report).
+``prepare(weights, weights_info)`` (stage ``broadcast``)
+    Get the weights to the workers.
+``featurize_parts(manifest_url, sizes, settings, ckpt, sink, fit)`` (stage ``featurize``)
+    Each manifest partition through :func:`fruitdask.lake.tasks.featurize_part` where the
+    engine runs things; the receipts (files written, failed images), with the progress bar.
+``map_tasks(fn, args_list)``, ``tree_reduce(leaves)`` (stages ``pca``, ``write``)
+    The lake's other task bodies (moments, projection, file rewrites) on the engine;
+    :mod:`fruitdask.lake.update` decides which.
 """
 
 from __future__ import annotations

@@ -40,17 +40,6 @@ FEATURES_SCHEMA = pa.schema(
     ]
 )
 
-#: Arrow schema of the written dataset; Spark, Athena and pandas read it as-is.
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("label", pa.string()),
-        ("features", FLOAT_LIST),
-        ("pca", FLOAT_LIST),
-    ]
-)
-
-
 def list_column(matrix: np.ndarray | None, n: int, index: pd.Index, valid: np.ndarray | None = None) -> pd.Series:
     """An Arrow ``list<float32>`` series of ``n`` rows from a ``(n_valid, d)`` matrix.
 
@@ -189,20 +178,3 @@ def split_rows(df):
         columns={"error_stage": "stage", "error_reason": "reason"}
     )
     return df[ok][["path", "label", "features"]], errors
-
-
-def add_pca(df: pd.DataFrame, reduction) -> pd.DataFrame:
-    """Append the ``pca`` column (``list<float32>``) to a frame of valid feature rows."""
-    out = df[["path", "label", "features"]].copy()
-    if len(df) == 0:
-        out["pca"] = pd.Series([], dtype=FLOAT_LIST_DTYPE, index=df.index)
-        return out
-    projected = reduction.transform(matrix(df["features"]))
-    out["pca"] = list_column(projected, len(df), df.index)
-    return out
-
-
-def output_meta() -> pd.DataFrame:
-    meta = features_meta()[["path", "label", "features"]]
-    meta["pca"] = pd.Series([], dtype=FLOAT_LIST_DTYPE)
-    return meta
