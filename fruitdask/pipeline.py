@@ -89,15 +89,14 @@ def run(
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
     so = cfg.storage.storage_options()
     target = storage.OutputTarget.for_update(cfg.output, so, lease_ttl=cfg.storage.lock_ttl)
-    with timer.stage("table"):
-        state = open_output(cfg, so)
-    backend = make_backend(cfg, target, progress or Progress())
-    run = _Run(cfg, target, backend, state, timer, emit, started, resolved)
     with ExitStack() as stack:
-        target.lock()
+        target.lock()  # the table is read, and an old output replaced, under the output's lock
         stack.callback(target.unlock)
         target.remove_stale_staging()
         stack.callback(target.abort)  # the run's staging (manifest, weights copy) goes either way
+        with timer.stage("table"):
+            state = open_output(cfg, so)
+        run = _Run(cfg, target, make_backend(cfg, target, progress or Progress()), state, timer, emit, started, resolved)
         return run.go(stack)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -171,6 +170,8 @@ class _Run:
         settings = FeatureSettings.from_config(cfg, winfo.sha256)
         fp = keys.settings_fingerprint(settings)
         check_settings(self.state, fp, cfg)
+        if fp == self.state.meta.get("settings") and not (plan.changes_table or cfg.refit or cfg.rebuild):
+            return self._up_to_date(plan)  # the settings only looked different (e.g. another path to the same file)
         with self.backend.running():
             with self.timer.stage("broadcast"):
                 self.backend.prepare(weights, winfo)
