@@ -87,13 +87,28 @@ def test_bad_flag_value_exits_2(tmp_path, capsys):
     assert "--image-size 8 is too small for VGG16" in _err(capsys)
 
 
-def test_existing_output_is_refused_without_overwrite(tmp_path, capsys, tiny_images):
+def test_a_folder_fruitdask_did_not_write_is_refused_even_with_overwrite(tmp_path, capsys, tiny_images):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    code = cli.main(["run", "--input", str(tiny_images), "--output", str(out), "--quiet"])
-    assert code == 1 and "--overwrite" in _err(capsys)
+    for extra in ([], ["--overwrite"]):
+        code = cli.main(["run", "--input", str(tiny_images), "--output", str(out), "--quiet", *extra])
+        err = _err(capsys)
+        assert code == 1 and "does not write (keep.txt)" in err and "choose another --output" in err
     assert (out / "keep.txt").read_text() == "old"
+
+
+def test_an_output_from_before_the_table_is_replaced_only_with_overwrite(tmp_path, capsys, tiny_images, weights_file):
+    out = tmp_path / "o"
+    (out / "features").mkdir(parents=True)
+    (out / "features" / "part-00000.parquet").write_bytes(b"old")
+    (out / "_SUCCESS").write_bytes(b"")
+    args = ["run", "--input", str(tiny_images), "--output", str(out), "--image-size", "32", "--weights", str(weights_file),
+            "--workers", "1", "--quiet"]
+    assert cli.main(args) == 1 and "--overwrite" in _err(capsys)
+    assert (out / "features" / "part-00000.parquet").read_bytes() == b"old"
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert not (out / "features" / "part-00000.parquet").exists() and (out / "features" / "_delta_log").is_dir()
 
 
 def test_python_dash_m_entry_point():
