@@ -117,25 +117,42 @@ def list_input(url: str, storage_options: Mapping[str, Any] | None, max_file_byt
 
 
 def table_keys(state: TableState) -> TableKeys:
-    """Hashes of the table's keys and versions, file by file (two string columns read)."""
+    """Hashes of the table's keys and versions, file by file (two string columns read),
+    into arrays sized once from the files' row counts (no concatenation copy)."""
     if not state.exists:
         return TableKeys([], np.zeros(0, "S16"), np.zeros(0, "<u8"), np.zeros(0, np.int32), np.zeros(0, np.int32))
     actions = pa.table(state.dt.get_add_actions(flatten=True))
     sizes = dict(zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist(), strict=True))
-    files, kh, vh, fi, ri = [], [], [], [], []
+    counts = actions.column("num_records").to_pylist() if "num_records" in actions.column_names else []
+    total = sum(int(c) for c in counts) if counts and None not in counts else None
+    out = TableKeys([], *_empty(total or 0))
+    at = 0
     for i, fragment in enumerate(state.dataset().get_fragments()):
         rel = relative(state, fragment.path)
-        files.append((rel, int(sizes.get(rel, 0) or 0)))
+        out.files.append((rel, int(sizes.get(rel, 0) or 0)))
         t = fragment.to_table(columns=["image_key", "source_version"])
-        kh.append(keys.hash_keys(t.column("image_key").to_numpy(zero_copy_only=False)))
-        vh.append(keys.hash_versions(t.column("source_version").to_numpy(zero_copy_only=False)))
-        fi.append(np.full(t.num_rows, i, np.int32))
-        ri.append(np.arange(t.num_rows, dtype=np.int32))
+        if total is None or at + t.num_rows > len(out.key_hash):  # no row counts: grow (rare)
+            out = _grown(out, at + t.num_rows)
+        end = at + t.num_rows
+        out.key_hash[at:end] = keys.hash_keys(t.column("image_key").to_numpy(zero_copy_only=False))
+        out.version_hash[at:end] = keys.hash_versions(t.column("source_version").to_numpy(zero_copy_only=False))
+        out.file_index[at:end] = i
+        out.row_index[at:end] = np.arange(t.num_rows, dtype=np.int32)
+        at = end
+    return _grown(out, at) if at != len(out.key_hash) else out
 
-    def cat(parts, dtype):
-        return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
-    return TableKeys(files, cat(kh, "S16"), cat(vh, "<u8"), cat(fi, np.int32), cat(ri, np.int32))
+def _empty(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros(n, "S16"), np.zeros(n, "<u8"), np.zeros(n, np.int32), np.zeros(n, np.int32)
+
+
+def _grown(t: TableKeys, n: int) -> TableKeys:
+    """The same arrays resized to ``n`` rows (kept rows first)."""
+    arrays = _empty(n)
+    k = min(n, len(t.key_hash))
+    for new, old in zip(arrays, (t.key_hash, t.version_hash, t.file_index, t.row_index), strict=True):
+        new[:k] = old[:k]
+    return TableKeys(t.files, *arrays)
 
 
 @dataclass
@@ -149,34 +166,45 @@ class Diff:
     removed: int
 
 
+#: Listed images compared at a time: the diff's temporaries stay a chunk's size, not the lake's.
+DIFF_CHUNK = 1 << 18
+
+
+def sort_table(table: TableKeys) -> None:
+    """Sort the table's arrays by key hash, in place (one array copied at a time)."""
+    order = np.argsort(table.key_hash, kind="stable")
+    for name in ("key_hash", "version_hash", "file_index", "row_index"):
+        setattr(table, name, getattr(table, name)[order])
+
+
 def diff(listed: Listed, table: TableKeys, prior_errors: pd.DataFrame, *, keep_deleted: bool, rebuild: bool) -> tuple[Diff, pd.DataFrame]:
     """Compare the listing with the table (and earlier failures); return the diff and the
-    earlier error rows that still hold (same file version, a failure that would repeat)."""
+    earlier error rows that still hold (same file version, a failure that would repeat).
+
+    The table's arrays are sorted in place, then the listing is looked up chunk by chunk
+    (binary search), so that the temporaries stay bounded whatever the lake's size."""
     n, m = listed.n_images, len(table.key_hash)
-    order = np.argsort(table.key_hash, kind="stable")
-    sorted_keys = table.key_hash[order]
-    pos = np.minimum(np.searchsorted(sorted_keys, listed.key_hash), max(m - 1, 0))
-    found = (sorted_keys[pos] == listed.key_hash) if m else np.zeros(n, bool)
-    row = order[pos] if m else np.zeros(n, np.int64)
-    same = found & (table.version_hash[row] == listed.version_hash) if m else found
-    in_listing = np.zeros(m, bool)
-    in_listing[row[found]] = True
-    changed = found & ~same
+    sort_table(table)
+    found, changed = np.zeros(n, bool), np.zeros(n, bool)
+    in_listing, changed_in_table = np.zeros(m, bool), np.zeros(m, bool)
+    for a in range(0, n if m else 0, DIFF_CHUNK):
+        keys_ = listed.key_hash[a : a + DIFF_CHUNK]
+        pos = np.minimum(np.searchsorted(table.key_hash, keys_), m - 1)
+        hit = table.key_hash[pos] == keys_
+        moved = hit & (table.version_hash[pos] != listed.version_hash[a : a + DIFF_CHUNK])
+        found[a : a + DIFF_CHUNK], changed[a : a + DIFF_CHUNK] = hit, moved
+        in_listing[pos[hit]] = True
+        changed_in_table[pos[moved]] = True
+    same = found & ~changed
     removed = ~in_listing
     todo = np.ones(n, bool) if rebuild else ~same
     kept_errors = _still_failing(listed, prior_errors, todo)
     if len(kept_errors):
         todo &= ~np.isin(listed.key_hash, keys.hash_keys(kept_errors["image_key"].tolist()))
-    drop_rows = np.ones(m, bool) if rebuild else changed_rows(row, changed, m) | (removed if not keep_deleted else np.zeros(m, bool))
+    drop_rows = np.ones(m, bool) if rebuild else changed_in_table | (removed if not keep_deleted else np.zeros(m, bool))
     d = Diff(todo, changed, int((~found).sum()), int(changed.sum()), int(same.sum()), drop_rows,
              int(removed.sum()) if not keep_deleted or rebuild else 0)
     return d, kept_errors
-
-
-def changed_rows(row: np.ndarray, changed: np.ndarray, m: int) -> np.ndarray:
-    out = np.zeros(m, bool)
-    out[row[changed]] = True
-    return out
 
 
 def _still_failing(listed: Listed, prior: pd.DataFrame, todo: np.ndarray) -> pd.DataFrame:
