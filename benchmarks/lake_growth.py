@@ -27,18 +27,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from derive_images import derive, sources, transform
+from derive_images import derive, sources, transform  # noqa: E402
+from memory import wait_for_quiet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fruits360-bench" / "Training"
-
-
-def wait_for_quiet(max_load: float, patience_s: float) -> float:
-    deadline = time.time() + patience_s
-    while (load := os.getloadavg()[0]) > max_load and time.time() < deadline:
-        print(f"load average {load:.2f} > {max_load}: waiting", file=sys.stderr)
-        time.sleep(15)
-    return load
 
 
 def fruitdask_run(args: argparse.Namespace, backend: str, data: Path, out: Path) -> dict:

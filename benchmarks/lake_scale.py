@@ -30,20 +30,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def vm_hwm() -> int:
+def _status(field: str) -> int:
+    """Bytes of this process's ``VmHWM`` (peak) or ``VmRSS`` (now) from /proc."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def vm_hwm() -> int:
+    return _status("VmHWM")
 
 
 def vm_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status("VmRSS")
 
 
 def make_lake(root: Path, n: int, labels: int) -> None:
