@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from derive_images import derive, sources, transform  # noqa: E402
-from memory import wait_for_quiet  # noqa: E402
+from derive_images import derive, sources, transform
+from memory import wait_for_quiet
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fruits360-bench" / "Training"
