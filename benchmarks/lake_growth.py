@@ -2,12 +2,15 @@
 
 One invocation, per backend: a first run on N images (a new table), a second after 5 % new
 images (derived from the set, distinct bytes), 1 % changed (re-encoded in place) and 1 %
-deleted, and a third with no change. Every run is the real command (``python -m fruitdask
+deleted, a third with no change, and a fourth after one new image. Every run is the real command (``python -m fruitdask
 run``, process start to exit); the featurize time comes from its ``run.json``.
 
 Printed: wall seconds and images featurized per run, as ratios to the first run, and the
-issue's goals: the second run costs at most the first run's fixed cost (its wall time
-minus its featurize stage) plus 8 % of its featurize time; the third at most 3 s.
+issue's goals: the second run costs at most the fixed cost plus 8 % of the first run's
+featurize time; the third at most 3 s. The fixed cost is given two ways: the first run's wall
+time minus its featurize stage (which hides the cluster start behind the listing and the
+workers' model build inside the featurize stage), and the wall time of the fourth run (one
+image to featurize: what any update pays).
 
     python benchmarks/lake_growth.py --images 2000 --image-size 224 --backends dask,spark --weights FILE
 
@@ -31,6 +34,9 @@ from derive_images import derive, sources, transform
 from memory import wait_for_quiet
 
 REPO = Path(__file__).resolve().parents[1]
+#: The runs, in order; the last measures the fixed cost of an update directly: everything a run
+#: with work to do pays (cluster start, the workers' model, commit, report) for one image.
+STEPS = ("first", "growth", "no change", "one new image")
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fruits360-bench" / "Training"
 
 
@@ -78,19 +84,24 @@ def one_backend(args: argparse.Namespace, backend: str) -> dict:
         data, out = Path(tmp) / "in", Path(tmp) / "out"
         derive(Path(args.data), data, args.images)
         runs = []
-        for step in ("first", "growth", "no change"):
+        for step in STEPS:
             if step == "growth":
                 change = grow(data, args.images, args.new, args.changed, args.deleted)
+            elif step == "one new image":
+                derive(data, data, 1, only_new=True, prefix="day3_", seed=3)
             load = wait_for_quiet(args.max_load, args.patience)
             r = fruitdask_run(args, backend, data, out)
             r.update(step=step, load_before=round(load, 2))
             runs.append(r)
             print(f"  {backend:5} {step:9}: {r['wall_s']:7.2f} s, {r['featurized']:5} images featurized "
                   f"(featurize {r['featurize_s']} s){' up to date' if r['up_to_date'] else ''}", flush=True)
-    first, second, third = runs
+    first, second, third, one = runs
     fixed = first["wall_s"] - first["featurize_s"]
     budget = fixed + 0.08 * first["featurize_s"]
+    measured = one["wall_s"] + 0.08 * first["featurize_s"]
     return {"backend": backend, "runs": runs, "change": change, "fixed_cost_s": round(fixed, 2),
+            "fixed_cost_measured_s": one["wall_s"], "goal_second_measured_s": round(measured, 2),
+            "second_within_measured_goal": second["wall_s"] <= measured,
             "ratios": {r["step"]: {"wall": round(r["wall_s"] / first["wall_s"], 4),
                                    "featurized": round(r["featurized"] / max(first["featurized"], 1), 4)} for r in runs},
             "goal_second_s": round(budget, 2), "second_within_goal": second["wall_s"] <= budget,
@@ -120,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({r['ratios']['growth']['featurized']:.3f} of its images featurized); goal <= {r['goal_second_s']} s: "
               f"{'met' if r['second_within_goal'] else 'NOT met'}; third {r['runs'][2]['wall_s']} s: "
               f"{'met' if r['third_within_3s'] else 'NOT met'} (<= 3 s)")
+        print(f"{backend}: fixed cost measured by a run with one new image: {r['fixed_cost_measured_s']} s; "
+              f"goal with it <= {r['goal_second_measured_s']} s: {'met' if r['second_within_measured_goal'] else 'NOT met'}")
     doc = {"images": args.images, "image_size": args.image_size, "precision": args.precision, "cpu_count": os.cpu_count(),
            "results": results}
     if args.json:

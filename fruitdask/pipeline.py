@@ -31,7 +31,7 @@ from fruitdask import checkpoint, output, storage
 from fruitdask.backends import make_backend, workers_elsewhere
 from fruitdask.backends.base import Backend
 from fruitdask.config import RunConfig
-from fruitdask.errors import InputError, TooManyErrors, WeightsError
+from fruitdask.errors import FruitdaskError, InputError, TooManyErrors, WeightsError
 from fruitdask.features import model, precision
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.lake import keys, update
@@ -158,10 +158,11 @@ class _Run:
         # that a run with nothing to do starts nothing.
         if self.backend.starts_early and not self.state.exists:
             self._start(stack)
-        loaded = self._load_weights() if self.cfg.weights not in model.WEIGHTS_CHOICES else None
+        known = self._known_weights()
+        loaded = self._load_weights() if self.cfg.weights not in model.WEIGHTS_CHOICES and not known else None
         spill = stack.enter_context(lake_plan.spill_dir())
         plan = self._plan(spill)
-        if not (plan.changes_table or self.cfg.refit or self.cfg.rebuild or self._settings_changed(loaded)):
+        if not (plan.changes_table or self.cfg.refit or self.cfg.rebuild or self._settings_changed(loaded, known)):
             return self._up_to_date(plan)
         if not self.engine_started:
             self._start(stack)  # a remote cluster's workers resolve the precision here
@@ -222,7 +223,23 @@ class _Run:
         threads = int(self.backend.cluster.get("threads") or 1) if self.engine_started else 1
         return max(1, min(self.cfg.partition_size, -(-n_images // max(threads, 1)) if n_images else 1))
 
-    def _settings_changed(self, loaded) -> bool:
+    def _known_weights(self) -> str | None:
+        """The content digest of the weights, when ``--weights`` names a file whose bytes are
+        those the table was last written with: the table's record of it, so an update decides
+        whether it has anything to do without parsing the file, and parses it (if it must: see
+        :func:`fruitdask.backends.dask.backend.weights_source`) only once its workers are
+        warming up. None otherwise."""
+        old = self.state.meta.get("feature_settings") or {}
+        if self.cfg.weights in model.WEIGHTS_CHOICES or not old.get("weights_file_sha256"):
+            return None
+        with self.timer.stage("weights"):
+            try:
+                digest = storage.url_sha256(self.cfg.weights, self.so)
+            except (OSError, FruitdaskError):  # unreadable now: the full load says why, in its own words
+                return None
+        return old.get("weights_sha256") if digest == old["weights_file_sha256"] else None
+
+    def _settings_changed(self, loaded, known: str | None = None) -> bool:
         """Whether this run's feature settings may differ from the table's (checked without
         loading weights: a weights file is hashed, a named choice compared by name and seed)."""
         old = self.state.meta.get("feature_settings") or {}
@@ -232,8 +249,8 @@ class _Run:
         now = {"image_size": cfg.image_size, "pooling": cfg.pooling, "weights": cfg.weights}
         if self.resolved is not None:  # a remote cluster's workers have not answered yet
             now["precision"] = cfg.precision
-        if loaded is not None:
-            now["weights_sha256"] = loaded[1].sha256
+        if known is not None or loaded is not None:
+            now["weights_sha256"] = known or loaded[1].sha256
         elif cfg.weights in ("random", "auto"):
             now["seed"] = cfg.seed
         return any(old.get(k) != v for k, v in now.items())
@@ -242,7 +259,8 @@ class _Run:
         cfg = self.cfg
         meta = {"run_id": self.target.run_id, "input": cfg.input, "settings": fp, "format": keys.TABLE_FORMAT,
                 "feature_settings": {"image_size": cfg.image_size, "pooling": cfg.pooling, "precision": cfg.precision,
-                                     "weights": cfg.weights, "weights_sha256": winfo.sha256, "seed": cfg.seed}}
+                                     "weights": cfg.weights, "weights_sha256": winfo.sha256,
+                                     "weights_file_sha256": winfo.file_sha256, "seed": cfg.seed}}
         return update.Request(
             output=cfg.output, run_id=self.target.run_id, settings_fp=fp, components=cfg.components, variance=cfg.variance,
             refit=cfg.refit, rebuild=cfg.rebuild or (cfg.overwrite and self.state.exists), resume=cfg.resume,

@@ -211,6 +211,27 @@ def test_nothing_to_do_exits_fast_without_tensorflow_or_a_cluster(tmp_path, clus
     assert seconds < 30  # a generous bound on a loaded CI machine; the benchmark measures it (about 1 s)
 
 
+def test_a_weights_file_the_table_knows_is_hashed_not_parsed(tmp_path, cluster, weights_file, monkeypatch):
+    """An update with the very weights file the table was written with decides from its sha256
+    alone; other bytes (here: a byte appended, same arrays) are parsed again, then compared."""
+    from fruitdask.features import weights_file as wf
+
+    data = copy_images(BUNDLED, tmp_path / "in", 2, 2)
+    out, weights = tmp_path / "out", tmp_path / "vgg16.weights.h5"
+    shutil.copyfile(weights_file, weights)
+    assert run(cluster, data, out, weights) == 0
+    assert delta.history(str(out), {}, 1)[0][delta.META_KEY]["feature_settings"]["weights_file_sha256"]
+    parsed = []
+    real = wf.read_h5
+    monkeypatch.setattr(wf, "read_h5", lambda source: parsed.append(source) or real(source))
+    assert run(cluster, data, out, weights) == 0
+    assert record(out)["table"]["version_after"] == 0 and parsed == []  # up to date, file never parsed
+    with open(weights, "ab") as f:
+        f.write(b"\0")
+    assert run(cluster, data, out, weights) == 0
+    assert len(parsed) == 1 and delta.load(str(out), {}).version() == 0  # parsed, same arrays: still up to date
+
+
 def test_workers_never_hold_all_features(tmp_path, cluster, weights_file):
     """Sampled during a run, the bytes the workers hold (the PCA moments aside: ``d x d``
     each, a few fan-ins' worth whatever the number of images) stay under two partitions'

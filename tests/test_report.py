@@ -12,6 +12,7 @@ import json
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
+from xml.etree import ElementTree
 
 import browser
 import numpy as np
@@ -23,7 +24,9 @@ from PIL import Image
 from fruitdask import cli
 from fruitdask.commands.run import EXIT_SKIPPED
 from fruitdask.report import page as report
-from fruitdask.report import plots as report_plots
+from fruitdask.report import svg as report_svg
+
+SVG = "{http://www.w3.org/2000/svg}"
 
 ARTIFACTS = REPO / "test-artifacts"
 SECTIONS = ("run", "data", "labels", "thumbnails", "skipped", "reduction", "scree", "scatter", "cost", "environment")
@@ -135,7 +138,7 @@ def test_page_embeds_its_images_and_links_nowhere_else(page, run_out):
     _, parsed, doc = page
     allowed = {"dask-report.html", doc["cluster"]["dashboard"]}
     for link in parsed.links():
-        assert link.startswith(("data:image/png;base64,", "data:image/jpeg;base64,", "#")) or link in allowed, link
+        assert link.startswith(("data:image/png;base64,", "data:image/jpeg;base64,", "data:image/svg+xml;base64,", "#")) or link in allowed, link
     assert (run_out["out"] / "dask-report.html").is_file()
     imgs = [a for t, a in parsed.tags if t == "img"]
     charts = [a for a in imgs if a.get("class") == "chart"]
@@ -144,6 +147,9 @@ def test_page_embeds_its_images_and_links_nowhere_else(page, run_out):
     assert len(thumbs) == LABELS * PER_LABEL  # the empty file has no thumbnail
     for a in charts + thumbs:
         data = base64.b64decode(a["src"].split(",", 1)[1])
+        if a["src"].startswith("data:image/svg+xml"):
+            assert ElementTree.fromstring(data).tag == f"{SVG}svg"  # well-formed SVG
+            continue
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
 
@@ -268,11 +274,29 @@ def test_report_opens_in_a_real_browser_without_errors(run_out):
 def test_scatter_legend_stays_readable_with_50_labels():
     rng = np.random.default_rng(0)
     labels = [f"Fruit {i:02d}" for i in range(50) for _ in range(50 - i)]
-    grouped, legend = report_plots.group_labels(labels)
+    grouped, legend = report_svg.group_labels(labels)
     assert legend == [f"Fruit {i:02d}" for i in range(10)] + ["other"]
     assert set(grouped) == set(legend)
-    png = report_plots.pca_scatter_png(rng.normal(size=(len(labels), 2)), labels, shown_of=len(labels))
-    assert png.startswith(b"\x89PNG")
+    svg = report_svg.pca_scatter_svg(rng.normal(size=(len(labels), 2)), labels, shown_of=len(labels))
+    root = ElementTree.fromstring(svg)
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    assert [t for t in texts if t.startswith("Fruit ")] == [f"Fruit {i:02d} ({50 - i})" for i in range(10)]
+    assert "40 other labels (" + str(sum(range(1, 41))) + ")" in texts
+    assert len(list(root.iter(f"{SVG}circle"))) == len(labels) + len(legend)  # every point, one dot per legend entry
+
+
+def test_labels_chart_is_bounded_at_any_number_of_labels():
+    """3,000 labels (past matplotlib's pixel limit in the old PNG chart): 200 bars, the last one
+    summing the rest, every count kept."""
+    per_label = {f"L{i:04d}": 1 + i % 7 for i in range(3000)}
+    root = ElementTree.fromstring(report_svg.labels_bar_svg(per_label))
+    bars = list(root.iter(f"{SVG}rect"))[1:]  # the first is the background
+    assert len(bars) == report_svg.MAX_LABEL_BARS
+    names = [g.find(f"{SVG}text").text for g in root.iter(f"{SVG}g")]
+    assert names[-1] == "other (2,801 labels)"
+    values = [int(g.findall(f"{SVG}text")[1].text.replace(",", "")) for g in root.iter(f"{SVG}g")]
+    assert sum(values) == sum(per_label.values())
+    assert values == sorted(values[:-1], reverse=True) + values[-1:]
 
 
 def test_thumbnails_are_spread_over_each_label():

@@ -31,7 +31,7 @@ from fruitdask.config import StorageSettings
 from fruitdask.errors import InputError
 from fruitdask.features import frames
 from fruitdask.features.featurize import DecodeError, decode_image
-from fruitdask.report import plots as report_plots
+from fruitdask.report import svg as report_svg
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,10 @@ def _img(png: bytes, alt: str, mime: str = "image/png", cls: str = "chart") -> s
     return f'<img class="{cls}" alt="{_e(alt)}" src="data:{mime};base64,{base64.b64encode(png).decode("ascii")}">'
 
 
+def _svg(svg: str, alt: str) -> str:
+    return _img(svg.encode("utf-8"), alt, mime="image/svg+xml")
+
+
 def _table(rows: list[tuple[str, str]], cls: str = "kv") -> str:
     body = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows)
     return f'<table class="{cls}">{body}</table>'
@@ -252,7 +256,7 @@ def _data_section(doc: Mapping[str, Any], data: OutputData) -> str:
                         ("featurized", "featurized"), ("errors", "files skipped"))
         if k in c
     )
-    chart = _img(report_plots.labels_bar_png(per_label), "images per label") if per_label else ""
+    chart = _svg(report_svg.labels_bar_svg(per_label), "images per label") if per_label else ""
     cells = []
     for label in sorted(per_label)[:MAX_THUMB_LABELS]:
         imgs = "".join(
@@ -299,9 +303,9 @@ def _reduction_section(doc: Mapping[str, Any], data: OutputData) -> str:
     ]
     scree = _img(data.scree_png, f"scree plot, K = {r.get('k')}") if data.scree_png else "<p>scree.png not found.</p>"
     if len(data.pcs):
-        png = report_plots.pca_scatter_png(data.pcs, data.pc_labels, shown_of=int((doc.get("table") or {}).get("rows") or doc["counts"]["rows_written"]),
-                                           ratios=r.get("explained_variance_ratio", [])[:2])
-        scatter = _img(png, "first two principal components by label")
+        svg = report_svg.pca_scatter_svg(data.pcs, data.pc_labels, shown_of=int((doc.get("table") or {}).get("rows") or doc["counts"]["rows_written"]),
+                                         ratios=r.get("explained_variance_ratio", [])[:2])
+        scatter = _svg(svg, "first two principal components by label")
     else:
         scatter = "<p>No rows to plot.</p>"
     return (f'<section id="reduction"><h2>The reduction</h2>{_table(rows)}'
@@ -324,7 +328,7 @@ def _cost_section(doc: Mapping[str, Any]) -> str:
         ("images/s featurizing", _num(rate.get("featurize"), "images_per_second", "featurize", kind="float")),
         ("images/s overall", _num(rate.get("overall"), "images_per_second", "overall", kind="float")),
     ])
-    chart = _img(report_plots.timings_bar_png(timings), "time per stage") if timings else ""
+    chart = _svg(report_svg.timings_bar_svg(timings), "time per stage") if timings else ""
     return f'<section id="cost"><h2>The cost</h2>{table}{rates}{chart}</section>'
 
 

@@ -581,6 +581,19 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def url_sha256(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """sha256 of a file's bytes, local or remote, streamed (nothing kept, nothing parsed)."""
+    fs, p = get_fs(url, storage_options)
+    h = hashlib.sha256()
+    try:
+        with fs.open(p, "rb", block_size=1 << 22) as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    except s3errors.storage_exceptions() as e:
+        raise translate(e, url) from e
+    return h.hexdigest()
+
+
 def download_to_local(url: str, local_path: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """Copy one file (e.g. a weights file on S3) to a local path and return that path."""
     fs, p = get_fs(url, storage_options)

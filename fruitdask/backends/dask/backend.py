@@ -187,7 +187,7 @@ class DaskBackend:
         self.extra["checkpoint"] = {"prefix": ckpt.prefix, "resume": ckpt.resume}
         listing = dd.from_map(
             tasks.read_manifest_part, range(len(sizes)), url=manifest_url, storage_options=self.storage_options,
-            label="manifest", enforce_metadata=False,
+            label="manifest", enforce_metadata=False, meta=tasks.manifest_meta(),
         )
         receipts = listing.map_partitions(featurize_on_worker, self.source, settings, ckpt, sink, fit,
                                           meta=tasks.receipt_meta())
