@@ -105,7 +105,7 @@ def warm_up_on_worker(image_size: int, precision: str = "float32") -> float:
 
 def preimport_client_modules() -> None:
     """Import what the client's later steps need (Dask's collections for the listing and
-    the PCA, matplotlib for the scree plot and the report) now, before the cluster starts.
+    the PCA, matplotlib for the scree plot of a fit) now, before the cluster starts.
 
     A local cluster's worker can only be forked once the fork server has imported
     TensorFlow (seconds, on one core); this process waits for it anyway, so these imports
