@@ -106,6 +106,16 @@ def test_dask_tracking_advances_by_partition_image_counts(local_cluster):
     assert steps == sorted(counts)
 
 
+def test_steady_rate_leaves_the_warm_up_out():
+    from fruitdask.backends.dask.backend import steady_rate
+
+    # 5 s before the first 10 images (model build), then 10 images a second.
+    marks = [(5.0, 10), (6.0, 20), (7.0, 30), (8.0, 40), (10.0, 60), (14.0, 100)]
+    assert steady_rate(marks) == 10.0  # from the mark past 10 % (10 of 100 images) to the end
+    assert 100 / 14.0 < 10.0  # what the stage's own rate would say
+    assert steady_rate(marks[:3]) is None  # too few partitions to tell
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_cli_prints_the_dashboard_first_then_an_image_bar(tiny_images, weights_file, tmp_path, capsys):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -73,24 +74,46 @@ def _worker_threads() -> int | None:
         return None
 
 
-def track_images(futures: list, counts: list[int], bar) -> list:
+def track_images(futures: list, counts: list[int], bar, marks: list[tuple[float, int]] | None = None) -> list:
     """Gather each partition's (small) result as its future completes, releasing it at once,
     and advance ``bar`` by the partition's image count (``futures[i]`` computes partition
-    ``i`` of ``counts[i]`` images). Returns the results in partition order."""
+    ``i`` of ``counts[i]`` images). Returns the results in partition order; ``marks``, when
+    given, receives ``(seconds since start, images done)`` at each completion."""
     from distributed import as_completed
 
     index = {f.key: i for i, f in enumerate(futures)}
     results: list = [None] * len(futures)
     bar.start(sum(counts))
+    t0, done = time.perf_counter(), 0
     try:
         for future in as_completed(futures):
             i = index.get(future.key, 0)
             results[i] = future.result()
             future.release()
             bar.advance(counts[i])
+            done += counts[i]
+            if marks is not None:
+                marks.append((time.perf_counter() - t0, done))
     finally:
         bar.close()
     return results
+
+
+#: The steady rate counts from the moment this share of the images is done: the workers'
+#: model build and first batches (a fixed cost per run) are behind it.
+STEADY_FROM = 0.1
+
+
+def steady_rate(marks: list[tuple[float, int]], share: float = STEADY_FROM) -> float | None:
+    """Images per second from the first mark past ``share`` of the images to the last: the
+    featurization's throughput without its warm-up (None with too few partitions to tell)."""
+    if len(marks) < 4:
+        return None
+    total = marks[-1][1]
+    start = next(m for m in marks if m[1] >= share * total)
+    if start is marks[-1] or marks[-1][0] <= start[0]:
+        return None
+    return (total - start[1]) / (marks[-1][0] - start[0])
 
 
 #: Folder of the staging prefix for the run's own inputs (manifest, weights, reduction);
@@ -193,7 +216,10 @@ class DaskBackend:
                                           meta=tasks.receipt_meta())
         futures = self.client.compute(receipts.to_delayed())
         try:
-            parts = track_images(futures, sizes, self.progress)
+            marks: list[tuple[float, int]] = []
+            parts = track_images(futures, sizes, self.progress, marks)
+            rate = steady_rate(marks)
+            self.extra["steady_images_per_s"] = None if rate is None else round(rate, 3)
         finally:
             _settle(self.client, futures)
         return pd.concat(parts, ignore_index=True) if parts else tasks.receipt_meta()
