@@ -94,7 +94,8 @@ def list_input(url: str, storage_options: Mapping[str, Any] | None, max_file_byt
     """Stream the listing of ``url`` into a spill file in ``spill_dir``; keep hashes only."""
     spill = os.path.join(spill_dir, "listing.parquet")
     root = url.rstrip("/")
-    key_parts, version_parts, refused, per_label = [], [], [], Counter()
+    key_hash, version_hash = Growing("S16"), Growing("<u8")
+    refused, per_label = [], Counter()
     with pq.ParquetWriter(spill, SPILL_SCHEMA) as writer:
         for batch in storage.iter_images(url, storage_options, max_file_bytes):
             if batch.images:
@@ -102,18 +103,45 @@ def list_input(url: str, storage_options: Mapping[str, Any] | None, max_file_byt
                 ks = [keys.image_key(root, p) for p in paths]
                 vs = [keys.source_version(s, t) for s, t in zip(sizes, tags, strict=True)]
                 writer.write_table(pa.table([list(paths), list(labels), ks, vs], schema=SPILL_SCHEMA))
-                key_parts.append(keys.hash_keys(ks))
-                version_parts.append(keys.hash_versions(vs))
+                key_hash.extend(keys.hash_keys(ks))
+                version_hash.extend(keys.hash_versions(vs))
                 per_label.update(labels)
             refused.extend((p, lab, "list", why, keys.image_key(root, p), keys.source_version(s, t), run_id)
                            for p, lab, why, s, t in batch.refused)
-    if not key_parts and not refused:
+    if not len(key_hash) and not refused:
         raise InputError(f"no images found under {url!r}: expected <Label>/<image>.jpg|.jpeg|.png files (any letter case)")
-    return Listed(
-        spill, np.concatenate(key_parts) if key_parts else np.zeros(0, "S16"),
-        np.concatenate(version_parts) if version_parts else np.zeros(0, "<u8"),
-        pd.DataFrame(refused, columns=ERROR_COLUMNS), dict(sorted(per_label.items())),
-    )
+    release_arrow_memory()
+    return Listed(spill, key_hash.array(), version_hash.array(), pd.DataFrame(refused, columns=ERROR_COLUMNS),
+                  dict(sorted(per_label.items())))
+
+
+class Growing:
+    """An array appended to in place: grown by half again when full, by ``realloc`` (no second
+    copy alive at once, unlike collecting parts and concatenating them)."""
+
+    def __init__(self, dtype: str, capacity: int = 1 << 16) -> None:
+        self.data, self.n = np.zeros(capacity, dtype), 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def extend(self, values: np.ndarray) -> None:
+        end = self.n + len(values)
+        if end > len(self.data):
+            self.data.resize(max(end, len(self.data) * 3 // 2), refcheck=False)
+        self.data[self.n : end] = values
+        self.n = end
+
+    def array(self) -> np.ndarray:
+        """The values, the buffer trimmed to them (in place)."""
+        self.data.resize(self.n, refcheck=False)
+        return self.data
+
+
+def release_arrow_memory() -> None:
+    """Hand Arrow's freed memory back to the system: its allocator keeps what a phase freed
+    (tens of MB after a listing or the table's keys) for later use, which the plan never has."""
+    pa.default_memory_pool().release_unused()
 
 
 def table_keys(state: TableState) -> TableKeys:
@@ -139,6 +167,7 @@ def table_keys(state: TableState) -> TableKeys:
         out.file_index[at:end] = i
         out.row_index[at:end] = np.arange(t.num_rows, dtype=np.int32)
         at = end
+    release_arrow_memory()
     return _grown(out, at) if at != len(out.key_hash) else out
 
 
@@ -236,12 +265,14 @@ def write_manifest(listed: Listed, todo: np.ndarray, updated: np.ndarray, url: s
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     start, buffered, group = 0, [], 0
     with fs.open(path, "wb") as f, pq.ParquetWriter(f, MANIFEST_SCHEMA) as writer:
-        for batch in pq.ParquetFile(listed.spill).iter_batches(batch_size=65536):
+        spilled = pq.ParquetFile(listed.spill)
+        for g in range(spilled.num_row_groups):  # a listing page each (iter_batches reads ahead: O(N))
+            batch = spilled.read_row_group(g)
             mask = todo[start : start + batch.num_rows]
             change = np.where(updated[start : start + batch.num_rows][mask], "updated", "added")
             start += batch.num_rows
             if mask.any():
-                chosen = pa.Table.from_batches([batch]).filter(pa.array(mask))
+                chosen = batch.filter(pa.array(mask))
                 buffered.append(chosen.append_column("change", pa.array(change, pa.string())))
             while group < len(sizes) and sum(t.num_rows for t in buffered) >= sizes[group]:
                 table = pa.concat_tables(buffered)

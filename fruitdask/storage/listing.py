@@ -3,9 +3,10 @@ never by reading it) and, for local trees, whether it is a symbolic link leading
 input root.
 
 The listing is streamed: the folders at the top of the input (the labels) are listed
-concurrently by a bounded pool of threads, and each folder's entries come back as one batch
-as soon as it is listed; no listing cache is kept (s3fs's is dropped after each folder), so
-the caller can spill batches to disk and hold nothing per image.
+concurrently by a bounded pool of threads, each a page at a time (S3's ListObjectsV2 pages of
+1,000 keys, or as many local entries), and pages come back as they are listed through a
+bounded queue; no listing cache is kept, so the caller can spill pages to disk and hold
+nothing per image, whatever the size of a folder.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import collections
 import os
 import posixpath
+import queue
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,25 +27,76 @@ Entry = tuple[str, int | None, str | None, str | None]
 LIST_THREADS = 16
 
 
-def _stream(folders: list[str], list_one, files: list[Entry], threads: int) -> Iterator[list[Entry]]:
-    """``files``, then each folder's entries, listed by ``threads`` threads; at most
-    ``threads`` folders are listed or waiting at once, so a slow consumer bounds memory."""
-    if files:
-        yield files
+#: Entries per batch at most: a folder of any size is listed (and handed on) a page at a time,
+#: S3's ListObjectsV2 page (1,000 keys) or as many local entries.
+PAGE = 1000
+
+
+def _stream(folders: list[str], list_pages, files: list[Entry], threads: int) -> Iterator[list[Entry]]:
+    """``files``, then each folder's entries a page at a time, in folder order, listed by
+    ``threads`` threads.
+
+    ``threads`` folders are listed at once, each into a queue of two pages: a listing thread
+    waits while the consumer is behind, so at most ``3 * threads`` pages are held, whatever
+    the size of a folder or of the lake. A thread's error is raised here; a consumer that
+    stops early stops the threads."""
+    for i in range(0, len(files), PAGE):
+        yield files[i : i + PAGE]
     if not folders:
         return
     width = max(1, min(threads, len(folders)))
+    stop, done = threading.Event(), object()
+
+    def put(q: queue.Queue, item) -> None:
+        while not stop.is_set():
+            try:
+                return q.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+
+    def produce(folder: str, q: queue.Queue) -> None:
+        try:
+            for page in list_pages(folder):
+                if stop.is_set():
+                    return
+                if page:
+                    put(q, page)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put(q, e)
+        finally:
+            put(q, done)
+
     with ThreadPoolExecutor(max_workers=width, thread_name_prefix="fruitdask-list") as pool:
-        pending = collections.deque(pool.submit(list_one, f) for f in folders[:width])
-        for folder in folders[width:]:
-            yield pending.popleft().result()
-            pending.append(pool.submit(list_one, folder))
-        while pending:
-            yield pending.popleft().result()
+        todo = iter(folders)
+        pending: collections.deque = collections.deque()
+
+        def start_next() -> None:
+            folder = next(todo, None)
+            if folder is not None:
+                q: queue.Queue = queue.Queue(maxsize=2)
+                pool.submit(produce, folder, q)
+                pending.append(q)
+
+        try:
+            for _ in range(width):
+                start_next()
+            while pending:
+                q = pending[0]
+                item = q.get()
+                if item is done:
+                    pending.popleft()
+                    start_next()
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            stop.set()
 
 
 def remote_batches(fs: fsspec.AbstractFileSystem, root: str, threads: int = LIST_THREADS) -> Iterator[list[Entry]]:
-    """Batches of ``(path, size, ETag, None)``, one per top-level folder under ``root``."""
+    """Batches of ``(path, size, ETag, None)``, a listing page at a time, under each
+    top-level folder of ``root``."""
     def split(folder: str) -> tuple[list[Entry], list[str]]:
         top = fs.ls(folder, detail=True, refresh=True)
         return ([(i["name"], i.get("size"), i.get("ETag"), None) for i in top if i.get("type") != "directory"],
@@ -50,15 +104,34 @@ def remote_batches(fs: fsspec.AbstractFileSystem, root: str, threads: int = LIST
 
     files, folders = _widen(root, split, threads)
 
-    def list_one(folder: str) -> list[Entry]:
-        found = fs.find(folder, withdirs=False, detail=True)
-        fs.invalidate_cache(folder)  # the lake may hold millions of keys: keep no listing cache
-        return [(p, info.get("size"), info.get("ETag"), None) for p, info in found.items()]
+    def list_pages(folder: str) -> Iterator[list[Entry]]:
+        if not hasattr(fs, "_call_s3"):  # another remote store: its own recursive listing
+            found = fs.find(folder, withdirs=False, detail=True)
+            fs.invalidate_cache(folder)  # keep no listing cache
+            yield [(p, info.get("size"), info.get("ETag"), None) for p, info in found.items()]
+            return
+        yield from _s3_pages(fs, folder)
 
     try:
-        yield from _stream(folders, list_one, files, threads)
+        yield from _stream(folders, list_pages, files, threads)
     finally:
         fs.invalidate_cache(root)
+
+
+def _s3_pages(fs, folder: str) -> Iterator[list[Entry]]:
+    """ListObjectsV2 under ``folder/``, one request per page, as each page arrives (through
+    s3fs's ``_call_s3``, so its retries and credentials apply; nothing is cached)."""
+    from fsspec.asyn import sync
+
+    bucket, _, prefix = folder.partition("/")
+    kwargs = {"Bucket": bucket, "Prefix": prefix.rstrip("/") + "/" if prefix else "", "MaxKeys": PAGE, **fs.req_kw}
+    while True:
+        out = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
+        yield [(f"{bucket}/{c['Key']}", c.get("Size"), c.get("ETag"), None)
+               for c in out.get("Contents", []) if not c["Key"].endswith("/")]
+        if not out.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = out["NextContinuationToken"]
 
 
 def local_batches(root: str, threads: int = LIST_THREADS) -> Iterator[list[Entry]]:
@@ -111,15 +184,26 @@ def _linked_folder(link: str, inside: str) -> list[Entry]:
     return [(link, None, None, f"symbolic link to a folder outside the input root ({os.path.realpath(link)}): not followed")]
 
 
-def _walk(top: str, real_root: str, inside: str) -> list[Entry]:
-    out: list[Entry] = []
-    for folder, dirs, names in os.walk(top, followlinks=False):
-        for d in dirs:
-            link = os.path.join(folder, d)
-            if os.path.islink(link):
-                out.extend(_linked_folder(link, inside))
-        out.extend(_local_file(os.path.join(folder, f), real_root, inside) for f in names)
-    return out
+def _walk(top: str, real_root: str, inside: str) -> Iterator[list[Entry]]:
+    """Every file under ``top``, :data:`PAGE` entries at a time (folders read entry by entry,
+    never as a whole list), links not followed."""
+    page: list[Entry] = []
+    stack = [top]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                    continue
+                if e.is_symlink() and os.path.isdir(e.path):
+                    page.extend(_linked_folder(e.path, inside))
+                else:
+                    page.append(_local_file(e.path, real_root, inside))
+                if len(page) >= PAGE:
+                    yield page
+                    page = []
+    if page:
+        yield page
 
 
 def _local_file(path: str, real_root: str, inside: str) -> Entry:
