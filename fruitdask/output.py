@@ -29,9 +29,9 @@ import pandas as pd
 from fruitdask import __version__, storage
 from fruitdask.errors import InputError
 from fruitdask.features.settings import FeatureSettings
-from fruitdask.lake.schema import ERROR_COLUMNS
 from fruitdask.reduce import Reduction
 from fruitdask.runinfo import StageTimer, versions
+from fruitdask.schema import ERROR_COLUMNS
 
 if TYPE_CHECKING:
     from fruitdask.config import RunConfig

@@ -37,11 +37,11 @@ from fruitdask.features.settings import FeatureSettings
 from fruitdask.lake import keys, update
 from fruitdask.lake import plan as lake_plan
 from fruitdask.lake import table as delta
-from fruitdask.lake.schema import ERROR_COLUMNS
 from fruitdask.progress import Progress
 from fruitdask.reduce import scree_png
 from fruitdask.report import page as report
 from fruitdask.runinfo import StageTimer
+from fruitdask.schema import ERROR_COLUMNS
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from fruitdask.classifier.bundle import FeatureSpec
 from fruitdask.config import build_config
 from fruitdask.features import frames
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.schema import SKIPPED_COLUMNS
 
 
 def test_from_config_round_trips_through_pickle():
@@ -45,7 +46,7 @@ def test_split_rows_separates_good_rows_and_errors():
                        "error_stage": [None, "decode", None], "error_reason": [None, "not an image", None]})
     good, errors = frames.split_rows(df)
     assert list(good.columns) == ["path", "label", "features"] and list(good["path"]) == ["a", "c"]
-    assert list(errors.columns) == frames.ERROR_COLUMNS
+    assert list(errors.columns) == SKIPPED_COLUMNS
     assert errors.to_dict(orient="records") == [{"path": "b", "label": "L", "stage": "decode", "reason": "not an image"}]
 
 
@@ -60,7 +61,7 @@ def test_spark_featurizes_with_the_shared_partition_function(monkeypatch, tmp_pa
     from fruitdask.backends.spark import backend as spark_backend
     from fruitdask.features import featurize
     from fruitdask.lake import tasks
-    from fruitdask.lake.schema import MANIFEST_SCHEMA
+    from fruitdask.schema import MANIFEST_SCHEMA
 
     seen = []
 

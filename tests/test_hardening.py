@@ -253,7 +253,7 @@ def test_report_rebuild_guards_thumbnail_paths_read_from_parquet(s3, tmp_path, m
 
     import pyarrow as pa
 
-    from fruitdask.lake.schema import TABLE_SCHEMA
+    from fruitdask.schema import TABLE_SCHEMA
 
     """A features/ part whose paths point at another bucket (or another protocol): the
     rebuild refuses before reading any thumbnail."""

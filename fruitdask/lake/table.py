@@ -24,7 +24,7 @@ from typing import Any
 
 from fruitdask import storage
 from fruitdask.errors import ConcurrentRunError, OutputError
-from fruitdask.lake.schema import TABLE_SCHEMA
+from fruitdask.schema import TABLE_SCHEMA
 
 logger = logging.getLogger(__name__)
 

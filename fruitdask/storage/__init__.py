@@ -22,6 +22,7 @@ import fsspec
 import pandas as pd
 
 from fruitdask.errors import InputError, OutputError, StorageError, UntrustedReferenceError
+from fruitdask.schema import SKIPPED_COLUMNS
 from fruitdask.storage import lease, listing, s3errors, safety
 from fruitdask.storage.regions import bucket_region, guard_regions, normalize_region, split_bucket  # noqa: F401 - re-exported
 from fruitdask.storage.urls import get_fs, is_remote, unsafe_name  # is_remote re-exported too
@@ -34,7 +35,6 @@ SUCCESS_MARKER = "_SUCCESS"
 
 #: Default ``--max-file-mb``: a Fruits-360 image is ~5 KB, a 24-megapixel JPEG ~15 MB.
 DEFAULT_MAX_FILE_MB = 50
-REJECTED_COLUMNS = ["path", "label", "stage", "reason"]
 
 
 @dataclass
@@ -122,7 +122,7 @@ def scan_images(
             f"no images found under {url!r}: expected <Label>/<image>.jpg|.jpeg|.png files (any letter case)"
         )
     listing_df = pd.DataFrame(sorted(rows), columns=["path", "label"])
-    return listing_df, pd.DataFrame(sorted(rejected), columns=REJECTED_COLUMNS)
+    return listing_df, pd.DataFrame(sorted(rejected), columns=SKIPPED_COLUMNS)
 
 
 def list_images(
