@@ -33,19 +33,12 @@ from fruitdask import storage
 from fruitdask.features import frames
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.schema import FEATURES_SCHEMA
+from fruitdask.storage.paths import checkpoint_root  # a hidden sibling of the output, like its staging
 
 logger = logging.getLogger(__name__)
 
 #: Bumped when the checkpoint layout or the meaning of its columns changes.
 FORMAT_VERSION = 1
-SUFFIX = "fruitdask-checkpoint"
-
-
-def checkpoint_root(output_url: str) -> str:
-    """The checkpoint prefix of an output: a hidden sibling, like the staging prefix."""
-    url = output_url.rstrip("/")
-    parent, name = url.rsplit("/", 1) if "/" in url else (".", url)
-    return f"{parent}/.{name}.{SUFFIX}"
 
 
 def fingerprint(settings: FeatureSettings) -> str:

@@ -87,7 +87,7 @@ def run(
         cfg = dataclasses.replace(cfg, precision=resolved.precision)
     # Nothing is read or written before every location passes the region guard.
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
-    so = cfg.storage.storage_options()
+    so = storage.storage_options(cfg.storage)
     target = storage.OutputTarget.for_update(cfg.output, so, lease_ttl=cfg.storage.lock_ttl)
     with ExitStack() as stack:
         target.lock()  # the table is read, and an old output replaced, under the output's lock
@@ -150,7 +150,7 @@ class _Run:
                  timer: StageTimer, emit: Callable, started: dt.datetime, resolved: precision.Resolved | None) -> None:
         self.cfg, self.target, self.backend, self.state = cfg, target, backend, state
         self.timer, self.emit, self.started, self.resolved = timer, emit, started, resolved
-        self.so = cfg.storage.storage_options()
+        self.so = storage.storage_options(cfg.storage)
         self.engine_started = False
 
     def go(self, stack: ExitStack) -> dict:

@@ -13,6 +13,7 @@ from fruitdask.config import build_config
 from fruitdask.features import frames
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.schema import SKIPPED_COLUMNS
+from fruitdask.storage.options import storage_options
 
 
 def test_from_config_round_trips_through_pickle():
@@ -20,7 +21,7 @@ def test_from_config_round_trips_through_pickle():
                        {"AWS_ENDPOINT_URL": "http://127.0.0.1:5555"})
     s = FeatureSettings.from_config(cfg, "abc")
     assert (s.weights_key, s.image_size, s.pooling, s.batch_size, s.precision) == ("abc", 64, "max", 16, "float32")
-    assert s.storage_options == cfg.storage.storage_options()
+    assert s.storage_options == storage_options(cfg.storage)
     back = pickle.loads(pickle.dumps(s))
     assert back == s and back.storage_options == s.storage_options
 

@@ -28,7 +28,7 @@ from fruitdask.schema import TABLE_SCHEMA
 
 logger = logging.getLogger(__name__)
 
-TABLE_DIR = "features"
+TABLE_DIR = storage.paths.FEATURES
 META_KEY = "fruitdask"
 #: Commits searched back for the last fruitdask one (compactions carry it forward too).
 HISTORY_DEPTH = 50
