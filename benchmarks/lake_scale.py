@@ -64,7 +64,7 @@ def make_table(root: Path, out: Path, n: int, labels: int) -> None:
 
     from fruitdask.lake import keys, tasks
     from fruitdask.lake import table as delta
-    from fruitdask.lake.schema import TABLE_SCHEMA
+    from fruitdask.schema import TABLE_SCHEMA
 
     state = delta.open_table(str(out), {})
     sink = tasks.Sink(delta.table_url(str(out)), "synthetic", "s", {})

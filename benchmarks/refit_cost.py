@@ -30,7 +30,7 @@ def make_table(out: str, n: int, per_file: int, d: int = 512) -> list[tuple[str,
 
     from fruitdask.lake import table as delta
     from fruitdask.lake import tasks
-    from fruitdask.lake.schema import TABLE_SCHEMA
+    from fruitdask.schema import TABLE_SCHEMA
 
     rng = np.random.default_rng(0)
     sink = tasks.Sink(delta.table_url(out), "synthetic", "s", {})

@@ -32,19 +32,13 @@ import pyarrow as pa
 from fruitdask import storage
 from fruitdask.features import frames
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.schema import FEATURES_SCHEMA
+from fruitdask.storage.paths import checkpoint_root  # a hidden sibling of the output, like its staging
 
 logger = logging.getLogger(__name__)
 
 #: Bumped when the checkpoint layout or the meaning of its columns changes.
 FORMAT_VERSION = 1
-SUFFIX = "fruitdask-checkpoint"
-
-
-def checkpoint_root(output_url: str) -> str:
-    """The checkpoint prefix of an output: a hidden sibling, like the staging prefix."""
-    url = output_url.rstrip("/")
-    parent, name = url.rsplit("/", 1) if "/" in url else (".", url)
-    return f"{parent}/.{name}.{SUFFIX}"
 
 
 def fingerprint(settings: FeatureSettings) -> str:
@@ -92,7 +86,7 @@ class Checkpoints:
             logger.warning("cannot read checkpoint %s (%s): computing the partition again", url, e)
             return None
         try:
-            table = pq.read_table(io.BytesIO(data), schema=frames.FEATURES_SCHEMA)
+            table = pq.read_table(io.BytesIO(data), schema=FEATURES_SCHEMA)
         except (pa.ArrowException, OSError, ValueError) as e:
             # A worker killed mid-write leaves a torn file; recomputing is always safe.
             logger.warning("checkpoint %s is damaged (%s): computing the partition again", url, e)
@@ -108,7 +102,7 @@ class Checkpoints:
         """Write the featurized partition; a failed write only costs a recompute on resume."""
         url = self.part_url(df)
         try:
-            storage.write_parquet_part(result, url, frames.FEATURES_SCHEMA, self.storage_options)
+            storage.write_parquet_part(result, url, FEATURES_SCHEMA, self.storage_options)
         except OSError as e:
             logger.warning("could not checkpoint %s (%s): a --resume would compute it again", url, e)
 

@@ -42,7 +42,8 @@ TF_ENV: dict[str, str] = {
 
 @dataclass(frozen=True)
 class StorageSettings:
-    """How to reach object storage; identical on the client, workers and executors."""
+    """How to reach object storage, as plain values; identical on the client, workers and
+    executors. :func:`fruitdask.storage.options.storage_options` turns them into fsspec's."""
 
     endpoint_url: str | None = None
     region: str | None = None
@@ -52,26 +53,6 @@ class StorageSettings:
     # Seconds the output lock holds without renewal (renewed every third of it while the run
     # lives); a killed run's lock is taken over once it runs out (docs/s3.md).
     lock_ttl: float = 180.0
-
-    def storage_options(self) -> dict[str, Any]:
-        """fsspec ``storage_options`` for ``s3://`` URLs. Never holds secrets: credentials
-        come from the AWS chain (env, profile, IRSA web identity) in each process."""
-        opts: dict[str, Any] = {}
-        client_kwargs: dict[str, Any] = {}
-        if self.endpoint_url:
-            client_kwargs["endpoint_url"] = self.endpoint_url
-        if self.region:
-            client_kwargs["region_name"] = self.region
-        if client_kwargs:
-            opts["client_kwargs"] = client_kwargs
-        if self.profile:
-            opts["profile"] = self.profile
-        opts["config_kwargs"] = {
-            "connect_timeout": self.connect_timeout,
-            "read_timeout": max(self.connect_timeout, 30.0),
-            "retries": {"max_attempts": 3, "mode": "standard"},
-        }
-        return opts
 
 
 @dataclass(frozen=True)

@@ -29,23 +29,25 @@ import pandas as pd
 from fruitdask import __version__, storage
 from fruitdask.errors import InputError
 from fruitdask.features.settings import FeatureSettings
-from fruitdask.lake.schema import ERROR_COLUMNS
 from fruitdask.reduce import Reduction
 from fruitdask.runinfo import StageTimer, versions
+from fruitdask.schema import ERROR_COLUMNS
+from fruitdask.storage import paths
 
 if TYPE_CHECKING:
     from fruitdask.config import RunConfig
     from fruitdask.features.model import WeightsInfo
 
-FEATURES = "features"
-ERRORS = "errors.parquet"
-REDUCTION = "reduction.npz"
-SCREE = "scree.png"
-RUN_JSON = "run.json"
-REPORT = "report.html"
-DASK_REPORT = "dask-report.html"
-SUCCESS = storage.SUCCESS_MARKER
-RUNS = "runs"
+# The names of the layout above (fruitdask.storage.paths holds them, with the hidden siblings).
+FEATURES = paths.FEATURES
+ERRORS = paths.ERRORS
+REDUCTION = paths.REDUCTION
+SCREE = paths.SCREE
+RUN_JSON = paths.RUN_JSON
+REPORT = paths.REPORT
+DASK_REPORT = paths.DASK_REPORT
+SUCCESS = paths.SUCCESS_MARKER
+RUNS = paths.RUNS
 
 NOT_A_RUN_HINT = "pass the --output folder or URI of a finished `fruitdask run`"
 

@@ -37,11 +37,11 @@ from fruitdask.features.settings import FeatureSettings
 from fruitdask.lake import keys, update
 from fruitdask.lake import plan as lake_plan
 from fruitdask.lake import table as delta
-from fruitdask.lake.schema import ERROR_COLUMNS
 from fruitdask.progress import Progress
 from fruitdask.reduce import scree_png
 from fruitdask.report import page as report
 from fruitdask.runinfo import StageTimer
+from fruitdask.schema import ERROR_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def run(
         cfg = dataclasses.replace(cfg, precision=resolved.precision)
     # Nothing is read or written before every location passes the region guard.
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
-    so = cfg.storage.storage_options()
+    so = storage.storage_options(cfg.storage)
     target = storage.OutputTarget.for_update(cfg.output, so, lease_ttl=cfg.storage.lock_ttl)
     with ExitStack() as stack:
         target.lock()  # the table is read, and an old output replaced, under the output's lock
@@ -150,7 +150,7 @@ class _Run:
                  timer: StageTimer, emit: Callable, started: dt.datetime, resolved: precision.Resolved | None) -> None:
         self.cfg, self.target, self.backend, self.state = cfg, target, backend, state
         self.timer, self.emit, self.started, self.resolved = timer, emit, started, resolved
-        self.so = cfg.storage.storage_options()
+        self.so = storage.storage_options(cfg.storage)
         self.engine_started = False
 
     def go(self, stack: ExitStack) -> dict:

@@ -8,6 +8,7 @@ import pytest
 
 from fruitdask.config import EU_REGIONS, RunConfig, build_config
 from fruitdask.errors import ConfigError
+from fruitdask.storage.options import storage_options
 
 BASE = {"input": "in", "output": "out"}
 
@@ -36,7 +37,7 @@ def test_flags_override_environment_which_overrides_defaults():
 
 def test_aws_endpoint_variable_is_honoured():
     cfg = build_config(BASE, {"AWS_ENDPOINT_URL": "http://127.0.0.1:5555"})
-    assert cfg.storage.storage_options()["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:5555"
+    assert storage_options(cfg.storage)["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:5555"
 
 
 @pytest.mark.parametrize(
@@ -70,8 +71,23 @@ def test_feature_dim_and_error_budget():
 def test_storage_options_hold_no_credentials():
     env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-SECRET", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY"}
     cfg = build_config({**BASE, "storage_endpoint_url": "http://x", "storage_profile": "p"}, env)
-    text = repr(cfg.storage.storage_options()) + repr(cfg.to_dict())
+    text = repr(storage_options(cfg.storage)) + repr(cfg.to_dict())
     assert "SECRET" not in text and "AKIAEXAMPLEKEY" not in text
+
+
+def test_config_holds_plain_values_and_only_the_storage_package_builds_s3fs_options():
+    """A second storage (GCS, Azure) would touch fruitdask/storage only (issue 25)."""
+    import ast
+    from pathlib import Path
+
+    import fruitdask.config
+
+    tree = ast.parse(Path(fruitdask.config.__file__).read_text())
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    imports = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imports |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {"client_kwargs", "config_kwargs", "region_name", "profile"} & strings
+    assert not {m for m in imports if m.split(".")[0] in ("s3fs", "fsspec", "botocore") or m.startswith("fruitdask.storage")}
 
 
 def test_local_cluster_shape_defaults():

@@ -12,6 +12,8 @@ from fruitdask.classifier.bundle import FeatureSpec
 from fruitdask.config import build_config
 from fruitdask.features import frames
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.schema import SKIPPED_COLUMNS
+from fruitdask.storage.options import storage_options
 
 
 def test_from_config_round_trips_through_pickle():
@@ -19,7 +21,7 @@ def test_from_config_round_trips_through_pickle():
                        {"AWS_ENDPOINT_URL": "http://127.0.0.1:5555"})
     s = FeatureSettings.from_config(cfg, "abc")
     assert (s.weights_key, s.image_size, s.pooling, s.batch_size, s.precision) == ("abc", 64, "max", 16, "float32")
-    assert s.storage_options == cfg.storage.storage_options()
+    assert s.storage_options == storage_options(cfg.storage)
     back = pickle.loads(pickle.dumps(s))
     assert back == s and back.storage_options == s.storage_options
 
@@ -45,7 +47,7 @@ def test_split_rows_separates_good_rows_and_errors():
                        "error_stage": [None, "decode", None], "error_reason": [None, "not an image", None]})
     good, errors = frames.split_rows(df)
     assert list(good.columns) == ["path", "label", "features"] and list(good["path"]) == ["a", "c"]
-    assert list(errors.columns) == frames.ERROR_COLUMNS
+    assert list(errors.columns) == SKIPPED_COLUMNS
     assert errors.to_dict(orient="records") == [{"path": "b", "label": "L", "stage": "decode", "reason": "not an image"}]
 
 
@@ -60,7 +62,7 @@ def test_spark_featurizes_with_the_shared_partition_function(monkeypatch, tmp_pa
     from fruitdask.backends.spark import backend as spark_backend
     from fruitdask.features import featurize
     from fruitdask.lake import tasks
-    from fruitdask.lake.schema import MANIFEST_SCHEMA
+    from fruitdask.schema import MANIFEST_SCHEMA
 
     seen = []
 

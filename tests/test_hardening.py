@@ -174,7 +174,7 @@ def test_stored_weights_reference_goes_through_the_commands_guard(s3, monkeypatc
     settings = StorageSettings(endpoint_url=s3.endpoint)
     ref = WeightsRef(kind="file", source="s3://models-us/vgg16.weights.h5", sha256="0" * 64)
     with pytest.raises(RegionError, match="models-us"):
-        load_verified_weights(ref, S, settings.storage_options(), guard=lambda urls: storage.guard_regions(urls, settings))
+        load_verified_weights(ref, S, storage.storage_options(settings), guard=lambda urls: storage.guard_regions(urls, settings))
 
 
 def test_predict_guards_the_weights_reference_of_the_bundle(s3, tmp_path, monkeypatch, capsys):
@@ -253,7 +253,7 @@ def test_report_rebuild_guards_thumbnail_paths_read_from_parquet(s3, tmp_path, m
 
     import pyarrow as pa
 
-    from fruitdask.lake.schema import TABLE_SCHEMA
+    from fruitdask.schema import TABLE_SCHEMA
 
     """A features/ part whose paths point at another bucket (or another protocol): the
     rebuild refuses before reading any thumbnail."""

@@ -168,7 +168,7 @@ def test_concurrent_commits_one_wins_the_other_fails_cleanly(tmp_path):
     import pyarrow as pa
 
     from fruitdask.lake import tasks
-    from fruitdask.lake.schema import TABLE_SCHEMA
+    from fruitdask.schema import TABLE_SCHEMA
 
     out = tmp_path / "out"
 

@@ -140,7 +140,7 @@ def test_spark_executor_body_builds_the_requested_precision(weights_file, tmp_pa
 def _one_photo_manifest(tmp_path) -> str:
     import pyarrow.parquet as pq
 
-    from fruitdask.lake.schema import MANIFEST_SCHEMA
+    from fruitdask.schema import MANIFEST_SCHEMA
 
     photo = sorted(BUNDLED.rglob("*.jpg"))[0]
     url = str(tmp_path / "manifest.parquet")

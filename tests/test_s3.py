@@ -18,6 +18,7 @@ from s3_server import isolate_aws_env
 
 from fruitdask import cli
 from fruitdask.config import StorageSettings
+from fruitdask.storage.options import storage_options
 
 IN, OUT = "fruits-eu-input", "fruits-eu-output"
 TARGET = f"s3://{OUT}/features/run-1"
@@ -162,7 +163,7 @@ def test_failed_write_leaves_nothing_then_full_run_eu_west_1_to_eu_west_3(eu, we
     captured = capsys.readouterr()
     assert code == 0, captured.err
 
-    options = StorageSettings(endpoint_url=eu.endpoint, profile=settings.profile).storage_options()
+    options = storage_options(StorageSettings(endpoint_url=eu.endpoint, profile=settings.profile))
     df = read_features(TARGET, options, arrow=False)
     assert len(df) == N_IMAGES and df["path"].str.startswith(f"s3://{IN}/Training/").all()
     assert {len(v) for v in df["features"]} == {512}

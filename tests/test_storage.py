@@ -28,7 +28,7 @@ def settings_for(s3, **kw) -> StorageSettings:
 
 
 def opts(s3) -> dict:
-    return settings_for(s3).storage_options()
+    return storage.storage_options(settings_for(s3))
 
 
 # --- regions ---------------------------------------------------------------------------
@@ -552,3 +552,34 @@ def test_commit_checks_the_lock_again(s3, tmp_path, where):
     assert storage.list_files(url, o) == []
     # The intruder's lock is not this run's to delete.
     assert json.loads(storage.read_bytes(target.lock_url, o))["run_id"] == "intruder"
+
+
+def test_hidden_siblings_of_an_output():
+    from fruitdask.storage import paths
+
+    assert paths.staging_url("s3://b/out/run-1/", "abc") == "s3://b/out/.run-1.fruitdask-tmp-abc"
+    assert paths.lock_url("s3://b/out/run-1") == "s3://b/out/.run-1.fruitdask-lock"
+    assert paths.backup_url("/data/run-1", "abc") == "/data/.run-1.fruitdask-old-abc"
+    assert paths.checkpoint_root("run-1/") == "./.run-1.fruitdask-checkpoint"
+    assert paths.join("s3://b/out/", "/features/", "x.parquet") == "s3://b/out/features/x.parquet"
+
+
+def test_markers_and_hidden_siblings_are_named_in_storage_paths_only():
+    """``_SUCCESS`` and the ``.<name>.fruitdask-*`` suffixes: one definition (issue 25)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(storage.__file__).resolve().parents[1]
+    names = ("_SUCCESS", "fruitdask-tmp", "fruitdask-lock", "fruitdask-old", "fruitdask-checkpoint")
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path == package / "storage" / "paths.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and ast.get_docstring(n, clean=False) is not None}
+        offenders += [f"{path.relative_to(package.parent)}:{n.lineno}" for n in ast.walk(tree)
+                      if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+                      and any(name in n.value for name in names)]
+    assert not offenders, f"import these names from fruitdask.storage.paths: {offenders}"

@@ -78,12 +78,12 @@ def copy_images(input_url: str, cfg: RunConfig, work: Path, n: int, how: str) ->
     from fruitdask import storage
 
     storage.guard_regions([input_url, cfg.weights], cfg.storage)
-    listing = storage.list_images(input_url, cfg.storage.storage_options())
+    listing = storage.list_images(input_url, storage.storage_options(cfg.storage))
     chosen = listing.iloc[pick(len(listing), n, how)]
     for path, label in zip(chosen["path"], chosen["label"], strict=True):
         dest = work / "images" / label / path.rsplit("/", 1)[-1]
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(storage.read_bytes(path, cfg.storage.storage_options()))
+        dest.write_bytes(storage.read_bytes(path, storage.storage_options(cfg.storage)))
     return len(chosen)
 
 

@@ -43,7 +43,7 @@ from fruitdask.reduce import Reduction
 logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "fruitdask-classifier/1"
-BUNDLE_FILE = "bundle.json"
+BUNDLE_FILE = storage.paths.BUNDLE_JSON
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from fruitdask.features import frames
 from fruitdask.output import CommittedRun
 from fruitdask.reduce import Reduction
 from fruitdask.runinfo import versions
+from fruitdask.schema import SKIPPED_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def _held_out_set(bundle: ModelBundle, test_input: str | None, test_features: st
         spec, source = featurizer.spec, test_input
     else:
         test_run = load_run(test_features, storage_options, columns=("path", "label", "features"))
-        held_out, errors, spec, source = test_run.table, pd.DataFrame(columns=["path", "label", "stage", "reason"]), test_run.spec, test_features
+        held_out, errors, spec, source = test_run.table, pd.DataFrame(columns=SKIPPED_COLUMNS), test_run.spec, test_features
     if len(held_out) == 0:
         raise InputError(f"no usable held-out image in {source!r}: {len(errors)} skipped, see the warnings")
     unknown = sorted(set(held_out["label"].astype(str)) - set(bundle.labels))

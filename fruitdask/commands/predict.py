@@ -30,7 +30,7 @@ def command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     settings = storage_settings(args)
     storage.guard_regions([args.model, args.weights, *args.photos], settings)
-    opts = settings.storage_options()
+    opts = storage.storage_options(settings)
     bundle = ModelBundle.load(args.model, opts)
     # The weights location in bundle.json is data: checked like any location given by flag.
     featurizer = bundle.featurizer(opts, args.weights, guard=lambda urls: storage.guard_regions(urls, settings))

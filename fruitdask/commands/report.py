@@ -22,7 +22,7 @@ def command(args: argparse.Namespace) -> int:
 
     settings = storage_settings(args)
     storage.guard_regions([args.output], settings)
-    report.rebuild(args.output, settings.storage_options(), settings=settings)
+    report.rebuild(args.output, storage.storage_options(settings), settings=settings)
     if not args.quiet:
         print(report.report_location(args.output))
     return 0

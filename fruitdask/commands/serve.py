@@ -104,7 +104,7 @@ def command(args: argparse.Namespace) -> int:
     storage_cfg = storage_settings(args)
     # Before anything is read: the bundle and the weights must live in allowed (EU) regions.
     storage.guard_regions([args.model, args.weights], storage_cfg)
-    opts = storage_cfg.storage_options()
+    opts = storage.storage_options(storage_cfg)
     bundle = ModelBundle.load(args.model, opts)  # small JSON + npz: a bad --model fails here, at once
     # The weights' location comes from bundle.json: guarded now, whatever its kind, not after the TF import.
     storage.guard_regions([args.weights or bundle.weights.spec], storage_cfg)

@@ -49,7 +49,7 @@ def command(args: argparse.Namespace) -> int:
 
     settings = storage_settings(args, args.output, args.output)
     storage.guard_regions([args.output], settings)
-    so = settings.storage_options()
+    so = storage.storage_options(settings)
     if args.action == "history":
         result = delta.history(args.output, so, args.limit)
     elif args.action == "vacuum":

@@ -38,7 +38,7 @@ def command(args: argparse.Namespace) -> int:
 
     settings = storage_settings(args)
     storage.guard_regions([args.features, args.test_input, args.test_features, args.model_out, args.weights], settings)
-    opts = settings.storage_options()
+    opts = storage.storage_options(settings)
     # Refuse an existing --model-out before minutes of featurizing, not after.
     storage.OutputTarget.open(args.model_out, opts, args.overwrite)
     bundle, report, files = classify.train(

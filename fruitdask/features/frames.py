@@ -20,25 +20,12 @@ import pyarrow as pa
 from fruitdask import storage
 from fruitdask.features import featurize, model
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.schema import FEATURES_SCHEMA, FLOAT_LIST, FRAME_ERRORS
 
 logger = logging.getLogger(__name__)
 
-FLOAT_LIST = pa.list_(pa.float32())
 FLOAT_LIST_DTYPE = pd.ArrowDtype(FLOAT_LIST)
 STRING_DTYPE = pd.ArrowDtype(pa.string())
-ERROR_COLUMNS = ["path", "label", "stage", "reason"]
-
-#: Arrow schema of :func:`featurize_frame`'s output (errors included): what Spark's
-#: ``mapInArrow`` returns and what a ``--resume`` checkpoint holds.
-FEATURES_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("label", pa.string()),
-        ("features", FLOAT_LIST),
-        ("error_stage", pa.string()),
-        ("error_reason", pa.string()),
-    ]
-)
 
 def list_column(matrix: np.ndarray | None, n: int, index: pd.Index, valid: np.ndarray | None = None) -> pd.Series:
     """An Arrow ``list<float32>`` series of ``n`` rows from a ``(n_valid, d)`` matrix.
@@ -68,16 +55,9 @@ def matrix(series: pd.Series) -> np.ndarray:
 
 
 def features_meta() -> pd.DataFrame:
-    """Empty frame with the columns and dtypes :func:`featurize_frame` returns."""
-    return pd.DataFrame(
-        {
-            "path": pd.Series([], dtype=STRING_DTYPE),
-            "label": pd.Series([], dtype=STRING_DTYPE),
-            "features": pd.Series([], dtype=FLOAT_LIST_DTYPE),
-            "error_stage": pd.Series([], dtype=STRING_DTYPE),
-            "error_reason": pd.Series([], dtype=STRING_DTYPE),
-        }
-    )
+    """Empty frame with the columns and dtypes :func:`featurize_frame` returns
+    (:data:`fruitdask.schema.FEATURES_SCHEMA`)."""
+    return pd.DataFrame({f.name: pd.Series([], dtype=pd.ArrowDtype(f.type)) for f in FEATURES_SCHEMA})
 
 
 def read_many(paths: list[str], storage_options: Mapping[str, Any] | None) -> tuple[list[bytes | None], dict[int, str]]:
@@ -174,7 +154,5 @@ def split_rows(df):
     results stay lazy), the Spark backend (its collected error rows) and the classifier.
     """
     ok = df["error_stage"].isna()  # Dask's Series has no notna()
-    errors = df[~ok][["path", "label", "error_stage", "error_reason"]].rename(
-        columns={"error_stage": "stage", "error_reason": "reason"}
-    )
+    errors = df[~ok][["path", "label", *FRAME_ERRORS]].rename(columns=FRAME_ERRORS)
     return df[ok][["path", "label", "features"]], errors

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fruitdask.config import RunConfig
+from fruitdask.storage import options
 
 
 @dataclass(frozen=True)
@@ -41,5 +42,5 @@ class FeatureSettings:
             pooling=cfg.pooling,
             batch_size=int(cfg.batch_size),
             precision=cfg.precision,
-            storage_options=dict(cfg.storage.storage_options()),
+            storage_options=options.storage_options(cfg.storage),
         )

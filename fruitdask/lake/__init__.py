@@ -1,6 +1,6 @@
 """The lake: the features as a Delta table that each run brings up to date with the input.
 
-- :mod:`fruitdask.lake.schema`: the table's columns, the errors file's columns.
+- the table's columns and the errors file's: :mod:`fruitdask.schema` (every table fruitdask writes).
 - :mod:`fruitdask.lake.keys`: stable image keys, source versions, their compact hashes.
 - :mod:`fruitdask.lake.table`: the Delta table through ``deltalake`` (delta-rs): its state,
   one optimistic commit per run, history, vacuum, compaction.

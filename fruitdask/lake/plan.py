@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 from fruitdask import storage
 from fruitdask.errors import InputError
 from fruitdask.lake import keys
-from fruitdask.lake.schema import ERROR_COLUMNS, MANIFEST_SCHEMA, SPILL_SCHEMA, TRANSIENT_STAGES
 from fruitdask.lake.table import TableState, relative
+from fruitdask.schema import ERROR_COLUMNS, MANIFEST_SCHEMA, SPILL_SCHEMA, TRANSIENT_STAGES
 
 logger = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from typing import Any
 
 from fruitdask import storage
 from fruitdask.errors import ConcurrentRunError, OutputError
-from fruitdask.lake.schema import TABLE_SCHEMA
+from fruitdask.schema import TABLE_SCHEMA
 
 logger = logging.getLogger(__name__)
 
-TABLE_DIR = "features"
+TABLE_DIR = storage.paths.FEATURES
 META_KEY = "fruitdask"
 #: Commits searched back for the last fruitdask one (compactions carry it forward too).
 HISTORY_DEPTH = 50

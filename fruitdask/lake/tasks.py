@@ -31,13 +31,14 @@ import pyarrow.parquet as pq
 from fruitdask import checkpoint, storage
 from fruitdask.features import frames
 from fruitdask.features.settings import FeatureSettings
-from fruitdask.lake.schema import MANIFEST_SCHEMA, TABLE_SCHEMA
 from fruitdask.pca_moments import Moments
 from fruitdask.reduce import Reduction
+from fruitdask.schema import ERROR_COLUMNS, MANIFEST_SCHEMA, TABLE_SCHEMA
 
 #: Columns of a partition's receipt (one row per written file or per failed image).
-RECEIPT_COLUMNS = ["kind", "part", "file", "size", "rows", "stats", "added", "updated", "path", "label", "stage",
-                   "reason", "image_key", "source_version"]
+#: A failed image's row carries the columns of ``errors.parquet`` but the run id.
+RECEIPT_COLUMNS = ["kind", "part", "file", "size", "rows", "stats", "added", "updated",
+                   *(c for c in ERROR_COLUMNS if c != "run_id")]
 _NUMBERS = ("part", "size", "rows", "added", "updated")
 
 

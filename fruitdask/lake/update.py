@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 #: The PCA is refitted on all rows when the table holds this many times the rows of the last fit.
 REFIT_GROWTH = 2.0
-FIT_DIR = "pca"
+FIT_DIR = storage.paths.FITS
 
 
 @dataclass

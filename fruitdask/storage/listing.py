@@ -12,14 +12,26 @@ nothing per image, whatever the size of a folder.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import posixpath
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import fsspec
+import pandas as pd
+
+from fruitdask.errors import InputError
+from fruitdask.schema import SKIPPED_COLUMNS
+from fruitdask.storage import s3errors
+from fruitdask.storage.s3errors import translate
+from fruitdask.storage.urls import get_fs, is_remote, unsafe_name
+
+logger = logging.getLogger(__name__)
 
 #: ``(path, size, version tag, why it is refused)``: the tag is the S3 ETag or the local mtime in ns.
 Entry = tuple[str, int | None, str | None, str | None]
@@ -227,3 +239,114 @@ def is_linked_folder_entry(entry: Entry) -> bool:
 
 def label_of(path: str) -> str:
     return posixpath.basename(posixpath.dirname(path))
+
+
+# --- the input listing (iter_images, scan_images, list_images) -----------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@dataclass
+class ListedBatch:
+    """One page of the listing (at most 1,000 entries): accepted images and files refused from the listing
+    alone. ``images``: ``(path, label, size, tag)``; ``refused``: ``(path, label, reason, size, tag)``."""
+
+    images: list[tuple[str, str, int | None, str | None]]
+    refused: list[tuple[str, str, str, int | None, str | None]]
+
+
+def iter_images(
+    url: str, storage_options: Mapping[str, Any] | None = None, max_file_bytes: int | None = None,
+    threads: int = LIST_THREADS,
+) -> Iterator[ListedBatch]:
+    """Stream the images under ``url``, recursively, with their label, a batch per listing page
+    listed (folders listed concurrently; nothing cached); set aside those refused from the
+    listing alone, before any byte of them is read.
+
+    The label is the name of the folder that holds the image (``Cherry 1/r_0_100.jpg`` has
+    label ``Cherry 1``). Extensions ``.jpg``, ``.jpeg`` and ``.png`` match in any letter case.
+    Refused: files over ``max_file_bytes`` (by the size the listing reports: one huge object
+    would be read whole into a worker), and, locally, symbolic links that lead outside the
+    input root (or nowhere); links inside the root are kept, linked folders not followed.
+
+    Raises
+    ------
+    InputError
+        ``url`` does not exist or is a file.
+    """
+    fs, root = get_fs(url, storage_options)
+    remote = is_remote(url)
+    try:
+        if not fs.exists(root):
+            raise InputError(f"input {url!r} does not exist: check the path, or pass --input DIR_OR_URI")
+        if not fs.isdir(root):
+            raise InputError(f"input {url!r} is a file, not a folder: pass the folder that holds <Label>/<image>.jpg")
+        batches = remote_batches(fs, root, threads) if remote else local_batches(root, threads)
+        for entries in batches:
+            yield _accept(entries, fs, remote, max_file_bytes)
+    except s3errors.storage_exceptions() as e:
+        raise translate(e, url) from e
+
+
+def _accept(entries: list[Entry], fs: fsspec.AbstractFileSystem, remote: bool, max_file_bytes: int | None) -> ListedBatch:
+    images, refused = [], []
+    for path, size, tag, problem in entries:
+        name = posixpath.basename(path)
+        if not is_linked_folder_entry((path, size, tag, problem)) and (
+            name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS)
+        ):
+            continue
+        label = label_of(path)
+        # Full URLs for remote files so any process can open them without the root.
+        full = fs.unstrip_protocol(path) if remote else path
+        problem = problem or unsafe_name(full)
+        if problem is None and max_file_bytes is not None and size is not None and size > max_file_bytes:
+            problem = (f"file of {size:,} bytes is over the {max_file_bytes:,}-byte limit (--max-file-mb "
+                       f"{max_file_bytes / 2**20:g}): not read; raise --max-file-mb if such files are expected")
+        if problem is None:
+            images.append((full, label, size, tag))
+        else:
+            refused.append((full, label, problem, size, tag))
+    return ListedBatch(images, refused)
+
+
+def scan_images(
+    url: str, storage_options: Mapping[str, Any] | None = None, max_file_bytes: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The whole listing of :func:`iter_images` in memory (for small trees: the classifier's
+    test folders, the bench), sorted by path.
+
+    Returns
+    -------
+    (listing, rejected)
+        ``listing``: columns ``path`` and ``label``;
+        ``rejected``: ``path, label, stage, reason`` (stage ``list``), for ``errors.parquet``.
+    """
+    rows, rejected = [], []
+    for batch in iter_images(url, storage_options, max_file_bytes):
+        rows.extend((p, lab) for p, lab, _, _ in batch.images)
+        rejected.extend((p, lab, "list", reason) for p, lab, reason, _, _ in batch.refused)
+    if not rows and not rejected:
+        raise InputError(
+            f"no images found under {url!r}: expected <Label>/<image>.jpg|.jpeg|.png files (any letter case)"
+        )
+    listing_df = pd.DataFrame(sorted(rows), columns=["path", "label"])
+    return listing_df, pd.DataFrame(sorted(rejected), columns=SKIPPED_COLUMNS)
+
+
+def list_images(
+    url: str, storage_options: Mapping[str, Any] | None = None, max_file_bytes: int | None = None
+) -> pd.DataFrame:
+    """The accepted images of :func:`scan_images` (refused ones are logged as warnings).
+
+    Raises
+    ------
+    InputError
+        No image under ``url`` (or every one was refused).
+    """
+    listing, rejected = scan_images(url, storage_options, max_file_bytes)
+    for row in rejected.itertuples():
+        logger.warning("skipped %s: %s", row.path, row.reason)
+    if listing.empty:
+        raise InputError(f"every image under {url!r} was refused ({len(rejected)}; first: {rejected['reason'].iloc[0]})")
+    return listing

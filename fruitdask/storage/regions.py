@@ -10,6 +10,7 @@ import fsspec
 
 import fruitdask.storage.s3errors as s3errors
 from fruitdask.errors import RegionError, StorageError
+from fruitdask.storage.options import storage_options
 from fruitdask.storage.urls import is_remote
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ def guard_regions(urls: list[str | None], settings: StorageSettings) -> None:
         A bucket's region could not be read (see :func:`bucket_region`).
     """
     allowed = tuple(r.strip().lower() for r in settings.allowed_regions)
-    options = settings.storage_options()
+    options = storage_options(settings)
     checked: dict[str, str] = {}
     for url in urls:
         if not url or not is_remote(url):

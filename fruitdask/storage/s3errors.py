@@ -98,8 +98,29 @@ def classify(e: BaseException) -> str:
     return "other"
 
 
+#: What to tell the user, per kind of failure: the error class and its message. Fields:
+#: ``url``, ``bucket``, ``short`` (the cause's first line), ``endpoint``, ``error_type``, ``hint``.
+MESSAGES: dict[str, tuple[type[FruitdaskError], str]] = {
+    "no_bucket": (StorageError, "bucket {bucket!r} does not exist ({url}): check the bucket name, and --s3-endpoint if you use one"),
+    "not_found": (InputError, "{url!r} does not exist: check the path or bucket name"),
+    "denied": (StorageError, "access denied to {url!r}: the AWS credentials in use (environment, --aws-profile or IRSA role) "
+                             "lack permission, or a bucket policy forbids it: check the IAM policy and --aws-profile"),
+    "bad_credentials": (StorageError, "the AWS credentials were rejected on {url!r} ({short}): {hint}"),
+    "expired": (StorageError, "the AWS credentials have expired ({url!r}): refresh them (aws sso login, a new session token) "
+                              "and run again"),
+    "no_credentials": (StorageError, "no AWS credentials found to access {url!r}: {hint}"),
+    "no_profile": (StorageError, "{short} (needed for {url!r}): check --aws-profile and ~/.aws/config or AWS_CONFIG_FILE"),
+    "unreachable": (StorageError, "cannot reach {endpoint} for {url!r} ({error_type}): check --s3-endpoint, the network "
+                                  "and proxies (FRUITDASK_STORAGE_CONNECT_TIMEOUT sets the timeout)"),
+    "bad_name": (StorageError, "{url!r} is not a valid S3 location ({short}): use s3://bucket/prefix"),
+    "redirect": (StorageError, "{url!r} answered with a redirect: the bucket lives on another endpoint or region; "
+                               "pass --aws-region with the bucket's region, or fix --s3-endpoint"),
+    "other": (StorageError, "storage error on {url!r}: {short}"),
+}
+
+
 def explain(e: BaseException, url: str, *, bucket_level: bool = False) -> FruitdaskError:
-    """A fruitdask error for storage failure ``e`` on ``url``; raise it ``from e``.
+    """A fruitdask error for storage failure ``e`` on ``url`` (:data:`MESSAGES`); raise it ``from e``.
 
     Parameters
     ----------
@@ -110,45 +131,20 @@ def explain(e: BaseException, url: str, *, bucket_level: bool = False) -> Fruitd
     if isinstance(e, FruitdaskError):
         return e
     kind = classify(e)
-    bucket = url[len("s3://"):].split("/", 1)[0] if url.startswith("s3://") else None
     if kind == "not_found" and bucket_level:
         kind = "no_bucket"
-    if kind == "no_bucket":
-        return StorageError(
-            f"bucket {bucket!r} does not exist ({url}): check the bucket name, and --s3-endpoint if you use one"
-        )
-    if kind == "not_found":
-        return InputError(f"{url!r} does not exist: check the path or bucket name")
-    if kind == "denied":
-        return StorageError(
-            f"access denied to {url!r}: the AWS credentials in use (environment, --aws-profile or IRSA role) "
-            "lack permission, or a bucket policy forbids it: check the IAM policy and --aws-profile"
-        )
-    if kind == "bad_credentials":
-        return StorageError(f"the AWS credentials were rejected on {url!r} ({_short(e)}): {CREDENTIALS_HINT}")
-    if kind == "expired":
-        return StorageError(
-            f"the AWS credentials have expired ({url!r}): refresh them (aws sso login, a new session token) "
-            "and run again"
-        )
-    if kind == "no_credentials":
-        return StorageError(f"no AWS credentials found to access {url!r}: {CREDENTIALS_HINT}")
-    if kind == "no_profile":
-        return StorageError(f"{_short(e)} (needed for {url!r}): check --aws-profile and ~/.aws/config or AWS_CONFIG_FILE")
-    if kind == "unreachable":
-        endpoint = getattr(e, "kwargs", {}).get("endpoint_url") or "the S3 endpoint"
-        return StorageError(
-            f"cannot reach {endpoint} for {url!r} ({type(e).__name__}): check --s3-endpoint, the network "
-            "and proxies (FRUITDASK_STORAGE_CONNECT_TIMEOUT sets the timeout)"
-        )
-    if kind == "bad_name":
-        return StorageError(f"{url!r} is not a valid S3 location ({_short(e)}): use s3://bucket/prefix")
-    if kind == "redirect":
-        return StorageError(
-            f"{url!r} answered with a redirect: the bucket lives on another endpoint or region; "
-            "pass --aws-region with the bucket's region, or fix --s3-endpoint"
-        )
-    return StorageError(f"storage error on {url!r}: {_short(e)}")
+    error_class, message = MESSAGES[kind]
+    call = getattr(e, "kwargs", None)  # botocore keeps the failed call's endpoint there
+    return error_class(message.format(
+        url=url, bucket=url[len("s3://"):].split("/", 1)[0] if url.startswith("s3://") else None, short=_short(e),
+        endpoint=(call.get("endpoint_url") if isinstance(call, dict) else None) or "the S3 endpoint",
+        error_type=type(e).__name__, hint=CREDENTIALS_HINT,
+    ))
+
+
+def translate(e: BaseException, url: str) -> FruitdaskError:
+    """:func:`explain` for a call on an object or prefix (what the storage modules raise ``from e``)."""
+    return explain(e, url)
 
 
 def _short(e: BaseException) -> str:

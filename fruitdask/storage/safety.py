@@ -1,8 +1,9 @@
 """What keeps an output location safe: the run lock, the "is it ours?" check before an
 ``--overwrite``, and the copy-aside of an old dataset while a new one is copied in on S3.
 
-:class:`~fruitdask.storage.OutputTarget` calls these; the protocol they make up, and the
-reader's contract, are described in docs/s3.md ("The commit protocol").
+:class:`~fruitdask.storage.target.OutputTarget` and :mod:`fruitdask.storage.commit` call
+these; the protocol they make up, and the reader's contract, are described in docs/s3.md
+("The commit protocol").
 """
 
 from __future__ import annotations
@@ -17,19 +18,9 @@ import fsspec
 import fruitdask.storage.s3errors as s3errors
 from fruitdask.errors import OutputBusyError, OutputError
 from fruitdask.storage import lease
+from fruitdask.storage.paths import BACKUP, OUTPUT_MARKERS, SUCCESS_MARKER, sibling_name, split
 
 logger = logging.getLogger(__name__)
-
-SUCCESS_MARKER = "_SUCCESS"
-#: Top-level names that mark a folder as a fruitdask output (a run, or a model bundle).
-OUTPUT_MARKERS = (SUCCESS_MARKER, "run.json", "bundle.json")
-
-
-def sibling(url: str, suffix: str) -> str:
-    """The hidden sibling ``.<name><suffix>`` of ``url`` (same parent prefix)."""
-    parent, name = url.rsplit("/", 1) if "/" in url else (".", url)
-    return f"{parent}/.{name}{suffix}"
-
 
 def check_replaceable(url: str, names: list[str]) -> None:
     """Refuse to replace a non-empty location that is not a fruitdask output.
@@ -252,10 +243,9 @@ def forget_listings(fs: fsspec.AbstractFileSystem, path: str) -> None:
 
 def leftover_backups(fs: fsspec.AbstractFileSystem, target: str) -> list[str]:
     """Backups ``.<name>.fruitdask-old-*`` beside ``target`` left by a killed ``--overwrite``."""
-    parent, name = target.rsplit("/", 1)
     try:
-        entries = fs.ls(parent, detail=False)
+        entries = fs.ls(split(target)[0], detail=False)
     except FileNotFoundError:
         return []
-    prefix = f".{name}.fruitdask-old-"
+    prefix = sibling_name(target, BACKUP)
     return sorted(e for e in entries if posixpath.basename(e.rstrip("/")).startswith(prefix))

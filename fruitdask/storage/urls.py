@@ -12,7 +12,7 @@ from typing import Any
 
 import fsspec
 
-from fruitdask.errors import StorageError
+from fruitdask.errors import StorageError, UntrustedReferenceError
 
 #: Substrings of an S3 key that s3fs parses instead of reading (``k?versionId=v`` opens ``k``).
 UNSAFE_KEY_PARTS = ("?versionId=",)
@@ -48,3 +48,14 @@ def unsafe_name(url: str) -> str | None:
             return (f"its name contains {part!r}, which s3fs reads as another object: it cannot be read safely; "
                     "rename the object")
     return None
+
+
+def check_protocols(urls: list[str | None], what: str = "location", fix: str = "copy it to a local path or an s3:// bucket in an allowed region") -> None:
+    """Refuse locations other than local paths and ``s3://`` (whose region the guard can
+    check): for locations read from stored data (weights references, thumbnail paths), which
+    must never become a way to reach http(s) or any other fsspec protocol."""
+    for url in urls:
+        if url and is_remote(url) and fsspec.core.split_protocol(url)[0] not in ("s3", "s3a"):
+            raise UntrustedReferenceError(
+                f"{what} {url!r} uses {fsspec.core.split_protocol(url)[0]}://, which fruitdask does not read: {fix}"
+            )
