@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
     """``python tests/serve_fakes.py [--model-delay S] SERVE FLAGS``: serve with the fake model."""
     from fruitdask import cli
     from fruitdask.commands import serve
-    from fruitdask.commands.options import setup_logging
+    from fruitdask.logs import setup_logging
 
     delay = 0.0
     if argv[:1] == ["--model-delay"]:
