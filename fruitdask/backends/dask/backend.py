@@ -105,18 +105,19 @@ def warm_up_on_worker(image_size: int, precision: str = "float32") -> float:
 
 def preimport_client_modules() -> None:
     """Import what the client's later steps need (Dask's collections for the listing and
-    the PCA, matplotlib for the scree plot and the report) now, before the cluster starts.
+    the PCA, matplotlib for the pipeline's scree plot and report) now, before the cluster starts.
 
     A local cluster's worker can only be forked once the fork server has imported
     TensorFlow (seconds, on one core); this process waits for it anyway, so these imports
     use the idle core instead of sitting between the stages after the model is ready.
+    matplotlib is imported, not the report: the report sits above the backends.
     """
     import dask.array
     import dask.dataframe  # noqa: F401
+    import matplotlib
 
-    from fruitdask.report.plots import import_pyplot
-
-    import_pyplot()
+    matplotlib.use("Agg")  # as fruitdask.report.plots.import_pyplot: no display
+    import matplotlib.pyplot
 
 
 class DaskBackend:
