@@ -16,16 +16,10 @@ import kubernetes_validate
 import pytest
 from k8s_validation import KUBE_VERSION, REPO, dask_cluster_schema, pod_policy_violations, pod_specs
 
-from fruitdask.backends.dask.kube import (
-    cluster_resources,
-    make_cluster_spec,
-    make_network_policies,
-    make_scheduler_service_account,
-    parse_quantity,
-    tls_env,
-    worker_threads,
-)
-from fruitdask.backends.dask.kube_connect import KubeConnection, client_security, open_kube_cluster
+from fruitdask.backends.dask.kube import make_cluster_spec, parse_quantity, worker_threads
+from fruitdask.backends.dask.kube_connect import KubeConnection, client_security, cluster_resources, open_kube_cluster
+from fruitdask.backends.dask.kube_pods import tls_env
+from fruitdask.backends.dask.kube_policies import make_network_policies, make_scheduler_service_account
 from fruitdask.config import EU_REGIONS, TF_ENV, KubeSettings
 from fruitdask.errors import ClusterError
 
@@ -424,8 +418,8 @@ def test_worker_threads(cpu: str, expected: int) -> None:
 
 def test_builder_is_pure_and_imports_no_dask_kubernetes() -> None:
     code = (
-        "import sys; from fruitdask.config import KubeSettings; from fruitdask.backends.dask.kube import cluster_resources;"
-        "import fruitdask.backends.dask.kube_connect; cluster_resources(KubeSettings(), {});"
+        "import sys; from fruitdask.config import KubeSettings; from fruitdask.backends.dask.kube_connect import cluster_resources;"
+        "cluster_resources(KubeSettings(), {});"
         "assert not {'dask_kubernetes', 'kr8s'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
