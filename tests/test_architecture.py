@@ -125,7 +125,8 @@ LAYERS: dict[str, int] = {
     "fruitdask.backends": 4,
     # 5 the report of a run: above the engines, so no backend draws or builds it
     "fruitdask.report": 5,
-    # 6 what drives a run or reads one back
+    # 6 what drives a run or reads one back; the pipeline draws the scree plot and builds the
+    # report itself because it publishes them inside the output's lock, before ``_SUCCESS``
     "fruitdask.pipeline": 6,
     "fruitdask.classifier": 6,
     # 7 long-running uses of them
