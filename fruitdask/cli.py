@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from fruitdask import __version__
-from fruitdask.commands.options import setup_logging
 from fruitdask.config import TF_ENV
 from fruitdask.errors import FruitdaskError
+from fruitdask.logs import setup_logging
 
 logger = logging.getLogger("fruitdask")
 

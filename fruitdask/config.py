@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fruitdask.errors import ConfigError
-from fruitdask.features.precision import PRECISIONS
 
 #: AWS regions located in EU member states (GDPR territory). London (eu-west-2) and
 #: Zurich (eu-central-2) are in Europe but outside the EU, so they are not listed.
@@ -29,6 +28,8 @@ EU_REGIONS: tuple[str, ...] = (
 )
 
 POOLINGS = ("avg", "max", "none")
+#: ``--precision`` choices (:mod:`fruitdask.features.precision` resolves ``auto``).
+PRECISIONS = ("float32", "bfloat16", "auto")
 BACKENDS = ("dask", "spark")
 MIN_IMAGE_SIZE = 32  # VGG16 without top needs at least 32x32 (five 2x2 poolings)
 

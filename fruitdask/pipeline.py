@@ -38,8 +38,8 @@ from fruitdask.lake import keys, update
 from fruitdask.lake import plan as lake_plan
 from fruitdask.lake import table as delta
 from fruitdask.progress import Progress
-from fruitdask.reduce import scree_png
 from fruitdask.report import page as report
+from fruitdask.report import plots
 from fruitdask.runinfo import StageTimer
 from fruitdask.schema import ERROR_COLUMNS
 
@@ -302,7 +302,9 @@ def publish(record: output.RunRecord, target: storage.OutputTarget, refitted: bo
     put(output.ERRORS, output.errors_parquet(record.errors))
     if refitted:
         put(output.REDUCTION, record.reduction.to_npz())
-        put(output.SCREE, scree_png(record.reduction, f"Scree plot ({record.cfg.backend}, {record.reduction.n_samples} rows)"))
+        r = record.reduction
+        put(output.SCREE, plots.scree_png(r.explained_variance_ratio, k=r.k, variance_target=r.variance_target,
+                                          title=f"Scree plot ({record.cfg.backend}, {r.n_samples} rows)"))
     run_dir = f"{output.RUNS}/{record.run_id}"
     try:
         dask_report = storage.read_bytes(target.staging_path(output.DASK_REPORT), so)

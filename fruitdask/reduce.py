@@ -12,6 +12,9 @@ features before anything is fitted (:func:`spectrum`):
   IncrementalPCA fits about 2K components (not 1,024) and keeps K.
 
 With a fixed ``--components K``, IncrementalPCA fits K components.
+
+Numbers only: the scree plot of a :class:`Reduction` is drawn by the report
+(:func:`fruitdask.report.plots.scree_png`).
 """
 
 from __future__ import annotations
@@ -421,37 +424,3 @@ def _gram_reduction(Z, spec: Spectrum, k: int, mean, scale, variance: float, n_s
         method=f"exact PCA from the {spec.method} (eigh; K axes in one streaming pass)",
         n_fitted=k,
     )
-
-def scree_png(reduction: Reduction, title: str = "Scree plot") -> bytes:
-    """Bars per component, the cumulative curve, the target and the chosen K, as PNG bytes."""
-    from fruitdask.report.plots import text_as_data
-
-    with text_as_data():
-        return _scree_png(reduction, title)
-
-
-def _scree_png(reduction: Reduction, title: str) -> bytes:
-    from fruitdask.report.plots import import_pyplot
-
-    plt = import_pyplot()
-
-    ratios = reduction.explained_variance_ratio
-    shown = min(len(ratios), max(2 * reduction.k, 30))
-    x = np.arange(1, shown + 1)
-    cumulative = np.cumsum(ratios)[:shown]
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
-    ax.bar(x, ratios[:shown] * 100, color="#4c72b0", label="explained variance per component")
-    ax.plot(x, cumulative * 100, color="#c44e52", marker="o", markersize=3, label="cumulative")
-    if reduction.variance_target is not None:
-        ax.axhline(reduction.variance_target * 100, color="grey", linestyle=":", label=f"target {reduction.variance_target:.0%}")
-    ax.axvline(reduction.k, color="black", linestyle="--", label=f"K = {reduction.k} ({reduction.variance_reached:.1%})")
-    ax.set_xlabel("principal component (rank)")
-    ax.set_ylabel("explained variance (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title(title)
-    ax.legend(loc="center right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()

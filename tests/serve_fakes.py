@@ -86,7 +86,8 @@ def main(argv: list[str]) -> int:
     """``python tests/serve_fakes.py [--model-delay S] SERVE FLAGS``: serve with the fake model."""
     from fruitdask import cli
     from fruitdask.commands import serve
-    from fruitdask.commands.options import setup_logging
+    from fruitdask.logs import setup_logging
+    from fruitdask.serve.runner import run_server
 
     delay = 0.0
     if argv[:1] == ["--model-delay"]:
@@ -94,7 +95,7 @@ def main(argv: list[str]) -> int:
     args = cli.build_parser().parse_args(["serve", "--model", "unused", *argv])
     setup_logging(bool(args.quiet), bool(args.debug))
     settings = serve.settings_from_args(args)
-    failure = serve.run_server(settings, lambda: FakePredictor(224, settings.max_pixels, delay), log_level="warning")
+    failure = run_server(settings, lambda: FakePredictor(224, settings.max_pixels, delay), log_level="warning")
     return 1 if failure else 0
 
 

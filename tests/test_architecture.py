@@ -6,6 +6,9 @@
   at module level and inside functions (lazy imports too), relative ones resolved,
   ``from pkg import submodule`` counted as an import of the submodule, and a package's
   ``__init__`` importing its own submodules counted like any other module.
+* Layers import only downwards: every such import goes to a module of the same layer or of
+  a lower one in :data:`LAYERS` (docs/architecture.md, "Layers"), unless
+  :data:`ALLOWED_UPWARD` names it with its reason.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fruitdask"
 MAX_FUNCTION_LINES = 60
 
 
-def _modules() -> dict[str, Path]:
+def _modules(package: Path = PACKAGE) -> dict[str, Path]:
     """Dotted module name -> file, for every ``.py`` file of the package."""
     out = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
         if parts[-1] == "__init__":
             parts = parts[:-1]
         out[".".join(parts)] = path
@@ -79,9 +82,9 @@ def _resolve(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, k
     return {t for t in targets if t}
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """Module -> the package modules it imports, anywhere in its body."""
-    modules = _modules()
+    modules = _modules(package)
     known = set(modules)
     graph = {}
     for name, path in modules.items():
@@ -92,6 +95,83 @@ def import_graph() -> dict[str, set[str]]:
                 edges |= _resolve(node, name, is_package, known)
         graph[name] = edges - {name}
     return graph
+
+
+#: The layers, bottom to top: a module imports modules of its own layer or of lower ones,
+#: never of a higher one. A module's layer is that of the longest entry that names it or a
+#: package above it; the root package's entry (``fruitdask``: its ``__version__``) names
+#: only itself, so a new top-level module must be placed here.
+LAYERS: dict[str, int] = {
+    # 0 base: what every layer may use
+    "fruitdask": 0,
+    "fruitdask.errors": 0,
+    "fruitdask.logs": 0,
+    "fruitdask.config": 0,
+    "fruitdask.progress": 0,
+    "fruitdask.runinfo": 0,
+    "fruitdask.catalogue": 0,
+    # 1 storage: the only layer that knows fsspec/s3fs, and the tables' schema
+    "fruitdask.storage": 1,
+    "fruitdask.schema": 1,
+    # 2 stages: pure transforms every engine calls (featurize, reduce)
+    "fruitdask.features": 2,
+    "fruitdask.reduce": 2,
+    "fruitdask.pca_moments": 2,
+    # 3 the output: the features table, checkpoints, the run's files and record
+    "fruitdask.lake": 3,
+    "fruitdask.checkpoint": 3,
+    "fruitdask.output": 3,
+    # 4 engines: where the stages run (Dask, Spark)
+    "fruitdask.backends": 4,
+    # 5 the report of a run: above the engines, so no backend draws or builds it
+    "fruitdask.report": 5,
+    # 6 what drives a run or reads one back; the pipeline draws the scree plot and builds the
+    # report itself because it publishes them inside the output's lock, before ``_SUCCESS``
+    "fruitdask.pipeline": 6,
+    "fruitdask.classifier": 6,
+    # 7 long-running uses of them
+    "fruitdask.bench": 7,
+    "fruitdask.serve": 7,
+    # 8 entry points: the CLI, its commands, ``python -m`` modules
+    "fruitdask.commands": 8,
+    "fruitdask.cli": 8,
+    "fruitdask.__main__": 8,
+    "fruitdask.bench.__main__": 8,
+}
+LAYER_NAMES = ("base", "storage", "stages", "output", "engines", "report", "run", "services", "entry points")
+
+#: ``(importer, imported) -> reason`` for an upward import that must stay; keep it short.
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
+
+
+def layer_of(module: str, layers: dict[str, int] = LAYERS) -> int | None:
+    """The layer of ``module``: its longest entry in ``layers`` (a top-level entry names only itself)."""
+    name = module
+    while name:
+        if name in layers and ("." in name or name == module):
+            return layers[name]
+        name = name.rpartition(".")[0]
+    return None
+
+
+def upward_imports(
+    graph: dict[str, set[str]], layers: dict[str, int] = LAYERS, allowed: dict[tuple[str, str], str] | None = None
+) -> list[tuple[str, int, str, int]]:
+    """``(importer, its layer, imported, its layer)`` for each import into a higher layer
+    not in ``allowed`` (modules without a layer are :func:`unlayered`'s business)."""
+    allowed = ALLOWED_UPWARD if allowed is None else allowed
+    found = []
+    for module, targets in graph.items():
+        low = layer_of(module, layers)
+        for target in targets:
+            high = layer_of(target, layers)
+            if low is not None and high is not None and high > low and (module, target) not in allowed:
+                found.append((module, low, target, high))
+    return sorted(found)
+
+
+def unlayered(graph: dict[str, set[str]], layers: dict[str, int] = LAYERS) -> list[str]:
+    return sorted(m for m in graph if layer_of(m, layers) is None)
 
 
 def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -184,3 +264,44 @@ def test_the_guards_see_what_they_guard():
     assert "fruitdask.backends.dask.kube_connect" in graph["fruitdask.backends.dask.cluster"]  # lazy, in a function
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_every_module_has_a_layer():
+    missing = unlayered(import_graph())
+    assert not missing, f"modules with no entry in LAYERS (tests/test_architecture.py): {missing}; place each in a layer"
+
+
+def test_layers_import_only_downwards():
+    offenders = upward_imports(import_graph())
+    listing = "\n".join(f"  {m} ({LAYER_NAMES[a]}, {a}) -> {t} ({LAYER_NAMES[b]}, {b})" for m, a, t, b in offenders)
+    assert not offenders, (
+        f"{len(offenders)} imports go up a layer (lazy imports inside functions count). Move the piece both need "
+        f"down, or have the caller above pass it in as an argument (docs/architecture.md, Layers):\n{listing}"
+    )
+
+
+def test_every_allowed_upward_import_is_still_one():
+    graph = import_graph()
+    stale = [(m, t) for m, t in ALLOWED_UPWARD
+             if t not in graph.get(m, set()) or (layer_of(t) or 0) <= (layer_of(m) or 0)]
+    assert not stale, f"ALLOWED_UPWARD entries no longer needed, remove them: {stale}"
+    assert all(reason.strip() for reason in ALLOWED_UPWARD.values()), "every allowed upward import says why"
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    """On a synthetic package: a lazy import from a lower layer into a higher one is found,
+    a downward one is not, an allowed one is not, and a module no entry names has no layer."""
+    pkg = tmp_path / "pkg"
+    (pkg / "top").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "low.py").write_text("import os\n\n\ndef f():\n    from pkg.top import cmd\n    return cmd\n")
+    (pkg / "top" / "__init__.py").write_text("")
+    (pkg / "top" / "cmd.py").write_text("from ..low import f\n")
+    (pkg / "stray.py").write_text("")
+    layers = {"pkg": 0, "pkg.low": 0, "pkg.top": 1}
+    graph = import_graph(pkg)
+    assert graph["pkg.low"] == {"pkg.top.cmd"} and graph["pkg.top.cmd"] == {"pkg.low"}
+    assert upward_imports(graph, layers, allowed={}) == [("pkg.low", 0, "pkg.top.cmd", 1)]
+    assert upward_imports(graph, layers, allowed={("pkg.low", "pkg.top.cmd"): "a reason"}) == []
+    assert unlayered(graph, layers) == ["pkg.stray"]
+    assert layer_of("pkg.top.cmd", layers) == 1 and layer_of("pkg", layers) == 0

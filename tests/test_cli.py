@@ -150,7 +150,7 @@ def test_a_command_line_imports_only_its_own_command():
 def test_quiet_logging_quiets_distributed_without_importing_it():
     out = _fresh_python("""
         import logging, sys
-        from fruitdask.commands.options import setup_logging
+        from fruitdask.logs import setup_logging
         setup_logging(quiet=True, debug=False)
         before = "distributed" in sys.modules
         import distributed
@@ -168,7 +168,7 @@ def test_quiet_logging_leaves_a_logging_file_of_the_user_alone(tmp_path):
                    "handlers=h\n[handler_h]\nclass=StreamHandler\nlevel=INFO\nformatter=f\nargs=(sys.stderr,)\n"
                    "[formatter_f]\nformat=%(message)s\n")
     out = _fresh_python("""
-        from fruitdask.commands.options import setup_logging
+        from fruitdask.logs import setup_logging
         setup_logging(quiet=True, debug=False)
         import distributed
         print("imported")

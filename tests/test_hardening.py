@@ -26,7 +26,6 @@ from fruitdask.config import StorageSettings, build_config
 from fruitdask.errors import RegionError, UntrustedReferenceError, WeightsError
 from fruitdask.features import model
 from fruitdask.features.featurize import DecodeError, decode_image
-from fruitdask.reduce import Reduction, scree_png
 from fruitdask.report import plots as report_plots
 from fruitdask.report import svg as report_svg
 
@@ -96,14 +95,9 @@ def test_odd_labels_never_break_a_chart(label):
     from fruitdask.classifier.classify import confusion_png
 
     metrics = {"labels": [label, "ok"], "confusion": [[2, 1], [0, 3]], "accuracy": 5 / 6}
-    pngs = [confusion_png(metrics, title=f"held out {label}"), scree_png(_reduction(), f"Scree plot {label}")]
+    pngs = [confusion_png(metrics, title=f"held out {label}"),
+            report_plots.scree_png(np.array([0.5, 0.33, 0.17]), k=2, variance_target=0.8, title=f"Scree plot {label}")]
     assert all(p.startswith(b"\x89PNG") for p in pngs)
-
-
-def _reduction() -> Reduction:
-    z = np.zeros(3)
-    return Reduction(mean=z, scale=z + 1, pca_mean=z, components=np.eye(3)[:2], explained_variance=np.array([3.0, 2.0, 1.0]),
-                     explained_variance_ratio=np.array([0.5, 0.33, 0.17]), k=2, variance_target=0.8, n_samples=6, method="test")
 
 
 def test_mathtext_label_is_drawn_as_typed_not_parsed():

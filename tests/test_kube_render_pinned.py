@@ -2,7 +2,7 @@
 
 test_kube_spec.py checks what the objects mean; this file only notices that they changed
 (key order included, as ``json.dumps`` writes them), so that a refactoring of the builders
-in ``fruitdask/backends/dask/kube.py`` cannot change a deployment unnoticed. The digests
+in ``fruitdask/backends/dask/kube*.py`` cannot change a deployment unnoticed. The digests
 were taken before ``make_cluster_spec`` was split into its parts (issue #12). When a change
 of the objects is intended, check it in test_kube_spec.py and update the digest here.
 """
@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from fruitdask.backends.dask.kube import cluster_resources
+from fruitdask.backends.dask.kube_connect import cluster_resources
 from fruitdask.config import KubeSettings
 
 CASES = {

@@ -16,16 +16,10 @@ import kubernetes_validate
 import pytest
 from k8s_validation import KUBE_VERSION, REPO, dask_cluster_schema, pod_policy_violations, pod_specs
 
-from fruitdask.backends.dask.kube import (
-    cluster_resources,
-    make_cluster_spec,
-    make_network_policies,
-    make_scheduler_service_account,
-    parse_quantity,
-    tls_env,
-    worker_threads,
-)
-from fruitdask.backends.dask.kube_connect import KubeConnection, client_security, open_kube_cluster
+from fruitdask.backends.dask.kube import make_cluster_spec, parse_quantity, worker_threads
+from fruitdask.backends.dask.kube_connect import KubeConnection, client_security, cluster_resources, open_kube_cluster
+from fruitdask.backends.dask.kube_pods import tls_env
+from fruitdask.backends.dask.kube_policies import make_network_policies, make_scheduler_service_account
 from fruitdask.config import EU_REGIONS, TF_ENV, KubeSettings
 from fruitdask.errors import ClusterError
 
@@ -263,29 +257,27 @@ def tls_files(tmp_path_factory) -> dict[str, str]:
     return _write_certificates(tmp_path_factory.mktemp("tls"))
 
 
-def test_client_security_connects_to_a_tls_scheduler(tls_files) -> None:
+def test_client_security_connects_to_a_tls_scheduler(tls_files, local_cluster) -> None:
     """A real TLS scheduler: the client's Security from Dask config gets in; a plain-TCP
     client does not."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
     from distributed.security import Security
 
     with dask.config.set(_tls_config(tls_files)):
         server, client_sec = Security(), client_security()
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tls://",
-                      security=server, dashboard_address=":0") as cluster:
-        assert cluster.scheduler_address.startswith("tls://")
-        with Client(cluster.scheduler_address, security=client_sec, timeout="10s") as client:
-            assert client.submit(sum, [1, 2]).result(timeout=10) == 3
-        with pytest.raises((OSError, TimeoutError)):
-            Client(cluster.scheduler_address.replace("tls://", "tcp://"), timeout="3s")
+    cluster, _ = local_cluster(1, 1, processes=False, client=False, protocol="tls://", security=server)
+    assert cluster.scheduler_address.startswith("tls://")
+    with Client(cluster.scheduler_address, security=client_sec, timeout="10s") as client:
+        assert client.submit(sum, [1, 2]).result(timeout=10) == 3
+    with pytest.raises((OSError, TimeoutError)):
+        Client(cluster.scheduler_address.replace("tls://", "tcp://"), timeout="3s")
 
 
-def test_dask_client_connects_with_the_kube_connection(monkeypatch, tls_files) -> None:
+def test_dask_client_connects_with_the_kube_connection(monkeypatch, tls_files, local_cluster) -> None:
     """``--cluster kubernetes`` end to end from cluster.py: the address and Security that
     open_kube_cluster yields reach the Client (a TLS LocalCluster stands in for the pods)."""
     from contextlib import contextmanager
 
-    from distributed import LocalCluster
     from distributed.security import Security
 
     import fruitdask.backends.dask.kube_connect
@@ -294,19 +286,18 @@ def test_dask_client_connects_with_the_kube_connection(monkeypatch, tls_files) -
 
     with dask.config.set(_tls_config(tls_files)):
         server, client_sec = Security(), client_security()
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tls://",
-                      security=server, dashboard_address=":0") as cluster:
+    cluster, _ = local_cluster(1, 1, processes=False, client=False, protocol="tls://", security=server)
 
-        @contextmanager
-        def fake_open(settings, env):
-            assert settings == SETTINGS
-            yield KubeConnection(cluster.scheduler_address, client_sec, None)
+    @contextmanager
+    def fake_open(settings, env):
+        assert settings == SETTINGS
+        yield KubeConnection(cluster.scheduler_address, client_sec, None)
 
-        monkeypatch.setattr(fruitdask.backends.dask.kube_connect, "open_kube_cluster", fake_open)
-        cfg = RunConfig(input="in", output="out", cluster="kubernetes", kube=SETTINGS, cluster_timeout=10)
-        with dask_client(cfg) as client:
-            assert client.scheduler.address == cluster.scheduler_address
-            assert client.submit(sum, [2, 3]).result(timeout=10) == 5
+    monkeypatch.setattr(fruitdask.backends.dask.kube_connect, "open_kube_cluster", fake_open)
+    cfg = RunConfig(input="in", output="out", cluster="kubernetes", kube=SETTINGS, cluster_timeout=10)
+    with dask_client(cfg) as client:
+        assert client.scheduler.address == cluster.scheduler_address
+        assert client.submit(sum, [2, 3]).result(timeout=10) == 5
 
 
 def test_client_without_certificates_is_refused(tls_files) -> None:
@@ -424,8 +415,8 @@ def test_worker_threads(cpu: str, expected: int) -> None:
 
 def test_builder_is_pure_and_imports_no_dask_kubernetes() -> None:
     code = (
-        "import sys; from fruitdask.config import KubeSettings; from fruitdask.backends.dask.kube import cluster_resources;"
-        "import fruitdask.backends.dask.kube_connect; cluster_resources(KubeSettings(), {});"
+        "import sys; from fruitdask.config import KubeSettings; from fruitdask.backends.dask.kube_connect import cluster_resources;"
+        "cluster_resources(KubeSettings(), {});"
         "assert not {'dask_kubernetes', 'kr8s'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)

@@ -9,7 +9,8 @@ import pytest
 from sklearn.decomposition import PCA
 
 from fruitdask.errors import ReductionError
-from fruitdask.reduce import Reduction, choose_k, fit_incremental_pca, plan_pca, scree_png
+from fruitdask.reduce import Reduction, choose_k, fit_incremental_pca, plan_pca
+from fruitdask.report.plots import scree_png
 
 
 def _standardized(x: np.ndarray) -> np.ndarray:
@@ -77,7 +78,7 @@ def test_reduction_round_trips_and_plots(tmp_path):
     np.testing.assert_array_equal(back.components, red.components)
     assert back.k == red.k and back.variance_target == 0.9
     np.testing.assert_allclose(back.transform(x), red.transform(x))
-    png = scree_png(red)
+    png = scree_png(red.explained_variance_ratio, k=red.k, variance_target=red.variance_target)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 

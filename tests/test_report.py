@@ -211,40 +211,12 @@ def test_report_command_explains_a_folder_without_run_json(tmp_path, capsys):
     assert "run.json" in err and "fruitdask run" in err
 
 
-@pytest.fixture
-def moto_s3(monkeypatch):
-    """A real S3 protocol endpoint on loopback (moto), with an eu-west-1 bucket."""
-    import boto3
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "eu-west-1"}.items():
-        monkeypatch.setenv(key, value)
-    for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(key, raising=False)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="eu-west-1").create_bucket(
-            Bucket="fruits-eu", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
-        s3fs.S3FileSystem.clear_instance_cache()
-        yield endpoint
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
-
-
 @pytest.mark.integration
-def test_report_command_rebuilds_an_s3_output(run_out, moto_s3, capsys):
-    import s3fs
-
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3})
-    fs.put(str(run_out["out"]) + "/", "fruits-eu/runs/one/", recursive=True)
+def test_report_command_rebuilds_an_s3_output(run_out, s3, capsys):
+    s3.upload(run_out["out"], s3.bucket("fruits-eu", "eu-west-1") + "/runs/one")
+    fs = s3.fs
     fs.rm("fruits-eu/runs/one/report.html")
-    assert cli.main(["report", "s3://fruits-eu/runs/one", "--s3-endpoint", moto_s3]) == 0
+    assert cli.main(["report", "s3://fruits-eu/runs/one", "--s3-endpoint", s3.endpoint]) == 0
     assert capsys.readouterr().out.strip() == "s3://fruits-eu/runs/one/report.html"
     fs.invalidate_cache()
     parsed = Page(fs.cat("fruits-eu/runs/one/report.html").decode("utf-8"))

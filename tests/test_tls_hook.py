@@ -60,19 +60,18 @@ def test_the_release_ca_signs_one_certificate_and_keeps_no_key() -> None:
     assert x509.load_pem_x509_certificate(_hook().make_material("fruits", 30, [SERVICE])["ca.crt"]).subject != ca.subject
 
 
-def test_dask_admits_the_release_s_certificate_and_refuses_another_ca_s(tmp_path) -> None:
-    from distributed import Client, LocalCluster
+def test_dask_admits_the_release_s_certificate_and_refuses_another_ca_s(tmp_path, local_cluster) -> None:
+    from distributed import Client
 
     hook = _hook()
     ours = _security(hook.make_material("fruits", 1, [SERVICE]), tmp_path / "ours")
     # Same host names, another CA: Dask does not check host names, only the chain.
     theirs = _security(hook.make_material("fruits", 1, [SERVICE]), tmp_path / "theirs")
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tls://",
-                      security=ours, dashboard_address=":0") as cluster:
-        with Client(cluster.scheduler_address, security=ours, timeout="10s") as client:
-            assert client.submit(sum, [1, 2]).result(timeout=10) == 3
-        with pytest.raises((OSError, TimeoutError)):
-            Client(cluster.scheduler_address, security=theirs, timeout="3s")
+    cluster, _ = local_cluster(1, 1, processes=False, client=False, protocol="tls://", security=ours)
+    with Client(cluster.scheduler_address, security=ours, timeout="10s") as client:
+        assert client.submit(sum, [1, 2]).result(timeout=10) == 3
+    with pytest.raises((OSError, TimeoutError)):
+        Client(cluster.scheduler_address, security=theirs, timeout="3s")
 
 
 class _Api:

@@ -194,7 +194,7 @@ def main(argv: list[str]) -> int:
         logging.basicConfig(level=logging.WARNING)
         result = child_raw(cfg, work, unpooled and repeat == 0)
     else:
-        from fruitdask.commands.options import setup_logging
+        from fruitdask.logs import setup_logging
 
         setup_logging(quiet=True, debug=False)
         if task in PIPELINE_TASKS:

@@ -1,23 +1,19 @@
 """Options and set-up that several sub-commands share: one place for each flag.
 
-The storage flags, ``--quiet``/``--debug``, the run options of ``run`` and ``bench``, the
-configuration built from them (flags over ``FRUITDASK_*`` environment over defaults) and the
-logging set-up. Nothing here imports :mod:`fruitdask.cli`: the dispatcher imports the
-commands, never the other way round.
+The storage flags, ``--quiet``/``--debug``, the run options of ``run`` and ``bench`` and the
+configuration built from them (flags over ``FRUITDASK_*`` environment over defaults); the
+logging set-up those flags choose is :mod:`fruitdask.logs`. Nothing here imports
+:mod:`fruitdask.cli`: the dispatcher imports the commands, never the other way round.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from fruitdask.config import BACKENDS, POOLINGS, RunConfig, StorageSettings, build_config, build_storage_settings
-
-logger = logging.getLogger("fruitdask")
 
 #: The real Fruits-360 images shipped with the package (12 labels x 10 images).
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "Training"
@@ -157,42 +153,3 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
     if flags.get("output") is None and "FRUITDASK_OUTPUT" not in os.environ:
         flags["output"] = DEFAULT_OUTPUT
     return build_config(flags, os.environ)
-
-
-def setup_logging(quiet: bool, debug: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING if not debug else logging.INFO)
-    logger.setLevel(level)
-    if not debug:
-        quiet_libraries()
-
-
-#: Libraries whose INFO and WARNING lines are noise to a user (errors still show).
-QUIET_LOGGERS = ("distributed", "tensorflow", "absl", "py4j", "pyspark", "h5py")
-
-
-def quiet_libraries() -> None:
-    """Libraries log errors only: the loggers that exist now, and ``distributed``'s when
-    it is imported later (it sets their levels at import, from Dask's ``logging``
-    configuration; importing it here would cost a third of a second before the run can
-    start its workers)."""
-    import dask
-
-    # Where distributed looks (its ``_find_logging_config``): under ``distributed`` if the
-    # logging keys are there, else at the top. A logging file or a dictConfig of the
-    # user's own is left alone.
-    section = "distributed." if {"logging", "logging-file-config"} & set(dask.config.get("distributed", {}) or {}) else ""
-    levels = dask.config.get(f"{section}logging", {}) or {}
-    if not dask.config.get(f"{section}logging-file-config", None) and "version" not in levels:
-        dask.config.set({f"{section}logging": {**levels, **{name: "error" for name in _DISTRIBUTED_LOGGERS}}})
-    for name in list(logging.root.manager.loggerDict):
-        if name.split(".")[0] in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
-
-
-#: The loggers ``distributed`` configures at import (its defaults name these).
-_DISTRIBUTED_LOGGERS = ("distributed", "distributed.client", "distributed.gc")

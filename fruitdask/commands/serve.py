@@ -1,21 +1,13 @@
-"""``fruitdask serve``: flags, region guard, bundle, then uvicorn until SIGTERM/Ctrl-C."""
+"""``fruitdask serve``: its flags and the settings sized from them, then :func:`fruitdask.serve.runner.serve_bundle`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from fruitdask.commands.options import add_quiet_debug, add_storage_options, storage_settings
 from fruitdask.serve.limits import plan_for_memory
 from fruitdask.serve.settings import ServeSettings
-
-if TYPE_CHECKING:
-    from fruitdask.serve.predictor import Predictor
-
-logger = logging.getLogger(__name__)
 
 _D = ServeSettings()
 
@@ -86,63 +78,16 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 
 def command(args: argparse.Namespace) -> int:
-    from fruitdask.errors import FruitdaskError, ModelError
+    from fruitdask.errors import FruitdaskError
 
     try:
-        import uvicorn  # noqa: F401
+        import uvicorn  # noqa: F401 - the extra's packages first: the runner may already be imported
 
-        import fruitdask.serve.app  # noqa: F401
+        from fruitdask.serve import runner
     except ImportError as e:
         raise FruitdaskError(f"`fruitdask serve` needs the serve extra ({e.name} is missing): "
                              "pip install 'fruitdask[serve]'") from e
 
-    from fruitdask import storage
-    from fruitdask.classifier.bundle import ModelBundle
-    from fruitdask.serve.predictor import Predictor
-
-    settings = settings_from_args(args)
-    storage_cfg = storage_settings(args)
-    # Before anything is read: the bundle and the weights must live in allowed (EU) regions.
-    storage.guard_regions([args.model, args.weights], storage_cfg)
-    opts = storage.storage_options(storage_cfg)
-    bundle = ModelBundle.load(args.model, opts)  # small JSON + npz: a bad --model fails here, at once
-    # The weights' location comes from bundle.json: guarded now, whatever its kind, not after the TF import.
-    storage.guard_regions([args.weights or bundle.weights.spec], storage_cfg)
-
-    def load() -> Predictor:
-        # The weights location in bundle.json is data: guarded like any location given by flag.
-        return Predictor.load(bundle, args.model, opts, weights_override=args.weights, max_pixels=settings.max_pixels,
-                              threads=settings.threads, warm_batches=(1, settings.max_batch),
-                              guard=lambda urls: storage.guard_regions(urls, storage_cfg))
-
-    logger.info("serving %s on http://%s:%d, probes on port %d (the model loads in the background; /readyz says when)",
-                args.model, settings.host, settings.port, settings.probe_port)
-    failure = run_server(settings, load, log_level="warning" if args.quiet else "info", access_log=bool(args.debug))
-    if failure:
-        raise ModelError(f"the model could not be loaded, the server stopped: {failure}")
+    runner.serve_bundle(args.model, args.weights, settings_from_args(args), storage_settings(args),
+                        log_level="warning" if args.quiet else "info", access_log=bool(args.debug))
     return 0
-
-
-def run_server(settings: ServeSettings, load: Callable[[], Predictor], *, log_level: str = "info",
-               access_log: bool = False) -> str | None:
-    """Serve until SIGTERM/SIGINT (exit after the drain) or a failed load; return its reason.
-    A port that cannot be opened raises :class:`FruitdaskError`."""
-    from fruitdask.errors import FruitdaskError
-    from fruitdask.serve.app import create_app
-    from fruitdask.serve.probes import create_probe_app
-    from fruitdask.serve.runner import Servers
-
-    failure: list[str] = []
-    servers: Servers | None = None
-
-    def on_load_failure(reason: str) -> None:
-        failure.append(reason)
-        if servers is not None:
-            servers.exit_now()
-
-    app = create_app(settings, load, on_load_failure)
-    servers = Servers(app, create_probe_app(app.state.serve), log_level=log_level, access_log=access_log)
-    servers.run()
-    if servers.error:
-        raise FruitdaskError(servers.error)
-    return failure[0] if failure else None

@@ -17,11 +17,11 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from fruitdask.config import PRECISIONS
 from fruitdask.errors import ClusterError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("float32", "bfloat16", "auto")
 #: ``/proc/cpuinfo`` flags that mean native bf16 arithmetic (AVX512_BF16 dot products, AMX tiles).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
 #: CUDA compute capability from which GPUs have bf16 tensor cores (Ampere).

@@ -1,4 +1,7 @@
-"""Two uvicorn servers in one process, and the order in which they stop.
+"""Serving a bundle: two uvicorn servers in one process, and the order in which they stop.
+
+:func:`serve_bundle` is what ``fruitdask serve`` calls once its flags are parsed: the region
+guard, the bundle, then :func:`run_server` until the process is told to stop.
 
 The public application listens on ``--port`` under ``--max-connections``; the probe
 application (:mod:`fruitdask.serve.probes`) on ``--probe-port`` with no cap. Stopping:
@@ -21,13 +24,24 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import uvicorn
 from starlette.applications import Starlette
 
+from fruitdask import storage
+from fruitdask.classifier.bundle import ModelBundle
+from fruitdask.errors import FruitdaskError, ModelError
+from fruitdask.serve.app import create_app
+from fruitdask.serve.predictor import Predictor
+from fruitdask.serve.probes import create_probe_app
 from fruitdask.serve.protocol import header_timeout_protocol
+from fruitdask.serve.settings import ServeSettings
 from fruitdask.serve.state import ServeState, drain
+
+if TYPE_CHECKING:
+    from fruitdask.config import StorageSettings
 
 logger = logging.getLogger(__name__)
 
@@ -108,3 +122,55 @@ class Servers:
 
     def run(self) -> None:
         asyncio.run(self.serve())
+
+
+def serve_bundle(model: str, weights: str | None, settings: ServeSettings, storage_cfg: StorageSettings, *,
+                 log_level: str = "info", access_log: bool = False) -> None:
+    """Serve the bundle at ``model`` until SIGTERM/SIGINT; the weights load in the background.
+
+    Raises
+    ------
+    RegionError
+        If the bundle or its weights (``weights``, else the location ``bundle.json`` names)
+        live outside the allowed regions: checked before anything is read from them.
+    ModelError
+        If the model could not be loaded (the server stopped).
+    """
+    # Before anything is read: the bundle and the weights must live in allowed (EU) regions.
+    storage.guard_regions([model, weights], storage_cfg)
+    opts = storage.storage_options(storage_cfg)
+    bundle = ModelBundle.load(model, opts)  # small JSON + npz: a bad --model fails here, at once
+    # The weights' location comes from bundle.json: guarded now, whatever its kind, not after the TF import.
+    storage.guard_regions([weights or bundle.weights.spec], storage_cfg)
+
+    def load() -> Predictor:
+        # The weights location in bundle.json is data: guarded like any location given by flag.
+        return Predictor.load(bundle, model, opts, weights_override=weights, max_pixels=settings.max_pixels,
+                              threads=settings.threads, warm_batches=(1, settings.max_batch),
+                              guard=lambda urls: storage.guard_regions(urls, storage_cfg))
+
+    logger.info("serving %s on http://%s:%d, probes on port %d (the model loads in the background; /readyz says when)",
+                model, settings.host, settings.port, settings.probe_port)
+    failure = run_server(settings, load, log_level=log_level, access_log=access_log)
+    if failure:
+        raise ModelError(f"the model could not be loaded, the server stopped: {failure}")
+
+
+def run_server(settings: ServeSettings, load: Callable[[], Predictor], *, log_level: str = "info",
+               access_log: bool = False) -> str | None:
+    """Serve until SIGTERM/SIGINT (exit after the drain) or a failed load; return its reason.
+    A port that cannot be opened raises :class:`FruitdaskError`."""
+    failure: list[str] = []
+    servers: Servers | None = None
+
+    def on_load_failure(reason: str) -> None:
+        failure.append(reason)
+        if servers is not None:
+            servers.exit_now()
+
+    app = create_app(settings, load, on_load_failure)
+    servers = Servers(app, create_probe_app(app.state.serve), log_level=log_level, access_log=access_log)
+    servers.run()
+    if servers.error:
+        raise FruitdaskError(servers.error)
+    return failure[0] if failure else None

@@ -133,13 +133,14 @@ def preimport_client_modules() -> None:
     A local cluster's worker can only be forked once the fork server has imported
     TensorFlow (seconds, on one core); this process waits for it anyway, so these imports
     use the idle core instead of sitting between the stages after the model is ready.
+    matplotlib is imported, not the report: the report sits above the backends.
     """
     import dask.array
     import dask.dataframe  # noqa: F401
+    import matplotlib
 
-    from fruitdask.report.plots import import_pyplot
-
-    import_pyplot()
+    matplotlib.use("Agg")  # as fruitdask.report.plots.import_pyplot: no display
+    import matplotlib.pyplot
 
 
 class DaskBackend:

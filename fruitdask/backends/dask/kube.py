@@ -1,35 +1,26 @@
-"""``--cluster kubernetes``: a Dask cluster from the dask-kubernetes operator.
+"""``--cluster kubernetes``: the ``DaskCluster`` resource of the dask-kubernetes operator.
 
 The builders are pure: :func:`make_cluster_spec` turns :class:`~fruitdask.config.KubeSettings`
-into the ``DaskCluster`` resource, :func:`make_network_policies` and
-:func:`make_scheduler_service_account` into the objects created beside it, so everything is
-tested without a cluster. :mod:`fruitdask.backends.dask.kube_connect` creates them and connects the
-client; it is the only place that talks to the Kubernetes API.
+into the ``DaskCluster`` resource (scheduler and worker containers, ports, sizes,
+environment, the scheduler's Service), so everything is tested without a cluster. Its pods
+come from :mod:`fruitdask.backends.dask.kube_pods` (hardened, region-bound, mutual TLS), the
+service account and NetworkPolicies created beside it from
+:mod:`fruitdask.backends.dask.kube_policies`; :mod:`fruitdask.backends.dask.kube_connect`
+creates them all and connects the client, the only place that talks to the Kubernetes API.
 
-The pods get the same hardening as the Helm chart (``helm/fruitdask``): non-root, read-only
-root filesystem, all capabilities dropped, RuntimeDefault seccomp, writable ``emptyDir``
-volumes for ``HOME``, ``/tmp`` and the worker's spill directory, and a required node
-affinity on the EU region. Like the chart with ``tls.enabled`` they speak mutual TLS with
-the certificates of an existing Secret, and like the chart's NetworkPolicies only the
-cluster's own pods and labelled clients reach the Dask ports. Only the workers run under the
-service account that carries the S3 role (IRSA); the scheduler gets a service account of its
-own with no role, because any client of the scheduler can run code on it.
+The scheduler keeps Dask's defaults, the Active Memory Manager included: nothing a run
+needs is scattered (the weights are a file each worker reads once), so no replica needs
+protecting from it.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
+from fruitdask.backends.dask.kube_pods import HOME, SCRATCH, pod_spec, tls_env
 from fruitdask.config import EU_REGIONS, TF_ENV, KubeSettings
 from fruitdask.errors import ClusterError
-
-logger = logging.getLogger(__name__)
-
-#: Set on the scheduler and every worker. The pipeline broadcasts the model weights with
-#: ``scatter(broadcast=True)``; the Active Memory Manager's ReduceReplicas policy would
-#: otherwise drop those replicas again and every task would refetch them.
 
 SCHEDULER_PORT = 8786
 DASHBOARD_PORT = 8787
@@ -37,16 +28,6 @@ DASHBOARD_PORT = 8787
 WORKER_PORT = 9000
 NANNY_PORT = 9001
 WORKER_DASHBOARD_PORT = 8788
-UID = 10001  # the non-root user of the Dockerfile
-HOME = "/home/fruitdask"
-SCRATCH = "/scratch"
-TLS_DIR = "/etc/dask/tls"
-#: Labels a pod in the namespace needs (with ``app.kubernetes.io/instance: <cluster name>``)
-#: to reach the scheduler and workers; the same key as the chart's ``clientLabels``.
-CLIENT_LABELS: dict[str, str] = {"fruitdask.io/client": "true"}
-#: Egress of the workers for S3, STS (IRSA) and the weights download: HTTPS anywhere, as
-#: S3 has no fixed addresses; the chart lets this be narrowed (networkPolicy.s3Egress).
-HTTPS_EGRESS_CIDRS: tuple[str, ...] = ("0.0.0.0/0",)
 # The scheduler's own footprint; the worker size comes from KubeSettings.
 SCHEDULER_RESOURCES: dict[str, dict[str, str]] = {
     "requests": {"cpu": "500m", "memory": "1Gi"},
@@ -94,22 +75,6 @@ def _env_list(env: dict[str, str]) -> list[dict[str, str]]:
     return [{"name": k, "value": str(v)} for k, v in sorted(env.items())]
 
 
-def tls_env() -> dict[str, str]:
-    """Dask configuration, as environment, for mutual TLS with the mounted Secret.
-
-    The same variables as the chart's ``tls.enabled``: one certificate for every role,
-    ``ca.crt`` / ``tls.crt`` / ``tls.key`` of the Secret mounted at :data:`TLS_DIR`.
-    """
-    env = {
-        "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
-        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": f"{TLS_DIR}/ca.crt",
-    }
-    for role in ("SCHEDULER", "WORKER", "CLIENT"):
-        env[f"DASK_DISTRIBUTED__COMM__TLS__{role}__CERT"] = f"{TLS_DIR}/tls.crt"
-        env[f"DASK_DISTRIBUTED__COMM__TLS__{role}__KEY"] = f"{TLS_DIR}/tls.key"
-    return env
-
-
 def scheduler_service_account_name(settings: KubeSettings) -> str:
     """The role-less service account the scheduler runs under: ``<cluster name>-scheduler``."""
     return f"{settings.name}-scheduler"
@@ -118,69 +83,6 @@ def scheduler_service_account_name(settings: KubeSettings) -> str:
 def scheduler_address(settings: KubeSettings) -> str:
     """The in-cluster ``tls://`` address of the scheduler Service the operator creates."""
     return f"tls://{settings.name}-scheduler.{settings.namespace}.svc.cluster.local:{SCHEDULER_PORT}"
-
-
-def _security() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(pod, container) security contexts meeting the Pod Security "restricted" level."""
-    seccomp = {"type": "RuntimeDefault"}
-    pod = {
-        "runAsNonRoot": True,
-        "runAsUser": UID,
-        "runAsGroup": UID,
-        "fsGroup": UID,
-        "seccompProfile": seccomp,
-    }
-    container = {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": seccomp,
-    }
-    return pod, container
-
-
-def _pod_spec(
-    settings: KubeSettings,
-    container: dict[str, Any],
-    service_account: str | None,
-    extra_volumes: list[dict[str, Any]],
-) -> dict[str, Any]:
-    pod_sc, container_sc = _security()
-    container["securityContext"] = container_sc
-    container["imagePullPolicy"] = "IfNotPresent"
-    tls = {"name": "tls", "secret": {"secretName": settings.tls_secret, "defaultMode": 0o440}}
-    container["volumeMounts"] = [
-        {"name": "home", "mountPath": HOME},
-        {"name": "tmp", "mountPath": "/tmp"},
-        {"name": "tls", "mountPath": TLS_DIR, "readOnly": True},
-    ] + [{"name": v["name"], "mountPath": SCRATCH} for v in extra_volumes]
-    spec: dict[str, Any] = {
-        "securityContext": pod_sc,
-        "automountServiceAccountToken": False,
-        "affinity": {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": [
-                        {
-                            "matchExpressions": [
-                                {
-                                    "key": "topology.kubernetes.io/region",
-                                    "operator": "In",
-                                    "values": [settings.region],
-                                }
-                            ]
-                        }
-                    ]
-                }
-            }
-        },
-        "containers": [container],
-        "volumes": [{"name": "home", "emptyDir": {"sizeLimit": "1Gi"}}, {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}, tls, *extra_volumes],
-    }
-    if service_account:
-        spec["serviceAccountName"] = service_account
-    return spec
 
 
 def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, Any]:
@@ -200,8 +102,8 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
         Image, worker count and size, namespace, service account and region.
     env
         Extra environment for scheduler and workers (e.g. ``FRUITDASK_STORAGE_*``). It may
-        not override :data:`~fruitdask.config.TF_ENV`, the Active Memory Manager switch,
-        the region, the TLS settings or the workers' scheduler address.
+        not override ``HOME``, ``TMPDIR``, :data:`~fruitdask.config.TF_ENV`, the region,
+        the TLS settings or the workers' scheduler address.
 
     Returns
     -------
@@ -227,11 +129,11 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
             "worker": {
                 "replicas": settings.n_workers,
                 "metadata": {"labels": {**labels, "app.kubernetes.io/component": "worker"}},
-                "spec": _pod_spec(settings, worker, settings.service_account, _scratch_volumes(settings)),
+                "spec": pod_spec(settings, worker, settings.service_account, _scratch_volumes(settings)),
             },
             "scheduler": {
                 "metadata": {"labels": {**labels, "app.kubernetes.io/component": "scheduler"}},
-                "spec": _pod_spec(
+                "spec": pod_spec(
                     settings, _scheduler_container(settings, env), scheduler_service_account_name(settings), []
                 ),
                 "service": _scheduler_service(settings),
@@ -370,110 +272,3 @@ def _check_tls_secret(settings: KubeSettings) -> None:
             "--cluster kubernetes always uses TLS: pass --kube-tls-secret NAME, a Secret in namespace "
             f"{settings.namespace!r} with ca.crt, tls.crt and tls.key (e.g. from cert-manager, as for the chart's tls.existingSecret)"
         )
-
-
-def _metadata(settings: KubeSettings, name: str, component: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": settings.namespace,
-        "labels": {
-            "app.kubernetes.io/name": "fruitdask",
-            "app.kubernetes.io/instance": settings.name,
-            "app.kubernetes.io/component": component,
-            "app.kubernetes.io/managed-by": "fruitdask",
-            "app.kubernetes.io/part-of": "fruitdask",
-        },
-    }
-
-
-def make_scheduler_service_account(settings: KubeSettings) -> dict[str, Any]:
-    """The scheduler's ``ServiceAccount``: no annotations, so no IAM role, and no API token.
-
-    Any client of a Dask scheduler can run code on it (``Client.run_on_scheduler``), so the
-    scheduler must not hold the S3 role the workers get through IRSA.
-    """
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": _metadata(settings, scheduler_service_account_name(settings), "scheduler"),
-        "automountServiceAccountToken": False,
-    }
-
-
-def _ports(*numbers: int) -> list[dict[str, Any]]:
-    # Numbers, never names: the AWS VPC CNI policy agent has mishandled named ports.
-    return [{"port": n, "protocol": "TCP"} for n in numbers]
-
-
-def make_network_policies(settings: KubeSettings) -> list[dict[str, Any]]:
-    """``NetworkPolicy`` objects for the operator's scheduler and worker pods.
-
-    The same rules as the chart's (``helm/fruitdask/templates/networkpolicy.yaml``), on the
-    labels the operator puts on its pods (``dask.org/cluster-name``, ``dask.org/component``):
-
-    * scheduler: comm port from this cluster's workers and labelled clients
-      (:data:`CLIENT_LABELS` plus ``app.kubernetes.io/instance: <name>``); egress to DNS and
-      the workers' worker and nanny ports only (no S3, no internet);
-    * workers: worker and nanny ports from the scheduler, peer workers and clients; egress
-      to DNS, HTTPS (S3, STS for IRSA) and the scheduler and peer workers.
-
-    Dashboards get no ingress: reach them with ``kubectl port-forward``, which policies do
-    not affect. Every port is a number.
-    """
-    cluster = {"dask.org/cluster-name": settings.name}
-    scheduler = {"podSelector": {"matchLabels": {**cluster, "dask.org/component": "scheduler"}}}
-    workers = {"podSelector": {"matchLabels": {**cluster, "dask.org/component": "worker"}}}
-    clients = {
-        "podSelector": {"matchLabels": {**CLIENT_LABELS, "app.kubernetes.io/instance": settings.name}}
-    }
-    dns = {
-        "to": [
-            {
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
-                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
-            }
-        ],
-        "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
-    }
-    https = {"to": [{"ipBlock": {"cidr": c}} for c in HTTPS_EGRESS_CIDRS], "ports": _ports(443)}
-    scheduler_policy = {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": _metadata(settings, f"{settings.name}-scheduler", "scheduler"),
-        "spec": {
-            "podSelector": scheduler["podSelector"],
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [workers, clients], "ports": _ports(SCHEDULER_PORT)}],
-            "egress": [dns, {"to": [workers], "ports": _ports(WORKER_PORT, NANNY_PORT)}],
-        },
-    }
-    worker_policy = {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": _metadata(settings, f"{settings.name}-worker", "worker"),
-        "spec": {
-            "podSelector": workers["podSelector"],
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [scheduler, workers, clients], "ports": _ports(WORKER_PORT, NANNY_PORT)}],
-            "egress": [
-                dns,
-                https,
-                {"to": [scheduler], "ports": _ports(SCHEDULER_PORT)},
-                {"to": [workers], "ports": _ports(WORKER_PORT)},
-            ],
-        },
-    }
-    return [scheduler_policy, worker_policy]
-
-
-def cluster_resources(settings: KubeSettings, env: dict[str, str]) -> list[dict[str, Any]]:
-    """Everything :func:`open_kube_cluster` creates, in creation order.
-
-    The service account and the policies come first, so no scheduler or worker pod ever
-    runs without them; deletion goes in reverse.
-    """
-    return [
-        make_scheduler_service_account(settings),
-        *make_network_policies(settings),
-        make_cluster_spec(settings, env),
-    ]

@@ -1,7 +1,8 @@
 """Create (or connect to) the ``--cluster kubernetes`` Dask cluster and reach it over TLS.
 
-The objects come from the pure builders of :mod:`fruitdask.backends.dask.kube`; this module only makes
-the Kubernetes calls (:class:`OperatorApi`, on kr8s and dask-kubernetes, imported lazily so
+The objects come from the pure builders of :mod:`fruitdask.backends.dask.kube` and
+:mod:`fruitdask.backends.dask.kube_policies` (:func:`cluster_resources` puts them in creation
+order); this module only makes the Kubernetes calls (:class:`OperatorApi`, on kr8s and dask-kubernetes, imported lazily so
 the rest of fruitdask runs without them) and builds the client's TLS credentials. The
 calls sit behind the small :class:`KubeApi` protocol so the create/delete logic is tested
 with a fake.
@@ -16,11 +17,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fruitdask.backends.dask.kube import cluster_resources
+from fruitdask.backends.dask.kube import make_cluster_spec
+from fruitdask.backends.dask.kube_policies import make_network_policies, make_scheduler_service_account
 from fruitdask.config import KubeSettings
 from fruitdask.errors import ClusterError
 
 logger = logging.getLogger(__name__)
+
+
+def cluster_resources(settings: KubeSettings, env: dict[str, str]) -> list[dict[str, Any]]:
+    """Everything :func:`open_kube_cluster` creates, in creation order.
+
+    The service account and the policies come first, so no scheduler or worker pod ever
+    runs without them; deletion goes in reverse.
+    """
+    return [
+        make_scheduler_service_account(settings),
+        *make_network_policies(settings),
+        make_cluster_spec(settings, env),
+    ]
 
 
 def client_security() -> Any:
