@@ -52,6 +52,8 @@ def fingerprint(settings: FeatureSettings) -> str:
     """Hash of the settings that decide a partition's features (not of its rows, nor of the
     storage options they are read with)."""
     s = settings
+    if not s.weights_key:  # built before the weights were read: good for a warm-up, not for a name
+        raise ValueError("feature settings without the weights' digest have no fingerprint: use settings.with_weights(sha256)")
     text = f"v{FORMAT_VERSION}|{s.weights_key}|{s.image_size}|{s.pooling}|{s.batch_size}"
     if s.precision != "float32":  # float32 fingerprints stay those of the runs before --precision
         text += f"|{s.precision}"
