@@ -74,6 +74,7 @@ def measure_one(args: argparse.Namespace) -> dict:
     """One run on a fresh cluster; returns peaks in bytes (called in a child process)."""
     from fruitdask import pipeline
     from fruitdask.config import TF_ENV, build_config
+    from fruitdask.features.settings import FeatureSettings
 
     with tempfile.TemporaryDirectory(prefix="fruitdask-mem-") as tmp:
         data = subset(Path(args.data), Path(tmp) / "in", args.images)
@@ -89,7 +90,7 @@ def measure_one(args: argparse.Namespace) -> dict:
             workers = client.run(peak_rss_bytes)
     return {
         "images": args.images, "image_size": args.image_size, "pooling": args.pooling,
-        "feature_dim": doc["reduction"].get("n_features") or cfg.feature_dim, "k": doc["reduction"]["k"],
+        "feature_dim": doc["reduction"].get("n_features") or FeatureSettings.from_config(cfg).feature_dim, "k": doc["reduction"]["k"],
         "rows": doc["counts"]["rows_written"], "seconds": round(seconds, 1),
         "featurize_images_per_s": doc["images_per_second"]["featurize"],
         "steady_images_per_s": (doc.get("extra") or {}).get("steady_images_per_s"),

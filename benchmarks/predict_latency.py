@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     _, t_batch = _timed(lambda: predict(paths))
 
     # Baseline: the bare VGG16 forward pass on one already decoded image.
-    vgg = cached_model(bundle.spec.weights_sha256, featurizer.weights, bundle.spec.image_size)
+    vgg = cached_model(featurizer.weights, featurizer.settings)
     image = featurize.decode_image(storage.read_bytes(paths[0]), bundle.spec.image_size)[None]
     base = [_timed(lambda: vgg.predict_on_batch(featurize.preprocess(image)))[1] for _ in paths]
 

@@ -97,7 +97,7 @@ class BareVGG16:
         bundle = ModelBundle.load(model)
         featurizer = bundle.featurizer()
         self.image_size, self.batch = bundle.spec.image_size, batch
-        self.vgg = cached_model(bundle.spec.weights_sha256, featurizer.weights, bundle.spec.image_size)
+        self.vgg = cached_model(featurizer.weights, featurizer.settings)
         decoded = np.stack([featurize.decode_image(photos[i % len(photos)], bundle.spec.image_size) for i in range(batch)])
         self.x = featurize.preprocess(decoded)
         for _ in range(3):

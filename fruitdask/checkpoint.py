@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ import pyarrow as pa
 from fruitdask import storage
 from fruitdask.features import frames
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsSource
 from fruitdask.schema import FEATURES_SCHEMA
 from fruitdask.storage.paths import checkpoint_root  # a hidden sibling of the output, like its staging
 
@@ -45,6 +46,8 @@ def fingerprint(settings: FeatureSettings) -> str:
     """Hash of the settings that decide a partition's features (not of its rows, nor of the
     storage options they are read with)."""
     s = settings
+    if not s.weights_key:  # built before the weights were read: good for a warm-up, not for a name
+        raise ValueError("feature settings without the weights' digest have no fingerprint: use settings.with_weights(sha256)")
     text = f"v{FORMAT_VERSION}|{s.weights_key}|{s.image_size}|{s.pooling}|{s.batch_size}"
     if s.precision != "float32":  # float32 fingerprints stay those of the runs before --precision
         text += f"|{s.precision}"
@@ -107,23 +110,22 @@ class Checkpoints:
             logger.warning("could not checkpoint %s (%s): a --resume would compute it again", url, e)
 
 
-def for_run(output_url: str, settings: FeatureSettings, resume: bool) -> Checkpoints:
-    """The :class:`Checkpoints` of a run featurizing with ``settings`` into ``output_url``."""
+def for_run(target: storage.OutputTarget, settings: FeatureSettings, resume: bool) -> Checkpoints:
+    """The :class:`Checkpoints` of a run featurizing with ``settings`` into ``target``."""
     return Checkpoints(
-        prefix=storage.join(checkpoint_root(output_url), fingerprint(settings)),
+        prefix=storage.join(checkpoint_root(target.url), fingerprint(settings)),
         resume=bool(resume),
-        storage_options=dict(settings.storage_options),
+        storage_options=dict(target.storage_options),
     )
 
 
 def featurize_checkpointed(
     df: pd.DataFrame,
-    weights: Any,
+    weights: WeightsSource,
     settings: FeatureSettings,
     checkpoints: Checkpoints | None,
     *,
     threads: int | None = None,
-    featurize: Callable[..., pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
     """Featurize one partition, reusing its checkpoint when resuming, and checkpoint it.
 
@@ -135,22 +137,19 @@ def featurize_checkpointed(
         Passed on to :func:`fruitdask.features.frames.featurize_frame`.
     checkpoints
         None to neither read nor write checkpoints.
-    featurize
-        Stands in for :func:`~fruitdask.features.frames.featurize_frame` (tests count calls).
     """
-    featurize = featurize or frames.featurize_frame
     if checkpoints is None or len(df) == 0:
-        return featurize(df, weights, settings, threads=threads)
+        return frames.featurize_frame(df, weights, settings, threads=threads)
     if checkpoints.resume:
         cached = checkpoints.load(df)
         if cached is not None:
             logger.info("reused checkpoint of %d images", len(df))
             return cached
-    result = featurize(df, weights, settings, threads=threads)
+    result = frames.featurize_frame(df, weights, settings, threads=threads)
     checkpoints.save(result, df)
     return result
 
 
-def clear(output_url: str, storage_options: Mapping[str, Any] | None) -> None:
+def clear(target: storage.OutputTarget) -> None:
     """Remove an output's checkpoints once its dataset is committed."""
-    storage.remove_prefix(checkpoint_root(output_url), storage_options)
+    storage.remove_prefix(checkpoint_root(target.url), target.storage_options)

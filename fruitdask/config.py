@@ -150,14 +150,6 @@ class RunConfig:
         return self
 
     @property
-    def feature_dim(self) -> int:
-        """Length of one feature vector for this image size and pooling."""
-        if self.pooling == "none":
-            side = self.image_size // 32
-            return side * side * 512
-        return 512
-
-    @property
     def max_file_bytes(self) -> int:
         """``--max-file-mb`` in bytes (MiB)."""
         return int(self.max_file_mb * 2**20)

@@ -73,6 +73,7 @@ class RunRecord:
     """What a run records about itself; :meth:`document` is ``run.json``."""
 
     cfg: RunConfig
+    output_url: str  # the run's OutputTarget.url
     run_id: str
     started: dt.datetime
     timer: StageTimer
@@ -97,7 +98,7 @@ class RunRecord:
             "run_id": self.run_id,
             "backend": self.cfg.backend,
             "input": self.cfg.input,
-            "output": self.cfg.output,
+            "output": self.output_url,
             "started_at": self.started.isoformat(),
             "duration_s": round(timer.total, 3),
             "counts": {"images_listed": self.n_listed, "labels": len(self.per_label), "rows_written": self.rows,

@@ -34,6 +34,7 @@ from fruitdask.config import RunConfig
 from fruitdask.errors import FruitdaskError, InputError, TooManyErrors, WeightsError
 from fruitdask.features import model, precision
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsArrays
 from fruitdask.lake import keys, update
 from fruitdask.lake import plan as lake_plan
 from fruitdask.lake import table as delta
@@ -63,9 +64,18 @@ def check_random_weights(cfg: RunConfig, winfo: model.WeightsInfo) -> None:
         raise WeightsError(f"--weights {cfg.weights} gave random weights: {model.NO_FALLBACK_HINT}")
 
 
+def output_target(cfg: RunConfig) -> storage.OutputTarget:
+    """The run's output, resolved once from ``--output``: every location the run reads or
+    writes passes the region guard first, then the target (writes nothing) is what every
+    later step writes through."""
+    storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
+    return storage.OutputTarget.for_update(cfg.output, storage.storage_options(cfg.storage), lease_ttl=cfg.storage.lock_ttl)
+
+
 def run(
     cfg: RunConfig,
     *,
+    target: storage.OutputTarget | None = None,
     progress: Progress | None = None,
     on_event: Callable[[str, dict], None] | None = None,
 ) -> dict:
@@ -73,6 +83,8 @@ def run(
 
     Parameters
     ----------
+    target
+        The output, when the caller resolved it already (:func:`output_target`).
     progress
         Told how many images there are to featurize and advanced as partitions complete.
     on_event
@@ -83,21 +95,19 @@ def run(
     timer, started = StageTimer(), dt.datetime.now(dt.UTC)
     # Decided on this machine unless the model runs elsewhere (then the workers answer).
     resolved = None if workers_elsewhere(cfg) else _resolve_precision(cfg.precision)
-    if resolved:
-        cfg = dataclasses.replace(cfg, precision=resolved.precision)
+    # What decides the features, as one value from here on (the weights' digest comes later).
+    settings = FeatureSettings.from_config(cfg, precision=resolved.precision if resolved else None)
     # Nothing is read or written before every location passes the region guard.
-    storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
-    so = storage.storage_options(cfg.storage)
-    target = storage.OutputTarget.for_update(cfg.output, so, lease_ttl=cfg.storage.lock_ttl)
+    target = target or output_target(cfg)
     with ExitStack() as stack:
         target.lock()  # the table is read, and an old output replaced, under the output's lock
         stack.callback(target.unlock)
         target.remove_stale_staging()
         stack.callback(target.abort)  # the run's staging (manifest, weights copy) goes either way
         with timer.stage("table"):
-            state = open_output(cfg, so)
-        run = _Run(cfg, target, make_backend(cfg, target, progress or Progress()), state, timer, emit, started, resolved)
-        return run.go(stack)
+            state = open_output(target, cfg.overwrite)
+        backend = make_backend(cfg, target, progress or Progress())
+        return _Run(cfg, target, settings, backend, state, timer, emit, started, resolved).go(stack)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -113,44 +123,49 @@ OUTPUT_NAMES = frozenset({delta.TABLE_DIR, update.FIT_DIR, output.RUNS, output.E
                           output.RUN_JSON, output.REPORT, output.DASK_REPORT, output.SUCCESS})
 
 
-def open_output(cfg: RunConfig, storage_options: dict) -> delta.TableState:
+def open_output(target: storage.OutputTarget, overwrite: bool) -> delta.TableState:
     """The output's table. A folder with other files than a run writes is refused; an output
     from before the table (Parquet parts and ``_SUCCESS``, no ``_delta_log``) is replaced only
-    with ``--overwrite``; what a first run killed before its commit left is reused."""
-    state = delta.open_table(cfg.output, storage_options)
+    with ``overwrite``; what a first run killed before its commit left is reused."""
+    url, storage_options = target.url, dict(target.storage_options)
+    state = delta.open_table(url, storage_options)
     if state.exists:
         return state
-    fs, path = storage.get_fs(cfg.output, storage_options)
+    fs, path = target.fs_path
     if fs.isfile(path):
-        raise InputError(f"output {cfg.output!r} is a file: choose another --output (a folder or prefix)")
+        raise InputError(f"output {url!r} is a file: choose another --output (a folder or prefix)")
     try:
         names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)} if fs.isdir(path) else set()
     except FileNotFoundError:
         names = set()
     foreign = sorted(n for n in names - OUTPUT_NAMES if not n.startswith("."))
     if foreign:
-        raise InputError(f"output {cfg.output!r} holds files fruitdask does not write ({', '.join(foreign[:3])}"
+        raise InputError(f"output {url!r} holds files fruitdask does not write ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}): choose another --output")
     if not names & {output.SUCCESS, output.RUN_JSON}:
         return state  # empty, or left by a first run that never committed: its files are unreferenced
-    if not cfg.overwrite:
+    if not overwrite:
         raise InputError(
-            f"output {cfg.output!r} holds a fruitdask output from before the features table (Parquet parts, no "
+            f"output {url!r} holds a fruitdask output from before the features table (Parquet parts, no "
             f"features/_delta_log): pass --overwrite to replace it with a table, or choose another --output"
         )
-    logger.warning("replacing the pre-table output at %s (--overwrite)", cfg.output)
-    storage.remove_prefix(storage.join(cfg.output, delta.TABLE_DIR), storage_options)
+    logger.warning("replacing the pre-table output at %s (--overwrite)", url)
+    storage.remove_prefix(delta.table_url(url), storage_options)
     return state
 
 
 class _Run:
-    """One run's state between its stages (see :func:`run`)."""
+    """One run's state between its stages (see :func:`run`). After :func:`run`, each value
+    has one carrier: the output is ``target``, what decides the features is ``settings``
+    (precision resolved, weights' digest added once read), the weights are a
+    :class:`~fruitdask.features.weights_file.WeightsSource` from the backend."""
 
-    def __init__(self, cfg: RunConfig, target: storage.OutputTarget, backend: Backend, state: delta.TableState,
-                 timer: StageTimer, emit: Callable, started: dt.datetime, resolved: precision.Resolved | None) -> None:
-        self.cfg, self.target, self.backend, self.state = cfg, target, backend, state
+    def __init__(self, cfg: RunConfig, target: storage.OutputTarget, settings: FeatureSettings, backend: Backend,
+                 state: delta.TableState, timer: StageTimer, emit: Callable, started: dt.datetime,
+                 resolved: precision.Resolved | None) -> None:
+        self.cfg, self.target, self.settings, self.backend, self.state = cfg, target, settings, backend, state
         self.timer, self.emit, self.started, self.resolved = timer, emit, started, resolved
-        self.so = storage.storage_options(cfg.storage)
+        self.so = dict(target.storage_options)
         self.engine_started = False
 
     def go(self, stack: ExitStack) -> dict:
@@ -162,42 +177,42 @@ class _Run:
         loaded = self._load_weights() if self.cfg.weights not in model.WEIGHTS_CHOICES and not known else None
         spill = stack.enter_context(lake_plan.spill_dir())
         plan = self._plan(spill)
-        if not (plan.changes_table or self.cfg.refit or self.cfg.rebuild or self._settings_changed(loaded, known)):
+        cfg = self.cfg
+        if not (plan.changes_table or cfg.refit or cfg.rebuild or self._settings_changed(loaded, known)):
             return self._up_to_date(plan)
         if not self.engine_started:
             self._start(stack)  # a remote cluster's workers resolve the precision here
-        cfg = self.cfg
         weights, winfo = loaded or self._load_weights()
-        settings = FeatureSettings.from_config(cfg, winfo.sha256)
+        settings = self.settings = self.settings.with_weights(winfo.sha256)
         fp = keys.settings_fingerprint(settings)
-        check_settings(self.state, fp, cfg)
+        check_settings(self.state, fp, settings, winfo, self.target, replacing=cfg.rebuild or cfg.overwrite)
         if fp == self.state.meta.get("settings") and not (plan.changes_table or cfg.refit or cfg.rebuild):
             return self._up_to_date(plan)  # the settings only looked different (e.g. another path to the same file)
         with self.backend.running():
             with self.timer.stage("broadcast"):
-                self.backend.prepare(weights, winfo)
-            outcome = update.apply(self.backend, plan, self.state, self._request(plan, settings, fp, winfo),
-                                   settings, self.timer)
-        checkpoint.clear(cfg.output, self.so)
+                source = self.backend.prepare(weights, winfo)
+            outcome = update.apply(self.backend, plan, self.state, self._request(plan, fp, winfo), settings, source,
+                                   self.timer)
+        checkpoint.clear(self.target)
         return self._record(plan, outcome, winfo)
 
     def _start(self, stack: ExitStack) -> None:
         with self.timer.stage("startup"):
-            self.backend.start(stack)
+            self.backend.start(stack, self.settings)
         self.emit("cluster", self.backend.describe())
         if self.resolved is None:  # the workers run elsewhere: they answer for their hardware
-            self.resolved = _resolve_precision(self.cfg.precision, self.backend)
-            self.cfg = dataclasses.replace(self.cfg, precision=self.resolved.precision)
-        self.backend.warm_up(stack, self.cfg.precision)
+            self.resolved = _resolve_precision(self.settings.precision, self.backend)
+            self.settings = self.settings.with_precision(self.resolved.precision)
+        self.backend.warm_up(stack, self.settings)
         self.engine_started = True
 
-    def _load_weights(self) -> tuple[list, model.WeightsInfo]:
+    def _load_weights(self) -> tuple[WeightsArrays, model.WeightsInfo]:
         cfg = self.cfg
         with self.timer.stage("weights"):
-            loaded = model.load_weights(cfg.weights, image_size=cfg.image_size, seed=cfg.seed, storage_options=self.so,
-                                        allow_random=cfg.allow_random_weights)
-        check_random_weights(cfg, loaded[1])
-        return loaded
+            arrays, info = model.load_weights(cfg.weights, image_size=self.settings.image_size, seed=cfg.seed,
+                                              storage_options=self.so, allow_random=cfg.allow_random_weights)
+        check_random_weights(cfg, info)
+        return WeightsArrays.of(arrays, info.sha256), info
 
     def _plan(self, spill: str) -> lake_plan.Plan:
         cfg = self.cfg
@@ -209,7 +224,7 @@ class _Run:
                                  f"before reading (first: {first['path']}: {first['reason']})")
             self.emit("listed", {"images": listed.n_images, "labels": len(listed.per_label), "per_label": listed.per_label})
         with self.timer.stage("diff"):
-            prior = read_errors(cfg.output, self.so) if self.state.exists else None
+            prior = read_errors(self.target) if self.state.exists else None
             plan = lake_plan.make_plan(
                 listed, lake_plan.table_keys(self.state), prior, manifest_url=self.target.staging_path("manifest.parquet"),
                 storage_options=self.so, part_size=self._part_size(listed.n_images), keep_deleted=cfg.keep_deleted,
@@ -239,32 +254,33 @@ class _Run:
                 return None
         return old.get("weights_sha256") if digest == old["weights_file_sha256"] else None
 
-    def _settings_changed(self, loaded, known: str | None = None) -> bool:
+    def _settings_changed(self, loaded: tuple[WeightsArrays, model.WeightsInfo] | None, known: str | None = None) -> bool:
         """Whether this run's feature settings may differ from the table's (checked without
         loading weights: a weights file is hashed, a named choice compared by name and seed)."""
         old = self.state.meta.get("feature_settings") or {}
         if not self.state.exists or not old:
             return False
-        cfg = self.cfg
-        now = {"image_size": cfg.image_size, "pooling": cfg.pooling, "weights": cfg.weights}
+        s, cfg = self.settings, self.cfg
+        # A named choice (auto, imagenet, random) is not loaded yet: compared by its name.
+        now = {"image_size": s.image_size, "pooling": s.pooling, "weights": loaded[1].requested if loaded else cfg.weights}
         if self.resolved is not None:  # a remote cluster's workers have not answered yet
-            now["precision"] = cfg.precision
+            now["precision"] = s.precision
         if known is not None or loaded is not None:
             now["weights_sha256"] = known or loaded[1].sha256
         elif cfg.weights in ("random", "auto"):
             now["seed"] = cfg.seed
         return any(old.get(k) != v for k, v in now.items())
 
-    def _request(self, plan: lake_plan.Plan, settings: FeatureSettings, fp: str, winfo: model.WeightsInfo) -> update.Request:
-        cfg = self.cfg
+    def _request(self, plan: lake_plan.Plan, fp: str, winfo: model.WeightsInfo) -> update.Request:
+        cfg, s = self.cfg, self.settings
         meta = {"run_id": self.target.run_id, "input": cfg.input, "settings": fp, "format": keys.TABLE_FORMAT,
-                "feature_settings": {"image_size": cfg.image_size, "pooling": cfg.pooling, "precision": cfg.precision,
-                                     "weights": cfg.weights, "weights_sha256": winfo.sha256,
+                "feature_settings": {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision,
+                                     "weights": winfo.requested, "weights_sha256": winfo.sha256,
                                      "weights_file_sha256": winfo.file_sha256, "seed": cfg.seed}}
         return update.Request(
-            output=cfg.output, run_id=self.target.run_id, settings_fp=fp, components=cfg.components, variance=cfg.variance,
+            target=self.target, run_id=self.target.run_id, settings_fp=fp, components=cfg.components, variance=cfg.variance,
             refit=cfg.refit, rebuild=cfg.rebuild or (cfg.overwrite and self.state.exists), resume=cfg.resume,
-            feature_dim=cfg.feature_dim, pca_batch_size=cfg.pca_batch_size, power_iterations=cfg.pca_power_iterations,
+            feature_dim=s.feature_dim, pca_batch_size=cfg.pca_batch_size, power_iterations=cfg.pca_power_iterations,
             seed=cfg.seed, meta=meta, check=lambda errors: check_errors(cfg, plan.listed, len(plan.errors) + len(errors)),
             before_commit=self.target.ensure_held,
         )
@@ -280,7 +296,9 @@ class _Run:
     def _record(self, plan: lake_plan.Plan, outcome: update.Outcome, winfo: model.WeightsInfo) -> dict:
         errors = current_errors(plan, outcome, self.target.run_id)
         record = output.RunRecord(
-            cfg=self.cfg, run_id=self.target.run_id, started=self.started, timer=self.timer, n_listed=plan.listed,
+            # run.json's config shows the precision the features were made with, not "auto".
+            cfg=dataclasses.replace(self.cfg, precision=self.settings.precision), output_url=self.target.url,
+            run_id=self.target.run_id, started=self.started, timer=self.timer, n_listed=plan.listed,
             n_images=outcome.featurized, per_label=plan.per_label, errors=errors, rows=outcome.added + outcome.updated,
             reduction=outcome.reduction, cluster=self.backend.cluster, precision=self.resolved.to_dict() if self.resolved else {},
             weights=winfo, warnings=[winfo.warning] if winfo.warning else [], extra=self.backend.extra,
@@ -323,17 +341,20 @@ def publish(record: output.RunRecord, target: storage.OutputTarget, refitted: bo
     return doc
 
 
-def check_settings(state: delta.TableState, fp: str, cfg: RunConfig) -> None:
-    """Refuse to mix features made with other settings into the table."""
+def check_settings(state: delta.TableState, fp: str, settings: FeatureSettings, winfo: model.WeightsInfo,
+                   target: storage.OutputTarget, *, replacing: bool) -> None:
+    """Refuse to mix features made with other settings into the table (unless ``replacing``
+    it: ``--rebuild``, ``--overwrite``)."""
     from fruitdask.errors import SettingsMismatchError
 
     old = state.meta.get("settings")
-    if state.exists and old and old != fp and not (cfg.rebuild or cfg.overwrite):
+    if state.exists and old and old != fp and not replacing:
         was = state.meta.get("feature_settings") or {}
+        s = settings
         raise SettingsMismatchError(
-            f"the table at {delta.table_url(cfg.output)} holds features made with other settings "
+            f"the table at {delta.table_url(target.url)} holds features made with other settings "
             f"({', '.join(f'{k} {v}' for k, v in sorted(was.items()) if k != 'weights_sha256')}) than this run's "
-            f"(image_size {cfg.image_size}, pooling {cfg.pooling}, precision {cfg.precision}, weights {cfg.weights}): "
+            f"(image_size {s.image_size}, pooling {s.pooling}, precision {s.precision}, weights {winfo.requested}): "
             f"write to another --output, or pass --rebuild to featurize everything again into a new version"
         )
 
@@ -353,10 +374,10 @@ def lake_counts(plan: lake_plan.Plan, outcome: update.Outcome) -> dict:
     }
 
 
-def read_errors(output_url: str, storage_options: dict) -> pd.DataFrame | None:
+def read_errors(target: storage.OutputTarget) -> pd.DataFrame | None:
     """The previous run's ``errors.parquet`` (None if it has none)."""
     try:
-        df = storage.read_parquet(storage.join(output_url, output.ERRORS), storage_options)
+        df = storage.read_parquet(target.final_path(output.ERRORS), dict(target.storage_options))
     except (InputError, FileNotFoundError):
         return None
     except Exception as e:  # noqa: BLE001 - a damaged file only costs retries of its images

@@ -8,6 +8,7 @@ import pytest
 
 from fruitdask.config import EU_REGIONS, RunConfig, build_config
 from fruitdask.errors import ConfigError
+from fruitdask.features.settings import FeatureSettings
 from fruitdask.storage.options import storage_options
 
 BASE = {"input": "in", "output": "out"}
@@ -61,8 +62,8 @@ def test_bad_environment_value_names_the_variable():
 
 
 def test_feature_dim_and_error_budget():
-    assert RunConfig(pooling="none", image_size=224).feature_dim == 25088
-    assert RunConfig(pooling="avg").feature_dim == 512
+    assert FeatureSettings("w", 224, "none", 8).feature_dim == 25088
+    assert FeatureSettings("w", 224, "avg", 8).feature_dim == 512
     assert RunConfig(max_errors=0.1).max_errors_allowed(120) == 12
     assert RunConfig(max_errors=3).max_errors_allowed(120) == 3
     assert RunConfig().max_errors_allowed(120) is None
@@ -110,9 +111,10 @@ def test_local_workers_warm_up_as_they_start_without_any_task(local_cluster):
     from fruitdask.config import build_config
     from fruitdask.features import model
 
-    assert _warm_up_preload(build_config({"input": "i", "output": "o", "precision": "auto"}, {})) == {}
+    assert _warm_up_preload(None) == {}
+    assert _warm_up_preload(FeatureSettings.from_config(build_config({"input": "i", "output": "o", "precision": "auto"}, {}))) == {}
     cfg = build_config({"input": "i", "output": "o", "image_size": 32, "precision": "float32"}, {})
-    _, client = local_cluster(1, 1, **_warm_up_preload(cfg))
+    _, client = local_cluster(1, 1, **_warm_up_preload(FeatureSettings.from_config(cfg)))
     deadline = time.monotonic() + 120
     while not (built := client.run(lambda: dict(model.WARM)))[next(iter(built))].get("built"):
         assert time.monotonic() < deadline, "the worker never warmed up"

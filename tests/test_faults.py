@@ -23,6 +23,7 @@ from fruitdask.config import TF_ENV, build_config
 from fruitdask.errors import ClusterError
 from fruitdask.features import frames
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsArrays
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def _reference_features(listing: pd.DataFrame, weights_file: Path) -> pd.DataFra
     from fruitdask.features import model
 
     weights, info = model.load_weights(str(weights_file))
-    out = frames.featurize_frame(listing, weights, FeatureSettings(info.sha256, SMALL_SIZE, "avg", 32))
+    out = frames.featurize_frame(listing, WeightsArrays.of(weights, info.sha256), FeatureSettings(info.sha256, SMALL_SIZE, "avg", 32))
     return out.sort_values("path").reset_index(drop=True)
 
 

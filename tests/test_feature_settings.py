@@ -84,7 +84,9 @@ def test_spark_featurizes_with_the_shared_partition_function(monkeypatch, tmp_pa
     url = str(tmp_path / "m.parquet")
     pq.write_table(pa.table([["a", "b"], ["L", "L"], ["L/a", "L/b"], ["1:1", "1:1"], ["added", "added"]], schema=MANIFEST_SCHEMA), url)
     acc = Accumulator()
-    out = spark_backend.featurize_index(0, url, Broadcast(), settings, checkpoint.Checkpoints(str(tmp_path / "c"), False, {}),
-                                        tasks.Sink(str(tmp_path / "t"), "r", "s", {}), None, 3, acc)
-    assert seen == [(["a", "b"], settings, 3, "weights")]
+    weights = spark_backend.BroadcastWeights(Broadcast(), "k")
+    job = tasks.FeaturizeJob(weights, settings, checkpoint.Checkpoints(str(tmp_path / "c"), False, {}),
+                             tasks.Sink(str(tmp_path / "t"), "r", "s", {}), None)
+    out = spark_backend.featurize_index(0, url, job, 3, acc)
+    assert seen == [(["a", "b"], settings, 3, weights)] and weights.load() == "weights"
     assert list(out["kind"]) == ["staged"] and int(out["rows"].iloc[0]) == 2 and acc.value == 2

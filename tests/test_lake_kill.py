@@ -81,11 +81,12 @@ def reference(weights_file) -> dict[str, np.ndarray]:
     """Features of every image any case uses, from one undisturbed single-process pass."""
     from fruitdask.features import frames, model
     from fruitdask.features.settings import FeatureSettings
+    from fruitdask.features.weights_file import WeightsArrays
     from fruitdask.storage import list_images
 
     weights, info = model.load_weights(str(weights_file))
     listing = list_images(str(BUNDLED))
-    out = frames.featurize_frame(listing, weights, FeatureSettings(info.sha256, SMALL_SIZE, "avg", 32))
+    out = frames.featurize_frame(listing, WeightsArrays.of(weights, info.sha256), FeatureSettings(info.sha256, SMALL_SIZE, "avg", 32))
     return {f"{lab}/{Path(p).name}": np.asarray(f) for p, lab, f in zip(out["path"], out["label"], out["features"], strict=True)}
 
 

@@ -38,6 +38,7 @@ from fruitdask.backends.dask import backend as dask_backend
 from fruitdask.config import TF_ENV, build_config
 from fruitdask.features import frames, model
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsArrays
 from fruitdask.lake import tasks
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -131,7 +132,7 @@ def images(tmp_path_factory) -> Path:
 def reference(images, weights_file) -> pd.DataFrame:
     """Features of an undisturbed, single-process run over the same images."""
     weights, info = model.load_weights(str(weights_file))
-    out = frames.featurize_frame(storage.list_images(str(images)), weights,
+    out = frames.featurize_frame(storage.list_images(str(images)), WeightsArrays.of(weights, info.sha256),
                                  FeatureSettings(info.sha256, SMALL_SIZE, "avg", 32))
     return out.sort_values("path").reset_index(drop=True)
 

@@ -19,6 +19,7 @@ from fruitdask.errors import ClusterError, ConfigError
 from fruitdask.features import model, precision
 from fruitdask.features.featurize import featurize_bytes
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsArrays
 
 ZEN4 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -92,12 +93,13 @@ def test_bf16_features_match_float32_and_no_policy_leaks(weights_file):
     fp32 = model.build_vgg16(SMALL_SIZE)
     fp32.load_weights(str(weights_file))
     weights = fp32.get_weights()
-    bf16 = model.cached_model("test-bf16", weights, SMALL_SIZE, precision="bfloat16")
+    source = WeightsArrays.of(weights, "test-bf16")
+    bf16 = model.cached_model(source, FeatureSettings("test-bf16", SMALL_SIZE, "avg", 4, "bfloat16"))
     # The policy was set for the build only: models built afterwards are float32 again.
     assert keras.config.dtype_policy().name == "float32"
     assert model.build_vgg16(SMALL_SIZE).layers[1].compute_dtype == "float32"
     assert bf16.layers[1].compute_dtype == "bfloat16" and bf16.output.dtype == "float32"
-    assert model.cached_model("test-bf16", weights, SMALL_SIZE) is not bf16  # precision is part of the cache key
+    assert model.cached_model(source, FeatureSettings("test-bf16", SMALL_SIZE, "avg", 4)) is not bf16  # precision is part of the cache key
     photos = sorted(BUNDLED.rglob("*.jpg"))[::12][:8]
     contents = [p.read_bytes() for p in photos]
     a = featurize_bytes(fp32, contents, SMALL_SIZE, "avg", 4).features
@@ -132,7 +134,8 @@ def test_spark_executor_body_builds_the_requested_precision(weights_file, tmp_pa
     settings = FeatureSettings("spark-bf16", SMALL_SIZE, "avg", 4, "bfloat16")
     sink = tasks.Sink(str(tmp_path / "table"), "r", "s", {})
     ckpt = checkpoint.Checkpoints(str(tmp_path / "ckpt"), False, {})
-    out = spark_backend.featurize_index(0, manifest, _Broadcast(fp32.get_weights()), settings, ckpt, sink, None, 1)
+    weights = spark_backend.BroadcastWeights(_Broadcast(fp32.get_weights()), "spark-bf16")
+    out = spark_backend.featurize_index(0, manifest, tasks.FeaturizeJob(weights, settings, ckpt, sink, None), 1)
     assert list(out["kind"]) == ["staged"] and model.BUILDS["spark-bf16"] == before.get("spark-bf16", 0) + 1
     assert any(k == ("spark-bf16", SMALL_SIZE, "bfloat16") for k in model._MODELS)
 
@@ -176,8 +179,11 @@ def test_run_records_the_precision_everywhere(tiny_images, weights_file, tmp_pat
     weights = model.load_weights(str(weights_file))[0]
     contents = [Path(row["path"]).read_bytes()]
     got = np.asarray(row["features"], np.float32)
-    want16 = featurize_bytes(model.cached_model("w", weights, SMALL_SIZE, precision="bfloat16"), contents, SMALL_SIZE, "avg", 4).features[0]
-    want32 = featurize_bytes(model.cached_model("w", weights, SMALL_SIZE), contents, SMALL_SIZE, "avg", 4).features[0]
+    source = WeightsArrays.of(weights, "w")
+    want16 = featurize_bytes(model.cached_model(source, FeatureSettings("w", SMALL_SIZE, "avg", 4, "bfloat16")), contents,
+                             SMALL_SIZE, "avg", 4).features[0]
+    want32 = featurize_bytes(model.cached_model(source, FeatureSettings("w", SMALL_SIZE, "avg", 4)), contents,
+                             SMALL_SIZE, "avg", 4).features[0]
     assert np.abs(got - want16).max() < np.abs(got - want32).max() / 10
 
 

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 from conftest import BUNDLED, SMALL_SIZE, copy_images, read_features
 
-from fruitdask import checkpoint, pipeline
+from fruitdask import checkpoint, pipeline, storage
 from fruitdask.config import build_config
 from fruitdask.features import featurize, frames
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsArrays
 from fruitdask.lake import update
 
 
@@ -98,32 +99,37 @@ def _fake_featurize(calls: list):
     return featurize_frame
 
 
-def test_checkpoint_roundtrip_and_damaged_files(tmp_path):
+def test_checkpoint_roundtrip_and_damaged_files(tmp_path, monkeypatch):
     ckpt = checkpoint.Checkpoints(prefix=str(tmp_path / "ck"), resume=True)
     df, calls = _listing(5), []
-    first = checkpoint.featurize_checkpointed(df, None, SETTINGS, ckpt, featurize=_fake_featurize(calls))
-    again = checkpoint.featurize_checkpointed(df, None, SETTINGS, ckpt, featurize=_fake_featurize(calls))
+    monkeypatch.setattr(frames, "featurize_frame", _fake_featurize(calls))
+    weights = WeightsArrays((), "w")
+    first = checkpoint.featurize_checkpointed(df, weights, SETTINGS, ckpt)
+    again = checkpoint.featurize_checkpointed(df, weights, SETTINGS, ckpt)
     assert calls == [5]
     pd.testing.assert_frame_equal(first, again)
     assert list(again.dtypes) == list(frames.features_meta().dtypes)
 
     # A torn file (worker killed mid-write) is recomputed, not trusted.
     Path(ckpt.part_url(df)).write_bytes(b"PAR1 torn")
-    checkpoint.featurize_checkpointed(df, None, SETTINGS, ckpt, featurize=_fake_featurize(calls))
+    checkpoint.featurize_checkpointed(df, weights, SETTINGS, ckpt)
     assert calls == [5, 5]
 
     # Other rows get another file; without --resume nothing is read.
-    checkpoint.featurize_checkpointed(_listing(6), None, SETTINGS, ckpt, featurize=_fake_featurize(calls))
+    checkpoint.featurize_checkpointed(_listing(6), weights, SETTINGS, ckpt)
     fresh = checkpoint.Checkpoints(prefix=ckpt.prefix, resume=False)
-    checkpoint.featurize_checkpointed(df, None, SETTINGS, fresh, featurize=_fake_featurize(calls))
+    checkpoint.featurize_checkpointed(df, weights, SETTINGS, fresh)
     assert calls == [5, 5, 6, 5]
 
 
 def test_checkpoint_location_is_deterministic():
     cfg = build_config({"input": "i", "output": "s3://b/runs/out", "image_size": 32, "weights": "random"}, {})
-    a = checkpoint.for_run(cfg.output, FeatureSettings.from_config(cfg, "abc"), cfg.resume)
-    b = checkpoint.for_run(cfg.output + "/", FeatureSettings.from_config(cfg, "abc"), cfg.resume)
+    def target(url: str) -> storage.OutputTarget:
+        return storage.OutputTarget.for_update(url, {}, run_id="r")
+
+    a = checkpoint.for_run(target(cfg.output), FeatureSettings.from_config(cfg, "abc"), cfg.resume)
+    b = checkpoint.for_run(target(cfg.output + "/"), FeatureSettings.from_config(cfg, "abc"), cfg.resume)
     assert a.prefix == b.prefix and a.prefix.startswith("s3://b/runs/.out.fruitdask-checkpoint/")
     other = build_config({"input": "i", "output": "s3://b/runs/out", "image_size": 64, "weights": "random"}, {})
-    assert checkpoint.for_run(other.output, FeatureSettings.from_config(other, "abc"), other.resume).prefix != a.prefix
-    assert checkpoint.for_run(cfg.output, FeatureSettings.from_config(cfg, "def"), cfg.resume).prefix != a.prefix
+    assert checkpoint.for_run(target(other.output), FeatureSettings.from_config(other, "abc"), other.resume).prefix != a.prefix
+    assert checkpoint.for_run(target(cfg.output), FeatureSettings.from_config(cfg, "def"), cfg.resume).prefix != a.prefix

@@ -15,6 +15,7 @@ from fruitdask.backends.spark.session import spark_conf
 from fruitdask.cli import main
 from fruitdask.config import RunConfig
 from fruitdask.errors import ReductionError
+from fruitdask.features.settings import FeatureSettings
 from fruitdask.lake import table as delta
 
 
@@ -37,8 +38,8 @@ def test_features_too_wide_for_the_moments_are_refused_before_spark_starts():
     from fruitdask.lake.update import check_wide
 
     with pytest.raises(ReductionError, match=r"25,088 features .* --backend dask"):
-        check_wide(RunConfig(input="x", output="y", backend="spark", pooling="none", image_size=224).feature_dim, "spark")
-    check_wide(RunConfig(input="x", output="y", pooling="none", image_size=64).feature_dim, "spark")  # 2 x 2 x 512: summed
+        check_wide(FeatureSettings("w", 224, "none", 8).feature_dim, "spark")
+    check_wide(FeatureSettings("w", 64, "none", 8).feature_dim, "spark")  # 2 x 2 x 512: summed
     check_wide(25088, "dask")  # the Dask backend streams them
 
 

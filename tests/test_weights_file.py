@@ -15,7 +15,7 @@ from conftest import SMALL_SIZE
 
 from fruitdask.errors import WeightsError
 from fruitdask.features import model
-from fruitdask.features.weights_file import WeightsSource, npz_bytes, read_weights
+from fruitdask.features.weights_file import WeightsFile, npz_bytes, read_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_wrong_shapes_and_changed_files_are_refused(tmp_path, keras_model):
         model.load_weights(str(bad))
     staged = tmp_path / "w.npz"
     staged.write_bytes(npz_bytes(keras_model.get_weights()))
-    source = WeightsSource(str(staged), model.weights_digest(keras_model.get_weights()))
+    source = WeightsFile(str(staged), model.weights_digest(keras_model.get_weights()))
     _assert_same(source.load(), keras_model.get_weights())
     staged.write_bytes(npz_bytes([w + 1 for w in keras_model.get_weights()]))
     with pytest.raises(WeightsError, match="changed during the run"):

@@ -7,19 +7,21 @@ errors (:func:`fruitdask.features.frames.split_rows`), the row check and the run
 
 The steps of a :class:`fruitdask.backends.base.Backend`, in the order the pipeline calls them:
 
-``start(stack)`` (stage ``startup``)
+``start(stack, settings)`` (stage ``startup``)
     Open the engine; it closes with ``stack``. Dask starts before the listing on a first run,
     so that its workers warm up meanwhile (``starts_early``); an update lists and diffs first
     and starts nothing when there is nothing to do; Spark once there is work.
-``describe()``, ``resolve_precision(requested)``, ``warm_up(stack, precision)``
+``describe()``, ``resolve_precision(requested)``, ``warm_up(stack, settings)``
     The cluster's shape (``run.json``'s ``cluster``); ``--precision`` resolved by the workers
     themselves when they run on other machines (:func:`workers_elsewhere`; otherwise the
-    pipeline resolves it on this one before anything starts); then early work on the workers.
+    pipeline resolves it on this one before anything starts); then early work on the workers:
+    the VGG16 graph of the run's :class:`~fruitdask.features.settings.FeatureSettings`.
 ``running()``
     A context around the steps below (Dask: the performance report).
 ``prepare(weights, weights_info)`` (stage ``broadcast``)
-    Get the weights to the workers.
-``featurize_parts(manifest_url, sizes, settings, ckpt, sink, fit)`` (stage ``featurize``)
+    Get the weights to the workers; returns the
+    :class:`~fruitdask.features.weights_file.WeightsSource` the tasks load them from.
+``featurize_parts(manifest_url, sizes, job)`` (stage ``featurize``)
     Each manifest partition through :func:`fruitdask.lake.tasks.featurize_part` where the
     engine runs things; the receipts (files written, failed images), with the progress bar.
 ``map_tasks(fn, args_list)``, ``tree_reduce(leaves)`` (stages ``pca``, ``write``)

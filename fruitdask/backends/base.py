@@ -7,12 +7,13 @@ import math
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any, Protocol
 
-import numpy as np
 import pandas as pd
 
 from fruitdask.features.model import WeightsInfo
 from fruitdask.features.precision import Resolved
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsArrays, WeightsSource
+from fruitdask.lake.tasks import FeaturizeJob
 
 
 class Backend(Protocol):
@@ -22,20 +23,19 @@ class Backend(Protocol):
     cluster: dict
     extra: dict
 
-    def start(self, stack: ExitStack) -> None: ...
+    def start(self, stack: ExitStack, settings: FeatureSettings) -> None: ...
 
     def describe(self) -> dict: ...
 
     def resolve_precision(self, requested: str) -> Resolved: ...
 
-    def warm_up(self, stack: ExitStack, precision: str) -> None: ...
+    def warm_up(self, stack: ExitStack, settings: FeatureSettings) -> None: ...
 
     def running(self) -> AbstractContextManager: ...
 
-    def prepare(self, weights: list[np.ndarray], weights_info: WeightsInfo) -> None: ...
+    def prepare(self, weights: WeightsArrays, weights_info: WeightsInfo) -> WeightsSource: ...
 
-    def featurize_parts(self, manifest_url: str, sizes: list[int], settings: FeatureSettings, ckpt: Any, sink: Any,
-                        fit: Any) -> pd.DataFrame: ...
+    def featurize_parts(self, manifest_url: str, sizes: list[int], job: FeaturizeJob) -> pd.DataFrame: ...
 
     def map_tasks(self, fn: Any, args_list: list[tuple]) -> list: ...
 

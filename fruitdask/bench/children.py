@@ -40,6 +40,8 @@ def child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
 
     from fruitdask import storage
     from fruitdask.features import model
+    from fruitdask.features.settings import FeatureSettings
+    from fruitdask.features.weights_file import WeightsArrays
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -50,7 +52,7 @@ def child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
                                        allow_random=cfg.allow_random_weights)
     timings["weights"] = time.perf_counter() - t
     t = time.perf_counter()
-    vgg = model.cached_model(info.sha256, weights, cfg.image_size, os.cpu_count(), cfg.precision)
+    vgg = model.cached_model(WeightsArrays.of(weights, info.sha256), FeatureSettings.from_config(cfg, info.sha256), os.cpu_count())
     timings["startup"] = time.perf_counter() - t
     paths, labels = list(listing["path"]), list(listing["label"])
     maps, ends = _featurize_batches(vgg, paths, cfg, "none" if unpooled else cfg.pooling)

@@ -38,6 +38,7 @@ from fruitdask import __version__, storage
 from fruitdask.errors import ModelError, WeightsError
 from fruitdask.features import frames, model, precision
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsArrays
 from fruitdask.reduce import Reduction
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class Featurizer:
 
     def __init__(self, weights: list[np.ndarray], spec: FeatureSpec, batch_size: int,
                  storage_options: Mapping[str, Any] | None = None) -> None:
-        self.weights = weights
+        self.weights = WeightsArrays.of(weights, spec.weights_sha256)
         self.spec = spec
         self.batch_size = batch_size
         self.storage_options = dict(storage_options or {})

@@ -68,11 +68,12 @@ def command(args: argparse.Namespace) -> int:
     from fruitdask import pipeline
     from fruitdask.progress import progress_bar
 
+    target = pipeline.output_target(cfg)  # from here on the output is this object, not the flag
     # The bar starts with the featurization, after the cluster line (dashboard URL) is printed.
-    doc = pipeline.run(cfg, progress=progress_bar(cfg.quiet), on_event=_on_event)
+    doc = pipeline.run(cfg, target=target, progress=progress_bar(cfg.quiet), on_event=_on_event)
     if doc.get("up_to_date"):
         if not cfg.quiet:
-            print(json.dumps({"output": cfg.output, "up_to_date": True, "version": doc["table"]["version_after"]}))
+            print(json.dumps({"output": target.url, "up_to_date": True, "version": doc["table"]["version_after"]}))
         return EXIT_OK
     red, counts, table = doc["reduction"], doc["counts"], doc["table"]
     for w in doc["warnings"]:
@@ -86,10 +87,10 @@ def command(args: argparse.Namespace) -> int:
     )
     from fruitdask.report.page import report_location
 
-    report_path = report_location(cfg.output)
+    report_path = report_location(target.url)
     logger.info("report: %s", report_path)
     if not cfg.quiet:
-        print(json.dumps({"output": cfg.output, "rows": table["rows"], "version": table["version_after"],
+        print(json.dumps({"output": target.url, "rows": table["rows"], "version": table["version_after"],
                           "added": counts["added"], "updated": counts["updated"], "removed": counts["removed"],
                           "k": red["k"], "report": report_path}))
     return EXIT_SKIPPED if counts["errors"] and not cfg.skipped_ok else EXIT_OK

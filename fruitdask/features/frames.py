@@ -20,6 +20,7 @@ import pyarrow as pa
 from fruitdask import storage
 from fruitdask.features import featurize, model
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsSource
 from fruitdask.schema import FEATURES_SCHEMA, FLOAT_LIST, FRAME_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def assemble(df: pd.DataFrame, result: featurize.BatchResult, read_errors: dict[
 
 def featurize_frame(
     df: pd.DataFrame,
-    weights: Any,
+    weights: WeightsSource,
     settings: FeatureSettings,
     *,
     threads: int | None = None,
@@ -111,8 +112,8 @@ def featurize_frame(
     Parameters
     ----------
     weights
-        The weights, or a :class:`fruitdask.features.weights_file.WeightsSource` each worker
-        process loads once (:func:`fruitdask.features.model.cached_model`).
+        Where the weights come from; each worker process loads them once
+        (:func:`fruitdask.features.model.cached_model`).
     settings
         What decides the features, and the ``storage_options`` the images are read with.
     threads
@@ -124,7 +125,7 @@ def featurize_frame(
     if len(df) == 0:
         return features_meta()
     s = settings
-    vgg = model.cached_model(s.weights_key, weights, s.image_size, threads, s.precision)
+    vgg = model.cached_model(weights, s, threads)
     if contents is None:
         contents, read_errors = read_many(list(df["path"]), s.storage_options)
     else:

@@ -1,11 +1,12 @@
 """The VGG16 feature extractor: weights read on the client, one compiled model per worker process.
 
 The client reads the weights once (:func:`load_weights`; a weights file with h5py alone,
-no TensorFlow, see :mod:`fruitdask.features.weights_file`) to check and hash them. The Dask backend
-hands workers a recipe to load them from a file (:class:`fruitdask.features.weights_file.WeightsSource`),
-the Spark backend broadcasts the arrays. Inside a worker, :func:`warm_up` builds the graph
-early and :func:`cached_model` gives it the weights the first time, then reuses it for every
-later partition of the run.
+no TensorFlow, see :mod:`fruitdask.features.weights_file`) to check and hash them. Workers get
+them as a :class:`fruitdask.features.weights_file.WeightsSource`: the Dask backend a file to
+load them from, the Spark backend a broadcast. Inside a worker, :func:`warm_up` builds the
+graph of the run's :class:`~fruitdask.features.settings.FeatureSettings` early and
+:func:`cached_model` gives it the weights the first time, then reuses it for every later
+partition of the run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from fruitdask.errors import FruitdaskError, UntrustedReferenceError, WeightsError
-from fruitdask.features.weights_file import weights_digest
+from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsSource, weights_digest
 
 logger = logging.getLogger(__name__)
 
@@ -297,59 +299,60 @@ LOADS: Counter[str] = Counter()
 WARM: Counter[str] = Counter()
 
 
-def warm_up(image_size: int, threads: int | None = None, precision: str = "float32") -> float:
-    """Import TensorFlow and build (and run once) a VGG16 graph for ``image_size`` in this
-    worker process, before the weights are known.
+def warm_up(settings: FeatureSettings, threads: int | None = None) -> float:
+    """Import TensorFlow and build (and run once) the VGG16 graph of ``settings`` (its image
+    size and precision) in this worker process, before the weights are known.
 
     Submitted as soon as the cluster is up, it overlaps the seconds of TensorFlow's import
     and graph construction with the client's listing and weights reading; the first
-    :func:`cached_model` of that image size then only assigns the weights. Returns seconds.
+    :func:`cached_model` of those settings then only assigns the weights. Returns seconds.
     """
     import time
 
+    size, precision = settings.image_size, settings.precision
     t0 = time.perf_counter()
     with _LOCK:
-        if _WARM.get((image_size, precision)) or any(k[1:] == (image_size, precision) for k in _MODELS):
+        if _WARM.get((size, precision)) or any(k[1:] == (size, precision) for k in _MODELS):
             return 0.0
         pin_tf_threads(threads)
-        model = build_vgg16(image_size, precision=precision)
+        model = build_vgg16(size, precision=precision)
         # One tiny inference: starts the runtime (thread pools, oneDNN kernels) now too.
-        model.predict_on_batch(np.zeros((1, image_size, image_size, 3), dtype=np.float32))
-        _WARM.setdefault((image_size, precision), []).append(model)
+        model.predict_on_batch(np.zeros((1, size, size, 3), dtype=np.float32))
+        _WARM.setdefault((size, precision), []).append(model)
         WARM["built"] += 1
     seconds = time.perf_counter() - t0
-    logger.info("warmed up VGG16 (%dpx) in pid %d in %.1fs", image_size, os.getpid(), seconds)
+    logger.info("warmed up VGG16 (%dpx) in pid %d in %.1fs", size, os.getpid(), seconds)
     return seconds
 
 
-def cached_model(key: str, weights: Any, image_size: int, threads: int | None = None, precision: str = "float32") -> Any:
-    """Return this process's compiled model for ``(key, image_size, precision)``, building it once.
+def cached_model(weights: WeightsSource, settings: FeatureSettings, threads: int | None = None) -> Any:
+    """Return this process's compiled model for ``weights`` at the image size and precision
+    of ``settings``, building it once.
 
-    ``weights`` is the list of arrays, or a :class:`fruitdask.features.weights_file.WeightsSource`
-    (anything with ``load()``) read only here, once per process: a warm graph left by
+    ``weights.load()`` runs only here, once per process: a warm graph left by
     :func:`warm_up` then just receives them.
     """
-    cache_key = (key, image_size, precision)
+    key, size, precision = weights.sha256, settings.image_size, settings.precision
+    cache_key = (key, size, precision)
     model = _MODELS.get(cache_key)
     if model is not None:
         return model
     with _LOCK:
         model = _MODELS.get(cache_key)
         if model is None:
-            if hasattr(weights, "load"):
-                weights = weights.load()
-                LOADS[key] += 1
-            warm = _WARM.get((image_size, precision))
+            arrays = weights.load()
+            LOADS[key] += 1
+            warm = _WARM.get((size, precision))
             if warm:
                 model = warm.pop()
                 WARM["used"] += 1
             else:
                 pin_tf_threads(threads)
-                model = build_vgg16(image_size, precision=precision)
-            model.set_weights(weights)
+                model = build_vgg16(size, precision=precision)
+            model.set_weights(arrays)
             _MODELS[cache_key] = model
             BUILDS[key] += 1
-            logger.info("built VGG16 (%s, %dpx, %s) in pid %d", key[:12], image_size, precision, os.getpid())
+            logger.info("built VGG16 (%s, %dpx, %s) in pid %d", key[:12], size, precision, os.getpid())
     return model
 
 

@@ -13,11 +13,14 @@ start of every run. :func:`read_weights` reads the three formats users have with
 - ``.keras`` (Keras 3 ``model.save``): a zip holding a ``model.weights.h5`` of the first kind;
 - ``.npz`` (what fruitdask stages for workers): ``arr_0 ... arr_25``.
 
-:class:`WeightsSource` is what a featurize task carries instead of the arrays: a small,
+:class:`WeightsSource` is the one type the weights travel as, from the backend that prepares
+them to the model a worker builds (:func:`fruitdask.features.model.cached_model`): a digest and
+a ``load()``. :class:`WeightsFile` is what a Dask task carries instead of the arrays: a small,
 picklable recipe (a file URL and its digest). A worker loads the file the first time it
-builds its model (:func:`fruitdask.features.model.cached_model`), so the weights reach each worker
-once, and a worker that joins late or replaces a dead one loads them the same way: nothing
-the run needs lives only in a worker's memory.
+builds its model, so the weights reach each worker once, and a worker that joins late or
+replaces a dead one loads them the same way: nothing the run needs lives only in a worker's
+memory. :class:`WeightsArrays` holds arrays already in memory (a classifier bundle, a test);
+the Spark backend's broadcast is a third kind (``backends/spark/backend.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -129,8 +132,35 @@ def weights_digest(weights: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
+class WeightsSource(Protocol):
+    """Where a worker gets the weights of digest ``sha256`` from; ``load()`` returns them
+    (VGG16 no-top order, float32) and is called once per worker process."""
+
+    @property
+    def sha256(self) -> str: ...
+
+    def load(self) -> list[np.ndarray]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class WeightsArrays:
+    """Weights already in memory (a classifier bundle, a benchmark, a test)."""
+
+    arrays: tuple[np.ndarray, ...]
+    sha256: str
+
+    @classmethod
+    def of(cls, weights: list[np.ndarray], sha256: str | None = None) -> WeightsArrays:
+        """``weights`` with their digest (computed when not given)."""
+        arrays = tuple(np.asarray(w, dtype=np.float32) for w in weights)
+        return cls(arrays, sha256 or weights_digest(list(arrays)))
+
+    def load(self) -> list[np.ndarray]:
+        return list(self.arrays)
+
+
 @dataclass(frozen=True)
-class WeightsSource:
+class WeightsFile:
     """Where a worker loads the run's weights from: a file URL and the digest it must have.
 
     Small and picklable: it travels inside each featurize task, never the arrays.

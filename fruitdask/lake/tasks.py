@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from fruitdask import checkpoint, storage
 from fruitdask.features import frames
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsSource
 from fruitdask.pca_moments import Moments
 from fruitdask.reduce import Reduction
 from fruitdask.schema import ERROR_COLUMNS, MANIFEST_SCHEMA, TABLE_SCHEMA
@@ -96,16 +97,29 @@ def manifest_meta() -> pd.DataFrame:
     return MANIFEST_SCHEMA.empty_table().to_pandas().assign(part=pd.Series(dtype="int64"))
 
 
-def featurize_part(df: pd.DataFrame, source: Any, settings: FeatureSettings, ckpt: checkpoint.Checkpoints,
-                   sink: Sink, fit: Fit | None, index: int, threads: int | None = None) -> pd.DataFrame:
-    """Featurize one manifest partition; write it into the table when ``fit`` is given.
+@dataclass(frozen=True)
+class FeaturizeJob:
+    """What every featurize task of a run shares, handed to the engine as one value: the
+    weights, the feature settings, the checkpoints, where files go, and the PCA fit to
+    project with (None while a new fit waits for every partition)."""
+
+    weights: WeightsSource
+    settings: FeatureSettings
+    ckpt: checkpoint.Checkpoints
+    sink: Sink
+    fit: Fit | None
+
+
+def featurize_part(df: pd.DataFrame, job: FeaturizeJob, index: int, threads: int | None = None) -> pd.DataFrame:
+    """Featurize one manifest partition; write it into the table when ``job.fit`` is given.
 
     Returns the receipt: a ``file`` row (the data file written) or a ``staged`` row (the
     checkpoint holding the features until the fit), and an ``error`` row per failed image.
     """
     if len(df) == 0:
         return receipt([])
-    out = checkpoint.featurize_checkpointed(df[["path", "label"]], source, settings, ckpt, threads=threads)
+    ckpt, sink, fit = job.ckpt, job.sink, job.fit
+    out = checkpoint.featurize_checkpointed(df[["path", "label"]], job.weights, job.settings, ckpt, threads=threads)
     ok = out["error_stage"].isna().to_numpy()
     rows = _error_rows(df, out, ok)
     n_ok = int(ok.sum())

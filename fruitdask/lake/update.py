@@ -19,6 +19,7 @@ decided here:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ import pandas as pd
 
 from fruitdask import checkpoint, storage
 from fruitdask.errors import ReductionError
+from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsSource
 from fruitdask.lake import table as delta
 from fruitdask.lake import tasks
 from fruitdask.lake.plan import Plan
@@ -47,7 +50,7 @@ FIT_DIR = storage.paths.FITS
 class Request:
     """What the run asks of the update (from the configuration)."""
 
-    output: str
+    target: storage.OutputTarget
     run_id: str
     settings_fp: str
     components: int | None
@@ -94,14 +97,16 @@ def needs_fit(plan: Plan, state: delta.TableState, req: Request) -> bool:
     return not state.exists or req.rebuild or req.refit or not state.meta.get("pca_fit") or grown
 
 
-def apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, settings, timer: StageTimer) -> Outcome:
+def apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, settings: FeatureSettings,
+          weights: WeightsSource, timer: StageTimer) -> Outcome:
     """Featurize, (re)fit, rewrite and commit; return what happened. A run that fails
     before its commit removes the files it wrote (none of them is in any version)."""
-    sink = tasks.Sink(delta.table_url(req.output), req.run_id, req.settings_fp, dict(state.storage_options))
+    sink = tasks.Sink(delta.table_url(req.target.url), req.run_id, req.settings_fp, dict(state.storage_options))
+    job = tasks.FeaturizeJob(weights, settings, checkpoint.for_run(req.target, settings, req.resume), sink, fit=None)
     try:
-        return _apply(backend, plan, state, req, settings, timer, sink)
+        return _apply(backend, plan, state, req, job, timer)
     except BaseException:
-        remove_run_files(req.output, sink)
+        remove_run_files(req.target.url, sink)
         raise
 
 
@@ -125,13 +130,14 @@ def remove_run_files(output: str, sink: tasks.Sink) -> None:
             storage.remove_prefix(name, sink.storage_options)
 
 
-def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, settings, timer: StageTimer,
-           sink: tasks.Sink) -> Outcome:
-    ckpt = checkpoint.for_run(req.output, settings, req.resume)
+def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job: tasks.FeaturizeJob,
+           timer: StageTimer) -> Outcome:
+    ckpt, sink = job.ckpt, job.sink
     refit = needs_fit(plan, state, req)
-    current = None if refit else tasks.Fit(state.meta["pca_fit"], fit_url(req.output, state.meta["pca_fit"]), sink.storage_options)
+    current = None if refit else tasks.Fit(state.meta["pca_fit"], fit_url(req.target.url, state.meta["pca_fit"]), sink.storage_options)
     with timer.stage("featurize"):
-        receipts = backend.featurize_parts(plan.manifest_url, plan.part_sizes, settings, ckpt, sink, current) if plan.featurize else tasks.receipt_meta()
+        job = dataclasses.replace(job, fit=current)
+        receipts = backend.featurize_parts(plan.manifest_url, plan.part_sizes, job) if plan.featurize else tasks.receipt_meta()
     errors = receipts[receipts["kind"] == "error"]
     req.check(errors)
     files = receipts[receipts["kind"] == "file"]
@@ -200,7 +206,7 @@ def _refit(backend: Any, plan: Plan, state: delta.TableState, req: Request, rece
         moments = backend.tree_reduce(leaves)
         reduction = fit(moments, components=req.components, variance=req.variance)
     fit_id = f"{_fit_seq(state) + 1:04d}-{req.run_id}"
-    url = fit_url(req.output, fit_id)
+    url = fit_url(req.target.url, fit_id)
     storage.write_file(url, reduction.to_npz(), sink.storage_options)
     logger.info("PCA fit %s: K=%d (%.4f of the variance) on %d rows", fit_id, reduction.k, reduction.variance_reached,
                 reduction.n_samples)

@@ -51,7 +51,7 @@ class Predictor:
         featurizer = bundle.featurizer(storage_options, weights_override, guard=guard)
         spec = featurizer.spec
         # The bundle's precision: served features must be those the classifier was trained on.
-        vgg = model.cached_model(spec.weights_sha256, featurizer.weights, spec.image_size, threads, precision=spec.precision)
+        vgg = model.cached_model(featurizer.weights, featurizer.settings, threads)
         self = cls(bundle, featurizer, vgg, max_pixels=max_pixels, source=source)
         blank = np.full((max(warm_batches), spec.image_size, spec.image_size, 3), 255, dtype=np.uint8)
         for n in warm_batches:

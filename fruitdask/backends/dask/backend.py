@@ -8,7 +8,7 @@ the rewrite of table files) is a task that reads files of bounded size and retur
 receipt. Losing any worker at any stage costs a recompute, never the run, on schedulers
 with their default configuration (Active Memory Manager on):
 
-- the **weights** are a file the tasks name (:class:`fruitdask.features.weights_file.WeightsSource`:
+- the **weights** are a file the tasks name (:class:`fruitdask.features.weights_file.WeightsFile`:
   the user's ``s3://`` file, or an ``.npz`` the client stages for a local file, ImageNet or
   random weights); each worker process reads it once, the first time it builds its model
   (:func:`fruitdask.features.model.cached_model`). Never scattered: scattered data cannot be
@@ -43,7 +43,7 @@ from fruitdask.features import model
 from fruitdask.features.model import WeightsInfo
 from fruitdask.features.precision import Resolved, agree, detect_on_worker
 from fruitdask.features.settings import FeatureSettings
-from fruitdask.features.weights_file import WeightsSource, npz_bytes
+from fruitdask.features.weights_file import WeightsArrays, WeightsFile, npz_bytes
 from fruitdask.lake import tasks
 from fruitdask.pca_moments import merge_all
 from fruitdask.progress import Progress
@@ -55,14 +55,11 @@ TREE_FAN_IN = 8
 logger = logging.getLogger(__name__)
 
 
-def featurize_on_worker(
-    df: pd.DataFrame, source: WeightsSource | list[np.ndarray], settings: FeatureSettings,
-    ckpt: checkpoint.Checkpoints, sink: tasks.Sink, fit: tasks.Fit | None,
-) -> pd.DataFrame:
+def featurize_on_worker(df: pd.DataFrame, job: tasks.FeaturizeJob) -> pd.DataFrame:
     """Task body: featurize one manifest partition with this worker's threads and write it
     (:func:`fruitdask.lake.tasks.featurize_part`); returns the partition's receipt."""
     index = int(df["part"].iloc[0]) if len(df) else 0
-    return tasks.featurize_part(df, source, settings, ckpt, sink, fit, index, threads=_worker_threads())
+    return tasks.featurize_part(df, job, index, threads=_worker_threads())
 
 
 def _worker_threads() -> int | None:
@@ -121,9 +118,9 @@ def steady_rate(marks: list[tuple[float, int]], share: float = STEADY_FROM) -> f
 INTERNAL = "_fruitdask"
 
 
-def warm_up_on_worker(image_size: int, precision: str = "float32") -> float:
+def warm_up_on_worker(settings: FeatureSettings) -> float:
     """Task body: :func:`fruitdask.features.model.warm_up` with this worker's thread count."""
-    return model.warm_up(image_size, _worker_threads(), precision)
+    return model.warm_up(settings, _worker_threads())
 
 
 def preimport_client_modules() -> None:
@@ -156,11 +153,12 @@ class DaskBackend:
         self.client: Any = None
         self.weights_key = ""
 
-    def start(self, stack: ExitStack) -> None:
+    def start(self, stack: ExitStack, settings: FeatureSettings) -> None:
+        """Open the client; a local cluster's workers warm up for ``settings`` as they start."""
         if self.cfg.cluster == "local":
             start_fork_server()  # a no-op when ``fruitdask run`` started it as it started
         preimport_client_modules()
-        self.client = stack.enter_context(dask_client(self.cfg))
+        self.client = stack.enter_context(dask_client(self.cfg, settings))
 
     def describe(self) -> dict:
         self.cluster = cluster_shape(self.client)
@@ -171,11 +169,11 @@ class DaskBackend:
         answers = self.client.run(detect_on_worker, requested, on_error="return")
         return agree(requested, {w: a for w, a in answers.items() if isinstance(a, dict)})
 
-    def warm_up(self, stack: ExitStack, precision: str) -> None:
+    def warm_up(self, stack: ExitStack, settings: FeatureSettings) -> None:
         """One :func:`warm_up_on_worker` task pinned to each worker present now (a worker that
         joins later builds its model at its first partition instead)."""
         warm = [
-            self.client.submit(warm_up_on_worker, self.cfg.image_size, precision, key=f"warm-up-{uuid.uuid4().hex}",
+            self.client.submit(warm_up_on_worker, settings, key=f"warm-up-{uuid.uuid4().hex}",
                                workers=[w], allow_other_workers=False, pure=False)
             for w in worker_addresses(self.client)
         ]
@@ -197,24 +195,22 @@ class DaskBackend:
             self.extra["performance_report"] = output.DASK_REPORT
         self.extra["weights_loads"] = _weights_loads(self.client, self.weights_key)
 
-    def prepare(self, weights: list[np.ndarray], weights_info: WeightsInfo) -> None:
+    def prepare(self, weights: WeightsArrays, weights_info: WeightsInfo) -> WeightsFile:
         """The weights as a file the tasks name, not scattered data (module doc)."""
         self.weights_key = weights_info.sha256
-        self.source = weights_source(self.cfg, self.target, weights, weights_info, self.storage_options)
+        return weights_source(weights, weights_info, self.target, shared_disk=self.cfg.cluster == "local")
 
-    def featurize_parts(self, manifest_url: str, sizes: list[int], settings: FeatureSettings,
-                        ckpt: checkpoint.Checkpoints, sink: tasks.Sink, fit: tasks.Fit | None) -> pd.DataFrame:
+    def featurize_parts(self, manifest_url: str, sizes: list[int], job: tasks.FeaturizeJob) -> pd.DataFrame:
         """``map_partitions`` of the featurization over the manifest; the receipts, gathered
         as partitions end (the bar counts images)."""
         import dask.dataframe as dd
 
-        self.extra["checkpoint"] = {"prefix": ckpt.prefix, "resume": ckpt.resume}
+        self.extra["checkpoint"] = {"prefix": job.ckpt.prefix, "resume": job.ckpt.resume}
         listing = dd.from_map(
             tasks.read_manifest_part, range(len(sizes)), url=manifest_url, storage_options=self.storage_options,
             label="manifest", enforce_metadata=False, meta=tasks.manifest_meta(),
         )
-        receipts = listing.map_partitions(featurize_on_worker, self.source, settings, ckpt, sink, fit,
-                                          meta=tasks.receipt_meta())
+        receipts = listing.map_partitions(featurize_on_worker, job, meta=tasks.receipt_meta())
         futures = self.client.compute(receipts.to_delayed())
         try:
             marks: list[tuple[float, int]] = []
@@ -294,19 +290,20 @@ def _settle(client, futures: list) -> None:
     client.cancel(futures)
 
 
-def weights_source(cfg: RunConfig, target: storage.OutputTarget, weights: list[np.ndarray], info: WeightsInfo,
-                   storage_options: dict) -> WeightsSource:
-    """Where workers load the weights from: the user's file as is when the workers can read
-    it (a remote file, or a local one for a local cluster's workers, which share this disk;
-    each worker checks the digest), otherwise an ``.npz`` of them staged beside the output
-    (remote workers may not see the client's disk, and random or ImageNet weights have no
-    file at all)."""
-    if info.kind == "file" and (storage.is_remote(cfg.weights) or cfg.cluster == "local"):
+def weights_source(weights: WeightsArrays, info: WeightsInfo, target: storage.OutputTarget, *,
+                   shared_disk: bool) -> WeightsFile:
+    """Where workers load the weights from: the file they were read from (``info.source``) as
+    is when the workers can read it (a remote file, or a local one when the workers share this
+    disk: a local cluster; each worker checks the digest), otherwise an ``.npz`` of them
+    staged beside the output (remote workers may not see the client's disk, and random or
+    ImageNet weights have no file at all)."""
+    so = dict(target.storage_options)
+    if info.kind == "file" and (storage.is_remote(info.source) or shared_disk):
         # A local path made absolute: a worker's working directory may differ.
-        url = cfg.weights if "://" in cfg.weights else os.path.abspath(cfg.weights)
-        return WeightsSource(url, info.sha256, storage_options)
-    url = target.write_bytes(f"{INTERNAL}/weights-{info.sha256[:16]}.npz", npz_bytes(weights))
-    return WeightsSource(url, info.sha256, storage_options)
+        url = info.source if "://" in info.source else os.path.abspath(info.source)
+        return WeightsFile(url, info.sha256, so)
+    url = target.write_bytes(f"{INTERNAL}/weights-{info.sha256[:16]}.npz", npz_bytes(weights.load()))
+    return WeightsFile(url, info.sha256, so)
 
 
 def _weights_loads(client, key: str) -> dict[str, int]:

@@ -13,9 +13,13 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fruitdask.config import TF_ENV, RunConfig
 from fruitdask.errors import ClusterError
+
+if TYPE_CHECKING:  # the settings module imports the configuration only; kept off the command's first imports
+    from fruitdask.features.settings import FeatureSettings
 
 logger = logging.getLogger(__name__)
 
@@ -124,17 +128,18 @@ def start_local_cluster(
     )
 
 
-def _warm_up_preload(cfg: RunConfig) -> dict:
-    """Worker keywords that start the model's warm-up with each worker process (see
-    :mod:`fruitdask.backends.dask.preload`); none while the precision is still ``auto``."""
-    if cfg.precision not in ("float32", "bfloat16"):
+def _warm_up_preload(settings: FeatureSettings | None) -> dict:
+    """Worker keywords that start the warm-up of ``settings``' model with each worker process
+    (see :mod:`fruitdask.backends.dask.preload`); none without settings or while their
+    precision is still ``auto``."""
+    if settings is None or settings.precision not in ("float32", "bfloat16"):
         return {}
     from fruitdask.backends.dask import preload
 
-    return {"preload": [preload.__name__], "preload_argv": preload.argv(cfg.image_size, cfg.precision)}
+    return {"preload": [preload.__name__], "preload_argv": preload.argv(settings)}
 
 
-def _local(cfg: RunConfig, stack: ExitStack):
+def _local(cfg: RunConfig, stack: ExitStack, settings: FeatureSettings | None):
     import dask
 
     method = local_start_method()
@@ -154,7 +159,7 @@ def _local(cfg: RunConfig, stack: ExitStack):
             # that moment: give each worker this process's environment of *now* (AWS
             # profile, endpoint, credentials files), as a spawned worker would inherit it.
             env={**os.environ, **TF_ENV} if method else TF_ENV,
-            **_warm_up_preload(cfg),
+            **_warm_up_preload(settings),
             silence_logs=logging.ERROR if not cfg.debug else logging.INFO,
         )
     except Exception as e:
@@ -164,15 +169,17 @@ def _local(cfg: RunConfig, stack: ExitStack):
 
 
 @contextmanager
-def dask_client(cfg: RunConfig) -> Iterator:
-    """Yield a connected ``distributed.Client``; close the client and anything created."""
+def dask_client(cfg: RunConfig, settings: FeatureSettings | None = None) -> Iterator:
+    """Yield a connected ``distributed.Client``; close the client and anything created.
+
+    A local cluster's workers start warming up the model of ``settings`` when given."""
     from distributed import Client
 
     with ExitStack() as stack:
         target = cfg.cluster
         security = None  # Dask's configuration, for local clusters and tcp:// / tls:// addresses
         if target == "local":
-            cluster = _local(cfg, stack)
+            cluster = _local(cfg, stack, settings)
         elif target == "kubernetes":
             from fruitdask.backends.dask.kube_connect import open_kube_cluster
 

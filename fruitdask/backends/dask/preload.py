@@ -16,24 +16,28 @@ import threading
 
 import click
 
+from fruitdask.features.settings import FeatureSettings
+
 logger = logging.getLogger(__name__)
 
 
-def argv(image_size: int, precision: str) -> list[str]:
-    """The ``preload_argv`` for a run of this image size and (resolved) precision."""
-    return ["--image-size", str(image_size), "--precision", precision]
+def argv(settings: FeatureSettings) -> list[str]:
+    """The ``preload_argv`` for a run of these settings (their precision resolved): Dask hands
+    a preload strings only, so the settings travel as their own JSON."""
+    return ["--feature-settings", settings.to_json()]
 
 
 @click.command()
-@click.option("--image-size", type=int, required=True)
-@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), required=True)
-def dask_setup(worker, image_size: int, precision: str) -> None:
+@click.option("--feature-settings", "settings_json", required=True)
+def dask_setup(worker, settings_json: str) -> None:
     """Start the warm-up in a daemon thread; the worker registers without waiting for it."""
     from fruitdask.features import model
 
+    settings = FeatureSettings.from_json(settings_json)
+
     def warm() -> None:
         try:
-            model.warm_up(image_size, worker.state.nthreads, precision)
+            model.warm_up(settings, worker.state.nthreads)
         except Exception:  # the first partition builds the model again and reports the error
             logger.exception("warm-up at worker start failed")
 

@@ -7,7 +7,8 @@
   function every backend shares (:func:`fruitdask.features.frames.featurize_frame`) and write
   their Parquet files; the driver commits them with deltalake (no Delta jars can be
   downloaded here, and delta-rs needs no JVM).
-- Weights travel once with ``sc.broadcast``; each Python worker builds its Keras model once
+- Weights travel once with ``sc.broadcast`` (:class:`BroadcastWeights`, the tasks' weights
+  source); each Python worker builds its Keras model once
   (:func:`fruitdask.features.model.cached_model`).
 - The PCA: the same exact moments as the Dask backend, summed by Spark's ``treeReduce``
   (no ``d x d`` covariance on the driver beyond the final one), and projected in the
@@ -20,28 +21,44 @@ import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from fruitdask import checkpoint, storage
+from fruitdask import storage
 from fruitdask.config import RunConfig
 from fruitdask.features.model import WeightsInfo
 from fruitdask.features.precision import Resolved, detect_and_resolve
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsArrays
 from fruitdask.lake import tasks
 from fruitdask.lake.update import check_wide
 from fruitdask.pca_moments import merge_all
 from fruitdask.progress import Poller, Progress
 
+if TYPE_CHECKING:  # pyspark is imported when the session starts (it is an extra)
+    from pyspark import Broadcast
+
 logger = logging.getLogger(__name__)
 
 
-def featurize_index(index: int, manifest_url: str, bc, settings: FeatureSettings, ckpt: checkpoint.Checkpoints,
-                    sink: tasks.Sink, fit: tasks.Fit | None, threads: int, done=None) -> pd.DataFrame:
+@dataclass(frozen=True)
+class BroadcastWeights:
+    """The run's weights as a Spark broadcast: executors fetch the arrays once each."""
+
+    broadcast: Broadcast[list[np.ndarray]]
+    sha256: str
+
+    def load(self) -> list[np.ndarray]:
+        return self.broadcast.value
+
+
+def featurize_index(index: int, manifest_url: str, job: tasks.FeaturizeJob, threads: int, done=None) -> pd.DataFrame:
     """Executor body: partition ``index`` of the manifest through the shared task body."""
-    df = tasks.read_manifest_part(index, manifest_url, sink.storage_options)
-    out = tasks.featurize_part(df, bc.value, settings, ckpt, sink, fit, index, threads=threads)
+    df = tasks.read_manifest_part(index, manifest_url, job.sink.storage_options)
+    out = tasks.featurize_part(df, job, index, threads=threads)
     if done is not None:  # the driver's progress bar (reaches it as each task ends)
         done.add(len(df))
     return out
@@ -67,11 +84,11 @@ class SparkBackend:
         self.cluster: dict = {}
         self.extra: dict = {}
 
-    def start(self, stack: ExitStack) -> None:
+    def start(self, stack: ExitStack, settings: FeatureSettings) -> None:
         """Refuse a PCA the moments cannot hold, then start the session."""
         from fruitdask.backends.spark.session import spark_session
 
-        check_wide(self.cfg.feature_dim, "spark")
+        check_wide(settings.feature_dim, "spark")
         warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
         self.session = stack.enter_context(spark_session(self.cfg))
         self.sc = self.session.sparkContext
@@ -90,7 +107,7 @@ class SparkBackend:
         is a comparison set-up, see docs/architecture-review.md)."""
         return detect_and_resolve(requested)
 
-    def warm_up(self, stack: ExitStack, precision: str) -> None:
+    def warm_up(self, stack: ExitStack, settings: FeatureSettings) -> None:
         """Nothing: each Python worker builds its model in its first task."""
 
     @contextmanager
@@ -98,18 +115,16 @@ class SparkBackend:
         yield
         self.extra.setdefault("broadcast", "sc.broadcast (lazy: executors fetch it in their first task)")
 
-    def prepare(self, weights: list[np.ndarray], weights_info: WeightsInfo) -> None:
-        self.bc = self.sc.broadcast(weights)
+    def prepare(self, weights: WeightsArrays, weights_info: WeightsInfo) -> BroadcastWeights:
+        return BroadcastWeights(self.sc.broadcast(weights.load()), weights_info.sha256)
 
-    def featurize_parts(self, manifest_url: str, sizes: list[int], settings: FeatureSettings,
-                        ckpt: checkpoint.Checkpoints, sink: tasks.Sink, fit: tasks.Fit | None) -> pd.DataFrame:
+    def featurize_parts(self, manifest_url: str, sizes: list[int], job: tasks.FeaturizeJob) -> pd.DataFrame:
         """One Spark task per manifest partition; the receipts collected on the driver."""
         done = self.sc.accumulator(0)
         threads = int(self.sc.getConf().get("spark.task.cpus", "1"))
-        bc, n = self.bc, len(sizes)
+        n = len(sizes)
         self.extra["partitions"] = n
-        rdd = self.sc.parallelize(range(n), n).map(
-            lambda i: featurize_index(i, manifest_url, bc, settings, ckpt, sink, fit, threads, done))
+        rdd = self.sc.parallelize(range(n), n).map(lambda i: featurize_index(i, manifest_url, job, threads, done))
         self.progress.start(sum(sizes))
         try:
             with Poller(self.progress, lambda: done.value):
