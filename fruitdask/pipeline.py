@@ -34,7 +34,7 @@ from fruitdask.config import RunConfig
 from fruitdask.errors import FruitdaskError, InputError, TooManyErrors, WeightsError
 from fruitdask.features import model, precision
 from fruitdask.features.settings import FeatureSettings
-from fruitdask.features.weights_file import WeightsArrays
+from fruitdask.features.weights_file import WeightsArrays, WeightsFile, WeightsSource
 from fruitdask.lake import keys, update
 from fruitdask.lake import plan as lake_plan
 from fruitdask.lake import table as delta
@@ -173,12 +173,11 @@ class _Run:
         # that a run with nothing to do starts nothing.
         if self.backend.starts_early and not self.state.exists:
             self._start(stack)
-        known = self._known_weights()
-        loaded = self._load_weights() if self.cfg.weights not in model.WEIGHTS_CHOICES and not known else None
+        loaded = self._known_weights() or (self._load_weights() if self.cfg.weights not in model.WEIGHTS_CHOICES else None)
         spill = stack.enter_context(lake_plan.spill_dir())
         plan = self._plan(spill)
         cfg = self.cfg
-        if not (plan.changes_table or cfg.refit or cfg.rebuild or self._settings_changed(loaded, known)):
+        if not (plan.changes_table or cfg.refit or cfg.rebuild or self._settings_changed(loaded)):
             return self._up_to_date(plan)
         if not self.engine_started:
             self._start(stack)  # a remote cluster's workers resolve the precision here
@@ -238,12 +237,13 @@ class _Run:
         threads = int(self.backend.cluster.get("threads") or 1) if self.engine_started else 1
         return max(1, min(self.cfg.partition_size, -(-n_images // max(threads, 1)) if n_images else 1))
 
-    def _known_weights(self) -> str | None:
-        """The content digest of the weights, when ``--weights`` names a file whose bytes are
-        those the table was last written with: the table's record of it, so an update decides
-        whether it has anything to do without parsing the file, and parses it (if it must: see
-        :func:`fruitdask.backends.dask.backend.weights_source`) only once its workers are
-        warming up. None otherwise."""
+    def _known_weights(self) -> tuple[WeightsFile, model.WeightsInfo] | None:
+        """The weights as the table knows them, when ``--weights`` names a file whose bytes are
+        those the table was last written with (same sha256): an update then decides whether it
+        has anything to do without parsing the file, and nothing parses it on the client unless
+        the weights must be staged for workers that cannot read it (see
+        :func:`fruitdask.backends.dask.backend.weights_source`; a worker checks the content
+        digest as it loads them). None otherwise: the file is read and checked in full."""
         old = self.state.meta.get("feature_settings") or {}
         if self.cfg.weights in model.WEIGHTS_CHOICES or not old.get("weights_file_sha256"):
             return None
@@ -252,9 +252,13 @@ class _Run:
                 digest = storage.url_sha256(self.cfg.weights, self.so)
             except (OSError, FruitdaskError):  # unreadable now: the full load says why, in its own words
                 return None
-        return old.get("weights_sha256") if digest == old["weights_file_sha256"] else None
+        if digest != old["weights_file_sha256"] or not old.get("weights_sha256"):
+            return None
+        cfg = self.cfg
+        info = model.WeightsInfo(cfg.weights, "file", cfg.weights, old["weights_sha256"], file_sha256=digest)
+        return WeightsFile(cfg.weights, info.sha256, self.so), info
 
-    def _settings_changed(self, loaded: tuple[WeightsArrays, model.WeightsInfo] | None, known: str | None = None) -> bool:
+    def _settings_changed(self, loaded: tuple[WeightsSource, model.WeightsInfo] | None) -> bool:
         """Whether this run's feature settings may differ from the table's (checked without
         loading weights: a weights file is hashed, a named choice compared by name and seed)."""
         old = self.state.meta.get("feature_settings") or {}
@@ -265,8 +269,8 @@ class _Run:
         now = {"image_size": s.image_size, "pooling": s.pooling, "weights": loaded[1].requested if loaded else cfg.weights}
         if self.resolved is not None:  # a remote cluster's workers have not answered yet
             now["precision"] = s.precision
-        if known is not None or loaded is not None:
-            now["weights_sha256"] = known or loaded[1].sha256
+        if loaded is not None:
+            now["weights_sha256"] = loaded[1].sha256
         elif cfg.weights in ("random", "auto"):
             now["seed"] = cfg.seed
         return any(old.get(k) != v for k, v in now.items())

@@ -12,7 +12,7 @@ import pandas as pd
 from fruitdask.features.model import WeightsInfo
 from fruitdask.features.precision import Resolved
 from fruitdask.features.settings import FeatureSettings
-from fruitdask.features.weights_file import WeightsArrays, WeightsSource
+from fruitdask.features.weights_file import WeightsSource
 from fruitdask.lake.tasks import FeaturizeJob
 
 
@@ -33,7 +33,7 @@ class Backend(Protocol):
 
     def running(self) -> AbstractContextManager: ...
 
-    def prepare(self, weights: WeightsArrays, weights_info: WeightsInfo) -> WeightsSource: ...
+    def prepare(self, weights: WeightsSource, weights_info: WeightsInfo) -> WeightsSource: ...
 
     def featurize_parts(self, manifest_url: str, sizes: list[int], job: FeaturizeJob) -> pd.DataFrame: ...
 

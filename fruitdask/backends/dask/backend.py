@@ -43,7 +43,7 @@ from fruitdask.features import model
 from fruitdask.features.model import WeightsInfo
 from fruitdask.features.precision import Resolved, agree, detect_on_worker
 from fruitdask.features.settings import FeatureSettings
-from fruitdask.features.weights_file import WeightsArrays, WeightsFile, npz_bytes
+from fruitdask.features.weights_file import WeightsFile, WeightsSource, npz_bytes
 from fruitdask.lake import tasks
 from fruitdask.pca_moments import merge_all
 from fruitdask.progress import Progress
@@ -195,7 +195,7 @@ class DaskBackend:
             self.extra["performance_report"] = output.DASK_REPORT
         self.extra["weights_loads"] = _weights_loads(self.client, self.weights_key)
 
-    def prepare(self, weights: WeightsArrays, weights_info: WeightsInfo) -> WeightsFile:
+    def prepare(self, weights: WeightsSource, weights_info: WeightsInfo) -> WeightsFile:
         """The weights as a file the tasks name, not scattered data (module doc)."""
         self.weights_key = weights_info.sha256
         return weights_source(weights, weights_info, self.target, shared_disk=self.cfg.cluster == "local")
@@ -290,7 +290,7 @@ def _settle(client, futures: list) -> None:
     client.cancel(futures)
 
 
-def weights_source(weights: WeightsArrays, info: WeightsInfo, target: storage.OutputTarget, *,
+def weights_source(weights: WeightsSource, info: WeightsInfo, target: storage.OutputTarget, *,
                    shared_disk: bool) -> WeightsFile:
     """Where workers load the weights from: the file they were read from (``info.source``) as
     is when the workers can read it (a remote file, or a local one when the workers share this

@@ -32,7 +32,7 @@ from fruitdask.config import RunConfig
 from fruitdask.features.model import WeightsInfo
 from fruitdask.features.precision import Resolved, detect_and_resolve
 from fruitdask.features.settings import FeatureSettings
-from fruitdask.features.weights_file import WeightsArrays
+from fruitdask.features.weights_file import WeightsSource
 from fruitdask.lake import tasks
 from fruitdask.lake.update import check_wide
 from fruitdask.pca_moments import merge_all
@@ -115,7 +115,7 @@ class SparkBackend:
         yield
         self.extra.setdefault("broadcast", "sc.broadcast (lazy: executors fetch it in their first task)")
 
-    def prepare(self, weights: WeightsArrays, weights_info: WeightsInfo) -> BroadcastWeights:
+    def prepare(self, weights: WeightsSource, weights_info: WeightsInfo) -> BroadcastWeights:
         return BroadcastWeights(self.sc.broadcast(weights.load()), weights_info.sha256)
 
     def featurize_parts(self, manifest_url: str, sizes: list[int], job: tasks.FeaturizeJob) -> pd.DataFrame:
