@@ -201,6 +201,46 @@ def test_list_images_on_s3(s3, tiny_images):
     assert storage.read_bytes(listing["path"][0], opts(s3))[:2] == b"\xff\xd8"  # a JPEG
 
 
+def test_a_big_folder_is_listed_a_page_at_a_time(s3, tmp_path):
+    """2,500 keys (S3, three ListObjectsV2 pages) and 2,500 local files under one label, plus
+    a second label: every image once, in batches of at most a page, folders in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fruitdask.storage import listing
+
+    s3.bucket("in-big", "eu-west-1")
+    names = [f"img_{i:05d}.jpg" for i in range(2500)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda n: s3.fs.pipe_file(f"in-big/T/Big/{n}", b"x"), names))
+    s3.fs.pipe_file("in-big/T/Small/one.jpg", b"x")
+    for label, files in (("Big", names), ("Small", ["one.jpg"])):
+        (tmp_path / "T" / label).mkdir(parents=True)
+        for n in files:
+            (tmp_path / "T" / label / n).write_bytes(b"x")
+    for url, so in (("s3://in-big/T", opts(s3)), (str(tmp_path / "T"), {})):
+        batches = list(storage.iter_images(url, so, threads=2))
+        assert max(len(b.images) for b in batches) <= listing.PAGE and len(batches) >= 4, url
+        paths = [p for b in batches for p, *_ in b.images]
+        assert len(paths) == len(set(paths)) == 2501, url
+        assert [p.rsplit("/", 2)[-2] for p in paths] == ["Big"] * 2500 + ["Small"], url  # folder order kept
+
+
+def test_a_listing_error_in_a_thread_reaches_the_caller_and_stops_the_others():
+    from fruitdask.storage import listing
+
+    def pages(folder):
+        if folder == "bad":
+            raise OSError("listing failed")
+        for i in range(50):
+            yield [(f"{folder}/{i}.jpg", 1, "t", None)]
+
+    with pytest.raises(OSError, match="listing failed"):
+        list(listing._stream(["ok", "bad", "ok2"], pages, [], threads=2))
+    stream = listing._stream(["a", "b", "c"], pages, [], threads=2)
+    assert next(stream)[0][0] == "a/0.jpg"
+    stream.close()  # a consumer that stops early: the threads stop (the test would hang otherwise)
+
+
 def test_prefix_without_images(s3):
     s3.bucket("in-euw1", "eu-west-1")
     s3.fs.pipe_file("in-euw1/Training/readme.txt", b"no images here")
