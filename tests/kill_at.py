@@ -30,7 +30,7 @@ def main() -> int:
         real_plan = plan.make_plan
         plan.make_plan = lambda *a, **k: (real_plan(*a, **k), die())[0]
     elif stage == "featurizing":
-        def first_then_die(futures, counts, bar):
+        def first_then_die(futures, counts, bar, marks=None):
             from distributed import as_completed
 
             next(iter(as_completed(futures))).result()
