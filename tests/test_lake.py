@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 from fruitdask import cli
 from fruitdask.errors import ConcurrentRunError
 from fruitdask.lake import table as delta
+from fruitdask.lake import update
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -230,6 +231,31 @@ def test_a_weights_file_the_table_knows_is_hashed_not_parsed(tmp_path, cluster, 
         f.write(b"\0")
     assert run(cluster, data, out, weights) == 0
     assert len(parsed) == 1 and delta.load(str(out), {}).version() == 0  # parsed, same arrays: still up to date
+
+
+def test_small_files_are_merged_in_the_runs_one_commit(tmp_path, cluster, weights_file, monkeypatch):
+    """Past MERGE_AFTER_FILES small files, an update merges them on the workers into one file,
+    in its one commit: same rows, one file, none of its merged-away files left behind."""
+    monkeypatch.setattr(update, "MERGE_AFTER_FILES", 4)
+    data = copy_images(BUNDLED, tmp_path / "in", 3, 4)
+    out = tmp_path / "out"
+    assert run(cluster, data, out, weights_file) == 0  # 12 images, partitions of 4: 3 files (a fit: no merge)
+    assert len(delta.load(str(out), {}).file_uris()) == 3
+    before = read_features(out).set_index("image_key")
+    changed = grow(data)["changed"]
+    assert run(cluster, data, out, weights_file) == 4  # 2 files rewritten, 1 kept, 1 new: 4 small files
+    dt = delta.load(str(out), {})
+    doc = record(out)
+    assert dt.version() == 1 and len(dt.file_uris()) == 1 and doc["table"]["files_added"] == 1
+    df = read_features(out)
+    assert df["image_key"].is_unique and sorted(df["image_key"]) == current_keys(data) == sorted(df["image_key"])
+    assert doc["table"]["rows"] == len(df) == int(dt.get_add_actions(flatten=True).column("num_records")[0].as_py())
+    same = sorted(set(before.index) & set(df["image_key"]) - {changed})
+    after = df.set_index("image_key")
+    for key in same:  # rows moved, not recomputed
+        np.testing.assert_array_equal(np.asarray(after.loc[key, "features"]), np.asarray(before.loc[key, "features"]))
+    mine = sorted(p.name for p in (out / "features").glob(f"part-{doc['run_id']}-*.parquet"))
+    assert mine == [dt.file_uris()[0].rsplit("/", 1)[-1]]  # the merged-away files of this run are gone
 
 
 def test_workers_never_hold_all_features(tmp_path, cluster, weights_file):

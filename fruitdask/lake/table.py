@@ -34,6 +34,8 @@ META_KEY = "fruitdask"
 HISTORY_DEPTH = 50
 #: Target size of a data file after compaction (``fruitdask table compact``).
 TARGET_FILE_BYTES = 128 << 20
+#: A data file under this size is "small" (a run merges small files: lake.update.merge_small_files).
+SMALL_FILE_BYTES = TARGET_FILE_BYTES // 4
 
 
 def table_url(output_url: str) -> str:

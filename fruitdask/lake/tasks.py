@@ -258,6 +258,42 @@ def rewrite_file(sink: Sink, rel: str, drop_rows: np.ndarray | None, fit: Fit | 
     return write_file(table, sink, f"part-{sink.run_id}-r{index:05d}.parquet")
 
 
+def merge_files(sink: Sink, rels: list[str], index: int) -> dict:
+    """Small table files streamed into one, a row group each: the same rows, one input file in
+    memory at a time (the run commits the merged file and removes the inputs)."""
+    name = f"part-{sink.run_id}-m{index:05d}.parquet"
+    url = sink.file_url(name)
+    fs, path = storage.get_fs(url, sink.storage_options)
+    rows, stats = 0, []
+    try:
+        with fs.open(path, "wb") as f, pq.ParquetWriter(f, TABLE_SCHEMA, compression="snappy") as writer:
+            for rel in rels:
+                table = _kept(sink, rel, None)
+                writer.write_table(table)
+                rows += table.num_rows
+                stats.append(json.loads(file_stats(table)))
+        size = fs.size(path)
+    except OSError as e:
+        raise storage.translate(e, url) from e
+    return {"file": name, "size": int(size), "rows": rows, "stats": merged_stats(stats)}
+
+
+def merged_stats(parts: list[dict]) -> str:
+    """Delta statistics of files put together: counts added, minima of minima, maxima of maxima."""
+    mins: dict = {}
+    maxs: dict = {}
+    nulls: dict = {}
+    for st in parts:
+        for c, v in st["minValues"].items():
+            mins[c] = v if c not in mins else min(mins[c], v)
+        for c, v in st["maxValues"].items():
+            maxs[c] = v if c not in maxs else max(maxs[c], v)
+        for c, v in st["nullCount"].items():
+            nulls[c] = nulls.get(c, 0) + v
+    return json.dumps({"numRecords": sum(st["numRecords"] for st in parts), "minValues": mins, "maxValues": maxs,
+                       "nullCount": nulls})
+
+
 def kept_rows(sink: Sink, rel: str, drop_rows: np.ndarray | None) -> int:
     """Rows a table file keeps (from its footer)."""
     fs, path = storage.get_fs(sink.file_url(rel), sink.storage_options)

@@ -13,8 +13,9 @@ decided here:
    table keeps (features up to 4,096 wide; wider ones through dask-ml's IncrementalPCA), write
    it as ``OUTPUT/pca/<fit>.npz``, then project every checkpoint and rewrite every kept file
    with it;
-3. rewrite the files that lose rows (removed or changed images), and commit every added and
-   removed file as **one** table version (:func:`fruitdask.lake.table.commit`).
+3. rewrite the files that lose rows (removed or changed images); once small files pile up,
+   merge them on the workers (:func:`merge_small_files`); and commit every added and removed
+   file as **one** table version (:func:`fruitdask.lake.table.commit`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: The PCA is refitted on all rows when the table holds this many times the rows of the last fit.
 REFIT_GROWTH = 2.0
+#: Small files the table may hold before a run merges them (see :func:`merge_small_files`).
+MERGE_AFTER_FILES = 64
 FIT_DIR = storage.paths.FITS
 
 
@@ -141,6 +144,7 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
     errors = receipts[receipts["kind"] == "error"]
     req.check(errors)
     files = receipts[receipts["kind"] == "file"]
+    moved = 0  # rows of untouched files merged into new ones (counted in the adds)
     if refit:
         with timer.stage("pca"):
             reduction, current = _refit(backend, plan, state, req, receipts, ckpt, sink)
@@ -152,9 +156,10 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
         with timer.stage("write"):
             adds = _file_adds(files) + _rewrite(backend, plan.rewrite, sink, None)
             removed = [(p, s) for p, s, _ in plan.rewrite] + plan.drop
+            adds, removed, moved = merge_small_files(backend, plan.keep, adds, removed, sink)
     ok = receipts[receipts["kind"].isin(["file", "staged"])]
     out = Outcome(state.version, state.version, int(sum(plan.part_sizes)), int(ok["added"].sum()), int(ok["updated"].sum()),
-                  errors, reduction, current.fit_id, refit, _rows_after(plan, adds, refit), len(adds), len(removed))
+                  errors, reduction, current.fit_id, refit, _rows_after(plan, adds, refit) - moved, len(adds), len(removed))
     with timer.stage("commit"):
         meta = {**req.meta, "pca_fit": current.fit_id, "pca_k": reduction.k,
                 "pca_rows": reduction.n_samples if refit else state.meta.get("pca_rows"),
@@ -163,6 +168,38 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
         req.before_commit()
         out.version_after = delta.commit(state, adds, [{"path": p, "size": s} for p, s in removed], meta)
     return out
+
+
+def merge_small_files(backend: Any, keep: list[tuple[str, int]], adds: list[dict], removed: list[tuple[str, int]],
+                      sink: tasks.Sink) -> tuple[list[dict], list[tuple[str, int]], int]:
+    """Once the table would hold :data:`MERGE_AFTER_FILES` small files (under
+    :data:`fruitdask.lake.table.SMALL_FILE_BYTES`), merge them on the workers into files of
+    about :data:`fruitdask.lake.table.TARGET_FILE_BYTES`, in this run's one commit: daily runs
+    add a file or two per partition, and the table's file count stays bounded. A merge task
+    streams its inputs file by file (worker memory: one small file); the client only plans.
+    Returns the adds and removes to commit, and the rows of untouched files that moved into
+    merged ones (counted once); this run's own merged-away files are deleted."""
+    small = [(p, int(s), None) for p, s in keep if s < delta.SMALL_FILE_BYTES]
+    small += [(a["path"], int(a["size"]), a) for a in adds if a["size"] < delta.SMALL_FILE_BYTES]
+    if len(small) < MERGE_AFTER_FILES:
+        return adds, removed, 0
+    bins, size = [[]], 0
+    for item in small:
+        if size >= delta.TARGET_FILE_BYTES:
+            bins, size = [*bins, []], 0
+        bins[-1].append(item)
+        size += item[1]
+    bins = [b for b in bins if len(b) > 1]
+    merged = backend.map_tasks(tasks.merge_files, [(sink, [p for p, _, _ in b], i) for i, b in enumerate(bins)])
+    gone = {p for b in bins for p, _, _ in b}
+    own = [p for b in bins for p, _, a in b if a is not None]
+    adds = [a for a in adds if a["path"] not in gone] + [_as_add(m)[0] for m in merged]
+    removed = removed + [(p, s) for b in bins for p, s, a in b if a is None]
+    for p in own:  # written by this run a moment ago, never committed: not worth a vacuum
+        storage.remove_prefix(sink.file_url(p), sink.storage_options)
+    logger.info("merged %d small files into %d", len(gone), len(merged))
+    moved = sum(m["rows"] for m in merged) - sum(int(a["rows"]) for b in bins for _, _, a in b if a is not None)
+    return adds, removed, moved
 
 
 def _rows_after(plan: Plan, adds: list[dict], refit: bool) -> int:
