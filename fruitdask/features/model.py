@@ -130,6 +130,20 @@ def build_vgg16(image_size: int, weights: str | None = None, precision: str = "f
     return keras.Model(base.input, out, name="vgg16_bf16")
 
 
+def trace_any_batch(model: Any, image_size: int) -> None:
+    """Trace ``model``'s predict function once for a batch of any size (without running it).
+
+    Left to itself, Keras traces it at the first call and again at the second batch size
+    (``reduce_retracing``): a partition's last, shorter batch paid a second trace, about
+    0.13 s of Python at 224 px that also held the GIL from the worker's other threads. One
+    trace for ``(None, size, size, 3)`` serves every batch size after it (0.05 s).
+    """
+    import tensorflow as tf
+
+    model.make_predict_function()
+    model.predict_function.get_concrete_function([(tf.TensorSpec((None, image_size, image_size, 3), tf.float32),)])
+
+
 #: (in channels, out channels) of VGG16's 13 convolutions, in graph order.
 _VGG16_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
                 (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
@@ -267,6 +281,8 @@ def load_weights(
 
 _MODELS: dict[tuple[str, int, str], Any] = {}
 _LOCK = threading.Lock()
+#: Held while this process reads weights for :func:`cached_model` (taken before :data:`_LOCK`).
+_LOAD_LOCK = threading.Lock()
 #: How many times this process built a model, per weights digest (tests read it).
 BUILDS: Counter[str] = Counter()
 _THREADS_SET = False
@@ -300,12 +316,22 @@ WARM: Counter[str] = Counter()
 
 
 def warm_up(settings: FeatureSettings, threads: int | None = None) -> float:
-    """Import TensorFlow and build (and run once) the VGG16 graph of ``settings`` (its image
-    size and precision) in this worker process, before the weights are known.
+    """Import TensorFlow, build the VGG16 graph of ``settings`` (its image size and
+    precision) and trace it for any batch size (:func:`trace_any_batch`) in this worker
+    process, before the weights are known.
 
     Submitted as soon as the cluster is up, it overlaps the seconds of TensorFlow's import
-    and graph construction with the client's listing and weights reading; the first
-    :func:`cached_model` of those settings then only assigns the weights. Returns seconds.
+    and graph construction with the client's listing and weights reading, and with the
+    worker's own reading of the weights (:func:`cached_model` reads them while the graph is
+    built); the first :func:`cached_model` of those settings then only assigns them. Returns
+    seconds.
+
+    The graph is not run here. A dummy inference saves a later batch nothing: the runtime's
+    set-up (oneDNN's kernels) comes with each new largest batch shape, so a first batch of
+    32 costs the same after a one-image inference as without it (0.60 against 0.61 s at
+    224 px, bfloat16, 2 cores), and while it runs TensorFlow's threads hold both cores, so
+    the worker's event loop cannot even start the first partition's tasks (0.3 s of an
+    update's critical path).
     """
     import time
 
@@ -316,8 +342,7 @@ def warm_up(settings: FeatureSettings, threads: int | None = None) -> float:
             return 0.0
         pin_tf_threads(threads)
         model = build_vgg16(size, precision=precision)
-        # One tiny inference: starts the runtime (thread pools, oneDNN kernels) now too.
-        model.predict_on_batch(np.zeros((1, size, size, 3), dtype=np.float32))
+        trace_any_batch(model, size)
         _WARM.setdefault((size, precision), []).append(model)
         WARM["built"] += 1
     seconds = time.perf_counter() - t0
@@ -329,19 +354,22 @@ def cached_model(weights: WeightsSource, settings: FeatureSettings, threads: int
     """Return this process's compiled model for ``weights`` at the image size and precision
     of ``settings``, building it once.
 
-    ``weights.load()`` runs only here, once per process: a warm graph left by
-    :func:`warm_up` then just receives them.
+    ``weights.load()`` runs only here, once per process, under its own lock: while
+    :func:`warm_up` still builds the graph (holding the model lock), the weights are read at
+    the same time, and the warm graph then just receives them.
     """
     key, size, precision = weights.sha256, settings.image_size, settings.precision
     cache_key = (key, size, precision)
     model = _MODELS.get(cache_key)
     if model is not None:
         return model
-    with _LOCK:
+    with _LOAD_LOCK:  # one reader of the weights; a warm-up may hold the model lock meanwhile
         model = _MODELS.get(cache_key)
-        if model is None:
-            arrays = weights.load()
-            LOADS[key] += 1
+        if model is not None:
+            return model
+        arrays = weights.load()
+        LOADS[key] += 1
+        with _LOCK:
             warm = _WARM.get((size, precision))
             if warm:
                 model = warm.pop()
@@ -349,10 +377,11 @@ def cached_model(weights: WeightsSource, settings: FeatureSettings, threads: int
             else:
                 pin_tf_threads(threads)
                 model = build_vgg16(size, precision=precision)
+                trace_any_batch(model, size)
             model.set_weights(arrays)
             _MODELS[cache_key] = model
             BUILDS[key] += 1
-            logger.info("built VGG16 (%s, %dpx, %s) in pid %d", key[:12], size, precision, os.getpid())
+        logger.info("built VGG16 (%s, %dpx, %s) in pid %d", key[:12], size, precision, os.getpid())
     return model
 
 
