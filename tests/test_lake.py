@@ -258,6 +258,42 @@ def test_small_files_are_merged_in_the_runs_one_commit(tmp_path, cluster, weight
     assert mine == [dt.file_uris()[0].rsplit("/", 1)[-1]]  # the merged-away files of this run are gone
 
 
+def test_files_losing_rows_are_rewritten_beside_the_featurization(tmp_path, cluster, weights_file, monkeypatch):
+    """Without a refit, the files that lose rows do not wait for the featurization: their
+    rewrite is queued behind it (background priority) from another thread while it runs."""
+    from fruitdask.backends.dask.backend import DaskBackend
+
+    data = copy_images(BUNDLED, tmp_path / "in", 3, 4)
+    out = tmp_path / "out"
+    assert run(cluster, data, out, weights_file) == 0
+    before = read_features(out).set_index("image_key")
+    queued, waited = threading.Event(), []
+    calls: list[bool] = []
+    real_map, real_featurize = DaskBackend.map_tasks, DaskBackend.featurize_parts
+
+    def map_tasks(self, fn, args_list, *, background=False):
+        if fn.__name__ == "rewrite_file":
+            calls.append(background)
+            queued.set()
+        return real_map(self, fn, args_list, background=background)
+
+    def featurize_parts(self, *args):
+        waited.append(queued.wait(60))  # a rewrite queued only after the featurization never comes
+        return real_featurize(self, *args)
+
+    monkeypatch.setattr(DaskBackend, "map_tasks", map_tasks)
+    monkeypatch.setattr(DaskBackend, "featurize_parts", featurize_parts)
+    change = grow(data)
+    assert run(cluster, data, out, weights_file) == 4
+    assert waited == [True] and calls == [True]
+    df = read_features(out)
+    assert df["image_key"].is_unique and sorted(df["image_key"]) == current_keys(data)
+    after = df.set_index("image_key")
+    for key in sorted(set(before.index) & set(after.index) - {change["changed"]}):
+        np.testing.assert_array_equal(np.asarray(after.loc[key, "features"]), np.asarray(before.loc[key, "features"]))
+    assert record(out)["table"]["files_removed"] >= 2  # the changed and the deleted image's files
+
+
 def test_workers_never_hold_all_features(tmp_path, cluster, weights_file):
     """Sampled during a run, the bytes the workers hold (the PCA moments aside: ``d x d``
     each, a few fan-ins' worth whatever the number of images) stay under two partitions'

@@ -13,9 +13,11 @@ decided here:
    table keeps (features up to 4,096 wide; wider ones through dask-ml's IncrementalPCA), write
    it as ``OUTPUT/pca/<fit>.npz``, then project every checkpoint and rewrite every kept file
    with it;
-3. rewrite the files that lose rows (removed or changed images); once small files pile up,
-   merge them on the workers (:func:`merge_small_files`); and commit every added and removed
-   file as **one** table version (:func:`fruitdask.lake.table.commit`).
+3. rewrite the files that lose rows (removed or changed images: without a refit, queued
+   behind step 1 as it starts, from a second thread, so they fill the threads its last
+   partitions leave idle); once small files pile up, merge them on the workers
+   (:func:`merge_small_files`); and commit every added and removed file as **one** table
+   version (:func:`fruitdask.lake.table.commit`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,9 +141,13 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
     ckpt, sink = job.ckpt, job.sink
     refit = needs_fit(plan, state, req)
     current = None if refit else tasks.Fit(state.meta["pca_fit"], fit_url(req.target.url, state.meta["pca_fit"]), sink.storage_options)
-    with timer.stage("featurize"):
+    with timer.stage("featurize"), ThreadPoolExecutor(1, thread_name_prefix="fruitdask-rewrite") as pool:
         job = dataclasses.replace(job, fit=current)
+        # Without a refit, the files that lose rows are rewritten as they are, so their tasks
+        # run beside the featurization, behind it (the threads its last partitions leave idle).
+        early = None if refit or not plan.featurize else pool.submit(_rewrite, backend, plan.rewrite, sink, None, background=True)
         receipts = backend.featurize_parts(plan.manifest_url, plan.part_sizes, job) if plan.featurize else tasks.receipt_meta()
+        rewritten = early.result() if early else None
     errors = receipts[receipts["kind"] == "error"]
     req.check(errors)
     files = receipts[receipts["kind"] == "file"]
@@ -154,7 +161,7 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
     else:
         reduction = current.load()
         with timer.stage("write"):
-            adds = _file_adds(files) + _rewrite(backend, plan.rewrite, sink, None)
+            adds = _file_adds(files) + (_rewrite(backend, plan.rewrite, sink, None) if rewritten is None else rewritten)
             removed = [(p, s) for p, s, _ in plan.rewrite] + plan.drop
             adds, removed, moved = merge_small_files(backend, plan.keep, adds, removed, sink)
     ok = receipts[receipts["kind"].isin(["file", "staged"])]
@@ -223,9 +230,9 @@ def _as_add(result: dict | None) -> list[dict]:
     return [] if result is None else [{"path": result["file"], "size": result["size"], "rows": result["rows"], "stats": result["stats"]}]
 
 
-def _rewrite(backend: Any, rewrite: list, sink: tasks.Sink, fit_: tasks.Fit | None, start: int = 0) -> list[dict]:
-    args = [(sink, path, rows, fit_, start + i) for i, (path, _, rows) in enumerate(rewrite)]
-    return [a for r in backend.map_tasks(tasks.rewrite_file, args) for a in _as_add(r)]
+def _rewrite(backend: Any, rewrite: list, sink: tasks.Sink, fit_: tasks.Fit | None, *, background: bool = False) -> list[dict]:
+    args = [(sink, path, rows, fit_, i) for i, (path, _, rows) in enumerate(rewrite)]
+    return [a for r in backend.map_tasks(tasks.rewrite_file, args, background=background) for a in _as_add(r)]
 
 
 def _refit(backend: Any, plan: Plan, state: delta.TableState, req: Request, receipts: pd.DataFrame,

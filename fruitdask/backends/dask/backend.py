@@ -221,12 +221,16 @@ class DaskBackend:
             _settle(self.client, futures)
         return pd.concat(parts, ignore_index=True) if parts else tasks.receipt_meta()
 
-    def map_tasks(self, fn, args_list: list[tuple]) -> list:
-        """``fn(*args)`` for each ``args`` on the workers; the (small) results in order."""
+    def map_tasks(self, fn, args_list: list[tuple], *, background: bool = False) -> list:
+        """``fn(*args)`` for each ``args`` on the workers; the (small) results in order.
+        ``background`` tasks run behind every task already queued (a lower priority): called
+        from another thread, they fill the threads a running step leaves idle."""
         if not args_list:
             return []
         name = f"{fn.__name__}-{uuid.uuid4().hex[:8]}"
-        futures = [self.client.submit(fn, *args, key=f"{name}-{i}", pure=False) for i, args in enumerate(args_list)]
+        priority = -1 if background else 0
+        futures = [self.client.submit(fn, *args, key=f"{name}-{i}", pure=False, priority=priority)
+                   for i, args in enumerate(args_list)]
         try:
             return self.client.gather(futures)
         finally:

@@ -133,8 +133,10 @@ class SparkBackend:
             self.progress.close()
         return pd.concat(parts, ignore_index=True) if parts else tasks.receipt_meta()
 
-    def map_tasks(self, fn, args_list: list[tuple]) -> list:
-        """``fn(*args)`` for each ``args`` in the executors; the (small) results in order."""
+    def map_tasks(self, fn, args_list: list[tuple], *, background: bool = False) -> list:
+        """``fn(*args)`` for each ``args`` in the executors; the (small) results in order.
+        ``background`` changes nothing here: a job submitted from another thread already runs
+        in the slots the running jobs leave free (Spark's FIFO scheduler, by job)."""
         if not args_list:
             return []
         return self.sc.parallelize([(fn, a) for a in args_list], len(args_list)).map(_run_leaf).collect()
