@@ -5,6 +5,11 @@ images (derived from the set, distinct bytes), 1 % changed (re-encoded in place)
 deleted, a third with no change, and a fourth after one new image. Every run is the real command (``python -m fruitdask
 run``, process start to exit); the featurize time comes from its ``run.json``.
 
+With ``--repeats N`` the second, third and fourth runs are repeated N times, each time from
+the first run's table and input (restored from a copy, the same day of growth applied again):
+one run of each varies by a few tenths of a second, so the goals are checked on the medians,
+and every run is kept in the JSON.
+
 Printed: wall seconds and images featurized per run, as ratios to the first run, and the
 issue's goals: the second run costs at most the fixed cost plus 8 % of the first run's
 featurize time; the third at most 3 s. The fixed cost is given two ways: the first run's wall
@@ -12,7 +17,7 @@ time minus its featurize stage (which hides the cluster start behind the listing
 workers' model build inside the featurize stage), and the wall time of the fourth run (one
 image to featurize: what any update pays).
 
-    python benchmarks/lake_growth.py --images 2000 --image-size 224 --backends dask,spark --weights FILE
+    python benchmarks/lake_growth.py --images 2000 --image-size 224 --backends dask,spark --weights FILE --repeats 3
 
 Benchmarks are not tests: nothing is asserted; run it on a quiet machine (it waits for one).
 """
@@ -23,6 +28,8 @@ import argparse
 import json
 import os
 import random
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,33 +86,63 @@ def grow(data: Path, n: int, new: float, changed: float, deleted: float, seed: i
     return {"new": n_new, "changed": n_changed, "deleted": n_deleted}
 
 
+def _timed(args: argparse.Namespace, backend: str, data: Path, out: Path, step: str) -> dict:
+    load = wait_for_quiet(args.max_load, args.patience)
+    r = fruitdask_run(args, backend, data, out)
+    r.update(step=step, load_before=round(load, 2))
+    print(f"  {backend:5} {step:13}: {r['wall_s']:7.2f} s, {r['featurized']:5} images featurized "
+          f"(featurize {r['featurize_s']} s){' up to date' if r['up_to_date'] else ''}", flush=True)
+    return r
+
+
+def _day(args: argparse.Namespace, backend: str, data: Path, out: Path) -> tuple[list[dict], dict]:
+    """The second, third and fourth runs, from the first run's table and input."""
+    change = grow(data, args.images, args.new, args.changed, args.deleted)
+    runs = [_timed(args, backend, data, out, "growth"), _timed(args, backend, data, out, "no change")]
+    derive(data, data, 1, only_new=True, prefix="day3_", seed=3)
+    runs.append(_timed(args, backend, data, out, "one new image"))
+    return runs, change
+
+
 def one_backend(args: argparse.Namespace, backend: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="fruitdask-growth-") as tmp:
         data, out = Path(tmp) / "in", Path(tmp) / "out"
         derive(Path(args.data), data, args.images)
-        runs = []
-        for step in STEPS:
-            if step == "growth":
-                change = grow(data, args.images, args.new, args.changed, args.deleted)
-            elif step == "one new image":
-                derive(data, data, 1, only_new=True, prefix="day3_", seed=3)
-            load = wait_for_quiet(args.max_load, args.patience)
-            r = fruitdask_run(args, backend, data, out)
-            r.update(step=step, load_before=round(load, 2))
-            runs.append(r)
-            print(f"  {backend:5} {step:9}: {r['wall_s']:7.2f} s, {r['featurized']:5} images featurized "
-                  f"(featurize {r['featurize_s']} s){' up to date' if r['up_to_date'] else ''}", flush=True)
-    first, second, third, one = runs
+        first = _timed(args, backend, data, out, "first")
+        saved = Path(tmp) / "after-first"
+        if args.repeats > 1:
+            shutil.copytree(data, saved / "in")
+            shutil.copytree(out, saved / "out")
+        days = []
+        for rep in range(args.repeats):
+            if rep:  # back to the first run's table and input
+                for d, name in ((data, "in"), (out, "out")):
+                    shutil.rmtree(d)
+                    shutil.copytree(saved / name, d)
+            runs, change = _day(args, backend, data, out)
+            days.append(runs)
+    return summarise(backend, first, days, change)
+
+
+def summarise(backend: str, first: dict, days: list[list[dict]], change: dict) -> dict:
+    """The goals on the medians of the repeated runs (the only runs when ``--repeats 1``)."""
+    med = {step: statistics.median(day[k]["wall_s"] for day in days) for k, step in enumerate(STEPS[1:])}
+    second, third, one = med["growth"], med["no change"], med["one new image"]
     fixed = first["wall_s"] - first["featurize_s"]
     budget = fixed + 0.08 * first["featurize_s"]
-    measured = one["wall_s"] + 0.08 * first["featurize_s"]
-    return {"backend": backend, "runs": runs, "change": change, "fixed_cost_s": round(fixed, 2),
-            "fixed_cost_measured_s": one["wall_s"], "goal_second_measured_s": round(measured, 2),
-            "second_within_measured_goal": second["wall_s"] <= measured,
-            "ratios": {r["step"]: {"wall": round(r["wall_s"] / first["wall_s"], 4),
-                                   "featurized": round(r["featurized"] / max(first["featurized"], 1), 4)} for r in runs},
-            "goal_second_s": round(budget, 2), "second_within_goal": second["wall_s"] <= budget,
-            "third_within_3s": third["wall_s"] <= 3.0}
+    measured = one + 0.08 * first["featurize_s"]
+    runs = [first, *days[0]]
+    return {"backend": backend, "runs": runs, "repeats": days[1:], "median_wall_s": med, "change": change,
+            "fixed_cost_s": round(fixed, 2), "fixed_cost_measured_s": one, "goal_second_measured_s": round(measured, 2),
+            "second_within_measured_goal": second <= measured,
+            "ratios": {"first": {"wall": 1.0, "featurized": 1.0}} | {
+                step: {"wall": round(w / first["wall_s"], 4),
+                       "featurized": round(days[0][k]["featurized"] / max(first["featurized"], 1), 4)}
+                for k, (step, w) in enumerate(med.items())},
+            "goal_second_s": round(budget, 2), "second_within_goal": second <= budget, "third_within_3s": third <= 3.0,
+            "growth_runs_within": {"goal_a": sum(d[0]["wall_s"] <= budget for d in days),
+                                   "goal_b": sum(d[0]["wall_s"] <= d[2]["wall_s"] + 0.08 * first["featurize_s"] for d in days),
+                                   "of": len(days)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,20 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deleted", type=float, default=0.01)
     p.add_argument("--max-load", type=float, default=(os.cpu_count() or 1) * 0.5)
     p.add_argument("--patience", type=float, default=600)
+    p.add_argument("--repeats", type=int, default=1, help="repeat the runs after the first, from its table (medians)")
     p.add_argument("--json", type=Path, help="write the results here too")
     args = p.parse_args(argv)
     results = []
     for backend in args.backends.split(","):
         r = one_backend(args, backend)
         results.append(r)
-        print(f"{backend}: second run {r['ratios']['growth']['wall']:.3f} of the first's wall time "
+        print(f"{backend}: medians of {r['growth_runs_within']['of']} repeat(s): second run {r['ratios']['growth']['wall']:.3f} "
+              f"of the first's wall time "
               f"({r['ratios']['growth']['featurized']:.3f} of its images featurized); goal <= {r['goal_second_s']} s: "
-              f"{'met' if r['second_within_goal'] else 'NOT met'}; third {r['runs'][2]['wall_s']} s: "
+              f"{'met' if r['second_within_goal'] else 'NOT met'}; third {r['median_wall_s']['no change']} s: "
               f"{'met' if r['third_within_3s'] else 'NOT met'} (<= 3 s)")
         print(f"{backend}: fixed cost measured by a run with one new image: {r['fixed_cost_measured_s']} s; "
               f"goal with it <= {r['goal_second_measured_s']} s: {'met' if r['second_within_measured_goal'] else 'NOT met'}")
+        w = r["growth_runs_within"]
+        print(f"{backend}: growth runs within goal A: {w['goal_a']} of {w['of']}; within goal B (against the one-image "
+              f"run of the same repeat): {w['goal_b']} of {w['of']}")
     doc = {"images": args.images, "image_size": args.image_size, "precision": args.precision, "cpu_count": os.cpu_count(),
-           "results": results}
+           "repeats": args.repeats, "results": results}
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2))
     print(json.dumps(doc))

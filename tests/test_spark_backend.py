@@ -112,12 +112,20 @@ def test_spark_matches_dask_end_to_end(tmp_path, weights_file, no_jvm_left):
     # The same Delta table: one version, the same columns.
     assert delta.load(str(tmp_path / "spark"), {}).version() == 0
     assert delta.load(str(tmp_path / "spark"), {}).schema().to_arrow() == delta.load(str(tmp_path / "dask"), {}).schema().to_arrow()
-    # A day later, Spark brings the table up to date as Dask does: only the new image.
+    # A day later, Spark brings the table up to date as Dask does: only the new image is
+    # featurized, and the file that held the deleted one is rewritten (a Spark job from the
+    # update's second thread, beside the featurization).
     shutil.copy2(images / "Apricot" / "UPPER_CASE.JPG", images / "Apricot" / "new.jpg")
+    gone = next(p for p in sorted(images.rglob("*.jpg")) if p.name != "new.jpg")
+    gone.unlink()
     assert main(["run", "--backend", "spark", "--output", str(tmp_path / "spark"), "--spark-master", "local[1]", *common]) == 4
     doc = json.loads((tmp_path / "spark" / "run.json").read_text())
     # The broken file, unchanged, is reported again (exit 4), not retried.
-    assert (doc["counts"]["added"], doc["counts"]["featurized"], doc["counts"]["errors"], doc["table"]["version_after"]) == (1, 1, 1, 1)
+    assert (doc["counts"]["added"], doc["counts"]["removed"], doc["counts"]["featurized"], doc["counts"]["errors"],
+            doc["table"]["version_after"]) == (1, 1, 1, 1, 1)
+    assert doc["table"]["files_removed"] == 1 and doc["table"]["rows"] == 14
+    keys = sorted(read_features(tmp_path / "spark")["image_key"])
+    assert len(keys) == 14 and f"{gone.parent.name}/{gone.name}" not in keys and "Apricot/new.jpg" in keys
 
 
 @pytest.mark.integration
