@@ -102,3 +102,64 @@ def test_only_the_marked_server_leaves_with_os_exit(tmp_path, monkeypatch, marke
     env = {SERVER_ENV: "1"} if marked else {}
     done = _python("import fruitdask.backends.dask.worker_imports, sys; sys.exit(3)", tmp_path, env)
     assert done.returncode == (0 if marked else 3), done.stderr[-2000:]
+
+
+GATED = '''
+import json, multiprocessing, os, sys, time
+from multiprocessing import forkserver as mp_forkserver
+from fruitdask.backends.dask import forkserver
+
+def maps(pid):
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+# An update's server: everything before TensorFlow, then it waits at its gate.
+forkserver.start_early({}, gated=True)
+first = mp_forkserver._forkserver._forkserver_pid
+deadline = time.monotonic() + 120
+while "pyarrow" not in maps(first) and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(1.0)
+waited = {"pyarrow": "pyarrow" in maps(first), "tensorflow": "libtensorflow" in maps(first)}
+forkserver.close_gate()  # nothing to do: it leaves without TensorFlow
+deadline = time.monotonic() + 60
+while alive(first) and time.monotonic() < deadline:
+    time.sleep(0.05)
+left = not alive(first)
+# The next run of this process starts a new server; this one's gate opens (the cluster starts).
+started_again = forkserver.start_early({}, gated=True)
+second = mp_forkserver._forkserver._forkserver_pid
+forkserver.open_gate()
+import probe
+ctx = multiprocessing.get_context("forkserver")
+queue = ctx.Queue()
+child = ctx.Process(target=probe.report, args=(queue,))
+child.start()
+seen = queue.get(timeout=120)
+child.join()
+print(json.dumps({"waited": waited, "left": left, "started_again": started_again, "new_server": second != first,
+                  "child": seen, "client_tensorflow": "tensorflow" in sys.modules}))
+'''
+
+
+def test_a_gated_server_waits_before_tensorflow_and_leaves_or_goes_on(tmp_path):
+    """An update's fork server imports everything but TensorFlow, then waits: told there is
+    nothing to do it leaves without TensorFlow; the process's next server, let through when
+    its cluster starts, forks workers with TensorFlow imported."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    done = _python(GATED, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["waited"] == {"pyarrow": True, "tensorflow": False}
+    assert got["left"] and got["started_again"] and got["new_server"]
+    assert got["child"]["tensorflow"] and got["child"]["distributed"] and not got["client_tensorflow"]

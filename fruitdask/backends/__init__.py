@@ -55,14 +55,23 @@ def make_backend(cfg: RunConfig, target: OutputTarget, progress: Progress) -> Ba
     raise ConfigError(f"unknown backend {cfg.backend!r}: use dask or spark")
 
 
-def start_early(cfg: RunConfig) -> None:
+def start_early(cfg: RunConfig, *, gated: bool = False) -> None:
     """Start what the backend can start before the run's own imports and checks: for a
-    local Dask cluster, the fork server its workers come from, importing TensorFlow
+    local Dask cluster, the fork server its workers come from, importing TensorFlow, or,
+    ``gated`` (an update, which may have nothing to do), everything before TensorFlow
     (:mod:`fruitdask.backends.dask.forkserver`). Nothing for the other backends."""
     if cfg.backend == "dask" and cfg.cluster == "local":
         from fruitdask.backends.dask.cluster import start_fork_server
 
-        start_fork_server()
+        start_fork_server(gated=gated)
+
+
+def stop_early() -> None:
+    """After a run: a fork server :func:`start_early` left at its gate (the run had nothing to
+    do, or failed before its cluster) leaves without importing TensorFlow."""
+    from fruitdask.backends.dask import forkserver
+
+    forkserver.close_gate()
 
 
 def workers_elsewhere(cfg: RunConfig) -> bool:

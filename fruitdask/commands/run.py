@@ -58,19 +58,23 @@ def _on_event(name: str, data: dict) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from fruitdask.backends import start_early
+    from fruitdask.backends import start_early, stop_early
 
     cfg = config_from_args(args)
-    # Before the pipeline's imports: local workers' imports overlap the client's (only for
-    # a new table: an update lists first, and starts nothing when there is nothing to do).
-    if not _has_local_table(cfg.output):
-        start_early(cfg)
+    # Before the pipeline's imports: local workers' imports overlap the client's. An update
+    # lists first and imports no TensorFlow when there is nothing to do: its fork server
+    # waits before TensorFlow until the cluster starts (so does a remote output's, which may
+    # hold a table: it is not read before the region guard).
+    start_early(cfg, gated="://" in cfg.output or _has_local_table(cfg.output))
     from fruitdask import pipeline
     from fruitdask.progress import progress_bar
 
     target = pipeline.output_target(cfg)  # from here on the output is this object, not the flag
     # The bar starts with the featurization, after the cluster line (dashboard URL) is printed.
-    doc = pipeline.run(cfg, target=target, progress=progress_bar(cfg.quiet), on_event=_on_event)
+    try:
+        doc = pipeline.run(cfg, target=target, progress=progress_bar(cfg.quiet), on_event=_on_event)
+    finally:
+        stop_early()
     if doc.get("up_to_date"):
         if not cfg.quiet:
             print(json.dumps({"output": target.url, "up_to_date": True, "version": doc["table"]["version_after"]}))

@@ -77,13 +77,16 @@ def local_start_method() -> str | None:
     return LOCAL_START_METHOD
 
 
-def start_fork_server() -> None:
+def start_fork_server(*, gated: bool = False) -> None:
     """Start the fork server local workers come from, with their imports, if they will be
-    forked (:func:`local_start_method`); a no-op once it runs."""
+    forked (:func:`local_start_method`); once it runs, let it import TensorFlow unless
+    ``gated`` (see :mod:`fruitdask.backends.dask.forkserver`)."""
     if local_start_method() == "forkserver":
         from fruitdask.backends.dask import forkserver
 
-        forkserver.start_early(TF_ENV)
+        forkserver.start_early(TF_ENV, gated=gated)
+        if not gated:
+            forkserver.open_gate()
 
 
 def start_local_cluster(

@@ -22,13 +22,24 @@ The server is one per client process and keeps the environment it started with, 
 is started with TensorFlow's settings (:data:`fruitdask.config.TF_ENV`), which only
 matter at import time, and each worker still receives the client's environment of the
 moment it starts (see :func:`fruitdask.backends.dask.cluster.start_local_cluster`).
+
+**Gated start, for updates.** An update must not import TensorFlow before its listing says
+there is work (a run with nothing to do imports none), yet its cluster start is the fork
+server's imports. So an update starts the server *gated*: it imports ``distributed``,
+pandas, pyarrow and Pillow at once, then waits at a gate file (:data:`GATE_ENV`) before
+TensorFlow. :func:`open_gate` (the cluster starts) lets it go on; :func:`close_gate`
+(nothing to do, or the run failed first) makes it leave without importing TensorFlow, as it
+does when its client is gone. An update's cluster is up about 0.5 s sooner.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
@@ -37,24 +48,36 @@ logger = logging.getLogger(__name__)
 PRELOAD = ["fruitdask.backends.dask.worker_imports"]
 #: Set in the fork server's environment only: tells the preload it runs in that server.
 SERVER_ENV = "FRUITDASK_FORK_SERVER"
+#: Set in a gated server's environment only: the file it waits for before TensorFlow.
+GATE_ENV = "FRUITDASK_FORK_GATE"
+#: What the gate file says: go on to TensorFlow, or leave.
+GO, STOP = "go", "stop"
+
+_gate: dict = {}  # this client's gate while its server waits at it: {"path", "pid"}
+_stopped: list[int] = []  # servers told to leave, not yet reaped
 
 
-def start_early(env: Mapping[str, str]) -> bool:
+def start_early(env: Mapping[str, str], *, gated: bool = False) -> bool:
     """Start the fork server now (it imports in the background), unless one runs already.
 
     Returns whether this call started it. The environment of the server is this
     process's, updated with ``env`` (only for the server: this process's own environment
-    is left as it was).
+    is left as it was). ``gated``: the server stops before TensorFlow until
+    :func:`open_gate` (module docstring).
     """
     from multiprocessing import forkserver
 
     # The process-wide server multiprocessing forks from (CPython 3.10 to 3.13 alike). If a
     # Python lacks it, Dask starts its own server with the cluster, as before.
     server = getattr(forkserver, "_forkserver", None)
+    _reap_stopped(server)
     if server is None or getattr(server, "_forkserver_pid", 0) is not None:
         return False
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
     env = {**env, SERVER_ENV: "1"}
+    if gated:
+        gate_dir = tempfile.mkdtemp(prefix="fruitdask-gate-")
+        env[GATE_ENV] = os.path.join(gate_dir, "gate")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -65,5 +88,71 @@ def start_early(env: Mapping[str, str]) -> bool:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    logger.debug("fork server started early (pid %s), preloading %s", server._forkserver_pid, PRELOAD)
+    if gated:
+        _gate.update(path=env[GATE_ENV], pid=server._forkserver_pid)
+        atexit.register(close_gate)
+    logger.debug("fork server started early (pid %s%s), preloading %s", server._forkserver_pid,
+                 ", gated" if gated else "", PRELOAD)
     return True
+
+
+def open_gate() -> None:
+    """Let a gated server import TensorFlow (a no-op when none waits)."""
+    _release(GO)
+
+
+def close_gate() -> None:
+    """Make a gated server leave without importing TensorFlow (a no-op when none waits or
+    it was let through); a later :func:`start_early` in this process starts a new one."""
+    pid = _gate.get("pid")
+    if _release(STOP) and pid:
+        _stopped.append(pid)
+
+
+def _release(word: str) -> bool:
+    if not _gate:
+        return False
+    path = _gate.pop("path")
+    _gate.clear()
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(word)
+        os.replace(path + ".tmp", path)  # the server never reads half a word
+    except OSError as e:  # its folder gone: the server left already (its client seemed gone)
+        logger.debug("fork server gate %s: %s", path, e)
+    return True
+
+
+def _reap_stopped(server) -> None:
+    """Wait for the servers told to leave (they leave once their first imports end) and make
+    multiprocessing forget them, as it forgets a server it finds dead."""
+    while _stopped:
+        pid = _stopped.pop()
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # reaped already
+            pass
+        if server is not None and getattr(server, "_forkserver_pid", None) == pid:
+            os.close(server._forkserver_alive_fd)
+            server._forkserver_address = server._forkserver_alive_fd = server._forkserver_pid = None
+
+
+def wait_at_gate(path: str, poll_s: float = 0.01) -> None:
+    """In the gated server: return once the gate says :data:`GO`; leave (``os._exit``) when
+    it says :data:`STOP` or the client is gone."""
+    import time
+
+    parent = os.getppid()
+    while True:
+        try:
+            with open(path) as f:
+                word = f.read()
+        except FileNotFoundError:
+            word = ""
+        if word == GO:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+            return
+        if word == STOP or os.getppid() != parent:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+            os._exit(0)
+        time.sleep(poll_s)

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from fruitdask.backends.dask.forkserver import SERVER_ENV
+from fruitdask.backends.dask.forkserver import GATE_ENV, SERVER_ENV, wait_at_gate
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +27,12 @@ def _leave_now() -> None:
     os._exit(0)
 
 
-# Only in the server that fruitdask started (the mark is not passed on to its workers).
+# Only in the server that fruitdask started (the marks are not passed on to its workers).
+_gate = os.environ.pop(GATE_ENV, None)
 if os.environ.pop(SERVER_ENV, None) == "1":
     atexit.register(_leave_now)
+else:
+    _gate = None
 
 try:
     import distributed  # noqa: F401 - what Dask's own fork-server preload imports
@@ -38,6 +41,9 @@ try:
     import pyarrow  # noqa: F401
 
     import fruitdask.features.frames  # noqa: F401
+
+    if _gate:  # an update's server: TensorFlow only once the run has work (forkserver docstring)
+        wait_at_gate(_gate)
     from fruitdask.features import model
 
     model.import_keras()  # TensorFlow and Keras; the graph is built after the fork
