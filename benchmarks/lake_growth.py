@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="repeat the runs after the first, from its table (medians)")
     p.add_argument("--json", type=Path, help="write the results here too")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     results = []
     for backend in args.backends.split(","):
         r = one_backend(args, backend)
