@@ -27,6 +27,17 @@ def report(queue):
         "mark": os.environ.get("SERVER_ENV"),
         "setting": os.environ.get("FD_TEST_SETTING"),
     })
+
+def forked_report():
+    """What a child forked from this process's fork server reports."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("forkserver")
+    queue = ctx.Queue()
+    child = ctx.Process(target=report, args=(queue,))
+    child.start()
+    seen = queue.get(timeout=120)
+    child.join()
+    return seen
 '''.replace("SERVER_ENV", SERVER_ENV)
 
 CLIENT = '''
@@ -39,12 +50,7 @@ started = forkserver.start_early({"FD_TEST_SETTING": "server"})
 again = forkserver.start_early({"FD_TEST_SETTING": "other"})
 client_env = {"setting": os.environ.get("FD_TEST_SETTING"), "mark": os.environ.get("SERVER_ENV")}
 import probe
-ctx = multiprocessing.get_context("forkserver")
-queue = ctx.Queue()
-child = ctx.Process(target=probe.report, args=(queue,))
-child.start()
-seen = queue.get(timeout=120)
-child.join()
+seen = probe.forked_report()
 print(json.dumps({"started": started, "again": again, "client_env": client_env, "child": seen,
                   "client_tensorflow": "tensorflow" in sys.modules,
                   "server_pid": mp_forkserver._forkserver._forkserver_pid}))
@@ -141,12 +147,7 @@ started_again = forkserver.start_early({}, gated=True)
 second = mp_forkserver._forkserver._forkserver_pid
 forkserver.open_gate()
 import probe
-ctx = multiprocessing.get_context("forkserver")
-queue = ctx.Queue()
-child = ctx.Process(target=probe.report, args=(queue,))
-child.start()
-seen = queue.get(timeout=120)
-child.join()
+seen = probe.forked_report()
 print(json.dumps({"waited": waited, "left": left, "started_again": started_again, "new_server": second != first,
                   "child": seen, "client_tensorflow": "tensorflow" in sys.modules}))
 '''
