@@ -135,7 +135,8 @@ def trace_any_batch(model: Any, image_size: int) -> None:
 
     Left to itself, Keras traces it at the first call and again at the second batch size
     (``reduce_retracing``): a partition's last, shorter batch paid a second trace, about
-    0.13 s of Python at 224 px that also held the GIL from the worker's other threads. One
+    0.13 s of Python at 224 px, during which (on a traced timeline) the worker's other thread
+    stalled too, presumably on the GIL. One
     trace for ``(None, size, size, 3)`` serves every batch size after it (0.05 s).
     """
     import tensorflow as tf

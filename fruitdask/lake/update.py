@@ -145,9 +145,9 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
         job = dataclasses.replace(job, fit=current)
         # Without a refit, the files that lose rows are rewritten as they are, so their tasks
         # run beside the featurization, behind it (the threads its last partitions leave idle).
-        early = None if refit or not plan.featurize else pool.submit(_rewrite, backend, plan.rewrite, sink, None, background=True)
+        early = None if refit else pool.submit(_rewrite, backend, plan.rewrite, sink, None, background=True)
         receipts = backend.featurize_parts(plan.manifest_url, plan.part_sizes, job) if plan.featurize else tasks.receipt_meta()
-        rewritten = early.result() if early else None
+        rewritten = early.result() if early else []
     errors = receipts[receipts["kind"] == "error"]
     req.check(errors)
     files = receipts[receipts["kind"] == "file"]
@@ -161,7 +161,7 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
     else:
         reduction = current.load()
         with timer.stage("write"):
-            adds = _file_adds(files) + (_rewrite(backend, plan.rewrite, sink, None) if rewritten is None else rewritten)
+            adds = _file_adds(files) + rewritten
             removed = [(p, s) for p, s, _ in plan.rewrite] + plan.drop
             adds, removed, moved = merge_small_files(backend, plan.keep, adds, removed, sink)
     ok = receipts[receipts["kind"].isin(["file", "staged"])]
