@@ -47,7 +47,7 @@ def command(args: argparse.Namespace) -> int:
     from fruitdask.errors import ConfigError
     from fruitdask.lake import table as delta
 
-    settings = storage_settings(args, args.output, args.output)
+    settings = storage_settings(args)
     storage.guard_regions([args.output], settings)
     so = storage.storage_options(settings)
     if args.action == "history":
