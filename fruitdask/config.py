@@ -237,8 +237,9 @@ def build_storage_settings(flags: Mapping[str, Any], environ: Mapping[str, str] 
     storage_values = _layer(StorageSettings, StorageSettings(), env, flags, "STORAGE_")
     # The usual AWS variables are honoured too, so a profile or endpoint set for the AWS CLI
     # reaches fruitdask without a second name.
-    if storage_values["endpoint_url"] is None and env.get("AWS_ENDPOINT_URL_S3", env.get("AWS_ENDPOINT_URL")):
-        storage_values["endpoint_url"] = env.get("AWS_ENDPOINT_URL_S3", env.get("AWS_ENDPOINT_URL"))
+    aws_endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if storage_values["endpoint_url"] is None and aws_endpoint:
+        storage_values["endpoint_url"] = aws_endpoint
     if isinstance(storage_values["allowed_regions"], str):
         storage_values["allowed_regions"] = tuple(
             r.strip() for r in storage_values["allowed_regions"].split(",") if r.strip()

@@ -409,6 +409,8 @@ def _fit_ipca(Z, plan: PCAPlan, power_iterations: int, seed: int):
 
 def _gram_reduction(Z, spec: Spectrum, k: int, mean, scale, variance: float, n_samples: int) -> Reduction:
     """Exact PCA from the Gram eigenpairs: K axes in one pass, the spectrum for the scree."""
+    if spec.eigenvalues is None or spec.vectors is None:
+        raise ValueError("the Gram reduction needs the spectrum's eigenpairs (spectrum method 'gram')")
     shown = min(len(spec.ratios), max(k, MAX_FIT_COMPONENTS))
     components = gram_components(Z, spec.eigenvalues[:k], spec.vectors[:, :k])
     return Reduction(

@@ -64,13 +64,10 @@ def _run(wall, steady, images=10, status="ok", busy=3.0, **timings):
 
 
 def test_summary_reports_median_and_spread_and_ratios(tmp_path):
-    import argparse
-
     cfg = RunConfig(input="x", output="y", image_size=32)
-    args = argparse.Namespace(input="in", repeats=3)
     runs = {"float32": {"raw": [_run(10, 2.0), _run(12, 2.0), _run(11, 2.2)],
                         "dask": [_run(20, 2.0), _run(22, 1.8, busy=60.0), _run(21, 1.9)]}}
-    rep = summary.summarize(cfg, args, 10, ["float32"], runs, {}, {}, {}, machine.machine(ZEN4))
+    rep = summary.summarize(cfg, "in", 3, 10, ["float32"], runs, {}, {}, {}, machine.machine(ZEN4))
     raw, dask = rep["results"]["float32"]["raw"], rep["results"]["float32"]["dask"]
     assert raw["wall_s"] == {"median": 11.0, "min": 10.0, "max": 12.0, "n": 3}
     assert dask["ratio_to_raw_e2e"] == round(dask["images_per_s_e2e"]["median"] / raw["images_per_s_e2e"]["median"], 3)

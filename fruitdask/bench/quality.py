@@ -84,7 +84,7 @@ def compare_precisions(work: Path, runs: dict, precisions: list[str], seed: int)
         if base in feats and prec in feats and np.array_equal(feats[base][0], feats[prec][0]):
             xa, xb = feats[base][1].astype(np.float64), feats[prec][1].astype(np.float64)
             cmp["features"] = {
-                "relative_error": round(float(np.linalg.norm(xb - xa) / max(np.linalg.norm(xa), 1e-30)), 6),
+                "relative_error": round(float(np.linalg.norm(xb - xa)) / max(float(np.linalg.norm(xa)), 1e-30), 6),
                 "correlation": round(float(np.corrcoef(xa.ravel(), xb.ravel())[0, 1]), 6),
             }
         acc_a, acc_b = out["accuracy"].get(base, {}).get("accuracy"), out["accuracy"].get(prec, {}).get("accuracy")

@@ -24,7 +24,7 @@ def steady_rate(ends: list[float], n_images: int, slots: int) -> float | None:
     return (m - slots) * (n_images / m) / span if span > 0 else None
 
 
-def stats(runs: list[dict], key: str) -> dict | None:
+def stats(runs: list[dict], key: str) -> dict[str, Any] | None:
     values = [r[key] for r in runs if r.get(key) is not None]
     if not values:
         return None
@@ -40,7 +40,7 @@ RUN_KEYS = ("status", "wall_s", "images_per_s_e2e", "steady_images_per_s", "fixe
             "load_before", "slots", "k", "images", "weights_sha256", "precision")
 
 
-def summarize(cfg: RunConfig, args, n: int, precisions: list[str], runs: dict, pca: dict, parity: dict, comparison: dict,
+def summarize(cfg: RunConfig, input_url: str, repeats: int, n: int, precisions: list[str], runs: dict, pca: dict, parity: dict, comparison: dict,
               mach: dict) -> dict:
     """The bench.json document: per precision and engine, the runs and their median/spread."""
     results: dict[str, dict[str, Any]] = {}
@@ -72,7 +72,7 @@ def summarize(cfg: RunConfig, args, n: int, precisions: list[str], runs: dict, p
                                                  "median": float(np.median([s["cpu_busy_pct"] for s in samples])) if samples else None},
                     "quiet_rule": f"CPU busy <= {QUIET_CPU_PCT:g}% over the {QUIET_SAMPLE_S:g} s before every engine run"},
         "images": n, "image_size": cfg.image_size, "pooling": cfg.pooling, "batch_size": cfg.batch_size,
-        "partition_size": cfg.partition_size, "weights": cfg.weights, "input": args.input, "repeats": args.repeats,
+        "partition_size": cfg.partition_size, "weights": cfg.weights, "input": input_url, "repeats": repeats,
         "precisions": precisions, "results": results, "precision_comparison": comparison,
         "pca_unpooled": pca, "parity": parity,
         "same_weights": len({r.get("weights_sha256") for p in runs.values() for rs in p.values() for r in rs

@@ -19,7 +19,8 @@ WORDS = ("fruit", "BONJOUR", "hello", "42", "Menu du jour", "pomme?", "ABC", "lo
 
 
 def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    return tuple(int(v) for v in rng.integers(0, 256, 3))
+    r, g, b = (int(v) for v in rng.integers(0, 256, 3))
+    return r, g, b
 
 
 def _noise(rng: np.random.Generator, size: int) -> Image.Image:

@@ -131,14 +131,14 @@ def choose_thresholds(fruit_d: np.ndarray, fruit_r: np.ndarray, other_d: np.ndar
     the fruit photos and, among those, accept the fewest non-fruit pictures; ties go to
     fewer fruit rejected, then to the most lenient pair (the largest thresholds)."""
     td, tr = _candidates(fruit_d, other_d), _candidates(fruit_r, other_r)
-    best, best_key = (float(td[-1]), float(tr[-1])), (np.inf, np.inf, 0.0)
+    best, best_key = (float(td[-1]), float(tr[-1])), (float(np.inf), float(np.inf), 0.0)
     for i, d in enumerate(td):
         # (residual candidates, pictures): accepted when under both thresholds.
         rejected = 1.0 - ((fruit_d <= d)[None, :] & (fruit_r[None, :] <= tr[:, None])).mean(axis=1)
         accepted = (((other_d <= d)[None, :] & (other_r[None, :] <= tr[:, None])).mean(axis=1)
                     if other_d.size else np.zeros(len(tr)))
         for j in np.flatnonzero(rejected <= FRUIT_REJECTED_TARGET + 1e-12):
-            key = (accepted[j], rejected[j], -(i + j))
+            key = (float(accepted[j]), float(rejected[j]), float(-(i + j)))
             if key < best_key:
                 best, best_key = (float(d), float(tr[j])), key
     return best

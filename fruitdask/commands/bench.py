@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from fruitdask.bench.engine import BENCH_IMAGES, ENGINES, copy_images, run_engines, run_unpooled_pca, write_configs
@@ -17,6 +18,7 @@ from fruitdask.bench.markdown import fill_doc, markdown
 from fruitdask.bench.quality import compare_precisions, parity
 from fruitdask.bench.summary import summarize
 from fruitdask.commands.options import add_run_options, config_from_args
+from fruitdask.config import RunConfig
 from fruitdask.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -41,37 +43,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(weights="random", partition_size=32)
 
 
+@dataclass(frozen=True)
+class BenchOptions:
+    """The bench's own flags, typed and checked; the run options become a ``RunConfig``."""
+
+    input: str
+    images: int
+    pick: str
+    engines: tuple[str, ...]
+    out: Path
+    unpooled_pca: bool
+    pca_timeout: float
+    repeats: int
+    precisions: str | None
+    fill_doc: str | None
+    doc_section: str | None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.engines) - set(ENGINES)
+        if unknown or not self.engines:
+            raise ConfigError(f"--backends {','.join(self.engines)!r}: use a comma-separated subset of {','.join(ENGINES)}")
+        if self.images < 2:
+            raise ConfigError(f"--images {self.images}: the PCA needs at least 2 images")
+        if self.repeats < 1:
+            raise ConfigError(f"--repeats {self.repeats}: run each engine at least once (3 gives a median and a spread)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BenchOptions:
+        return cls(
+            input=args.input or str(BENCH_IMAGES), images=args.images, pick=args.pick,
+            engines=tuple(e.strip() for e in args.backends.split(",") if e.strip()), out=Path(args.out).resolve(),
+            unpooled_pca=bool(args.unpooled_pca), pca_timeout=args.pca_timeout, repeats=args.repeats,
+            precisions=args.precisions, fill_doc=args.fill_doc, doc_section=args.doc_section,
+        )
+
+
 def command(args: argparse.Namespace) -> int:
-    if args.input is None:
-        args.input = str(BENCH_IMAGES)
-    engines = _check_args(args)
-    out_dir = Path(args.out).resolve()
+    opts = BenchOptions.from_args(args)
     with tempfile.TemporaryDirectory(prefix="fruitdask-bench-") as tmp:
         work = Path(tmp)
+        # The run options (image size, weights, precision, ...) as for `run`; the bench's own
+        # copies of the images and its output folder replace --input and --output.
         cfg = config_from_args(args, input=str(work / "images"), output=str(work / "out"), overwrite=True, quiet=True)
-        precisions = parse_precisions(args.precisions, cfg.precision)
-        n_images = copy_images(args.input, cfg, work, args.images, args.pick)
-        write_configs(work, cfg, precisions, args.unpooled_pca)
-        runs = run_engines(work, engines, precisions, args.repeats, n_images, cfg.image_size)
-        pca = run_unpooled_pca(work, engines, precisions[0], args.pca_timeout) if args.unpooled_pca else {}
-        same = {p: parity(work, engines, p) for p in precisions}
-        comparison = compare_precisions(work, runs, precisions, cfg.seed) if len(precisions) > 1 else {}
-    report = summarize(cfg, args, n_images, precisions, runs, pca, same, comparison, machine())
-    _write_results(out_dir, report, args.fill_doc, args.doc_section or str(cfg.image_size))
+        return bench(opts, cfg, work)
+
+
+def bench(opts: BenchOptions, cfg: RunConfig, work: Path) -> int:
+    """Copy the images into ``work``, time every engine and precision, write the results."""
+    engines = list(opts.engines)
+    precisions = parse_precisions(opts.precisions, cfg.precision)
+    n_images = copy_images(opts.input, cfg, work, opts.images, opts.pick)
+    write_configs(work, cfg, precisions, opts.unpooled_pca)
+    runs = run_engines(work, engines, precisions, opts.repeats, n_images, cfg.image_size)
+    pca = run_unpooled_pca(work, engines, precisions[0], opts.pca_timeout) if opts.unpooled_pca else {}
+    same = {p: parity(work, engines, p) for p in precisions}
+    comparison = compare_precisions(work, runs, precisions, cfg.seed) if len(precisions) > 1 else {}
+    report = summarize(cfg, opts.input, opts.repeats, n_images, precisions, runs, pca, same, comparison, machine())
+    _write_results(opts.out, report, opts.fill_doc, opts.doc_section or str(cfg.image_size))
     return 0
-
-
-def _check_args(args: argparse.Namespace) -> list[str]:
-    """The engines of ``--backends``, once the bench flags are known to make sense."""
-    engines = [e.strip() for e in args.backends.split(",") if e.strip()]
-    unknown = set(engines) - set(ENGINES)
-    if unknown or not engines:
-        raise ConfigError(f"--backends {args.backends!r}: use a comma-separated subset of {','.join(ENGINES)}")
-    if args.images < 2:
-        raise ConfigError(f"--images {args.images}: the PCA needs at least 2 images")
-    if args.repeats < 1:
-        raise ConfigError(f"--repeats {args.repeats}: run each engine at least once (3 gives a median and a spread)")
-    return engines
 
 
 def _write_results(out_dir: Path, report: dict, fill_doc_path: str | None, section: str) -> None:

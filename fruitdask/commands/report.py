@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 
 from fruitdask.commands.options import add_quiet_debug, add_storage_options, storage_settings
+from fruitdask.config import StorageSettings
 
 logger = logging.getLogger("fruitdask")
 
@@ -16,13 +18,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_quiet_debug(p)
 
 
-def command(args: argparse.Namespace) -> int:
-    from fruitdask import storage
-    from fruitdask.report import page as report
+@dataclass(frozen=True)
+class ReportOptions:
+    """What ``fruitdask report`` was asked, typed: built from the flags in one place."""
 
-    settings = storage_settings(args)
-    storage.guard_regions([args.output], settings)
-    report.rebuild(args.output, storage.storage_options(settings), settings=settings)
-    if not args.quiet:
-        print(report.report_location(args.output))
+    output: str
+    storage: StorageSettings
+    quiet: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ReportOptions:
+        return cls(output=args.output, storage=storage_settings(args), quiet=bool(args.quiet))
+
+
+def command(args: argparse.Namespace) -> int:
+    return report(ReportOptions.from_args(args))
+
+
+def report(opts: ReportOptions) -> int:
+    """Rebuild ``OUTPUT/report.html``; print where it is."""
+    from fruitdask import storage
+    from fruitdask.report import page
+
+    storage.guard_regions([opts.output], opts.storage)
+    page.rebuild(opts.output, storage.storage_options(opts.storage), settings=opts.storage)
+    if not opts.quiet:
+        print(page.report_location(opts.output))
     return 0

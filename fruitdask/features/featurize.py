@@ -61,7 +61,8 @@ def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
     A 16-bit mode is 16-bit however dark the picture; only the 32-bit ``I`` mode (which some
     PIL versions give 16-bit PNGs) guesses its range from the values (<= 255: 8-bit)."""
     width, height = img.size
-    eight_bit = img.mode == "I" and img.getextrema()[1] <= 255
+    extrema = img.getextrema()
+    eight_bit = img.mode == "I" and isinstance(extrema[1], (int, float)) and extrema[1] <= 255
     out = np.empty((height, width), dtype=np.uint8)
     for top, bottom in _strips(height):
         strip = np.asarray(img.crop((0, top, width, bottom))).astype(np.int32)

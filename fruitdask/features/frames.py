@@ -82,8 +82,8 @@ def assemble(df: pd.DataFrame, result: featurize.BatchResult, read_errors: dict[
     full = np.zeros((n, result.features.shape[1] if result.features.size else 0), dtype=np.float32)
     if result.features.size:
         full[valid] = result.features
-    stage = [None] * n
-    reason = [None] * n
+    stage: list[str | None] = [None] * n
+    reason: list[str | None] = [None] * n
     for i, msg in read_errors.items():
         stage[i], reason[i] = "read", msg
     for i, st, msg in result.errors:

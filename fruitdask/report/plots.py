@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ def import_pyplot():
 
 #: Labels are data (folder names): drawn as typed, never parsed as mathtext (``a$\foo$b``
 #: would raise inside savefig) or handed to LaTeX.
-TEXT_AS_DATA = {"text.parse_math": False, "text.usetex": False}
+TEXT_AS_DATA: dict[Any, Any] = {"text.parse_math": False, "text.usetex": False}
 
 
 @contextmanager

@@ -322,7 +322,8 @@ def scan_images(
         ``listing``: columns ``path`` and ``label``;
         ``rejected``: ``path, label, stage, reason`` (stage ``list``), for ``errors.parquet``.
     """
-    rows, rejected = [], []
+    rows: list[pd.DataFrame] = []
+    rejected: list[pd.DataFrame] = []
     for batch in iter_images(url, storage_options, max_file_bytes):
         rows.extend((p, lab) for p, lab, _, _ in batch.images)
         rejected.extend((p, lab, "list", reason) for p, lab, reason, _, _ in batch.refused)

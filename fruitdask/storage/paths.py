@@ -48,7 +48,10 @@ def join(url: str, *parts: str) -> str:
 def split(url: str) -> tuple[str, str]:
     """``(parent, name)`` of ``url`` (parent ``.`` for a bare relative name)."""
     url = url.rstrip("/")
-    return tuple(url.rsplit("/", 1)) if "/" in url else (".", url)
+    if "/" not in url:
+        return ".", url
+    parent, name = url.rsplit("/", 1)
+    return parent, name
 
 
 def sibling_name(url: str, suffix: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -97,7 +97,7 @@ def split_bucket(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def guard_regions(urls: list[str | None], settings: StorageSettings) -> None:
+def guard_regions(urls: Sequence[str | None], settings: StorageSettings) -> None:
     """Refuse any remote location whose bucket is outside ``settings.allowed_regions``.
 
     Runs before any image is read or any byte written (the pipeline calls it first, for the

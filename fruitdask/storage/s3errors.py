@@ -8,6 +8,8 @@ that are not ``OSError`` at all. :func:`explain` looks at both and returns one
 
 from __future__ import annotations
 
+from typing import Any
+
 from fruitdask.errors import FruitdaskError, InputError, StorageError
 
 #: S3 error codes (and bare HTTP statuses, which HEAD requests carry instead of a code)
@@ -60,13 +62,16 @@ def storage_exceptions() -> tuple[type[BaseException], ...]:
     return (OSError, BotoCoreError, ClientError)
 
 
-def client_error(e: BaseException) -> BaseException | None:
-    """The botocore ``ClientError`` behind ``e`` (``e`` itself, or the cause s3fs kept)."""
+def client_error(e: BaseException) -> Any | None:
+    """The botocore ``ClientError`` behind ``e`` (``e`` itself, or the cause s3fs kept): any
+    exception with a ``response`` dict holding ``Error``."""
     seen = 0
-    while e is not None and seen < 5:
-        if getattr(e, "response", None) is not None and "Error" in e.response:
-            return e
-        e = e.__cause__ or e.__context__
+    cur: BaseException | None = e
+    while cur is not None and seen < 5:
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            return cur
+        cur = cur.__cause__ or cur.__context__
         seen += 1
     return None
 

@@ -166,7 +166,7 @@ def restore(fs: fsspec.AbstractFileSystem, backup_files: list[str], backup: str,
         check_exactly(fs, target, [target + p[len(backup):] for p in rest], "s3://" + target)
         if marker in backup_files:
             fs.copy(marker, f"{target}/{SUCCESS_MARKER}")
-    except (*s3errors.storage_exceptions(), OutputError) as e:
+    except (*s3errors.storage_exceptions(), OutputError) as e:  # type: ignore[misc]  # a tuple built at run time
         logger.error(
             "could not put the previous dataset back at %s (%s): it is intact at %s; copy it back with "
             "`aws s3 sync %s %s`", target, e, backup_url, backup_url, "s3://" + target,

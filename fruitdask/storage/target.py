@@ -120,16 +120,16 @@ class OutputTarget:
         prefix = paths.sibling_name(self.url, paths.STAGING)
         try:
             safety.forget_listings(fs, p)
-            stale = [e for e in fs.ls(p, detail=False) if e.rstrip("/").rsplit("/", 1)[-1].startswith(prefix)
-                     and not e.rstrip("/").endswith(self.run_id)]
+            stale = [entry for entry in fs.ls(p, detail=False) if entry.rstrip("/").rsplit("/", 1)[-1].startswith(prefix)
+                     and not entry.rstrip("/").endswith(self.run_id)]
         except FileNotFoundError:
             return []
         except s3errors.storage_exceptions() as e:
             logger.warning("could not look for the staging of dead runs beside %s: %s", self.url, e)
             return []
-        for e in stale:
-            logger.info("removing %s, left by a run that died", e)
-            remove_prefix(fs.unstrip_protocol(e) if is_remote(self.url) else e, self.storage_options)
+        for entry in stale:
+            logger.info("removing %s, left by a run that died", entry)
+            remove_prefix(fs.unstrip_protocol(entry) if is_remote(self.url) else entry, self.storage_options)
         return stale
 
     def ensure_held(self) -> None:

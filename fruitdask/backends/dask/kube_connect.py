@@ -57,8 +57,9 @@ def client_security() -> Any:
     missing = [
         var
         for var, value in (
-            ("DASK_DISTRIBUTED__COMM__TLS__CA_FILE", security.tls_ca_file),
-            ("DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT", security.tls_client_cert),
+            # Security sets these from dask's config at run time (not declared on the class).
+            ("DASK_DISTRIBUTED__COMM__TLS__CA_FILE", getattr(security, "tls_ca_file", None)),
+            ("DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT", getattr(security, "tls_client_cert", None)),
         )
         if not value
     ]
