@@ -16,6 +16,8 @@ import argparse
 import functools
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,3 +327,16 @@ def test_the_checker_reports_a_misspelled_flag_a_bad_choice_and_a_missing_target
     for line, want in zip(report, expected, strict=True):
         assert line.startswith(f"{tmp_path}/{want}"), (line, want)
 
+
+def test_top_level_help_describes_what_run_does_today(tmp_path):
+    """Fails on the code before this change: its description was 'reduce with
+    IncrementalPCA, write Parquet'."""
+    proc = subprocess.run([sys.executable, "-m", "fruitdask", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "Parquet" not in text
+    for words in ("Delta table", "new or changed images", "VGG16", "Dask or Spark", "PCA", "one commit", "EU regions"):
+        assert words in text, (words, text)
+    for name in cli.COMMAND_MODULES:
+        assert name in text
