@@ -40,7 +40,7 @@ SPAN = re.compile(r"(?<!`)`([^`]+)`(?!`)")
 class DocCommand:
     """One command line of a document: where it is, and its words."""
 
-    where: str  # path:line (fenced) or path:line (inline)
+    where: str  # path:line, with " (inline)" for a code span of prose or a table
     text: str
     words: tuple[str, ...]  # from ``fruitdask``/``make`` on, environment assignments dropped
 
