@@ -28,7 +28,7 @@ logger = logging.getLogger("fruitdask")
 #: ``command(args) -> int``, and may have ``PARSER_KWARGS`` for its parser. None of them
 #: imports TensorFlow at import time, so ``--help`` stays fast.
 COMMAND_MODULES: dict[str, tuple[str, str]] = {
-    "run": ("fruitdask.commands.run", "bring the features table up to date with the input: list, diff, featurize new images, PCA, one Delta commit"),
+    "run": ("fruitdask.commands.run", "bring the features table up to date with the input: list, diff, featurize new and changed images, PCA, one Delta commit"),
     "train": ("fruitdask.commands.train", "train a fruit classifier on the PCA features of a run output, evaluate it on a Test/ tree"),
     "predict": ("fruitdask.commands.predict", "predict the fruit in photos with a model written by `train` (top-k labels)"),
     "report": ("fruitdask.commands.report", "rebuild OUTPUT/report.html, the self-contained HTML page of a finished run"),
@@ -56,8 +56,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     others are listed, their modules not imported): all that parsing its line needs."""
     parser = argparse.ArgumentParser(
         prog="fruitdask",
-        description="Featurize Fruits-360 images with VGG16 on Dask (or Spark), reduce with IncrementalPCA, "
-        "write Parquet. Data stays in EU regions.",
+        description="`fruitdask run` brings a Delta table of image features up to date with its input: it lists "
+        "the images, diffs them against the Delta table, featurizes the new or changed images with VGG16 on Dask or "
+        "Spark, reduces them with PCA, and writes everything in one commit (one table version). Data stays in EU "
+        "regions. The other commands train and serve a fruit classifier on those features and look after the table.",
     )
     parser.add_argument("--version", action="version", version=f"fruitdask {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
