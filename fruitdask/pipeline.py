@@ -92,7 +92,7 @@ def run(
         ``cluster``), so the CLI can print statistics and the dashboard URL as soon as known.
     """
     emit = on_event or (lambda name, data: None)
-    timer, started = StageTimer(), dt.datetime.now(dt.UTC)
+    timer, started = StageTimer(), dt.datetime.now(dt.timezone.utc)
     # Decided on this machine unless the model runs elsewhere (then the workers answer).
     resolved = None if workers_elsewhere(cfg) else _resolve_precision(cfg.precision)
     # What decides the features, as one value from here on (the weights' digest comes later).

@@ -249,7 +249,7 @@ class ModelBundle:
         return {
             "format": BUNDLE_FORMAT,
             "fruitdask_version": __version__,
-            "created_at": dt.datetime.now(dt.UTC).isoformat(),
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "labels": self.labels,
             "weights": asdict(self.weights),
             "preprocessing": {

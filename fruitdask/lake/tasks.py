@@ -156,7 +156,7 @@ def write_rows(manifest: pd.DataFrame, feats: pd.DataFrame, sink: Sink, fit: Fit
     reduction = fit.load()
     x = frames.matrix(feats["features"])
     n = len(manifest)
-    now = pd.Timestamp(dt.datetime.now(dt.UTC))
+    now = pd.Timestamp(dt.datetime.now(dt.timezone.utc))
     table = pa.table(
         {
             "image_key": pa.array(manifest["image_key"].tolist(), pa.string()),

@@ -351,7 +351,7 @@ def render(doc: Mapping[str, Any], data: OutputData) -> str:
     warnings = "".join(f'<div class="warn">{_e(x)}</div>' for x in doc.get("warnings", []) if x != w.get("warning"))
     nav = "".join(f'<a href="#{s}">{t}</a>' for s, t in
                   (("run", "Run"), ("data", "Data"), ("reduction", "Reduction"), ("cost", "Cost"), ("environment", "Environment")))
-    built = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    built = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     title = f"fruitdask run {doc.get('run_id', '')}"
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'

@@ -38,7 +38,7 @@ PATHS = tuple(FILES)
 def asset(path: str) -> bytes:
     """The bytes of the file served at ``path`` (read once per process)."""
     name, _ = FILES[path]
-    return resources.files(__package__).joinpath("static", name).read_bytes()
+    return resources.files(__package__).joinpath("static").joinpath(name).read_bytes()
 
 
 async def serve_file(request: Request) -> Response:

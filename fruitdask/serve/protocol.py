@@ -35,7 +35,7 @@ def header_timeout_protocol(header_timeout: float) -> type[H11Protocol]:
                 logger.info("closing %s: no complete request headers within %g s", self.client, header_timeout)
                 self.transport.close()
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm_header_timer()
 

@@ -43,7 +43,7 @@ CONFLICT_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict", "40
 
 
 def _iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def document(run_id: str, ttl_s: float, started_at: str | None = None) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def acquire_lease(fs: fsspec.AbstractFileSystem, path: str, remote: bool, target
             logger.warning(
                 "took over the output lock %s from run %s (host %s, pid %s, since %s), whose lease ran out at %s "
                 "without renewal: that run is presumed dead", lock_url, d.get("run_id"), d.get("host"), d.get("pid"),
-                d.get("started_at"), dt.datetime.fromtimestamp(current.expires(ttl_s), dt.UTC).isoformat(timespec="seconds"),
+                d.get("started_at"), dt.datetime.fromtimestamp(current.expires(ttl_s), dt.timezone.utc).isoformat(timespec="seconds"),
             )
             return held
     raise _busy(target_url, lock_url, current.doc if current is not None else None, run_id)
