@@ -12,7 +12,6 @@ refuses it), except the two that check the default rendering is unchanged.
 
 from __future__ import annotations
 
-import argparse
 import re
 from typing import Any
 
@@ -20,21 +19,16 @@ import helm_python as helm
 import jsonschema
 import pytest
 import yaml
+from chart_commands import parse
 from k8s_validation import CHART, ci_values, dask_cluster_schema, pod_policy_violations, pod_specs, render, render_notes
 from pods import FakeCluster, container_env, docker_run_args, expand
 
 from fruitdask.backends.dask.kube import SCHEDULER_PORT, WORKER_PORT
 from fruitdask.backends.dask.kube_connect import cluster_resources
-from fruitdask.cli import COMMAND_MODULES, build_parser
 from fruitdask.config import EU_REGIONS, build_config
 
 SCHEDULE = ci_values()["schedule-values"]
 RELEASE, NAMESPACE = "fruits", "fruitdask"
-#: Flags the chart's scheduled commands use that other branches of issue #32 add
-#: (``daily`` and ``--models``: registry-daily; ``--wait-lock``: lease;
-#: ``--max-remove-fraction``: keys-guard). Until they are merged, the parsing tests accept
-#: that exactly these are unknown; once merged, nothing is left out of the parse.
-PENDING_FLAGS = {"--models", "--wait-lock", "--max-remove-fraction"}
 
 
 @pytest.fixture(scope="module")
@@ -164,29 +158,6 @@ def test_daily_command_line(objects) -> None:
     assert c["args"][-2:] == ["--components", "50"]
 
 
-def parse_as_fruitdask(command: str, args: list[str]) -> tuple[argparse.Namespace, set[str]]:
-    """Parse ``fruitdask COMMAND ARGS`` with the CLI's own parser; return the namespace and
-    the flags left out because this branch does not have them yet (only PENDING_FLAGS, and
-    ``daily`` parsed as ``run`` until ``daily`` exists: it takes every option of ``run``)."""
-    if command not in COMMAND_MODULES:
-        assert command == "daily", command
-        command = "run"
-    parser = build_parser(command)
-    sub = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))  # type: ignore[union-attr]
-    known = set(sub.choices[command]._option_string_actions)
-    kept, left_out, i = [], set(), 0
-    while i < len(args):
-        a = args[i]
-        if a.startswith("--") and a not in known:
-            left_out.add(a)
-            i += 2 if i + 1 < len(args) and not args[i + 1].startswith("--") else 1
-            continue
-        kept.append(a)
-        i += 1
-    assert left_out <= PENDING_FLAGS, f"flags no branch of issue #32 adds: {left_out - PENDING_FLAGS}"
-    return parser.parse_args([command, *kept]), left_out
-
-
 def test_daily_pod_builds_a_cluster_owned_by_itself(objects) -> None:
     """The daily pod's own command line and environment, resolved as the kubelet would
     (downward API, ``$(VAR)``), give fruitdask a DaskCluster named after the pod's uid,
@@ -197,7 +168,7 @@ def test_daily_pod_builds_a_cluster_owned_by_itself(objects) -> None:
     c = daily_container(objects)
     env = container_env(c, pod, cluster)
     args = [expand(a, env) for a in c["args"]]
-    ns, _ = parse_as_fruitdask("daily", args)
+    ns, _ = parse("daily", args)
     flags = {k: v for k, v in vars(ns).items() if k not in ("command", "func")}
     cfg = build_config(flags, env)
     assert cfg.cluster == "kubernetes"
@@ -253,7 +224,7 @@ def test_maintenance_compacts_then_vacuums_under_the_lease(objects) -> None:
     assert vacuum["command"] == ["python", "-m", "fruitdask", "table", "vacuum"]
     assert vacuum["args"] == [output, "--wait-lock", "3600", "--retain-hours", "336"]
     for c in (compact, vacuum):
-        ns, left_out = parse_as_fruitdask("table", [c["command"][-1], *c["args"]])
+        ns, left_out = parse("table", [c["command"][-1], *c["args"]])
         assert ns.output == output and left_out <= {"--wait-lock"}
     # No Dask, no Kubernetes API: no TLS key, no token.
     assert spec["automountServiceAccountToken"] is False
@@ -396,3 +367,15 @@ def test_notes_say_how_to_start_and_follow_a_day() -> None:
     assert "kubectl --namespace fruitdask create job --from=cronjob/fruits-fruitdask-daily" in notes
     assert "helm test" not in notes and "port-forward svc/fruits-fruitdask-scheduler" not in notes
     assert "port-forward svc/fruits-fruitdask-scheduler" in render_notes({})
+
+
+def test_only_the_pending_flags_of_issue_32_may_be_left_out() -> None:
+    """The parse helper leaves out nothing but the flags other branches add (and fails on a
+    typo), so the tests above check every other word of the rendered command lines."""
+    from chart_commands import as_far_as_known
+
+    command, kept, left_out = as_far_as_known("run", ["--input", "s3://b/in", "--wait-lock", "60", "--skipped-ok"])
+    assert command == "run" and kept[:2] == ["--input", "s3://b/in"] and "--skipped-ok" in kept
+    assert left_out <= {"--wait-lock"}
+    with pytest.raises(AssertionError, match="--kube-wrokers"):
+        as_far_as_known("run", ["--kube-wrokers", "3"])
