@@ -381,3 +381,8 @@ def test_only_the_pending_flags_of_issue_32_may_be_left_out() -> None:
     assert left_out <= {"--wait-lock"}
     with pytest.raises(AssertionError, match="--kube-wrokers"):
         as_far_as_known("run", ["--kube-wrokers", "3"])
+
+
+def test_chart_lints_strictly_with_the_schedule() -> None:
+    report = helm.lint(str(CHART), SCHEDULE, strict=True, kube_version="v1.33.0")
+    assert not [m for m in report["messages"] if m["severity"] >= 1] and not report["errors"], report
