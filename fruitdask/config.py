@@ -73,6 +73,16 @@ class KubeSettings:
     # Secret with ca.crt, tls.crt and tls.key: scheduler, workers and client speak mutual TLS.
     tls_secret: str = "fruitdask-dask-tls"
     connect_existing: bool = False
+    # The pod that owns the cluster (the downward API's metadata.name and metadata.uid, set by
+    # the chart's daily CronJob as FRUITDASK_KUBE_OWNER_POD_NAME/_UID): every object created
+    # for the cluster names it in ownerReferences, so Kubernetes' garbage collector deletes
+    # them when that pod goes, even if the run never reaches its own clean-up.
+    owner_pod_name: str | None = None
+    owner_pod_uid: str | None = None
+    # app.kubernetes.io/instance of the client pods the NetworkPolicies admit (with
+    # fruitdask.io/client=true). None: the cluster's name. The chart's daily pod carries its
+    # release's name, which cannot be the name of a cluster made per pod.
+    client_instance: str | None = None
 
 
 @dataclass(frozen=True)

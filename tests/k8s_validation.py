@@ -30,6 +30,8 @@ _CUSTOM = {
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor.yaml",
     ("karpenter.sh/v1", "NodePool"): "nodepool.yaml",
     ("karpenter.k8s.aws/v1", "EC2NodeClass"): "ec2nodeclass.yaml",
+    # Written by hand, unverified (see its header): the structure is also checked in the tests.
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.yaml",
 }
 
 

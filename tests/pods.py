@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ class Pod:
     ip: str
     labels: dict[str, str] = field(default_factory=dict)
     namespace: str = "default"
+    uid: str = field(default_factory=lambda: str(uuid.uuid4()))  # metadata.uid, as the API server sets it
+    init_done: bool = False  # every init container exited 0 (see docker_run_args)
 
 
 @dataclass
@@ -127,6 +130,7 @@ def _env(container: dict[str, Any], pod: Pod, cluster: FakeCluster) -> dict[str,
     fields = {
         "metadata.name": pod.name,
         "metadata.namespace": pod.namespace,
+        "metadata.uid": pod.uid,
         "status.podIP": pod.ip,
         "spec.serviceAccountName": pod.spec.get("serviceAccountName", "default"),
     }
@@ -141,6 +145,12 @@ def _env(container: dict[str, Any], pod: Pod, cluster: FakeCluster) -> dict[str,
         else:
             raise Unsupported(f"env {item}")
     return env
+
+
+def container_env(container: dict[str, Any], pod: Pod, cluster: FakeCluster) -> dict[str, str]:
+    """The environment the kubelet gives ``container`` of ``pod`` (field and secret references
+    resolved, ``$(VAR)`` expanded)."""
+    return _env(container, pod, cluster)
 
 
 def _security(pod_sc: dict[str, Any], sc: dict[str, Any]) -> list[str]:
@@ -214,19 +224,27 @@ def _volumes(pod: Pod, container: dict[str, Any], cluster: FakeCluster) -> list[
     return args
 
 
-def docker_run_args(pod: Pod, cluster: FakeCluster, container_index: int = 0) -> list[str]:
-    """The ``docker run`` arguments (after ``run``) that start one container of ``pod``."""
+def docker_run_args(pod: Pod, cluster: FakeCluster, container_index: int = 0, init: bool = False) -> list[str]:
+    """The ``docker run`` arguments (after ``run``) that start one container of ``pod``.
+
+    With ``init``, ``container_index`` picks one of the pod's ``initContainers`` (named
+    ``<pod>-<container>``). A pod with init containers starts its containers only once the
+    caller ran each of them to a zero exit, in order, and set ``pod.init_done`` (as a
+    kubelet does), never by skipping them.
+    """
     spec = pod.spec
-    if set(spec) - SCHEDULING_ONLY - {"containers", "volumes", "securityContext"}:
-        raise Unsupported(f"pod fields {sorted(set(spec) - SCHEDULING_ONLY - {'containers', 'volumes', 'securityContext'})}")
-    if spec.get("initContainers"):
-        raise Unsupported("initContainers")
-    container = spec["containers"][container_index]
+    fields = {"containers", "initContainers", "volumes", "securityContext"}
+    if set(spec) - SCHEDULING_ONLY - fields:
+        raise Unsupported(f"pod fields {sorted(set(spec) - SCHEDULING_ONLY - fields)}")
+    if spec.get("initContainers") and not (init or pod.init_done):
+        raise Unsupported("initContainers not run: start each with init=True, wait for exit 0, set pod.init_done")
+    container = spec["initContainers" if init else "containers"][container_index]
     known = AROUND_PROCESS | {"imagePullPolicy", "command", "args", "env", "envFrom", "resources", "securityContext", "volumeMounts", "workingDir"}
     if set(container) - known:
         raise Unsupported(f"container fields {sorted(set(container) - known)}")
     env = _env(container, pod, cluster)
-    args = ["--detach", "--name", pod.name, "--network", "host", "--label", "io.fruitdask.test=1"]
+    name = f"{pod.name}-{container['name']}" if init else pod.name
+    args = ["--detach", "--name", name, "--network", "host", "--label", "io.fruitdask.test=1"]
     for host, ip in sorted(cluster.hosts().items()):
         args += ["--add-host", f"{host}:{ip}"]
     if container.get("imagePullPolicy") == "Never":

@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from chart_commands import in_container
 from conftest import BUNDLED
 from docker_engine import IMAGE_REPOSITORY, IMAGE_TAG, Engine, build_image, engine_session
 from k8s_validation import render
@@ -115,14 +116,29 @@ class ChartPods:
             o for o in self.objects
             if o["kind"] == kind and o["metadata"]["labels"].get("app.kubernetes.io/component") == component
         ]  # fmt: skip
+        if kind == "CronJob":
+            return obj["spec"]["jobTemplate"]["spec"]["template"]
         return obj if kind == "Pod" else obj["spec"]["template"]
 
     def start(self, kind: str, component: str, name: str) -> Pod:
-        pod = self.cluster.add_pod(name, self.template(kind, component))
+        return self.start_template(name, self.template(kind, component))
+
+    def start_template(self, name: str, template: dict[str, Any], init_timeout: float = 420) -> Pod:
+        """Start a pod from a pod template: its init containers first, each to exit 0 in
+        order (as a kubelet does), then its container."""
+        pod = self.cluster.add_pod(name, template)
+        self.started.append(pod)
+        for i, init in enumerate(pod.spec.get("initContainers", [])):
+            init_name = f"{name}-{init['name']}"
+            self.engine.run("rm", "--force", init_name, check=False)
+            self.engine.run("run", *docker_run_args(pod, self.cluster, i, init=True))
+            self.engine.containers.append(init_name)
+            code = self.wait_exit(init_name, timeout=init_timeout)
+            assert code == 0, f"init container {init_name} exited {code}: {self.logs(init_name)[-4000:]}"
+        pod.init_done = True
         self.engine.run("rm", "--force", name, check=False)
         self.engine.run("run", *docker_run_args(pod, self.cluster))
         self.engine.containers.append(name)
-        self.started.append(pod)
         return pod
 
     def start_deployment(self, component: str, replicas: int | None = None) -> list[Pod]:
@@ -143,9 +159,11 @@ class ChartPods:
         return (done.stdout + done.stderr).decode(errors="replace")
 
     def remove(self, pod: Pod) -> None:
-        self.engine.run("rm", "--force", pod.name, check=False)
-        if pod.name in self.engine.containers:
-            self.engine.containers.remove(pod.name)
+        names = [pod.name] + [f"{pod.name}-{c['name']}" for c in pod.spec.get("initContainers", [])]
+        for name in names:
+            self.engine.run("rm", "--force", name, check=False)
+            if name in self.engine.containers:
+                self.engine.containers.remove(name)
 
     def remove_all(self) -> None:
         for pod in self.started:
@@ -270,6 +288,86 @@ def test_worker_sigkill_mid_run_keeps_every_row_once(plain_release: ChartPods, s
         assert len(df) == 120 and df["path"].is_unique
     finally:
         plain.remove(job)
+
+
+# --- the schedule's CronJob pods (issue #32) -------------------------------------------------
+
+
+def schedule_values(s3_endpoint: str, output: str, inputs: dict[str, str]) -> dict[str, Any]:
+    """The test values with the schedule on (it needs TLS: the test's own Secret)."""
+    values = chart_values(s3_endpoint, tls=True)
+    values["schedule"] = {
+        "enabled": True, "input": inputs["input"], "output": output, "models": f"s3://{BUCKET}/models/registry",
+        "weights": inputs["weights"], "imageSize": 32, "workers": 2, "waitLockSeconds": 60,
+        "resources": {"requests": {"cpu": "1", "memory": "3Gi"}, "limits": {"cpu": "1", "memory": "3Gi"}},
+        "maintenanceResources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}},
+    }
+    return values
+
+
+def scheduled_pod(release: ChartPods, component: str) -> dict[str, Any]:
+    """The CronJob's pod template, its fruitdask command lines as far as this checkout's CLI
+    knows their flags (chart_commands: unchanged once issue #32's branches are merged)."""
+    template = release.template("CronJob", component)
+    spec = dict(template["spec"])
+    for key in ("initContainers", "containers"):
+        if key in spec:
+            spec[key] = [in_container(c) for c in spec[key]]
+    return {**template, "spec": spec}
+
+
+def test_maintenance_cronjob_pod_compacts_then_vacuums(plain_release: ChartPods, s3: S3, weights_file: Path,
+                                                       s3_server: str, tmp_path: Path) -> None:
+    """The maintenance CronJob's pod, as rendered: `table compact` (init container) then
+    `table vacuum` on the table a run Job wrote; every row is still there once, at the
+    table's newest version."""
+    from fruitdask.lake import table as delta
+
+    plain = plain_release
+    inputs = stage_inputs(s3, weights_file)
+    output = f"s3://{BUCKET}/features/daily"
+    job = start_job(plain, s3_server, {**inputs, "output": output, "imageSize": 32, "extraArgs": ["--partition-size", "30"]}, "maint")
+    try:
+        assert plain.wait_exit(job.name, timeout=420) == 0, plain.logs(job.name)[-4000:]
+    finally:
+        plain.remove(job)
+    before = delta.history(output, s3.storage_options, 20)
+    release = ChartPods(plain.engine, schedule_values(s3_server, output, inputs), {**s3_secret(), TLS_SECRET: make_tls_secret(tmp_path)})
+    pod = release.start_template("fruits-fruitdask-maintenance-29412345-abcde", scheduled_pod(release, "maintenance"))
+    try:
+        code = release.wait_exit(pod.name, timeout=300)
+        assert code == 0, release.logs(pod.name)[-4000:]
+        compact_log, vacuum_log = release.logs(f"{pod.name}-compact"), release.logs(pod.name)
+        # Each command prints its result as JSON on stdout (the logs have stderr after it).
+        compacted, _ = json.JSONDecoder().raw_decode(compact_log[compact_log.index("{"):])
+        assert compacted["numFilesRemoved"] >= 2 and compacted["numFilesAdded"] >= 1, compacted
+        vacuumed, _ = json.JSONDecoder().raw_decode(vacuum_log[vacuum_log.index("{"):])
+        assert vacuumed["dry_run"] is False, vacuumed
+        after = delta.history(output, s3.storage_options, 20)
+        assert len(after) > len(before)  # compaction committed a version
+        df = delta.load(output, s3.storage_options).to_pyarrow_dataset().to_table().to_pandas()
+        assert len(df) == 120 and df["path"].is_unique
+    finally:
+        release.remove_all()
+
+
+def test_daily_cronjob_pod_asks_kubernetes_for_a_cluster_owned_by_itself(engine: Engine, image: str, s3: S3,
+                                                                       weights_file: Path, s3_server: str, tmp_path: Path) -> None:
+    """The daily CronJob's pod, as rendered, in the image: it reads its owner from the
+    downward API and asks for DaskCluster fd-<its uid> in its namespace. No Kubernetes API
+    runs here, so it must stop there with the error that says what to check, not earlier."""
+    inputs = stage_inputs(s3, weights_file)
+    release = ChartPods(engine, schedule_values(s3_server, f"s3://{BUCKET}/features/daily-k8s", inputs),
+                        {**s3_secret(), TLS_SECRET: make_tls_secret(tmp_path)})
+    pod = release.start_template("fruits-fruitdask-daily-29412345-x7k2p", scheduled_pod(release, "daily"))
+    try:
+        code = release.wait_exit(pod.name, timeout=300)
+        logs = release.logs(pod.name)
+        assert code == 1, logs[-4000:]
+        assert f"could not create DaskCluster 'fd-{pod.uid}' in namespace 'fruitdask'" in logs, logs[-4000:]
+        assert "dask-kubernetes operator is installed" in logs
+    finally:
+        release.remove_all()
 
 
 # --- TLS ---------------------------------------------------------------------------------

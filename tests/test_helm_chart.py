@@ -81,13 +81,16 @@ def test_chart_metadata_and_lint() -> None:
 
 
 def test_ci_values_cover_every_option() -> None:
-    assert {"tls-values", "plain-tcp-values", "gpu-values", "metrics-values", "job-values", "karpenter-values", "serve-values"} <= set(CI_VALUES)
+    assert {"tls-values", "plain-tcp-values", "gpu-values", "metrics-values", "job-values", "karpenter-values", "serve-values",
+            "schedule-values"} <= set(CI_VALUES)
 
 
 def test_every_object_is_valid_kubernetes(rendered) -> None:
     _name, _, objects = rendered
     kinds = {o["kind"] for o in objects}
-    assert {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy", "Pod"} <= kinds
+    assert {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+    # The schedule's CronJobs replace the static cluster and its helm test Pod.
+    assert {"CronJob", "Role", "RoleBinding"} <= kinds if _name == "schedule-values" else "Pod" in kinds
     for obj in objects:
         validate_object(obj)  # raises on any schema error or unknown kind
 
@@ -98,6 +101,7 @@ def test_custom_resources_are_validated_not_skipped(rendered) -> None:
     expected = {
         "metrics-values": {"ServiceMonitor", "PodMonitor"},
         "karpenter-values": {"NodePool", "EC2NodeClass"},
+        "schedule-values": {"PodMonitor", "PrometheusRule"},
     }.get(name, set())
     assert custom == expected
 
@@ -105,11 +109,12 @@ def test_custom_resources_are_validated_not_skipped(rendered) -> None:
 def test_every_pod_is_hardened_and_in_the_eu(rendered) -> None:
     _, _, objects = rendered
     pods = [p for o in objects for p in dask_pods(o)]
-    assert len(pods) >= 3  # scheduler, worker, helm test (+ Job)
+    assert len(pods) >= 3  # scheduler, worker, helm test (+ Job); or daily, maintenance, serve
     problems = [p for where, spec in pods for p in pod_policy_violations(where, spec, EU_REGIONS)]
     assert not problems, "\n".join(problems)
     for where, spec in pods:
-        assert spec["automountServiceAccountToken"] is False, where
+        # Only the daily pod talks to the Kubernetes API (it creates its DaskCluster).
+        assert spec["automountServiceAccountToken"] is (where == "CronJob/fruits-fruitdask-daily"), where
         # The IRSA account everywhere but on the scheduler (see test_scheduler_has_no_s3_role)
         # and the serve pods (their own, read-only: see test_serve_pods_have_their_own_identity).
         expected = {"-scheduler": "fruits-fruitdask-scheduler", "-serve": "fruits-fruitdask-serve"}.get(
@@ -129,6 +134,10 @@ def test_labels_everywhere(rendered) -> None:
         template = obj.get("spec", {}).get("template", {})
         if obj["kind"] in ("Deployment", "Job"):
             assert all(k in template["metadata"]["labels"] for k in LABELS), obj["kind"]
+        if obj["kind"] == "CronJob":
+            job = obj["spec"]["jobTemplate"]
+            for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+                assert all(k in labels for k in LABELS), obj["metadata"]["name"]
 
 
 def test_no_loadbalancer_no_nodeport(rendered) -> None:
@@ -139,9 +148,10 @@ def test_no_loadbalancer_no_nodeport(rendered) -> None:
 
 
 def test_commands_are_dask_subcommands(rendered) -> None:
-    _, _, objects = rendered
-    assert container(one(objects, "Deployment", "-scheduler"))["command"] == ["dask", "scheduler"]
-    assert container(one(objects, "Deployment", "-worker"))["command"] == ["dask", "worker"]
+    name, _, objects = rendered
+    if name != "schedule-values":  # the schedule's clusters come from fruitdask's DaskCluster spec
+        assert container(one(objects, "Deployment", "-scheduler"))["command"] == ["dask", "scheduler"]
+        assert container(one(objects, "Deployment", "-worker"))["command"] == ["dask", "worker"]
     for obj in objects:
         for _, spec in dask_pods(obj):
             for c in spec["containers"]:

@@ -381,6 +381,70 @@ def test_cluster_resources_policies_before_pods() -> None:
     assert objects[-1] == make_cluster_spec(SETTINGS, ENV)
 
 
+# -- a cluster owned by the run's pod (the chart's daily CronJob) ------------------------
+
+OWNER = {"owner_pod_name": "fruits-fruitdask-daily-29412345-x7k2p", "owner_pod_uid": "0f6c5a3e-7d1b-4c2a-9e8f-123456789abc"}
+
+
+def test_owned_cluster_names_its_pod_in_every_object() -> None:
+    """Every object created for the cluster is owned by the run's pod, so Kubernetes' garbage
+    collector deletes them (and the operator's pods, owned by the DaskCluster) when the pod
+    goes, whether or not the run's ``finally:`` ran. Fails before the owner settings existed."""
+    objects = cluster_resources(replace(SETTINGS, **OWNER), ENV)
+    assert [o["kind"] for o in objects] == ["ServiceAccount", "NetworkPolicy", "NetworkPolicy", "DaskCluster"]
+    expected = [{"apiVersion": "v1", "kind": "Pod", "name": OWNER["owner_pod_name"], "uid": OWNER["owner_pod_uid"]}]
+    for obj in objects:
+        assert obj["metadata"]["ownerReferences"] == expected, obj["kind"]
+        assert obj["metadata"]["namespace"] == SETTINGS.namespace  # an owner lives in its objects' namespace
+        if obj["kind"] == "DaskCluster":
+            jsonschema.validate(obj, dask_cluster_schema())
+        else:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    # Apart from the owner, the objects are those of an unowned cluster.
+    for owned, plain in zip(objects, cluster_resources(SETTINGS, ENV), strict=True):
+        meta = {k: v for k, v in owned["metadata"].items() if k != "ownerReferences"}
+        assert {**owned, "metadata": meta} == plain
+        assert "ownerReferences" not in plain["metadata"]
+
+
+def test_owner_references_satisfy_the_api_servers_rules() -> None:
+    """What the API server and the garbage collector require of an owner reference: the four
+    fields, and no blockOwnerDeletion (it would need update rights on the pod's finalizers)."""
+    from fruitdask.backends.dask.kube import owner_references
+
+    (ref,) = owner_references(replace(SETTINGS, **OWNER))
+    assert set(ref) == {"apiVersion", "kind", "name", "uid"}
+    assert not ref.get("blockOwnerDeletion") and not ref.get("controller")
+    assert owner_references(SETTINGS) == []
+
+
+@pytest.mark.parametrize("half", [{"owner_pod_name": "run-pod"}, {"owner_pod_uid": "0f6c5a3e-7d1b-4c2a-9e8f-123456789abc"}])
+def test_owner_needs_both_name_and_uid(half: dict[str, str]) -> None:
+    with pytest.raises(ClusterError, match="FRUITDASK_KUBE_OWNER_POD_NAME and FRUITDASK_KUBE_OWNER_POD_UID"):
+        cluster_resources(replace(SETTINGS, **half), {})
+
+
+def test_owner_and_client_instance_come_from_the_environment() -> None:
+    """The chart's daily pod sets these from the downward API; build_config carries them."""
+    from fruitdask.config import build_config
+
+    env = {
+        "FRUITDASK_KUBE_OWNER_POD_NAME": OWNER["owner_pod_name"],
+        "FRUITDASK_KUBE_OWNER_POD_UID": OWNER["owner_pod_uid"],
+        "FRUITDASK_KUBE_CLIENT_INSTANCE": "fruits",
+        "FRUITDASK_KUBE_NAME": "fd-0f6c5a3e-7d1b-4c2a-9e8f-123456789abc",
+    }
+    kube = build_config({"input": "in", "output": "out"}, env).kube
+    objects = cluster_resources(kube, {})
+    assert objects[-1]["metadata"]["ownerReferences"][0]["uid"] == OWNER["owner_pod_uid"]
+    assert objects[-1]["metadata"]["name"] == "fd-0f6c5a3e-7d1b-4c2a-9e8f-123456789abc"
+    # The cluster's name is per pod; its clients are the release's pods (the daily pod).
+    for policy in make_network_policies(kube):
+        clients = policy["spec"]["ingress"][0]["from"][-1]["podSelector"]["matchLabels"]
+        assert clients == {"fruitdask.io/client": "true", "app.kubernetes.io/instance": "fruits"}
+    assert build_config({"input": "in", "output": "out"}, {}).kube.owner_pod_uid is None
+
+
 def test_defaults_are_valid() -> None:
     spec = make_cluster_spec(KubeSettings(), {})
     jsonschema.validate(spec, dask_cluster_schema())

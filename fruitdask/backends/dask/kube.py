@@ -85,6 +85,47 @@ def scheduler_address(settings: KubeSettings) -> str:
     return f"tls://{settings.name}-scheduler.{settings.namespace}.svc.cluster.local:{SCHEDULER_PORT}"
 
 
+def owner_references(settings: KubeSettings) -> list[dict[str, Any]]:
+    """``metadata.ownerReferences`` naming the pod that owns the cluster, or ``[]``.
+
+    With ``settings.owner_pod_name`` and ``owner_pod_uid`` (the chart's daily pod sets them
+    from the downward API), every object created for the cluster (the ``DaskCluster``, its
+    scheduler's service account and its NetworkPolicies) names that pod as its owner.
+    Kubernetes' garbage collector then deletes them when the pod object goes (the Job's
+    TTL, the CronJob's history limit, an eviction, ``kubectl delete pod``), whether or not
+    the run reached its own ``finally:``; the operator's scheduler and worker pods follow,
+    being owned by the ``DaskCluster``. Not a controller reference and no
+    ``blockOwnerDeletion``: the pod's Job stays its controller, and the run needs no right
+    on the pod's finalizers. An owner must live in the objects' namespace, which the chart
+    guarantees by setting the namespace from the same pod.
+
+    Raises
+    ------
+    ClusterError
+        If only one of the two is set.
+    """
+    name, uid = settings.owner_pod_name, settings.owner_pod_uid
+    if not name and not uid:
+        return []
+    if not (name and uid):
+        raise ClusterError(
+            f"the cluster's owner pod needs both a name and a uid, got name={name!r} uid={uid!r}: set "
+            "FRUITDASK_KUBE_OWNER_POD_NAME and FRUITDASK_KUBE_OWNER_POD_UID from the downward API "
+            "(fieldRef metadata.name and metadata.uid), or neither"
+        )
+    return [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}]
+
+
+def object_metadata(settings: KubeSettings, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    """``metadata`` of an object created for the cluster: name, namespace, labels and, for a
+    cluster owned by a pod, :func:`owner_references`."""
+    meta: dict[str, Any] = {"name": name, "namespace": settings.namespace, "labels": labels}
+    owners = owner_references(settings)
+    if owners:
+        meta["ownerReferences"] = owners
+    return meta
+
+
 def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, Any]:
     """The ``DaskCluster`` resource (``kubernetes.dask.org/v1``) for these settings.
 
@@ -94,7 +135,8 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
     certificates of ``settings.tls_secret``; the workers point at the ``tls://`` address
     (``DASK_SCHEDULER_ADDRESS``, which the operator then leaves alone). The workers run
     under ``settings.service_account`` (IRSA for S3), the scheduler under the role-less
-    :func:`scheduler_service_account_name`.
+    :func:`scheduler_service_account_name`. A cluster owned by a pod names it in
+    ``metadata.ownerReferences`` (:func:`owner_references`).
 
     Parameters
     ----------
@@ -123,7 +165,7 @@ def make_cluster_spec(settings: KubeSettings, env: dict[str, str]) -> dict[str, 
     return {
         "apiVersion": "kubernetes.dask.org/v1",
         "kind": "DaskCluster",
-        "metadata": {"name": settings.name, "namespace": settings.namespace, "labels": labels},
+        "metadata": object_metadata(settings, settings.name, labels),
         "spec": {
             "idleTimeout": 0,
             "worker": {
@@ -151,6 +193,7 @@ def _check_settings(settings: KubeSettings) -> None:
         )
     if settings.n_workers < 1:
         raise ClusterError(f"n_workers must be at least 1, got {settings.n_workers}: e.g. 2")
+    owner_references(settings)  # both or neither
 
 
 def _pod_env(settings: KubeSettings, env: dict[str, str]) -> dict[str, str]:

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fruitdask.backends.dask.kube import NANNY_PORT, SCHEDULER_PORT, WORKER_PORT, scheduler_service_account_name
+from fruitdask.backends.dask.kube import (
+    NANNY_PORT,
+    SCHEDULER_PORT,
+    WORKER_PORT,
+    object_metadata,
+    scheduler_service_account_name,
+)
 from fruitdask.config import KubeSettings
 
 #: Labels a pod in the namespace needs (with ``app.kubernetes.io/instance: <cluster name>``)
@@ -22,17 +28,14 @@ HTTPS_EGRESS_CIDRS: tuple[str, ...] = ("0.0.0.0/0",)
 
 
 def _metadata(settings: KubeSettings, name: str, component: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": settings.namespace,
-        "labels": {
-            "app.kubernetes.io/name": "fruitdask",
-            "app.kubernetes.io/instance": settings.name,
-            "app.kubernetes.io/component": component,
-            "app.kubernetes.io/managed-by": "fruitdask",
-            "app.kubernetes.io/part-of": "fruitdask",
-        },
+    labels = {
+        "app.kubernetes.io/name": "fruitdask",
+        "app.kubernetes.io/instance": settings.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "fruitdask",
+        "app.kubernetes.io/part-of": "fruitdask",
     }
+    return object_metadata(settings, name, labels)
 
 
 def make_scheduler_service_account(settings: KubeSettings) -> dict[str, Any]:
@@ -61,7 +64,8 @@ def make_network_policies(settings: KubeSettings) -> list[dict[str, Any]]:
     labels the operator puts on its pods (``dask.org/cluster-name``, ``dask.org/component``):
 
     * scheduler: comm port from this cluster's workers and labelled clients
-      (:data:`CLIENT_LABELS` plus ``app.kubernetes.io/instance: <name>``); egress to DNS and
+      (:data:`CLIENT_LABELS` plus ``app.kubernetes.io/instance``: ``settings.client_instance``,
+      by default the cluster's name); egress to DNS and
       the workers' worker and nanny ports only (no S3, no internet);
     * workers: worker and nanny ports from the scheduler, peer workers and clients; egress
       to DNS, HTTPS (S3, STS for IRSA) and the scheduler and peer workers.
@@ -73,7 +77,7 @@ def make_network_policies(settings: KubeSettings) -> list[dict[str, Any]]:
     scheduler = {"podSelector": {"matchLabels": {**cluster, "dask.org/component": "scheduler"}}}
     workers = {"podSelector": {"matchLabels": {**cluster, "dask.org/component": "worker"}}}
     clients = {
-        "podSelector": {"matchLabels": {**CLIENT_LABELS, "app.kubernetes.io/instance": settings.name}}
+        "podSelector": {"matchLabels": {**CLIENT_LABELS, "app.kubernetes.io/instance": settings.client_instance or settings.name}}
     }
     dns = {
         "to": [

@@ -254,6 +254,12 @@ serviceAccountName: {{ include "fruitdask.serviceAccountName" . }}
 {{/* Shared pod fields without the service account. */}}
 {{- define "fruitdask.podHardening" -}}
 automountServiceAccountToken: false
+{{ include "fruitdask.podPlacement" . }}
+{{- end }}
+
+{{/* Pod hardening, region affinity and pull secrets, without the token setting: the daily
+pod alone mounts its API token (it creates its DaskCluster). */}}
+{{- define "fruitdask.podPlacement" -}}
 securityContext:
   {{- include "fruitdask.podSecurityContext" . | nindent 2 }}
 affinity:
@@ -262,4 +268,55 @@ affinity:
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/* "true" when the static scheduler and worker Deployments are rendered: always without the
+schedule, and beside it only with schedule.keepStaticCluster (the daily run makes its own). */}}
+{{- define "fruitdask.staticCluster" -}}
+{{- if or (not .Values.schedule.enabled) .Values.schedule.keepStaticCluster }}true{{ end }}
+{{- end }}
+
+{{/* CronJob names: at most 52 characters (the Job controller appends 11). */}}
+{{- define "fruitdask.dailyName" -}}
+{{ include "fruitdask.fullname" . | trunc 46 | trimSuffix "-" }}-daily
+{{- end }}
+
+{{- define "fruitdask.maintenanceName" -}}
+{{ include "fruitdask.fullname" . | trunc 40 | trimSuffix "-" }}-maintenance
+{{- end }}
+
+{{/* Labels of the scheduled pods: the release's, their component, and the client labels
+(networkPolicy.clientLabels and fruitdask.io/client, which the DaskCluster's own
+NetworkPolicies admit with app.kubernetes.io/instance: the release's name). */}}
+{{- define "fruitdask.scheduledPodLabels" -}}
+{{ include "fruitdask.labels" . }}
+{{ toYaml (merge (dict "fruitdask.io/client" "true") .Values.networkPolicy.clientLabels) }}
+{{- end }}
+
+{{/* The Job spec shared by the daily and maintenance CronJobs: retries, and exit codes
+1-3 (the command's own verdict) failing at once, as for the run Job. */}}
+{{- define "fruitdask.scheduledJobSpec" -}}
+backoffLimit: {{ .Values.schedule.backoffLimit }}
+podFailurePolicy:
+  rules:
+    - action: FailJob
+      onExitCodes:
+        operator: In
+        values: [1, 2, 3]
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
+ttlSecondsAfterFinished: {{ .Values.schedule.ttlSecondsAfterFinished }}
+{{- end }}
+
+{{/* The CronJob fields shared by the daily and maintenance schedules. */}}
+{{- define "fruitdask.cronJobPolicy" -}}
+timeZone: {{ .Values.schedule.timeZone | quote }}
+# One at a time: a run still going when the next is due makes the next one wait its turn
+# (skipped), never two on the same table.
+concurrencyPolicy: Forbid
+startingDeadlineSeconds: {{ .Values.schedule.startingDeadlineSeconds }}
+successfulJobsHistoryLimit: {{ .Values.schedule.successfulJobsHistoryLimit }}
+failedJobsHistoryLimit: {{ .Values.schedule.failedJobsHistoryLimit }}
 {{- end }}
