@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -198,3 +200,23 @@ def test_drain_is_refused_over_the_network():
             got = local.get("/drain")
         assert got.status_code == 200 and got.json() == {"status": "drained", "exiting": True}, peer
     assert stops == [True, True] and state.draining_since is not None
+
+
+@pytest.mark.integration
+def test_the_charts_prestop_exec_hook_drains_the_server(tmp_path):
+    """The chart's preStop command, rendered for this server's probe port and run as the kubelet
+    runs an ``exec`` hook (a process beside the server, here with this interpreter for
+    ``python``): it returns 0 once the drain is done, and the server then exits 0 by itself.
+
+    The former chart had an ``httpGet`` hook and no command (and the server did not exit)."""
+    from k8s_validation import render
+
+    with fake_server(tmp_path, "--drain-seconds", "1") as srv:
+        values = {"serve": {"enabled": True, "model": "s3://fruits-eu-west-1/models/m", "probePort": srv["probe"],
+                            "networkPolicy": {"egressCidrs": ["10.0.0.0/16"]}}}
+        (deploy,) = [o for o in render(values) if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-serve")]
+        command = deploy["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "python"
+        hook = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert hook.returncode == 0, hook.stderr
+        assert srv["proc"].wait(20) == 0, srv["log"].read_text()
