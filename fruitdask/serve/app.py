@@ -1,8 +1,9 @@
 """The public Starlette application: routes, request limits, JSON errors, background model load.
 
 Every refusal is a JSON body ``{"error": CODE, "reason": SENTENCE}`` with a 4xx status
-(503 while the model loads or the queue is full): a bad request never takes the server
-down, and the model runs only on bodies that decoded into an image. The probes and the
+(429 past a client's uploads in flight, 503 while the model loads or the queue, the byte
+budget or the decode threads are full): a bad request never takes the server down, and the
+model runs only on bodies that decoded into an image. The probes and the
 metrics are another application on another port (:mod:`fruitdask.serve.probes`).
 """
 

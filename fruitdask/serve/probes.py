@@ -5,7 +5,8 @@ The public port has a connection cap (``--max-connections``): 1,024 slow clients
 and the kubelet's liveness probe failed with them, restarting healthy pods. Here no cap
 applies, and the chart admits only the kubelet and the monitoring namespace to this port,
 so the load-failure reason (which can name buckets and hashes) is said here and not on the
-public port.
+public port. ``/drain`` stops the process, so it answers only the loopback address (the
+chart's preStop hook is an ``exec`` inside the pod).
 """
 
 from __future__ import annotations

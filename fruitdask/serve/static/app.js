@@ -106,7 +106,7 @@
   function failure(status, body) {
     const code = body && body.error;
     if (status === 503 && code === "loading") return t("loading");
-    if (status === 503) return t("busy");
+    if (status === 503 || status === 429) return t("busy");
     if (status === 413) return t("tooBig");
     if (status === 400 || status === 415) return t("badPhoto");
     return t("serverError") + (body && body.reason ? body.reason : "HTTP " + status);
