@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"TCP port of /healthz, /readyz, /metrics and /drain, outside --max-connections; keep it "
                    f"private (default: {_D.probe_port})")
     p.add_argument("--drain-seconds", type=float, default=_D.drain_seconds,
-                   help=f"on SIGTERM (or GET /drain), seconds readiness fails while requests are still served, "
-                   f"before the API port closes (default: {_D.drain_seconds:g})")
+                   help=f"on SIGTERM (or GET /drain from 127.0.0.1), seconds readiness fails while requests are still "
+                   f"served, before the API port closes and the process exits (default: {_D.drain_seconds:g})")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=_D.max_batch, help=f"most images per VGG16 call (default: {_D.max_batch})")
     g.add_argument("--max-wait-ms", type=float, default=_D.max_wait_ms,
