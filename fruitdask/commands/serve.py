@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 
 from fruitdask.commands.options import add_quiet_debug, add_storage_options, storage_settings
+from fruitdask.config import StorageSettings
 from fruitdask.serve.limits import parse_networks, plan_for_memory
 from fruitdask.serve.settings import ServeSettings
 
@@ -88,7 +90,30 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     )
 
 
+@dataclass(frozen=True)
+class ServeOptions:
+    """What ``fruitdask serve`` was asked, typed: the model's location, the server's frozen
+    :class:`ServeSettings` (sized from the flags), storage and logging."""
+
+    model: str
+    settings: ServeSettings
+    storage: StorageSettings
+    weights: str | None = None
+    quiet: bool = False
+    debug: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeOptions:
+        return cls(model=args.model, settings=settings_from_args(args), storage=storage_settings(args),
+                   weights=args.weights, quiet=bool(args.quiet), debug=bool(args.debug))
+
+
 def command(args: argparse.Namespace) -> int:
+    return serve(ServeOptions.from_args(args))
+
+
+def serve(opts: ServeOptions) -> int:
+    """Serve the model until SIGTERM, SIGINT or a drain; return 0."""
     from fruitdask.errors import FruitdaskError
 
     try:
@@ -99,6 +124,6 @@ def command(args: argparse.Namespace) -> int:
         raise FruitdaskError(f"`fruitdask serve` needs the serve extra ({e.name} is missing): "
                              "pip install 'fruitdask[serve]'") from e
 
-    runner.serve_bundle(args.model, args.weights, settings_from_args(args), storage_settings(args),
-                        log_level="warning" if args.quiet else "info", access_log=bool(args.debug))
+    runner.serve_bundle(opts.model, opts.weights, opts.settings, opts.storage,
+                        log_level="warning" if opts.quiet else "info", access_log=opts.debug)
     return 0
