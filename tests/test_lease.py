@@ -377,3 +377,26 @@ def test_wait_lock_is_a_run_flag_and_refuses_a_negative_wait():
     assert build_config({"input": "i", "output": "o"}, {}).storage.lock_wait == 0.0
     with pytest.raises(ConfigError, match="--wait-lock must be 0 or more seconds, got -1"):
         build_config({"input": "i", "output": "o", "storage_lock_wait": -1.0}, {})
+
+
+def test_run_wait_lock_as_typed_waits_then_stops_naming_the_wait(tmp_path, tiny_images):
+    """``fruitdask run --wait-lock 2`` meeting a live holder (this test's process) waits
+    2 s, then stops with exit 1 in one line that names the holder and the wait; it never
+    touched the output. Fails on the code before issue 31 (no such flag: exit 2)."""
+    holder = storage.OutputTarget.for_update(str(tmp_path / "out"), None, run_id="daily0run")
+    holder.lock()
+    try:
+        done = subprocess.run([sys.executable, "-m", "fruitdask", "run", "--input", str(tiny_images), "--output", "out",
+                               "--wait-lock", "2", "--weights", "random", "--precision", "float32",
+                               "--image-size", str(SMALL_SIZE)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **TF_ENV, "PYTHONPATH": str(REPO)})
+        assert _lock_doc(holder, None)["run_id"] == "daily0run"
+    finally:
+        holder.unlock()
+    assert done.returncode == 1, done.stderr
+    err = [line for line in done.stderr.splitlines() if line.startswith("fruitdask: error")]
+    assert len(err) == 1 and "is being written by run daily0run" in err[0], done.stderr
+    assert "stops after waiting 2 s (--wait-lock)" in err[0]
+    assert "output out is locked by run daily0run: waiting up to 2 s for it (--wait-lock)" in done.stderr
+    assert not (tmp_path / "out").exists()
