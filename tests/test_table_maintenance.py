@@ -160,3 +160,32 @@ def test_a_compaction_waiting_for_a_run_carries_that_run_s_description(out, tmp_
     assert newest["fruitdask"] == {**run_two["fruitdask"], "operation": "compact"}
     assert newest["fruitdask"]["run_id"] == "run-two" != state.meta["run_id"]
     assert not (tmp_path / ".out.fruitdask-lock").exists()
+
+
+def test_on_s3_vacuum_waits_for_the_lease_then_deletes_what_no_version_names(made_by_a_run, s3, tmp_path):
+    """The run's table uploaded to moto's S3 with an object no commit names (a killed run's
+    part): ``table vacuum`` stops at a live holder's lease (the lock beside the output on S3),
+    and once it is released deletes that object and nothing a version needs. Fails on the
+    code before issue 31 (no lease taken; lite vacuum keeps the object)."""
+    s3.bucket("fruits-table", "eu-west-3")
+    url = s3.upload(made_by_a_run, "s3://fruits-table/features/run-1")
+    kept = set(s3.objects())
+    orphan = "fruits-table/features/run-1/features/part-killedrun-p00000.parquet"
+    s3.fs.pipe_file(orphan, (made_by_a_run / "features" / sorted(
+        p.name for p in (made_by_a_run / "features").glob("part-*.parquet"))[0]).read_bytes())
+    vacuum = ("table", "vacuum", url, "--retain-hours", "0", "--s3-endpoint", s3.endpoint)
+    holder = storage.OutputTarget.for_update(url, s3.storage_options, run_id="live0run")
+    holder.lock()
+    try:
+        busy = fruitdask(tmp_path, *vacuum)
+        assert busy.returncode == 1 and "is being written by run live0run" in busy.stderr, busy.stderr
+        assert orphan in s3.objects()
+    finally:
+        holder.unlock()
+    done = fruitdask(tmp_path, *vacuum)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["files"] == ["part-killedrun-p00000.parquet"]
+    now = set(s3.objects())
+    assert orphan not in now and kept <= now, "the orphan gone, every committed file kept"
+    assert all("/_delta_log/" in o for o in now - kept), "only the vacuum's own commits added (no lock left)"
+    assert len(read_features(url, s3.storage_options)) == len(read_features(made_by_a_run))
