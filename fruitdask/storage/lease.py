@@ -165,8 +165,7 @@ def read(fs: fsspec.AbstractFileSystem, path: str, remote: bool) -> Held | None:
             # lock's Last-Modified and the storage's Date: its clock, not ours.
             head = fs.call_s3("head_object", Bucket=bucket, Key=key)
             data = fs.cat_file(path)
-            modified = head["LastModified"].timestamp()
-            return Held(_parse(data), str(head.get("ETag", "")), modified, _date(head, modified))
+            return Held(_parse(data), str(head.get("ETag", "")), head["LastModified"].timestamp(), _date(head, time.time()))
         with open(path, "rb") as f:
             data = f.read()
             modified = os.fstat(f.fileno()).st_mtime
@@ -176,7 +175,8 @@ def read(fs: fsspec.AbstractFileSystem, path: str, remote: bool) -> Held | None:
 
 
 def _date(response: dict[str, Any], fallback: float) -> float:
-    """The storage's clock: the ``Date`` header of an S3 answer (``fallback`` without one)."""
+    """The storage's clock: the ``Date`` header of an S3 answer; ``fallback`` (this machine's
+    clock) from a store that sends none (AWS S3, MinIO and moto do)."""
     raw = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     try:
         return email.utils.parsedate_to_datetime(raw).timestamp() if raw else fallback
