@@ -54,6 +54,9 @@ class StorageSettings:
     # Seconds the output lock holds without renewal (renewed every third of it while the run
     # lives); a killed run's lock is taken over once it runs out (docs/s3.md).
     lock_ttl: float = 180.0
+    # Seconds a run or a table command waits for the output lock another one holds (--wait-lock);
+    # 0: fail at once.
+    lock_wait: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ class RunConfig:
             raise ConfigError(f"--max-errors must be >= 0, got {self.max_errors}")
         if not self.storage.lock_ttl >= 3:
             raise ConfigError(f"FRUITDASK_STORAGE_LOCK_TTL must be at least 3 seconds, got {self.storage.lock_ttl}: e.g. 180")
+        check_lock_wait(self.storage)
         return self
 
     @property
@@ -175,6 +179,12 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view, for ``run.json``. Holds no credentials by construction."""
         return dataclasses.asdict(self)
+
+
+def check_lock_wait(settings: StorageSettings) -> None:
+    """Refuse a negative ``--wait-lock`` (:class:`ConfigError`)."""
+    if not settings.lock_wait >= 0:
+        raise ConfigError(f"--wait-lock must be 0 or more seconds, got {settings.lock_wait:g}: e.g. --wait-lock 600")
 
 
 _ENV_PREFIX = "FRUITDASK_"

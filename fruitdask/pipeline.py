@@ -69,7 +69,8 @@ def output_target(cfg: RunConfig) -> storage.OutputTarget:
     writes passes the region guard first, then the target (writes nothing) is what every
     later step writes through."""
     storage.guard_regions([cfg.input, cfg.output, cfg.weights], cfg.storage)
-    return storage.OutputTarget.for_update(cfg.output, storage.storage_options(cfg.storage), lease_ttl=cfg.storage.lock_ttl)
+    return storage.OutputTarget.for_update(cfg.output, storage.storage_options(cfg.storage), lease_ttl=cfg.storage.lock_ttl,
+                                           lock_wait=cfg.storage.lock_wait)
 
 
 def run(

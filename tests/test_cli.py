@@ -29,11 +29,11 @@ def test_top_level_help_lists_commands(capsys):
 #: Options each command's --help must show: its own essentials, and the storage and output
 #: flags every command shares.
 HELP_MUST_SHOW = {
-    "run": ("--input", "--output", "--backend", "--cluster", "exit codes:"),
+    "run": ("--input", "--output", "--wait-lock", "--backend", "--cluster", "exit codes:"),
     "train": ("--features", "--test-input", "--model-out"),
     "predict": ("PHOTO", "--model", "--top", "--json"),
     "report": ("OUTPUT",),
-    "table": ("{history,vacuum,compact,show}", "OUTPUT", "--limit", "--retain-hours", "--version"),
+    "table": ("{history,vacuum,compact,show}", "OUTPUT", "--limit", "--retain-hours", "--version", "--wait-lock"),
     "bench": ("--images", "--backends", "--repeats", "--input"),
     "serve": ("--model", "--port", "--probe-port", "--max-batch"),
 }

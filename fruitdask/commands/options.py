@@ -65,6 +65,14 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", help=f"folder or URI for the results (default: ./{DEFAULT_OUTPUT})")
     g.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an output written before the features table; on a table, the same as --rebuild")
+    add_wait_lock(g)
+
+
+def add_wait_lock(g: argparse._ActionsContainer) -> None:
+    """``--wait-lock SECONDS``: for ``run`` and the ``table`` commands that write."""
+    g.add_argument("--wait-lock", dest="storage_lock_wait", type=float, metavar="SECONDS",
+                   help="wait up to SECONDS for the output's lock while another run or table command holds it, "
+                   "instead of failing at once (default: 0; or FRUITDASK_STORAGE_LOCK_WAIT)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:

@@ -229,15 +229,20 @@ def history(output_url: str, storage_options: Mapping[str, Any] | None, limit: i
 
 
 def vacuum(output_url: str, storage_options: Mapping[str, Any] | None, retention_hours: int, dry_run: bool) -> list[str]:
-    """Delete data files that no version newer than ``retention_hours`` needs (and files no
-    commit ever named: those of failed runs). Time travel to older versions ends there."""
+    """Delete the data files that no version newer than ``retention_hours`` needs, and the
+    files older than that which no commit ever named (those of killed or failed runs):
+    delta-rs' *full* vacuum (its default, "lite", only deletes files a commit removed). Time
+    travel to older versions ends there. Call it under the output's lease: the files of a
+    live run are named by no commit yet."""
     dt = load(output_url, storage_options)
-    return list(dt.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False))
+    return list(dt.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False, full=True))
 
 
 def compact(output_url: str, storage_options: Mapping[str, Any] | None, target_bytes: int = TARGET_FILE_BYTES) -> dict:
     """Rewrite small data files into files of about ``target_bytes`` (a data-preserving
-    commit: readers of any version see the same rows); the fruitdask description is carried."""
+    commit: readers of any version see the same rows); the fruitdask description of the
+    newest version is carried. Call it under the output's lease, so that no run commits
+    between the read of that description and the compaction's commit."""
     from deltalake.transaction import CommitProperties
 
     dt = load(output_url, storage_options)

@@ -12,12 +12,22 @@ wins, whether they create it or take over an expired one:
   if unchanged, replaced with ``os.replace`` (atomic). A second taker cannot hold the same
   claim, and once the first is done the content has changed.
 
+When a lease runs out is judged by the storage's clock, never by a holder's: the lock's
+last write as the storage stamped it (S3 ``Last-Modified``, the local file's mtime) against
+the storage's "now" (the ``Date`` of the same S3 answer; locally the mtime of a probe file
+created beside the lock). A machine whose clock runs minutes ahead thus never takes over a
+live lease. On the holder's own host a dead holder needs no lease at all: a lock whose host,
+boot and pid namespace are this process's, and whose pid is gone or now another process
+(another start time), is taken over at once (:func:`gone`).
+
 :mod:`fruitdask.storage.safety` builds the lock's public functions on these.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
+import functools
 import hashlib
 import json
 import logging
@@ -40,6 +50,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_TTL_S = 180.0
 #: S3 answers to a conditional write whose condition failed (or whose object is gone).
 CONFLICT_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404")
+#: S3's ``Last-Modified`` and ``Date`` count whole seconds: a lease is judged run out only
+#: this much after its TTL, so that truncation never ends it early.
+CLOCK_SLACK_S = 1.0
 
 
 def _iso(t: float) -> str:
@@ -47,31 +60,91 @@ def _iso(t: float) -> str:
 
 
 def document(run_id: str, ttl_s: float, started_at: str | None = None) -> dict[str, Any]:
-    """The lease document of this process for ``run_id``, valid ``ttl_s`` from now."""
-    now = time.time()
+    """The lease document of this process for ``run_id``, valid ``ttl_s`` from its write.
+
+    ``renewed_at`` and ``expires_at`` are this machine's clock, for people reading the lock;
+    the expiry that counts is the storage's (:meth:`Held.expires`). ``boot_id``, ``pid_ns``
+    and ``pid_start`` let a run on the same host tell a dead holder at once (:func:`gone`).
+    """
+    now, pid = time.time(), os.getpid()
     return {
-        "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+        "run_id": run_id, "host": socket.gethostname(), **_machine(), "pid": pid, "pid_start": process_start(pid),
         "started_at": started_at or _iso(now), "renewed_at": _iso(now), "expires_at": _iso(now + ttl_s), "ttl_s": ttl_s,
     }
 
 
+@functools.cache
+def _machine() -> dict[str, str | None]:
+    """What makes pids comparable: the kernel's boot and this process's pid namespace (two
+    containers with one hostname have different namespaces); ``None`` where unknown."""
+
+    def first_line(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.readline().strip() or None
+        except OSError:
+            return None
+
+    try:
+        pid_ns: str | None = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = None
+    return {"boot_id": first_line("/proc/sys/kernel/random/boot_id"), "pid_ns": pid_ns}
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot, ``/proc/PID/stat`` field
+    22), or ``None`` when there is no such live process (gone, a zombie, or no ``/proc``)."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    if fields[0] in (b"Z", b"X"):  # killed, not yet reaped: it runs no more code
+        return None
+    return int(fields[19])
+
+
+def gone(doc: dict[str, Any]) -> str | None:
+    """Why the holder of ``doc`` is known dead, when it ran on this host (same hostname, boot
+    and pid namespace) and its pid is gone or now another process; ``None`` otherwise (alive,
+    another machine or pod, or a lock of an older fruitdask): then only its lease counts."""
+    here = {"host": socket.gethostname(), **_machine()}
+    if None in here.values() or any(doc.get(k) != v for k, v in here.items()):
+        return None
+    pid, start = doc.get("pid"), doc.get("pid_start")
+    if not isinstance(pid, int) or not isinstance(start, int):
+        return None
+    now = process_start(pid)
+    if now is None:
+        return f"pid {pid} is not running on this host"
+    if now != start:
+        return f"pid {pid} is now another process (started at tick {now}, the holder at tick {start})"
+    return None
+
+
 @dataclass(frozen=True)
 class Held:
-    """A lock object as read: its document, its version (S3 ETag, or the local content)
-    and when it was last written (a fallback expiry for documents without ``expires_at``)."""
+    """A lock object as read: its document, its version (S3 ETag, or the local content),
+    when the storage last wrote it and the storage's clock when it was read (seconds since
+    the epoch, both by the storage's clock: never compared with this machine's)."""
 
     doc: dict[str, Any]
     version: str
     modified: float
+    now: float
+
+    def ttl(self, default_ttl_s: float) -> float:
+        """The holder's TTL (it renews every third of it), ``default_ttl_s`` for a lock without."""
+        ttl = self.doc.get("ttl_s")
+        return float(ttl) if isinstance(ttl, int | float) and ttl > 0 else default_ttl_s
 
     def expires(self, default_ttl_s: float) -> float:
-        try:
-            return dt.datetime.fromisoformat(str(self.doc["expires_at"])).timestamp()
-        except (KeyError, ValueError):  # a lock of an older fruitdask, or unreadable
-            return self.modified + default_ttl_s
+        """When the lease runs out by the storage's clock: its last write plus its TTL."""
+        return self.modified + self.ttl(default_ttl_s)
 
     def expired(self, default_ttl_s: float) -> bool:
-        return time.time() >= self.expires(default_ttl_s)
+        return self.now >= self.expires(default_ttl_s) + CLOCK_SLACK_S
 
 
 def _parse(data: bytes) -> dict[str, Any]:
@@ -86,20 +159,46 @@ def read(fs: fsspec.AbstractFileSystem, path: str, remote: bool) -> Held | None:
     """The lock at ``path`` as :class:`Held`, or ``None`` when there is none."""
     try:
         if remote:
+            bucket, _, key = path.partition("/")
             fs.invalidate_cache(path)
-            info = fs.info(path)  # the ETag first: a write after it fails our If-Match
+            # The ETag first: a write after it fails our If-Match. The same answer carries the
+            # lock's Last-Modified and the storage's Date: its clock, not ours.
+            head = fs.call_s3("head_object", Bucket=bucket, Key=key)
             data = fs.cat_file(path)
-            return Held(_parse(data), str(info.get("ETag", "")), info["LastModified"].timestamp())
+            return Held(_parse(data), str(head.get("ETag", "")), head["LastModified"].timestamp(), _date(head, time.time()))
         with open(path, "rb") as f:
             data = f.read()
             modified = os.fstat(f.fileno()).st_mtime
-        return Held(_parse(data), data.decode("utf-8", "replace"), modified)
+        return Held(_parse(data), data.decode("utf-8", "replace"), modified, _local_now(path))
     except FileNotFoundError:
         return None
 
 
-def _put(fs: fsspec.AbstractFileSystem, path: str, body: bytes, **condition: str) -> str | None:
-    """Conditional ``PutObject``; the new ETag, or ``None`` when the condition failed."""
+def _date(response: dict[str, Any], fallback: float) -> float:
+    """The storage's clock: the ``Date`` header of an S3 answer; ``fallback`` (this machine's
+    clock) from a store that sends none (AWS S3, MinIO and moto do)."""
+    raw = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return email.utils.parsedate_to_datetime(raw).timestamp() if raw else fallback
+    except (TypeError, ValueError):
+        return fallback
+
+
+def _local_now(path: str) -> float:
+    """The clock of the file system that holds ``path``: the mtime of a probe file created
+    (and removed) beside it. On a network file system the server sets it, not this machine."""
+    probe = f"{path}.clock-{uuid.uuid4().hex[:8]}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def _put(fs: fsspec.AbstractFileSystem, path: str, body: bytes, **condition: str) -> tuple[str, float] | None:
+    """Conditional ``PutObject``; the new ETag and the storage's time of the write (its
+    ``Date``), or ``None`` when the condition failed."""
     bucket, _, key = path.partition("/")
     try:
         out = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
@@ -111,15 +210,15 @@ def _put(fs: fsspec.AbstractFileSystem, path: str, body: bytes, **condition: str
         raise
     fs.invalidate_cache(path)
     fs.invalidate_cache(posixpath.dirname(path))
-    return str(out.get("ETag", ""))
+    return str(out.get("ETag", "")), _date(out, time.time())
 
 
 def create(fs: fsspec.AbstractFileSystem, path: str, remote: bool, doc: dict[str, Any]) -> Held | None:
     """Create the lock with ``doc`` if there is none; ``None`` when one exists."""
     body = json.dumps(doc).encode()
     if remote:
-        etag = _put(fs, path, body, IfNoneMatch="*")
-        return Held(doc, etag, time.time()) if etag is not None else None
+        put = _put(fs, path, body, IfNoneMatch="*")
+        return Held(doc, put[0], put[1], put[1]) if put is not None else None
     os.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -127,7 +226,9 @@ def create(fs: fsspec.AbstractFileSystem, path: str, remote: bool, doc: dict[str
         return None
     with os.fdopen(fd, "wb") as f:
         f.write(body)
-    return Held(doc, body.decode(), time.time())
+        f.flush()
+        written = os.fstat(f.fileno()).st_mtime
+    return Held(doc, body.decode(), written, written)
 
 
 def _under_claim(fs: fsspec.AbstractFileSystem, path: str, held: Held, action) -> bool:
@@ -153,16 +254,19 @@ def replace(fs: fsspec.AbstractFileSystem, path: str, remote: bool, held: Held, 
     (renewed, taken over or deleted meanwhile)."""
     body = json.dumps(doc).encode()
     if remote:
-        etag = _put(fs, path, body, IfMatch=held.version)
-        return Held(doc, etag, time.time()) if etag is not None else None
+        put = _put(fs, path, body, IfMatch=held.version)
+        return Held(doc, put[0], put[1], put[1]) if put is not None else None
+    written: list[float] = []
 
     def write() -> None:
         tmp = f"{path}.new-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(body)
+            f.flush()
+            written.append(os.fstat(f.fileno()).st_mtime)
         os.replace(tmp, path)
 
-    return Held(doc, body.decode(), time.time()) if _under_claim(fs, path, held, write) else None
+    return Held(doc, body.decode(), written[0], written[0]) if _under_claim(fs, path, held, write) else None
 
 
 def delete(fs: fsspec.AbstractFileSystem, path: str, remote: bool, held: Held) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import posixpath
+import time
 from typing import Any
 
 import fsspec
@@ -51,19 +52,23 @@ def lock_document(run_id: str, ttl_s: float = lease.DEFAULT_TTL_S) -> dict[str, 
     return lease.document(run_id, ttl_s)
 
 
-def _busy(target_url: str, lock_url: str, holder: dict[str, Any] | None, run_id: str) -> OutputBusyError:
-    until = holder.get("expires_at") if holder else None
-    who = (
-        f"run {holder.get('run_id')} (host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('started_at')}"
-        f"{f', lease until {until}' if until else ''})"
-        if holder else "another run"
-    )
+def _busy(target_url: str, lock_url: str, holder: lease.Held | None, run_id: str, ttl_s: float,
+          waited_s: float) -> OutputBusyError:
+    d = holder.doc if holder is not None else None
+    until = _iso(holder.expires(ttl_s)) if holder is not None else None
+    who = (f"run {d.get('run_id')} (host {d.get('host')}, pid {d.get('pid')}, since {d.get('started_at')}, "
+           f"lease until {until} by the storage's clock)" if d else "another run")
+    waited = f" after waiting {waited_s:g} s (--wait-lock)" if waited_s > 0 else ""
     dead = (f"its lease runs out at {until} unless renewed, and the next run then takes the lock over"
             if until else f"delete the lock {lock_url} and run again")
     return OutputBusyError(
-        f"output {target_url!r} is being written by {who}; this run ({run_id}) stops: wait for it to finish, "
-        f"or, if that run is dead (killed with SIGKILL), {dead}"
+        f"output {target_url!r} is being written by {who}; this run ({run_id}) stops{waited}: wait for it to finish "
+        f"(--wait-lock SECONDS waits for it), or, if that run is dead (killed with SIGKILL), {dead}"
     )
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _is_remote_fs(fs: fsspec.AbstractFileSystem) -> bool:
@@ -77,36 +82,62 @@ def read_lock(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None
     return held.doc if held is not None else None
 
 
+#: Seconds between two tries of a run that waits for the lock (``--wait-lock``).
+POLL_S = 1.0
+
+
 def acquire_lease(fs: fsspec.AbstractFileSystem, path: str, remote: bool, target_url: str, lock_url: str, run_id: str,
-                  ttl_s: float = lease.DEFAULT_TTL_S) -> lease.Held:
+                  ttl_s: float = lease.DEFAULT_TTL_S, wait_s: float = 0.0) -> lease.Held:
     """Take the lock at ``path`` for ``ttl_s`` seconds: create it, or take over one whose
-    holder stopped renewing it (logged, naming that run); else raise :class:`OutputBusyError`.
+    holder is dead (its lease ran out by the storage's clock, or its process is gone from
+    this host: :func:`fruitdask.storage.lease.gone`), logged with that run's name. While
+    another run holds it, try again every :data:`POLL_S` for up to ``wait_s`` seconds; then
+    raise :class:`OutputBusyError`.
 
     Creation and takeover are conditional writes (:mod:`fruitdask.storage.lease`): of two
     runs racing, only one gets the lock; a store that ignores the conditions still gets the
     re-check at commit (:func:`check_lock`).
     """
+    deadline, told = time.monotonic() + max(0.0, wait_s), False
+    while True:
+        held, current = _try_take(fs, path, remote, lock_url, run_id, ttl_s)
+        if held is not None:
+            return held
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _busy(target_url, lock_url, current, run_id, ttl_s, wait_s)
+        if not told:
+            logger.info("output %s is locked by run %s: waiting up to %g s for it (--wait-lock)", target_url,
+                        current.doc.get("run_id") if current is not None else "?", wait_s)
+            told = True
+        time.sleep(min(POLL_S, left))
+
+
+def _try_take(fs: fsspec.AbstractFileSystem, path: str, remote: bool, lock_url: str, run_id: str,
+              ttl_s: float) -> tuple[lease.Held | None, lease.Held | None]:
+    """One attempt: (the lease taken, ``None``) or (``None``, the live lock that kept us out)."""
     doc = lease.document(run_id, ttl_s)
     current = None
     for _ in range(3):  # the lock may change between our reads: a few tries, then "busy"
         held = lease.create(fs, path, remote, doc)
         if held is not None:
-            return held
+            return held, None
         current = lease.read(fs, path, remote)
         if current is None:
             continue  # released meanwhile
-        if not current.expired(ttl_s):
+        dead = lease.gone(current.doc)
+        if dead is None and not current.expired(ttl_s):
             break
         held = lease.replace(fs, path, remote, current, doc)
         if held is not None:
             d = current.doc
-            logger.warning(
-                "took over the output lock %s from run %s (host %s, pid %s, since %s), whose lease ran out at %s "
-                "without renewal: that run is presumed dead", lock_url, d.get("run_id"), d.get("host"), d.get("pid"),
-                d.get("started_at"), dt.datetime.fromtimestamp(current.expires(ttl_s), dt.timezone.utc).isoformat(timespec="seconds"),
-            )
-            return held
-    raise _busy(target_url, lock_url, current.doc if current is not None else None, run_id)
+            why = (f"at once: its process is gone ({dead}): that run is dead" if dead else
+                   f"whose lease ran out at {_iso(current.expires(ttl_s))} (by the storage's clock) without renewal: "
+                   "that run is presumed dead")
+            logger.warning("took over the output lock %s from run %s (host %s, pid %s, since %s), %s", lock_url,
+                           d.get("run_id"), d.get("host"), d.get("pid"), d.get("started_at"), why)
+            return held, None
+    return None, current
 
 
 def acquire_lock(fs: fsspec.AbstractFileSystem, path: str, remote: bool, target_url: str, lock_url: str, run_id: str,
@@ -120,9 +151,9 @@ def acquire_lock(fs: fsspec.AbstractFileSystem, path: str, remote: bool, target_
 def check_lock(fs: fsspec.AbstractFileSystem, path: str, target_url: str, lock_url: str, run_id: str) -> None:
     """Raise :class:`OutputBusyError` unless the lock at ``path`` is still this run's."""
     fs.invalidate_cache(posixpath.dirname(path))
-    holder = read_lock(fs, path)
-    if holder is None or holder.get("run_id") != run_id:
-        raise _busy(target_url, lock_url, holder, run_id)
+    holder = lease.read(fs, path, _is_remote_fs(fs))
+    if holder is None or holder.doc.get("run_id") != run_id:
+        raise _busy(target_url, lock_url, holder, run_id, lease.DEFAULT_TTL_S, 0.0)
 
 
 def release_lock(fs: fsspec.AbstractFileSystem, path: str, run_id: str) -> None:

@@ -47,8 +47,9 @@ class OutputTarget:
     Only one run writes a target at a time: :func:`committed` takes a lock object
     ``.<name>.fruitdask-lock`` beside it (with the run id), a lease of ``lease_ttl`` seconds
     that a heartbeat thread renews while the run lives (a dead run's lock is taken over once
-    its lease runs out), :meth:`commit` checks it is still this run's, and the lock goes when
-    the run ends. ``--overwrite`` only replaces a
+    its lease runs out, or at once when its process is gone from this host), :meth:`commit`
+    checks it is still this run's, and the lock goes when the run ends. :meth:`lock` waits up
+    to ``lock_wait`` seconds for a live holder (``--wait-lock``). ``--overwrite`` only replaces a
     fruitdask output (``_SUCCESS``, ``run.json`` or ``bundle.json`` at its top).
     """
 
@@ -57,6 +58,7 @@ class OutputTarget:
     run_id: str
     locked: bool = field(default=False, compare=False)
     lease_ttl: float = field(default=lease.DEFAULT_TTL_S, compare=False)
+    lock_wait: float = field(default=0.0, compare=False)
     _heartbeat: lease.Heartbeat | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -98,10 +100,11 @@ class OutputTarget:
 
     @classmethod
     def for_update(cls, url: str, storage_options: Mapping[str, Any] | None, run_id: str | None = None,
-                   lease_ttl: float = lease.DEFAULT_TTL_S) -> OutputTarget:
+                   lease_ttl: float = lease.DEFAULT_TTL_S, lock_wait: float = 0.0) -> OutputTarget:
         """A target updated in place (the features table and the files beside it), with a
         staging prefix for the run's own inputs and the output's lock; writes nothing."""
-        target = cls(url.rstrip("/"), dict(storage_options or {}), run_id or uuid.uuid4().hex[:12], lease_ttl=lease_ttl)
+        target = cls(url.rstrip("/"), dict(storage_options or {}), run_id or uuid.uuid4().hex[:12], lease_ttl=lease_ttl,
+                     lock_wait=lock_wait)
         if is_remote(target.url) and "/" not in fsspec.core.split_protocol(target.url)[1].strip("/"):
             raise OutputError(
                 f"--output {url!r} is a bucket root: pass a prefix inside it, such as {paths.join(target.url, 'features/run-1')}"
@@ -152,18 +155,20 @@ class OutputTarget:
         return paths.backup_url(self.url, self.run_id)
 
     def lock(self) -> None:
-        """Take the output's lock for this run (taking over a dead run's expired lease) and
-        start renewing it.
+        """Take the output's lock for this run (taking over a dead run's lock: its lease ran
+        out, or its process is gone from this host) and start renewing it; wait up to
+        :attr:`lock_wait` seconds for a live holder.
 
         Raises
         ------
         OutputBusyError
-            Another run holds it (the message names that run and when its lease runs out).
+            Another run holds it still (the message names that run and when its lease runs out).
         """
         fs, path = get_fs(self.lock_url, self.storage_options)
         remote = is_remote(self.url)
         try:
-            held = safety.acquire_lease(fs, path, remote, self.url, self.lock_url, self.run_id, self.lease_ttl)
+            held = safety.acquire_lease(fs, path, remote, self.url, self.lock_url, self.run_id, self.lease_ttl,
+                                        self.lock_wait)
         except s3errors.storage_exceptions() as e:
             raise translate(e, self.lock_url) from e
         self._heartbeat = lease.Heartbeat(fs, path, remote, held, self.lease_ttl).start()
