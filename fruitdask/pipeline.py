@@ -106,6 +106,8 @@ def run(
         stack.callback(target.abort)  # the run's staging (manifest, weights copy) goes either way
         with timer.stage("table"):
             state = open_output(target, cfg.overwrite)
+            check_format(state, target, replacing=cfg.rebuild or cfg.overwrite)
+            delta.describe(state)  # a table from before its description: described once, in place
         backend = make_backend(cfg, target, progress or Progress())
         return _Run(cfg, target, settings, backend, state, timer, emit, started, resolved).go(stack)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -185,7 +187,7 @@ class _Run:
         settings = self.settings = self.settings.with_weights(winfo.sha256)
         fp = keys.settings_fingerprint(settings)
         check_settings(self.state, fp, settings, winfo, self.target, replacing=cfg.rebuild or cfg.overwrite)
-        if fp == self.state.meta.get("settings") and not (plan.changes_table or cfg.refit or cfg.rebuild):
+        if fp == self._table_settings().get("fingerprint") and not (plan.changes_table or cfg.refit or cfg.rebuild):
             return self._up_to_date(plan)  # the settings only looked different (e.g. another path to the same file)
         with self.backend.running():
             with self.timer.stage("broadcast"):
@@ -244,7 +246,7 @@ class _Run:
         the weights must be staged for workers that cannot read it (see
         :func:`fruitdask.backends.dask.backend.weights_source`; a worker checks the content
         digest as it loads them). None otherwise: the file is read and checked in full."""
-        old = self.state.meta.get("feature_settings") or {}
+        old = self._table_settings()
         if self.cfg.weights in model.WEIGHTS_CHOICES or not old.get("weights_file_sha256"):
             return None
         with self.timer.stage("weights"):
@@ -258,10 +260,15 @@ class _Run:
         info = model.WeightsInfo(cfg.weights, "file", cfg.weights, old["weights_sha256"], file_sha256=digest)
         return WeightsFile(cfg.weights, info.sha256, self.so), info
 
+    def _table_settings(self) -> dict:
+        """The table's feature settings (its description), with their ``fingerprint``."""
+        d = self.state.description
+        return {**d.feature_settings, "fingerprint": d.settings} if d is not None else {}
+
     def _settings_changed(self, loaded: tuple[WeightsSource, model.WeightsInfo] | None) -> bool:
         """Whether this run's feature settings may differ from the table's (checked without
         loading weights: a weights file is hashed, a named choice compared by name and seed)."""
-        old = self.state.meta.get("feature_settings") or {}
+        old = self._table_settings()
         if not self.state.exists or not old:
             return False
         s, cfg = self.settings, self.cfg
@@ -285,7 +292,8 @@ class _Run:
             target=self.target, run_id=self.target.run_id, settings_fp=fp, components=cfg.components, variance=cfg.variance,
             refit=cfg.refit, rebuild=cfg.rebuild or (cfg.overwrite and self.state.exists), resume=cfg.resume,
             feature_dim=s.feature_dim, pca_batch_size=cfg.pca_batch_size, power_iterations=cfg.pca_power_iterations,
-            seed=cfg.seed, meta=meta, check=lambda errors: check_errors(cfg, plan.listed, len(plan.errors) + len(errors)),
+            seed=cfg.seed, meta=meta, description=delta.Description(keys.TABLE_FORMAT, fp, meta["feature_settings"]),
+            check=lambda errors: check_errors(cfg, plan.listed, len(plan.errors) + len(errors)),
             before_commit=self.target.ensure_held,
         )
 
@@ -345,22 +353,52 @@ def publish(record: output.RunRecord, target: storage.OutputTarget, refitted: bo
     return doc
 
 
+def check_format(state: delta.TableState, target: storage.OutputTarget, *, replacing: bool) -> None:
+    """Refuse a table of another format than this fruitdask writes before anything is
+    written: a newer one always (only a newer fruitdask may change it), an older one unless
+    ``replacing`` it (``--rebuild`` rewrites it in this format)."""
+    from fruitdask import __version__
+    from fruitdask.errors import TableFormatError
+
+    found = state.description.format if state.description is not None else keys.TABLE_FORMAT
+    where = delta.table_url(target.url)
+    if found > keys.TABLE_FORMAT:
+        raise TableFormatError(
+            f"the table at {where} was written by a newer fruitdask (table format {found}; fruitdask {__version__} "
+            f"reads and writes format {keys.TABLE_FORMAT}): upgrade fruitdask to update it; nothing was written"
+        )
+    if found < keys.TABLE_FORMAT and not replacing:
+        raise TableFormatError(
+            f"the table at {where} was written by an older fruitdask (table format {found}, this one writes format "
+            f"{keys.TABLE_FORMAT}): pass --rebuild to rewrite it in format {keys.TABLE_FORMAT}, or write to another --output"
+        )
+
+
 def check_settings(state: delta.TableState, fp: str, settings: FeatureSettings, winfo: model.WeightsInfo,
                    target: storage.OutputTarget, *, replacing: bool) -> None:
     """Refuse to mix features made with other settings into the table (unless ``replacing``
-    it: ``--rebuild``, ``--overwrite``)."""
+    it: ``--rebuild``, ``--overwrite``); the message names each setting that differs."""
     from fruitdask.errors import SettingsMismatchError
 
-    old = state.meta.get("settings")
-    if state.exists and old and old != fp and not replacing:
-        was = state.meta.get("feature_settings") or {}
-        s = settings
-        raise SettingsMismatchError(
-            f"the table at {delta.table_url(target.url)} holds features made with other settings "
-            f"({', '.join(f'{k} {v}' for k, v in sorted(was.items()) if k != 'weights_sha256')}) than this run's "
-            f"(image_size {s.image_size}, pooling {s.pooling}, precision {s.precision}, weights {winfo.requested}): "
-            f"write to another --output, or pass --rebuild to featurize everything again into a new version"
-        )
+    table = state.description
+    if not state.exists or table is None or table.settings == fp or replacing:
+        return
+    s = settings
+    now = {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision, "weights_sha256": winfo.sha256}
+    was = table.feature_settings
+    differ = [f"{k} {_shown(k, was.get(k))} in the table, {_shown(k, now[k])} in this run"
+              for k in delta.SETTINGS_FIELDS if k in was and was.get(k) != now[k]]
+    if not differ:  # only the fingerprint is known (a table described from its rows), or the format's part of it
+        differ = [f"settings fingerprint {table.settings} in the table, {fp} in this run"]
+    raise SettingsMismatchError(
+        f"the table at {delta.table_url(target.url)} holds features made with other settings than this run's "
+        f"({'; '.join(differ)}): write to another --output, or pass --rebuild to featurize everything again "
+        f"into a new version"
+    )
+
+
+def _shown(key: str, value: object) -> str:
+    return f"{str(value)[:12]}..." if key == "weights_sha256" and value else str(value)
 
 
 def plan_counts(plan: lake_plan.Plan) -> dict:

@@ -9,8 +9,12 @@ started together never both add an image. Data files are written by the workers 
 commit; a file no commit names is invisible to readers and removed by :func:`vacuum`.
 
 Each fruitdask commit carries, in its commit info under ``fruitdask``, the run id, the input,
-the feature settings and their fingerprint, the PCA fit, and the run's counts: the table
-describes itself (``fruitdask table history``).
+the feature settings and their fingerprint, the PCA fit, and the run's counts (``fruitdask
+table history``). What the table *is* (its format and the feature settings of every row) lives
+in the table's own metadata, the ``description`` of its ``metaData`` action (:class:`Description`):
+every checkpoint carries it, so vacuums, compactions, other writers and log cleanup never push
+it out. A table from before it (settings in commit info only) is described once, in place
+(:func:`describe`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ logger = logging.getLogger(__name__)
 
 TABLE_DIR = storage.paths.FEATURES
 META_KEY = "fruitdask"
-#: Commits searched back for the last fruitdask one (compactions carry it forward too).
+#: Commits searched back for the last fruitdask one (compactions carry it forward too); what
+#: must not be lost (format, settings) is in the table's :class:`Description`, not here.
 HISTORY_DEPTH = 50
+#: The feature settings compared between a run and its table (and named when they differ).
+SETTINGS_FIELDS = ("image_size", "pooling", "precision", "weights_sha256")
 #: Target size of a data file after compaction (``fruitdask table compact``).
 TARGET_FILE_BYTES = 128 << 20
 #: A data file under this size is "small" (a run merges small files: lake.update.merge_small_files).
@@ -100,15 +107,55 @@ def _uri(url: str) -> str:
     return os.path.abspath(url)
 
 
+@dataclass(frozen=True)
+class Description:
+    """What the table is: its format (:data:`fruitdask.lake.keys.TABLE_FORMAT`) and the
+    settings every row was made with (their fingerprint and readable fields), kept as JSON in
+    the ``description`` of the table's ``metaData`` action."""
+
+    format: int
+    settings: str  # the fingerprint (lake.keys.settings_fingerprint): what the rows' settings column holds
+    feature_settings: Mapping[str, Any] = field(default_factory=dict)  # readable: image_size, pooling...
+
+    def same_as(self, other: Description | None) -> bool:
+        """Whether rows of the two tables are interchangeable (same format, same settings)."""
+        return other is not None and (self.format, self.settings) == (other.format, other.settings)
+
+    def text(self) -> str:
+        return json.dumps({META_KEY: {"format": self.format, "settings": self.settings,
+                                      "feature_settings": dict(self.feature_settings)}}, sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: str | None) -> Description | None:
+        """The description a fruitdask table holds (None for any other text, or none)."""
+        try:
+            doc = json.loads(text or "")[META_KEY]
+            return cls(int(doc["format"]), str(doc["settings"]), dict(doc.get("feature_settings") or {}))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    @classmethod
+    def of_meta(cls, meta: Mapping[str, Any]) -> Description | None:
+        """From a fruitdask commit's description (how tables before :class:`Description` kept it)."""
+        if not meta.get("settings"):
+            return None
+        return cls(int(meta.get("format") or 1), str(meta["settings"]), dict(meta.get("feature_settings") or {}))
+
+
 @dataclass
 class TableState:
-    """The table as one run read it: the version it will commit on top of, its files and
-    the last fruitdask commit's description (``None`` for a table that does not exist)."""
+    """The table as one run read it: the version it will commit on top of, its files, its
+    :class:`Description` and the last fruitdask commit's description (``meta``).
+
+    ``described`` is False for a table whose description was recovered from its history
+    (written before :class:`Description`): :func:`describe` writes it into the table."""
 
     url: str
     storage_options: Mapping[str, Any]
     dt: Any = None
     meta: dict = field(default_factory=dict)
+    description: Description | None = None
+    described: bool = True
 
     @property
     def exists(self) -> bool:
@@ -141,7 +188,50 @@ def open_table(output_url: str, storage_options: Mapping[str, Any] | None) -> Ta
     except OSError as e:
         raise storage.translate(e, url) from e
     state.meta = last_meta(state.dt)
+    state.description = Description.parse(state.dt.metadata().description)
+    if state.description is None:
+        state.described = False
+        state.description = _recovered(state.dt, state.meta)
     return state
+
+
+def _recovered(dt, meta: Mapping[str, Any]) -> Description | None:
+    """An undescribed table's description: from its newest fruitdask commit (the whole history
+    left is searched, once), else from the settings its rows name (fingerprint only)."""
+    found = Description.of_meta(meta)
+    if found is None:
+        for entry in dt.history():
+            raw = entry.get(META_KEY)
+            found = Description.of_meta(json.loads(raw) if isinstance(raw, str) else dict(raw)) if raw else None
+            if found is not None:
+                break
+    if found is None:
+        fps = dt.to_pyarrow_dataset().to_table(columns=["settings"]).column("settings").unique().to_pylist()
+        if len(fps) == 1 and fps[0]:
+            found = Description(1, str(fps[0]))
+    return found
+
+
+def describe(state: TableState) -> bool:
+    """Write the description of a table from before :class:`Description` into the table, in
+    place, as one metadata-only commit (its rows untouched); True when it did. The commit
+    carries the last fruitdask commit's description forward, as a compaction does."""
+    from deltalake.exceptions import CommitFailedError, DeltaError
+    from deltalake.transaction import CommitProperties
+
+    if not state.exists or state.described or state.description is None:
+        return False
+    custom = {META_KEY: json.dumps({**state.meta, "operation": "describe"}, sort_keys=True)} if state.meta else {}
+    try:
+        state.dt.alter.set_table_description(
+            state.description.text(), commit_properties=CommitProperties(custom_metadata=custom, max_commit_retries=0))
+    except (CommitFailedError, DeltaError) as e:
+        raise _commit_error(state, e) from e
+    state.dt.update_incremental()
+    state.described = True
+    logger.info("the table at %s kept its feature settings in its commit history only: moved them into the table's "
+                "description (version %d; once)", state.url, state.version)
+    return True
 
 
 def last_meta(dt) -> dict:
@@ -162,12 +252,16 @@ def relative(state: TableState, uri: str) -> str:
     return uri
 
 
-def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict) -> int:
+def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict,
+           description: Description | None = None) -> int:
     """Commit ``adds`` and ``removes`` as one new version on top of the version ``state``
     read; return that version.
 
     ``adds``: ``{path, size, rows, stats}`` of files already written under the table root;
-    ``removes``: ``{path, size}`` of files of the version read.
+    ``removes``: ``{path, size}`` of files of the version read. ``description``: what the
+    table is after this commit (default: as it was); a new table gets it in its first commit,
+    and a replaced one (``--rebuild`` with other settings: every file removed) in the same
+    commit, which replaces the table's metadata (Delta's ``CREATE OR REPLACE``).
 
     Raises
     ------
@@ -182,27 +276,55 @@ def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict)
     now = int(time.time() * 1000)
     add_actions = [AddAction(a["path"], int(a["size"]), {}, now, True, a["stats"]) for a in adds]
     props = CommitProperties(custom_metadata={META_KEY: json.dumps(meta, sort_keys=True)}, max_commit_retries=0)
+    if state.exists and state.description is None and description is not None:
+        state.description, state.described = description, False  # no record anywhere: this run's
+    describe(state)
+    description = description or state.description
+    replace = state.exists and description is not None and not description.same_as(state.description)
+    if replace:
+        _check_replaces(state, removes)
     try:
-        if not state.exists:
+        if not state.exists or replace:
             create_table_with_add_actions(
-                _uri(state.url), Schema.from_arrow(TABLE_SCHEMA), add_actions, mode="error",
+                _uri(state.url), Schema.from_arrow(TABLE_SCHEMA), add_actions, mode="overwrite" if replace else "error",
+                description=description.text() if description else None,
                 storage_options=delta_options(state.url, state.storage_options), commit_properties=props,
             )
-            return 0
+            return 0 if not state.exists else state.version + 1
         removes_ = [RemoveAction(r["path"], True, now, int(r["size"]) if r.get("size") else None) for r in removes]
         read_version = state.version
         state.dt.create_write_transaction([*add_actions, *removes_], mode="append", schema=TABLE_SCHEMA,
                                           commit_properties=props)
     except (CommitFailedError, DeltaError) as e:
-        if isinstance(e, CommitFailedError) or "already exists" in str(e):
-            raise ConcurrentRunError(
-                f"another run committed to {state.url} while this run worked (this run read version "
-                f"{state.version}): nothing of this run was committed; run the same command again, it "
-                f"featurizes only what is still missing"
-            ) from e
-        raise OutputError(f"could not commit the features table {state.url}: {e}") from e
+        raise _commit_error(state, e) from e
     # No retries: the commit is exactly the version after the one read.
     return read_version + 1
+
+
+def _check_replaces(state: TableState, removes: list[dict]) -> None:
+    """A commit that replaces the table's metadata removes every file of the latest version:
+    refuse it unless that is the version read and the run removes all of its files."""
+    from deltalake import DeltaTable
+
+    latest = DeltaTable(_uri(state.url), storage_options=delta_options(state.url, state.storage_options)).version()
+    if latest != state.version:
+        raise _commit_error(state, None)
+    if {r["path"] for r in removes} != {relative(state, u) for u in state.files()}:
+        raise OutputError(f"a commit that changes what the table {state.url} is must replace every file of version "
+                          f"{state.version}: nothing was committed (a fruitdask bug: please report it)")
+
+
+def _commit_error(state: TableState, e: Exception | None) -> OutputError:
+    """``e`` None: another writer committed (seen before trying)."""
+    from deltalake.exceptions import CommitFailedError
+
+    if e is None or isinstance(e, CommitFailedError) or "already exists" in str(e):
+        return ConcurrentRunError(
+            f"another run committed to {state.url} while this run worked (this run read version "
+            f"{state.version}): nothing of this run was committed; run the same command again, it "
+            f"featurizes only what is still missing"
+        )
+    return OutputError(f"could not commit the features table {state.url}: {e}")
 
 
 def load(output_url: str, storage_options: Mapping[str, Any] | None, version: int | None = None):
@@ -256,4 +378,11 @@ def summary(output_url: str, storage_options: Mapping[str, Any] | None, version:
         "labels": {d["values"]: d["counts"] for d in sorted(labels, key=lambda d: str(d["values"]))},
         "pca_fits": sorted({str(v) for v in t.column("pca_fit").unique().to_pylist()}),
         "fruitdask": last_meta(dt),
+        "table": _described(dt),
     }
+
+
+def _described(dt) -> dict | None:
+    """What the table is (format, feature settings), as its description says (None: undescribed)."""
+    d = Description.parse(dt.metadata().description)
+    return None if d is None else {"format": d.format, "settings": d.settings, "feature_settings": dict(d.feature_settings)}

@@ -69,6 +69,8 @@ class Request:
     power_iterations: int = 2
     seed: int = 0
     meta: dict = field(default_factory=dict)  # the commit's description (counts added here)
+    #: What the table is after this run (its format and feature settings).
+    description: delta.Description | None = None
     #: Called with this run's failed images before anything is committed (``--max-errors``).
     check: Callable[[pd.DataFrame], None] = lambda errors: None
     #: Called right before the commit (the output's lock still held: see OutputTarget.ensure_held).
@@ -173,7 +175,8 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
                 "pca_fit_seq": _fit_seq(state) + (1 if refit else 0), "rows": out.rows,
                 "counts": {"added": out.added, "updated": out.updated, "removed": plan.removed}}
         req.before_commit()
-        out.version_after = delta.commit(state, adds, [{"path": p, "size": s} for p, s in removed], meta)
+        out.version_after = delta.commit(state, adds, [{"path": p, "size": s} for p, s in removed], meta,
+                                         req.description)
     return out
 
 

@@ -1,0 +1,137 @@
+"""What the table is and what the last run did live in the table itself (issue 31, items 1-4).
+
+- the feature settings and the table format are the table's own metadata (its description),
+  which survives a history pushed past any search depth and log cleanup; a table of a newer
+  format is refused unchanged; a table from before is described in place, once;
+
+Real runs of ``fruitdask run`` at 32 px with a seeded random weights file, on a LocalCluster
+the module owns: set-ups run in-process (``cli.main``), the commands whose promise is checked
+run as a user types them, in a subprocess from another folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import BUNDLED, SMALL_SIZE, copy_images
+
+from fruitdask import cli
+from fruitdask.lake import keys
+from fruitdask.lake import table as delta
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(module_local_cluster):
+    _, client = module_local_cluster(1, 2)
+    return client
+
+
+def run_args(cluster, data: Path, out: Path, weights: Path, *extra: str) -> list[str]:
+    return ["run", "--input", str(data), "--output", str(out), "--cluster", cluster.scheduler.address,
+            "--image-size", str(SMALL_SIZE), "--weights", str(weights), "--precision", "float32",
+            "--partition-size", "4", "--quiet", *extra]
+
+
+def run(cluster, data: Path, out: Path, weights: Path, *extra: str) -> int:
+    return cli.main(run_args(cluster, data, out, weights, *extra))
+
+
+def typed(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m fruitdask ARGS`` as a user types it, from ``cwd``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "fruitdask", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)
+
+
+def push_history(out: Path, commits: int) -> None:
+    """Other writers' commits (table property changes), then a checkpoint and a log cleanup
+    that deletes every commit file before it: the first commits' commit info is gone."""
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(str(out / "features"))
+    dt.alter.set_table_properties({"delta.logRetentionDuration": "interval 0 seconds"})
+    for i in range(commits):
+        dt.alter.set_table_properties({"delta.checkpointInterval": str(100 + i)})
+    dt.create_checkpoint()
+    dt.cleanup_metadata()
+
+
+def test_settings_survive_a_history_pushed_past_the_search_depth(tmp_path, cluster, weights_file):
+    """Fails before this change: the settings lived only in commit info searched 50 commits
+    deep, so after 55 other commits and a log cleanup a run with other settings was accepted
+    and mixed its features into the table."""
+    data = copy_images(BUNDLED, tmp_path / "in", 2, 2)
+    out = tmp_path / "out"
+    assert run(cluster, data, out, weights_file) == 0
+    push_history(out, delta.HISTORY_DEPTH + 5)
+    version = delta.load(str(out), {}).version()
+    assert not any(e.get(delta.META_KEY) for e in delta.history(str(out), {})), "no fruitdask commit info is left"
+
+    proc = typed(run_args(cluster, data, out, weights_file, "--pooling", "max"), tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0], err
+    assert "pooling avg in the table, max in this run" in err[0] and "image_size" not in err[0]
+    assert "--output" in err[0] and "--rebuild" in err[0]
+    assert delta.load(str(out), {}).version() == version, "nothing was committed"
+
+
+def test_a_newer_format_table_is_refused_unchanged(tmp_path, cluster, weights_file):
+    """Fails before this change: the table's format was written but never compared, so
+    ``--rebuild`` rewrote a newer fruitdask's table in the older layout (the code before has
+    no ``Description`` either: the test stops there)."""
+    from deltalake import DeltaTable
+
+    data = copy_images(BUNDLED, tmp_path / "in", 2, 2)
+    out = tmp_path / "out"
+    assert run(cluster, data, out, weights_file) == 0
+    dt = DeltaTable(str(out / "features"))
+    now = delta.Description.parse(dt.metadata().description)
+    assert now is not None and now.format == keys.TABLE_FORMAT
+    newer = delta.Description(keys.TABLE_FORMAT + 1, now.settings, now.feature_settings)
+    dt.alter.set_table_description(newer.text())
+    version, files = dt.version(), sorted(p.name for p in (out / "features").rglob("*") if p.is_file())
+
+    for extra in ((), ("--rebuild",)):
+        proc = typed(run_args(cluster, data, out, weights_file, *extra), tmp_path)
+        assert proc.returncode == 1, proc.stderr
+        assert "newer fruitdask" in proc.stderr and f"table format {keys.TABLE_FORMAT + 1}" in proc.stderr
+        assert "upgrade fruitdask" in proc.stderr and "--rebuild" not in proc.stderr
+    dt = DeltaTable(str(out / "features"))
+    assert dt.version() == version and delta.Description.parse(dt.metadata().description) == newer
+    assert sorted(p.name for p in (out / "features").rglob("*") if p.is_file()) == files
+
+
+def test_a_table_from_before_is_described_in_place_once(tmp_path, cluster, weights_file):
+    """A table whose settings are only in its commit info (as every table before this change):
+    the next run moves them into the table's description in one metadata-only commit, once,
+    and other settings are refused from then on, whatever the history. Fails before this
+    change: no description was ever written."""
+    from deltalake import DeltaTable
+
+    data = copy_images(BUNDLED, tmp_path / "in", 2, 2)
+    out = tmp_path / "out"
+    assert run(cluster, data, out, weights_file) == 0
+    dt = DeltaTable(str(out / "features"))
+    expected = delta.Description.parse(dt.metadata().description)
+    dt.alter.set_table_description("")  # what a table of the code before holds: no description
+    assert delta.Description.parse(DeltaTable(str(out / "features")).metadata().description) is None
+
+    proc = typed(run_args(cluster, data, out, weights_file), tmp_path)  # the same command as the first run
+    assert proc.returncode == 0, proc.stderr
+    dt = DeltaTable(str(out / "features"))
+    assert delta.Description.parse(dt.metadata().description) == expected and dt.version() == 2
+    assert json.loads(dt.history(1)[0][delta.META_KEY])["operation"] == "describe"
+    assert run(cluster, data, out, weights_file) == 0
+    assert DeltaTable(str(out / "features")).version() == 2, "described once"
+    push_history(out, delta.HISTORY_DEPTH + 5)
+    assert run(cluster, data, out, weights_file, "--image-size", "48") == 1
