@@ -295,9 +295,11 @@ class _Run:
             seed=cfg.seed, meta=meta, description=delta.Description(keys.TABLE_FORMAT, fp, meta["feature_settings"]),
             check=lambda errors: check_errors(cfg, plan.listed, len(plan.errors) + len(errors)),
             before_commit=self.target.ensure_held,
+            record=lambda outcome: self._run_record(plan, outcome, winfo).document(),
         )
 
     def _up_to_date(self, plan: lake_plan.Plan) -> dict:
+        republish(self.target, self.state)
         counts = plan_counts(plan)
         logger.info("the table is up to date with the input (version %s, %d images): nothing to do",
                     self.state.version, counts["unchanged"])
@@ -306,8 +308,13 @@ class _Run:
                 "duration_s": round(self.timer.total, 3), "timings_s": dict(self.timer.stages)}
 
     def _record(self, plan: lake_plan.Plan, outcome: update.Outcome, winfo: model.WeightsInfo) -> dict:
+        record = self._run_record(plan, outcome, winfo)
+        with self.timer.stage("publish"):
+            return publish(record, self.target)
+
+    def _run_record(self, plan: lake_plan.Plan, outcome: update.Outcome, winfo: model.WeightsInfo) -> output.RunRecord:
         errors = current_errors(plan, outcome, self.target.run_id)
-        record = output.RunRecord(
+        return output.RunRecord(
             # run.json's config shows the precision the features were made with, not "auto".
             cfg=dataclasses.replace(self.cfg, precision=self.settings.precision), output_url=self.target.url,
             run_id=self.target.run_id, started=self.started, timer=self.timer, n_listed=plan.listed,
@@ -316,21 +323,22 @@ class _Run:
             weights=winfo, warnings=[winfo.warning] if winfo.warning else [], extra=self.backend.extra,
             lake=lake_counts(plan, outcome),
         )
-        with self.timer.stage("publish"):
-            return publish(record, self.target, outcome.refitted)
 
 
-def publish(record: output.RunRecord, target: storage.OutputTarget, refitted: bool) -> dict:
+def publish(record: output.RunRecord, target: storage.OutputTarget) -> dict:
     """Write the run's record beside the committed table: ``errors.parquet``, the current
-    fit and its scree plot (when refitted), ``run.json`` and the report, at the top (the
-    last run's) and under ``runs/<run_id>/`` (kept); ``_SUCCESS`` last."""
+    fit and its scree plot (every run: a run that committed but failed before this leaves
+    no stale copy behind the next one), ``run.json`` and the report, at the top (the last
+    run's) and under ``runs/<run_id>/`` (kept); ``_SUCCESS`` last. The record and the fit
+    are also in the commit (the record in its description, the fit named by every row):
+    these are copies for people and tools that read files."""
     so = target.storage_options
 
     def put(name: str, data: bytes) -> None:
         storage.write_file(storage.join(target.url, name), data, so)
 
     put(output.ERRORS, output.errors_parquet(record.errors))
-    if refitted:
+    if record.reduction is not None:
         put(output.REDUCTION, record.reduction.to_npz())
         r = record.reduction
         put(output.SCREE, plots.scree_png(r.explained_variance_ratio, k=r.k, variance_target=r.variance_target,
@@ -351,6 +359,35 @@ def publish(record: output.RunRecord, target: storage.OutputTarget, refitted: bo
     put(output.REPORT, page)
     put(output.SUCCESS, b"")
     return doc
+
+
+def republish(target: storage.OutputTarget, state: delta.TableState) -> bool:
+    """When the table's newest run committed but did not finish publishing (``run.json`` is
+    another run's, or absent), copy its record (from its commit) and its fit (the one its rows
+    name) beside the table, ``_SUCCESS`` last; True when it did. A run with work publishes
+    everything anyway: this is for a run with nothing to do."""
+    record = state.meta.get(delta.RECORD_KEY)
+    if not state.exists or not record:
+        return False
+    so = target.storage_options
+    try:
+        shown = json.loads(storage.read_bytes(target.final_path(output.RUN_JSON), so)).get("run_id")
+    except (FileNotFoundError, ValueError):
+        shown = None
+    if shown == record.get("run_id"):
+        return False
+    logger.warning("run %s committed version %s but did not finish publishing (run.json is %s): copying its record "
+                   "and fit from the table", record.get("run_id"), record.get("table", {}).get("version_after"),
+                   f"run {shown}'s" if shown else "absent")
+    fit = delta.current_fit(state.dt)
+    if fit:
+        npz = storage.read_bytes(update.fit_url(target.url, fit), so)
+        storage.write_file(target.final_path(output.REDUCTION), npz, so)
+    text = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+    storage.write_file(target.final_path(f"{output.RUNS}/{record['run_id']}/{output.RUN_JSON}"), text, so)
+    storage.write_file(target.final_path(output.RUN_JSON), text, so)
+    storage.write_file(target.final_path(output.SUCCESS), b"", so)
+    return True
 
 
 def check_format(state: delta.TableState, target: storage.OutputTarget, *, replacing: bool) -> None:

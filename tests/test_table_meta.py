@@ -17,8 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import BUNDLED, SMALL_SIZE, copy_images
+from PIL import Image, ImageOps
 
 from fruitdask import cli
 from fruitdask.lake import keys
@@ -135,3 +137,59 @@ def test_a_table_from_before_is_described_in_place_once(tmp_path, cluster, weigh
     assert DeltaTable(str(out / "features")).version() == 2, "described once"
     push_history(out, delta.HISTORY_DEPTH + 5)
     assert run(cluster, data, out, weights_file, "--image-size", "48") == 1
+
+
+def _fit(path: Path):
+    from fruitdask.reduce import Reduction
+
+    return Reduction.from_npz(path.read_bytes())
+
+
+def test_a_run_that_fails_after_its_commit_leaves_nothing_stale(tmp_path, cluster, weights_file, monkeypatch):
+    """A refit whose publishing fails after its commit: ``train`` trains with the new fit (the
+    one its rows name), ``report`` and ``table show`` name the new run, and the next ``run``
+    (nothing to do) copies the new run's record and fit beside the table. Fails before this
+    change: ``train`` bundled the stale ``reduction.npz`` of the run before."""
+    from fruitdask import pipeline
+
+    data = copy_images(BUNDLED, tmp_path / "in", 2, 3)
+    out = tmp_path / "out"
+    assert run(cluster, data, out, weights_file) == 0
+    old_fit, old_run = _fit(out / "reduction.npz"), json.loads((out / "run.json").read_text())["run_id"]
+    for f in sorted(data.rglob("*.jpg")):  # twice the rows: the next run refits on all of them
+        ImageOps.mirror(Image.open(f)).save(f.parent / f"mirror_{f.name}")
+
+    def fails(record, target):
+        raise OSError("the disk filled up while publishing")
+
+    monkeypatch.setattr(pipeline, "publish", fails)
+    assert run(cluster, data, out, weights_file) != 0
+    monkeypatch.undo()
+    last = delta.history(str(out), {}, 1)[0]
+    new_run, new_fit_id = last[delta.META_KEY]["run_id"], last[delta.META_KEY]["pca_fit"]
+    assert last["version"] == 1 and new_run != old_run
+    assert json.loads((out / "run.json").read_text())["run_id"] == old_run, "the files beside the table are stale"
+    new_fit = _fit(out / "pca" / f"{new_fit_id}.npz")
+    assert new_fit.n_samples == 12 != old_fit.n_samples
+
+    proc = typed(["train", "--features", str(out), "--test-input", str(data), "--model-out", "model", "--quiet"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    bundled = _fit(tmp_path / "model" / "reduction.npz")
+    np.testing.assert_array_equal(bundled.components, new_fit.components)
+    np.testing.assert_array_equal(bundled.mean, new_fit.mean)
+
+    proc = typed(["report", str(out), "--quiet"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    page = (out / "report.html").read_text()
+    assert f"fruitdask run {new_run}" in page and old_run not in page.split("</title>")[0]
+    proc = typed(["table", "show", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["version"] == 1 and shown["fruitdask"]["run_id"] == new_run and shown["pca_fits"] == [new_fit_id]
+    assert "record" not in shown["fruitdask"]
+
+    assert run(cluster, data, out, weights_file) == 0  # nothing to do: the new run's files are published
+    doc = json.loads((out / "run.json").read_text())
+    assert doc["run_id"] == new_run and doc["table"]["version_after"] == 1 and (out / "_SUCCESS").exists()
+    np.testing.assert_array_equal(_fit(out / "reduction.npz").components, new_fit.components)
+    assert delta.load(str(out), {}).version() == 1

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 TABLE_DIR = storage.paths.FEATURES
 META_KEY = "fruitdask"
+#: The run's record (its ``run.json`` as of the commit), inside a run commit's description:
+#: what the last run did is part of its commit, whether or not its publishing finished.
+RECORD_KEY = "record"
 #: Commits searched back for the last fruitdask one (compactions carry it forward too); what
 #: must not be lost (format, settings) is in the table's :class:`Description`, not here.
 HISTORY_DEPTH = 50
@@ -207,8 +210,8 @@ def _recovered(dt, meta: Mapping[str, Any]) -> Description | None:
                 break
     if found is None:
         fps = dt.to_pyarrow_dataset().to_table(columns=["settings"]).column("settings").unique().to_pylist()
-        if len(fps) == 1 and fps[0]:
-            found = Description(1, str(fps[0]))
+        if fps:  # rows of several settings (mixed before their check held): a run refuses them all
+            found = Description(1, ",".join(sorted(str(f) for f in fps)))
     return found
 
 
@@ -275,10 +278,8 @@ def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict,
 
     now = int(time.time() * 1000)
     add_actions = [AddAction(a["path"], int(a["size"]), {}, now, True, a["stats"]) for a in adds]
-    props = CommitProperties(custom_metadata={META_KEY: json.dumps(meta, sort_keys=True)}, max_commit_retries=0)
-    if state.exists and state.description is None and description is not None:
-        state.description, state.described = description, False  # no record anywhere: this run's
-    describe(state)
+    props = CommitProperties(custom_metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)},
+                             max_commit_retries=0)
     description = description or state.description
     replace = state.exists and description is not None and not description.same_as(state.description)
     if replace:
@@ -345,7 +346,7 @@ def history(output_url: str, storage_options: Mapping[str, Any] | None, limit: i
     for entry in load(output_url, storage_options).history(limit):
         row = {k: entry.get(k) for k in ("version", "timestamp", "operation")}
         raw = entry.get(META_KEY)
-        row[META_KEY] = (json.loads(raw) if isinstance(raw, str) else raw) if raw else None
+        row[META_KEY] = _shown((json.loads(raw) if isinstance(raw, str) else raw) if raw else None)
         out.append(row)
     return out
 
@@ -377,9 +378,60 @@ def summary(output_url: str, storage_options: Mapping[str, Any] | None, version:
         "version": dt.version(), "rows": t.num_rows, "files": len(dt.file_uris()),
         "labels": {d["values"]: d["counts"] for d in sorted(labels, key=lambda d: str(d["values"]))},
         "pca_fits": sorted({str(v) for v in t.column("pca_fit").unique().to_pylist()}),
-        "fruitdask": last_meta(dt),
+        "fruitdask": _shown(last_meta(dt)),
         "table": _described(dt),
     }
+
+
+def _shown(meta: dict | None) -> dict | None:
+    """A commit's description as ``table history``/``show`` print it: the run's record is in
+    ``runs/<run_id>/run.json`` (or ``fruitdask report``), not repeated here."""
+    return None if meta is None else {k: v for k, v in meta.items() if k != RECORD_KEY}
+
+
+def current_fit(dt) -> str | None:
+    """The PCA fit the rows of ``dt``'s version name (``pca_fit``): from the files' statistics
+    (the log), else from the column; None for a table without rows.
+
+    Raises
+    ------
+    OutputError
+        The rows name more than one fit (a fruitdask table never does: every commit
+        re-projects all rows when it refits).
+    """
+    import pyarrow as pa
+
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    fits: set[str] = set()
+    if {"min.pca_fit", "max.pca_fit"} <= set(actions.column_names):
+        lo, hi = actions.column("min.pca_fit").to_pylist(), actions.column("max.pca_fit").to_pylist()
+        if None not in lo and None not in hi:
+            fits = set(lo) | set(hi)
+    if not fits and actions.num_rows:
+        column = dt.to_pyarrow_dataset().to_table(columns=["pca_fit"]).column("pca_fit")
+        fits = {str(v) for v in column.unique().to_pylist() if v is not None}
+    if len(fits) > 1:
+        raise OutputError(f"the rows of {dt.table_uri} (version {dt.version()}) name {len(fits)} PCA fits "
+                          f"({', '.join(sorted(fits)[:3])}): run `fruitdask run --refit` to project them all with one")
+    return next(iter(fits), None)
+
+
+def latest_record(output_url: str, storage_options: Mapping[str, Any] | None) -> dict | None:
+    """The run record in the table's newest fruitdask commit (a compaction carries it on);
+    None without a table, or for commits of fruitdask versions before the record."""
+    from deltalake.exceptions import TableNotFoundError
+
+    url = table_url(output_url)
+    from deltalake import DeltaTable
+
+    try:
+        dt = DeltaTable(_uri(url), storage_options=delta_options(url, storage_options))
+    except TableNotFoundError:
+        return None
+    except OSError as e:
+        raise storage.translate(e, url) from e
+    record = last_meta(dt).get(RECORD_KEY)
+    return dict(record) if record else None
 
 
 def _described(dt) -> dict | None:
