@@ -57,7 +57,10 @@ def delta_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[s
 
     The credentials are resolved here by botocore's chain, the one s3fs uses in every
     process (environment keys, ``--aws-profile``, IRSA web identity), and handed to delta-rs
-    in memory only: object_store does not read AWS profiles itself. The region is the
+    in memory only: object_store does not read AWS profiles itself. They are a frozen copy
+    (IRSA and STS session credentials last about an hour), so every commit re-opens the table
+    with options resolved right then (:func:`_reopened`): a run longer than its first
+    credentials' life still commits. The region is the
     bucket's own (looked up once, as the region guard does), unless ``--aws-region`` says.
     """
     if not storage.is_remote(url):
@@ -225,6 +228,7 @@ def describe(state: TableState) -> bool:
     if not state.exists or state.described or state.description is None:
         return False
     custom = {META_KEY: json.dumps({**state.meta, "operation": "describe"}, sort_keys=True)} if state.meta else {}
+    state.dt = _reopened(state)
     try:
         state.dt.alter.set_table_description(
             state.description.text(), commit_properties=CommitProperties(custom_metadata=custom, max_commit_retries=0))
@@ -294,12 +298,26 @@ def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict,
             return 0 if not state.exists else state.version + 1
         removes_ = [RemoveAction(r["path"], True, now, int(r["size"]) if r.get("size") else None) for r in removes]
         read_version = state.version
-        state.dt.create_write_transaction([*add_actions, *removes_], mode="append", schema=TABLE_SCHEMA,
+        _reopened(state).create_write_transaction([*add_actions, *removes_], mode="append", schema=TABLE_SCHEMA,
                                           commit_properties=props)
     except (CommitFailedError, DeltaError) as e:
         raise _commit_error(state, e) from e
     # No retries: the commit is exactly the version after the one read.
     return read_version + 1
+
+
+def _reopened(state: TableState):
+    """``state.dt`` (the version read) opened again with credentials resolved now, for a
+    commit: those the table was opened with may have expired during the run."""
+    from deltalake import DeltaTable
+
+    if not storage.is_remote(state.url):
+        return state.dt
+    try:
+        return DeltaTable(_uri(state.url), version=state.version,
+                          storage_options=delta_options(state.url, state.storage_options))
+    except OSError as e:
+        raise storage.translate(e, state.url) from e
 
 
 def _check_replaces(state: TableState, removes: list[dict]) -> None:
