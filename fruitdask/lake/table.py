@@ -443,13 +443,24 @@ def latest_record(output_url: str, storage_options: Mapping[str, Any] | None) ->
     from deltalake import DeltaTable
 
     try:
-        dt = DeltaTable(_uri(url), storage_options=delta_options(url, storage_options))
+        version = DeltaTable(_uri(url), storage_options=delta_options(url, storage_options)).version()
     except TableNotFoundError:
         return None
     except OSError as e:
         raise storage.translate(e, url) from e
-    record = last_meta(dt).get(RECORD_KEY)
-    return dict(record) if record else None
+    # The commit files are read as files (newest first, one GET each, usually one): what the
+    # reader needs is one commit's info, not the log's history.
+    for v in range(version, max(-1, version - HISTORY_DEPTH), -1):
+        try:
+            lines = storage.read_bytes(storage.join(url, "_delta_log", f"{v:020d}.json"), storage_options).splitlines()
+        except FileNotFoundError:
+            return None  # cleaned up: older commits are gone too
+        info = next((json.loads(line)["commitInfo"] for line in lines if line.startswith(b'{"commitInfo"')), {})
+        raw = info.get(META_KEY)
+        if raw:
+            record = (json.loads(raw) if isinstance(raw, str) else dict(raw)).get(RECORD_KEY)
+            return dict(record) if record else None
+    return None
 
 
 def _described(dt) -> dict | None:
