@@ -39,6 +39,7 @@ from fruitdask.lake import keys, update
 from fruitdask.lake import plan as lake_plan
 from fruitdask.lake import table as delta
 from fruitdask.progress import Progress
+from fruitdask.reduce import Reduction
 from fruitdask.report import page as report
 from fruitdask.report import plots
 from fruitdask.runinfo import StageTimer
@@ -383,6 +384,10 @@ def republish(target: storage.OutputTarget, state: delta.TableState) -> bool:
     if fit:
         npz = storage.read_bytes(update.fit_url(target.url, fit), so)
         storage.write_file(target.final_path(output.REDUCTION), npz, so)
+        r = Reduction.from_npz(npz)
+        storage.write_file(target.final_path(output.SCREE), plots.scree_png(
+            r.explained_variance_ratio, k=r.k, variance_target=r.variance_target,
+            title=f"Scree plot ({record.get('backend')}, {r.n_samples} rows)"), so)
     text = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
     storage.write_file(target.final_path(f"{output.RUNS}/{record['run_id']}/{output.RUN_JSON}"), text, so)
     storage.write_file(target.final_path(output.RUN_JSON), text, so)
