@@ -6,7 +6,10 @@ prefix beside the output::
     <parent>/.<name>.fruitdask-checkpoint/<fingerprint>/part-<digest>.parquet
 
 ``fingerprint`` hashes what decides the features (weights digest, image size, pooling,
-batch size, precision, format version); ``digest`` hashes the partition's own ``path, label`` rows.
+batch size, precision, format version); ``digest`` hashes the partition's own ``path, label``
+rows and the version of each file as listed (``source_version``: size and ETag on S3, size and
+mtime locally), so a checkpoint never outlives a change of its files: a file fixed or replaced
+in place between a failed run and ``--resume`` is featurized again.
 A run that dies after featurization (during the PCA, the write or the commit) leaves the
 checkpoints in place (:meth:`fruitdask.storage.OutputTarget.abort` only removes the run's
 own staging prefix), and the same command with ``--resume`` reads them back instead of
@@ -55,10 +58,12 @@ def fingerprint(settings: FeatureSettings) -> str:
 
 
 def partition_digest(df: pd.DataFrame) -> str:
-    """Hash of a partition's ``path, label`` rows, in order."""
+    """Hash of a partition's ``path, label`` rows and, when the partition has them, its
+    files' ``source_version`` (a manifest partition always does), in order."""
     h = hashlib.sha256()
-    for path, label in zip(df["path"], df["label"], strict=True):
-        h.update(f"{path}\0{label}\n".encode())
+    versions = df["source_version"] if "source_version" in df else [None] * len(df)
+    for path, label, version in zip(df["path"], df["label"], versions, strict=True):
+        h.update(f"{path}\0{label}\n".encode() if version is None else f"{path}\0{label}\0{version}\n".encode())
     return h.hexdigest()[:24]
 
 
@@ -132,20 +137,22 @@ def featurize_checkpointed(
     Parameters
     ----------
     df
-        A partition of ``path, label`` rows.
+        A partition of ``path, label`` rows, with the files' ``source_version`` (part of the
+        checkpoint's name: see :func:`partition_digest`).
     weights, settings, threads
         Passed on to :func:`fruitdask.features.frames.featurize_frame`.
     checkpoints
         None to neither read nor write checkpoints.
     """
+    rows = df[["path", "label"]]
     if checkpoints is None or len(df) == 0:
-        return frames.featurize_frame(df, weights, settings, threads=threads)
+        return frames.featurize_frame(rows, weights, settings, threads=threads)
     if checkpoints.resume:
         cached = checkpoints.load(df)
         if cached is not None:
             logger.info("reused checkpoint of %d images", len(df))
             return cached
-    result = frames.featurize_frame(df, weights, settings, threads=threads)
+    result = frames.featurize_frame(rows, weights, settings, threads=threads)
     checkpoints.save(result, df)
     return result
 

@@ -35,6 +35,10 @@ class SettingsMismatchError(OutputError):
     """The table's features were made with other settings than this run's."""
 
 
+class TableFormatError(OutputError):
+    """The table was written in another format than this fruitdask writes (a newer one: upgrade)."""
+
+
 class WeightsError(FruitdaskError):
     """Model weights could not be loaded or do not fit the VGG16 graph."""
 

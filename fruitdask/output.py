@@ -13,6 +13,12 @@
 
 The pipeline writes through :class:`RunRecord` and :func:`publish` after the table's commit;
 ``train``, the report and the benchmark read an output through :func:`read_run`.
+
+The table is the truth, the files beside it are copies: each run's commit carries its record
+(``run.json`` as of the commit) and every row names its PCA fit, so a run that failed between
+its commit and the end of its publishing leaves nothing stale to read: :func:`read_run` takes
+the record of the table's newest run when ``run.json`` is another run's, and
+:meth:`CommittedRun.reduction` the fit the rows name (``pca/<fit>.npz``), not ``reduction.npz``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,6 +55,8 @@ REPORT = paths.REPORT
 DASK_REPORT = paths.DASK_REPORT
 SUCCESS = paths.SUCCESS_MARKER
 RUNS = paths.RUNS
+
+logger = logging.getLogger(__name__)
 
 NOT_A_RUN_HINT = "pass the --output folder or URI of a finished `fruitdask run`"
 
@@ -156,7 +165,12 @@ class CommittedRun:
         return storage.join(self.url, name)
 
     def reduction(self) -> Reduction:
-        return Reduction.from_npz(self._read(REDUCTION))
+        """The PCA fit the table's current rows name (``pca/<fit>.npz``); ``reduction.npz``
+        only for an output whose rows name none."""
+        from fruitdask.lake import table as delta
+
+        fit = delta.current_fit(delta.load(self.url, self.storage_options))
+        return Reduction.from_npz(self._read(f"{paths.FITS}/{fit}.npz" if fit else REDUCTION))
 
     def features(self, columns: tuple[str, ...] | list[str] | None = None, version: int | None = None) -> pd.DataFrame:
         """The table's current rows (only ``columns`` when given; ``version`` for time travel)."""
@@ -205,8 +219,11 @@ def read_run(url: str, storage_options: Mapping[str, Any] | None = None, *, comm
     ``committed=False`` accepts an output without ``_SUCCESS`` (its report is rebuilt from
     whatever ``run.json`` says).
     """
+    from fruitdask.lake import table as delta
+
     url = url.rstrip("/")
     name = RUN_JSON
+    doc, missing = None, None
     try:
         if committed:
             name = SUCCESS
@@ -214,9 +231,18 @@ def read_run(url: str, storage_options: Mapping[str, Any] | None = None, *, comm
             name = RUN_JSON
         doc = json.loads(storage.read_bytes(storage.join(url, RUN_JSON), storage_options))
     except FileNotFoundError as e:
-        raise _not_a_run(url, name) from e
+        missing = e
     except json.JSONDecodeError as e:
         raise InputError(f"{url}/{RUN_JSON} is not valid JSON ({e}): rerun `fruitdask run` to write it again") from e
     except (PermissionError, OSError) as e:
         raise storage.translate(e, url) from e
+    latest = delta.latest_record(url, storage_options)
+    if latest is not None and (doc is None or doc.get("run_id") != latest.get("run_id")):
+        # The newest run committed but did not finish publishing: the files beside the table
+        # are an older run's (or none). Its record is part of its commit.
+        logger.warning("%s %s, the table's newest version is run %s's: reading that run's record from the table",
+                       url, f"holds the record of run {doc.get('run_id')}" if doc else f"has no {name}", latest.get("run_id"))
+        doc = latest
+    if doc is None:
+        raise _not_a_run(url, name) from missing
     return CommittedRun(url, doc, storage_options)

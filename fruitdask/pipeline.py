@@ -39,6 +39,7 @@ from fruitdask.lake import keys, update
 from fruitdask.lake import plan as lake_plan
 from fruitdask.lake import table as delta
 from fruitdask.progress import Progress
+from fruitdask.reduce import Reduction
 from fruitdask.report import page as report
 from fruitdask.report import plots
 from fruitdask.runinfo import StageTimer
@@ -107,6 +108,8 @@ def run(
         stack.callback(target.abort)  # the run's staging (manifest, weights copy) goes either way
         with timer.stage("table"):
             state = open_output(target, cfg.overwrite)
+            check_format(state, target, replacing=cfg.rebuild or cfg.overwrite)
+            delta.describe(state)  # a table from before its description: described once, in place
         backend = make_backend(cfg, target, progress or Progress())
         return _Run(cfg, target, settings, backend, state, timer, emit, started, resolved).go(stack)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -186,7 +189,7 @@ class _Run:
         settings = self.settings = self.settings.with_weights(winfo.sha256)
         fp = keys.settings_fingerprint(settings)
         check_settings(self.state, fp, settings, winfo, self.target, replacing=cfg.rebuild or cfg.overwrite)
-        if fp == self.state.meta.get("settings") and not (plan.changes_table or cfg.refit or cfg.rebuild):
+        if fp == self._table_settings().get("fingerprint") and not (plan.changes_table or cfg.refit or cfg.rebuild):
             return self._up_to_date(plan)  # the settings only looked different (e.g. another path to the same file)
         with self.backend.running():
             with self.timer.stage("broadcast"):
@@ -245,7 +248,7 @@ class _Run:
         the weights must be staged for workers that cannot read it (see
         :func:`fruitdask.backends.dask.backend.weights_source`; a worker checks the content
         digest as it loads them). None otherwise: the file is read and checked in full."""
-        old = self.state.meta.get("feature_settings") or {}
+        old = self._table_settings()
         if self.cfg.weights in model.WEIGHTS_CHOICES or not old.get("weights_file_sha256"):
             return None
         with self.timer.stage("weights"):
@@ -259,10 +262,15 @@ class _Run:
         info = model.WeightsInfo(cfg.weights, "file", cfg.weights, old["weights_sha256"], file_sha256=digest)
         return WeightsFile(cfg.weights, info.sha256, self.so), info
 
+    def _table_settings(self) -> dict:
+        """The table's feature settings (its description), with their ``fingerprint``."""
+        d = self.state.description
+        return {**d.feature_settings, "fingerprint": d.settings} if d is not None else {}
+
     def _settings_changed(self, loaded: tuple[WeightsSource, model.WeightsInfo] | None) -> bool:
         """Whether this run's feature settings may differ from the table's (checked without
         loading weights: a weights file is hashed, a named choice compared by name and seed)."""
-        old = self.state.meta.get("feature_settings") or {}
+        old = self._table_settings()
         if not self.state.exists or not old:
             return False
         s, cfg = self.settings, self.cfg
@@ -286,11 +294,14 @@ class _Run:
             target=self.target, run_id=self.target.run_id, settings_fp=fp, components=cfg.components, variance=cfg.variance,
             refit=cfg.refit, rebuild=cfg.rebuild or (cfg.overwrite and self.state.exists), resume=cfg.resume,
             feature_dim=s.feature_dim, pca_batch_size=cfg.pca_batch_size, power_iterations=cfg.pca_power_iterations,
-            seed=cfg.seed, meta=meta, check=lambda errors: check_errors(cfg, plan.listed, len(plan.errors) + len(errors)),
+            seed=cfg.seed, meta=meta, description=delta.Description(keys.TABLE_FORMAT, fp, meta["feature_settings"]),
+            check=lambda errors: check_errors(cfg, plan.listed, len(plan.errors) + len(errors)),
             before_commit=self.target.ensure_held,
+            record=lambda outcome: self._run_record(plan, outcome, winfo).document(),
         )
 
     def _up_to_date(self, plan: lake_plan.Plan) -> dict:
+        republish(self.target, self.state)
         counts = plan_counts(plan)
         logger.info("the table is up to date with the input (version %s, %d images): nothing to do",
                     self.state.version, counts["unchanged"])
@@ -299,8 +310,13 @@ class _Run:
                 "duration_s": round(self.timer.total, 3), "timings_s": dict(self.timer.stages)}
 
     def _record(self, plan: lake_plan.Plan, outcome: update.Outcome, winfo: model.WeightsInfo) -> dict:
+        record = self._run_record(plan, outcome, winfo)
+        with self.timer.stage("publish"):
+            return publish(record, self.target)
+
+    def _run_record(self, plan: lake_plan.Plan, outcome: update.Outcome, winfo: model.WeightsInfo) -> output.RunRecord:
         errors = current_errors(plan, outcome, self.target.run_id)
-        record = output.RunRecord(
+        return output.RunRecord(
             # run.json's config shows the precision the features were made with, not "auto".
             cfg=dataclasses.replace(self.cfg, precision=self.settings.precision), output_url=self.target.url,
             run_id=self.target.run_id, started=self.started, timer=self.timer, n_listed=plan.listed,
@@ -309,21 +325,22 @@ class _Run:
             weights=winfo, warnings=[winfo.warning] if winfo.warning else [], extra=self.backend.extra,
             lake=lake_counts(plan, outcome),
         )
-        with self.timer.stage("publish"):
-            return publish(record, self.target, outcome.refitted)
 
 
-def publish(record: output.RunRecord, target: storage.OutputTarget, refitted: bool) -> dict:
+def publish(record: output.RunRecord, target: storage.OutputTarget) -> dict:
     """Write the run's record beside the committed table: ``errors.parquet``, the current
-    fit and its scree plot (when refitted), ``run.json`` and the report, at the top (the
-    last run's) and under ``runs/<run_id>/`` (kept); ``_SUCCESS`` last."""
+    fit and its scree plot (every run: a run that committed but failed before this leaves
+    no stale copy behind the next one), ``run.json`` and the report, at the top (the last
+    run's) and under ``runs/<run_id>/`` (kept); ``_SUCCESS`` last. The record and the fit
+    are also in the commit (the record in its description, the fit named by every row):
+    these are copies for people and tools that read files."""
     so = target.storage_options
 
     def put(name: str, data: bytes) -> None:
         storage.write_file(storage.join(target.url, name), data, so)
 
     put(output.ERRORS, output.errors_parquet(record.errors))
-    if refitted:
+    if record.reduction is not None:
         put(output.REDUCTION, record.reduction.to_npz())
         r = record.reduction
         put(output.SCREE, plots.scree_png(r.explained_variance_ratio, k=r.k, variance_target=r.variance_target,
@@ -346,22 +363,85 @@ def publish(record: output.RunRecord, target: storage.OutputTarget, refitted: bo
     return doc
 
 
+def republish(target: storage.OutputTarget, state: delta.TableState) -> bool:
+    """When the table's newest run committed but did not finish publishing (``run.json`` is
+    another run's, or absent), copy its record (from its commit) and its fit (the one its rows
+    name) beside the table, ``_SUCCESS`` last; True when it did. A run with work publishes
+    everything anyway: this is for a run with nothing to do."""
+    record = state.meta.get(delta.RECORD_KEY)
+    if not state.exists or not record:
+        return False
+    so = target.storage_options
+    try:
+        shown = json.loads(storage.read_bytes(target.final_path(output.RUN_JSON), so)).get("run_id")
+    except (FileNotFoundError, ValueError):
+        shown = None
+    if shown == record.get("run_id"):
+        return False
+    logger.warning("run %s committed version %s but did not finish publishing (run.json is %s): copying its record "
+                   "and fit from the table", record.get("run_id"), record.get("table", {}).get("version_after"),
+                   f"run {shown}'s" if shown else "absent")
+    fit = delta.current_fit(state.dt)
+    if fit:
+        npz = storage.read_bytes(update.fit_url(target.url, fit), so)
+        storage.write_file(target.final_path(output.REDUCTION), npz, so)
+        r = Reduction.from_npz(npz)
+        storage.write_file(target.final_path(output.SCREE), plots.scree_png(
+            r.explained_variance_ratio, k=r.k, variance_target=r.variance_target,
+            title=f"Scree plot ({record.get('backend')}, {r.n_samples} rows)"), so)
+    text = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+    storage.write_file(target.final_path(f"{output.RUNS}/{record['run_id']}/{output.RUN_JSON}"), text, so)
+    storage.write_file(target.final_path(output.RUN_JSON), text, so)
+    storage.write_file(target.final_path(output.SUCCESS), b"", so)
+    return True
+
+
+def check_format(state: delta.TableState, target: storage.OutputTarget, *, replacing: bool) -> None:
+    """Refuse a table of another format than this fruitdask writes before anything is
+    written: a newer one always (only a newer fruitdask may change it), an older one unless
+    ``replacing`` it (``--rebuild`` rewrites it in this format)."""
+    from fruitdask import __version__
+    from fruitdask.errors import TableFormatError
+
+    found = state.description.format if state.description is not None else keys.TABLE_FORMAT
+    where = delta.table_url(target.url)
+    if found > keys.TABLE_FORMAT:
+        raise TableFormatError(
+            f"the table at {where} was written by a newer fruitdask (table format {found}; fruitdask {__version__} "
+            f"reads and writes format {keys.TABLE_FORMAT}): upgrade fruitdask to update it; nothing was written"
+        )
+    if found < keys.TABLE_FORMAT and not replacing:
+        raise TableFormatError(
+            f"the table at {where} was written by an older fruitdask (table format {found}, this one writes format "
+            f"{keys.TABLE_FORMAT}): pass --rebuild to rewrite it in format {keys.TABLE_FORMAT}, or write to another --output"
+        )
+
+
 def check_settings(state: delta.TableState, fp: str, settings: FeatureSettings, winfo: model.WeightsInfo,
                    target: storage.OutputTarget, *, replacing: bool) -> None:
     """Refuse to mix features made with other settings into the table (unless ``replacing``
-    it: ``--rebuild``, ``--overwrite``)."""
+    it: ``--rebuild``, ``--overwrite``); the message names each setting that differs."""
     from fruitdask.errors import SettingsMismatchError
 
-    old = state.meta.get("settings")
-    if state.exists and old and old != fp and not replacing:
-        was = state.meta.get("feature_settings") or {}
-        s = settings
-        raise SettingsMismatchError(
-            f"the table at {delta.table_url(target.url)} holds features made with other settings "
-            f"({', '.join(f'{k} {v}' for k, v in sorted(was.items()) if k != 'weights_sha256')}) than this run's "
-            f"(image_size {s.image_size}, pooling {s.pooling}, precision {s.precision}, weights {winfo.requested}): "
-            f"write to another --output, or pass --rebuild to featurize everything again into a new version"
-        )
+    table = state.description
+    if not state.exists or table is None or table.settings == fp or replacing:
+        return
+    s = settings
+    now = {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision, "weights_sha256": winfo.sha256}
+    was = table.feature_settings
+    differ = [f"{k} {_shown(k, was.get(k))} in the table, {_shown(k, now[k])} in this run"
+              for k in delta.SETTINGS_FIELDS if k in was and was.get(k) != now[k]]
+    if not differ:  # only the fingerprint is known (a table described from its rows), or the format's part of it
+        differ = [f"settings fingerprint {table.settings} in the table, {fp} in this run"]
+    raise SettingsMismatchError(
+        f"the table at {delta.table_url(target.url)} holds features made with other settings than this run's "
+        f"({'; '.join(differ)}): write to another --output, or pass --rebuild to featurize everything again "
+        f"into a new version"
+    )
+
+
+def _shown(key: str, value: object) -> str:
+    return f"{str(value)[:12]}..." if key == "weights_sha256" and value else str(value)
 
 
 def plan_counts(plan: lake_plan.Plan) -> dict:

@@ -133,3 +133,40 @@ def test_checkpoint_location_is_deterministic():
     other = build_config({"input": "i", "output": "s3://b/runs/out", "image_size": 64, "weights": "random"}, {})
     assert checkpoint.for_run(target(other.output), FeatureSettings.from_config(other, "abc"), other.resume).prefix != a.prefix
     assert checkpoint.for_run(target(cfg.output), FeatureSettings.from_config(cfg, "def"), cfg.resume).prefix != a.prefix
+
+
+@pytest.mark.integration
+def test_a_file_changed_before_resume_is_featurized_again(tmp_path, cluster_client, weights_file, monkeypatch):
+    """A file fixed in place (it did not decode) and one replaced in place between a failed run
+    and ``--resume``: their partitions are featurized again, the others reused; the table holds
+    what an uninterrupted run of the new files holds. Fails before this change: checkpoints
+    were keyed on ``path, label`` only, so the stale features and the stale decode error came
+    back."""
+    address, client = cluster_client
+    images = copy_images(BUNDLED, tmp_path / "in", 3, 4)
+    broken, replaced = images / "Apricot" / "broken.jpg", sorted((images / "Avocado").glob("*.jpg"))[0]
+    broken.write_bytes(b"")
+    out = tmp_path / "out"
+    flags = {"input": str(images), "output": str(out), "cluster": address, "image_size": SMALL_SIZE,
+             "weights": str(weights_file), "partition_size": 4, "components": 3, "quiet": True}
+
+    def crash(*args, **kwargs):
+        raise CrashDuringPCA("killed during PCA")
+
+    with monkeypatch.context() as m:
+        m.setattr(update, "fit", crash)
+        with pytest.raises(CrashDuringPCA):
+            pipeline.run(build_config(flags, {}))
+    others = sorted(p for p in BUNDLED.rglob("*.jpg") if p.parent.name not in {"Apricot", "Avocado", "Banana"})
+    broken.write_bytes(others[0].read_bytes())  # fixed in place
+    replaced.write_bytes(others[1].read_bytes())  # another photo under the same name
+
+    before = model_images(client)
+    doc = pipeline.run(build_config({**flags, "resume": True}, {}))
+    recomputed = model_images(client) - before
+    assert doc["counts"]["errors"] == 0 and doc["counts"]["rows_written"] == 13
+    assert 2 <= recomputed <= 8, f"{recomputed} images recomputed: only the two changed files' partitions should be"
+    pipeline.run(build_config({**flags, "output": str(tmp_path / "fresh")}, {}))
+    resumed, fresh = features(out), features(tmp_path / "fresh")
+    assert list(resumed["path"]) == list(fresh["path"])
+    np.testing.assert_array_equal(frames.matrix(resumed["features"]), frames.matrix(fresh["features"]))

@@ -9,8 +9,12 @@ started together never both add an image. Data files are written by the workers 
 commit; a file no commit names is invisible to readers and removed by :func:`vacuum`.
 
 Each fruitdask commit carries, in its commit info under ``fruitdask``, the run id, the input,
-the feature settings and their fingerprint, the PCA fit, and the run's counts: the table
-describes itself (``fruitdask table history``).
+the feature settings and their fingerprint, the PCA fit, and the run's counts (``fruitdask
+table history``). What the table *is* (its format and the feature settings of every row) lives
+in the table's own metadata, the ``description`` of its ``metaData`` action (:class:`Description`):
+every checkpoint carries it, so vacuums, compactions, other writers and log cleanup never push
+it out. A table from before it (settings in commit info only) is described once, in place
+(:func:`describe`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,14 @@ logger = logging.getLogger(__name__)
 
 TABLE_DIR = storage.paths.FEATURES
 META_KEY = "fruitdask"
-#: Commits searched back for the last fruitdask one (compactions carry it forward too).
+#: The run's record (its ``run.json`` as of the commit), inside a run commit's description:
+#: what the last run did is part of its commit, whether or not its publishing finished.
+RECORD_KEY = "record"
+#: Commits searched back for the last fruitdask one (compactions carry it forward too); what
+#: must not be lost (format, settings) is in the table's :class:`Description`, not here.
 HISTORY_DEPTH = 50
+#: The feature settings compared between a run and its table (and named when they differ).
+SETTINGS_FIELDS = ("image_size", "pooling", "precision", "weights_sha256")
 #: Target size of a data file after compaction (``fruitdask table compact``).
 TARGET_FILE_BYTES = 128 << 20
 #: A data file under this size is "small" (a run merges small files: lake.update.merge_small_files).
@@ -47,7 +57,10 @@ def delta_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[s
 
     The credentials are resolved here by botocore's chain, the one s3fs uses in every
     process (environment keys, ``--aws-profile``, IRSA web identity), and handed to delta-rs
-    in memory only: object_store does not read AWS profiles itself. The region is the
+    in memory only: object_store does not read AWS profiles itself. They are a frozen copy
+    (IRSA and STS session credentials last about an hour), so every commit re-opens the table
+    with options resolved right then (:func:`_reopened`): a run longer than its first
+    credentials' life still commits. The region is the
     bucket's own (looked up once, as the region guard does), unless ``--aws-region`` says.
     """
     if not storage.is_remote(url):
@@ -100,15 +113,55 @@ def _uri(url: str) -> str:
     return os.path.abspath(url)
 
 
+@dataclass(frozen=True)
+class Description:
+    """What the table is: its format (:data:`fruitdask.lake.keys.TABLE_FORMAT`) and the
+    settings every row was made with (their fingerprint and readable fields), kept as JSON in
+    the ``description`` of the table's ``metaData`` action."""
+
+    format: int
+    settings: str  # the fingerprint (lake.keys.settings_fingerprint): what the rows' settings column holds
+    feature_settings: Mapping[str, Any] = field(default_factory=dict)  # readable: image_size, pooling...
+
+    def same_as(self, other: Description | None) -> bool:
+        """Whether rows of the two tables are interchangeable (same format, same settings)."""
+        return other is not None and (self.format, self.settings) == (other.format, other.settings)
+
+    def text(self) -> str:
+        return json.dumps({META_KEY: {"format": self.format, "settings": self.settings,
+                                      "feature_settings": dict(self.feature_settings)}}, sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: str | None) -> Description | None:
+        """The description a fruitdask table holds (None for any other text, or none)."""
+        try:
+            doc = json.loads(text or "")[META_KEY]
+            return cls(int(doc["format"]), str(doc["settings"]), dict(doc.get("feature_settings") or {}))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    @classmethod
+    def of_meta(cls, meta: Mapping[str, Any]) -> Description | None:
+        """From a fruitdask commit's description (how tables before :class:`Description` kept it)."""
+        if not meta.get("settings"):
+            return None
+        return cls(int(meta.get("format") or 1), str(meta["settings"]), dict(meta.get("feature_settings") or {}))
+
+
 @dataclass
 class TableState:
-    """The table as one run read it: the version it will commit on top of, its files and
-    the last fruitdask commit's description (``None`` for a table that does not exist)."""
+    """The table as one run read it: the version it will commit on top of, its files, its
+    :class:`Description` and the last fruitdask commit's description (``meta``).
+
+    ``described`` is False for a table whose description was recovered from its history
+    (written before :class:`Description`): :func:`describe` writes it into the table."""
 
     url: str
     storage_options: Mapping[str, Any]
     dt: Any = None
     meta: dict = field(default_factory=dict)
+    description: Description | None = None
+    described: bool = True
 
     @property
     def exists(self) -> bool:
@@ -141,7 +194,51 @@ def open_table(output_url: str, storage_options: Mapping[str, Any] | None) -> Ta
     except OSError as e:
         raise storage.translate(e, url) from e
     state.meta = last_meta(state.dt)
+    state.description = Description.parse(state.dt.metadata().description)
+    if state.description is None:
+        state.described = False
+        state.description = _recovered(state.dt, state.meta)
     return state
+
+
+def _recovered(dt, meta: Mapping[str, Any]) -> Description | None:
+    """An undescribed table's description: from its newest fruitdask commit (the whole history
+    left is searched, once), else from the settings its rows name (fingerprint only)."""
+    found = Description.of_meta(meta)
+    if found is None:
+        for entry in dt.history():
+            raw = entry.get(META_KEY)
+            found = Description.of_meta(json.loads(raw) if isinstance(raw, str) else dict(raw)) if raw else None
+            if found is not None:
+                break
+    if found is None:
+        fps = dt.to_pyarrow_dataset().to_table(columns=["settings"]).column("settings").unique().to_pylist()
+        if fps:  # rows of several settings (mixed before their check held): a run refuses them all
+            found = Description(1, ",".join(sorted(str(f) for f in fps)))
+    return found
+
+
+def describe(state: TableState) -> bool:
+    """Write the description of a table from before :class:`Description` into the table, in
+    place, as one metadata-only commit (its rows untouched); True when it did. The commit
+    carries the last fruitdask commit's description forward, as a compaction does."""
+    from deltalake.exceptions import CommitFailedError, DeltaError
+    from deltalake.transaction import CommitProperties
+
+    if not state.exists or state.described or state.description is None:
+        return False
+    custom = {META_KEY: json.dumps({**state.meta, "operation": "describe"}, sort_keys=True)} if state.meta else {}
+    state.dt = _reopened(state)
+    try:
+        state.dt.alter.set_table_description(
+            state.description.text(), commit_properties=CommitProperties(custom_metadata=custom, max_commit_retries=0))
+    except (CommitFailedError, DeltaError) as e:
+        raise _commit_error(state, e) from e
+    state.dt.update_incremental()
+    state.described = True
+    logger.info("the table at %s kept its feature settings in its commit history only: moved them into the table's "
+                "description (version %d; once)", state.url, state.version)
+    return True
 
 
 def last_meta(dt) -> dict:
@@ -162,12 +259,16 @@ def relative(state: TableState, uri: str) -> str:
     return uri
 
 
-def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict) -> int:
+def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict,
+           description: Description | None = None) -> int:
     """Commit ``adds`` and ``removes`` as one new version on top of the version ``state``
     read; return that version.
 
     ``adds``: ``{path, size, rows, stats}`` of files already written under the table root;
-    ``removes``: ``{path, size}`` of files of the version read.
+    ``removes``: ``{path, size}`` of files of the version read. ``description``: what the
+    table is after this commit (default: as it was); a new table gets it in its first commit,
+    and a replaced one (``--rebuild`` with other settings: every file removed) in the same
+    commit, which replaces the table's metadata (Delta's ``CREATE OR REPLACE``).
 
     Raises
     ------
@@ -181,28 +282,68 @@ def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict)
 
     now = int(time.time() * 1000)
     add_actions = [AddAction(a["path"], int(a["size"]), {}, now, True, a["stats"]) for a in adds]
-    props = CommitProperties(custom_metadata={META_KEY: json.dumps(meta, sort_keys=True)}, max_commit_retries=0)
+    props = CommitProperties(custom_metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)},
+                             max_commit_retries=0)
+    description = description or state.description
+    replace = state.exists and description is not None and not description.same_as(state.description)
+    if replace:
+        _check_replaces(state, removes)
     try:
-        if not state.exists:
+        if not state.exists or replace:
             create_table_with_add_actions(
-                _uri(state.url), Schema.from_arrow(TABLE_SCHEMA), add_actions, mode="error",
+                _uri(state.url), Schema.from_arrow(TABLE_SCHEMA), add_actions, mode="overwrite" if replace else "error",
+                description=description.text() if description else None,
                 storage_options=delta_options(state.url, state.storage_options), commit_properties=props,
             )
-            return 0
+            return 0 if not state.exists else state.version + 1
         removes_ = [RemoveAction(r["path"], True, now, int(r["size"]) if r.get("size") else None) for r in removes]
         read_version = state.version
-        state.dt.create_write_transaction([*add_actions, *removes_], mode="append", schema=TABLE_SCHEMA,
+        _reopened(state).create_write_transaction([*add_actions, *removes_], mode="append", schema=TABLE_SCHEMA,
                                           commit_properties=props)
     except (CommitFailedError, DeltaError) as e:
-        if isinstance(e, CommitFailedError) or "already exists" in str(e):
-            raise ConcurrentRunError(
-                f"another run committed to {state.url} while this run worked (this run read version "
-                f"{state.version}): nothing of this run was committed; run the same command again, it "
-                f"featurizes only what is still missing"
-            ) from e
-        raise OutputError(f"could not commit the features table {state.url}: {e}") from e
+        raise _commit_error(state, e) from e
     # No retries: the commit is exactly the version after the one read.
     return read_version + 1
+
+
+def _reopened(state: TableState):
+    """``state.dt`` (the version read) opened again with credentials resolved now, for a
+    commit: those the table was opened with may have expired during the run."""
+    from deltalake import DeltaTable
+
+    if not storage.is_remote(state.url):
+        return state.dt
+    try:
+        return DeltaTable(_uri(state.url), version=state.version,
+                          storage_options=delta_options(state.url, state.storage_options))
+    except OSError as e:
+        raise storage.translate(e, state.url) from e
+
+
+def _check_replaces(state: TableState, removes: list[dict]) -> None:
+    """A commit that replaces the table's metadata removes every file of the latest version:
+    refuse it unless that is the version read and the run removes all of its files."""
+    from deltalake import DeltaTable
+
+    latest = DeltaTable(_uri(state.url), storage_options=delta_options(state.url, state.storage_options)).version()
+    if latest != state.version:
+        raise _commit_error(state, None)
+    if {r["path"] for r in removes} != {relative(state, u) for u in state.files()}:
+        raise OutputError(f"a commit that changes what the table {state.url} is must replace every file of version "
+                          f"{state.version}: nothing was committed (a fruitdask bug: please report it)")
+
+
+def _commit_error(state: TableState, e: Exception | None) -> OutputError:
+    """``e`` None: another writer committed (seen before trying)."""
+    from deltalake.exceptions import CommitFailedError
+
+    if e is None or isinstance(e, CommitFailedError) or "already exists" in str(e):
+        return ConcurrentRunError(
+            f"another run committed to {state.url} while this run worked (this run read version "
+            f"{state.version}): nothing of this run was committed; run the same command again, it "
+            f"featurizes only what is still missing"
+        )
+    return OutputError(f"could not commit the features table {state.url}: {e}")
 
 
 def load(output_url: str, storage_options: Mapping[str, Any] | None, version: int | None = None):
@@ -223,7 +364,7 @@ def history(output_url: str, storage_options: Mapping[str, Any] | None, limit: i
     for entry in load(output_url, storage_options).history(limit):
         row = {k: entry.get(k) for k in ("version", "timestamp", "operation")}
         raw = entry.get(META_KEY)
-        row[META_KEY] = (json.loads(raw) if isinstance(raw, str) else raw) if raw else None
+        row[META_KEY] = _shown((json.loads(raw) if isinstance(raw, str) else raw) if raw else None)
         out.append(row)
     return out
 
@@ -260,5 +401,74 @@ def summary(output_url: str, storage_options: Mapping[str, Any] | None, version:
         "version": dt.version(), "rows": t.num_rows, "files": len(dt.file_uris()),
         "labels": {d["values"]: d["counts"] for d in sorted(labels, key=lambda d: str(d["values"]))},
         "pca_fits": sorted({str(v) for v in t.column("pca_fit").unique().to_pylist()}),
-        "fruitdask": last_meta(dt),
+        "fruitdask": _shown(last_meta(dt)),
+        "table": _described(dt),
     }
+
+
+def _shown(meta: dict | None) -> dict | None:
+    """A commit's description as ``table history``/``show`` print it: the run's record is in
+    ``runs/<run_id>/run.json`` (or ``fruitdask report``), not repeated here."""
+    return None if meta is None else {k: v for k, v in meta.items() if k != RECORD_KEY}
+
+
+def current_fit(dt) -> str | None:
+    """The PCA fit the rows of ``dt``'s version name (``pca_fit``): from the files' statistics
+    (the log), else from the column; None for a table without rows.
+
+    Raises
+    ------
+    OutputError
+        The rows name more than one fit (a fruitdask table never does: every commit
+        re-projects all rows when it refits).
+    """
+    import pyarrow as pa
+
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    fits: set[str] = set()
+    if {"min.pca_fit", "max.pca_fit"} <= set(actions.column_names):
+        lo, hi = actions.column("min.pca_fit").to_pylist(), actions.column("max.pca_fit").to_pylist()
+        if None not in lo and None not in hi:
+            fits = set(lo) | set(hi)
+    if not fits and actions.num_rows:
+        column = dt.to_pyarrow_dataset().to_table(columns=["pca_fit"]).column("pca_fit")
+        fits = {str(v) for v in column.unique().to_pylist() if v is not None}
+    if len(fits) > 1:
+        raise OutputError(f"the rows of {dt.table_uri} (version {dt.version()}) name {len(fits)} PCA fits "
+                          f"({', '.join(sorted(fits)[:3])}): run `fruitdask run --refit` to project them all with one")
+    return next(iter(fits), None)
+
+
+def latest_record(output_url: str, storage_options: Mapping[str, Any] | None) -> dict | None:
+    """The run record in the table's newest fruitdask commit (a compaction carries it on);
+    None without a table, or for commits of fruitdask versions before the record."""
+    from deltalake.exceptions import TableNotFoundError
+
+    url = table_url(output_url)
+    from deltalake import DeltaTable
+
+    try:
+        version = DeltaTable(_uri(url), storage_options=delta_options(url, storage_options)).version()
+    except TableNotFoundError:
+        return None
+    except OSError as e:
+        raise storage.translate(e, url) from e
+    # The commit files are read as files (newest first, one GET each, usually one): what the
+    # reader needs is one commit's info, not the log's history.
+    for v in range(version, max(-1, version - HISTORY_DEPTH), -1):
+        try:
+            lines = storage.read_bytes(storage.join(url, "_delta_log", f"{v:020d}.json"), storage_options).splitlines()
+        except FileNotFoundError:
+            return None  # cleaned up: older commits are gone too
+        info = next((json.loads(line)["commitInfo"] for line in lines if line.startswith(b'{"commitInfo"')), {})
+        raw = info.get(META_KEY)
+        if raw:
+            record = (json.loads(raw) if isinstance(raw, str) else dict(raw)).get(RECORD_KEY)
+            return dict(record) if record else None
+    return None
+
+
+def _described(dt) -> dict | None:
+    """What the table is (format, feature settings), as its description says (None: undescribed)."""
+    d = Description.parse(dt.metadata().description)
+    return None if d is None else {"format": d.format, "settings": d.settings, "feature_settings": dict(d.feature_settings)}

@@ -38,6 +38,8 @@ from fruitdask.schema import ERROR_COLUMNS, MANIFEST_SCHEMA, TABLE_SCHEMA
 
 #: Columns of a partition's receipt (one row per written file or per failed image).
 #: A failed image's row carries the columns of ``errors.parquet`` but the run id.
+#: A manifest partition's columns that name its checkpoint: the rows and their files' versions.
+CHECKPOINT_KEY = ["path", "label", "source_version"]
 RECEIPT_COLUMNS = ["kind", "part", "file", "size", "rows", "stats", "added", "updated",
                    *(c for c in ERROR_COLUMNS if c != "run_id")]
 _NUMBERS = ("part", "size", "rows", "added", "updated")
@@ -119,7 +121,7 @@ def featurize_part(df: pd.DataFrame, job: FeaturizeJob, index: int, threads: int
     if len(df) == 0:
         return receipt([])
     ckpt, sink, fit = job.ckpt, job.sink, job.fit
-    out = checkpoint.featurize_checkpointed(df[["path", "label"]], job.weights, job.settings, ckpt, threads=threads)
+    out = checkpoint.featurize_checkpointed(df[CHECKPOINT_KEY], job.weights, job.settings, ckpt, threads=threads)
     ok = out["error_stage"].isna().to_numpy()
     rows = _error_rows(df, out, ok)
     n_ok = int(ok.sum())
@@ -128,7 +130,7 @@ def featurize_part(df: pd.DataFrame, job: FeaturizeJob, index: int, threads: int
     if fit is not None and n_ok:
         rows.append({"kind": "file", "part": index, **write_rows(df[ok], out[ok], sink, fit, f"n{index:05d}"), **counts})
     elif n_ok:
-        rows.append({"kind": "staged", "part": index, "file": ckpt.part_url(df[["path", "label"]]), "rows": n_ok, **counts})
+        rows.append({"kind": "staged", "part": index, "file": ckpt.part_url(df[CHECKPOINT_KEY]), "rows": n_ok, **counts})
     return receipt(rows)
 
 
@@ -208,9 +210,9 @@ def file_stats(table: pa.Table) -> str:
 
 def _checkpointed(index: int, manifest_url: str, ckpt: checkpoint.Checkpoints) -> tuple[pd.DataFrame, pd.DataFrame]:
     df = read_manifest_part(index, manifest_url, ckpt.storage_options)
-    out = ckpt.load(df[["path", "label"]])
+    out = ckpt.load(df[CHECKPOINT_KEY])
     if out is None:
-        raise FileNotFoundError(f"the featurized partition {index} ({ckpt.part_url(df[['path', 'label']])}) is gone: run again")
+        raise FileNotFoundError(f"the featurized partition {index} ({ckpt.part_url(df[CHECKPOINT_KEY])}) is gone: run again")
     ok = out["error_stage"].isna().to_numpy()
     return df[ok], out[ok]
 

@@ -69,10 +69,14 @@ class Request:
     power_iterations: int = 2
     seed: int = 0
     meta: dict = field(default_factory=dict)  # the commit's description (counts added here)
+    #: What the table is after this run (its format and feature settings).
+    description: delta.Description | None = None
     #: Called with this run's failed images before anything is committed (``--max-errors``).
     check: Callable[[pd.DataFrame], None] = lambda errors: None
     #: Called right before the commit (the output's lock still held: see OutputTarget.ensure_held).
     before_commit: Callable[[], None] = lambda: None
+    #: The run's record (``run.json``) as of its commit, given the outcome: part of the commit.
+    record: Callable[[Outcome], dict] = lambda outcome: {}
 
 
 @dataclass
@@ -172,8 +176,11 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
                 "pca_rows": reduction.n_samples if refit else state.meta.get("pca_rows"),
                 "pca_fit_seq": _fit_seq(state) + (1 if refit else 0), "rows": out.rows,
                 "counts": {"added": out.added, "updated": out.updated, "removed": plan.removed}}
+        out.version_after = state.version + 1 if state.exists else 0  # what the commit will be (no retries)
+        meta[delta.RECORD_KEY] = req.record(out)
         req.before_commit()
-        out.version_after = delta.commit(state, adds, [{"path": p, "size": s} for p, s in removed], meta)
+        out.version_after = delta.commit(state, adds, [{"path": p, "size": s} for p, s in removed], meta,
+                                         req.description)
     return out
 
 
