@@ -173,7 +173,8 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
                 "pca_fit_seq": _fit_seq(state) + (1 if refit else 0), "rows": out.rows,
                 "counts": {"added": out.added, "updated": out.updated, "removed": plan.removed}}
         req.before_commit()
-        out.version_after = delta.commit(state, adds, [{"path": p, "size": s} for p, s in removed], meta)
+        out.version_after = delta.commit(state, adds, [{"path": p, "size": s} for p, s in removed], meta,
+                                         row_keys=plan.row_keys)
     return out
 
 
