@@ -47,7 +47,7 @@ class Rekeyed:
 class _FileKeys:
     rel: str
     size: int
-    new_keys: list[str]
+    new_hash: np.ndarray  # S16 per row: the hash of its new key
     right: np.ndarray  # bool per row: its key was right already
     keep: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
@@ -62,17 +62,23 @@ def needs_rekey(state: delta.TableState, root: str) -> bool:
     return state.exists and not (meta.get("keys") == keys.KEYS_FORMAT and meta.get("key_root") == root)
 
 
+def _recomputed(root: str, table: pa.Table) -> list[str]:
+    """The keys of ``table``'s rows recomputed from their ``path`` (kept when not under ``root``)."""
+    return [keys.relative_key(root, p) or k
+            for k, p in zip(table.column("image_key").to_pylist(), table.column("path").to_pylist(), strict=True)]
+
+
 def _new_keys(state: delta.TableState, root: str) -> list[_FileKeys]:
-    """Each file's keys recomputed from its ``path`` column (two string columns read per file)."""
+    """Each file's keys recomputed from its ``path`` column (two string columns read per file;
+    only their hashes are kept: 17 bytes per row)."""
     out = []
     actions = pa.table(state.dt.get_add_actions(flatten=True))
     sizes = dict(zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist(), strict=True))
     for fragment in state.dataset().get_fragments():
         rel = delta.relative(state, fragment.path)
         t = fragment.to_table(columns=["image_key", "path"])
-        old = t.column("image_key").to_pylist()
-        new = [keys.relative_key(root, p) or k for k, p in zip(old, t.column("path").to_pylist(), strict=True)]
-        out.append(_FileKeys(rel, int(sizes.get(rel, 0) or 0), new,
+        old, new = t.column("image_key").to_pylist(), _recomputed(root, t)
+        out.append(_FileKeys(rel, int(sizes.get(rel, 0) or 0), keys.hash_keys(new),
                              np.array([a == b for a, b in zip(old, new, strict=True)], bool)))
     return out
 
@@ -80,7 +86,7 @@ def _new_keys(state: delta.TableState, root: str) -> list[_FileKeys]:
 def _keep_one_per_key(files: list[_FileKeys]) -> tuple[np.ndarray, int]:
     """Mark in each file's ``keep`` the rows that stay (one per key: a row whose key was right
     first, then file order); return the kept rows' key hashes and the rows dropped."""
-    hashes = keys.hash_keys([k for f in files for k in f.new_keys])
+    hashes = np.concatenate([f.new_hash for f in files]) if files else np.zeros(0, "S16")
     right = np.concatenate([f.right for f in files]) if files else np.zeros(0, bool)
     order = np.lexsort((np.arange(len(hashes)), ~right, hashes))
     first = np.ones(len(order), bool)
@@ -89,8 +95,8 @@ def _keep_one_per_key(files: list[_FileKeys]) -> tuple[np.ndarray, int]:
     keep[order[first]] = True
     at = 0
     for f in files:
-        f.keep = keep[at : at + len(f.new_keys)]
-        at += len(f.new_keys)
+        f.keep = keep[at : at + len(f.new_hash)]
+        at += len(f.new_hash)
     return hashes[keep], int((~keep).sum())
 
 
@@ -112,7 +118,7 @@ def rekey(state: delta.TableState, root: str, sink: tasks.Sink, before_commit: C
                 removes.append({"path": f.rel, "size": f.size})
                 table = tasks.read_file(sink, f.rel)
                 table = table.set_column(table.schema.get_field_index("image_key"), "image_key",
-                                         pa.array(f.new_keys, pa.string())).filter(pa.array(f.keep))
+                                         pa.array(_recomputed(root, table), pa.string())).filter(pa.array(f.keep))
                 if table.num_rows:
                     a = tasks.write_file(table, sink, f"part-{sink.run_id}-k{i:05d}.parquet")
                     adds.append({"path": a["file"], "size": a["size"], "rows": a["rows"], "stats": a["stats"]})
