@@ -61,6 +61,28 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
+def test_the_input_root_is_one_spelling_and_the_guard_reads_the_environment(tmp_path, monkeypatch):
+    """``input_root`` gives one root for every spelling; ``FRUITDASK_MAX_REMOVE_FRACTION``
+    sets the guard, a flag wins, a value out of [0, 1] is refused. Fails on the code before:
+    neither existed (the raw ``--input`` string was the root)."""
+    from fruitdask.config import build_config, input_root
+    from fruitdask.errors import ConfigError
+
+    (tmp_path / "T").mkdir()
+    (tmp_path / "L").symlink_to("T")
+    monkeypatch.chdir(tmp_path)
+    real = str(tmp_path / "T")
+    assert {input_root(s) for s in ("T", "./T", "T/", real, real + "/", "L", f"file://{real}")} == {real}
+    assert {input_root(s) for s in ("s3://b/T", "s3://b/T/", "s3a://b/T", "s3a://b/T//")} == {"s3://b/T"}
+    assert build_config({"input": "T/", "output": "o"}, {}).input == real
+    assert build_config({"input": "T", "output": "o"}, {}).max_remove_fraction == 0.1
+    assert build_config({"input": "T", "output": "o"}, {"FRUITDASK_MAX_REMOVE_FRACTION": "0.5"}).max_remove_fraction == 0.5
+    flags = {"input": "T", "output": "o", "max_remove_fraction": 1.0}
+    assert build_config(flags, {"FRUITDASK_MAX_REMOVE_FRACTION": "0.5"}).max_remove_fraction == 1.0
+    with pytest.raises(ConfigError, match="--max-remove-fraction must be in"):
+        build_config({**flags, "max_remove_fraction": 1.5}, {})
+
+
 def test_five_spellings_ten_runs_leave_one_row_per_image_and_one_version(tmp_path, cluster, weights_file):
     """The input given as ``T``, ``./T``, ``T/``, its absolute path and a symbolic link to it,
     ten runs from another folder: exactly one row per image (keyed ``Label/name``) and one
@@ -131,10 +153,11 @@ def test_a_listing_that_sees_a_third_of_the_lake_is_refused_and_the_table_stays(
 
 
 def test_two_files_with_one_key_are_refused_before_anything_is_written(tmp_path, cluster, weights_file, capsys, monkeypatch):
-    """A store that lists a page twice (as an S3-compatible store may when it restarts a listing
-    on a retried continuation token) gives two listed files one key: the run refuses in one
-    line naming both, and writes nothing. Fails on the code before: 16 rows for 8 images were
-    committed."""
+    """A listing that hands each page on twice gives two listed files one key: the run refuses
+    in one line naming both, and writes nothing. No real listing here repeats a path (keys are
+    paths relative to one root), so the listing is wrapped to repeat its pages: the check is
+    the guard for a store or a future listing that does. Fails on the code before: 16 rows for
+    8 images were committed."""
     from fruitdask import storage
 
     real = storage.iter_images
