@@ -3,8 +3,8 @@ never empties the table.
 
 Real runs of ``fruitdask run`` at 32 px with a seeded random weights file, locally (a
 LocalCluster of worker processes the module owns, or a subprocess as a user types it, from
-another folder) and on the moto S3 server (tests/s3_server.py). Every test here fails on the
-code before this change; each docstring says how.
+another folder) and on the moto S3 server (tests/s3_server.py). Every test here but the S3
+spellings one fails on the code before this change (checked); each docstring says how.
 """
 
 from __future__ import annotations
@@ -279,9 +279,10 @@ def s3_rows(s3) -> pd.DataFrame:
 
 def test_s3_spellings_of_one_prefix_leave_one_row_per_image_and_one_version(eu, tmp_path, weights_file):
     """``s3://b/T``, ``s3://b/T/``, ``s3a://b/T`` and ``s3a://b/T/``, eight runs: one row per
-    image keyed ``Label/name``, one version. Fails on the code before: with a trailing slash
-    the listed paths were not under the root string (``.../T//Apricot``), so keys fell back
-    to bare file names, and the table changed."""
+    image keyed ``Label/name``, one version. This one PASSES on the code before too (checked):
+    there S3 keys were already relative to the prefix (trailing slash stripped, protocol
+    dropped); only local spellings broke. It holds the promise on S3, where the normalisation
+    now happens once, at the edge."""
     data = copy_images(BUNDLED, tmp_path / "T", 12, 1)
     eu.upload(data, f"s3://{IN}/T")
     spellings = [f"s3://{IN}/T", f"s3://{IN}/T/", f"s3a://{IN}/T", f"s3a://{IN}/T/"]
