@@ -69,7 +69,7 @@ def make_table(root: Path, out: Path, n: int, labels: int) -> None:
     state = delta.open_table(str(out), {})
     sink = tasks.Sink(delta.table_url(str(out)), "synthetic", "s", {})
     in_table = int(n * 0.95)
-    adds, per_file = [], 100_000
+    adds, per_file, hashes = [], 100_000, []
     gone = int(n * 0.01)
     for start in range(0, in_table + gone, per_file):
         idx = np.arange(start, min(start + per_file, in_table + gone))
@@ -90,7 +90,9 @@ def make_table(root: Path, out: Path, n: int, labels: int) -> None:
         }, schema=TABLE_SCHEMA)
         a = tasks.write_file(t, sink, f"part-synthetic-{start // per_file:05d}.parquet")
         adds.append({"path": a["file"], "size": a["size"], "rows": a["rows"], "stats": a["stats"]})
-    delta.commit(state, adds, [], {"settings": "s", "pca_fit": "0001-synthetic", "pca_rows": in_table + gone})
+        hashes.append(keys.hash_keys(names))
+    delta.commit(state, adds, [], {"settings": "s", "pca_fit": "0001-synthetic", "pca_rows": in_table + gone},
+                 row_keys=np.concatenate(hashes))
 
 
 def measure(root: Path, out: Path, part_size: int) -> dict:

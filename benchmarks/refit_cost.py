@@ -30,11 +30,12 @@ def make_table(out: str, n: int, per_file: int, d: int = 512) -> list[tuple[str,
 
     from fruitdask.lake import table as delta
     from fruitdask.lake import tasks
+    from fruitdask.lake.keys import hash_keys
     from fruitdask.schema import TABLE_SCHEMA
 
     rng = np.random.default_rng(0)
     sink = tasks.Sink(delta.table_url(out), "synthetic", "s", {})
-    adds, files = [], []
+    adds, files, hashes = [], [], []
     basis = rng.normal(size=(64, d)).astype(np.float32)
     for i, start in enumerate(range(0, n, per_file)):
         m = min(per_file, n - start)
@@ -47,7 +48,8 @@ def make_table(out: str, n: int, per_file: int, d: int = 512) -> list[tuple[str,
         a = tasks.write_file(t, sink, f"part-synthetic-{i:05d}.parquet")
         adds.append({"path": a["file"], "size": a["size"], "rows": a["rows"], "stats": a["stats"]})
         files.append((a["file"], a["size"]))
-    delta.commit(delta.open_table(out, {}), adds, [], {"pca_fit": "0001-synthetic"})
+        hashes.append(hash_keys(keys))
+    delta.commit(delta.open_table(out, {}), adds, [], {"pca_fit": "0001-synthetic"}, row_keys=np.concatenate(hashes))
     return files
 
 

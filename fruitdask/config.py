@@ -31,6 +31,8 @@ POOLINGS = ("avg", "max", "none")
 #: ``--precision`` choices (:mod:`fruitdask.features.precision` resolves ``auto``).
 PRECISIONS = ("float32", "bfloat16", "auto")
 BACKENDS = ("dask", "spark")
+#: Rows a run may always remove, whatever ``--max-remove-fraction`` says (small tables).
+REMOVE_FLOOR = 10
 MIN_IMAGE_SIZE = 32  # VGG16 without top needs at least 32x32 (five 2x2 poolings)
 
 # Environment variables set in every process that runs TensorFlow. oneDNN is explicit so
@@ -116,6 +118,10 @@ class RunConfig:
     overwrite: bool = False
     resume: bool = False
     keep_deleted: bool = False  # keep the rows of images gone from the input (Auto Loader's behaviour)
+    # A run that would remove more than this share of the table's rows (and more than
+    # REMOVE_FLOOR rows) refuses: a listing that sees less than the table is more
+    # often a mistake (a wrong prefix, a folder moved away) than a mass deletion.
+    max_remove_fraction: float = 0.1
     rebuild: bool = False  # featurize every image again into a new table version
     refit: bool = False  # fit the PCA again on every row and re-project them
     max_errors: float | None = None
@@ -156,6 +162,9 @@ class RunConfig:
             raise ConfigError(f"--cluster-timeout must be a positive number of seconds, got {self.cluster_timeout}")
         if not self.max_file_mb > 0:
             raise ConfigError(f"--max-file-mb must be a positive number of megabytes, got {self.max_file_mb}: e.g. --max-file-mb 50")
+        if not 0.0 <= self.max_remove_fraction <= 1.0:
+            raise ConfigError(f"--max-remove-fraction must be in [0, 1], got {self.max_remove_fraction}: e.g. "
+                              f"--max-remove-fraction 0.1 (1 allows removing every row)")
         if self.max_errors is not None and self.max_errors < 0:
             raise ConfigError(f"--max-errors must be >= 0, got {self.max_errors}")
         if not self.storage.lock_ttl >= 3:
@@ -185,6 +194,23 @@ def check_lock_wait(settings: StorageSettings) -> None:
     """Refuse a negative ``--wait-lock`` (:class:`ConfigError`)."""
     if not settings.lock_wait >= 0:
         raise ConfigError(f"--wait-lock must be 0 or more seconds, got {settings.lock_wait:g}: e.g. --wait-lock 600")
+
+
+def input_root(url: str) -> str:
+    """The input as one spelling, so that an image's key (its path relative to this root,
+    :func:`fruitdask.lake.keys.image_key`) never depends on how ``--input`` was typed.
+
+    Local: the real absolute path (``T``, ``./T``, ``T/``, a symbolic link to it all give
+    ``/abs/T``). Object storage: ``s3://bucket/prefix`` without a trailing slash, ``s3a://``
+    written ``s3://`` (the same objects). Idempotent."""
+    if not url:
+        return url
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    if "://" in url:
+        protocol, rest = url.split("://", 1)
+        return f"{'s3' if protocol == 's3a' else protocol}://{rest.rstrip('/')}"
+    return os.path.realpath(os.path.abspath(url))
 
 
 _ENV_PREFIX = "FRUITDASK_"
@@ -237,6 +263,7 @@ def build_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = N
     env = os.environ if environ is None else environ
     kube_values = _layer(KubeSettings, KubeSettings(), env, flags, "KUBE_")
     run_values = _layer(RunConfig, RunConfig(), env, flags, "")
+    run_values["input"] = input_root(run_values["input"])  # resolved once, here
     cfg = RunConfig(
         **run_values,
         storage=build_storage_settings(flags, env),

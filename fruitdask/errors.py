@@ -19,6 +19,14 @@ class InputError(FruitdaskError):
     """The input location is missing, empty or unreadable."""
 
 
+class KeyCollisionError(InputError):
+    """Two listed files would have the same image key: refused before anything is written."""
+
+
+class TooManyRemovalsError(InputError):
+    """The listing misses more of the table than ``--max-remove-fraction`` allows: nothing is removed."""
+
+
 class OutputError(FruitdaskError):
     """The output location exists, is not writable, or could not be committed."""
 
@@ -29,6 +37,10 @@ class OutputBusyError(OutputError):
 
 class ConcurrentRunError(OutputError):
     """Another run committed to the features table while this one worked; nothing of this run was committed."""
+
+
+class DuplicateKeyError(OutputError):
+    """A commit would hold an image key twice: refused, nothing committed."""
 
 
 class SettingsMismatchError(OutputError):

@@ -112,7 +112,8 @@ class RunRecord:
             "duration_s": round(timer.total, 3),
             "counts": {"images_listed": self.n_listed, "labels": len(self.per_label), "rows_written": self.rows,
                        "errors": len(self.errors),
-                       **{k: self.lake[k] for k in ("listed", "added", "updated", "removed", "unchanged", "featurized")
+                       **{k: self.lake[k] for k in ("listed", "added", "updated", "removed", "unchanged", "featurized",
+                                                   "rekeyed", "duplicates_dropped")
                           if k in self.lake}},
             "table": {k: self.lake.get(k) for k in ("version_before", "version_after", "rows", "pca_fit", "refitted",
                                                     "files_added", "files_removed")},

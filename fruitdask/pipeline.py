@@ -30,12 +30,12 @@ import pandas as pd
 from fruitdask import checkpoint, output, storage
 from fruitdask.backends import make_backend, workers_elsewhere
 from fruitdask.backends.base import Backend
-from fruitdask.config import RunConfig
+from fruitdask.config import RunConfig, input_root
 from fruitdask.errors import FruitdaskError, InputError, TooManyErrors, WeightsError
 from fruitdask.features import model, precision
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsArrays, WeightsFile, WeightsSource
-from fruitdask.lake import keys, update
+from fruitdask.lake import keys, rekey, tasks, update
 from fruitdask.lake import plan as lake_plan
 from fruitdask.lake import table as delta
 from fruitdask.progress import Progress
@@ -94,6 +94,7 @@ def run(
         ``cluster``), so the CLI can print statistics and the dashboard URL as soon as known.
     """
     emit = on_event or (lambda name, data: None)
+    cfg = dataclasses.replace(cfg, input=input_root(cfg.input))  # as build_config does; a RunConfig made by hand too
     timer, started = StageTimer(), dt.datetime.now(dt.timezone.utc)
     # Decided on this machine unless the model runs elsewhere (then the workers answer).
     resolved = None if workers_elsewhere(cfg) else _resolve_precision(cfg.precision)
@@ -171,6 +172,7 @@ class _Run:
         self.timer, self.emit, self.started, self.resolved = timer, emit, started, resolved
         self.so = dict(target.storage_options)
         self.engine_started = False
+        self.rekeyed = rekey.Rekeyed()
 
     def go(self, stack: ExitStack) -> dict:
         # A first run's workers warm up while the client lists; an update lists first, so
@@ -178,6 +180,7 @@ class _Run:
         if self.backend.starts_early and not self.state.exists:
             self._start(stack)
         loaded = self._known_weights() or (self._load_weights() if self.cfg.weights not in model.WEIGHTS_CHOICES else None)
+        self._rekey()
         spill = stack.enter_context(lake_plan.spill_dir())
         plan = self._plan(spill)
         cfg = self.cfg
@@ -217,6 +220,19 @@ class _Run:
         check_random_weights(cfg, info)
         return WeightsArrays.of(arrays, info.sha256), info
 
+    def _rekey(self) -> None:
+        """A table keyed otherwise than relative to this input root (written before keys were,
+        or against another root) is re-keyed first, in one commit of its own (lake.rekey)."""
+        if not rekey.needs_rekey(self.state, self.cfg.input):
+            return
+        # Its own run id: the files it commits never look like this run's uncommitted ones.
+        sink = tasks.Sink(delta.table_url(self.target.url), f"rekey-{self.target.run_id}",
+                          str(self.state.meta.get("settings", "")), self.so)
+        with self.timer.stage("rekey"):
+            self.rekeyed = rekey.rekey(self.state, self.cfg.input, sink, self.target.ensure_held)
+            if self.rekeyed.version_after is not None:
+                self.state = delta.open_table(self.target.url, self.so)
+
     def _plan(self, spill: str) -> lake_plan.Plan:
         cfg = self.cfg
         with self.timer.stage("listing"):
@@ -231,7 +247,7 @@ class _Run:
             plan = lake_plan.make_plan(
                 listed, lake_plan.table_keys(self.state), prior, manifest_url=self.target.staging_path("manifest.parquet"),
                 storage_options=self.so, part_size=self._part_size(listed.n_images), keep_deleted=cfg.keep_deleted,
-                rebuild=cfg.rebuild or (cfg.overwrite and self.state.exists),
+                rebuild=cfg.rebuild or (cfg.overwrite and self.state.exists), max_remove_fraction=cfg.max_remove_fraction,
             )
         self.emit("planned", plan_counts(plan))
         return plan
@@ -287,6 +303,7 @@ class _Run:
     def _request(self, plan: lake_plan.Plan, fp: str, winfo: model.WeightsInfo) -> update.Request:
         cfg, s = self.cfg, self.settings
         meta = {"run_id": self.target.run_id, "input": cfg.input, "settings": fp, "format": keys.TABLE_FORMAT,
+                "keys": keys.KEYS_FORMAT, "key_root": cfg.input,
                 "feature_settings": {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision,
                                      "weights": winfo.requested, "weights_sha256": winfo.sha256,
                                      "weights_file_sha256": winfo.file_sha256, "seed": cfg.seed}}
@@ -302,12 +319,21 @@ class _Run:
 
     def _up_to_date(self, plan: lake_plan.Plan) -> dict:
         republish(self.target, self.state)
-        counts = plan_counts(plan)
+        counts = {**plan_counts(plan), **rekey_counts(self.rekeyed)}
         logger.info("the table is up to date with the input (version %s, %d images): nothing to do",
                     self.state.version, counts["unchanged"])
+        refused = len(plan.errors) - int((plan.errors["stage"] != "list").sum()) if len(plan.errors) else 0
+        if refused:
+            logger.warning("%d listed files were refused before reading (see --max-file-mb; --debug for the reasons): "
+                           "their rows stay in the table as they were", refused)
         return {"run_id": self.target.run_id, "up_to_date": True, "counts": {**counts, "featurized": 0},
-                "table": {"version_before": self.state.version, "version_after": self.state.version},
+                "table": {"version_before": self.state.version, **self._version_before(),
+                          "version_after": self.state.version},
                 "duration_s": round(self.timer.total, 3), "timings_s": dict(self.timer.stages)}
+
+    def _version_before(self) -> dict:
+        """The version this run read first, when its re-keying committed one before its own."""
+        return {"version_before": self.rekeyed.version_before} if self.rekeyed.version_after is not None else {}
 
     def _record(self, plan: lake_plan.Plan, outcome: update.Outcome, winfo: model.WeightsInfo) -> dict:
         record = self._run_record(plan, outcome, winfo)
@@ -323,7 +349,7 @@ class _Run:
             n_images=outcome.featurized, per_label=plan.per_label, errors=errors, rows=outcome.added + outcome.updated,
             reduction=outcome.reduction, cluster=self.backend.cluster, precision=self.resolved.to_dict() if self.resolved else {},
             weights=winfo, warnings=[winfo.warning] if winfo.warning else [], extra=self.backend.extra,
-            lake=lake_counts(plan, outcome),
+            lake={**lake_counts(plan, outcome), **rekey_counts(self.rekeyed), **self._version_before()},
         )
 
 
@@ -457,6 +483,14 @@ def lake_counts(plan: lake_plan.Plan, outcome: update.Outcome) -> dict:
         "version_before": outcome.version_before, "version_after": outcome.version_after, "pca_fit": outcome.fit_id,
         "refitted": outcome.refitted, "files_added": outcome.files_added, "files_removed": outcome.files_removed,
     }
+
+
+def rekey_counts(done: rekey.Rekeyed) -> dict:
+    """``rekeyed`` and ``duplicates_dropped`` for ``run.json``'s counts, when the run re-keyed
+    the table, else nothing."""
+    if done.version_after is None:
+        return {}
+    return {"rekeyed": done.rekeyed, "duplicates_dropped": done.duplicates_dropped}
 
 
 def read_errors(target: storage.OutputTarget) -> pd.DataFrame | None:

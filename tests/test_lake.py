@@ -169,13 +169,14 @@ def test_concurrent_commits_one_wins_the_other_fails_cleanly(tmp_path):
     import pyarrow as pa
 
     from fruitdask.lake import tasks
+    from fruitdask.lake.keys import hash_keys
     from fruitdask.schema import TABLE_SCHEMA
 
     out = tmp_path / "out"
 
     def files(state, name: str) -> list[dict]:
         sink = tasks.Sink(delta.table_url(str(out)), name, "s", {})
-        t = pa.table({"image_key": ["A/x.jpg"], "path": ["/x"], "label": ["A"], "source_version": ["1:1"], "settings": ["s"],
+        t = pa.table({"image_key": [f"A/{name}.jpg"], "path": ["/x"], "label": ["A"], "source_version": ["1:1"], "settings": ["s"],
                       "run_id": [name], "featurized_at": pa.array([0], pa.timestamp("us", tz="UTC")),
                       "features": tasks._list_array(np.ones((1, 4), np.float32)),
                       "pca": tasks._list_array(np.ones((1, 2), np.float32)), "pca_fit": ["f"]}, schema=TABLE_SCHEMA)
@@ -183,13 +184,13 @@ def test_concurrent_commits_one_wins_the_other_fails_cleanly(tmp_path):
         return [{"path": a["file"], "size": a["size"], "rows": 1, "stats": a["stats"]}]
 
     empty_a, empty_b = delta.open_table(str(out), {}), delta.open_table(str(out), {})
-    assert delta.commit(empty_a, files(empty_a, "a"), [], {"run_id": "a"}) == 0
+    assert delta.commit(empty_a, files(empty_a, "a"), [], {"run_id": "a"}, row_keys=hash_keys(["A/a.jpg"])) == 0
     with pytest.raises(ConcurrentRunError, match="another run committed"):
-        delta.commit(empty_b, files(empty_b, "b"), [], {"run_id": "b"})
+        delta.commit(empty_b, files(empty_b, "b"), [], {"run_id": "b"}, row_keys=hash_keys(["A/b.jpg"]))
     v0_a, v0_b = delta.open_table(str(out), {}), delta.open_table(str(out), {})
-    assert delta.commit(v0_a, files(v0_a, "c"), [], {"run_id": "c"}) == 1
+    assert delta.commit(v0_a, files(v0_a, "c"), [], {"run_id": "c"}, row_keys=hash_keys(["A/a.jpg", "A/c.jpg"])) == 1
     with pytest.raises(ConcurrentRunError):
-        delta.commit(v0_b, files(v0_b, "d"), [], {"run_id": "d"})
+        delta.commit(v0_b, files(v0_b, "d"), [], {"run_id": "d"}, row_keys=hash_keys(["A/a.jpg", "A/d.jpg"]))
     df = read_features(out)
     assert sorted(df["run_id"]) == ["a", "c"] and delta.load(str(out), {}).version() == 1
 

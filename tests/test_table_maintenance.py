@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import BUNDLED, REPO, SMALL_SIZE, copy_images, read_features
 
@@ -145,7 +146,7 @@ def test_a_compaction_waiting_for_a_run_carries_that_run_s_description(out, tmp_
     try:
         first = compact.stderr.readline()
         assert "output out is locked by run run-two: waiting up to 120 s for it (--wait-lock)" in first, first
-        assert delta.commit(state, [], [], {**state.meta, "run_id": "run-two"}) == 1
+        assert delta.commit(state, [], [], {**state.meta, "run_id": "run-two"}, row_keys=np.zeros(0, "S16")) == 1
         holder.unlock()
         stdout, stderr = compact.communicate(timeout=300)
     finally:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fruitdask.config import BACKENDS, POOLINGS, RunConfig, StorageSettings, build_config, build_storage_settings
+from fruitdask.config import BACKENDS, POOLINGS, REMOVE_FLOOR, RunConfig, StorageSettings, build_config, build_storage_settings
 
 #: The real Fruits-360 images shipped with the package (12 labels x 10 images).
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "Training"
@@ -122,6 +122,10 @@ def _add_execution_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", default=None, help="reuse featurized partitions checkpointed by an earlier failed run")
     g.add_argument("--keep-deleted", action="store_true", default=None,
                    help="keep the rows of images gone from the input (default: remove them, so the table is the input)")
+    g.add_argument("--max-remove-fraction", type=float,
+                   help=f"refuse a run that would remove more than this share of the table's rows (and more than "
+                   f"{REMOVE_FLOOR} rows): a listing that sees less than the table is refused, nothing is removed; 1 allows any "
+                   f"removal (default: {_D.max_remove_fraction:g})")
     g.add_argument("--rebuild", action="store_true", default=None,
                    help="featurize every image again into a new table version (e.g. after changing --image-size)")
     g.add_argument("--refit", action="store_true", default=None,

@@ -24,7 +24,9 @@ RUN_EPILOG = """exit codes:
        a warning; --max-errors turns too many of them into exit 3; --skipped-ok
        makes it 0)
   1    failure (input, output, storage, weights, cluster, another run committed
-       first, other feature settings than the table's); nothing committed
+       first, other feature settings than the table's, a listing that misses more
+       of the table than --max-remove-fraction allows, two files with one key);
+       nothing committed
   2    bad flag or configuration value
   3    more unusable images than --max-errors allows; nothing committed
   130  interrupted (Ctrl-C); 143 terminated (SIGTERM): cluster closed, nothing committed
@@ -77,7 +79,8 @@ def command(args: argparse.Namespace) -> int:
         stop_early()
     if doc.get("up_to_date"):
         if not cfg.quiet:
-            print(json.dumps({"output": target.url, "up_to_date": True, "version": doc["table"]["version_after"]}))
+            rekeyed = {k: doc["counts"][k] for k in ("rekeyed", "duplicates_dropped") if k in doc["counts"]}
+            print(json.dumps({"output": target.url, "up_to_date": True, "version": doc["table"]["version_after"], **rekeyed}))
         return EXIT_OK
     red, counts, table = doc["reduction"], doc["counts"], doc["table"]
     for w in doc["warnings"]:

@@ -1,7 +1,9 @@
 """The lake: the features as a Delta table that each run brings up to date with the input.
 
 - the table's columns and the errors file's: :mod:`fruitdask.schema` (every table fruitdask writes).
-- :mod:`fruitdask.lake.keys`: stable image keys, source versions, their compact hashes.
+- :mod:`fruitdask.lake.keys`: stable image keys (relative to the normalised input root),
+  source versions, their compact hashes.
+- :mod:`fruitdask.lake.rekey`: the one-commit re-keying of a table keyed otherwise.
 - :mod:`fruitdask.lake.table`: the Delta table through ``deltalake`` (delta-rs): its state,
   one optimistic commit per run, history, vacuum, compaction.
 - :mod:`fruitdask.lake.plan`: the streamed listing against the table: what to featurize,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import posixpath
 import tempfile
@@ -26,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fruitdask import storage
-from fruitdask.errors import InputError
+from fruitdask.config import REMOVE_FLOOR, input_root
+from fruitdask.errors import InputError, KeyCollisionError, TooManyRemovalsError
 from fruitdask.lake import keys
 from fruitdask.lake.table import TableState, relative
 from fruitdask.schema import ERROR_COLUMNS, MANIFEST_SCHEMA, SPILL_SCHEMA, TRANSIENT_STAGES
@@ -44,6 +46,7 @@ class Listed:
     version_hash: np.ndarray
     refused: pd.DataFrame
     per_label: dict[str, int]
+    refused_hash: np.ndarray = field(default_factory=lambda: np.zeros(0, "S16"))  # keys of the refused files
 
     @property
     def n_images(self) -> int:
@@ -59,6 +62,7 @@ class TableKeys:
     version_hash: np.ndarray
     file_index: np.ndarray  # int32
     row_index: np.ndarray  # int32
+    state: TableState | None = None  # to read the keys of rows back (the removal guard's message)
 
 
 @dataclass
@@ -78,6 +82,9 @@ class Plan:
     keep: list[tuple[str, int]]  # files untouched
     errors: pd.DataFrame  # refused at listing + earlier failures still current
     rows_kept: int = 0  # rows of the untouched files
+    #: Key hashes of every row the new version may hold (kept rows and rows to featurize): the
+    #: commit refuses a version with a key twice (lake.table.commit).
+    row_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, "S16"))
     extra: dict = field(default_factory=dict)
 
     @property
@@ -91,9 +98,18 @@ class Plan:
 
 def list_input(url: str, storage_options: Mapping[str, Any] | None, max_file_bytes: int | None, spill_dir: str,
                run_id: str) -> Listed:
-    """Stream the listing of ``url`` into a spill file in ``spill_dir``; keep hashes only."""
+    """Stream the listing of ``url`` into a spill file in ``spill_dir``; keep hashes only.
+
+    Keys are the listed paths relative to the normalised root (:func:`keys.image_key`), so
+    that they never depend on how ``url`` was spelled.
+
+    Raises
+    ------
+    KeyCollisionError
+        Two listed files have the same key (nothing is written by then).
+    """
     spill = os.path.join(spill_dir, "listing.parquet")
-    root = url.rstrip("/")
+    root = input_root(url)
     key_hash, version_hash = Growing("S16"), Growing("<u8")
     refused, per_label = [], Counter()
     with pq.ParquetWriter(spill, SPILL_SCHEMA) as writer:
@@ -111,8 +127,33 @@ def list_input(url: str, storage_options: Mapping[str, Any] | None, max_file_byt
     if not len(key_hash) and not refused:
         raise InputError(f"no images found under {url!r}: expected <Label>/<image>.jpg|.jpeg|.png files (any letter case)")
     release_arrow_memory()
-    return Listed(spill, key_hash.array(), version_hash.array(), pd.DataFrame(refused, columns=ERROR_COLUMNS),
-                  dict(sorted(per_label.items())))
+    refused_df = pd.DataFrame(refused, columns=ERROR_COLUMNS)
+    listed = Listed(spill, key_hash.array(), version_hash.array(), refused_df, dict(sorted(per_label.items())),
+                    keys.hash_keys(refused_df["image_key"].tolist()))
+    check_collisions(listed, root)
+    return listed
+
+
+def check_collisions(listed: Listed, root: str) -> None:
+    """Refuse a listing in which two files have the same key (a store that lists an object
+    twice, a key scheme that folds two names into one): the table holds one row per key, so
+    one of them would silently replace the other. The paths are looked up only then."""
+    dup = keys.duplicated(np.concatenate([listed.key_hash, listed.refused_hash]))
+    if not len(dup):
+        return
+    first = dup[:1]
+    paths = [p for p, k in zip(listed.refused["path"], listed.refused_hash, strict=True) if k == first[0]]
+    spilled = pq.ParquetFile(listed.spill)
+    for g in range(spilled.num_row_groups):
+        t = spilled.read_row_group(g, columns=["path", "image_key"])
+        hit = np.isin(keys.hash_keys(t.column("image_key").to_pylist()), first)
+        paths += [p for p, h in zip(t.column("path").to_pylist(), hit, strict=True) if h]
+    key = keys.image_key(root, paths[0]) if paths else "?"
+    raise KeyCollisionError(
+        f"{len(dup)} image key(s) would name two listed files under {root!r}, first {key!r}: "
+        f"{' and '.join(repr(p) for p in paths[:2])}: nothing was written; rename or remove one of the two files "
+        f"(the table holds one row per key)"
+    )
 
 
 class Growing:
@@ -153,7 +194,7 @@ def table_keys(state: TableState) -> TableKeys:
     sizes = dict(zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist(), strict=True))
     counts = actions.column("num_records").to_pylist() if "num_records" in actions.column_names else []
     total = sum(int(c) for c in counts) if counts and None not in counts else None
-    out = TableKeys([], *_empty(total or 0))
+    out = TableKeys([], *_empty(total or 0), state=state)
     at = 0
     for i, fragment in enumerate(state.dataset().get_fragments()):
         rel = relative(state, fragment.path)
@@ -181,7 +222,7 @@ def _grown(t: TableKeys, n: int) -> TableKeys:
     k = min(n, len(t.key_hash))
     for new, old in zip(arrays, (t.key_hash, t.version_hash, t.file_index, t.row_index), strict=True):
         new[:k] = old[:k]
-    return TableKeys(t.files, *arrays)
+    return TableKeys(t.files, *arrays, state=t.state)
 
 
 @dataclass
@@ -193,6 +234,7 @@ class Diff:
     unchanged: int
     drop_rows: np.ndarray  # bool over the table rows: leave the table
     removed: int
+    gone: np.ndarray | None = None  # bool over the table rows: their images are not listed
 
 
 #: Listed images compared at a time: the diff's temporaries stay a chunk's size, not the lake's.
@@ -225,14 +267,16 @@ def diff(listed: Listed, table: TableKeys, prior_errors: pd.DataFrame, *, keep_d
         in_listing[pos[hit]] = True
         changed_in_table[pos[moved]] = True
     same = found & ~changed
-    removed = ~in_listing
+    # A file refused by a limit (size, type, link) is there: its row stays (its error row says
+    # why); and a listing that accepted nothing never removes anything.
+    gone = ~in_listing & ~np.isin(table.key_hash, listed.refused_hash) if n else np.zeros(m, bool)
     todo = np.ones(n, bool) if rebuild else ~same
     kept_errors = _still_failing(listed, prior_errors, todo)
     if len(kept_errors):
         todo &= ~np.isin(listed.key_hash, keys.hash_keys(kept_errors["image_key"].tolist()))
-    drop_rows = np.ones(m, bool) if rebuild else changed_in_table | (removed if not keep_deleted else np.zeros(m, bool))
+    drop_rows = np.ones(m, bool) if rebuild else changed_in_table | (gone if not keep_deleted else np.zeros(m, bool))
     d = Diff(todo, changed, int((~found).sum()), int(changed.sum()), int(same.sum()), drop_rows,
-             int(removed.sum()) if not keep_deleted or rebuild else 0)
+             int(gone.sum()) if not keep_deleted or rebuild else 0, gone)
     return d, kept_errors
 
 
@@ -299,10 +343,48 @@ def file_actions(table: TableKeys, drop_rows: np.ndarray) -> tuple[list, list, l
     return rewrite, drop, keep, kept_rows
 
 
+def check_removals(d: Diff, table: TableKeys, max_fraction: float | None) -> None:
+    """Refuse a diff that removes more than ``max_fraction`` of the table's rows and more than
+    :data:`~fruitdask.config.REMOVE_FLOOR` rows (``--max-remove-fraction``): a listing that
+    sees a third of the lake (a wrong prefix, label folders moved away, a store that answered
+    partly) must not commit the removal of everything it did not see."""
+    m = len(table.key_hash)
+    allowed = m if max_fraction is None else max(REMOVE_FLOOR, math.floor(max_fraction * m))
+    if d.removed <= allowed:
+        return
+    folders = missing_folders(table, d.gone)
+    shown = ", ".join(repr(f) for f in folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
+    raise TooManyRemovalsError(
+        f"this run would remove {d.removed} of the table's {m} rows ({100 * d.removed / m:.0f} %), more than "
+        f"--max-remove-fraction {max_fraction:g} allows ({allowed}); not listed: {shown}: nothing was removed or "
+        f"written; check --input, or pass --max-remove-fraction 1 if they were deleted on purpose (--keep-deleted "
+        f"keeps their rows)"
+    )
+
+
+def missing_folders(table: TableKeys, gone: np.ndarray) -> list[str]:
+    """The folders (relative to the input root) of the rows in ``gone``, sorted: their keys
+    are read back from the files that hold them (only when a removal is refused)."""
+    wanted = set(np.unique(table.file_index[gone]).tolist())
+    if table.state is None or not wanted:
+        return []
+    hashes = set(table.key_hash[gone].tolist())
+    folders: set[str] = set()
+    for i, fragment in enumerate(table.state.dataset().get_fragments()):
+        if i in wanted:
+            names = fragment.to_table(columns=["image_key"]).column("image_key").to_pylist()
+            folders.update(posixpath.dirname(k) + "/" for k, h in zip(names, keys.hash_keys(names).tolist(), strict=True)
+                           if h in hashes)
+    return sorted(folders)
+
+
 def make_plan(listed: Listed, table: TableKeys, prior_errors: pd.DataFrame, *, manifest_url: str,
-              storage_options: Mapping[str, Any] | None, part_size: int, keep_deleted: bool, rebuild: bool) -> Plan:
-    """The diff turned into a plan: the manifest written, the files sorted by fate."""
+              storage_options: Mapping[str, Any] | None, part_size: int, keep_deleted: bool, rebuild: bool,
+              max_remove_fraction: float | None = None) -> Plan:
+    """The diff turned into a plan: the removal guard passed (:func:`check_removals`), the
+    manifest written, the files sorted by fate."""
     d, kept = diff(listed, table, prior_errors, keep_deleted=keep_deleted, rebuild=rebuild)
+    check_removals(d, table, max_remove_fraction)
     sizes = write_manifest(listed, d.todo, d.changed, manifest_url, storage_options, part_size)
     rewrite, drop, keep, kept_rows = file_actions(table, d.drop_rows)
     errors = pd.concat([listed.refused, kept], ignore_index=True) if len(kept) else listed.refused
@@ -310,6 +392,7 @@ def make_plan(listed: Listed, table: TableKeys, prior_errors: pd.DataFrame, *, m
         listed=listed.n_images + len(listed.refused), added=d.added, updated=d.updated, removed=d.removed,
         unchanged=d.unchanged, per_label=listed.per_label, manifest_url=manifest_url if sizes else None,
         part_sizes=sizes, rewrite=rewrite, drop=drop, keep=keep, errors=errors, rows_kept=kept_rows,
+        row_keys=np.concatenate([table.key_hash[~d.drop_rows], listed.key_hash[d.todo]]),
     )
 
 

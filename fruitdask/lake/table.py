@@ -26,8 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from fruitdask import storage
-from fruitdask.errors import ConcurrentRunError, OutputError
+from fruitdask.errors import ConcurrentRunError, DuplicateKeyError, OutputError
 from fruitdask.schema import TABLE_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -259,19 +261,37 @@ def relative(state: TableState, uri: str) -> str:
     return uri
 
 
+def check_unique_keys(row_keys: np.ndarray, url: str) -> None:
+    """Refuse a version whose rows would hold an image key twice (``row_keys``: the 16-byte
+    key hashes of every row it may hold, :func:`fruitdask.lake.keys.hash_keys`)."""
+    from fruitdask.lake.keys import duplicated
+
+    dup = duplicated(row_keys)
+    if len(dup):
+        raise DuplicateKeyError(
+            f"refusing to commit to {url}: {len(dup)} image key(s) would be held by two rows of the new version "
+            f"(one row per image is the table's contract): nothing was committed; run the same command again (a "
+            f"table written before keys were relative to the input root is re-keyed first), and report it if it "
+            f"repeats"
+        )
+
+
 def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict,
-           description: Description | None = None) -> int:
+           description: Description | None = None, *, row_keys: np.ndarray) -> int:
     """Commit ``adds`` and ``removes`` as one new version on top of the version ``state``
     read; return that version.
 
     ``adds``: ``{path, size, rows, stats}`` of files already written under the table root;
-    ``removes``: ``{path, size}`` of files of the version read. ``description``: what the
+    ``removes``: ``{path, size}`` of files of the version read; ``row_keys``: the key hashes
+    of every row the new version may hold, checked first (:func:`check_unique_keys`). ``description``: what the
     table is after this commit (default: as it was); a new table gets it in its first commit,
     and a replaced one (``--rebuild`` with other settings: every file removed) in the same
     commit, which replaces the table's metadata (Delta's ``CREATE OR REPLACE``).
 
     Raises
     ------
+    DuplicateKeyError
+        A key would be held twice: nothing is committed.
     ConcurrentRunError
         Another writer committed since ``state`` was read (or created the table): nothing
         of this run is committed; its files stay unreferenced until a vacuum.
@@ -280,6 +300,7 @@ def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict,
     from deltalake.exceptions import CommitFailedError, DeltaError
     from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 
+    check_unique_keys(row_keys, state.url)
     now = int(time.time() * 1000)
     add_actions = [AddAction(a["path"], int(a["size"]), {}, now, True, a["stats"]) for a in adds]
     props = CommitProperties(custom_metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)},

@@ -242,6 +242,11 @@ def _kept(sink: Sink, rel: str, drop_rows: np.ndarray | None) -> pa.Table:
     return table
 
 
+def read_file(sink: Sink, rel: str) -> pa.Table:
+    """A table data file, whole (the re-keying of :mod:`fruitdask.lake.rekey` rewrites it)."""
+    return _kept(sink, rel, None)
+
+
 def moments_file(sink: Sink, rel: str, drop_rows: np.ndarray | None) -> Moments | None:
     """PCA moments of the rows a table file keeps."""
     return Moments.of(features_file(sink, rel, drop_rows))

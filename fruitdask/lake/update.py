@@ -180,7 +180,7 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
         meta[delta.RECORD_KEY] = req.record(out)
         req.before_commit()
         out.version_after = delta.commit(state, adds, [{"path": p, "size": s} for p, s in removed], meta,
-                                         req.description)
+                                         req.description, row_keys=plan.row_keys)
     return out
 
 
