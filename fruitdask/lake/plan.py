@@ -93,7 +93,9 @@ def list_input(url: str, storage_options: Mapping[str, Any] | None, max_file_byt
                run_id: str) -> Listed:
     """Stream the listing of ``url`` into a spill file in ``spill_dir``; keep hashes only."""
     spill = os.path.join(spill_dir, "listing.parquet")
-    root = url.rstrip("/")
+    # The listing names files under the root as the filesystem spells it (a local root made
+    # absolute): keys are cut from that, so `--input in` and `--input /abs/in` give the same keys.
+    root = storage.get_fs(url, storage_options)[1].rstrip("/")
     key_hash, version_hash = Growing("S16"), Growing("<u8")
     refused, per_label = [], Counter()
     with pq.ParquetWriter(spill, SPILL_SCHEMA) as writer:
