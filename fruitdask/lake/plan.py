@@ -229,6 +229,8 @@ def diff(listed: Listed, table: TableKeys, prior_errors: pd.DataFrame, *, keep_d
     same = found & ~changed
     removed = ~in_listing
     todo = np.ones(n, bool) if rebuild else ~same
+    if rebuild:  # every row in the table is featurized again: updated, none unchanged
+        changed, same = found, np.zeros(n, bool)
     kept_errors = _still_failing(listed, prior_errors, todo)
     if len(kept_errors):
         todo &= ~np.isin(listed.key_hash, keys.hash_keys(kept_errors["image_key"].tolist()))
