@@ -163,7 +163,7 @@ class CommittedRun:
         from fruitdask.lake import table as delta
 
         dt_ = delta.load(self.url, self.storage_options, version)
-        table = dt_.to_pyarrow_dataset().to_table(columns=list(columns) if columns else None)
+        table = delta.read_columns(dt_, self.storage_options, list(columns) if columns else None)
         return table.to_pandas(types_mapper=pd.ArrowDtype)
 
     def feature_parts(self) -> list[str]:
