@@ -170,7 +170,7 @@ class CommittedRun:
         only for an output whose rows name none."""
         from fruitdask.lake import table as delta
 
-        fit = delta.current_fit(delta.load(self.url, self.storage_options))
+        fit = delta.current_fit(delta.load(self.url, self.storage_options), self.storage_options)
         return Reduction.from_npz(self._read(f"{paths.FITS}/{fit}.npz" if fit else REDUCTION))
 
     def features(self, columns: tuple[str, ...] | list[str] | None = None, version: int | None = None) -> pd.DataFrame:
@@ -178,7 +178,7 @@ class CommittedRun:
         from fruitdask.lake import table as delta
 
         dt_ = delta.load(self.url, self.storage_options, version)
-        table = dt_.to_pyarrow_dataset().to_table(columns=list(columns) if columns else None)
+        table = delta.read_columns(dt_, self.storage_options, list(columns) if columns else None)
         return table.to_pandas(types_mapper=pd.ArrowDtype)
 
     def feature_parts(self) -> list[str]:

@@ -407,7 +407,7 @@ def republish(target: storage.OutputTarget, state: delta.TableState) -> bool:
     logger.warning("run %s committed version %s but did not finish publishing (run.json is %s): copying its record "
                    "and fit from the table", record.get("run_id"), record.get("table", {}).get("version_after"),
                    f"run {shown}'s" if shown else "absent")
-    fit = delta.current_fit(state.dt)
+    fit = delta.current_fit(state.dt, state.storage_options)
     if fit:
         npz = storage.read_bytes(update.fit_url(target.url, fit), so)
         storage.write_file(target.final_path(output.REDUCTION), npz, so)

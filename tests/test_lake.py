@@ -357,3 +357,23 @@ def test_streaming_pca_at_d_25088_on_a_small_n():
     ref = PCA(n_components=red.k, svd_solver="full").fit(z)
     assert red.k == int(np.searchsorted(np.cumsum(PCA(n_components=20).fit(z).explained_variance_ratio_), 0.9) + 1)
     np.testing.assert_allclose(red.explained_variance_ratio[: red.k], ref.explained_variance_ratio_, rtol=1e-3)
+
+
+def test_keys_are_the_same_from_a_relative_or_an_absolute_input(tmp_path, monkeypatch):
+    """``--input in`` from its parent folder keys ``Label/name`` like ``--input /abs/in``.
+    Before the fix a relative root never prefixed the listing's absolute paths: every key was
+    the bare file name, and images of two labels with the same name (Fruits-360 numbers
+    frames per label: ``Apricot/105_100.jpg``, ``Cherry 1/105_100.jpg``) collapsed into one row."""
+    from fruitdask.lake import plan
+
+    data = tmp_path / "in"
+    for label in ("Apricot", "Cherry 1"):
+        (data / label).mkdir(parents=True)
+        shutil.copy2(sorted((BUNDLED / "Apricot").glob("*.jpg"))[0], data / label / "105_100.jpg")
+    monkeypatch.chdir(tmp_path)
+    keyed = {}
+    for root in ("in", str(data), "./in/"):
+        with plan.spill_dir() as spill:
+            listed = plan.list_input(root, None, None, spill, "r")
+            keyed[root] = sorted(pd.read_parquet(listed.spill)["image_key"])
+    assert keyed["in"] == keyed[str(data)] == keyed["./in/"] == ["Apricot/105_100.jpg", "Cherry 1/105_100.jpg"]

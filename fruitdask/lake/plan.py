@@ -271,6 +271,8 @@ def diff(listed: Listed, table: TableKeys, prior_errors: pd.DataFrame, *, keep_d
     # why); and a listing that accepted nothing never removes anything.
     gone = ~in_listing & ~np.isin(table.key_hash, listed.refused_hash) if n else np.zeros(m, bool)
     todo = np.ones(n, bool) if rebuild else ~same
+    if rebuild:  # every row in the table is featurized again: updated, none unchanged
+        changed, same = found, np.zeros(n, bool)
     kept_errors = _still_failing(listed, prior_errors, todo)
     if len(kept_errors):
         todo &= ~np.isin(listed.key_hash, keys.hash_keys(kept_errors["image_key"].tolist()))

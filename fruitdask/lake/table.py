@@ -199,11 +199,11 @@ def open_table(output_url: str, storage_options: Mapping[str, Any] | None) -> Ta
     state.description = Description.parse(state.dt.metadata().description)
     if state.description is None:
         state.described = False
-        state.description = _recovered(state.dt, state.meta)
+        state.description = _recovered(state.dt, state.meta, state.storage_options)
     return state
 
 
-def _recovered(dt, meta: Mapping[str, Any]) -> Description | None:
+def _recovered(dt, meta: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> Description | None:
     """An undescribed table's description: from its newest fruitdask commit (the whole history
     left is searched, once), else from the settings its rows name (fingerprint only)."""
     found = Description.of_meta(meta)
@@ -214,7 +214,7 @@ def _recovered(dt, meta: Mapping[str, Any]) -> Description | None:
             if found is not None:
                 break
     if found is None:
-        fps = dt.to_pyarrow_dataset().to_table(columns=["settings"]).column("settings").unique().to_pylist()
+        fps = read_columns(dt, storage_options, ["settings"]).column("settings").unique().to_pylist()
         if fps:  # rows of several settings (mixed before their check held): a run refuses them all
             found = Description(1, ",".join(sorted(str(f) for f in fps)))
     return found
@@ -243,13 +243,22 @@ def describe(state: TableState) -> bool:
     return True
 
 
-def last_meta(dt) -> dict:
-    """The ``fruitdask`` description of the newest fruitdask commit (empty if none)."""
-    for entry in dt.history(HISTORY_DEPTH):
+def last_meta(dt, up_to: int | None = None) -> dict:
+    """The ``fruitdask`` description of the newest fruitdask commit (empty if none); with
+    ``up_to``, of the newest at or before that version.
+
+    ``dt`` must be the table at its latest version: delta-rs (1.6) lists the commits of a
+    table loaded at an older version newest first all the same, numbered down from the
+    loaded version, so each would get another commit's number and description."""
+    for entry in dt.history(HISTORY_DEPTH if up_to is None else None):
         raw = entry.get(META_KEY)
-        if raw:
-            return json.loads(raw) if isinstance(raw, str) else dict(raw)
+        if raw and (up_to is None or entry["version"] <= up_to):
+            return _decode(raw)
     return {}
+
+
+def _decode(raw: str | dict) -> dict:
+    return json.loads(raw) if isinstance(raw, str) else dict(raw)
 
 
 def relative(state: TableState, uri: str) -> str:
@@ -379,15 +388,55 @@ def load(output_url: str, storage_options: Mapping[str, Any] | None, version: in
         raise OutputError(f"{output_url!r} has no features table ({url}): pass the --output of a `fruitdask run`") from e
 
 
+#: What :func:`history` says of each commit besides Delta's version, timestamp and operation.
+DID_KEYS = ("action", "run_id", "added", "updated", "removed", "unchanged", "rows", "pca_fit", "new_fit",
+            "files_added", "files_removed")
+
+
 def history(output_url: str, storage_options: Mapping[str, Any] | None, limit: int | None = None) -> list[dict]:
-    """The table's commits, newest first, with fruitdask's description decoded."""
+    """The table's commits, newest first: what each did (:data:`DID_KEYS`, see
+    :func:`what_it_did`) and fruitdask's description of it (``None`` for Delta's own
+    commits, such as a vacuum's)."""
+    # One commit more than shown: a run's fit is new when it differs from the one before.
+    entries = list(load(output_url, storage_options).history(None if limit is None else limit + 1))
+    metas = [_decode(e[META_KEY]) if e.get(META_KEY) else None for e in entries]
+    complete = not entries or entries[-1].get("version") == 0
     out = []
-    for entry in load(output_url, storage_options).history(limit):
+    for i, (entry, meta) in enumerate(zip(entries[:limit], metas, strict=False)):
+        older = [m for m in metas[i + 1 :] if m]
+        before = older[0].get("pca_fit") if older else None
         row = {k: entry.get(k) for k in ("version", "timestamp", "operation")}
-        raw = entry.get(META_KEY)
-        row[META_KEY] = _shown((json.loads(raw) if isinstance(raw, str) else raw) if raw else None)
-        out.append(row)
+        out.append({**row, **what_it_did(entry, meta, before, known_before=bool(older) or complete), META_KEY: _shown(meta)})
     return out
+
+
+def what_it_did(entry: Mapping[str, Any], meta: dict | None, fit_before: str | None, known_before: bool = True) -> dict:
+    """One commit in :data:`DID_KEYS` terms. A run: its id, rows added, updated (featurized
+    again), removed and left unchanged, rows after, its PCA fit and whether the fit is new.
+    A compaction (``OPTIMIZE``) moves rows between files and changes none of them; a vacuum
+    (``VACUUM START``/``END``, Delta's own commits) deletes files and no row. ``None`` where
+    the commit does not say."""
+    op = str(entry.get("operation") or "")
+    metrics = entry.get("operationMetrics") or {}
+    did = dict.fromkeys(DID_KEYS)
+    if op == "OPTIMIZE" or (meta or {}).get("operation") == "compact":
+        rows = (meta or {}).get("rows")
+        did.update(action="compact", added=0, updated=0, removed=0, unchanged=rows, rows=rows,
+                   pca_fit=(meta or {}).get("pca_fit"), new_fit=False,
+                   files_added=metrics.get("numFilesAdded"), files_removed=metrics.get("numFilesRemoved"))
+    elif op.startswith("VACUUM"):
+        did.update(action=op.lower(), files_removed=metrics.get("numDeletedFiles"))  # END's: START's are to come
+    elif meta:
+        counts = meta.get("counts") or {}
+        rows, changed = meta.get("rows"), [counts.get(k) for k in ("added", "updated")]
+        # Tables written before the count was recorded: the rows the run did not featurize.
+        unchanged = counts.get("unchanged", rows - sum(changed) if rows is not None and None not in changed else None)
+        did.update(action="rebuild" if meta.get("rebuild") else "run", run_id=meta.get("run_id"), added=changed[0],
+                   updated=changed[1], removed=counts.get("removed"), unchanged=unchanged, rows=rows,
+                   pca_fit=meta.get("pca_fit"), new_fit=meta.get("pca_fit") != fit_before if known_before else None)
+    else:
+        did["action"] = op.lower() or None
+    return did
 
 
 def vacuum(output_url: str, storage_options: Mapping[str, Any] | None, retention_hours: int, dry_run: bool) -> list[str]:
@@ -413,16 +462,39 @@ def compact(output_url: str, storage_options: Mapping[str, Any] | None, target_b
     return dict(dt.optimize.compact(target_size=target_bytes, commit_properties=props))
 
 
+def read_columns(dt, storage_options: Mapping[str, Any] | None, columns: list[str] | None = None):
+    """``columns`` (all when ``None``) of every data file of ``dt``'s version, as one Arrow table, read file by
+    file through fruitdask's storage. Not through ``dt.to_pyarrow_dataset()``: its scanners'
+    threads (over delta-rs' filesystem) outlive Arrow at the end of the process often enough
+    (21 short processes in 50 here) to abort it after its work ("terminate called without an
+    active exception", exit 134; apache/arrow#34314)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([TABLE_SCHEMA.field(c) for c in columns or TABLE_SCHEMA.names])
+    parts = []
+    for uri in dt.file_uris():
+        fs, path = storage.get_fs(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            parts.append(pq.ParquetFile(f).read(columns=schema.names).cast(schema))
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
 def summary(output_url: str, storage_options: Mapping[str, Any] | None, version: int | None = None) -> dict:
     """A version's rows, files, labels and PCA fits (reads two small columns)."""
-    dt = load(output_url, storage_options, version)
-    t = dt.to_pyarrow_dataset().to_table(columns=["label", "pca_fit"])
+    latest = load(output_url, storage_options)
+    dt = latest if version is None or version == latest.version() else load(output_url, storage_options, version)
+    try:
+        t = read_columns(dt, storage_options, ["label", "pca_fit"])
+    except OSError as e:  # FileNotFoundError among them: a vacuum deleted the version's files
+        raise OutputError(f"version {dt.version()} of {table_url(output_url)} can no longer be read (a vacuum deleted "
+                          f"files it needs: {str(e).splitlines()[0]}); `fruitdask table history` lists the versions, read a newer one") from e
     labels = t.column("label").value_counts().to_pylist()
     return {
         "version": dt.version(), "rows": t.num_rows, "files": len(dt.file_uris()),
         "labels": {d["values"]: d["counts"] for d in sorted(labels, key=lambda d: str(d["values"]))},
         "pca_fits": sorted({str(v) for v in t.column("pca_fit").unique().to_pylist()}),
-        "fruitdask": _shown(last_meta(dt)),
+        "fruitdask": _shown(last_meta(latest, up_to=dt.version())),
         "table": _described(dt),
     }
 
@@ -433,7 +505,7 @@ def _shown(meta: dict | None) -> dict | None:
     return None if meta is None else {k: v for k, v in meta.items() if k != RECORD_KEY}
 
 
-def current_fit(dt) -> str | None:
+def current_fit(dt, storage_options: Mapping[str, Any] | None) -> str | None:
     """The PCA fit the rows of ``dt``'s version name (``pca_fit``): from the files' statistics
     (the log), else from the column; None for a table without rows.
 
@@ -452,7 +524,7 @@ def current_fit(dt) -> str | None:
         if None not in lo and None not in hi:
             fits = set(lo) | set(hi)
     if not fits and actions.num_rows:
-        column = dt.to_pyarrow_dataset().to_table(columns=["pca_fit"]).column("pca_fit")
+        column = read_columns(dt, storage_options, ["pca_fit"]).column("pca_fit")
         fits = {str(v) for v in column.unique().to_pylist() if v is not None}
     if len(fits) > 1:
         raise OutputError(f"the rows of {dt.table_uri} (version {dt.version()}) name {len(fits)} PCA fits "

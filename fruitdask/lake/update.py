@@ -174,8 +174,9 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
     with timer.stage("commit"):
         meta = {**req.meta, "pca_fit": current.fit_id, "pca_k": reduction.k,
                 "pca_rows": reduction.n_samples if refit else state.meta.get("pca_rows"),
-                "pca_fit_seq": _fit_seq(state) + (1 if refit else 0), "rows": out.rows,
-                "counts": {"added": out.added, "updated": out.updated, "removed": plan.removed}}
+                "pca_fit_seq": _fit_seq(state) + (1 if refit else 0), "rows": out.rows, "rebuild": req.rebuild,
+                "counts": {"added": out.added, "updated": out.updated, "removed": plan.removed,
+                           "unchanged": plan.unchanged, "featurized": out.featurized}}
         out.version_after = state.version + 1 if state.exists else 0  # what the commit will be (no retries)
         meta[delta.RECORD_KEY] = req.record(out)
         req.before_commit()
