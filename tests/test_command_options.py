@@ -27,6 +27,7 @@ OPTIONS = {
     "train": ("TrainOptions", {}),
     "bench": ("BenchOptions", {"backends": "engines"}),
     "serve": ("ServeOptions", {}),
+    "table": ("TableOptions", {}),
 }
 
 #: serve flags whose ServeSettings field has another name (``--memory-limit`` sizes the
@@ -41,6 +42,7 @@ MINIMAL = {
     "train": ["train", "--features", "out", "--test-input", "t"],
     "bench": ["bench"],
     "serve": ["serve", "--model", "m"],
+    "table": ["table", "history", "out"],
     "run": ["run"],
 }
 
@@ -110,5 +112,11 @@ def test_bad_values_are_refused_where_the_options_are_built() -> None:
         PredictOptions.from_args(build_parser("predict").parse_args(["predict", "a.jpg", "--model", "m", "--top", "0"]))
     with pytest.raises(ConfigError, match="--backends"):
         BenchOptions.from_args(build_parser("bench").parse_args(["bench", "--backends", "raw,flink"]))
+    from fruitdask.commands.table import TableOptions
+
+    with pytest.raises(ConfigError, match="--retain-hours must be a whole number"):
+        TableOptions.from_args(build_parser("table").parse_args(["table", "vacuum", "out", "--retain-hours", "0.5"]))
+    with pytest.raises(ConfigError, match="--limit must be at least 1"):
+        TableOptions.from_args(build_parser("table").parse_args(["table", "history", "out", "--limit", "0"]))
     with pytest.raises(ConfigError, match="--images 1"):
         BenchOptions.from_args(build_parser("bench").parse_args(["bench", "--images", "1"]))
