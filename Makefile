@@ -34,13 +34,16 @@ install-test: $(VENV)/.installed-test system-deps
 run: install
 	$(PY) -m fruitdask run --output $(OUT) --allow-random-weights
 
-## test: install the locked test environment and system packages, lint, run the whole suite
+## test: install the locked test environment and system packages, lint, type-check the
+## commands and what they call (mypy, [tool.mypy] in pyproject.toml), run the whole suite
 test: install-test
 	$(PY) -m ruff check fruitdask tests tools
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 lint: install-test
 	$(PY) -m ruff check fruitdask tests tools
+	$(PY) -m mypy
 
 ## bench: raw Keras vs Dask (vs Spark) on the shared bench images
 bench: install-test

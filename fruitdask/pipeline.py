@@ -302,16 +302,16 @@ class _Run:
 
     def _request(self, plan: lake_plan.Plan, fp: str, winfo: model.WeightsInfo) -> update.Request:
         cfg, s = self.cfg, self.settings
+        feature_settings = {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision,
+                            "weights": winfo.requested, "weights_sha256": winfo.sha256,
+                            "weights_file_sha256": winfo.file_sha256, "seed": cfg.seed}
         meta = {"run_id": self.target.run_id, "input": cfg.input, "settings": fp, "format": keys.TABLE_FORMAT,
-                "keys": keys.KEYS_FORMAT, "key_root": cfg.input,
-                "feature_settings": {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision,
-                                     "weights": winfo.requested, "weights_sha256": winfo.sha256,
-                                     "weights_file_sha256": winfo.file_sha256, "seed": cfg.seed}}
+                "keys": keys.KEYS_FORMAT, "key_root": cfg.input, "feature_settings": feature_settings}
         return update.Request(
             target=self.target, run_id=self.target.run_id, settings_fp=fp, components=cfg.components, variance=cfg.variance,
             refit=cfg.refit, rebuild=cfg.rebuild or (cfg.overwrite and self.state.exists), resume=cfg.resume,
             feature_dim=s.feature_dim, pca_batch_size=cfg.pca_batch_size, power_iterations=cfg.pca_power_iterations,
-            seed=cfg.seed, meta=meta, description=delta.Description(keys.TABLE_FORMAT, fp, meta["feature_settings"]),
+            seed=cfg.seed, meta=meta, description=delta.Description(keys.TABLE_FORMAT, fp, feature_settings),
             check=lambda errors: check_errors(cfg, plan.listed, len(plan.errors) + len(errors)),
             before_commit=self.target.ensure_held,
             record=lambda outcome: self._run_record(plan, outcome, winfo).document(),
@@ -342,6 +342,7 @@ class _Run:
 
     def _run_record(self, plan: lake_plan.Plan, outcome: update.Outcome, winfo: model.WeightsInfo) -> output.RunRecord:
         errors = current_errors(plan, outcome, self.target.run_id)
+        assert outcome.reduction is not None  # a run that committed projected its rows with a fit
         return output.RunRecord(
             # run.json's config shows the precision the features were made with, not "auto".
             cfg=dataclasses.replace(self.cfg, precision=self.settings.precision), output_url=self.target.url,

@@ -286,9 +286,11 @@ def _held_out_set(bundle: ModelBundle, test_input: str | None, test_features: st
         featurizer = bundle.featurizer(storage_options, weights_override, guard)
         held_out, errors = featurize_tree(featurizer, test_input, storage_options)
         spec, source = featurizer.spec, test_input
-    else:
+    elif test_features is not None:
         test_run = load_run(test_features, storage_options, columns=("path", "label", "features"))
         held_out, errors, spec, source = test_run.table, pd.DataFrame(columns=SKIPPED_COLUMNS), test_run.spec, test_features
+    else:
+        raise InputError("no held-out images: pass --test-input DIR or --test-features RUN_OUTPUT")
     if len(held_out) == 0:
         raise InputError(f"no usable held-out image in {source!r}: {len(errors)} skipped, see the warnings")
     unknown = sorted(set(held_out["label"].astype(str)) - set(bundle.labels))

@@ -146,7 +146,7 @@ def history_text(rows: list[dict]) -> str:
     """One line per version, newest first: what the commit did, ``-`` where it does not say."""
     head = ("version", "time (UTC)", "action", "run", "added", "updated", "removed", "unchanged", "rows", "files +/-",
             "pca fit")
-    lines = [head]
+    lines: list[tuple[str, ...]] = [head]
     for r in rows:
         files = "" if r["files_added"] is None and r["files_removed"] is None else f"+{r['files_added'] or 0} -{r['files_removed'] or 0}"
         fit = (r["pca_fit"] or "") + (" (new)" if r["new_fit"] else "")
@@ -180,7 +180,7 @@ def compact_text(metrics: dict) -> str:
     return f"compacted: {metrics['numFilesRemoved']} files merged into {metrics.get('numFilesAdded', 0)}"
 
 
-TEXT = {"history": history_text, "show": show_text, "vacuum": vacuum_text, "compact": compact_text}
+TEXT: dict[str, Callable[[Any], str]] = {"history": history_text, "show": show_text, "vacuum": vacuum_text, "compact": compact_text}
 
 
 def _count(value: int | None) -> str:

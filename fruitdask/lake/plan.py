@@ -111,7 +111,8 @@ def list_input(url: str, storage_options: Mapping[str, Any] | None, max_file_byt
     spill = os.path.join(spill_dir, "listing.parquet")
     root = input_root(url)
     key_hash, version_hash = Growing("S16"), Growing("<u8")
-    refused, per_label = [], Counter()
+    refused: list[pd.DataFrame] = []
+    per_label: Counter[str] = Counter()
     with pq.ParquetWriter(spill, SPILL_SCHEMA) as writer:
         for batch in storage.iter_images(url, storage_options, max_file_bytes):
             if batch.images:
@@ -354,7 +355,7 @@ def check_removals(d: Diff, table: TableKeys, max_fraction: float | None) -> Non
     allowed = m if max_fraction is None else max(REMOVE_FLOOR, math.floor(max_fraction * m))
     if d.removed <= allowed:
         return
-    folders = missing_folders(table, d.gone)
+    folders = missing_folders(table, d.gone) if d.gone is not None else []
     shown = ", ".join(repr(f) for f in folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
     raise TooManyRemovalsError(
         f"this run would remove {d.removed} of the table's {m} rows ({100 * d.removed / m:.0f} %), more than "

@@ -325,9 +325,10 @@ def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict,
                 description=description.text() if description else None,
                 storage_options=delta_options(state.url, state.storage_options), commit_properties=props,
             )
-            return 0 if not state.exists else state.version + 1
+            return 0 if not state.exists or state.version is None else state.version + 1
         removes_ = [RemoveAction(r["path"], True, now, int(r["size"]) if r.get("size") else None) for r in removes]
         read_version = state.version
+        assert read_version is not None  # an existing table was read at a version
         _reopened(state).create_write_transaction([*add_actions, *removes_], mode="append", schema=TABLE_SCHEMA,
                                           commit_properties=props)
     except (CommitFailedError, DeltaError) as e:
@@ -430,7 +431,8 @@ def what_it_did(entry: Mapping[str, Any], meta: dict | None, fit_before: str | N
         counts = meta.get("counts") or {}
         rows, changed = meta.get("rows"), [counts.get(k) for k in ("added", "updated")]
         # Tables written before the count was recorded: the rows the run did not featurize.
-        unchanged = counts.get("unchanged", rows - sum(changed) if rows is not None and None not in changed else None)
+        known = [int(c) for c in changed if c is not None]
+        unchanged = counts.get("unchanged", rows - sum(known) if rows is not None and len(known) == len(changed) else None)
         did.update(action="rebuild" if meta.get("rebuild") else "run", run_id=meta.get("run_id"), added=changed[0],
                    updated=changed[1], removed=counts.get("removed"), unchanged=unchanged, rows=rows,
                    pca_fit=meta.get("pca_fit"), new_fit=meta.get("pca_fit") != fit_before if known_before else None)
@@ -553,7 +555,7 @@ def latest_record(output_url: str, storage_options: Mapping[str, Any] | None) ->
             lines = storage.read_bytes(storage.join(url, "_delta_log", f"{v:020d}.json"), storage_options).splitlines()
         except FileNotFoundError:
             return None  # cleaned up: older commits are gone too
-        info = next((json.loads(line)["commitInfo"] for line in lines if line.startswith(b'{"commitInfo"')), {})
+        info: dict[str, Any] = next((json.loads(line)["commitInfo"] for line in lines if line.startswith(b'{"commitInfo"')), {})
         raw = info.get(META_KEY)
         if raw:
             record = (json.loads(raw) if isinstance(raw, str) else dict(raw)).get(RECORD_KEY)

@@ -163,6 +163,7 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
             adds = _project(backend, plan, receipts, ckpt, sink, current)
             removed = [(p, s) for p, s, _ in plan.rewrite] + plan.drop + plan.keep
     else:
+        assert current is not None  # no refit: the table's fit projects the new rows
         reduction = current.load()
         with timer.stage("write"):
             adds = _file_adds(files) + rewritten
@@ -177,7 +178,7 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
                 "pca_fit_seq": _fit_seq(state) + (1 if refit else 0), "rows": out.rows, "rebuild": req.rebuild,
                 "counts": {"added": out.added, "updated": out.updated, "removed": plan.removed,
                            "unchanged": plan.unchanged, "featurized": out.featurized}}
-        out.version_after = state.version + 1 if state.exists else 0  # what the commit will be (no retries)
+        out.version_after = state.version + 1 if state.exists and state.version is not None else 0  # no retries
         meta[delta.RECORD_KEY] = req.record(out)
         req.before_commit()
         out.version_after = delta.commit(state, adds, [{"path": p, "size": s} for p, s in removed], meta,
@@ -194,11 +195,12 @@ def merge_small_files(backend: Any, keep: list[tuple[str, int]], adds: list[dict
     streams its inputs file by file (worker memory: one small file); the client only plans.
     Returns the adds and removes to commit, and the rows of untouched files that moved into
     merged ones (counted once); this run's own merged-away files are deleted."""
-    small = [(p, int(s), None) for p, s in keep if s < delta.SMALL_FILE_BYTES]
+    small: list[tuple[str, int, dict | None]] = [(p, int(s), None) for p, s in keep if s < delta.SMALL_FILE_BYTES]
     small += [(a["path"], int(a["size"]), a) for a in adds if a["size"] < delta.SMALL_FILE_BYTES]
     if len(small) < MERGE_AFTER_FILES:
         return adds, removed, 0
-    bins, size = [[]], 0
+    bins: list[list[tuple[str, int, dict | None]]] = [[]]
+    size = 0
     for item in small:
         if size >= delta.TARGET_FILE_BYTES:
             bins, size = [*bins, []], 0
@@ -253,7 +255,7 @@ def _refit(backend: Any, plan: Plan, state: delta.TableState, req: Request, rece
         rows = dict(zip(st["part"].astype(int), st["rows"].astype(int), strict=True))
         reduction = backend.fit_wide([(i, int(rows[i])) for i in staged], plan.manifest_url, ckpt, sink, kept_files, req)
     else:
-        leaves = [(tasks.moments_part, (i, plan.manifest_url, ckpt)) for i in staged]
+        leaves: list[tuple[Callable[..., Any], tuple]] = [(tasks.moments_part, (i, plan.manifest_url, ckpt)) for i in staged]
         leaves += [(tasks.moments_file, (sink, p, rows)) for p, rows in kept_files]
         moments = backend.tree_reduce(leaves)
         reduction = fit(moments, components=req.components, variance=req.variance)

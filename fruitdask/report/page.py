@@ -74,7 +74,9 @@ def _points_and_paths(run: output.CommittedRun, rows: int) -> tuple[np.ndarray, 
         parts = sorted(rng.choice(parts, MAX_SCATTER_FILES, replace=False).tolist())
         rows = int(rows * MAX_SCATTER_FILES / len(run.feature_parts()))
     keep = min(1.0, MAX_POINTS / max(rows, 1))
-    pcs, labels, pool = [], [], {}
+    pcs: list = []
+    labels: list = []
+    pool: dict = {}
     for part in parts:
         df = storage.read_parquet(part, run.storage_options, columns=["path", "label", "pca"])
         if df.empty:
@@ -396,7 +398,7 @@ def rebuild(location: str, storage_options: Mapping[str, Any] | None = None, set
     """
     run = output.read_run(location, storage_options, committed=False)
     url, doc = run.url, run.record
-    guard: Callable[[list[str]], None] = storage.check_protocols
+    guard: Callable[[list[str]], None] = storage.check_protocols  # what, fix: their defaults
     if settings is not None:
         storage.guard_regions([doc.get("input")], settings)
 

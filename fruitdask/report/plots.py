@@ -49,7 +49,7 @@ def png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
-def scree_png(ratios: Sequence[float], *, k: int, variance_target: float | None, title: str = "Scree plot") -> bytes:
+def scree_png(ratios: Sequence[float] | np.ndarray, *, k: int, variance_target: float | None, title: str = "Scree plot") -> bytes:
     """Bars per component, the cumulative curve, the target and the chosen K, as PNG bytes.
 
     ``ratios`` are a reduction's explained-variance ratios (descending, possibly past K);

@@ -65,8 +65,8 @@ def negotiate(query_lang: str | None, accept_language: str | None) -> tuple[str,
         if lang not in LANGUAGES:
             raise BadLanguage(f"lang={query_lang!r} is not available: pass lang={' or lang='.join(LANGUAGES)}")
         return lang, "query"
-    lang = parse_accept_language(accept_language)
-    return (lang, "accept-language") if lang else (DEFAULT_LANGUAGE, "default")
+    accepted = parse_accept_language(accept_language)
+    return (accepted, "accept-language") if accepted else (DEFAULT_LANGUAGE, "default")
 
 
 def decide(open_set: OpenSet | None, best_p: float, distance: float, resid: float) -> str:

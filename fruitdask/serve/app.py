@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -84,7 +84,7 @@ async def _take(held: Reservation, n: int, timeout: float) -> None:
         raise ApiError(503, "busy", f"{e}: retry shortly", headers={"Retry-After": "1"}) from e
 
 
-async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+async def _one_chunk(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
 
 
@@ -143,7 +143,7 @@ def top_of(request: Request, settings: ServeSettings, n_labels: int) -> int:
     raw = request.query_params.get("top")
     top = parse_top(raw, settings.default_top, n_labels)
     if top is None:
-        shown = raw if len(raw or "") <= 20 else raw[:20] + "…"
+        shown = raw if raw is None or len(raw) <= 20 else raw[:20] + "…"
         raise ApiError(400, "bad_top", f"top={shown!r} is not usable: pass a whole number from 1 to {n_labels}")
     return top
 
@@ -303,7 +303,8 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
             Route("/v1/predict", predict, methods=["POST"]),
             Route("/v1/model", model_info, methods=["GET"]),
         ],
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error, ClientDisconnect: _client_gone},
+        # Starlette types each handler as taking any Exception; each of these takes its own class.
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, ClientDisconnect: _client_gone},  # type: ignore[dict-item]
         lifespan=lifespan,
     )
     app.state.serve = state

@@ -79,7 +79,8 @@ def is_loopback(address: str) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+    mapped = getattr(ip, "ipv4_mapped", None)  # IPv6 only: ::ffff:127.0.0.1 is loopback too
+    return ip.is_loopback or bool(mapped is not None and mapped.is_loopback)
 
 
 def create_probe_app(state: ServeState) -> Starlette:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -37,7 +37,7 @@ class ApiError(Exception):
         self.status, self.error, self.reason, self.headers = status, error, reason, headers
 
 
-def json_error(status: int, error: str, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def json_error(status: int, error: str, reason: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": error, "reason": reason}, status_code=status, headers=headers)
 
 

@@ -7,7 +7,7 @@ file systems, so an image named ``big::a.jpg`` would be read as ``big`` (docs/s3
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import fsspec
@@ -50,7 +50,7 @@ def unsafe_name(url: str) -> str | None:
     return None
 
 
-def check_protocols(urls: list[str | None], what: str = "location", fix: str = "copy it to a local path or an s3:// bucket in an allowed region") -> None:
+def check_protocols(urls: Sequence[str | None], what: str = "location", fix: str = "copy it to a local path or an s3:// bucket in an allowed region") -> None:
     """Refuse locations other than local paths and ``s3://`` (whose region the guard can
     check): for locations read from stored data (weights references, thumbnail paths), which
     must never become a way to reach http(s) or any other fsspec protocol."""
