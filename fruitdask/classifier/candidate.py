@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +67,9 @@ class TableVersion:
 
 def read_table_version(url: str, storage_options: Mapping[str, Any] | None, version: int | None = None) -> TableVersion:
     """The table under the run output ``url`` at ``version`` (the latest when None)."""
-    url = url.rstrip("/")
+    # A local table is named by its absolute path in the lineage: the same table whatever
+    # folder a command ran from.
+    url = url.rstrip("/") if storage.is_remote(url) else os.path.abspath(url)
     try:
         dt = delta.load(url, storage_options, version)
     except Exception as e:  # deltalake raises its own TableNotFoundError / version errors

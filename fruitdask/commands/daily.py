@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 from fruitdask.commands import run as run_command
@@ -119,7 +120,8 @@ def _candidate(opts: DailyOptions, url: str, version: int, run_id: str):
     settings = opts.config.storage
     so = storage.storage_options(settings)
     registry = Registry(opts.models, so)
-    found = registry.find(url, version, "daily")
+    table_uri = url if storage.is_remote(url) else os.path.abspath(url)
+    found = registry.find(table_uri, version, "daily")
     if found is not None:
         logger.info("the registry already holds %s, trained by daily on table version %s: not trained again", found.version, version)
         return found, False
