@@ -40,10 +40,16 @@ LINEAGE = "lineage.json"
 DECISION = "decision.json"
 
 
+_last_ms = [0]  # the newest millisecond this process named: names of one process never tie
+
+
 def new_version(now: dt.datetime | None = None) -> str:
     """A fresh version name that sorts in creation order (millisecond UTC time, then random)."""
     now = now or dt.datetime.now(dt.UTC)
-    return now.strftime("%Y%m%dT%H%M%S.") + f"{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
+    ms = max(int(now.timestamp() * 1000), _last_ms[0] + 1)
+    _last_ms[0] = ms
+    t = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    return t.strftime("%Y%m%dT%H%M%S.") + f"{ms % 1000:03d}Z-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)
