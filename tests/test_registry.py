@@ -244,7 +244,7 @@ def test_a_promotion_that_read_a_stale_champion_is_refused_with_the_fix(tmp_path
     registry = Registry(str(tmp_path / "models"))
     read = registry.champion()
     registry.move_champion(read, "v1", "first")
-    with pytest.raises(ConflictError, match="changed while this command decided .* run the command again"):
+    with pytest.raises(ConflictError, match=r"changed while this command decided .* run the command again"):
         registry.move_champion(read, "v2", "stale")
     doc = registry.champion().doc
     assert doc["version"] == "v1" and doc["history"] == []
@@ -259,6 +259,45 @@ def test_versions_sort_in_creation_order_and_the_held_out_split_is_stable():
     # The same key is held out whatever else the table holds (the lake grows).
     assert list(candidate.held_out(keys[::-1])[::-1]) == list(mask)
     assert list(candidate.held_out(keys[:100])) == list(mask[:100])
+
+
+@pytest.mark.parametrize(("name", "cls_name", "argv"), [
+    ("model", "ModelOptions", ["model", "promote", "models", "v1"]),
+    ("daily", "DailyOptions", ["daily", "--models", "models"]),
+    ("train", "TrainOptions", ["train", "--features", "out", "--models", "models", "--version", "3"]),
+])
+def test_every_flag_of_model_daily_and_train_reaches_a_field(name, cls_name, argv):
+    """As tests/test_command_options.py does for the other commands: no flag is dropped on
+    the way to the command's frozen options value (daily's run flags go to its RunConfig)."""
+    import argparse
+    import dataclasses
+    import importlib
+
+    from fruitdask.cli import COMMAND_MODULES, build_parser
+    from fruitdask.config import RunConfig
+
+    cls = getattr(importlib.import_module(COMMAND_MODULES[name][0]), cls_name)
+    assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+    parser = build_parser(name)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    fields = {f.name for f in dataclasses.fields(cls)} | ({f.name for f in dataclasses.fields(RunConfig)} if name == "daily" else set())
+    lost = {a.dest for a in sub._actions if a.dest not in ("help", "debug", "quiet") and a.dest not in fields
+            and not a.dest.startswith(("storage_", "kube_"))}
+    assert not lost
+    opts = cls.from_args(parser.parse_args(argv))
+    if name == "train":
+        assert opts.models == "models" and opts.table_version == 3
+    if name == "daily":
+        assert opts.models == "models" and opts.config.image_size == RunConfig().image_size
+
+
+def test_train_models_refuses_a_held_out_set_and_version_needs_models(tmp_path):
+    for argv, message in ((["--models", "m", "--test-input", "t"], "leave out --test-input"),
+                          (["--version", "2", "--test-input", "t"], "--version V picks the table version"),
+                          ([], "or --models MODELS")):
+        done = subprocess.run([sys.executable, "-m", "fruitdask", "train", "--features", "out", *argv], cwd=tmp_path,
+                              env=_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 def test_gate_settings_refuse_bad_values_with_the_fix():
