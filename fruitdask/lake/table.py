@@ -427,6 +427,14 @@ def what_it_did(entry: Mapping[str, Any], meta: dict | None, fit_before: str | N
                    files_added=metrics.get("numFilesAdded"), files_removed=metrics.get("numFilesRemoved"))
     elif op.startswith("VACUUM"):
         did.update(action=op.lower(), files_removed=metrics.get("numDeletedFiles"))  # END's: START's are to come
+    elif meta and meta.get("operation") in ("rekey", "describe"):
+        # Featurize nothing: a re-key rewrites keys (dropping rows held twice), a describe
+        # writes the table's description; the rest of ``meta`` is the last run's, carried on.
+        counts = (meta.get("counts") or {}) if meta["operation"] == "rekey" else {}
+        dropped = int(counts.get("duplicates_dropped") or 0)
+        rows = meta.get("rows")
+        did.update(action=meta["operation"], run_id=meta.get("run_id") if meta["operation"] == "rekey" else None,
+                   added=0, updated=0, removed=dropped, unchanged=rows, rows=rows, pca_fit=meta.get("pca_fit"), new_fit=False)
     elif meta:
         counts = meta.get("counts") or {}
         rows, changed = meta.get("rows"), [counts.get(k) for k in ("added", "updated")]
