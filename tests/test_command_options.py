@@ -28,6 +28,8 @@ OPTIONS = {
     "bench": ("BenchOptions", {"backends": "engines"}),
     "serve": ("ServeOptions", {}),
     "table": ("TableOptions", {}),
+    "model": ("ModelOptions", {}),
+    "daily": ("DailyOptions", {}),
 }
 
 #: serve flags whose ServeSettings field has another name (``--memory-limit`` sizes the
@@ -43,6 +45,8 @@ MINIMAL = {
     "bench": ["bench"],
     "serve": ["serve", "--model", "m"],
     "table": ["table", "history", "out"],
+    "model": ["model", "list", "m"],
+    "daily": ["daily", "--models", "m"],
     "run": ["run"],
 }
 
@@ -79,7 +83,7 @@ def test_every_flag_reaches_a_field_of_the_command_options(name: str) -> None:
 
         sized = {f.name for f in dataclasses.fields(ServeSettings)}
         lost = {d for d in lost if d not in sized and SERVE_RENAMED.get(d) not in sized and d != "memory_limit"}
-    if name == "bench":  # bench also takes every run option, into a RunConfig
+    if name in ("bench", "daily"):  # they also take every run option, into a RunConfig
         run_fields = {f.name for f in dataclasses.fields(RunConfig)}
         lost = {d for d in lost if d not in run_fields and not d.startswith(("kube_", "storage_"))}
     assert not lost, f"`fruitdask {name}` flags that reach no field of {cls_name}: {sorted(lost)}"

@@ -47,7 +47,7 @@ def _record(tmp_path, reduction) -> output.RunRecord:
             pass
     errors = pd.DataFrame({"path": ["/in/A/x.jpg"], "label": ["A"], "stage": ["decode"], "reason": ["not an image"]})
     return output.RunRecord(
-        cfg=cfg, output_url=cfg.output, run_id="r1", started=dt.datetime(2026, 1, 1, tzinfo=dt.UTC), timer=timer, n_listed=21, n_images=21,
+        cfg=cfg, output_url=cfg.output, run_id="r1", started=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), timer=timer, n_listed=21, n_images=21,
         per_label={"A": 11, "B": 10}, errors=errors, rows=20, reduction=reduction, cluster={"backend": "dask", "threads": 2},
         precision={"requested": "float32", "precision": "float32", "reason": "asked"},
         weights=WeightsInfo("random", "random", "seed 0", "ab" * 32), extra={"performance_report": "dask-report.html"},

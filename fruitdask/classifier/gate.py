@@ -102,7 +102,7 @@ def promote(registry: Registry, version: str, settings: GateSettings, *, force: 
     cand = registry.get(version)
     read = registry.champion()
     current = (read.doc or {}).get("version")
-    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if current == version:
         if cand.decision.get("promoted"):
             return cand.decision

@@ -45,10 +45,10 @@ _last_ms = [0]  # the newest millisecond this process named: names of one proces
 
 def new_version(now: dt.datetime | None = None) -> str:
     """A fresh version name that sorts in creation order (millisecond UTC time, then random)."""
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or dt.datetime.now(dt.timezone.utc)
     ms = max(int(now.timestamp() * 1000), _last_ms[0] + 1)
     _last_ms[0] = ms
-    t = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    t = dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
     return t.strftime("%Y%m%dT%H%M%S.") + f"{ms % 1000:03d}Z-{secrets.token_hex(3)}"
 
 
@@ -145,7 +145,7 @@ class Registry:
         elif old.get("version"):
             history.append(old["version"])
         doc = {"version": version, "previous": old.get("version"), "history": history, "reason": reason, "forced": forced,
-               "promoted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+               "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         if not alias.replace(self.path(CHAMPION), self.storage_options, doc, read.version):
             now = self.champion().doc or {}
             raise ConflictError(f"the champion of {self.url!r} changed while this command decided (it is now "

@@ -93,7 +93,7 @@ def daily(opts: DailyOptions) -> int:
     else:
         decision = gate.promote(Registry(opts.models, so), mv.version, settings)
     record = {"run_id": doc["run_id"], "output": url, "models": opts.models,
-              "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "table": {"version_before": table["version_before"], "version_after": version,
                         "changed": not doc.get("up_to_date")},
               "candidate": mv.version, "trained": trained, "metrics": mv.metrics, "promoted": decision["promoted"],
