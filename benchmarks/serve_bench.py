@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     port, probe_port = free_port(), free_port()
     log = tempfile.NamedTemporaryFile(prefix="serve-bench-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "fruitdask", "serve", "--model", args.model, "--host", HOST, "--port", str(port),
-           "--probe-port", str(probe_port), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--quiet"]
+           "--probe-port", str(probe_port), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--quiet",
+           # Every client of the benchmark is one address: let all of them upload at once.
+           "--max-uploads-per-client", str(max(int(x) for x in args.concurrency.split(",")))]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     server = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)

@@ -30,6 +30,8 @@ logger = logging.getLogger("fruitdask")
 COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "run": ("fruitdask.commands.run", "bring the features table up to date with the input: list, diff, featurize new and changed images, PCA, one Delta commit"),
     "train": ("fruitdask.commands.train", "train a fruit classifier on the PCA features of a run output, evaluate it on a Test/ tree"),
+    "model": ("fruitdask.commands.model", "the model registry: list versions, show one, promote one through the gate, roll the champion back"),
+    "daily": ("fruitdask.commands.daily", "the daily loop: bring the table up to date, train a candidate on the new version, promote it if it passes the gate"),
     "predict": ("fruitdask.commands.predict", "predict the fruit in photos with a model written by `train` (top-k labels)"),
     "report": ("fruitdask.commands.report", "rebuild OUTPUT/report.html, the self-contained HTML page of a finished run"),
     "table": ("fruitdask.commands.table", "the features table's life: history, vacuum, compact, a version's summary (time travel)"),

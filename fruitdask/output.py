@@ -8,7 +8,7 @@
       errors.parquet        the current unusable images: path, label, stage, reason, image_key, source_version, run_id
       reduction.npz         the current fit (:class:`fruitdask.reduce.Reduction`), scree.png its plot
       run.json              the last run's :class:`RunRecord`; report.html, dask-report.html
-      runs/<run_id>/        every run's run.json, report.html and dask-report.html
+      runs/<run_id>/        every run's run.json, report.html and dask-report.html (and daily.json of `daily`)
       _SUCCESS              written once a run has committed
 
 The pipeline writes through :class:`RunRecord` and :func:`publish` after the table's commit;

@@ -4,7 +4,9 @@ whole group (the client and its local cluster: a machine that dies) at one point
 Stages, in the order a run reaches them: ``planned`` (after the diff), ``featurizing`` (once
 the first partition is done), ``fitting`` (the PCA fit), ``projecting`` (writing the table's
 files after a fit), ``committing`` (right before the table's commit), ``published`` (after the
-commit, before the run's record is written).
+commit, before the run's record is written). For ``fruitdask daily``, after the run:
+``trained`` (a candidate trained, not registered), ``registered`` (registered, not gated),
+``promoted`` (the champion alias moved, the decision and the day's record not written).
 """
 
 from __future__ import annotations
@@ -45,9 +47,30 @@ def main() -> int:
         delta.commit = die
     elif stage == "published":
         pipeline.publish = die
+    elif stage in ("trained", "registered", "promoted"):
+        _after_daily_step(stage)
     else:
         raise SystemExit(f"unknown stage {stage}")
     return cli.main(argv)
+
+
+def _after_daily_step(stage: str) -> None:
+    """Die right after the daily step ``stage`` has done its work."""
+    from fruitdask.classifier import candidate
+    from fruitdask.classifier.registry import Registry
+
+    def then_die(real):
+        def wrapped(*args, **kwargs):
+            real(*args, **kwargs)
+            die()
+        return wrapped
+
+    if stage == "trained":
+        candidate.train_candidate = then_die(candidate.train_candidate)
+    elif stage == "registered":
+        Registry.register = then_die(Registry.register)
+    else:
+        Registry.move_champion = then_die(Registry.move_champion)
 
 
 if __name__ == "__main__":

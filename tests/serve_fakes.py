@@ -49,11 +49,12 @@ class FakePredictor:
 
     load_seconds = 0.0
 
-    def __init__(self, image_size: int, max_pixels: int, delay: float = 0.0) -> None:
-        self.image_size, self.max_pixels, self.delay = image_size, max_pixels, delay
+    def __init__(self, image_size: int, max_pixels: int, delay: float = 0.0, decode_delay: float = 0.0) -> None:
+        self.image_size, self.max_pixels, self.delay, self.decode_delay = image_size, max_pixels, delay, decode_delay
         self.bundle = type("Bundle", (), {"labels": LABELS})()
 
     def decode(self, data: bytes) -> np.ndarray:
+        time.sleep(self.decode_delay)  # a slow decode holds its thread, as a big PNG does
         return featurize.decode_image(data, self.image_size, self.max_pixels)
 
     open_set = None  # no unknown detector: every answer is recognised or uncertain
@@ -83,19 +84,20 @@ class FakePredictor:
 
 
 def main(argv: list[str]) -> int:
-    """``python tests/serve_fakes.py [--model-delay S] SERVE FLAGS``: serve with the fake model."""
+    """``python tests/serve_fakes.py [--model-delay S] [--decode-delay S] SERVE FLAGS``: serve with the fake model."""
     from fruitdask import cli
     from fruitdask.commands import serve
     from fruitdask.logs import setup_logging
     from fruitdask.serve.runner import run_server
 
-    delay = 0.0
-    if argv[:1] == ["--model-delay"]:
-        delay, argv = float(argv[1]), argv[2:]
+    delays = {"--model-delay": 0.0, "--decode-delay": 0.0}
+    while argv[:1] and argv[0] in delays:
+        delays[argv[0]], argv = float(argv[1]), argv[2:]
     args = cli.build_parser().parse_args(["serve", "--model", "unused", *argv])
     setup_logging(bool(args.quiet), bool(args.debug))
     settings = serve.settings_from_args(args)
-    failure = run_server(settings, lambda: FakePredictor(224, settings.max_pixels, delay), log_level="warning")
+    failure = run_server(settings, lambda: FakePredictor(224, settings.max_pixels, delays["--model-delay"], delays["--decode-delay"]),
+                         log_level="warning")
     return 1 if failure else 0
 
 

@@ -93,7 +93,7 @@ def chromium() -> Iterator:
 class Phone:
     """A phone-sized page in one locale that records console errors and every request."""
 
-    def __init__(self, browser, port: int, lang: str) -> None:
+    def __init__(self, browser, port: int, lang: str, path: str = "/") -> None:
         self.context = browser.new_context(locale=LOCALES[lang], **PHONE)
         self.page = self.context.new_page()
         self.errors: list[str] = []
@@ -106,7 +106,7 @@ class Phone:
         self.page.on("filechooser", lambda c: self.choosers.append(c))
         self.page.add_init_script(RECORD_UPLOADS)
         self.origin = f"http://127.0.0.1:{port}"
-        self.page.goto(self.origin + "/")
+        self.page.goto(self.origin + path)
 
     def pick(self, photo: Path) -> None:
         self.page.set_input_files("#photo", str(photo))
@@ -331,5 +331,53 @@ def test_the_page_says_the_server_is_still_loading(chromium, tmp_path, non_fruit
             p.close()
     finally:
         release.set()
+        uv.should_exit = True
+        thread.join(30)
+
+
+@pytest.mark.parametrize("crafted", ["constructor", "__proto__", "toString", "de"])
+def test_a_crafted_lang_falls_back_to_the_default_and_uploads_still_work(chromium, tmp_path, non_fruit_picture, crafted):
+    """Issue #31 item 10: ``/?lang=constructor`` (or ``__proto__``, ``toString``: names every
+    object has) shows the page in the default language, and a photo gets its answer; the
+    server refuses those codes itself with 400 ``bad_lang``. The real application with the
+    fake model of ``tests/serve_fakes.py`` (no TensorFlow), in uvicorn.
+
+    On the former page (``wanted in T``) the title read "undefined", ``<html lang>`` was the
+    crafted name and every upload failed with 400 ``bad_lang``. ``de`` (not an object's
+    name) is the control: it fell back before too."""
+    import uvicorn
+    from serve_fakes import FakePredictor
+
+    from fruitdask.serve.app import create_app
+    from fruitdask.serve.settings import ServeSettings
+
+    port = free_port()
+    app = create_app(ServeSettings(port=port), lambda: FakePredictor(32, 1_000_000))
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not (uv.started and app.state.serve.ready):
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        for code in (crafted, crafted.upper()):
+            status, body = post_image(port, non_fruit_picture.read_bytes(), "image/png", f"?lang={code}")
+            assert (status, body["error"]) == (400, "bad_lang"), body
+        p = Phone(chromium, port, "en", path=f"/?lang={crafted}")
+        try:
+            assert p.page.evaluate("document.documentElement.lang") == "en"
+            assert p.page.title() == "Fruitdask: what is this fruit?" and p.page.inner_text("h1") == "What is this fruit?"
+            assert "undefined" not in p.page.inner_text("body")
+            p.pick(non_fruit_picture)
+            card = p.wait_card()
+            assert card["name"] and "undefined" not in card["card"]
+            assert p.page.inner_text("#status") == "Done."
+            (post,) = [r for r in p.requests if r.method == "POST"]
+            assert post.url.endswith("/v1/predict?top=5&lang=en")
+            assert p.errors == []
+        finally:
+            p.close()
+    finally:
         uv.should_exit = True
         thread.join(30)

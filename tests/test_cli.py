@@ -30,7 +30,9 @@ def test_top_level_help_lists_commands(capsys):
 #: flags every command shares.
 HELP_MUST_SHOW = {
     "run": ("--input", "--output", "--backend", "--cluster", "exit codes:"),
-    "train": ("--features", "--test-input", "--model-out"),
+    "train": ("--features", "--test-input", "--model-out", "--models", "--version"),
+    "model": ("{list,show,promote,rollback}", "MODELS", "VERSION", "--json", "--force", "--margin"),
+    "daily": ("--models", "--margin", "--max-unknown-rate", "--input", "--output", "exit codes:"),
     "predict": ("PHOTO", "--model", "--top", "--json"),
     "report": ("OUTPUT",),
     "table": ("{history,vacuum,compact,show}", "OUTPUT", "--limit", "--retain-hours", "--version"),

@@ -668,10 +668,17 @@ def test_serve_deployment_reads_the_eu_bucket_and_probes_readiness() -> None:
 
 def test_serve_drains_before_it_stops() -> None:
     """#23 item 4: the preStop hook fails readiness and waits drainSeconds; the grace period covers
-    it and the 30 s uvicorn gives open requests."""
+    it and the 30 s uvicorn gives open requests. #31 item 8: the hook is an ``exec`` that calls
+    the probe port on 127.0.0.1 from inside the pod, not an ``httpGet`` from the kubelet over the
+    network (fails on the former chart, whose hook was ``httpGet``); test_serve_hardening.py runs
+    this very command against the server."""
     deploy = one(render(CI_VALUES["serve-values"]), "Deployment", "-serve")
     c = container(deploy)
-    assert c["lifecycle"]["preStop"] == {"httpGet": {"path": "/drain", "port": "probes"}}
+    (hook,) = c["lifecycle"]["preStop"].values()
+    assert list(c["lifecycle"]["preStop"]) == ["exec"]
+    python, flag, code = hook["command"]
+    assert (python, flag) == ("python", "-c")
+    assert "'http://127.0.0.1:8081/drain'" in code and "timeout=45" in code  # drainSeconds + 30
     assert c["args"][c["args"].index("--drain-seconds") + 1] == "15"
     assert 15 >= c["readinessProbe"]["periodSeconds"] * c["readinessProbe"]["failureThreshold"]  # unready by then
     assert deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 15 + 30 + 10
@@ -745,6 +752,47 @@ def test_serve_egress_must_be_narrowed_and_kubelet_cidrs_reach_the_probe_port_on
     objects = render({"serve": {**serve, "networkPolicy": {"egressCidrs": ["10.0.0.0/16"], "kubeletCidrs": ["10.0.0.0/16"]}}})
     api, probes = one(objects, "NetworkPolicy", "-serve")["spec"]["ingress"]
     assert {"ipBlock": {"cidr": "10.0.0.0/16"}} in probes["from"] and {"ipBlock": {"cidr": "10.0.0.0/16"}} not in api["from"]
+
+
+def test_serve_budget_that_blocks_drains_is_refused() -> None:
+    """#31 item 9: a serve PodDisruptionBudget must allow an eviction at the fewest pods the
+    release runs (replicas, or the autoscaler's minReplicas). One pod is refused by the schema;
+    minAvailable at or above the pods by the template. Fails on the former chart, which
+    rendered every one of these."""
+    serve = {"enabled": True, "model": "s3://fruits-eu-west-1/models/m", "networkPolicy": {"egressCidrs": ["10.0.0.0/16"]}}
+    with pytest.raises(helm.HelmValuesError, match=r"/serve/replicas.*minimum: got 1, want 2"):
+        render({"serve": {**serve, "replicas": 1}})
+    with pytest.raises(helm.HelmValuesError, match=r"/serve/autoscaling/minReplicas.*minimum: got 1, want 2"):
+        render({"serve": {**serve, "autoscaling": {"enabled": True, "minReplicas": 1}}})
+    with pytest.raises(helm.HelmError, match=r"serve.pdb.minAvailable 3 with serve.replicas 3 allows no eviction"):
+        render({"serve": {**serve, "replicas": 3, "pdb": {"minAvailable": 3}}})
+    with pytest.raises(helm.HelmError, match=r"minAvailable 2 with serve.autoscaling.minReplicas 2 allows no eviction"):
+        render({"serve": {**serve, "autoscaling": {"enabled": True, "minReplicas": 2}, "pdb": {"minAvailable": 2}}})
+    # What still renders: a budget below the pods, and one pod without a budget.
+    pdb = one(render({"serve": {**serve, "replicas": 3, "pdb": {"minAvailable": 2}}}), "PodDisruptionBudget", "-serve")
+    assert pdb["spec"]["minAvailable"] == 2
+    objects = render({"serve": {**serve, "replicas": 1, "pdb": {"enabled": False}}})
+    assert one(objects, "Deployment", "-serve")["spec"]["replicas"] == 1 and not by_kind(objects, "PodDisruptionBudget", "-serve")
+    render({"serve": {"replicas": 1}})  # serve off: its budget is not rendered, nothing to refuse
+
+
+def test_serve_uploads_per_client_and_trusted_proxies_reach_the_command() -> None:
+    """#31 item 7: the chart passes --max-uploads-per-client, and --trusted-proxies when the
+    ingress's CIDRs are given; trusting every address is refused."""
+    from fruitdask.cli import build_parser
+    from fruitdask.commands.serve import settings_from_args
+
+    serve = {"enabled": True, "model": "s3://fruits-eu-west-1/models/m", "networkPolicy": {"egressCidrs": ["10.0.0.0/16"]}}
+    args = container(one(render({"serve": serve}), "Deployment", "-serve"))["args"]
+    assert args[args.index("--max-uploads-per-client") + 1] == "4" and "--trusted-proxies" not in args
+    values = {"serve": {**serve, "maxUploadsPerClient": 8, "trustedProxies": ["10.0.0.0/16", "100.64.0.0/10"]}}
+    args = container(one(render(values), "Deployment", "-serve"))["args"]
+    assert args[args.index("--trusted-proxies") + 1] == "10.0.0.0/16,100.64.0.0/10"
+    args = [str(4 * 2**30) if a == "$(SERVE_MEMORY_LIMIT)" else a for a in args]
+    settings = settings_from_args(build_parser().parse_args(["serve", *args]))
+    assert settings.max_uploads_per_client == 8 and [str(n) for n in settings.trusted_proxies] == ["10.0.0.0/16", "100.64.0.0/10"]
+    with pytest.raises(helm.HelmValuesError, match="trustedProxies"):
+        render({"serve": {**serve, "trustedProxies": ["0.0.0.0/0"]}})
 
 
 def test_serve_without_autoscaling_has_fixed_replicas() -> None:

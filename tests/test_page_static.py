@@ -57,3 +57,19 @@ def test_nothing_inline_for_the_csp_to_refuse():
     assert not re.search(r"\son[a-z]+=", html)  # no inline event handler
     code = "\n".join(line.split("//", 1)[0] for line in (STATIC / "app.js").read_text().splitlines())
     assert ".innerHTML" not in code and "eval(" not in code and "new Function" not in code
+
+
+def test_the_language_comes_from_an_explicit_list():
+    """Issue #31 item 10: ``?lang=constructor`` or ``__proto__`` passed ``wanted in T`` (every
+    object has them) and broke the page. The page checks codes against a list, the server's
+    own languages. Fails on the former app.js (``in T``, no list)."""
+    from fruitdask.catalogue import DEFAULT_LANGUAGE, LANGUAGES
+
+    js = (STATIC / "app.js").read_text()
+    code = "\n".join(line.split("//", 1)[0] for line in js.splitlines())
+    assert not re.search(r"\bin\s+T\b", code) and "hasOwnProperty" not in code
+    listed = re.search(r"const LANGUAGES = \[([^\]]*)\];", code)
+    assert listed, "no explicit list of languages in app.js"
+    assert sorted(re.findall(r'"(\w+)"', listed.group(1))) == sorted(LANGUAGES)
+    assert f'const DEFAULT_LANGUAGE = "{DEFAULT_LANGUAGE}";' in code
+    assert sorted(re.findall(r"^    (\w+): \{$", js, re.M)) == sorted(LANGUAGES)  # T has exactly those

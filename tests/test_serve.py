@@ -139,7 +139,9 @@ def serve_process(model: Path, log: Path, *extra: str) -> Iterator[dict]:
     port, probe = free_port(), free_port()
     cmd = [sys.executable, "-m", "fruitdask", "serve", "--model", str(model), "--port", str(port), "--probe-port", str(probe),
            "--max-body-bytes", str(MAX_BODY), "--max-pixels", str(MAX_PIXELS), "--body-timeout", str(TIMEOUT),
-           "--header-timeout", str(TIMEOUT), "--max-wait-ms", "50", "--threads", "2", *extra]
+           "--header-timeout", str(TIMEOUT), "--max-wait-ms", "50", "--threads", "2",
+           # Every test client is 127.0.0.1: 16 at once must not count as one user's uploads.
+           "--max-uploads-per-client", "64", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with log.open("wb") as out:
         # SIGINT reset to default in the child: a shell running pytest in the background

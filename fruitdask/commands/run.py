@@ -7,6 +7,7 @@ import json
 import logging
 
 from fruitdask.commands.options import add_run_options, config_from_args
+from fruitdask.config import RunConfig
 
 logger = logging.getLogger("fruitdask")
 
@@ -58,9 +59,15 @@ def _on_event(name: str, data: dict) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    doc, url = execute(cfg)
+    return summarize(cfg, doc, url)
+
+
+def execute(cfg: RunConfig) -> tuple[dict, str]:
+    """Bring the table up to date (``pipeline.run``); the run's record and the output's URL."""
     from fruitdask.backends import start_early, stop_early
 
-    cfg = config_from_args(args)
     # Before the pipeline's imports: local workers' imports overlap the client's. An update
     # lists first and imports no TensorFlow when there is nothing to do: its fork server
     # waits before TensorFlow until the cluster starts (so does a remote output's, which may
@@ -75,9 +82,14 @@ def command(args: argparse.Namespace) -> int:
         doc = pipeline.run(cfg, target=target, progress=progress_bar(cfg.quiet), on_event=_on_event)
     finally:
         stop_early()
+    return doc, target.url
+
+
+def summarize(cfg: RunConfig, doc: dict, url: str, print_json: bool = True) -> int:
+    """Log what the run did (and print its JSON line unless quiet); ``run``'s exit code."""
     if doc.get("up_to_date"):
-        if not cfg.quiet:
-            print(json.dumps({"output": target.url, "up_to_date": True, "version": doc["table"]["version_after"]}))
+        if not cfg.quiet and print_json:
+            print(json.dumps({"output": url, "up_to_date": True, "version": doc["table"]["version_after"]}))
         return EXIT_OK
     red, counts, table = doc["reduction"], doc["counts"], doc["table"]
     for w in doc["warnings"]:
@@ -91,10 +103,10 @@ def command(args: argparse.Namespace) -> int:
     )
     from fruitdask.report.page import report_location
 
-    report_path = report_location(target.url)
+    report_path = report_location(url)
     logger.info("report: %s", report_path)
-    if not cfg.quiet:
-        print(json.dumps({"output": target.url, "rows": table["rows"], "version": table["version_after"],
+    if not cfg.quiet and print_json:
+        print(json.dumps({"output": url, "rows": table["rows"], "version": table["version_after"],
                           "added": counts["added"], "updated": counts["updated"], "removed": counts["removed"],
                           "k": red["k"], "report": report_path}))
     return EXIT_SKIPPED if counts["errors"] and not cfg.skipped_ok else EXIT_OK

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from fruitdask.commands.options import add_quiet_debug, add_storage_options, storage_settings
-from fruitdask.serve.limits import plan_for_memory
+from fruitdask.serve.limits import parse_networks, plan_for_memory
 from fruitdask.serve.settings import ServeSettings
 
 _D = ServeSettings()
@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"TCP port of /healthz, /readyz, /metrics and /drain, outside --max-connections; keep it "
                    f"private (default: {_D.probe_port})")
     p.add_argument("--drain-seconds", type=float, default=_D.drain_seconds,
-                   help=f"on SIGTERM (or GET /drain), seconds readiness fails while requests are still served, "
-                   f"before the API port closes (default: {_D.drain_seconds:g})")
+                   help=f"on SIGTERM (or GET /drain from 127.0.0.1), seconds readiness fails while requests are still "
+                   f"served, before the API port closes and the process exits (default: {_D.drain_seconds:g})")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=_D.max_batch, help=f"most images per VGG16 call (default: {_D.max_batch})")
     g.add_argument("--max-wait-ms", type=float, default=_D.max_wait_ms,
@@ -39,9 +39,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"(default: {_D.max_pixels:,})")
     g.add_argument("--decode-threads", type=int, default=None,
                    help="decodes at once, each up to ~10 bytes per --max-pixels pixel (default: the usable cores, at most 8)")
+    g.add_argument("--decode-timeout", type=float, default=_D.decode_timeout_s,
+                   help=f"seconds a request waits for a free decode thread; then 503 decode_busy "
+                   f"(default: {_D.decode_timeout_s:g})")
     g.add_argument("--max-inflight-bytes", type=int, default=None,
-                   help=f"bytes of request bodies held at once across requests; more wait, then 503 "
-                   f"(default: from --memory-limit, else {_D.max_inflight_bytes:,})")
+                   help=f"bytes of request bodies held at once across requests, counted as they arrive; more wait, "
+                   f"then 503 (default: from --memory-limit, else {_D.max_inflight_bytes:,})")
+    g.add_argument("--max-uploads-per-client", type=int, default=_D.max_uploads_per_client,
+                   help=f"uploads in flight from one client address; more get 429 (default: {_D.max_uploads_per_client})")
+    g.add_argument("--trusted-proxies", default="", metavar="CIDRS",
+                   help="comma-separated CIDRs of the proxies in front (the ingress): a request from one of them "
+                   "counts against the first address of X-Forwarded-For, from the right, outside these CIDRs "
+                   "(default: none; X-Forwarded-For is ignored)")
     g.add_argument("--memory-limit", type=int, default=None, metavar="BYTES",
                    help="the container's memory limit: sizes --max-connections and --max-inflight-bytes to fit it "
                    "(the chart passes limits.memory)")
@@ -71,6 +80,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         host=args.host, port=args.port, probe_port=args.probe_port, drain_seconds=args.drain_seconds,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, decode_threads=decode_threads,
+        decode_timeout_s=args.decode_timeout, max_uploads_per_client=args.max_uploads_per_client,
+        trusted_proxies=parse_networks(args.trusted_proxies),
         max_inflight_bytes=args.max_inflight_bytes or max(inflight, 2 * args.max_body_bytes), body_timeout_s=args.body_timeout,
         header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
         max_connections=args.max_connections or max_connections, default_top=args.top, threads=args.threads,

@@ -1,4 +1,10 @@
-"""``fruitdask train``: fit a classifier on a run's PCA features, evaluate it, write a bundle."""
+"""``fruitdask train``: fit a classifier on a run's PCA features, evaluate it, write a bundle.
+
+With ``--models MODELS`` the model is trained on the features table at ``--version`` (the
+latest by default), its held-out rows chosen by a stable hash of ``image_key``, and
+registered as a new version of the registry (:mod:`fruitdask.classifier.registry`); it is
+not promoted (``fruitdask model promote`` does that, through the gate).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from dataclasses import dataclass
 
 from fruitdask.commands.options import add_quiet_debug, add_storage_options, storage_settings
 from fruitdask.config import StorageSettings
+from fruitdask.errors import ConfigError
 
 logger = logging.getLogger("fruitdask")
 
@@ -18,13 +25,19 @@ DEFAULT_MODEL_OUT = "fruitdask-model"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, metavar="RUN_OUTPUT",
                    help="output folder/URI of a finished `fruitdask run` (its pca column trains the model)")
-    held = p.add_mutually_exclusive_group(required=True)
+    held = p.add_mutually_exclusive_group()
     held.add_argument("--test-input", metavar="DIR_OR_URI",
                       help="held-out <Label>/<image>.jpg tree (e.g. Fruits-360 Test/), featurized with the run's weights and settings")
     held.add_argument("--test-features", metavar="RUN_OUTPUT",
                       help="or: a `fruitdask run` output of the held-out images made with the same weights, image size and pooling")
-    p.add_argument("--model-out", default=DEFAULT_MODEL_OUT, metavar="DIR_OR_URI",
+    p.add_argument("--model-out", metavar="DIR_OR_URI",
                    help=f"where to write the model bundle and its report (default: ./{DEFAULT_MODEL_OUT})")
+    p.add_argument("--models", metavar="MODELS",
+                   help="a model registry (folder or URI): train on the features table, hold out images by a stable "
+                   "hash of their key, and register the model as a new version (instead of --test-input/--test-features "
+                   "and --model-out)")
+    p.add_argument("--version", dest="table_version", type=int, metavar="V",
+                   help="with --models: the table version to train on (default: the latest; `fruitdask table history` lists them)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --model-out (default: refuse)")
     p.add_argument("--weights", metavar="PATH_OR_URI",
                    help="where the run's weights file is now, if it moved (its sha256 must match run.json)")
@@ -43,6 +56,8 @@ class TrainOptions:
     test_input: str | None = None
     test_features: str | None = None
     model_out: str = DEFAULT_MODEL_OUT
+    models: str | None = None
+    table_version: int | None = None
     overwrite: bool = False
     weights: str | None = None
     C: float = 1.0
@@ -51,8 +66,17 @@ class TrainOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainOptions:
+        if args.models is None and args.test_input is None and args.test_features is None:
+            raise ConfigError("pass a held-out set: --test-input DIR_OR_URI (a Test/ tree) or --test-features RUN_OUTPUT, "
+                              "or --models MODELS to hold out images of the table by key hash and register the model")
+        if args.models is not None and (args.test_input or args.test_features or args.model_out):
+            raise ConfigError("--models trains on the table with held-out rows chosen by key hash and writes into the "
+                              "registry: leave out --test-input, --test-features and --model-out")
+        if args.models is None and args.table_version is not None:
+            raise ConfigError("--version V picks the table version of a --models training: pass --models MODELS too")
         return cls(features=args.features, storage=storage_settings(args), test_input=args.test_input,
-                   test_features=args.test_features, model_out=args.model_out, overwrite=bool(args.overwrite),
+                   test_features=args.test_features, model_out=args.model_out or DEFAULT_MODEL_OUT,
+                   models=args.models, table_version=args.table_version, overwrite=bool(args.overwrite),
                    weights=args.weights, C=args.C, max_iter=args.max_iter, quiet=bool(args.quiet))
 
 
@@ -65,6 +89,8 @@ def train(opts: TrainOptions) -> int:
     from fruitdask import storage
     from fruitdask.classifier import classify
 
+    if opts.models is not None:
+        return train_into_registry(opts)
     settings = opts.storage
     storage.guard_regions([opts.features, opts.test_input, opts.test_features, opts.model_out, opts.weights], settings)
     so = storage.storage_options(settings)
@@ -84,4 +110,25 @@ def train(opts: TrainOptions) -> int:
         print(json.dumps({"model": opts.model_out, "accuracy": round(report["accuracy"], 4),
                           "macro_f1": round(report["macro_f1"], 4), "n_test": report["n"], "skipped": len(report["skipped"]),
                           "unknown_detector": report["open_set"]}))
+    return 0
+
+
+def train_into_registry(opts: TrainOptions) -> int:
+    """``train --models``: train on the table (version ``--version``), register the candidate."""
+    from fruitdask import storage
+    from fruitdask.classifier import candidate
+    from fruitdask.classifier.registry import Registry
+
+    settings = opts.storage
+    storage.guard_regions([opts.features, opts.models, opts.weights], settings)
+    so = storage.storage_options(settings)
+    tv = candidate.read_table_version(opts.features, so, opts.table_version)
+    cand = candidate.train_candidate(tv, so, C=opts.C, max_iter=opts.max_iter, weights_override=opts.weights,
+                                     guard=lambda urls: storage.guard_regions(urls, settings))
+    version = Registry(opts.models, so).register(cand.bundle, cand.metrics, cand.lineage, cand.files)
+    if not opts.quiet:
+        m = cand.metrics
+        print(json.dumps({"models": opts.models, "version": version, "table_version": tv.version,
+                          "accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4), "n_test": m["n_test"],
+                          "promoted": False}))
     return 0

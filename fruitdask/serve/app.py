@@ -1,8 +1,9 @@
 """The public Starlette application: routes, request limits, JSON errors, background model load.
 
 Every refusal is a JSON body ``{"error": CODE, "reason": SENTENCE}`` with a 4xx status
-(503 while the model loads or the queue is full): a bad request never takes the server
-down, and the model runs only on bodies that decoded into an image. The probes and the
+(429 past a client's uploads in flight, 503 while the model loads or the queue, the byte
+budget or the decode threads are full): a bad request never takes the server down, and the
+model runs only on bodies that decoded into an image. The probes and the
 metrics are another application on another port (:mod:`fruitdask.serve.probes`).
 """
 
@@ -26,7 +27,7 @@ from starlette.routing import Route
 from fruitdask.features.featurize import DecodeError
 from fruitdask.serve import answer, page
 from fruitdask.serve.batcher import MicroBatcher, Overloaded
-from fruitdask.serve.limits import BudgetTimeout, Reservation, parse_top
+from fruitdask.serve.limits import BudgetTimeout, Reservation, TooManyUploads, client_key, parse_top
 from fruitdask.serve.metrics import MetricsMiddleware, ServeMetrics
 from fruitdask.serve.predictor import Predictor
 from fruitdask.serve.probes import PROBE_ENDPOINTS
@@ -47,8 +48,9 @@ async def read_body(request: Request, settings: ServeSettings, held: Reservation
     """The body, refused with 413 past ``max_body_bytes`` (from Content-Length before any byte
     is read, else while streaming a chunked body) and with 408 past ``body_timeout_s``.
 
-    Its bytes are taken from the budget of bytes in flight (``held``) before they are read:
-    the Content-Length at once, a chunked body chunk by chunk."""
+    Its bytes are taken from the budget of bytes in flight (``held``) as they arrive, chunk
+    by chunk, never from the Content-Length: a client that declares 8 MiB and sends nothing
+    holds nothing of the budget (issue #31 item 7)."""
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -57,17 +59,17 @@ async def read_body(request: Request, settings: ServeSettings, held: Reservation
         if int(declared) > limit:
             raise ApiError(413, "body_too_large", f"the body is {int(declared):,} bytes, over the {limit:,}-byte limit: "
                            "send a smaller photo (a few hundred kB is plenty: the model sees it at a few hundred pixels)")
-        await _take(held, int(declared), settings)
     chunks, size = [], 0
+    deadline = time.monotonic() + settings.body_timeout_s
     try:
         with anyio.fail_after(settings.body_timeout_s):
             async for chunk in request.stream():
                 size += len(chunk)
-                if declared is None:
-                    await _take(held, len(chunk), settings)
                 if size > limit:
                     raise ApiError(413, "body_too_large", f"the body grew past the {limit:,}-byte limit while streaming: "
                                    "send a smaller photo")
+                # The budget's wait ends just before the body's own deadline: 503 busy, not 408.
+                await _take(held, len(chunk), max(0.0, deadline - time.monotonic() - 0.05))
                 chunks.append(chunk)
     except TimeoutError:
         raise ApiError(408, "body_timeout", f"the body did not arrive within {settings.body_timeout_s:g} s "
@@ -75,9 +77,9 @@ async def read_body(request: Request, settings: ServeSettings, held: Reservation
     return b"".join(chunks)
 
 
-async def _take(held: Reservation, n: int, settings: ServeSettings) -> None:
+async def _take(held: Reservation, n: int, timeout: float) -> None:
     try:
-        await held.take(n, settings.body_timeout_s)
+        await held.take(n, timeout)
     except BudgetTimeout as e:
         raise ApiError(503, "busy", f"{e}: retry shortly", headers={"Retry-After": "1"}) from e
 
@@ -97,7 +99,7 @@ async def image_bytes(request: Request, settings: ServeSettings, held: Reservati
     body = await read_body(request, settings, held)
     if media != "multipart/form-data":
         return body
-    await _take(held, len(body), settings)  # the part is a copy of the body's bytes
+    await _take(held, len(body), settings.body_timeout_s)  # the part is a copy of the body's bytes
     parser = MultiPartParser(request.headers, _one_chunk(body), max_files=1, max_fields=16,
                              max_part_size=settings.max_body_bytes)
     try:
@@ -153,6 +155,46 @@ def _state(request: Request) -> ServeState:
     return request.app.state.serve
 
 
+def claim_upload(request: Request, state: ServeState) -> str:
+    """Count the request against its client (:func:`client_key`); 429 past ``--max-uploads-per-client``.
+    Returns the key to give back with ``state.uploads.release``."""
+    peer = request.client.host if request.client else None
+    key = client_key(peer, ",".join(request.headers.getlist("x-forwarded-for")), state.settings.trusted_proxies)
+    try:
+        state.uploads.claim(key)
+    except TooManyUploads as e:
+        raise ApiError(429, "too_many_uploads", f"{e}: wait for an answer before sending more",
+                       headers={"Retry-After": "1"}) from e
+    return key
+
+
+async def decode(state: ServeState, predictor: Predictor, data: bytes):
+    """``predictor.decode`` in one of the ``--decode-threads``; 503 ``decode_busy`` if none frees
+    up within ``--decode-timeout`` (the wait is bounded, as the body's is)."""
+    limiter, timeout = state.decode_limiter, state.settings.decode_timeout_s
+    try:
+        with anyio.fail_after(timeout):
+            await limiter.acquire()
+    except TimeoutError:
+        raise ApiError(503, "decode_busy", f"all {limiter.total_tokens:g} decode threads stayed busy for {timeout:g} s "
+                       "(--decode-timeout): retry shortly", headers={"Retry-After": "1"}) from None
+    try:
+        # The token above is the bound: anyio's default pool (40 threads) is never the limit here.
+        return await anyio.to_thread.run_sync(predictor.decode, data)
+    except DecodeError as e:
+        raise decode_error(e) from e
+    finally:
+        limiter.release()
+
+
+async def received_image(request: Request, state: ServeState, predictor: Predictor):
+    """The request's photo, decoded: its bytes held in the budget only until it is decoded."""
+    async with state.budget.reservation() as held:
+        data = await image_bytes(request, state.settings, held)
+        check_signature(data)
+        return await decode(state, predictor, data)
+
+
 async def predict(request: Request) -> Response:
     start = time.perf_counter()
     lang = language(request)
@@ -163,21 +205,22 @@ async def predict(request: Request) -> Response:
     assert predictor is not None and batcher is not None
     try:
         top = top_of(request, state.settings, len(predictor.bundle.labels))
-        async with state.budget.reservation() as held:
-            data = await image_bytes(request, state.settings, held)
-            check_signature(data)
-            try:
-                image = await anyio.to_thread.run_sync(predictor.decode, data, limiter=state.decode_limiter)
-            except DecodeError as e:
-                raise decode_error(e) from e
-            del data
+        client = claim_upload(request, state)
     except ApiError as e:
         state.metrics.rejected.labels(e.error).inc()
         raise
-    try:
-        scores = await batcher.submit(image)
-    except Overloaded as e:
-        raise ApiError(503, "overloaded", f"{e}: retry shortly", headers={"Retry-After": "1"}) from e
+    try:  # the client's upload counts until its answer: reading, decoding and the model's queue
+        try:
+            image = await received_image(request, state, predictor)
+        except ApiError as e:
+            state.metrics.rejected.labels(e.error).inc()
+            raise
+        try:
+            scores = await batcher.submit(image)
+        except Overloaded as e:
+            raise ApiError(503, "overloaded", f"{e}: retry shortly", headers={"Retry-After": "1"}) from e
+    finally:
+        state.uploads.release(client)
     return JSONResponse({
         **answer.respond(predictor, scores, top, lang),
         "model": predictor.summary(),
@@ -194,7 +237,8 @@ async def model_info(request: Request) -> Response:
     return JSONResponse({**state.predictor.describe(),
                          "batching": {"max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue},
                          "limits": {"max_body_bytes": s.max_body_bytes, "max_pixels": s.max_pixels,
-                                    "body_timeout_s": s.body_timeout_s, "accepted": [*RAW_IMAGE_TYPES, "multipart/form-data"]}})
+                                    "body_timeout_s": s.body_timeout_s, "max_uploads_per_client": s.max_uploads_per_client,
+                                    "accepted": [*RAW_IMAGE_TYPES, "multipart/form-data"]}})
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:

@@ -1,16 +1,20 @@
-"""Upload limits of the service: ``?top=``, the bytes in flight, and sizing from memory.
+"""Upload limits of the service: ``?top=``, the bytes in flight, uploads per client, and
+sizing from memory.
 
 One request's decode is bounded by ``--max-pixels`` (the pixels decoded, see
 :func:`fruitdask.features.featurize.open_image`) and the strip conversions of
 :func:`fruitdask.features.featurize.decode_image`; ``--decode-threads`` bounds how many run
-at once; :class:`ByteBudget` bounds the request bodies held across all requests; and
-:func:`plan_for_memory` sizes the budget and ``--max-connections`` from the container's
-memory limit.
+at once (``--decode-timeout`` how long a request waits for one); :class:`ByteBudget` bounds
+the request bodies held across all requests, counted as they arrive; :class:`ClientLimiter`
+bounds the uploads of one client (:func:`client_key`: its address, or the first hop of
+``X-Forwarded-For`` that ``--trusted-proxies`` does not name); and :func:`plan_for_memory`
+sizes the budget and ``--max-connections`` from the container's memory limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -61,6 +65,9 @@ class ByteBudget:
         self._changed: asyncio.Condition | None = None
 
     async def take(self, n: int, timeout: float) -> None:
+        if self.used + n <= self.capacity:  # room now: no wait, whatever the timeout left
+            self.used += n
+            return
         if self._changed is None:
             self._changed = asyncio.Condition()
         async with self._changed:
@@ -72,11 +79,12 @@ class ByteBudget:
             self.used += n
 
     async def give(self, n: int) -> None:
-        if self._changed is None or n == 0:
+        if n == 0:
             return
-        async with self._changed:
-            self.used -= n
-            self._changed.notify_all()
+        self.used -= n
+        if self._changed is not None:  # someone may be waiting
+            async with self._changed:
+                self._changed.notify_all()
 
     @asynccontextmanager
     async def reservation(self) -> AsyncIterator[Reservation]:
@@ -96,6 +104,79 @@ class Reservation:
     async def take(self, n: int, timeout: float) -> None:
         await self.budget.take(n, timeout)
         self.bytes += n
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str, flag: str = "--trusted-proxies") -> tuple[Network, ...]:
+    """Comma-separated CIDRs (a bare address is a /32 or /128) as networks; empty: none."""
+    networks = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as e:
+            raise ConfigError(f"{flag} {item!r} is not an address or CIDR: pass e.g. 10.0.0.0/8,192.168.0.0/16") from e
+    return tuple(networks)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:10.0.0.1 from a dual-stack socket
+    return mapped or address
+
+
+def _trusted(text: str, trusted: tuple[Network, ...]) -> bool:
+    address = _address(text)
+    return address is not None and any(address.version == n.version and address in n for n in trusted)
+
+
+def client_key(peer: str | None, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str:
+    """Who a request counts against: its peer address, unless the peer is a trusted proxy
+    (``--trusted-proxies``); then the first hop of ``X-Forwarded-For``, read from the right
+    (each proxy appends the address it saw), that is not itself a trusted proxy.
+
+    The hops left of it were written by the client and prove nothing: a client that sends
+    ``X-Forwarded-For: 1.2.3.4`` through the ingress still counts as the address the
+    ingress saw. With every hop trusted, the leftmost is the client.
+    """
+    peer = peer or "unknown"
+    if not trusted or not _trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for h in (forwarded_for or "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+class TooManyUploads(Exception):
+    """One client already has ``--max-uploads-per-client`` uploads in flight."""
+
+
+class ClientLimiter:
+    """Uploads in flight per client (``--max-uploads-per-client``): one address cannot take
+    the whole byte budget, the decode slots or the model's queue for itself."""
+
+    def __init__(self, per_client: int) -> None:
+        self.per_client = per_client
+        self.active: dict[str, int] = {}
+
+    def claim(self, key: str) -> None:
+        """One more upload of ``key``; :class:`TooManyUploads` at once if it has its share.
+        Every claim that returned is given back with :meth:`release`."""
+        # No await between the check and the count: one event loop, nothing interleaves.
+        if self.active.get(key, 0) >= self.per_client:
+            raise TooManyUploads(f"{self.per_client} uploads from this client are in flight (--max-uploads-per-client)")
+        self.active[key] = self.active.get(key, 0) + 1
+
+    def release(self, key: str) -> None:
+        self.active[key] -= 1
+        if not self.active[key]:
+            del self.active[key]
 
 
 @dataclass(frozen=True)

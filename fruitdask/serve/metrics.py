@@ -30,6 +30,8 @@ class ServeMetrics:
         self.rejected = Counter("fruitdask_serve_rejected_images", "Requests refused before the model, by error",
                                 ["error"], registry=r)
         self.queue_depth = Gauge("fruitdask_serve_queue_depth", "Images waiting for the model", registry=r)
+        self.inflight_bytes = Gauge("fruitdask_serve_inflight_bytes",
+                                    "Bytes of request bodies received and held (--max-inflight-bytes)", registry=r)
         self.ready = Gauge("fruitdask_serve_ready", "1 once the model is loaded and serving", registry=r)
         self.load_seconds = Gauge("fruitdask_serve_model_load_seconds", "Seconds the model took to load", registry=r)
 

@@ -5,10 +5,13 @@ The public port has a connection cap (``--max-connections``): 1,024 slow clients
 and the kubelet's liveness probe failed with them, restarting healthy pods. Here no cap
 applies, and the chart admits only the kubelet and the monitoring namespace to this port,
 so the load-failure reason (which can name buckets and hashes) is said here and not on the
-public port.
+public port. ``/drain`` stops the process, so it answers only the loopback address (the
+chart's preStop hook is an ``exec`` inside the pod).
 """
 
 from __future__ import annotations
+
+import ipaddress
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -48,15 +51,35 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = _state(request)
     state.metrics.queue_depth.set(state.batcher.depth if state.batcher else 0)
+    state.metrics.inflight_bytes.set(state.budget.used)
     body, content_type = state.metrics.exposition()
     return Response(body, media_type=content_type)
 
 
 async def drain_endpoint(request: Request) -> Response:
-    """The preStop hook: fail readiness, answer once ``--drain-seconds`` have passed (then the
-    kubelet sends SIGTERM and the server closes its public port at once)."""
-    await drain(_state(request))
-    return JSONResponse({"status": "drained"})
+    """The preStop hook, from inside the pod: the process stops. Readiness fails, requests are
+    served for ``--drain-seconds``, then this answers, the API port closes, open requests
+    finish and the process exits 0. A drain is never undone: a pod drained by mistake exits
+    and Kubernetes restarts it (issue #31 item 8).
+
+    Only from the loopback address (the chart's ``exec`` hook): over the network, 403."""
+    state = _state(request)
+    peer = request.client.host if request.client else ""
+    if not is_loopback(peer):
+        return json_error(403, "drain_local_only", "GET /drain is taken only from inside the pod (127.0.0.1 or ::1): "
+                          "use the pod's preStop hook, or delete the pod")
+    if state.request_stop is not None:
+        state.request_stop()
+    await drain(state)
+    return JSONResponse({"status": "drained", "exiting": state.request_stop is not None})
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
 def create_probe_app(state: ServeState) -> Starlette:

@@ -6,14 +6,18 @@ guard, the bundle, then :func:`run_server` until the process is told to stop.
 The public application listens on ``--port`` under ``--max-connections``; the probe
 application (:mod:`fruitdask.serve.probes`) on ``--probe-port`` with no cap. Stopping:
 
-1. readiness fails (SIGTERM, or the preStop hook's ``GET /drain`` before it);
+1. readiness fails (SIGTERM, or the preStop hook's ``GET /drain`` from inside the pod);
 2. for ``--drain-seconds`` every request is still served, while load balancers and
    kube-proxy stop sending new ones;
 3. the public port closes, open requests finish (up to :data:`GRACEFUL_SECONDS`);
 4. the probe port closes, the process exits 0.
 
+``GET /drain`` and SIGTERM start the same stop, and it always ends with the exit: a pod
+drained by mistake is restarted by Kubernetes instead of staying out of service for good.
 Ctrl-C (SIGINT) skips the wait. The runner owns the signals: the uvicorn servers do not
-install theirs.
+install theirs. Neither server reads ``X-Forwarded-*`` (uvicorn's ``proxy_headers`` is off):
+the peer address stays the socket's, and only ``--trusted-proxies`` decides whose
+``X-Forwarded-For`` counts (:func:`fruitdask.serve.limits.client_key`).
 """
 
 from __future__ import annotations
@@ -66,12 +70,14 @@ class Servers:
         self.public = _Server(uvicorn.Config(
             app, host=s.host, port=s.port, http=header_timeout_protocol(s.header_timeout_s), lifespan="on",
             timeout_keep_alive=s.keep_alive_s, limit_concurrency=s.max_connections, timeout_graceful_shutdown=GRACEFUL_SECONDS,
-            log_level=log_level, access_log=access_log, server_header=False))
+            log_level=log_level, access_log=access_log, server_header=False, proxy_headers=False))
         self.probes = _Server(uvicorn.Config(
             probe_app, host=s.host, port=s.probe_port, http=header_timeout_protocol(s.header_timeout_s), lifespan="off",
             timeout_keep_alive=s.keep_alive_s, timeout_graceful_shutdown=5, log_level=log_level, access_log=access_log,
-            server_header=False))
+            server_header=False, proxy_headers=False))
         self._stopping: asyncio.Task | None = None
+        # GET /drain (the preStop hook) begins the same stop as SIGTERM: it ends with the exit.
+        self.state.request_stop = self.stop
         #: Why a server could not start (a port in use), once :meth:`serve` returned.
         self.error: str | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fruitdask.errors import ConfigError
+from fruitdask.serve.limits import Network
 
 #: The service's ``--max-pixels`` (4096 x 4096): a photo decodes in at most about 160 MiB.
 #: The pipeline's own limit (64 MP) is for trusted files; this one is for the public's.
@@ -39,8 +40,14 @@ class ServeSettings:
     max_pixels: int = SERVE_MAX_PIXELS
     #: Decodes running at once (about the cores): each may take ~10 bytes per pixel.
     decode_threads: int = 2
-    #: Bytes of request bodies held at once across all requests; more wait (then 503).
+    #: Seconds a decoded request waits for one of the ``decode_threads`` (then 503 ``decode_busy``).
+    decode_timeout_s: float = 10.0
+    #: Bytes of request bodies held at once across all requests, counted as they arrive; more wait (then 503).
     max_inflight_bytes: int = 64 * 2**20
+    #: Uploads in flight from one client (its address, see ``trusted_proxies``); more get 429.
+    max_uploads_per_client: int = 4
+    #: Proxies (the ingress) whose ``X-Forwarded-For`` names the client; empty: the peer address is the client.
+    trusted_proxies: tuple[Network, ...] = ()
     #: Seconds a client may take to send its body once the headers arrived (408 after).
     body_timeout_s: float = 10.0
     #: Seconds a client may take to send its request headers (connection closed after).
@@ -61,6 +68,8 @@ class ServeSettings:
              "a TCP port 0-65535 other than --port"),
             ("--drain-seconds", self.drain_seconds, self.drain_seconds >= 0, "0 or more seconds"),
             ("--decode-threads", self.decode_threads, self.decode_threads >= 1, "at least 1"),
+            ("--decode-timeout", self.decode_timeout_s, self.decode_timeout_s > 0, "more than 0 seconds"),
+            ("--max-uploads-per-client", self.max_uploads_per_client, self.max_uploads_per_client >= 1, "at least 1"),
             # A multipart body counts twice (the part is a copy): it must fit.
             ("--max-inflight-bytes", self.max_inflight_bytes, self.max_inflight_bytes >= 2 * self.max_body_bytes,
              "at least twice --max-body-bytes"),

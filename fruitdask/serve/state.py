@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
 from starlette.responses import JSONResponse
 
 from fruitdask.serve.batcher import MicroBatcher
-from fruitdask.serve.limits import ByteBudget
+from fruitdask.serve.limits import ByteBudget, ClientLimiter
 from fruitdask.serve.metrics import ServeMetrics
 from fruitdask.serve.predictor import Predictor
 from fruitdask.serve.settings import ServeSettings
@@ -54,9 +55,13 @@ class ServeState:
     draining_since: float | None = None
     budget: ByteBudget = field(init=False)
     decode_limiter: anyio.CapacityLimiter = field(init=False)
+    uploads: ClientLimiter = field(init=False)
+    #: Begins the process's stop (drain, close, exit): set by the runner that owns the servers.
+    request_stop: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self.budget = ByteBudget(self.settings.max_inflight_bytes)
+        self.uploads = ClientLimiter(self.settings.max_uploads_per_client)
         # Decoding is CPU work: about one thread a core, not anyio's default pool of 40.
         self.decode_limiter = anyio.CapacityLimiter(self.settings.decode_threads)
 

@@ -43,6 +43,10 @@
       serverError: "Le serveur n'a pas pu répondre : ",
     },
   };
+  // The languages, by name: never `code in T` (`?lang=constructor` or `__proto__` are "in"
+  // every object, and would show "undefined" and send a lang the server refuses).
+  const LANGUAGES = ["en", "fr"];
+  const DEFAULT_LANGUAGE = "en";
   const $ = (id) => document.getElementById(id);
   let lang = initialLanguage();
   let lastBlob = null;
@@ -50,12 +54,12 @@
 
   function initialLanguage() {
     const wanted = new URLSearchParams(location.search).get("lang");
-    if (wanted in T) return wanted;
+    if (LANGUAGES.includes(wanted)) return wanted;
     for (const tag of navigator.languages || [navigator.language || ""]) {
       const primary = String(tag).toLowerCase().split("-")[0];
-      if (primary in T) return primary;
+      if (LANGUAGES.includes(primary)) return primary;
     }
-    return "en";
+    return DEFAULT_LANGUAGE;
   }
 
   function t(key) { return T[lang][key]; }
@@ -102,7 +106,7 @@
   function failure(status, body) {
     const code = body && body.error;
     if (status === 503 && code === "loading") return t("loading");
-    if (status === 503) return t("busy");
+    if (status === 503 || status === 429) return t("busy");
     if (status === 413) return t("tooBig");
     if (status === 400 || status === 415) return t("badPhoto");
     return t("serverError") + (body && body.reason ? body.reason : "HTTP " + status);

@@ -1,0 +1,120 @@
+"""A small JSON document moved by compare-and-swap: the model registry's ``champion.json``.
+
+Of two writers that read the same version of the document, only one can replace it:
+
+- S3: ``PutObject`` with ``If-Match: <ETag read>`` (or ``If-None-Match: *`` when there was
+  none); the ETag is read *before* the body, so a write in between fails the condition.
+- local: an exclusive ``fcntl.flock`` on a hidden ``.<name>.lock`` beside the document is
+  held while the document is read again, compared with the version the caller read (its
+  sha256) and, if unchanged, replaced by a complete temporary file with ``os.replace``
+  (atomic). The kernel drops the lock when its holder dies, even by SIGKILL, so a killed
+  promotion never blocks the next one (a claim *file* would stay behind).
+
+The version a caller holds is an opaque string (:class:`Versioned`); ``None`` means "there
+was no document".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fruitdask.storage.s3errors as s3errors
+from fruitdask.storage.lease import CONFLICT_CODES
+from fruitdask.storage.urls import get_fs, is_remote
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A document as read, and its version (S3 ETag, or the sha256 of the local bytes)."""
+
+    doc: dict[str, Any] | None
+    version: str | None
+
+
+def read(url: str, storage_options: Mapping[str, Any] | None) -> Versioned:
+    """The document at ``url`` and its version (``Versioned(None, None)`` when absent)."""
+    fs, path = get_fs(url, storage_options)
+    try:
+        if is_remote(url):
+            fs.invalidate_cache(path)
+            info = fs.info(path)  # the ETag first: a write after it fails our If-Match
+            return Versioned(json.loads(fs.cat_file(path)), str(info.get("ETag", "")))
+        with open(path, "rb") as f:
+            data = f.read()
+        return Versioned(json.loads(data), hashlib.sha256(data).hexdigest())
+    except FileNotFoundError:
+        return Versioned(None, None)
+    except s3errors.storage_exceptions() as e:
+        raise s3errors.translate(e, url) from e
+
+
+def replace(url: str, storage_options: Mapping[str, Any] | None, doc: dict[str, Any], expected: str | None) -> bool:
+    """Write ``doc`` at ``url`` only if its version is still ``expected`` (``None``: only if
+    there is no document); False when another writer got there first."""
+    body = json.dumps(doc, indent=2, sort_keys=True).encode()
+    fs, path = get_fs(url, storage_options)
+    try:
+        if is_remote(url):
+            return _put_if(fs, path, body, expected)
+        return _replace_local(path, body, expected)
+    except s3errors.storage_exceptions() as e:
+        raise s3errors.translate(e, url) from e
+
+
+def _put_if(fs, path: str, body: bytes, expected: str | None) -> bool:
+    bucket, _, key = path.partition("/")
+    condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
+    except s3errors.storage_exceptions() as e:
+        err = s3errors.client_error(e)
+        code = str(err.response.get("Error", {}).get("Code", "")) if err is not None else ""
+        if code in CONFLICT_CODES or isinstance(e, FileNotFoundError):
+            return False
+        raise
+    fs.invalidate_cache(path)
+    fs.invalidate_cache(posixpath.dirname(path))
+    return True
+
+
+def _replace_local(path: str, body: bytes, expected: str | None) -> bool:
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    with open(os.path.join(folder, f".{name}.lock"), "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released on close, or by the kernel when we die
+        try:
+            with open(path, "rb") as f:
+                current: str | None = hashlib.sha256(f.read()).hexdigest()
+        except FileNotFoundError:
+            current = None
+        if current != expected:
+            return False
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return True
+
+
+def folders(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
+    """Names of the folders (prefixes) directly under ``url``, hidden ones left out, sorted."""
+    fs, path = get_fs(url, storage_options)
+    try:
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            return []
+        entries = fs.ls(path, detail=True)
+    except s3errors.storage_exceptions() as e:
+        raise s3errors.translate(e, url) from e
+    names = {posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"}
+    return sorted(n for n in names if not n.startswith("."))
