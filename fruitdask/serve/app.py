@@ -289,17 +289,7 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
             if on_load_failure is not None:
                 on_load_failure(state.load_error)
             return
-        state.predictor = predictor
-        # One model per batch: the reference is read once per batch, on the event loop.
-        batcher = MicroBatcher(_scores, current=lambda: state.predictor, fits=_same_input,
-                               max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
-                               max_queue=settings.max_queue, on_batch=state.metrics.observe_batch)
-        batcher.start()
-        state.batcher = batcher
-        state.metrics.ready.set(1)
-        state.metrics.load_seconds.set(predictor.load_seconds)
-        state.metrics.serving(predictor.version, predictor.promoted_at)
-        logger.info("ready: POST http://%s:%d/v1/predict", settings.host, settings.port)
+        start_serving(state, predictor)
         if follower is not None:
             state.following = follower.registry.url
             following.append(asyncio.get_running_loop().create_task(follower.run(state), name="fruitdask-follow"))
@@ -329,6 +319,22 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
     state.metrics.endpoints |= frozenset(page.PATHS)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
+
+
+def start_serving(state: ServeState, predictor: Predictor) -> None:
+    """The first model serves: the batcher starts, readiness and the model's metrics are set."""
+    settings = state.settings
+    state.predictor = predictor
+    # One model per batch: the reference is read once per batch, on the event loop.
+    batcher = MicroBatcher(_scores, current=lambda: state.predictor, fits=_same_input,
+                           max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+                           max_queue=settings.max_queue, on_batch=state.metrics.observe_batch)
+    batcher.start()
+    state.batcher = batcher
+    state.metrics.ready.set(1)
+    state.metrics.load_seconds.set(predictor.load_seconds)
+    state.metrics.serving(predictor.version, predictor.promoted_at)
+    logger.info("ready: POST http://%s:%d/v1/predict", settings.host, settings.port)
 
 
 def _scores(predictor: Predictor, images):

@@ -188,12 +188,19 @@ def serve_bundle(model: str, weights: str | None, settings: ServeSettings, stora
         raise ModelError(f"the model could not be loaded, the server stopped: {failure}")
 
 
+def _has_versions(url: str, opts: dict) -> bool:
+    try:
+        return bool(Registry(url, opts).names())
+    except (FruitdaskError, OSError):  # no listing allowed: the bundle's own error is the one to show
+        return False
+
+
 def _first_bundle(url: str, opts: dict, bundle_location: bool) -> ModelBundle:
     """The bundle to serve first; a registry with versions but no champion yet says so."""
     try:
         return ModelBundle.load(url, opts)
     except ModelError as e:
-        if bundle_location and Registry(url, opts).names():
+        if bundle_location and _has_versions(url, opts):
             raise ModelError(f"{url!r} is a model registry with no champion yet (no {CHAMPION}): promote a version "
                              f"with `fruitdask model promote {url} VERSION` (see `fruitdask model list {url}`)") from e
         raise
