@@ -136,7 +136,7 @@ def test_storage_settings_read_only_the_storage_environment():
 
 @pytest.mark.parametrize("command", [["serve", "--model", "{tmp}"], ["predict", "x.jpg", "--model", "{tmp}"],
                                      ["train", "--features", "{tmp}", "--test-features", "{tmp}", "--model-out", "{tmp}/m"],
-                                     ["report", "{tmp}"]])
+                                     ["report", "{tmp}"], ["model", "show", "{tmp}", "v1"]])
 def test_a_run_setting_in_the_environment_does_not_break_the_other_commands(command, tmp_path, monkeypatch, capsys):
     from fruitdask.cli import main
 

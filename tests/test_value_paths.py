@@ -129,7 +129,7 @@ RAW_READS_ALLOWED = {
     "image_size": {"fruitdask/features/settings.py:from_config"},
     "pooling": {"fruitdask/features/settings.py:from_config"},
     "batch_size": {"fruitdask/features/settings.py:from_config"},
-    "output": {"fruitdask/pipeline.py:output_target", "fruitdask/commands/run.py:command"},
+    "output": {"fruitdask/pipeline.py:output_target", "fruitdask/commands/run.py:execute"},
 }
 #: The modules a run's values pass through after the edge (commands/options and config build them).
 RUN_MODULES = ["fruitdask/pipeline.py", "fruitdask/checkpoint.py", "fruitdask/output.py", "fruitdask/commands/run.py",

@@ -110,6 +110,11 @@ def model(opts: ModelOptions) -> int:
         return 0
     if opts.action == "promote":
         settings = gate.GateSettings(opts.margin, opts.max_unknown_rate, opts.max_uncertain_rate)
+        # The gate reads the candidate's table again: a location from a stored document, guarded.
+        table = registry.get(str(opts.version)).lineage.get("table_uri")
+        if table:
+            storage.check_protocols([table], "table location in lineage.json", "the registry was edited: train the model again")
+            storage.guard_regions([table], opts.storage)
         decision = gate.promote(registry, str(opts.version), settings, force=opts.force)
         logger.info("%s", decision["reason"])
         _print(opts, decision, None)

@@ -90,7 +90,7 @@ def train(opts: TrainOptions) -> int:
     from fruitdask.classifier import classify
 
     if opts.models is not None:
-        return train_into_registry(opts)
+        return train_into_registry(opts, opts.models)
     settings = opts.storage
     storage.guard_regions([opts.features, opts.test_input, opts.test_features, opts.model_out, opts.weights], settings)
     so = storage.storage_options(settings)
@@ -113,22 +113,22 @@ def train(opts: TrainOptions) -> int:
     return 0
 
 
-def train_into_registry(opts: TrainOptions) -> int:
-    """``train --models``: train on the table (version ``--version``), register the candidate."""
+def train_into_registry(opts: TrainOptions, models: str) -> int:
+    """``train --models``: train on the table (version ``--version``), register the candidate in ``models``."""
     from fruitdask import storage
     from fruitdask.classifier import candidate
     from fruitdask.classifier.registry import Registry
 
     settings = opts.storage
-    storage.guard_regions([opts.features, opts.models, opts.weights], settings)
+    storage.guard_regions([opts.features, models, opts.weights], settings)
     so = storage.storage_options(settings)
     tv = candidate.read_table_version(opts.features, so, opts.table_version)
     cand = candidate.train_candidate(tv, so, C=opts.C, max_iter=opts.max_iter, weights_override=opts.weights,
                                      guard=lambda urls: storage.guard_regions(urls, settings))
-    version = Registry(opts.models, so).register(cand.bundle, cand.metrics, cand.lineage, cand.files)
+    version = Registry(models, so).register(cand.bundle, cand.metrics, cand.lineage, cand.files)
     if not opts.quiet:
         m = cand.metrics
-        print(json.dumps({"models": opts.models, "version": version, "table_version": tv.version,
+        print(json.dumps({"models": models, "version": version, "table_version": tv.version,
                           "accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4), "n_test": m["n_test"],
                           "promoted": False}))
     return 0
