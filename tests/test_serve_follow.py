@@ -194,6 +194,23 @@ def test_a_bundle_has_no_champion_age():
     assert re.search(r"^fruitdask_model_switch_timestamp_seconds \d", text, re.M)
 
 
+def test_sighup_to_a_server_of_a_bundle_is_logged_not_fatal(tmp_path):
+    """SIGHUP reads a registry's alias; a server of a bundle follows nothing and stays up
+    (before this change SIGHUP's default action ended the process)."""
+    from test_serve_limits import fake_server
+
+    with fake_server(tmp_path) as srv:
+        srv["proc"].send_signal(signal.SIGHUP)
+        deadline = time.time() + 30
+        while "follows no registry" not in srv["log"].read_text():
+            assert srv["proc"].poll() is None and time.time() < deadline, srv["log"].read_text()
+            time.sleep(0.05)
+        status, body = call(srv["probe"], "GET", "/healthz")
+        assert status == 200 and json.loads(body) == {"status": "ok", "version": None, "following": None,
+                                                      "last_switch_error": None}
+        assert srv["proc"].poll() is None
+
+
 # --- the service under load, following the champion -----------------------------------------
 
 
