@@ -46,7 +46,7 @@ from fruitdask.serve.state import ServeState
 from fruitdask.storage import alias
 
 FIXTURE = REPO / "tests" / "fixtures" / "release-0.1.0"
-PROMOTED = time.time() - 3600.0  # when the champions of the follower's tests were promoted
+PROMOTED = float(int(time.time()) - 3600)  # when the champions of the follower's tests were promoted
 
 
 # --- the batcher: one model per batch -----------------------------------------------------
@@ -137,7 +137,7 @@ class Loaded:
 def _point(registry: Registry, version: str) -> None:
     read = registry.champion()
     doc = {"version": version, "promoted_at": dt.datetime.fromtimestamp(PROMOTED, dt.UTC).isoformat()}
-    assert alias.replace(registry.path(CHAMPION), None, doc, read.version)
+    assert alias.replace(registry.path(CHAMPION), registry.storage_options, doc, read.version)
 
 
 def test_follower_swaps_keeps_the_old_one_on_failure_and_says_why(tmp_path):
@@ -181,6 +181,32 @@ def test_follower_swaps_keeps_the_old_one_on_failure_and_says_why(tmp_path):
         _point(registry, "v2")  # rolled back to the one serving: the error is over
         await follower.check(state)
         assert state.switch_error is None and state.predictor.version == "v2"
+
+    asyncio.run(scenario())
+
+
+def test_a_registry_on_s3_is_detected_and_followed(s3):
+    """On S3 (moto on loopback) as locally: a prefix holding champion.json is a registry, a
+    bundle's prefix is not, and a promotion there is swapped in at the next check."""
+    from fruitdask.serve.follow import read_champion, registry_at
+
+    s3.bucket("fruits-models", "eu-west-3")
+    opts = s3.storage_options
+    s3.fs.pipe("fruits-models/bundle/bundle.json", b"{}")
+    assert registry_at("s3://fruits-models/bundle", opts) is None
+    registry = Registry("s3://fruits-models/models", opts)
+    assert registry_at(registry.url, opts) is None  # no alias yet: not (yet) a registry
+    _point(registry, "v1")
+    found = registry_at(registry.url, opts)
+    assert found is not None and read_champion(found) == Champion("v1", "s3://fruits-models/models/v1", PROMOTED)
+
+    async def scenario() -> None:
+        state = ServeState(ServeSettings(), ServeMetrics(["/v1/predict"]))
+        state.predictor = Loaded("v1", PROMOTED)
+        follower = Follower(found, lambda c, serving: Loaded(c.version, c.promoted_at), poll_s=60)
+        _point(registry, "v2")
+        await follower.check(state)
+        assert state.predictor.version == "v2" and state.switch_error is None
 
     asyncio.run(scenario())
 
