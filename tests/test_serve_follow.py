@@ -211,6 +211,19 @@ def test_a_registry_on_s3_is_detected_and_followed(s3):
     asyncio.run(scenario())
 
 
+def test_a_registry_with_no_champion_yet_says_which_command_to_run(tmp_path, capsys):
+    """`serve --model MODELS` before any promotion: exit 1 at once, naming `model promote`."""
+    from serve_fakes import tiny_bundle
+
+    from fruitdask.cli import main
+
+    version = tiny_bundle(tmp_path / "MODELS" / new_version())
+    (version / "_SUCCESS").write_text("")
+    rc = main(["serve", "--model", str(tmp_path / "MODELS"), "--port", "0", "--probe-port", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no champion yet" in err and "fruitdask model promote" in err, err
+
+
 def test_a_bundle_has_no_champion_age():
     """A bundle location is no champion: no age sample, so the chart's alert cannot fire on it."""
     metrics = ServeMetrics(["/v1/predict"])
