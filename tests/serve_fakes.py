@@ -48,6 +48,8 @@ class FakePredictor:
     decoder at ``image_size``, a model that answers uniform probabilities after ``delay``."""
 
     load_seconds = 0.0
+    version: str | None = None  # a bundle location: no registry version
+    promoted_at: float | None = None
 
     def __init__(self, image_size: int, max_pixels: int, delay: float = 0.0, decode_delay: float = 0.0) -> None:
         self.image_size, self.max_pixels, self.delay, self.decode_delay = image_size, max_pixels, delay, decode_delay
@@ -77,7 +79,7 @@ class FakePredictor:
         return [{"label": label, "probability": float(p)} for label, p in zip(LABELS[:k], proba[:k], strict=True)]
 
     def summary(self) -> dict:
-        return {"image_size": self.image_size, "labels": len(LABELS)}
+        return {"version": self.version, "image_size": self.image_size, "labels": len(LABELS)}
 
     def describe(self) -> dict:
         return {"labels": LABELS, "image_size": self.image_size}

@@ -795,6 +795,22 @@ def test_serve_uploads_per_client_and_trusted_proxies_reach_the_command() -> Non
         render({"serve": {**serve, "trustedProxies": ["0.0.0.0/0"]}})
 
 
+def test_serve_model_poll_seconds_reaches_the_command() -> None:
+    """#32: the serve pods read a registry's champion alias every serve.modelPollSeconds
+    (--model-poll-seconds, default 60); a poll of 0 is refused by the schema."""
+    from fruitdask.cli import build_parser
+    from fruitdask.commands.serve import settings_from_args
+
+    serve = {"enabled": True, "model": "s3://fruits-eu-west-1/models", "networkPolicy": {"egressCidrs": ["10.0.0.0/16"]}}
+    args = container(one(render({"serve": serve}), "Deployment", "-serve"))["args"]
+    assert args[args.index("--model-poll-seconds") + 1] == "60"
+    args = container(one(render({"serve": {**serve, "modelPollSeconds": 5}}), "Deployment", "-serve"))["args"]
+    args = [str(4 * 2**30) if a == "$(SERVE_MEMORY_LIMIT)" else a for a in args]
+    assert settings_from_args(build_parser().parse_args(["serve", *args])).model_poll_s == 5
+    with pytest.raises(helm.HelmValuesError, match="modelPollSeconds"):
+        render({"serve": {**serve, "modelPollSeconds": 0}})
+
+
 def test_serve_without_autoscaling_has_fixed_replicas() -> None:
     objects = render({"serve": {"enabled": True, "model": "s3://fruits-eu-west-1/models/m", "replicas": 3,
                                 "pdb": {"enabled": False}, "networkPolicy": {"egressCidrs": ["10.0.0.0/16"]}}})

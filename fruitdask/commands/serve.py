@@ -1,4 +1,5 @@
-"""``fruitdask serve``: its flags and the settings sized from them, then :func:`fruitdask.serve.runner.serve_bundle`."""
+"""``fruitdask serve``: its flags and the settings sized from them, then :func:`fruitdask.serve.runner.serve_bundle`
+(a bundle, or a registry's champion, followed)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ _D = ServeSettings()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR_OR_URI", help="a model bundle written by `fruitdask train --model-out`")
+    p.add_argument("--model", required=True, metavar="DIR_OR_URI",
+                   help="a model bundle written by `fruitdask train --model-out`, or a model registry (`--models`, a "
+                   "folder holding champion.json): its champion is served and followed")
+    p.add_argument("--model-poll-seconds", type=float, default=_D.model_poll_s,
+                   help=f"with a registry: seconds between two reads of its champion alias (SIGHUP reads it at once); "
+                   f"a new champion is loaded in the background and swapped in between requests "
+                   f"(default: {_D.model_poll_s:g})")
     p.add_argument("--weights", metavar="PATH_OR_URI",
                    help="where the model's weights file is now, if it moved (its sha256 must match the bundle)")
     p.add_argument("--host", default=_D.host, help=f"address to listen on (default: {_D.host}; 0.0.0.0 in a container)")
@@ -87,6 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_inflight_bytes=args.max_inflight_bytes or max(inflight, 2 * args.max_body_bytes), body_timeout_s=args.body_timeout,
         header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
         max_connections=args.max_connections or max_connections, default_top=args.top, threads=args.threads,
+        model_poll_s=args.model_poll_seconds,
     )
 
 

@@ -15,7 +15,8 @@ micro-batched into one VGG16 call. The modules, one concern each:
 - :mod:`.probes`: ``/healthz``, ``/readyz``, ``/metrics``, ``/drain`` on a port of their own;
 - :mod:`.state`: what both applications share (model, batcher, budget, drain), :class:`ApiError`;
 - :mod:`.limits`: ``?top=``, the bytes in flight, uploads per client, sizing from the memory limit;
-- :mod:`.runner`: serving a bundle (region guard, bundle, then both uvicorn servers in one process), and the drain on SIGTERM;
+- :mod:`.follow`: a registry as ``--model``: its champion followed (poll + SIGHUP), swapped in between batches;
+- :mod:`.runner`: serving a bundle or a registry's champion (region guard, bundle, then both uvicorn servers in one process), and the drain on SIGTERM;
 - :mod:`.protocol`: uvicorn's HTTP/1.1 protocol with a request-header timeout;
 - :mod:`fruitdask.commands.serve` (outside this package): the ``serve`` sub-command's flags, then :func:`.runner.serve_bundle`.
 

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 from starlette.applications import Starlette
@@ -33,6 +34,9 @@ from fruitdask.serve.predictor import Predictor
 from fruitdask.serve.probes import PROBE_ENDPOINTS
 from fruitdask.serve.settings import PART_IMAGE_TYPES, RAW_IMAGE_TYPES, ServeSettings
 from fruitdask.serve.state import ApiError, ServeState, json_error
+
+if TYPE_CHECKING:
+    from fruitdask.serve.follow import Follower
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +205,8 @@ async def predict(request: Request) -> Response:
     state = _state(request)
     if not state.ready:
         raise state.not_ready()
+    # The model is read once here (the photo is decoded at its size); the batcher says which
+    # model computed the answer: this one, or the champion that replaced it meanwhile.
     predictor, batcher = state.predictor, state.batcher
     assert predictor is not None and batcher is not None
     try:
@@ -216,7 +222,7 @@ async def predict(request: Request) -> Response:
             state.metrics.rejected.labels(e.error).inc()
             raise
         try:
-            scores = await batcher.submit(image)
+            scores, predictor = await batcher.submit_to_model(image, predictor)
         except Overloaded as e:
             raise ApiError(503, "overloaded", f"{e}: retry shortly", headers={"Retry-After": "1"}) from e
     finally:
@@ -256,7 +262,8 @@ async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
 # --- the application ------------------------------------------------------------------
 
 
-def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_failure: Callable[[str], None] | None = None) -> Starlette:
+def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_failure: Callable[[str], None] | None = None,
+               follower: Follower | None = None) -> Starlette:
     """The ASGI application.
 
     Parameters
@@ -267,8 +274,11 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
         until it returns.
     on_load_failure
         Called with the reason when ``load`` raises (the CLI stops the server: exit 1).
+    follower
+        Follows the registry's champion once the first model serves (a registry location).
     """
     state = ServeState(settings, ServeMetrics(ENDPOINTS))
+    following: list[asyncio.Task] = []
 
     async def load_in_background() -> None:
         try:
@@ -279,13 +289,10 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
             if on_load_failure is not None:
                 on_load_failure(state.load_error)
             return
-        batcher = MicroBatcher(predictor.predict_scores, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
-                               max_queue=settings.max_queue, on_batch=state.metrics.observe_batch)
-        batcher.start()
-        state.predictor, state.batcher = predictor, batcher
-        state.metrics.ready.set(1)
-        state.metrics.load_seconds.set(predictor.load_seconds)
-        logger.info("ready: POST http://%s:%d/v1/predict", settings.host, settings.port)
+        start_serving(state, predictor)
+        if follower is not None:
+            state.following = follower.registry.url
+            following.append(asyncio.get_running_loop().create_task(follower.run(state), name="fruitdask-follow"))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -293,8 +300,9 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
         try:
             yield
         finally:
-            if not task.done():
-                task.cancel()
+            for t in (task, *following):
+                if not t.done():
+                    t.cancel()
             if state.batcher is not None:
                 await state.batcher.stop()
 
@@ -312,6 +320,31 @@ def create_app(settings: ServeSettings, load: Callable[[], Predictor], on_load_f
     state.metrics.endpoints |= frozenset(page.PATHS)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
+
+
+def start_serving(state: ServeState, predictor: Predictor) -> None:
+    """The first model serves: the batcher starts, readiness and the model's metrics are set."""
+    settings = state.settings
+    state.predictor = predictor
+    # One model per batch: the reference is read once per batch, on the event loop.
+    batcher = MicroBatcher(_scores, current=lambda: state.predictor, fits=_same_input,
+                           max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+                           max_queue=settings.max_queue, on_batch=state.metrics.observe_batch)
+    batcher.start()
+    state.batcher = batcher
+    state.metrics.ready.set(1)
+    state.metrics.load_seconds.set(predictor.load_seconds)
+    state.metrics.serving(predictor.version, predictor.promoted_at)
+    logger.info("ready: POST http://%s:%d/v1/predict", settings.host, settings.port)
+
+
+def _scores(predictor: Predictor, images):
+    return predictor.predict_scores(images)
+
+
+def _same_input(model: Predictor, prepared_for: Predictor) -> bool:
+    """A photo decoded for one model can be computed by another of the same input size."""
+    return model.image_size == prepared_for.image_size and model.max_pixels == prepared_for.max_pixels
 
 
 def language(request: Request) -> str:

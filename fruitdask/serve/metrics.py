@@ -34,6 +34,16 @@ class ServeMetrics:
                                     "Bytes of request bodies received and held (--max-inflight-bytes)", registry=r)
         self.ready = Gauge("fruitdask_serve_ready", "1 once the model is loaded and serving", registry=r)
         self.load_seconds = Gauge("fruitdask_serve_model_load_seconds", "Seconds the model took to load", registry=r)
+        self.model_info = Gauge("fruitdask_model_info", "1 for the registry version being served", ["version"], registry=r)
+        self.switch_timestamp = Gauge("fruitdask_model_switch_timestamp_seconds",
+                                      "Unix time the served model last changed (its first load included)", registry=r)
+        self.switch_failures = Counter("fruitdask_model_switch_failures",
+                                       "New champions that could not be loaded (the old one serves on)", registry=r)
+        # Registered once a champion is served (a bundle location has none): no sample, no alert.
+        self.champion_age = Gauge("fruitdask_model_champion_age_seconds",
+                                  "Seconds since the served champion was promoted (champion.json's promoted_at)", registry=None)
+        self._version: str | None = None
+        self._promoted_at: float | None = None
 
     def endpoint(self, path: str) -> str:
         """The path as a label: known routes by name, anything else as ``other`` (bounded cardinality)."""
@@ -42,6 +52,19 @@ class ServeMetrics:
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.inference.observe(seconds)
+
+    def serving(self, version: str | None, promoted_at: float | None) -> None:
+        """The served model changed (or was loaded): its version, the switch time, its age."""
+        if self._version is not None:
+            self.model_info.remove(self._version)
+        if version is not None:
+            self.model_info.labels(version).set(1)
+        self._version = version
+        self.switch_timestamp.set(time.time())
+        if promoted_at is not None and self._promoted_at is None:
+            self.registry.register(self.champion_age)
+            self.champion_age.set_function(lambda: time.time() - self._promoted_at if self._promoted_at else 0.0)
+        self._promoted_at = promoted_at if promoted_at is not None else self._promoted_at
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -28,13 +28,18 @@ class Predictor:
     """A loaded bundle, its verified weights and its compiled VGG16 graph."""
 
     def __init__(self, bundle: ModelBundle, featurizer: Featurizer, vgg: Any, *, max_pixels: int,
-                 source: str = "", load_seconds: float = 0.0) -> None:
+                 source: str = "", load_seconds: float = 0.0, version: str | None = None,
+                 promoted_at: float | None = None) -> None:
         self.bundle = bundle
         self.featurizer = featurizer
         self.vgg = vgg
         self.max_pixels = max_pixels
         self.source = source
         self.load_seconds = load_seconds
+        #: The registry's version string of a champion; ``None`` for a bundle location.
+        self.version = version
+        #: When that version became champion (Unix seconds), from ``champion.json``.
+        self.promoted_at = promoted_at
         # The calibrated unknown detector; bundles trained before it have none.
         doc = bundle.info.get("open_set")
         self.open_set = OpenSet.from_document(doc) if doc else None
@@ -43,22 +48,41 @@ class Predictor:
     def load(cls, bundle: ModelBundle, source: str, storage_options: Mapping[str, Any] | None, *,
              weights_override: str | None = None, max_pixels: int = featurize.MAX_PIXELS,
              threads: int | None = None, warm_batches: tuple[int, ...] = (1,),
-             guard: Callable[[list[str]], None] | None = None) -> Predictor:
+             guard: Callable[[list[str]], None] | None = None, reuse: Predictor | None = None,
+             version: str | None = None, promoted_at: float | None = None) -> Predictor:
         """Load and verify the weights (sha256), build VGG16 and run it once per ``warm_batches``
         size, so that the first request does not pay for TensorFlow's graph tracing. ``guard``
-        (the region guard) sees the weights' location first, whatever the bundle's kind."""
+        (the region guard) sees the weights' location first, whatever the bundle's kind.
+
+        With ``reuse`` (the model serving now) of the same feature settings and weights, its
+        verified weights and VGG16 graph are taken as they are: only the PCA and the
+        classifier are new, checked on one feature vector instead of a VGG16 warm-up."""
         start = time.perf_counter()
-        featurizer = bundle.featurizer(storage_options, weights_override, guard=guard)
-        spec = featurizer.spec
-        # The bundle's precision: served features must be those the classifier was trained on.
-        vgg = model.cached_model(featurizer.weights, featurizer.settings, threads)
-        self = cls(bundle, featurizer, vgg, max_pixels=max_pixels, source=source)
-        blank = np.full((max(warm_batches), spec.image_size, spec.image_size, 3), 255, dtype=np.uint8)
-        for n in warm_batches:
-            self.predict_proba(blank[:n])
+        if reuse is not None and reuse.shares_features(bundle):
+            self = cls(bundle, reuse.featurizer, reuse.vgg, max_pixels=max_pixels, source=source, version=version,
+                       promoted_at=promoted_at)
+            self.bundle.predict_proba(np.zeros((1, bundle.reduction.mean.shape[0])), bundle.spec)
+            how = "VGG16 kept"
+        else:
+            featurizer = bundle.featurizer(storage_options, weights_override, guard=guard)
+            # The bundle's precision: served features must be those the classifier was trained on.
+            vgg = model.cached_model(featurizer.weights, featurizer.settings, threads)
+            self = cls(bundle, featurizer, vgg, max_pixels=max_pixels, source=source, version=version,
+                       promoted_at=promoted_at)
+            size = featurizer.spec.image_size
+            blank = np.full((max(warm_batches), size, size, 3), 255, dtype=np.uint8)
+            for n in warm_batches:
+                self.predict_proba(blank[:n])
+            how = "VGG16 built"
         self.load_seconds = time.perf_counter() - start
-        logger.info("model %s loaded in %.1f s (%d labels, %d px)", source, self.load_seconds, len(bundle.labels), spec.image_size)
+        logger.info("model %s loaded in %.1f s (%d labels, %d px, %s)", source, self.load_seconds, len(bundle.labels),
+                    self.image_size, how)
         return self
+
+    def shares_features(self, bundle: ModelBundle) -> bool:
+        """Whether ``bundle`` takes the very features this model computes: the same weights
+        (reference and sha256), image size, pooling and precision."""
+        return self.bundle.spec == bundle.spec and self.bundle.weights == bundle.weights
 
     @property
     def image_size(self) -> int:
@@ -100,7 +124,8 @@ class Predictor:
     def summary(self) -> dict:
         """What a prediction answer says about the model that made it (never where it is stored)."""
         spec = self.featurizer.spec
-        return {"weights_sha256": spec.weights_sha256, "image_size": spec.image_size, "labels": len(self.bundle.labels)}
+        return {"version": self.version, "weights_sha256": spec.weights_sha256, "image_size": spec.image_size,
+                "labels": len(self.bundle.labels)}
 
     def describe(self) -> dict:
         """``GET /v1/model``: labels, weights, preprocessing and the training metrics. Public:
@@ -108,6 +133,7 @@ class Predictor:
         b, spec = self.bundle, self.featurizer.spec
         info = b.info
         return {
+            "version": self.version,
             "labels": b.labels,
             "weights": {"kind": b.weights.kind, "sha256": b.weights.sha256},
             "image_size": spec.image_size,

@@ -33,7 +33,16 @@ async def healthz(request: Request) -> Response:
     state = _state(request)
     if state.load_error:
         return json_error(503, "model_failed", state.load_error)
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", **model_status(state)})
+
+
+def model_status(state: ServeState) -> dict:
+    """The served version, the registry followed and why the last new champion was refused:
+    a champion that fails to load leaves the old one serving, so liveness and readiness stay
+    green and say why here."""
+    p = state.predictor
+    return {"version": p.version if p is not None else None, "following": state.following,
+            "last_switch_error": state.switch_error}
 
 
 async def readyz(request: Request) -> Response:
@@ -45,7 +54,7 @@ async def readyz(request: Request) -> Response:
         e = state.not_ready(public=False)
         return json_error(e.status, e.error, e.reason, e.headers)
     assert state.predictor is not None
-    return JSONResponse({"status": "ready", "load_seconds": round(state.predictor.load_seconds, 3)})
+    return JSONResponse({"status": "ready", "load_seconds": round(state.predictor.load_seconds, 3), **model_status(state)})
 
 
 async def metrics(request: Request) -> Response:

@@ -14,7 +14,8 @@ application (:mod:`fruitdask.serve.probes`) on ``--probe-port`` with no cap. Sto
 
 ``GET /drain`` and SIGTERM start the same stop, and it always ends with the exit: a pod
 drained by mistake is restarted by Kubernetes instead of staying out of service for good.
-Ctrl-C (SIGINT) skips the wait. The runner owns the signals: the uvicorn servers do not
+Ctrl-C (SIGINT) skips the wait. SIGHUP reads a registry's champion alias at once
+(:mod:`fruitdask.serve.follow`); with a bundle location it is logged and ignored. The runner owns the signals: the uvicorn servers do not
 install theirs. Neither server reads ``X-Forwarded-*`` (uvicorn's ``proxy_headers`` is off):
 the peer address stays the socket's, and only ``--trusted-proxies`` decides whose
 ``X-Forwarded-For`` counts (:func:`fruitdask.serve.limits.client_key`).
@@ -36,7 +37,9 @@ from starlette.applications import Starlette
 
 from fruitdask import storage
 from fruitdask.classifier.bundle import ModelBundle
+from fruitdask.classifier.registry import CHAMPION, Registry
 from fruitdask.errors import FruitdaskError, ModelError
+from fruitdask.serve import follow
 from fruitdask.serve.app import create_app
 from fruitdask.serve.predictor import Predictor
 from fruitdask.serve.probes import create_probe_app
@@ -108,6 +111,7 @@ class Servers:
         if threading.current_thread() is threading.main_thread():
             loop.add_signal_handler(signal.SIGTERM, self.stop)
             loop.add_signal_handler(signal.SIGINT, lambda: self.stop(wait=False))
+            loop.add_signal_handler(signal.SIGHUP, self.hangup)
         probes = loop.create_task(self._serve(self.probes, "probe"), name="fruitdask-probes")
         try:
             await self._serve(self.public, "API")
@@ -115,8 +119,16 @@ class Servers:
             self.probes.should_exit = True
             await probes
             if threading.current_thread() is threading.main_thread():
-                loop.remove_signal_handler(signal.SIGTERM)
-                loop.remove_signal_handler(signal.SIGINT)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+
+    def hangup(self) -> None:
+        """SIGHUP: read the champion alias now (and retry a champion that failed to load)."""
+        if self.state.request_check is None:
+            logger.info("SIGHUP: this server serves a bundle (or is still loading), it follows no registry")
+            return
+        logger.info("SIGHUP: reading the champion alias now")
+        self.state.request_check()
 
     async def _serve(self, server: uvicorn.Server, what: str) -> None:
         try:
@@ -132,7 +144,8 @@ class Servers:
 
 def serve_bundle(model: str, weights: str | None, settings: ServeSettings, storage_cfg: StorageSettings, *,
                  log_level: str = "info", access_log: bool = False) -> None:
-    """Serve the bundle at ``model`` until SIGTERM/SIGINT; the weights load in the background.
+    """Serve the bundle at ``model``, or the champion of the registry at ``model`` (followed:
+    :mod:`fruitdask.serve.follow`), until SIGTERM/SIGINT; the weights load in the background.
 
     Raises
     ------
@@ -140,30 +153,61 @@ def serve_bundle(model: str, weights: str | None, settings: ServeSettings, stora
         If the bundle or its weights (``weights``, else the location ``bundle.json`` names)
         live outside the allowed regions: checked before anything is read from them.
     ModelError
-        If the model could not be loaded (the server stopped).
+        If the model could not be loaded (the server stopped), or a registry names no champion.
     """
     # Before anything is read: the bundle and the weights must live in allowed (EU) regions.
     storage.guard_regions([model, weights], storage_cfg)
     opts = storage.storage_options(storage_cfg)
-    bundle = ModelBundle.load(model, opts)  # small JSON + npz: a bad --model fails here, at once
-    # The weights' location comes from bundle.json: guarded now, whatever its kind, not after the TF import.
-    storage.guard_regions([weights or bundle.weights.spec], storage_cfg)
+    registry = follow.registry_at(model, opts)
+    champion = follow.read_champion(registry) if registry is not None else None
+    source = champion.url if champion is not None else model
+    bundle = _first_bundle(source, opts, registry is None)  # small JSON + npz: a bad --model fails here, at once
 
-    def load() -> Predictor:
+    def load(bundle: ModelBundle, source: str, champion: follow.Champion | None, serving: Predictor | None) -> Predictor:
+        # The weights' location comes from bundle.json: guarded now, whatever its kind, not after the TF import.
+        storage.guard_regions([weights or bundle.weights.spec], storage_cfg)
         # The weights location in bundle.json is data: guarded like any location given by flag.
-        return Predictor.load(bundle, model, opts, weights_override=weights, max_pixels=settings.max_pixels,
+        return Predictor.load(bundle, source, opts, weights_override=weights, max_pixels=settings.max_pixels,
                               threads=settings.threads, warm_batches=(1, settings.max_batch),
-                              guard=lambda urls: storage.guard_regions(urls, storage_cfg))
+                              guard=lambda urls: storage.guard_regions(urls, storage_cfg), reuse=serving,
+                              version=champion.version if champion else None,
+                              promoted_at=champion.promoted_at if champion else None)
 
+    storage.guard_regions([weights or bundle.weights.spec], storage_cfg)
+    follower = None
+    if registry is not None:
+        follower = follow.Follower(registry, lambda c, serving: load(ModelBundle.load(c.url, opts), c.url, c, serving),
+                                   settings.model_poll_s)
+        logger.info("%s is a model registry: serving its champion %s, reading the alias every %g s and on SIGHUP",
+                    model, source, settings.model_poll_s)
     logger.info("serving %s on http://%s:%d, probes on port %d (the model loads in the background; /readyz says when)",
-                model, settings.host, settings.port, settings.probe_port)
-    failure = run_server(settings, load, log_level=log_level, access_log=access_log)
+                source, settings.host, settings.port, settings.probe_port)
+    failure = run_server(settings, lambda: load(bundle, source, champion, None), log_level=log_level,
+                         access_log=access_log, follower=follower)
     if failure:
         raise ModelError(f"the model could not be loaded, the server stopped: {failure}")
 
 
+def _has_versions(url: str, opts: dict) -> bool:
+    try:
+        return bool(Registry(url, opts).names())
+    except (FruitdaskError, OSError):  # no listing allowed: the bundle's own error is the one to show
+        return False
+
+
+def _first_bundle(url: str, opts: dict, bundle_location: bool) -> ModelBundle:
+    """The bundle to serve first; a registry with versions but no champion yet says so."""
+    try:
+        return ModelBundle.load(url, opts)
+    except ModelError as e:
+        if bundle_location and _has_versions(url, opts):
+            raise ModelError(f"{url!r} is a model registry with no champion yet (no {CHAMPION}): promote a version "
+                             f"with `fruitdask model promote {url} VERSION` (see `fruitdask model list {url}`)") from e
+        raise
+
+
 def run_server(settings: ServeSettings, load: Callable[[], Predictor], *, log_level: str = "info",
-               access_log: bool = False) -> str | None:
+               access_log: bool = False, follower: follow.Follower | None = None) -> str | None:
     """Serve until SIGTERM/SIGINT (exit after the drain) or a failed load; return its reason.
     A port that cannot be opened raises :class:`FruitdaskError`."""
     failure: list[str] = []
@@ -174,7 +218,7 @@ def run_server(settings: ServeSettings, load: Callable[[], Predictor], *, log_le
         if servers is not None:
             servers.exit_now()
 
-    app = create_app(settings, load, on_load_failure)
+    app = create_app(settings, load, on_load_failure, follower)
     servers = Servers(app, create_probe_app(app.state.serve), log_level=log_level, access_log=access_log)
     servers.run()
     if servers.error:

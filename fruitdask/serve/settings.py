@@ -60,6 +60,8 @@ class ServeSettings:
     default_top: int = 3
     #: TensorFlow intra-op threads (default: TensorFlow's, all cores).
     threads: int | None = None
+    #: Seconds between two reads of a registry's champion alias (a bundle location is not polled).
+    model_poll_s: float = 60.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -84,6 +86,7 @@ class ServeSettings:
             ("--max-connections", self.max_connections, self.max_connections >= 1, "at least 1"),
             ("--top", self.default_top, self.default_top >= 1, "at least 1"),
             ("--threads", self.threads, self.threads is None or self.threads >= 1, "at least 1"),
+            ("--model-poll-seconds", self.model_poll_s, self.model_poll_s > 0, "more than 0 seconds"),
         ]
         for flag, value, ok, want in checks:
             if not ok:

@@ -43,7 +43,11 @@ def json_error(status: int, error: str, reason: str, headers: Mapping[str, str] 
 
 @dataclass
 class ServeState:
-    """What the handlers share: the model once loaded, the batcher, the metrics, the limits."""
+    """What the handlers share: the model once loaded, the batcher, the metrics, the limits.
+
+    ``predictor`` is the one model reference: a request reads it once (to decode), the
+    batcher once per batch (to compute); a new champion replaces it whole, on the event
+    loop, between two batches (:mod:`fruitdask.serve.follow`)."""
 
     settings: ServeSettings
     metrics: ServeMetrics
@@ -58,6 +62,12 @@ class ServeState:
     uploads: ClientLimiter = field(init=False)
     #: Begins the process's stop (drain, close, exit): set by the runner that owns the servers.
     request_stop: Callable[[], None] | None = None
+    #: Reads the champion now (SIGHUP), retrying one that failed; set while a registry is followed.
+    request_check: Callable[[], None] | None = None
+    #: Why the last new champion could not be served (the old one serves on); probe port only.
+    switch_error: str | None = None
+    #: The registry followed (its location: probe port only); ``None`` for a bundle location.
+    following: str | None = None
 
     def __post_init__(self) -> None:
         self.budget = ByteBudget(self.settings.max_inflight_bytes)
