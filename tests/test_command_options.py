@@ -35,7 +35,7 @@ OPTIONS = {
 #: serve flags whose ServeSettings field has another name (``--memory-limit`` sizes the
 #: connection and byte limits instead of being kept).
 SERVE_RENAMED = {"body_timeout": "body_timeout_s", "header_timeout": "header_timeout_s", "keep_alive": "keep_alive_s",
-                 "top": "default_top", "decode_timeout": "decode_timeout_s"}
+                 "top": "default_top", "decode_timeout": "decode_timeout_s", "model_poll_seconds": "model_poll_s"}
 
 #: Minimal command lines that parse (required arguments only).
 MINIMAL = {

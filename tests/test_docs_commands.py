@@ -124,7 +124,7 @@ def _line_of(paragraph: list[tuple[int, str]], offset: int) -> int:
 
 def _commands(where: str, text: str, *, comments: bool) -> list[DocCommand]:
     """The commands of one shell line that start with fruitdask, python -m fruitdask or make."""
-    if not re.match(r"\s*(\$ )?([A-Za-z_][A-Za-z0-9_]*=\S* )*(fruitdask|python[0-9.]* -m fruitdask|make)\b", text):
+    if not re.match(r"\s*(\$ )?([A-Za-z_][A-Za-z0-9_]*=\S* )*(fruitdask|python[0-9.]* -m fruitdask|make)(?=\s|$)", text):  # not "fruitdask: error: ..."
         return []
     try:
         words = shlex.split(text, comments=comments)

@@ -97,12 +97,12 @@ def test_the_fixture_weights_are_todays_random_weights():
 
 def test_table_show_and_history_read_both_versions(tmp_path):
     root = copy_fixture(tmp_path / "release")
-    latest = json.loads(fruitdask(root, "table", "show", "output").stdout)
+    latest = json.loads(fruitdask(root, "table", "show", "output", "--json").stdout)
     assert (latest["version"], latest["rows"], latest["labels"]) == (1, 18, {lab: 6 for lab in LABELS})
-    first = json.loads(fruitdask(root, "table", "show", "output", "--version", "0").stdout)
+    first = json.loads(fruitdask(root, "table", "show", "output", "--version", "0", "--json").stdout)
     assert (first["version"], first["rows"], first["labels"]) == (0, 12, {lab: 4 for lab in LABELS})
     assert latest["pca_fits"] == first["pca_fits"] == [record()["table"]["pca_fit"]]
-    history = json.loads(fruitdask(root, "table", "history", "output").stdout)
+    history = json.loads(fruitdask(root, "table", "history", "output", "--json").stdout)
     assert [h["version"] for h in history] == [1, 0]
     assert [h["fruitdask"]["counts"]["added"] for h in history] == [6, 12]
     assert [h["fruitdask"]["rows"] for h in history] == [18, 12]
@@ -236,18 +236,52 @@ def test_serve_answers_with_the_release_bundle(served):
     assert answer["predictions"][0]["label"] == "Cherry 1"
 
 
-def test_relative_input_table_holds_bare_file_names_today(tmp_path):
-    """What the release's relative ``--input`` wrote (``output-relative/``), as today's code
-    reads it: one row per image, but keyed by the bare file name, so the 3 labels' images of
-    each name share one key (``fruitdask/lake/keys.py`` ``image_key``).
+#: Where the release built its outputs: the absolute paths of the tables' ``path`` column.
+BUILT_AT = Path("/tmp/fruitdask-release-0.1.0")
 
-    The key-migration work CHANGES THIS TEST: once it repairs such a table, the keys read
-    after the migration must be ``<label>/<name>`` (12 distinct), and this assertion of
-    today's damaged state moves to the table as stored before the migration.
-    """
-    root = copy_fixture(tmp_path / "release")
-    show = json.loads(fruitdask(root, "table", "show", "output-relative").stdout)
-    assert (show["version"], show["rows"], show["labels"]) == (0, 12, {lab: 4 for lab in LABELS})
-    df = rows(root / "output-relative")
-    assert df.groupby("image_key")["label"].apply(sorted).to_dict() == {name: LABELS for name in DAY1}
-    assert sorted(df["path"].map(lambda p: "/".join(p.split("/")[-2:]))) == sorted(f"{lab}/{n}" for lab in LABELS for n in DAY1)
+
+@pytest.fixture
+def at_release_paths() -> Iterator[Path]:
+    """The fixture copied where the release built it, as a user's lake that stayed in place
+    while fruitdask was upgraded (the rows' ``path`` column names these files)."""
+    if BUILT_AT.exists():
+        shutil.rmtree(BUILT_AT)
+    try:
+        yield copy_fixture(BUILT_AT)
+    finally:
+        shutil.rmtree(BUILT_AT, ignore_errors=True)
+
+
+def test_relative_input_table_is_rekeyed_once_without_featurizing(at_release_paths):
+    """The release's relative ``--input`` wrote bare file names as keys (``output-relative/``:
+    12 rows, 4 keys, each shared by 3 labels; every later run lost rows). Today's code, run
+    the way the release was (``--input images``, relative), re-keys the table in one commit of
+    its own without featurizing (the features do not change), then adds the 6 images the
+    release's run never saw; the same command again is nothing to do. Fails on the release's
+    code: it keeps the bare keys, and its second run removes and re-adds rows."""
+    root = at_release_paths
+    before = rows(root / "output-relative")
+    assert before.groupby("image_key")["label"].apply(sorted).to_dict() == {name: LABELS for name in DAY1}
+
+    first = fruitdask(root, "run", "--input", "images", "--output", "output-relative", *RUN_FLAGS)
+    assert "re-keyed the table" in first.stderr
+    summary = json.loads(first.stdout)
+    assert (summary["added"], summary["updated"], summary["removed"], summary["rows"]) == (6, 0, 0, 18)
+
+    history = json.loads(fruitdask(root, "table", "history", "output-relative", "--json").stdout)
+    actions = {h["version"]: h["action"] for h in history}
+    assert actions[0] == "run" and "rekey" in actions.values(), actions
+    rekey_version = next(v for v, a in actions.items() if a == "rekey")
+    rekeyed = rows(root / "output-relative", version=rekey_version)
+    assert sorted(rekeyed["image_key"]) == sorted(f"{lab}/{n}" for lab in LABELS for n in DAY1), "12 rows, 12 keys"
+    # Not featurized again: every row keeps its features, run and fit, found by its path.
+    old, new = before.set_index("path"), rekeyed.set_index("path").loc[before["path"]]
+    for column in ("run_id", "pca_fit", "source_version"):
+        assert list(new[column]) == list(old[column]), column
+    np.testing.assert_array_equal(np.stack(new["features"].map(np.asarray)), np.stack(old["features"].map(np.asarray)))
+
+    latest = rows(root / "output-relative")
+    assert latest["image_key"].is_unique and len(latest) == 18
+    again = fruitdask(root, "run", "--input", "images", "--output", "output-relative", *RUN_FLAGS)
+    assert json.loads(again.stdout)["up_to_date"] is True
+    assert deltalake.DeltaTable(str(root / "output-relative" / "features")).version() == max(actions)

@@ -136,7 +136,7 @@ class Loaded:
 
 def _point(registry: Registry, version: str) -> None:
     read = registry.champion()
-    doc = {"version": version, "promoted_at": dt.datetime.fromtimestamp(PROMOTED, dt.UTC).isoformat()}
+    doc = {"version": version, "promoted_at": dt.datetime.fromtimestamp(PROMOTED, dt.timezone.utc).isoformat()}
     assert alias.replace(registry.path(CHAMPION), registry.storage_options, doc, read.version)
 
 

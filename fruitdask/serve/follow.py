@@ -70,7 +70,7 @@ def _seconds(promoted_at: object, version: str) -> float:
             t = dt.datetime.fromisoformat(str(text)) if fmt is None else dt.datetime.strptime(str(text), fmt)
         except ValueError:
             continue
-        return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp()
+        return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
     return time.time()  # neither is a time: the age counts from this load
 
 
