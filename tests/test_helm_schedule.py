@@ -220,12 +220,13 @@ def test_maintenance_compacts_then_vacuums_under_the_lease(objects) -> None:
     (compact,), (vacuum,) = spec["initContainers"], spec["containers"]
     output = "s3://fruits-eu-west-1/features/daily"
     assert compact["command"] == ["python", "-m", "fruitdask", "table", "compact"]
-    assert compact["args"] == [output, "--wait-lock", "3600"]
+    # --json: one JSON document per step in the pod's log, for log pipelines (text is for people).
+    assert compact["args"] == [output, "--json", "--wait-lock", "3600"]
     assert vacuum["command"] == ["python", "-m", "fruitdask", "table", "vacuum"]
-    assert vacuum["args"] == [output, "--wait-lock", "3600", "--retain-hours", "336"]
+    assert vacuum["args"] == [output, "--json", "--wait-lock", "3600", "--retain-hours", "336"]
     for c in (compact, vacuum):
         ns, left_out = parse("table", [c["command"][-1], *c["args"]])
-        assert ns.output == output and left_out <= {"--wait-lock"}
+        assert ns.output == output and ns.json and ns.storage_lock_wait == 3600 and left_out == set()
     # No Dask, no Kubernetes API: no TLS key, no token.
     assert spec["automountServiceAccountToken"] is False
     assert all(m["mountPath"] != "/etc/dask/tls" for c in (compact, vacuum) for m in c["volumeMounts"])
