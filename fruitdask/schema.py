@@ -71,6 +71,11 @@ SPILL_SCHEMA = pa.schema([TABLE_SCHEMA.field(name) for name in ("path", "label",
 #: each ``added`` (new to the table) or ``updated`` (its source changed).
 MANIFEST_SCHEMA = SPILL_SCHEMA.append(pa.field("change", STRING))
 
+
+def table_columns(names: list[str] | None = None) -> pa.Schema:
+    """The features table's schema cut to ``names`` (all columns when ``None``), in that order."""
+    return pa.schema([TABLE_SCHEMA.field(name) for name in names or TABLE_SCHEMA.names])
+
 _SPARK_TYPES = {
     pa.string(): "STRING", pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.int32(): "INT",
     pa.int64(): "BIGINT", pa.bool_(): "BOOLEAN",

@@ -130,15 +130,21 @@ def test_deltalake_reads_the_rows_and_the_pca_fit_projects_them(tmp_path):
 
 
 def test_same_input_again_is_nothing_to_do(updated):
-    assert json.loads(updated["same"].stdout) == {"output": "output", "up_to_date": True, "version": 1}
+    """Nothing to featurize; the release's table is migrated once, in place: its settings move
+    from commit info into the table's description (version 2, a metadata-only ``describe``
+    commit: docs/lake.md), its rows untouched."""
+    assert json.loads(updated["same"].stdout) == {"output": "output", "up_to_date": True, "version": 2}
     assert "nothing to do" in updated["same"].stderr
+    history = json.loads(fruitdask(updated["root"], "table", "history", "output", "--json", "--limit", "2").stdout)
+    assert [(h["version"], h["action"]) for h in history] == [(3, "run"), (2, "describe")]
+    assert history[1]["added"] == history[1]["updated"] == history[1]["removed"] == 0
 
 
 def test_one_more_image_is_one_more_version_and_one_more_row(updated):
     out = updated["root"] / "output"
     summary = json.loads(updated["grown"].stdout)
-    assert (summary["version"], summary["rows"], summary["added"], summary["updated"], summary["removed"]) == (2, 19, 1, 0, 0)
-    assert deltalake.DeltaTable(str(out / "features")).version() == 2
+    assert (summary["version"], summary["rows"], summary["added"], summary["updated"], summary["removed"]) == (3, 19, 1, 0, 0)
+    assert deltalake.DeltaTable(str(out / "features")).version() == 3
     before, after = rows(FIXTURE / "output").set_index("image_key"), rows(out).set_index("image_key")
     new_key = "/".join(NEW_IMAGE)
     assert sorted(after.index) == sorted([*before.index, new_key])

@@ -30,7 +30,7 @@ import numpy as np
 
 from fruitdask import storage
 from fruitdask.errors import ConcurrentRunError, DuplicateKeyError, OutputError
-from fruitdask.schema import TABLE_SCHEMA
+from fruitdask.schema import TABLE_SCHEMA, table_columns
 
 logger = logging.getLogger(__name__)
 
@@ -481,7 +481,7 @@ def read_columns(dt, storage_options: Mapping[str, Any] | None, columns: list[st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([TABLE_SCHEMA.field(c) for c in columns or TABLE_SCHEMA.names])
+    schema = table_columns(columns)
     parts = []
     for uri in dt.file_uris():
         fs, path = storage.get_fs(uri, storage_options)
