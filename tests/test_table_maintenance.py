@@ -81,13 +81,13 @@ def test_vacuum_deletes_the_files_of_a_killed_run_once_older_than_the_retention(
     old, young = plant_orphan(out, "killedrun", 3 * 3600), plant_orphan(out, "younger", 600)
     kept, rows = committed_files(out), len(read_features(out))
 
-    dry = fruitdask(tmp_path, "table", "vacuum", "out", "--retain-hours", "1", "--dry-run")
+    dry = fruitdask(tmp_path, "table", "vacuum", "out", "--retain-hours", "1", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
-    assert json.loads(dry.stdout) == {"dry_run": True, "files": [old.name]} and old.exists()
+    assert json.loads(dry.stdout) == {"dry_run": True, "retain_hours": 1, "files": [old.name]} and old.exists()
 
-    done = fruitdask(tmp_path, "table", "vacuum", "out", "--retain-hours", "1")
+    done = fruitdask(tmp_path, "table", "vacuum", "out", "--retain-hours", "1", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"dry_run": False, "files": [old.name]}
+    assert json.loads(done.stdout) == {"dry_run": False, "retain_hours": 1, "files": [old.name]}
     assert "deleted 1 files no version of the last 1 hours needs" in done.stderr
     assert not old.exists() and young.exists(), "older than the retention goes; younger stays (a live run's, maybe)"
     assert committed_files(out) == kept and all((out / "features" / f).exists() for f in kept)
@@ -141,7 +141,7 @@ def test_a_compaction_waiting_for_a_run_carries_that_run_s_description(out, tmp_
     with version 0's description, and the run's commit failed)."""
     holder = _hold(out, "run-two")
     state = delta.open_table(str(out), {})  # as a run reads the table right after taking the lock
-    compact = subprocess.Popen([sys.executable, "-m", "fruitdask", "table", "compact", "out", "--wait-lock", "120"],
+    compact = subprocess.Popen([sys.executable, "-m", "fruitdask", "table", "compact", "out", "--json", "--wait-lock", "120"],
                                cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = compact.stderr.readline()
@@ -174,7 +174,7 @@ def test_on_s3_vacuum_waits_for_the_lease_then_deletes_what_no_version_names(mad
     orphan = "fruits-table/features/run-1/features/part-killedrun-p00000.parquet"
     s3.fs.pipe_file(orphan, (made_by_a_run / "features" / sorted(
         p.name for p in (made_by_a_run / "features").glob("part-*.parquet"))[0]).read_bytes())
-    vacuum = ("table", "vacuum", url, "--retain-hours", "0", "--s3-endpoint", s3.endpoint)
+    vacuum = ("table", "vacuum", url, "--retain-hours", "0", "--json", "--s3-endpoint", s3.endpoint)
     holder = storage.OutputTarget.for_update(url, s3.storage_options, run_id="live0run")
     holder.lock()
     try:

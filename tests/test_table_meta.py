@@ -182,7 +182,7 @@ def test_a_run_that_fails_after_its_commit_leaves_nothing_stale(tmp_path, cluste
     assert proc.returncode == 0, proc.stderr
     page = (out / "report.html").read_text()
     assert f"fruitdask run {new_run}" in page and old_run not in page.split("</title>")[0]
-    proc = typed(["table", "show", str(out)], tmp_path)
+    proc = typed(["table", "show", str(out), "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
     assert shown["version"] == 1 and shown["fruitdask"]["run_id"] == new_run and shown["pca_fits"] == [new_fit_id]
@@ -223,7 +223,7 @@ def test_credentials_that_expire_mid_run_do_not_fail_the_commit(s3, monkeypatch)
     s3.bucket("fruits-creds", "eu-west-1")
     out, so = "s3://fruits-creds/out", s3.storage_options
     first = delta.open_table(out, so)
-    assert delta.commit(first, _table_file(first, "a"), [], {"run_id": "a"}) == 0
+    assert delta.commit(first, _table_file(first, "a"), [], {"run_id": "a"}, row_keys=keys.hash_keys(["A/a.jpg"])) == 0
     allow = [{"Effect": "Allow", "Action": "s3:*", "Resource": ["arn:aws:s3:::fruits-creds", "arn:aws:s3:::fruits-creds/*"]}]
     old_key, old_secret = s3.iam_user("session-1", allow)
     new_key, new_secret = s3.iam_user("session-2", allow)
@@ -237,7 +237,7 @@ def test_credentials_that_expire_mid_run_do_not_fail_the_commit(s3, monkeypatch)
     s3fs.S3FileSystem.clear_instance_cache()
     s3.enforce_iam()
     try:
-        assert delta.commit(state, adds, [], {"run_id": "b"}) == 1
+        assert delta.commit(state, adds, [], {"run_id": "b"}, row_keys=keys.hash_keys(["A/a.jpg", "A/b.jpg"])) == 1
     finally:
         s3.enforce_iam(False)
     assert sorted(read_features_s3(out, so)["run_id"]) == ["a", "b"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from typing import Any, Literal
 from fruitdask.commands.options import add_quiet_debug, add_storage_options, add_wait_lock, storage_settings
 from fruitdask.config import StorageSettings
 from fruitdask.errors import ConfigError
+
+logger = logging.getLogger("fruitdask")
 
 #: Default retention of ``vacuum``: versions of the last week stay readable (Delta's default).
 DEFAULT_RETAIN_HOURS = 168
@@ -101,6 +104,9 @@ def table(opts: TableOptions) -> int:
         files = under_lease(output, so, settings, "vacuum",
                             lambda: delta.vacuum(output, so, opts.retain_hours, opts.dry_run))
         result = {"dry_run": opts.dry_run, "retain_hours": opts.retain_hours, "files": files}
+        if opts.json:  # the text output says it on stdout; beside JSON, a line for the people reading the log
+            logger.info("%s %d files no version of the last %d hours needs", "would delete" if opts.dry_run else "deleted",
+                        len(files), opts.retain_hours)
     elif opts.action == "compact":
         result = under_lease(output, so, settings, "compact", lambda: delta.compact(output, so, int(opts.target_mb * 2**20)))
     else:
