@@ -25,7 +25,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from fruitdask import storage
 from fruitdask.backends.dask.kube import make_cluster_spec
 from fruitdask.config import KubeSettings, StorageSettings
-from fruitdask.errors import FruitdaskError, OutputBusyError, RegionError, StorageError, UntrustedReferenceError
+from fruitdask.errors import FruitdaskError, OutputBusyError, OutputError, RegionError, StorageError, UntrustedReferenceError
 from fruitdask.storage import base, lease, safety, stores
 
 #: Where each bucket of the test store "lives" (what its region answer says).
@@ -96,6 +96,13 @@ class MemoryStore:
                 return False
             fs.rm_file(path)
             return True
+
+    delete_permission = "nothing (it is this process's memory)"
+
+    def delete_many(self, fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[str]:
+        with self._mutex:
+            fs.rm([p for p in paths if fs.exists(p)])
+        return []
 
     def list_pages(self, fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[list[base.Entry]]:
         return base.find_pages(fs, folder)
@@ -253,3 +260,30 @@ def test_a_version_names_the_content_it_was_read_with_on_the_local_store(tmp_pat
     assert (tmp_path / "doc.json").read_bytes() == b"two"
     snap = stores.LOCAL.read_object(fs, path)
     assert snap is not None and stores.LOCAL.delete_if_match(fs, path, snap.version) and not (tmp_path / "doc.json").exists()
+
+
+def test_an_overwrite_on_the_new_store_replaces_the_old_dataset_through_its_bulk_delete(memory_store, monkeypatch):
+    """The commit protocol of an object store (copy aside, delete, copy in, ``_SUCCESS``
+    last) runs on the new store; the old parts go through the store's own bulk delete, and
+    a part it refuses to delete rolls the commit back with the store's own advice."""
+    fs = fsspec.filesystem("memory")
+    old = {"features/part-0.parquet": b"old0", "features/part-1.parquet": b"old1", "_SUCCESS": b""}
+    for rel, data in old.items():
+        fs.pipe_file(f"memory://eu-bucket/run-1/{rel}", data)
+    deleted: list[list[str]] = []
+    real = memory_store.delete_many
+    monkeypatch.setattr(memory_store, "delete_many", lambda fs_, paths: deleted.append(paths) or real(fs_, paths))
+    target = storage.OutputTarget.open("memory://eu-bucket/run-1", None, overwrite=True, run_id="new")
+    fs.pipe_file(target.staging_path("features/part-0.parquet"), b"new0")
+    target.commit()
+    assert sorted(fs.find("/eu-bucket/run-1")) == ["/eu-bucket/run-1/_SUCCESS", "/eu-bucket/run-1/features/part-0.parquet"]
+    assert fs.cat_file("/eu-bucket/run-1/features/part-0.parquet") == b"new0"
+    assert any("/eu-bucket/run-1/features/part-1.parquet" in batch for batch in deleted)
+
+    monkeypatch.setattr(memory_store, "delete_many", lambda fs_, paths: [f"{p} (Refused)" for p in paths][:1])
+    again = storage.OutputTarget.open("memory://eu-bucket/run-1", None, overwrite=True, run_id="again")
+    fs.pipe_file(again.staging_path("features/part-9.parquet"), b"new9")
+    with pytest.raises(OutputError, match=r"memory did not delete .*\(Refused\).*grant nothing \(it is this process's memory\)"):
+        again.commit()
+    assert fs.cat_file("/eu-bucket/run-1/features/part-0.parquet") == b"new0"  # the previous dataset, put back
+    assert fs.exists("/eu-bucket/run-1/_SUCCESS") and not fs.exists("/eu-bucket/run-1/features/part-9.parquet")

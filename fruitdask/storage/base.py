@@ -101,6 +101,13 @@ class Store(Protocol):
         """Delete ``path`` only if it is still at ``version``; False otherwise."""
         ...
 
+    def delete_many(self, fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[str]:
+        """Delete ``paths``; those it did not delete, each with why (``"path (AccessDenied)"``)."""
+        ...
+
+    #: What to grant when :meth:`delete_many` is refused (for the commit's error message).
+    delete_permission: str
+
     def list_pages(self, fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[list[Entry]]:
         """Every file under ``folder``, a batch at a time, as :data:`Entry` rows."""
         ...

@@ -101,6 +101,19 @@ class LocalStore:
         finally:
             os.unlink(claim)
 
+    delete_permission = "write permission on the output folder"
+
+    def delete_many(self, fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[str]:
+        failed = []
+        for p in paths:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                failed.append(f"{p} ({type(e).__name__})")
+        return failed
+
     def list_pages(self, fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[list[Entry]]:
         return find_pages(fs, folder)
 

@@ -395,6 +395,26 @@ def delete_if_match(fs, path: str, version: str) -> bool:
     return True
 
 
+def delete_many(fs, paths: list[str]) -> list[str]:
+    """Delete ``paths`` (``bucket/key``) with S3's bulk delete; the keys it did not delete.
+
+    ``DeleteObjects`` answers 200 and lists per-key failures (``AccessDenied`` from a bucket
+    policy, an object lock) in ``Errors``; s3fs's ``rm`` drops that list, which let a commit
+    write ``_SUCCESS`` over a mix of old and new parts (issue 23, item 8).
+    """
+    by_bucket: dict[str, list[str]] = {}
+    for p in paths:
+        bucket, _, key = p.partition("/")
+        by_bucket.setdefault(bucket, []).append(key)
+    failed: list[str] = []
+    for bucket, keys in by_bucket.items():
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = {"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
+            out = fs.call_s3("delete_objects", Bucket=bucket, Delete=batch)
+            failed += [f"{bucket}/{e.get('Key')} ({e.get('Code')})" for e in out.get("Errors") or []]
+    return failed
+
+
 # --- listing ---------------------------------------------------------------------------------
 
 #: Keys per ListObjectsV2 page (S3's maximum).
@@ -458,6 +478,11 @@ class S3Store:
 
     def delete_if_match(self, fs: fsspec.AbstractFileSystem, path: str, version: str) -> bool:
         return delete_if_match(fs, path, version)
+
+    delete_permission = "s3:DeleteObject on the output prefix (check bucket policies and object locks)"
+
+    def delete_many(self, fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[str]:
+        return delete_many(fs, paths)
 
     def list_pages(self, fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[list[Entry]]:
         return list_pages(fs, folder)

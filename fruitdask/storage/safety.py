@@ -211,31 +211,18 @@ def restore(fs: fsspec.AbstractFileSystem, backup_files: list[str], backup: str,
 
 
 def delete_checked(fs: fsspec.AbstractFileSystem, paths: list[str], target_url: str) -> None:
-    """Delete ``paths`` (``bucket/key``) with S3's bulk delete and raise :class:`OutputError`
-    naming every key it did not delete.
-
-    ``DeleteObjects`` answers 200 and lists per-key failures (``AccessDenied`` from a bucket
-    policy, an object lock) in ``Errors``; s3fs's ``rm`` drops that list, which let a commit
-    write ``_SUCCESS`` over a mix of old and new parts (issue 23, item 8).
-    """
-    by_bucket: dict[str, list[str]] = {}
-    for p in paths:
-        bucket, _, key = p.partition("/")
-        by_bucket.setdefault(bucket, []).append(key)
-    failed: list[str] = []
-    for bucket, keys in by_bucket.items():
-        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = {"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
-            out = fs.call_s3("delete_objects", Bucket=bucket, Delete=batch)
-            failed += [f"{bucket}/{e.get('Key')} ({e.get('Code')})" for e in out.get("Errors") or []]
+    """Delete ``paths`` with the store's bulk delete (:meth:`~fruitdask.storage.base.Store.delete_many`)
+    and raise :class:`OutputError` naming every one it did not delete: a commit must never
+    write ``_SUCCESS`` over a mix of old and new parts (issue 23, item 8)."""
+    store = store_of(fs)
+    failed = store.delete_many(fs, paths)
     for p in paths:
         fs.invalidate_cache(posixpath.dirname(p))
     if failed:
         shown = ", ".join(failed[:5]) + (f", ... ({len(failed)} objects)" if len(failed) > 5 else "")
         raise OutputError(
-            f"could not commit the output to {target_url!r}: S3 did not delete {shown}; the commit is rolled back "
-            "(the old dataset is put back): grant s3:DeleteObject on the output prefix (check bucket policies and "
-            "object locks) and run again"
+            f"could not commit the output to {target_url!r}: {store.name} did not delete {shown}; the commit is rolled "
+            f"back (the old dataset is put back): grant {store.delete_permission} and run again"
         )
 
 
