@@ -114,3 +114,22 @@ def local_cluster() -> Iterator[Callable]:
 def module_local_cluster() -> Iterator[Callable]:
     """The same factory, for module fixtures: its clusters are closed after the module."""
     yield from _cluster_factory()
+
+
+@pytest.fixture(scope="session")
+def serve_model(tmp_path_factory, weights_file) -> dict:
+    """`run` on the bundled sample (12 labels x 10) at 32 px, then `train` against 2 Test photos per label.
+
+    One per session: test_serve and test_app_page serve it; nothing writes to it."""
+    from fruitdask.cli import main
+
+    root = tmp_path_factory.mktemp("serve")
+    test_dir = copy_images(SAMPLE / "Test", root / "Test", 12, 2)
+    rc = main(["run", "--input", str(BUNDLED), "--output", str(root / "run"), "--image-size", str(SMALL_SIZE),
+               "--weights", str(weights_file), "--workers", "1", "--threads-per-worker", "2", "--precision", "float32", "--quiet"])
+    assert rc == 0
+    rc = main(["train", "--features", str(root / "run"), "--test-input", str(test_dir), "--model-out", str(root / "model"), "--quiet"])
+    assert rc == 0
+    photos = sorted(p for p in test_dir.rglob("*.jpg"))
+    assert len(photos) == 24
+    return {"model": root / "model", "photos": photos, "root": root}
