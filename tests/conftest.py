@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -48,6 +49,20 @@ def copy_images(src: Path, dest: Path, labels: int, per_label: int) -> Path:
         for f in sorted(label_dir.iterdir())[:per_label]:
             shutil.copy2(f, target / f.name)
     return dest
+
+
+def after_a_killed_run(ttl_s: float) -> None:
+    """Before running a SIGKILLed run again: nothing to wait where this host can tell the
+    dead holder of the output lock (boot, pid namespace and pid start time known), since the
+    next run then takes the lock over at once, whether or not its lease ran out
+    (``fruitdask.storage.lease.gone``; test_lease's
+    ``test_a_run_killed_with_sigkill_leaves_a_lock_the_next_run_takes_over_at_once``);
+    elsewhere, the lease's TTL and a second, for it to run out."""
+    from fruitdask.storage import lease
+
+    doc = lease.document("probe", ttl_s)
+    if None in (doc["boot_id"], doc["pid_ns"], doc["pid_start"]):
+        time.sleep(ttl_s + 1)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,9 @@ Each case runs ``fruitdask run`` as a process group (:mod:`kill_at`), SIGKILLs t
 (client and local cluster, no cleanup) at one stage of a run, then runs the same command
 again: the table must hold every current image exactly once, with one row per image and the
 features of an undisturbed run. The killed run's lock is a lease (3 s here) that the second
-run takes over. A first run is killed on a new table; an update run (new, changed and
-removed images) is killed on an existing one.
+run takes over at once, its holder's pid being gone (conftest's ``after_a_killed_run``). A
+first run is killed on a new table; an update run (new, changed and removed images) is killed
+on an existing one.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUNDLED, SMALL_SIZE, copy_images, read_features
+from conftest import BUNDLED, SMALL_SIZE, after_a_killed_run, copy_images, read_features
 from PIL import Image, ImageOps
 
 from fruitdask.config import TF_ENV
@@ -47,7 +47,7 @@ def _killed(stage: str, args: list[str], env: dict) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == -9, f"the run was not killed at {stage} (exit {proc.returncode}): {err[-2000:]}"
-    time.sleep(TTL + 1)  # the dead run's lease runs out
+    after_a_killed_run(TTL)  # the next run takes the dead run's lock over
 
 
 def _again(args: list[str], env: dict) -> subprocess.CompletedProcess:
