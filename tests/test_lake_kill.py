@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,12 +105,32 @@ def test_a_first_run_killed_then_run_again_leaves_every_image_once(stage, tmp_pa
     assert not list(tmp_path.glob(".out.fruitdask-tmp-*")), "the dead run's staging outlived the next run"
 
 
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, weights_file) -> tuple[Path, Path]:
+    """One undisturbed first run on 3 labels x 3 images in ``work`` (its ``in`` and ``out``),
+    and a copy of that folder as the run left it, for the update cases to start from."""
+    root = tmp_path_factory.mktemp("update")
+    work, snapshot = root / "work", root / "snapshot"
+    data = copy_images(BUNDLED, work / "in", 3, 3)
+    _again(_args(str(data), str(work / "out"), str(weights_file)), _env())
+    shutil.copytree(work, snapshot, symlinks=True)
+    return work, snapshot
+
+
+@pytest.fixture
+def after_a_first_run(first_run) -> Path:
+    """``work`` as the first run left it, whatever the case before did there: the same
+    absolute paths, hence the same command line, and each image's mtime (its version) kept."""
+    work, snapshot = first_run
+    shutil.rmtree(work)
+    shutil.copytree(snapshot, work, symlinks=True)
+    return work
+
+
 @pytest.mark.parametrize("stage", ["featurizing", "committing", "published"])
-def test_an_update_killed_then_run_again_leaves_every_image_once(stage, tmp_path, weights_file, reference):
-    data = copy_images(BUNDLED, tmp_path / "in", 3, 3)
-    out = tmp_path / "out"
+def test_an_update_killed_then_run_again_leaves_every_image_once(stage, after_a_first_run, weights_file, reference):
+    data, out = after_a_first_run / "in", after_a_first_run / "out"
     args = _args(str(data), str(out), str(weights_file))
-    _again(args, _env())
     keys = _grow(data)
     _killed(stage, args, _env())
     assert delta.load(str(out), {}).version() == (1 if stage == "published" else 0)
