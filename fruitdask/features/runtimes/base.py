@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -95,6 +95,8 @@ class RuntimeEntry:
     create: RuntimeFactory
     #: Whether it can run in this process: its library installed, the CPU able (for ``auto``).
     available: Callable[[], bool]
+    #: Import its library ahead of the workers (a local cluster's fork server runs it once).
+    preload: Callable[[], None] = field(default=lambda: None)
 
 
 RUNTIMES: dict[str, RuntimeEntry] = {}

@@ -197,4 +197,10 @@ def _installed() -> bool:
     return importlib.util.find_spec("tensorflow") is not None and importlib.util.find_spec("keras") is not None
 
 
-ENTRY = RuntimeEntry(name=NAME, precisions=PRECISIONS, create=TensorflowRuntime, available=_installed)
+def _preload() -> None:
+    """TensorFlow, Keras and Keras' VGG16 module imported (the graph is built later)."""
+    import_keras()
+    import keras.applications.vgg16  # noqa: F401
+
+
+ENTRY = RuntimeEntry(name=NAME, precisions=PRECISIONS, create=TensorflowRuntime, available=_installed, preload=_preload)
