@@ -27,7 +27,7 @@ NO_WEIGHTS_YET = ""
 
 @dataclass(frozen=True)
 class FeatureSettings:
-    """Weights digest, image size, pooling, batch size and precision of the forward pass, and
+    """Weights digest, image size, pooling, batch size, precision and runtime of the forward pass, and
     the fsspec ``storage_options`` the images are read with.
 
     ``storage_options`` decide where the bytes come from, not what the features are: they are
@@ -40,6 +40,8 @@ class FeatureSettings:
     batch_size: int
     precision: str = "float32"
     storage_options: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: The inference runtime that computes them (:mod:`fruitdask.features.runtimes`).
+    runtime: str = "tensorflow"
 
     @classmethod
     def from_config(cls, cfg: RunConfig, weights_key: str = NO_WEIGHTS_YET, precision: str | None = None) -> FeatureSettings:
@@ -51,6 +53,7 @@ class FeatureSettings:
             pooling=cfg.pooling,
             batch_size=int(cfg.batch_size),
             precision=precision or cfg.precision,
+            runtime=cfg.runtime,
             storage_options=options.storage_options(cfg.storage),
         )
 
@@ -80,4 +83,5 @@ class FeatureSettings:
         """The settings :meth:`to_json` wrote."""
         doc = json.loads(text)
         return cls(weights_key=str(doc["weights_key"]), image_size=int(doc["image_size"]), pooling=str(doc["pooling"]),
-                   batch_size=int(doc["batch_size"]), precision=str(doc["precision"]))
+                   batch_size=int(doc["batch_size"]), precision=str(doc["precision"]),
+                   runtime=str(doc.get("runtime", "tensorflow")))

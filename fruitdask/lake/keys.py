@@ -69,6 +69,8 @@ def settings_fingerprint(settings: FeatureSettings) -> str:
     batch size does not change the numbers beyond rounding, so it may differ between runs)."""
     s = settings
     text = f"table-v{TABLE_FORMAT}|{s.weights_key}|{s.image_size}|{s.pooling}|{s.precision}"
+    if s.runtime != "tensorflow":  # tables written before the runtime seam keep their fingerprint
+        text += f"|{s.runtime}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
