@@ -4,15 +4,23 @@ its one serialization and its one compatibility rule."""
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pandas as pd
+import pytest
+from conftest import REPO, SMALL_SIZE, copy_images
 
 from fruitdask import checkpoint
+from fruitdask.backends.dask import preload
 from fruitdask.config import build_config
 from fruitdask.features import frames
 from fruitdask.features.settings import FeatureSettings, differences
 from fruitdask.lake import keys
+from fruitdask.lake import table as delta
 from fruitdask.schema import SKIPPED_COLUMNS
 from fruitdask.storage.options import storage_options
 
@@ -126,3 +134,33 @@ def test_spark_featurizes_with_the_shared_partition_function(monkeypatch, tmp_pa
     out = spark_backend.featurize_index(0, url, job, 3, acc)
     assert seen == [(["a", "b"], settings, 3, weights)] and weights.load() == "weights"
     assert list(out["kind"]) == ["staged"] and int(out["rows"].iloc[0]) == 2 and acc.value == 2
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_run_and_its_model_record_the_same_settings(bundled_sample, tmp_path):
+    """The table's description, ``run.json``'s ``features`` and the bundle's ``preprocessing``
+    of one small run are one serialization of one value, as typed by a user (``run`` then
+    ``train``, in subprocesses, from ``tmp_path``). Fails before the value had one
+    serialization: ``run.json`` had no ``features``, the table's description no batch size."""
+    copy_images(bundled_sample, tmp_path / "imgs", labels=2, per_label=6)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for argv in (["run", "--input", "imgs", "--output", "out", "--image-size", str(SMALL_SIZE), "--weights", "random",
+                  "--seed", "0", "--precision", "float32", "--batch-size", "3", "--workers", "1",
+                  "--threads-per-worker", "2", "--quiet"],
+                 ["train", "--features", "out", "--test-features", "out", "--model-out", "model", "--quiet"]):
+        proc = subprocess.run([sys.executable, "-m", "fruitdask", *argv], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr
+    recorded = json.loads((tmp_path / "out" / "run.json").read_text())["features"]
+    assert recorded == {"weights_sha256": recorded["weights_sha256"], "image_size": SMALL_SIZE, "pooling": "avg",
+                        "batch_size": 3, "precision": "float32", "runtime": "tensorflow", "calibration": None}
+    assert len(recorded["weights_sha256"]) == 64
+    described = delta.open_table(str(tmp_path / "out"), {}).description
+    assert described is not None and {k: described.feature_settings[k] for k in recorded} == recorded
+    assert described.settings == keys.settings_fingerprint(FeatureSettings.from_dict(recorded))
+    bundle = json.loads((tmp_path / "model" / "bundle.json").read_text())["preprocessing"]
+    assert {k: bundle[k] for k in recorded} == recorded
+    # The workers' preload carries the same dict.
+    settings = FeatureSettings.from_dict(recorded)
+    assert json.loads(preload.argv(settings)[1]) == recorded
