@@ -178,14 +178,17 @@ def test_the_release_records_read_as_one_settings_value(tmp_path):
 
 
 def test_the_updated_table_records_the_value_under_the_release_fingerprint(updated):
-    """After the update, the table's description is today's serialization of the settings
-    (runtime included) and its fingerprint is still the release's: every row keeps its meaning."""
+    """After the update, the run's commit describes its settings in today's serialization
+    (runtime included) and the table's fingerprint is still the release's (its description,
+    migrated once, is not rewritten): every row keeps its meaning."""
     from fruitdask.lake import table as delta
 
     out = updated["root"] / "output"
     described = delta.open_table(str(out), {}).description
     assert described is not None and described.settings == "7125176bc017c1ce"
-    assert (described.feature_settings["runtime"], described.feature_settings["image_size"]) == ("tensorflow", 32)
+    committed = delta.history(str(out), {}, 1)[0][delta.META_KEY]
+    assert committed["settings"] == "7125176bc017c1ce"
+    assert (committed["feature_settings"]["runtime"], committed["feature_settings"]["image_size"]) == ("tensorflow", 32)
     assert json.loads((out / "run.json").read_text())["features"]["runtime"] == "tensorflow"
     assert set(rows(out)["settings"]) == {"7125176bc017c1ce"}
 
