@@ -29,9 +29,10 @@ import pandas as pd
 
 from fruitdask import output, storage
 from fruitdask.classifier import classify, openset
-from fruitdask.classifier.bundle import FeatureSpec, LinearClassifier, ModelBundle, WeightsRef
+from fruitdask.classifier.bundle import LinearClassifier, ModelBundle, WeightsRef
 from fruitdask.errors import InputError
 from fruitdask.features import frames
+from fruitdask.features.settings import FeatureSettings
 from fruitdask.lake import table as delta
 from fruitdask.lake import update
 from fruitdask.reduce import Reduction
@@ -59,9 +60,8 @@ class TableVersion:
     rows: pd.DataFrame
     reduction: Reduction
     pca_fit: str
-    spec: FeatureSpec
+    spec: FeatureSettings  # with the batch size of the table's last run
     weights: WeightsRef
-    batch_size: int
     meta: dict
 
 
@@ -87,8 +87,8 @@ def read_table_version(url: str, storage_options: Mapping[str, Any] | None, vers
     reduction = Reduction.from_npz(storage.read_bytes(update.fit_url(url, fits[0]), storage_options))
     weights, batch_size = _weights(url, storage_options, meta)
     fs = meta.get("feature_settings") or {}
-    spec = FeatureSpec(str(fs["weights_sha256"]), int(fs["image_size"]), str(fs["pooling"]), str(fs.get("precision", "float32")))
-    return TableVersion(url, v, rows, reduction, fits[0], spec, weights, batch_size, meta)
+    spec = FeatureSettings.from_dict(fs, batch_size=batch_size)
+    return TableVersion(url, v, rows, reduction, fits[0], spec, weights, meta)
 
 
 def _meta_at(dt, version: int) -> dict:
@@ -161,7 +161,7 @@ def train_candidate(tv: TableVersion, storage_options: Mapping[str, Any] | None,
     train, test = split(tv.rows)
     X, y = frames.matrix(train["pca"]), train["label"].astype(str).to_numpy()
     pipe = classify.fit_classifier(X, y, C=C, max_iter=max_iter)
-    bundle = ModelBundle(tv.spec, tv.weights, tv.batch_size, tv.reduction, LinearClassifier.from_sklearn(pipe))
+    bundle = ModelBundle(tv.spec, tv.weights, tv.reduction, LinearClassifier.from_sklearn(pipe))
     test_x, test_y = frames.matrix(test["features"]), test["label"].astype(str).to_numpy()
     proba = bundle.predict_proba(test_x, tv.spec)
     metrics = classify.evaluate(test_y, np.asarray(bundle.labels)[proba.argmax(axis=1)], bundle.labels)
@@ -193,7 +193,7 @@ def _lineage(tv: TableVersion, train: pd.DataFrame, test: pd.DataFrame, trigger:
     fs = tv.meta.get("feature_settings") or {}
     return {
         "table_uri": tv.url, "table_version": tv.version, "pca_fit": tv.pca_fit,
-        "weights_sha256": tv.spec.weights_sha256, "weights_file_sha256": fs.get("weights_file_sha256"),
+        "weights_sha256": tv.spec.weights_key, "weights_file_sha256": fs.get("weights_file_sha256"),
         "weights": {"kind": tv.weights.kind, "source": tv.weights.source},
         "image_size": tv.spec.image_size, "pooling": tv.spec.pooling, "precision": tv.spec.precision,
         "table_run_id": tv.meta.get("run_id"),

@@ -43,8 +43,6 @@ RECORD_KEY = "record"
 #: Commits searched back for the last fruitdask one (compactions carry it forward too); what
 #: must not be lost (format, settings) is in the table's :class:`Description`, not here.
 HISTORY_DEPTH = 50
-#: The feature settings compared between a run and its table (and named when they differ).
-SETTINGS_FIELDS = ("image_size", "pooling", "precision", "weights_sha256")
 #: Target size of a data file after compaction (``fruitdask table compact``).
 TARGET_FILE_BYTES = 128 << 20
 #: A data file under this size is "small" (a run merges small files: lake.update.merge_small_files).
