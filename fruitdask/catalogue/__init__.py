@@ -19,8 +19,9 @@ from importlib import resources
 from fruitdask.errors import InputError
 
 CATALOGUE_FORMAT = "fruitdask-catalogue/1"
-#: The languages of every text of an entry; the first one the API falls back to is English.
+#: The languages every text of an entry is written in (each entry is checked for all of them).
 LANGUAGES = ("fr", "en")
+#: The language the API answers in when the request names none it can use.
 DEFAULT_LANGUAGE = "en"
 TEXT_FIELDS = ("name", "origin", "season", "note")
 PLAIN_FIELDS = ("scientific_name", "genus", "family")
