@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 
@@ -41,7 +41,7 @@ def _clock(seconds: float) -> str:
 
 
 
-def steady_rate(marks: list[tuple[float, float]], start: int) -> float | None:
+def steady_rate(marks: Sequence[tuple[float, float]], start: int) -> float | None:
     """The featurization's throughput once warm: images per second from mark ``start`` to the
     last one.
 
