@@ -69,6 +69,8 @@ def test_an_old_table_gains_a_declared_column_without_featurizing(tmp_path, loca
     assert "label_lower" not in before.columns
 
     declare_new_columns(monkeypatch)
+    unmigrated = read_features(out)  # a reader sees the declared columns filled before any run adds them
+    assert list(unmigrated["label_lower"]) == [label.lower() for label in unmigrated["label"]]
 
     def featurizer_called(*args, **kwargs):
         raise AssertionError("an image was featurized again")

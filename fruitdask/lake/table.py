@@ -30,7 +30,7 @@ import numpy as np
 
 from fruitdask import storage
 from fruitdask.errors import ConcurrentRunError, DuplicateKeyError, OutputError
-from fruitdask.schema import TABLE_SCHEMA, table_columns
+from fruitdask.schema import TABLE_SCHEMA, complete_table, table_columns
 
 logger = logging.getLogger(__name__)
 
@@ -487,7 +487,11 @@ def read_columns(table, storage_options: Mapping[str, Any] | None, columns: list
     for uri in table.file_uris():
         fs, path = storage.get_fs(uri, storage_options)
         with fs.open(path, "rb") as f:
-            parts.append(pq.ParquetFile(f).read(columns=schema.names).cast(schema))
+            pf = pq.ParquetFile(f)
+            if set(schema.names) <= set(pf.schema_arrow.names):
+                parts.append(pf.read(columns=schema.names).cast(schema))
+            else:  # a file from before a declared column: filled as the next run fills it (lake.migrate)
+                parts.append(complete_table(pf.read()).select(schema.names).cast(schema))
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
