@@ -11,8 +11,8 @@
   :data:`SPILL_SCHEMA`, :data:`MANIFEST_SCHEMA`.
 
 Everything else derives from these: the column lists (``*_COLUMNS``), the pandas frames of
-:mod:`fruitdask.features.frames` (the Spark backend hands Arrow batches to ``mapInArrow``:
-no Spark DDL is needed). The writers (Dask tasks, Spark executors) import the schemas from
+:mod:`fruitdask.features.frames` (the Spark backend runs the same task bodies over an RDD
+of partition numbers, :mod:`fruitdask.lake.tasks`: no Spark schema is needed). The writers (Dask tasks, Spark executors) import the schemas from
 here; a reader names the table columns it reads, and checks them against the schema
 through :func:`table_columns` (``lake.table.read_columns``, ``classifier.candidate``), so
 a renamed column fails where it is read, not later.
