@@ -35,7 +35,7 @@ from fruitdask.errors import FruitdaskError, InputError, TooManyErrors, WeightsE
 from fruitdask.features import model, precision
 from fruitdask.features.settings import FeatureSettings, differences
 from fruitdask.features.weights_file import WeightsArrays, WeightsFile, WeightsSource
-from fruitdask.lake import keys, rekey, tasks, update
+from fruitdask.lake import keys, migrate, rekey, tasks, update
 from fruitdask.lake import plan as lake_plan
 from fruitdask.lake import table as delta
 from fruitdask.progress import Progress
@@ -111,6 +111,7 @@ def run(
             state = open_output(target, cfg.overwrite)
             check_format(state, target, replacing=cfg.rebuild or cfg.overwrite)
             delta.describe(state)  # a table from before its description: described once, in place
+            state = state if cfg.rebuild else migrate.add_columns(state, target)  # columns declared since: filled in place
         backend = make_backend(cfg, target, progress or Progress())
         return _Run(cfg, target, settings, backend, state, timer, emit, started, resolved).go(stack)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -407,7 +408,7 @@ def republish(target: storage.OutputTarget, state: delta.TableState) -> bool:
     logger.warning("run %s committed version %s but did not finish publishing (run.json is %s): copying its record "
                    "and fit from the table", record.get("run_id"), record.get("table", {}).get("version_after"),
                    f"run {shown}'s" if shown else "absent")
-    fit = delta.current_fit(state.dt, state.storage_options)
+    fit = delta.current_fit(state.table, state.storage_options)
     if fit:
         npz = storage.read_bytes(update.fit_url(target.url, fit), so)
         storage.write_file(target.final_path(output.REDUCTION), npz, so)
