@@ -86,7 +86,7 @@ def test_a_committed_run_reads_back(tmp_path):
     storage.write_file(str(out / output.REDUCTION), reduction.to_npz())
     doc = record.document()
     storage.write_file(str(out / output.RUN_JSON), json.dumps(doc, default=str).encode())
-    storage.write_file(str(out / output.SUCCESS), b"")
+    storage.write_file(str(out / output.SUCCESS_MARKER), b"")
     run = output.read_run(str(out))
     assert run.record == json.loads(json.dumps(doc, default=str))
     np.testing.assert_allclose(run.reduction().components, reduction.components)

@@ -39,6 +39,7 @@ from fruitdask.features.weights_file import WeightsSource
 from fruitdask.lake import table as delta
 from fruitdask.lake import tasks
 from fruitdask.lake.plan import Plan
+from fruitdask.output import layout
 from fruitdask.pca_moments import MAX_MOMENT_FEATURES, fit
 from fruitdask.reduce import Reduction
 from fruitdask.runinfo import StageTimer
@@ -49,7 +50,6 @@ logger = logging.getLogger(__name__)
 REFIT_GROWTH = 2.0
 #: Small files the table may hold before a run merges them (see :func:`merge_small_files`).
 MERGE_AFTER_FILES = 64
-FIT_DIR = storage.paths.FITS
 
 
 @dataclass
@@ -129,7 +129,7 @@ def remove_run_files(output: str, sink: tasks.Sink) -> None:
     except Exception as e:  # noqa: BLE001 - unsure whether it committed: keep the files (a vacuum removes orphans)
         logger.warning("could not tell whether this run committed (%s): its files are left for a vacuum", e)
         return
-    for folder, prefix in ((sink.table_url, f"part-{sink.run_id}-"), (storage.join(output, FIT_DIR), "")):
+    for folder, prefix in ((sink.table_url, f"part-{sink.run_id}-"), (storage.join(output, layout.FITS), "")):
         try:
             names = [f for f in storage.list_files(folder, sink.storage_options, ".parquet" if prefix else ".npz")
                      if f.rsplit("/", 1)[-1].startswith(prefix) and (prefix or sink.run_id in f.rsplit("/", 1)[-1])]
@@ -229,7 +229,7 @@ def _fit_seq(state: delta.TableState) -> int:
 
 
 def fit_url(output: str, fit_id: str) -> str:
-    return storage.join(output, FIT_DIR, f"{fit_id}.npz")
+    return storage.join(output, layout.FITS, f"{fit_id}.npz")
 
 
 def _file_adds(files: pd.DataFrame) -> list[dict]:
