@@ -113,10 +113,12 @@ LAYERS: dict[str, int] = {
     # 1 storage: the only layer that knows fsspec/s3fs, and the tables' schema
     "fruitdask.storage": 1,
     "fruitdask.schema": 1,
-    # 2 stages: pure transforms every engine calls (featurize, reduce)
+    # 2 stages: pure transforms every engine calls (featurize, reduce: the PCA estimator, its strategies, its result)
     "fruitdask.features": 2,
     "fruitdask.reduce": 2,
     "fruitdask.pca_moments": 2,
+    "fruitdask.pca_streamed": 2,
+    "fruitdask.reduction": 2,
     # 3 the output: the features table, checkpoints, the run's files, names, record and publishing
     "fruitdask.lake": 3,
     "fruitdask.checkpoint": 3,

@@ -17,7 +17,7 @@ from fruitdask.config import build_config
 from fruitdask.errors import InputError
 from fruitdask.features import frames
 from fruitdask.features.model import WeightsInfo
-from fruitdask.reduce import fit_incremental_pca
+from fruitdask.pca_streamed import fit_incremental_pca
 from fruitdask.runinfo import StageTimer
 
 #: The top-level keys of run.json, and of its fixed-shape sections, as written before the
