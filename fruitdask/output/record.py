@@ -123,12 +123,6 @@ class RunRecord:
         return {"requested": w.requested, "kind": w.kind, "source": w.source, "sha256": w.sha256,
                 "file_sha256": w.file_sha256, "random": w.is_random, "warning": w.warning}
 
-    def write(self, target: storage.OutputTarget) -> dict:
-        """Write ``run.json`` into ``target``'s staging prefix; return the document."""
-        doc = self.document()
-        target.write_json(RUN_JSON, doc)
-        return doc
-
 
 @dataclass
 class CommittedRun:
