@@ -1,16 +1,6 @@
 """The run, stage by stage: list and diff against the table, load weights, featurize,
-(re)fit the PCA, commit one table version, then write the run's record beside it.
-
-::
-
-    OUTPUT/
-      features/             the Delta table (lake.table): one row per current image
-      pca/<fit>.npz         every PCA fit the table's rows name (pca_fit column)
-      errors.parquet        the current images that could not be used
-      reduction.npz, scree.png   the current fit (copies), its scree plot
-      run.json, report.html, dask-report.html   the last run's record
-      runs/<run_id>/        every run's run.json and report, kept
-      _SUCCESS              written once a run has committed
+(re)fit the PCA, commit one table version, then publish the run's record beside it
+(:mod:`fruitdask.output` owns the output's layout, its names and the publishing).
 
 A run with nothing to do (no new, changed or removed image, same settings) says so after
 the listing and exits: no cluster is started, no TensorFlow imported, nothing is written.
@@ -20,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -46,6 +35,14 @@ from fruitdask.runinfo import StageTimer
 from fruitdask.schema import ERROR_COLUMNS
 
 logger = logging.getLogger(__name__)
+
+
+def _scree_png(r: Reduction, title: str) -> bytes:
+    return plots.scree_png(r.explained_variance_ratio, k=r.k, variance_target=r.variance_target, title=title)
+
+
+#: The report's drawings a publish writes (the output sits below the report: it receives them).
+PAGES = output.Pages(scree=_scree_png, report=report.build_report)
 
 
 def check_errors(cfg: RunConfig, n_listed: int, n_errors: int) -> None:
@@ -124,11 +121,6 @@ def _resolve_precision(requested: str, backend: Backend | None = None) -> precis
     return resolved
 
 
-#: What a run writes at the top of its output (a first run killed early leaves some of them).
-OUTPUT_NAMES = frozenset({delta.TABLE_DIR, update.FIT_DIR, output.RUNS, output.ERRORS, output.REDUCTION, output.SCREE,
-                          output.RUN_JSON, output.REPORT, output.DASK_REPORT, output.SUCCESS})
-
-
 def open_output(target: storage.OutputTarget, overwrite: bool) -> delta.TableState:
     """The output's table. A folder with other files than a run writes is refused; an output
     from before the table (Parquet parts and ``_SUCCESS``, no ``_delta_log``) is replaced only
@@ -144,11 +136,11 @@ def open_output(target: storage.OutputTarget, overwrite: bool) -> delta.TableSta
         names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)} if fs.isdir(path) else set()
     except FileNotFoundError:
         names = set()
-    foreign = sorted(n for n in names - OUTPUT_NAMES if not n.startswith("."))
+    foreign = sorted(n for n in names - output.OUTPUT_NAMES if not n.startswith("."))
     if foreign:
         raise InputError(f"output {url!r} holds files fruitdask does not write ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}): choose another --output")
-    if not names & {output.SUCCESS, output.RUN_JSON}:
+    if not names & {output.SUCCESS_MARKER, output.RUN_JSON}:
         return state  # empty, or left by a first run that never committed: its files are unreferenced
     if not overwrite:
         raise InputError(
@@ -318,7 +310,7 @@ class _Run:
         )
 
     def _up_to_date(self, plan: lake_plan.Plan) -> dict:
-        republish(self.target, self.state)
+        output.republish(self.target, self.state, PAGES)
         counts = {**plan_counts(plan), **rekey_counts(self.rekeyed)}
         logger.info("the table is up to date with the input (version %s, %d images): nothing to do",
                     self.state.version, counts["unchanged"])
@@ -338,7 +330,7 @@ class _Run:
     def _record(self, plan: lake_plan.Plan, outcome: update.Outcome, winfo: model.WeightsInfo) -> dict:
         record = self._run_record(plan, outcome, winfo)
         with self.timer.stage("publish"):
-            return publish(record, self.target)
+            return output.publish(record, self.target, PAGES)
 
     def _run_record(self, plan: lake_plan.Plan, outcome: update.Outcome, winfo: model.WeightsInfo) -> output.RunRecord:
         errors = current_errors(plan, outcome, self.target.run_id)
@@ -352,75 +344,6 @@ class _Run:
             weights=winfo, features=self.settings, warnings=[winfo.warning] if winfo.warning else [], extra=self.backend.extra,
             lake={**lake_counts(plan, outcome), **rekey_counts(self.rekeyed), **self._version_before()},
         )
-
-
-def publish(record: output.RunRecord, target: storage.OutputTarget) -> dict:
-    """Write the run's record beside the committed table: ``errors.parquet``, the current
-    fit and its scree plot (every run: a run that committed but failed before this leaves
-    no stale copy behind the next one), ``run.json`` and the report, at the top (the last
-    run's) and under ``runs/<run_id>/`` (kept); ``_SUCCESS`` last. The record and the fit
-    are also in the commit (the record in its description, the fit named by every row):
-    these are copies for people and tools that read files."""
-    so = target.storage_options
-
-    def put(name: str, data: bytes) -> None:
-        storage.write_file(storage.join(target.url, name), data, so)
-
-    put(output.ERRORS, output.errors_parquet(record.errors))
-    if record.reduction is not None:
-        put(output.REDUCTION, record.reduction.to_npz())
-        r = record.reduction
-        put(output.SCREE, plots.scree_png(r.explained_variance_ratio, k=r.k, variance_target=r.variance_target,
-                                          title=f"Scree plot ({record.cfg.backend}, {r.n_samples} rows)"))
-    run_dir = f"{output.RUNS}/{record.run_id}"
-    try:
-        dask_report = storage.read_bytes(target.staging_path(output.DASK_REPORT), so)
-        put(output.DASK_REPORT, dask_report)
-        put(f"{run_dir}/{output.DASK_REPORT}", dask_report)
-    except FileNotFoundError:
-        pass
-    doc = record.document()
-    text = json.dumps(doc, indent=2, sort_keys=True, default=str).encode()
-    put(f"{run_dir}/{output.RUN_JSON}", text)
-    put(output.RUN_JSON, text)
-    page = report.build_report(doc, target.url, so)
-    put(f"{run_dir}/{output.REPORT}", page)
-    put(output.REPORT, page)
-    put(output.SUCCESS, b"")
-    return doc
-
-
-def republish(target: storage.OutputTarget, state: delta.TableState) -> bool:
-    """When the table's newest run committed but did not finish publishing (``run.json`` is
-    another run's, or absent), copy its record (from its commit) and its fit (the one its rows
-    name) beside the table, ``_SUCCESS`` last; True when it did. A run with work publishes
-    everything anyway: this is for a run with nothing to do."""
-    record = state.meta.get(delta.RECORD_KEY)
-    if not state.exists or not record:
-        return False
-    so = target.storage_options
-    try:
-        shown = json.loads(storage.read_bytes(target.final_path(output.RUN_JSON), so)).get("run_id")
-    except (FileNotFoundError, ValueError):
-        shown = None
-    if shown == record.get("run_id"):
-        return False
-    logger.warning("run %s committed version %s but did not finish publishing (run.json is %s): copying its record "
-                   "and fit from the table", record.get("run_id"), record.get("table", {}).get("version_after"),
-                   f"run {shown}'s" if shown else "absent")
-    fit = delta.current_fit(state.table, state.storage_options)
-    if fit:
-        npz = storage.read_bytes(update.fit_url(target.url, fit), so)
-        storage.write_file(target.final_path(output.REDUCTION), npz, so)
-        r = Reduction.from_npz(npz)
-        storage.write_file(target.final_path(output.SCREE), plots.scree_png(
-            r.explained_variance_ratio, k=r.k, variance_target=r.variance_target,
-            title=f"Scree plot ({record.get('backend')}, {r.n_samples} rows)"), so)
-    text = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
-    storage.write_file(target.final_path(f"{output.RUNS}/{record['run_id']}/{output.RUN_JSON}"), text, so)
-    storage.write_file(target.final_path(output.RUN_JSON), text, so)
-    storage.write_file(target.final_path(output.SUCCESS), b"", so)
-    return True
 
 
 def check_format(state: delta.TableState, target: storage.OutputTarget, *, replacing: bool) -> None:

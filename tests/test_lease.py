@@ -65,7 +65,7 @@ def _lock_doc(target: storage.OutputTarget, o: dict | None) -> dict:
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_an_expired_lease_is_taken_over_with_a_log_line_naming_the_dead_holder(s3, tmp_path, where, caplog):
     url, o = _where(where, s3, tmp_path)
-    target = storage.OutputTarget.open(url, o, overwrite=False, run_id="next", lease_ttl=TTL)
+    target = storage.StagedOutput.open(url, o, overwrite=False, run_id="next", lease_ttl=TTL)
     _dead_lock(target, o)
     with caplog.at_level(logging.WARNING), storage.committed(target):
         assert _lock_doc(target, o)["run_id"] == "next"
@@ -87,7 +87,7 @@ def _lock_left(url: str, o: dict | None) -> bool:
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_a_live_lease_is_busy_and_says_when_it_runs_out(s3, tmp_path, where):
     url, o = _where(where, s3, tmp_path)
-    target = storage.OutputTarget.open(url, o, overwrite=False, run_id="next", lease_ttl=TTL)
+    target = storage.StagedOutput.open(url, o, overwrite=False, run_id="next", lease_ttl=TTL)
     doc = _other_machine("alive0run", 60)  # runs out in a minute
     storage.write_file(target.lock_url, json.dumps(doc).encode(), o)
     fs, path = storage.get_fs(target.lock_url, o)
@@ -104,7 +104,7 @@ def test_of_two_takers_of_one_expired_lease_only_one_wins(s3, tmp_path, where):
     """Both read the dead run's lock; the first conditional write wins, the second finds
     the lock changed and fails, and the lock is the winner's."""
     url, o = _where(where, s3, tmp_path)
-    target = storage.OutputTarget.open(url, o, overwrite=False, lease_ttl=TTL)
+    target = storage.StagedOutput.open(url, o, overwrite=False, lease_ttl=TTL)
     _dead_lock(target, o)
     fs, path = storage.get_fs(target.lock_url, o)
     store = stores.lookup(url)
@@ -116,7 +116,7 @@ def test_of_two_takers_of_one_expired_lease_only_one_wins(s3, tmp_path, where):
 
 
 def test_many_racing_takers_on_local_disk_leave_exactly_one_holder(tmp_path):
-    target = storage.OutputTarget.open(str(tmp_path / "run-1"), None, overwrite=False, lease_ttl=TTL)
+    target = storage.StagedOutput.open(str(tmp_path / "run-1"), None, overwrite=False, lease_ttl=TTL)
     _dead_lock(target, None)
     fs, path = storage.get_fs(target.lock_url, None)
     winners, busy = [], []
@@ -143,8 +143,8 @@ def test_many_racing_takers_on_local_disk_leave_exactly_one_holder(tmp_path):
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_the_heartbeat_keeps_a_live_run_s_lease(s3, tmp_path, where):
     url, o = _where(where, s3, tmp_path)
-    first = storage.OutputTarget.open(url, o, overwrite=False, run_id="alive", lease_ttl=TTL)
-    second = storage.OutputTarget.open(url, o, overwrite=False, run_id="second", lease_ttl=TTL)
+    first = storage.StagedOutput.open(url, o, overwrite=False, run_id="alive", lease_ttl=TTL)
+    second = storage.StagedOutput.open(url, o, overwrite=False, run_id="second", lease_ttl=TTL)
     with storage.committed(first):
         taken = _lock_doc(first, o)
         time.sleep(2 * TTL)  # twice the lease: without renewal it would have run out
@@ -159,8 +159,8 @@ def test_the_heartbeat_keeps_a_live_run_s_lease(s3, tmp_path, where):
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_a_run_whose_lease_ran_out_and_was_taken_over_commits_nothing(s3, tmp_path, where, caplog):
     url, o = _where(where, s3, tmp_path)
-    stalled = storage.OutputTarget.open(url, o, overwrite=False, run_id="stalled", lease_ttl=TTL)
-    taker = storage.OutputTarget.open(url, o, overwrite=False, run_id="taker", lease_ttl=TTL)
+    stalled = storage.StagedOutput.open(url, o, overwrite=False, run_id="stalled", lease_ttl=TTL)
+    taker = storage.StagedOutput.open(url, o, overwrite=False, run_id="taker", lease_ttl=TTL)
     with pytest.raises(OutputBusyError, match="being written by run taker"):
         with storage.committed(stalled):
             stalled.write_bytes("run.json", b'{"run": "stalled"}')
@@ -224,7 +224,7 @@ def test_a_run_killed_with_sigkill_leaves_a_lock_the_next_run_takes_over_at_once
 
 
 def test_a_locked_target_travels_to_workers_without_its_heartbeat(tmp_path):
-    target = storage.OutputTarget.open(str(tmp_path / "run-1"), None, overwrite=False, lease_ttl=TTL)
+    target = storage.StagedOutput.open(str(tmp_path / "run-1"), None, overwrite=False, lease_ttl=TTL)
     with storage.committed(target):
         copy = pickle.loads(pickle.dumps(target))
         assert copy.staging == target.staging and not copy.locked and copy._heartbeat is None
@@ -352,7 +352,7 @@ def test_wait_lock_waits_for_a_live_holder_and_says_how_long_it_waited(s3, tmp_p
     stopping; a holder that outlives the wait still stops it, naming the wait. Fails on the
     code before issue 31 (no wait)."""
     url, o = _where(where, s3, tmp_path)
-    first = storage.OutputTarget.open(url, o, overwrite=False, run_id="first", lease_ttl=TTL)
+    first = storage.StagedOutput.open(url, o, overwrite=False, run_id="first", lease_ttl=TTL)
     patient = storage.OutputTarget.for_update(url, o, run_id="patient", lease_ttl=TTL, lock_wait=1.5)
     first.lock()
     try:

@@ -18,7 +18,7 @@ from fruitdask.errors import InputError
 from fruitdask.features import frames
 from fruitdask.features.model import WeightsInfo
 from fruitdask.features.settings import FeatureSettings
-from fruitdask.reduce import fit_incremental_pca
+from fruitdask.pca_streamed import fit_incremental_pca
 from fruitdask.runinfo import StageTimer
 
 #: The top-level keys of run.json, and of its fixed-shape sections, as written before the
@@ -88,7 +88,7 @@ def test_a_committed_run_reads_back(tmp_path):
     storage.write_file(str(out / output.REDUCTION), reduction.to_npz())
     doc = record.document()
     storage.write_file(str(out / output.RUN_JSON), json.dumps(doc, default=str).encode())
-    storage.write_file(str(out / output.SUCCESS), b"")
+    storage.write_file(str(out / output.SUCCESS_MARKER), b"")
     run = output.read_run(str(out))
     assert run.record == json.loads(json.dumps(doc, default=str))
     np.testing.assert_allclose(run.reduction().components, reduction.components)

@@ -195,7 +195,7 @@ def test_bundle_keeps_the_precision_and_featurizes_with_it(tmp_path, weights_fil
     from fruitdask.classifier.bundle import LinearClassifier, ModelBundle, WeightsRef
     from fruitdask.classifier.classify import fit_classifier
     from fruitdask.features import frames
-    from fruitdask.reduce import fit_incremental_pca
+    from fruitdask.pca_streamed import fit_incremental_pca
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 512)).astype(np.float32)

@@ -132,7 +132,8 @@ RAW_READS_ALLOWED = {
     "output": {"fruitdask/pipeline.py:output_target", "fruitdask/commands/run.py:execute"},
 }
 #: The modules a run's values pass through after the edge (commands/options and config build them).
-RUN_MODULES = ["fruitdask/pipeline.py", "fruitdask/checkpoint.py", "fruitdask/output.py", "fruitdask/commands/run.py",
+RUN_MODULES = ["fruitdask/pipeline.py", "fruitdask/checkpoint.py", "fruitdask/output/record.py",
+               "fruitdask/output/publish.py", "fruitdask/commands/run.py",
                "fruitdask/features/settings.py", "fruitdask/features/frames.py", "fruitdask/features/model.py",
                "fruitdask/lake/tasks.py", "fruitdask/lake/update.py", "fruitdask/backends/__init__.py",
                "fruitdask/backends/base.py", "fruitdask/backends/dask/backend.py", "fruitdask/backends/dask/cluster.py",

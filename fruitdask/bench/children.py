@@ -157,7 +157,7 @@ def child_pipeline(cfg: RunConfig, work: Path, backend: str) -> dict:
 
 def child_pca(cfg: RunConfig, work: Path, engine: str) -> dict:
     """Time the standardize + PCA fit alone on the raw run's unpooled features."""
-    from fruitdask.reduce import fit_incremental_pca
+    from fruitdask.pca_streamed import fit_incremental_pca
 
     X = np.load(work / "unpooled.npy")
     n, d = X.shape

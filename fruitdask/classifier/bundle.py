@@ -1,7 +1,7 @@
 """The classifier bundle: everything ``predict`` needs to turn a photo into label probabilities.
 
 A bundle is a folder (local or ``s3://``) of plain, portable files, written atomically
-through :class:`fruitdask.storage.OutputTarget` (``_SUCCESS`` last)::
+through :class:`fruitdask.storage.StagedOutput` (``_SUCCESS`` last)::
 
     MODEL/
       bundle.json      format, weights reference + sha256, preprocessing, labels, versions
@@ -227,7 +227,7 @@ class ModelBundle:
     def save(self, url: str, storage_options: Mapping[str, Any] | None = None, *, overwrite: bool = False,
              extra_files: Mapping[str, bytes] | None = None) -> str:
         """Write the bundle (and ``extra_files`` such as the report) to ``url``, atomically."""
-        target = storage.OutputTarget.open(url, storage_options, overwrite)
+        target = storage.StagedOutput.open(url, storage_options, overwrite)
         with storage.committed(target):
             target.write_bytes("reduction.npz", self.reduction.to_npz())
             target.write_bytes("classifier.npz", self.classifier.to_npz())

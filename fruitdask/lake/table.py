@@ -30,12 +30,12 @@ import numpy as np
 
 from fruitdask import storage
 from fruitdask.errors import ConcurrentRunError, DuplicateKeyError, OutputError
+from fruitdask.output import layout
 from fruitdask.schema import TABLE_SCHEMA, complete_table, table_columns
 from fruitdask.storage import stores
 
 logger = logging.getLogger(__name__)
 
-TABLE_DIR = storage.paths.FEATURES
 META_KEY = "fruitdask"
 #: The run's record (its ``run.json`` as of the commit), inside a run commit's description:
 #: what the last run did is part of its commit, whether or not its publishing finished.
@@ -50,7 +50,7 @@ SMALL_FILE_BYTES = TARGET_FILE_BYTES // 4
 
 
 def table_url(output_url: str) -> str:
-    return storage.join(output_url, TABLE_DIR)
+    return storage.join(output_url, layout.FEATURES)
 
 
 def delta_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, str] | None:

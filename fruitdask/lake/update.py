@@ -9,8 +9,9 @@ decided here:
    data file at once (one pass); when a fit is needed (first run, ``--refit``, ``--rebuild``,
    or the table grew :data:`REFIT_GROWTH` times since the last fit) the features wait in
    their checkpoints;
-2. fit the PCA from moments summed by a tree reduction over the checkpoints and the rows the
-   table keeps (features up to 4,096 wide; wider ones through dask-ml's IncrementalPCA), write
+2. fit the PCA (:class:`fruitdask.reduce.PCA`, whose strategy asks for the rows as moments
+   summed by a tree reduction, or, for wide features, as one streamed array) over the
+   checkpoints and the rows the table keeps, write
    it as ``OUTPUT/pca/<fit>.npz``, then project every checkpoint and rewrite every kept file
    with it;
 3. rewrite the files that lose rows (removed or changed images: without a refit, queued
@@ -39,8 +40,9 @@ from fruitdask.features.weights_file import WeightsSource
 from fruitdask.lake import table as delta
 from fruitdask.lake import tasks
 from fruitdask.lake.plan import Plan
-from fruitdask.pca_moments import MAX_MOMENT_FEATURES, fit
-from fruitdask.reduce import Reduction
+from fruitdask.output import layout
+from fruitdask.pca_moments import Moments
+from fruitdask.reduce import MAX_MOMENT_FEATURES, PCA, Reduction, strategy_for
 from fruitdask.runinfo import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,6 @@ logger = logging.getLogger(__name__)
 REFIT_GROWTH = 2.0
 #: Small files the table may hold before a run merges them (see :func:`merge_small_files`).
 MERGE_AFTER_FILES = 64
-FIT_DIR = storage.paths.FITS
 
 
 @dataclass
@@ -129,7 +130,7 @@ def remove_run_files(output: str, sink: tasks.Sink) -> None:
     except Exception as e:  # noqa: BLE001 - unsure whether it committed: keep the files (a vacuum removes orphans)
         logger.warning("could not tell whether this run committed (%s): its files are left for a vacuum", e)
         return
-    for folder, prefix in ((sink.table_url, f"part-{sink.run_id}-"), (storage.join(output, FIT_DIR), "")):
+    for folder, prefix in ((sink.table_url, f"part-{sink.run_id}-"), (storage.join(output, layout.FITS), "")):
         try:
             names = [f for f in storage.list_files(folder, sink.storage_options, ".parquet" if prefix else ".npz")
                      if f.rsplit("/", 1)[-1].startswith(prefix) and (prefix or sink.run_id in f.rsplit("/", 1)[-1])]
@@ -229,7 +230,7 @@ def _fit_seq(state: delta.TableState) -> int:
 
 
 def fit_url(output: str, fit_id: str) -> str:
-    return storage.join(output, FIT_DIR, f"{fit_id}.npz")
+    return storage.join(output, layout.FITS, f"{fit_id}.npz")
 
 
 def _file_adds(files: pd.DataFrame) -> list[dict]:
@@ -249,22 +250,42 @@ def _refit(backend: Any, plan: Plan, state: delta.TableState, req: Request, rece
            ckpt: checkpoint.Checkpoints, sink: tasks.Sink) -> tuple[Reduction, tasks.Fit]:
     """Fit the PCA on every row the table will hold; write it beside the table."""
     staged = _staged_parts(receipts, plan)
-    kept_files = [(p, rows) for p, _, rows in plan.rewrite] + [(p, None) for p, _ in plan.keep]
-    if req.feature_dim > MAX_MOMENT_FEATURES:
-        st = receipts[receipts["kind"] == "staged"]
-        rows = dict(zip(st["part"].astype(int), st["rows"].astype(int), strict=True))
-        reduction = backend.fit_wide([(i, int(rows[i])) for i in staged], plan.manifest_url, ckpt, sink, kept_files, req)
-    else:
-        leaves: list[tuple[Callable[..., Any], tuple]] = [(tasks.moments_part, (i, plan.manifest_url, ckpt)) for i in staged]
-        leaves += [(tasks.moments_file, (sink, p, rows)) for p, rows in kept_files]
-        moments = backend.tree_reduce(leaves)
-        reduction = fit(moments, components=req.components, variance=req.variance)
+    kept_files: list[tuple[str, np.ndarray | None]] = [(p, rows) for p, _, rows in plan.rewrite] + [(p, None) for p, _ in plan.keep]
+    pca = PCA(req.feature_dim, components=req.components, variance=req.variance, batch_size=req.pca_batch_size,
+              power_iterations=req.power_iterations, seed=req.seed)
+    reduction = pca.fit_rows(_TableRows(backend, plan.manifest_url, staged, receipts, ckpt, sink, kept_files))
     fit_id = f"{_fit_seq(state) + 1:04d}-{req.run_id}"
     url = fit_url(req.target.url, fit_id)
     storage.write_file(url, reduction.to_npz(), sink.storage_options)
     logger.info("PCA fit %s: K=%d (%.4f of the variance) on %d rows", fit_id, reduction.k, reduction.variance_reached,
                 reduction.n_samples)
     return reduction, tasks.Fit(fit_id, url, sink.storage_options)
+
+
+@dataclass
+class _TableRows:
+    """The rows the table will hold (checkpointed partitions and kept files), in the shape the
+    PCA's strategy asks for (:class:`fruitdask.reduce.Rows`), each read where it lies."""
+
+    backend: Any
+    manifest_url: str | None
+    staged: list[int]
+    receipts: pd.DataFrame
+    ckpt: checkpoint.Checkpoints
+    sink: tasks.Sink
+    kept_files: list[tuple[str, np.ndarray | None]]
+
+    def moments(self) -> Moments | None:
+        leaves: list[tuple[Callable[..., Any], tuple]] = [(tasks.moments_part, (i, self.manifest_url, self.ckpt))
+                                                          for i in self.staged]
+        leaves += [(tasks.moments_file, (self.sink, p, rows)) for p, rows in self.kept_files]
+        return self.backend.tree_reduce(leaves)
+
+    def stream(self, fit: PCA) -> Reduction:
+        st = self.receipts[self.receipts["kind"] == "staged"]
+        rows = dict(zip(st["part"].astype(int), st["rows"].astype(int), strict=True))
+        return self.backend.fit_wide([(i, int(rows[i])) for i in self.staged], self.manifest_url, self.ckpt, self.sink,
+                                     self.kept_files, fit)
 
 
 def _staged_parts(receipts: pd.DataFrame, plan: Plan) -> list[int]:
@@ -283,7 +304,7 @@ def _project(backend: Any, plan: Plan, receipts: pd.DataFrame, ckpt, sink: tasks
 
 def check_wide(feature_dim: int, backend_name: str) -> None:
     """Spark sums moments only: refuse features too wide for them before any work."""
-    if backend_name == "spark" and feature_dim > MAX_MOMENT_FEATURES:
+    if backend_name == "spark" and strategy_for(feature_dim) == "streamed":
         raise ReductionError(
             f"{feature_dim:,} features per image are too wide for the exact PCA of the Spark backend (at most "
             f"{MAX_MOMENT_FEATURES:,}): use --backend dask (IncrementalPCA streams), or --pooling avg"

@@ -12,7 +12,8 @@ reach the same endpoint as the driver. Each module owns one thing:
 - :mod:`.options`: the fsspec ``storage_options`` of the configuration's storage settings;
 - :mod:`.listing`: the input listing (:func:`iter_images`, :func:`scan_images`, :func:`list_images`);
 - :mod:`.files`: reading and writing whole files and prefixes (image bytes only inside tasks);
-- :mod:`.target`: :class:`OutputTarget`, a run's output with its staging prefix and lock;
+- :mod:`.target`: :class:`OutputTarget`, a run's output folder updated in place under its lock, and
+  :class:`StagedOutput`, a dataset (a model bundle) written whole through staging and committed;
 - :mod:`.commit`: the commit protocol that publishes staging, ``_SUCCESS`` last;
 - :mod:`.safety`, :mod:`.lease`: what ``--overwrite`` may replace, the copy-aside, the lock;
 - :mod:`.regions`: the EU region guard (each store says where a location lives).
@@ -39,11 +40,11 @@ from fruitdask.storage.paths import SUCCESS_MARKER, join
 from fruitdask.storage.regions import guard_regions
 from fruitdask.storage.s3 import bucket_region, normalize_region, split_bucket
 from fruitdask.storage.stores import translate
-from fruitdask.storage.target import OutputTarget, committed
+from fruitdask.storage.target import OutputTarget, StagedOutput, committed
 from fruitdask.storage.urls import check_protocols, get_fs, is_remote, unsafe_name
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "SUCCESS_MARKER", "ListedBatch", "OutputTarget", "bucket_region", "check_protocols", "committed",
+    "IMAGE_EXTENSIONS", "SUCCESS_MARKER", "ListedBatch", "OutputTarget", "StagedOutput", "bucket_region", "check_protocols", "committed",
     "download_to_local", "file_sha256", "get_fs", "guard_regions", "is_remote", "iter_images", "join", "list_files",
     "list_images", "normalize_region", "read_bytes", "read_parquet", "remove_prefix", "scan_images", "split_bucket",
     "storage_options", "translate", "unsafe_name", "url_sha256", "write_file", "write_parquet_part",

@@ -1,7 +1,7 @@
 """What keeps an output location safe: the run lock, the "is it ours?" check before an
 ``--overwrite``, and the copy-aside of an old dataset while a new one is copied in on S3.
 
-:class:`~fruitdask.storage.target.OutputTarget` and :mod:`fruitdask.storage.commit` call
+:class:`~fruitdask.storage.target.LockedOutput` (both lifecycles) and :mod:`fruitdask.storage.commit` call
 these; the protocol they make up, and the reader's contract, are described in docs/s3.md
 ("The commit protocol").
 """

@@ -46,8 +46,9 @@ from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsFile, WeightsSource, npz_bytes
 from fruitdask.lake import tasks
 from fruitdask.pca_moments import merge_all
+from fruitdask.pca_streamed import silence_first_batch_warning
 from fruitdask.progress import Progress, steady_rate
-from fruitdask.reduce import Reduction, fit_incremental_pca, silence_first_batch_warning
+from fruitdask.reduce import PCA, Reduction
 
 #: Moments merged per task of the tree reduction.
 TREE_FAN_IN = 8
@@ -252,21 +253,21 @@ class DaskBackend:
             future.release()
 
     def fit_wide(self, staged: list[tuple[int, int]], manifest_url: str, ckpt: checkpoint.Checkpoints,
-                 sink: tasks.Sink, kept_files: list[tuple[str, np.ndarray | None]], req) -> Reduction:
-        """Features too wide for moments: dask-ml's IncrementalPCA over blocks that are each
-        one checkpoint or one table file, read by the task that needs it."""
+                 sink: tasks.Sink, kept_files: list[tuple[str, np.ndarray | None]], pca: PCA) -> Reduction:
+        """The rows of the PCA's streamed strategy (features too wide for moments): one dask
+        array of blocks that are each one checkpoint or one table file, read by the task that
+        needs it, handed to ``pca.fit``."""
         import dask.array as da
 
         self.client.run(silence_first_batch_warning, on_error="ignore")  # a worker may be gone
         kept_rows = self.map_tasks(tasks.kept_rows, [(sink, p, rows) for p, rows in kept_files])
-        d = req.feature_dim
+        d = pca.n_features
         blocks = [da.from_delayed(dask.delayed(tasks.features_part)(i, manifest_url, ckpt), shape=(n, d), dtype=np.float32)
                   for i, n in staged if n]
         blocks += [da.from_delayed(dask.delayed(tasks.features_file)(sink, p, rows), shape=(n, d), dtype=np.float32)
                    for (p, rows), n in zip(kept_files, kept_rows, strict=True) if n]
         X = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, d), dtype=np.float32)
-        return fit_incremental_pca(X, components=req.components, variance=req.variance, batch_size=req.pca_batch_size,
-                                   power_iterations=req.power_iterations, seed=req.seed)
+        return pca.fit(X)
 
 
 #: Seconds a failed step waits for its tasks still running (their writes land before the
