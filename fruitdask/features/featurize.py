@@ -199,10 +199,17 @@ def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.nda
 
 
 def preprocess(images: np.ndarray) -> np.ndarray:
-    """Keras VGG16 ``preprocess_input`` (RGB to BGR, ImageNet channel means removed)."""
-    from keras.applications.vgg16 import preprocess_input
+    """Keras VGG16 ``preprocess_input`` (RGB to BGR, ImageNet channel means removed), in
+    NumPy with Keras's very operations (its "caffe" mode), so that a runtime without
+    TensorFlow (OpenVINO from its cached model) never imports Keras for it."""
+    x = images.astype(np.float32, copy=True)[..., ::-1]
+    for channel, mean in enumerate(VGG16_BGR_MEAN):
+        x[..., channel] -= mean
+    return x
 
-    return preprocess_input(images.astype(np.float32, copy=True))
+
+#: ImageNet's channel means in BGR order, as Keras's VGG16 ``preprocess_input`` removes them.
+VGG16_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
 def pool(feature_maps: np.ndarray, pooling: str) -> np.ndarray:
