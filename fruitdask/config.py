@@ -29,7 +29,9 @@ EU_REGIONS: tuple[str, ...] = (
 
 POOLINGS = ("avg", "max", "none")
 #: ``--precision`` choices (:mod:`fruitdask.features.precision` resolves ``auto``).
-PRECISIONS = ("float32", "bfloat16", "auto")
+PRECISIONS = ("float32", "bfloat16", "int8", "auto")
+#: ``--runtime`` choices (:mod:`fruitdask.features.runtimes.choice` resolves ``auto``).
+RUNTIMES = ("tensorflow", "openvino", "auto")
 BACKENDS = ("dask", "spark")
 #: Rows a run may always remove, whatever ``--max-remove-fraction`` says (small tables).
 REMOVE_FLOOR = 10
@@ -107,7 +109,8 @@ class RunConfig:
     batch_size: int = 32
     partition_size: int = 64
     pooling: str = "avg"
-    precision: str = "auto"  # float32 | bfloat16 | auto (fruitdask.features.precision): bf16 where native
+    precision: str = "auto"  # float32 | bfloat16 | int8 | auto (fruitdask.features.precision): bf16 where native
+    runtime: str = "auto"  # tensorflow | openvino | auto (fruitdask.features.runtimes.choice)
     weights: str = "auto"
     allow_random_weights: bool = False  # --weights auto may fall back to random only when asked
     seed: int = 0
@@ -145,6 +148,8 @@ class RunConfig:
             raise ConfigError(f"unknown pooling {self.pooling!r}: use one of {', '.join(POOLINGS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"unknown runtime {self.runtime!r}: use one of {', '.join(RUNTIMES)}")
         if self.image_size < MIN_IMAGE_SIZE:
             raise ConfigError(
                 f"--image-size {self.image_size} is too small for VGG16: use {MIN_IMAGE_SIZE} or more"

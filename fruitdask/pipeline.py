@@ -111,9 +111,26 @@ def run(
             state = open_output(target, cfg.overwrite)
             check_format(state, target, replacing=cfg.rebuild or cfg.overwrite)
             delta.describe(state)  # a table from before its description: described once, in place
+        settings = _with_runtime(cfg, settings, state)
         backend = make_backend(cfg, target, progress or Progress())
         return _Run(cfg, target, settings, backend, state, timer, emit, started, resolved).go(stack)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _with_runtime(cfg: RunConfig, settings: FeatureSettings, state: delta.TableState) -> FeatureSettings:
+    """``settings`` with the runtime :func:`fruitdask.features.runtimes.choice.choose` picks
+    (and, on an OpenVINO table, the precision and calibration set the table recorded)."""
+    from fruitdask.features.runtimes import choice, openvino
+
+    recorded = state.description.feature_settings if state.exists and state.description is not None else None
+    chosen = choice.choose(cfg.runtime, cfg.precision, recorded, replacing=cfg.rebuild or cfg.overwrite,
+                           openvino_installed=openvino.available())
+    if chosen.runtime != "tensorflow" or cfg.runtime != "auto":
+        logger.info("runtime %s (%s)", chosen.runtime, chosen.reason)
+    if chosen.runtime == "tensorflow":
+        return settings
+    s = dataclasses.replace(settings, runtime=chosen.runtime, calibration=chosen.calibration)
+    return s.with_precision(chosen.precision) if chosen.precision != "auto" else s
 
 
 def _resolve_precision(requested: str, backend: Backend | None = None) -> precision.Resolved:
@@ -242,6 +259,7 @@ class _Run:
                 raise InputError(f"every one of the {len(listed.refused)} images under {cfg.input!r} was refused "
                                  f"before reading (first: {first['path']}: {first['reason']})")
             self.emit("listed", {"images": listed.n_images, "labels": len(listed.per_label), "per_label": listed.per_label})
+        self._calibrate(listed)
         with self.timer.stage("diff"):
             prior = read_errors(self.target) if self.state.exists else None
             plan = lake_plan.make_plan(
@@ -251,6 +269,21 @@ class _Run:
             )
         self.emit("planned", plan_counts(plan))
         return plan
+
+    def _calibrate(self, listed: lake_plan.Listed) -> None:
+        """int8 without a recorded calibration set (a table's first int8 run): a seeded
+        per-label sample of the images this run lists, recorded in the settings."""
+        s = self.settings
+        if s.precision != "int8" or s.calibration:
+            return
+        import pyarrow.parquet as pq
+
+        from fruitdask.features import calibration
+
+        listing = pq.read_table(listed.spill, columns=["image_key", "label"])
+        cal = calibration.sample(self.cfg.input, listing["image_key"].to_pylist(), listing["label"].to_pylist(), self.cfg.seed)
+        logger.info("int8 calibration: %d images of %d labels (digest %s)", len(cal.keys), len(listed.per_label), cal.digest)
+        self.settings = dataclasses.replace(s, calibration=cal.to_json())
 
     def _part_size(self, n_images: int) -> int:
         """Images per partition: ``--partition-size``, smaller when fewer images than threads."""
@@ -294,6 +327,8 @@ class _Run:
         now = {"image_size": s.image_size, "pooling": s.pooling, "weights": loaded[1].requested if loaded else cfg.weights}
         if self.resolved is not None:  # a remote cluster's workers have not answered yet
             now["precision"] = s.precision
+        if s.runtime != "tensorflow" or "runtime" in old:
+            now["runtime"] = s.runtime
         if loaded is not None:
             now["weights_sha256"] = loaded[1].sha256
         elif cfg.weights in ("random", "auto"):
@@ -305,6 +340,8 @@ class _Run:
         feature_settings = {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision,
                             "weights": winfo.requested, "weights_sha256": winfo.sha256,
                             "weights_file_sha256": winfo.file_sha256, "seed": cfg.seed}
+        if s.runtime != "tensorflow":  # a TensorFlow table's record stays as it was
+            feature_settings.update(runtime=s.runtime, calibration=s.calibration)
         meta = {"run_id": self.target.run_id, "input": cfg.input, "settings": fp, "format": keys.TABLE_FORMAT,
                 "keys": keys.KEYS_FORMAT, "key_root": cfg.input, "feature_settings": feature_settings}
         return update.Request(
@@ -345,7 +382,7 @@ class _Run:
         assert outcome.reduction is not None  # a run that committed projected its rows with a fit
         return output.RunRecord(
             # run.json's config shows the precision the features were made with, not "auto".
-            cfg=dataclasses.replace(self.cfg, precision=self.settings.precision), output_url=self.target.url,
+            cfg=dataclasses.replace(self.cfg, precision=self.settings.precision, runtime=self.settings.runtime), output_url=self.target.url,
             run_id=self.target.run_id, started=self.started, timer=self.timer, n_listed=plan.listed,
             n_images=outcome.featurized, per_label=plan.per_label, errors=errors, rows=outcome.added + outcome.updated,
             reduction=outcome.reduction, cluster=self.backend.cluster, precision=self.resolved.to_dict() if self.resolved else {},
@@ -454,10 +491,11 @@ def check_settings(state: delta.TableState, fp: str, settings: FeatureSettings, 
     if not state.exists or table is None or table.settings == fp or replacing:
         return
     s = settings
-    now = {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision, "weights_sha256": winfo.sha256}
-    was = table.feature_settings
+    now = {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision, "weights_sha256": winfo.sha256,
+           "runtime": s.runtime}
+    was = {"runtime": "tensorflow", **table.feature_settings}
     differ = [f"{k} {_shown(k, was.get(k))} in the table, {_shown(k, now[k])} in this run"
-              for k in delta.SETTINGS_FIELDS if k in was and was.get(k) != now[k]]
+              for k in (*delta.SETTINGS_FIELDS, "runtime") if k in was and was.get(k) != now[k]]
     if not differ:  # only the fingerprint is known (a table described from its rows), or the format's part of it
         differ = [f"settings fingerprint {table.settings} in the table, {fp} in this run"]
     raise SettingsMismatchError(

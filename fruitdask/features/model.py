@@ -336,6 +336,8 @@ def warm_up(settings: FeatureSettings, threads: int | None = None) -> float:
     """
     import time
 
+    if settings.runtime != "tensorflow":
+        return 0.0  # OpenVINO's model needs the weights (or its cached IR): built by cached_model
     size, precision = settings.image_size, settings.precision
     t0 = time.perf_counter()
     with _LOCK:
@@ -359,6 +361,8 @@ def cached_model(weights: WeightsSource, settings: FeatureSettings, threads: int
     :func:`warm_up` still builds the graph (holding the model lock), the weights are read at
     the same time, and the warm graph then just receives them.
     """
+    if settings.runtime == "openvino":
+        return _openvino_model(weights, settings, threads)
     key, size, precision = weights.sha256, settings.image_size, settings.precision
     cache_key = (key, size, precision)
     model = _MODELS.get(cache_key)
@@ -384,6 +388,24 @@ def cached_model(weights: WeightsSource, settings: FeatureSettings, threads: int
             BUILDS[key] += 1
         logger.info("built VGG16 (%s, %dpx, %s) in pid %d", key[:12], size, precision, os.getpid())
     return model
+
+
+def _openvino_model(weights: WeightsSource, settings: FeatureSettings, threads: int | None) -> Any:
+    """The OpenVINO runtime's model (:mod:`fruitdask.features.runtimes.openvino`): the weights
+    and, for int8, the calibration images are only read when the converted model is not in
+    this machine's cache."""
+    from fruitdask.features import calibration
+    from fruitdask.features.runtimes import openvino
+
+    s = settings
+    calib = None
+    if s.precision == "int8":
+        if not s.calibration:
+            raise ValueError("int8 settings without a calibration set")
+        text = s.calibration
+        calib = lambda: calibration.load_images(text, s.image_size, s.storage_options)  # noqa: E731
+    return openvino.load(weights.sha256, s.image_size, s.precision, weights.load, threads=threads, calibration=calib,
+                         calibration_digest=calibration.digest_of(s.calibration))
 
 
 def build_counts() -> dict[str, int]:

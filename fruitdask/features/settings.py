@@ -39,6 +39,11 @@ class FeatureSettings:
     pooling: str
     batch_size: int
     precision: str = "float32"
+    #: The inference runtime (:mod:`fruitdask.features.runtimes`): ``tensorflow`` or ``openvino``.
+    runtime: str = "tensorflow"
+    #: int8's calibration set (:mod:`fruitdask.features.calibration`), as JSON: the image keys,
+    #: their digest and the root they are read from; ``None`` for the other precisions.
+    calibration: str | None = None
     storage_options: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
@@ -80,4 +85,5 @@ class FeatureSettings:
         """The settings :meth:`to_json` wrote."""
         doc = json.loads(text)
         return cls(weights_key=str(doc["weights_key"]), image_size=int(doc["image_size"]), pooling=str(doc["pooling"]),
-                   batch_size=int(doc["batch_size"]), precision=str(doc["precision"]))
+                   batch_size=int(doc["batch_size"]), precision=str(doc["precision"]),
+                   runtime=str(doc.get("runtime", "tensorflow")), calibration=doc.get("calibration"))

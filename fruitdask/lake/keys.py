@@ -65,10 +65,15 @@ def source_version(size: int | None, tag: object) -> str:
 
 
 def settings_fingerprint(settings: FeatureSettings) -> str:
-    """What decides a feature vector: weights sha256, image size, pooling, precision (the
+    """What decides a feature vector: weights sha256, image size, pooling, precision, and for
+    a runtime other than TensorFlow its name and the int8 calibration set's digest (the
     batch size does not change the numbers beyond rounding, so it may differ between runs)."""
     s = settings
     text = f"table-v{TABLE_FORMAT}|{s.weights_key}|{s.image_size}|{s.pooling}|{s.precision}"
+    if s.runtime != "tensorflow":  # TensorFlow tables keep the fingerprint they were written with
+        from fruitdask.features.calibration import digest_of
+
+        text += f"|{s.runtime}|{digest_of(s.calibration) or ''}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
