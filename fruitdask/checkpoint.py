@@ -54,6 +54,8 @@ def fingerprint(settings: FeatureSettings) -> str:
     text = f"v{FORMAT_VERSION}|{s.weights_key}|{s.image_size}|{s.pooling}|{s.batch_size}"
     if s.precision != "float32":  # float32 fingerprints stay those of the runs before --precision
         text += f"|{s.precision}"
+    if s.runtime != "tensorflow":  # as before the runtime seam for TensorFlow's checkpoints
+        text += f"|{s.runtime}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -110,7 +110,9 @@ class RunConfig:
     partition_size: int = 64
     pooling: str = "avg"
     precision: str = "auto"  # float32 | bfloat16 | int8 | auto (fruitdask.features.precision): bf16 where native
-    runtime: str = "auto"  # tensorflow | openvino | auto (fruitdask.features.runtimes.choice)
+    # The inference runtime (fruitdask.features.runtimes; FRUITDASK_RUNTIME): auto keeps a
+    # table's, else TensorFlow, OpenVINO for int8 (fruitdask.features.runtimes.choice).
+    runtime: str = "auto"
     weights: str = "auto"
     allow_random_weights: bool = False  # --weights auto may fall back to random only when asked
     seed: int = 0
@@ -148,8 +150,6 @@ class RunConfig:
             raise ConfigError(f"unknown pooling {self.pooling!r}: use one of {', '.join(POOLINGS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if self.runtime not in RUNTIMES:
-            raise ConfigError(f"unknown runtime {self.runtime!r}: use one of {', '.join(RUNTIMES)}")
         if self.image_size < MIN_IMAGE_SIZE:
             raise ConfigError(
                 f"--image-size {self.image_size} is too small for VGG16: use {MIN_IMAGE_SIZE} or more"

@@ -65,12 +65,12 @@ def tiny_images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory) -> Path:
     """Seeded random VGG16 (no top) weights saved the way users save real ones."""
-    from fruitdask.features import model
+    from fruitdask.features.runtimes.tensorflow import build_vgg16, import_keras
 
     path = tmp_path_factory.mktemp("weights") / "vgg16_notop.weights.h5"
-    keras = model.import_keras()
+    keras = import_keras()
     keras.utils.set_random_seed(1234)
-    model.build_vgg16(SMALL_SIZE).save_weights(str(path))
+    build_vgg16(SMALL_SIZE).save_weights(str(path))
     return path
 
 

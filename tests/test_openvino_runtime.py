@@ -34,11 +34,15 @@ def images(tiny_images) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def keras_features(weights_file, images) -> np.ndarray:
-    from fruitdask.features.model import build_vgg16
+    from fruitdask.features.runtimes.tensorflow import TensorflowRuntime
+    from fruitdask.features.settings import FeatureSettings
+    from fruitdask.features.weights_file import WeightsArrays
 
-    m = build_vgg16(SMALL_SIZE)
-    m.set_weights(read_weights(str(weights_file)))
-    return featurize.featurize_arrays(m, images, "avg", 8)
+    weights = WeightsArrays.of(read_weights(str(weights_file)))
+    settings = FeatureSettings(weights.sha256, SMALL_SIZE, "avg", 8, "float32")
+    tf_runtime = TensorflowRuntime(settings, threads=1)
+    tf_runtime.prepare(weights, settings)
+    return featurize.featurize_arrays(tf_runtime, images, "avg", 8)
 
 
 def _load(weights_file, images, precision, monkeypatch, cache):
@@ -46,7 +50,7 @@ def _load(weights_file, images, precision, monkeypatch, cache):
 
     monkeypatch.setenv("FRUITDASK_CACHE", str(cache))
     weights = read_weights(str(weights_file))
-    calib = (lambda: featurize.preprocess(images)) if precision == "int8" else None
+    calib = (lambda: ovr.preprocess(images)) if precision == "int8" else None
     return ovr.load(weights_digest(weights), SMALL_SIZE, precision, lambda: weights, threads=1,
                     calibration=calib, calibration_digest="test-calibration" if precision == "int8" else None)
 
@@ -82,7 +86,7 @@ from fruitdask.features.weights_file import read_weights, weights_digest
 images = np.load({str(tmp_path / "images.npy")!r})
 w = read_weights({str(weights_file)!r})
 m = ovr.load(weights_digest(w), {SMALL_SIZE}, "int8", lambda: w, threads=1,
-             calibration=lambda: featurize.preprocess(images), calibration_digest="d1")
+             calibration=lambda: ovr.preprocess(images), calibration_digest="d1")
 f = featurize.featurize_arrays(m, images, "avg", 8)
 print(json.dumps({{"counts": ovr.counts(), "tf": "tensorflow" in sys.modules, "f": f.tolist()}}))
 """
@@ -114,8 +118,10 @@ def test_cache_key_names_what_decides_the_model():
 
 
 def test_preprocess_is_keras_preprocess_input(images):
-    """featurize.preprocess (NumPy, no Keras import) gives Keras's VGG16 preprocess_input bit
-    for bit (it called Keras before the OpenVINO runtime)."""
+    """The OpenVINO runtime's preprocess (NumPy, no Keras import) gives Keras's VGG16
+    preprocess_input bit for bit."""
     from keras.applications.vgg16 import preprocess_input
 
-    np.testing.assert_array_equal(featurize.preprocess(images), preprocess_input(images.astype(np.float32)))
+    from fruitdask.features.runtimes.openvino import preprocess
+
+    np.testing.assert_array_equal(preprocess(images), preprocess_input(images.astype(np.float32)))

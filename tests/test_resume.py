@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import BUNDLED, SMALL_SIZE, copy_images, read_features
+from runtime_doubles import count_calls, model_calls
 
 from fruitdask import checkpoint, pipeline, storage
 from fruitdask.config import build_config
@@ -25,12 +26,13 @@ class CrashDuringPCA(RuntimeError):
 @pytest.fixture(scope="module")
 def cluster_client(module_local_cluster):
     cluster, client = module_local_cluster(1, 2, processes=False, amm=False, set_as_default=False)
+    client.run(count_calls)  # in-process workers: the test's own process
     return cluster.scheduler_address, client
 
 
 def model_images(client) -> int:
     """Images run through VGG16 so far, summed over the workers."""
-    return sum(c.get("images", 0) for c in client.run(featurize.model_calls).values())
+    return sum(c.get("images", 0) for c in client.run(model_calls).values())
 
 
 def features(out: Path) -> pd.DataFrame:

@@ -404,11 +404,11 @@ def test_load_failure_exits_1_and_sigterm_exits_0(serve_model, tmp_path):
     """Two more server processes: one given weights of another sha256 stops with exit 1 and
     the reason; a healthy one stopped with SIGTERM drains and exits 0."""
     other = tmp_path / "other.weights.h5"
-    from fruitdask.features import model
+    from fruitdask.features.runtimes.tensorflow import build_vgg16, import_keras
 
-    keras = model.import_keras()
+    keras = import_keras()
     keras.utils.set_random_seed(99)
-    model.build_vgg16(SMALL_SIZE).save_weights(str(other))
+    build_vgg16(SMALL_SIZE).save_weights(str(other))
     with serve_process(serve_model["model"], tmp_path / "bad.log", "--weights", str(other)) as info:
         rc = info["proc"].wait(300)
     log = (tmp_path / "bad.log").read_text()

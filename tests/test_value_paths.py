@@ -162,7 +162,7 @@ def test_no_stage_rereads_a_resolved_value_from_the_raw_configuration():
 
 def test_the_weights_travel_typed():
     """No ``Any`` and no ``hasattr`` on the weights' way to the model."""
-    for path, fn in [("fruitdask/features/model.py", "cached_model"), ("fruitdask/features/frames.py", "featurize_frame"),
+    for path, fn in [("fruitdask/features/model.py", "cached_runtime"), ("fruitdask/features/frames.py", "featurize_frame"),
                      ("fruitdask/checkpoint.py", "featurize_checkpointed"), ("fruitdask/lake/tasks.py", "featurize_part")]:
         (node,) = _defs(ast.parse((ROOT / path).read_text(encoding="utf-8")))[fn]
         names = _names(node)

@@ -63,7 +63,7 @@ def start_early(cfg: RunConfig, *, gated: bool = False) -> None:
     if cfg.backend == "dask" and cfg.cluster == "local":
         from fruitdask.backends.dask.cluster import start_fork_server
 
-        start_fork_server(gated=gated)
+        start_fork_server(gated=gated, runtime=cfg.runtime)
 
 
 def stop_early() -> None:

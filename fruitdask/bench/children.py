@@ -11,12 +11,16 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fruitdask.bench.summary import steady_rate
 from fruitdask.config import KubeSettings, RunConfig, StorageSettings
 from fruitdask.progress import Progress
+
+if TYPE_CHECKING:
+    from fruitdask.features.runtimes import InferenceRuntime
 
 
 def _load_config(work: Path, prec: str) -> tuple[RunConfig, bool]:
@@ -52,10 +56,11 @@ def child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
                                        allow_random=cfg.allow_random_weights)
     timings["weights"] = time.perf_counter() - t
     t = time.perf_counter()
-    vgg = model.cached_model(WeightsArrays.of(weights, info.sha256), FeatureSettings.from_config(cfg, info.sha256), os.cpu_count())
+    runtime = model.cached_runtime(WeightsArrays.of(weights, info.sha256), FeatureSettings.from_config(cfg, info.sha256),
+                                   os.cpu_count())
     timings["startup"] = time.perf_counter() - t
     paths, labels = list(listing["path"]), list(listing["label"])
-    maps, ends = _featurize_batches(vgg, paths, cfg, "none" if unpooled else cfg.pooling)
+    maps, ends = _featurize_batches(runtime, paths, cfg, "none" if unpooled else cfg.pooling)
     timings["featurize"] = ends[-1]
     pooled = _keep_features(maps, paths, cfg, work, unpooled)
     t = time.perf_counter()
@@ -77,7 +82,7 @@ def child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
     }
 
 
-def _featurize_batches(vgg, paths: list[str], cfg: RunConfig, pooling: str) -> tuple[np.ndarray, list[float]]:
+def _featurize_batches(runtime: InferenceRuntime, paths: list[str], cfg: RunConfig, pooling: str) -> tuple[np.ndarray, list[float]]:
     """Read and featurize batch by batch; the features, and when each batch ended (s)."""
     from fruitdask import storage
     from fruitdask.features import featurize
@@ -86,7 +91,7 @@ def _featurize_batches(vgg, paths: list[str], cfg: RunConfig, pooling: str) -> t
     t0 = time.perf_counter()
     for i in range(0, len(paths), cfg.batch_size):
         contents = [storage.read_bytes(p) for p in paths[i : i + cfg.batch_size]]
-        res = featurize.featurize_bytes(vgg, contents, cfg.image_size, pooling, cfg.batch_size)
+        res = featurize.featurize_bytes(runtime, contents, cfg.image_size, pooling, cfg.batch_size)
         feats.append(res.features)
         ends.append(time.perf_counter() - t0)
     return np.concatenate(feats), ends

@@ -77,7 +77,7 @@ def digest_of(calibration_json: str | None) -> str | None:
 
 
 def load_images(calibration_json: str, image_size: int, storage_options: Mapping[str, Any] | None) -> np.ndarray:
-    """The calibration images, read by key, decoded and preprocessed as a batch is.
+    """The calibration images, read by key and decoded (uint8) as a batch is.
 
     Raises
     ------
@@ -104,4 +104,4 @@ def load_images(calibration_json: str, image_size: int, storage_options: Mapping
             f"only {len(decoded)} of the {len(cal.keys)} int8 calibration images under {cal.root!r} could be read "
             f"(e.g. {next(iter(errors.values()), 'undecodable')}): restore them, or run with --rebuild to draw a new set"
         )
-    return featurize.preprocess(np.stack(decoded))
+    return np.stack(decoded)

@@ -113,11 +113,11 @@ def featurize_frame(
     ----------
     weights
         Where the weights come from; each worker process loads them once
-        (:func:`fruitdask.features.model.cached_model`).
+        (:func:`fruitdask.features.model.cached_runtime`).
     settings
         What decides the features, and the ``storage_options`` the images are read with.
     threads
-        TensorFlow threads of this worker (a runtime value, not a setting).
+        The runtime's threads in this worker (a runtime value, not a setting).
     contents
         The images' bytes when the caller already read them (Spark's ``binaryFile``); a
         ``None`` entry is read here through :mod:`fruitdask.storage`.
@@ -125,12 +125,12 @@ def featurize_frame(
     if len(df) == 0:
         return features_meta()
     s = settings
-    vgg = model.cached_model(weights, s, threads)
+    runtime = model.cached_runtime(weights, s, threads)
     if contents is None:
         contents, read_errors = read_many(list(df["path"]), s.storage_options)
     else:
         contents, read_errors = _read_missing(df, list(contents), s.storage_options)
-    result = featurize.featurize_bytes(vgg, contents, s.image_size, s.pooling, s.batch_size)
+    result = featurize.featurize_bytes(runtime, contents, s.image_size, s.pooling, s.batch_size)
     return assemble(df, result, read_errors)
 
 

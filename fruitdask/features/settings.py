@@ -27,7 +27,7 @@ NO_WEIGHTS_YET = ""
 
 @dataclass(frozen=True)
 class FeatureSettings:
-    """Weights digest, image size, pooling, batch size and precision of the forward pass, and
+    """Weights digest, image size, pooling, batch size, precision and runtime of the forward pass, and
     the fsspec ``storage_options`` the images are read with.
 
     ``storage_options`` decide where the bytes come from, not what the features are: they are
@@ -39,12 +39,12 @@ class FeatureSettings:
     pooling: str
     batch_size: int
     precision: str = "float32"
-    #: The inference runtime (:mod:`fruitdask.features.runtimes`): ``tensorflow`` or ``openvino``.
+    storage_options: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: The inference runtime that computes them (:mod:`fruitdask.features.runtimes`).
     runtime: str = "tensorflow"
     #: int8's calibration set (:mod:`fruitdask.features.calibration`), as JSON: the image keys,
     #: their digest and the root they are read from; ``None`` for the other precisions.
     calibration: str | None = None
-    storage_options: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, weights_key: str = NO_WEIGHTS_YET, precision: str | None = None) -> FeatureSettings:
@@ -56,6 +56,7 @@ class FeatureSettings:
             pooling=cfg.pooling,
             batch_size=int(cfg.batch_size),
             precision=precision or cfg.precision,
+            runtime=cfg.runtime if cfg.runtime != "auto" else "tensorflow",  # auto: pipeline._with_runtime
             storage_options=options.storage_options(cfg.storage),
         )
 

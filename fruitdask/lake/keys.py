@@ -8,6 +8,7 @@ strings: the client holds a few dozen bytes per image, whatever the lake's size.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -70,10 +71,10 @@ def settings_fingerprint(settings: FeatureSettings) -> str:
     batch size does not change the numbers beyond rounding, so it may differ between runs)."""
     s = settings
     text = f"table-v{TABLE_FORMAT}|{s.weights_key}|{s.image_size}|{s.pooling}|{s.precision}"
-    if s.runtime != "tensorflow":  # TensorFlow tables keep the fingerprint they were written with
-        from fruitdask.features.calibration import digest_of
-
-        text += f"|{s.runtime}|{digest_of(s.calibration) or ''}"
+    if s.runtime != "tensorflow":  # tables written before the runtime seam keep their fingerprint
+        text += f"|{s.runtime}"
+    if s.calibration:  # int8: the calibration set decides the quantized model
+        text += f"|calibration:{json.loads(s.calibration)['digest']}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

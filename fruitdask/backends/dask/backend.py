@@ -11,7 +11,7 @@ with their default configuration (Active Memory Manager on):
 - the **weights** are a file the tasks name (:class:`fruitdask.features.weights_file.WeightsFile`:
   the user's ``s3://`` file, or an ``.npz`` the client stages for a local file, ImageNet or
   random weights); each worker process reads it once, the first time it builds its model
-  (:func:`fruitdask.features.model.cached_model`). Never scattered: scattered data cannot be
+  (:func:`fruitdask.features.model.cached_runtime`). Never scattered: scattered data cannot be
   recomputed, and the AMM drops its extra replicas;
 - the **listing** is the plan's Parquet manifest, one row group per partition, read back by
   tasks (``dd.from_map``);

@@ -9,7 +9,7 @@
   downloaded here, and delta-rs needs no JVM).
 - Weights travel once with ``sc.broadcast`` (:class:`BroadcastWeights`, the tasks' weights
   source); each Python worker builds its Keras model once
-  (:func:`fruitdask.features.model.cached_model`).
+  (:func:`fruitdask.features.model.cached_runtime`).
 - The PCA: the same exact moments as the Dask backend, summed by Spark's ``treeReduce``
   (no ``d x d`` covariance on the driver beyond the final one), and projected in the
   executors. Features wider than the moments allow are refused before the session starts.

@@ -21,7 +21,6 @@ from typing import Any
 
 from fruitdask.errors import ConfigError
 
-RUNTIMES = ("tensorflow", "openvino", "auto")
 #: The bench's measured int8 figures that let ``auto`` pick int8 on a new table (``None``: not
 #: measured on the reference machine yet, int8 stays opt-in). Shape when measured:
 #: ``{"accuracy_points_below_float32": 0.0, "cosine_min": 0.999, "machine": "...", "bench": "..."}``.
@@ -57,10 +56,9 @@ def choose(runtime: str, precision: str, recorded: Mapping[str, Any] | None, *, 
     Raises
     ------
     ConfigError
-        For an unknown runtime, int8 asked of TensorFlow, or OpenVINO asked where it is not installed.
+        int8 asked of TensorFlow, or OpenVINO asked where it is not installed (a runtime's name
+        is checked by the registry, :func:`fruitdask.features.runtimes.get_runtime`: plugins add names).
     """
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     if runtime == "tensorflow" and precision == "int8":
         raise ConfigError("--precision int8 needs the OpenVINO runtime (TensorFlow has no int8 path here): "
                           "pass --runtime openvino or --runtime auto, or another --precision")

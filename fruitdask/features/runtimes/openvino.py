@@ -18,18 +18,21 @@ by OpenVINO's CPU plugin in float32, bfloat16 or int8.
   decoded images the caller supplies (``calibration``: a callable, only called when the
   quantized IR is not cached yet). VNNI (``avx512_vnni``, ``amx_int8``) runs it natively.
 
-The model object answers ``predict_on_batch`` like a Keras model, so
-:func:`fruitdask.features.featurize.featurize_arrays` calls either runtime the same way.
+:class:`OpenVINORuntime` is the runtime behind the seam (:mod:`fruitdask.features.runtimes.base`),
+registered as ``openvino`` (:data:`ENTRY`); :func:`fruitdask.features.runtimes.choice.choose`
+decides when a run uses it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -37,10 +40,17 @@ from typing import Any
 
 import numpy as np
 
+from fruitdask.features.runtimes.base import RuntimeEntry
+from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.weights_file import WeightsSource
+
 logger = logging.getLogger(__name__)
 
+NAME = "openvino"
 #: Precisions this runtime runs.
 PRECISIONS = ("float32", "bfloat16", "int8")
+#: ImageNet's channel means in BGR order, as Keras's VGG16 ``preprocess_input`` removes them.
+VGG16_BGR_MEAN = (103.939, 116.779, 123.68)
 #: The OpenVINO CPU plugin's names for the inference precision hint.
 _HINT = {"float32": "f32", "bfloat16": "bf16", "int8": "f32"}
 #: What each process did, per cache key: ``converted`` (Keras to IR), ``quantized`` (NNCF),
@@ -51,12 +61,18 @@ _MODELS: dict[tuple[str, int, str, str | None], OpenVINOModel] = {}
 
 
 def available() -> bool:
-    """Whether OpenVINO is installed here (it is in the ``cpu`` extra on Linux x86_64 only)."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether OpenVINO and NNCF are installed here (the ``cpu`` extra, on Linux x86_64 only)."""
+    return importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("nncf") is not None
+
+
+def preprocess(images: np.ndarray) -> np.ndarray:
+    """Keras VGG16 ``preprocess_input`` (RGB to BGR, ImageNet channel means removed) in NumPy,
+    with Keras's very operations (its "caffe" mode), so that a model loaded from the cache
+    runs without importing TensorFlow or Keras."""
+    x = images.astype(np.float32, copy=True)[..., ::-1]
+    for channel, mean in enumerate(VGG16_BGR_MEAN):
+        x[..., channel] -= mean
+    return x
 
 
 def cache_dir() -> Path:
@@ -81,7 +97,7 @@ def convert(weights: list[np.ndarray], image_size: int) -> Any:
     does, output the last feature maps. Imports TensorFlow (only here)."""
     import openvino as ov
 
-    from fruitdask.features.model import build_vgg16
+    from fruitdask.features.runtimes.tensorflow import build_vgg16
 
     keras_model = build_vgg16(image_size, precision="float32")
     keras_model.set_weights(weights)
@@ -157,7 +173,9 @@ def _ir(weights_sha256: str, image_size: int, precision: str, load_weights: Call
 
 
 class OpenVINOModel:
-    """A compiled OpenVINO VGG16 that answers ``predict_on_batch`` as a Keras model does."""
+    """A compiled OpenVINO VGG16: decoded uint8 images in, feature maps out."""
+
+    name = NAME
 
     def __init__(self, compiled: Any, precision: str, key: str) -> None:
         self.compiled = compiled
@@ -165,19 +183,21 @@ class OpenVINOModel:
         self.key = key
         self._request_lock = threading.Lock()
 
-    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
-        """Feature maps of a preprocessed float32 batch (one request at a time per model)."""
+    def featurize(self, batch: np.ndarray) -> np.ndarray:
+        """Feature maps of decoded ``(n, s, s, 3)`` uint8 images (one request at a time per model)."""
+        x = np.ascontiguousarray(preprocess(batch))
         with self._request_lock:
-            out = self.compiled(np.ascontiguousarray(batch, dtype=np.float32))
+            out = self.compiled(x)
         return np.asarray(out[0], dtype=np.float32)
 
     def describe(self) -> dict[str, str]:
-        """What runs: runtime, version, requested precision and the CPU plugin's effective one."""
+        """What runs: runtime, version, requested precision and the CPU plugin's effective one
+        (on a CPU without bf16 instructions OpenVINO still reports ``bf16`` and emulates it)."""
         import openvino as ov
 
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         effective = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-        return {"runtime": "openvino", "version": ov.__version__, "precision": self.precision,
+        return {"runtime": NAME, "version": ov.__version__, "precision": self.precision,
                 "inference_precision": effective, "cache_key": self.key}
 
 
@@ -210,3 +230,52 @@ def load(weights_sha256: str, image_size: int, precision: str, load_weights: Cal
 def counts() -> dict[str, int]:
     """This process's :data:`EVENTS` (run with ``client.run`` in tests)."""
     return dict(EVENTS)
+
+
+class OpenVINORuntime:
+    """The ``openvino`` runtime behind the seam: :meth:`prepare` gives it the model of
+    :func:`load` (cached IR, else converted, and quantized on the settings' calibration set)."""
+
+    name = NAME
+
+    def __init__(self, settings: FeatureSettings, threads: int | None = None) -> None:
+        if settings.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {settings.precision!r} for OpenVINO: use one of {', '.join(PRECISIONS)}")
+        self.image_size, self.precision, self.threads = settings.image_size, settings.precision, threads
+        self.model: OpenVINOModel | None = None
+
+    def warm_up(self) -> float:
+        """Import OpenVINO (the model itself needs the weights, or their cached IR)."""
+        t0 = time.perf_counter()
+        import openvino  # noqa: F401
+
+        return time.perf_counter() - t0
+
+    def prepare(self, weights: WeightsSource, settings: FeatureSettings) -> None:
+        """The model for ``weights`` and ``settings``: the weights and, for int8, the calibration
+        images (read by key) are only used when the converted model is not cached here."""
+        from fruitdask.features.calibration import digest_of, load_images
+
+        s = settings
+        calib = None
+        if s.precision == "int8":
+            if not s.calibration:
+                raise ValueError("int8 settings without a calibration set (FeatureSettings.calibration)")
+            text = s.calibration
+            calib = lambda: preprocess(load_images(text, s.image_size, s.storage_options))  # noqa: E731
+        self.model = load(weights.sha256, s.image_size, s.precision, weights.load, threads=self.threads,
+                          calibration=calib, calibration_digest=digest_of(s.calibration))
+
+    def featurize(self, batch: np.ndarray) -> np.ndarray:
+        if self.model is None:
+            raise RuntimeError("OpenVINORuntime.featurize before prepare")
+        return self.model.featurize(batch)
+
+    def describe(self) -> dict[str, str]:
+        import openvino as ov
+
+        return self.model.describe() if self.model else {"runtime": NAME, "precision": self.precision,
+                                                         "version": ov.__version__}
+
+
+ENTRY = RuntimeEntry(name=NAME, precisions=PRECISIONS, create=OpenVINORuntime, available=available)
