@@ -12,6 +12,7 @@ lake grows, and differs from bf16's.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 from collections import defaultdict
@@ -76,8 +77,23 @@ def digest_of(calibration_json: str | None) -> str | None:
     return json.loads(calibration_json)["digest"] if calibration_json else None
 
 
+def _decode(data: bytes, size: int) -> np.ndarray:
+    """One calibration image as ``(size, size, 3)`` uint8 RGB: EXIF orientation applied,
+    resized as :func:`fruitdask.features.featurize.decode_image` resizes (bicubic). That
+    function is not imported here: a runtime imports this module, and the featurizing module
+    imports the runtimes (a cycle); calibration images only set the quantization ranges, and
+    they were listed (and featurized) as images of the lake already."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = ImageOps.exif_transpose(img).convert("RGB")
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(rgb, dtype=np.uint8)
+
+
 def load_images(calibration_json: str, image_size: int, storage_options: Mapping[str, Any] | None) -> np.ndarray:
-    """The calibration images, read by key and decoded (uint8) as a batch is.
+    """The calibration images, read by key and decoded (uint8).
 
     Raises
     ------
@@ -85,23 +101,19 @@ def load_images(calibration_json: str, image_size: int, storage_options: Mapping
         When fewer than half of them can still be read (the lake lost its calibration images:
         rebuild the table to draw a new set).
     """
+    from fruitdask import storage
     from fruitdask.errors import CalibrationError
-    from fruitdask.features import featurize
-    from fruitdask.features.frames import read_many
 
     cal = Calibration.from_json(calibration_json)
-    contents, errors = read_many(cal.urls(), storage_options)
-    decoded = []
-    for data in contents:
-        if data is None:
-            continue
+    decoded, first_error = [], "none"
+    for url in cal.urls():
         try:
-            decoded.append(featurize.decode_image(data, image_size))
-        except featurize.DecodeError:
-            continue
+            decoded.append(_decode(storage.read_bytes(url, storage_options), image_size))
+        except (OSError, ValueError, SyntaxError) as e:  # unreadable, undecodable (PIL raises these)
+            first_error = first_error if first_error != "none" else f"{url}: {e}"
     if len(decoded) * 2 < len(cal.keys) or not decoded:
         raise CalibrationError(
             f"only {len(decoded)} of the {len(cal.keys)} int8 calibration images under {cal.root!r} could be read "
-            f"(e.g. {next(iter(errors.values()), 'undecodable')}): restore them, or run with --rebuild to draw a new set"
+            f"(first failure: {first_error}): restore them, or run with --rebuild to draw a new set"
         )
     return np.stack(decoded)
