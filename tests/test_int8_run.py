@@ -23,11 +23,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def fruitdask(cwd: Path, cache: Path, *args: str, code: int = 0) -> subprocess.CompletedProcess:
-    """``python -m fruitdask ARGS`` in ``cwd`` with its own converted-model cache."""
+    """``python -m fruitdask ARGS`` in ``cwd`` with its own converted-model cache; it must exit
+    ``code`` and log no failed preload of the workers' imports."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "FRUITDASK_CACHE": str(cache)}
     proc = subprocess.run([sys.executable, "-m", "fruitdask", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == code, f"fruitdask {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert "preloading the workers' imports failed" not in proc.stderr, proc.stderr[-3000:]
     return proc
 
 
@@ -77,7 +79,7 @@ def test_int8_table_records_and_reuses_its_calibration(tmp_path, weights_file):
     assert len(cal["keys"]) == 12 and len({k.split("/")[0] for k in cal["keys"]}) == 3
     assert json.loads((out / "run.json").read_text())["config"]["runtime"] == "openvino"
     converted = cache_state(cache)
-    assert len({k.split("/")[0] for k in converted}) == 2  # the float32 IR and the int8 one
+    assert len({k.split("/")[1] for k in converted}) == 2  # the float32 IR and the int8 one
 
     df = read_features(out)
     got = np.stack(df["features"].to_numpy())
@@ -110,7 +112,7 @@ def test_tensorflow_table_refuses_int8_without_rebuild(tmp_path, weights_file):
     out, cache = tmp_path / "out", tmp_path / "cache"
     fruitdask(tmp_path, cache, *_run_args(images, out, weights_file, "--runtime", "tensorflow", "--precision", "float32"))
     assert "runtime" not in described(out)  # a TensorFlow table's record is as before
-    refused = fruitdask(tmp_path, cache, *_run_args(images, out, weights_file, "--precision", "int8"), code=2)
+    refused = fruitdask(tmp_path, cache, *_run_args(images, out, weights_file, "--precision", "int8"), code=1)
     assert "precision float32 in the table, int8 in this run" in refused.stderr
     assert "runtime tensorflow in the table, openvino in this run" in refused.stderr
     assert "--rebuild" in refused.stderr
