@@ -87,17 +87,17 @@ def test_int8_table_records_and_reuses_its_calibration(tmp_path, weights_file):
     cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
     assert cos.min() >= 0.99, cos.min()
 
-    extra = sorted((BUNDLED / "Banana").iterdir())[0]
-    (images / "Banana").mkdir()
-    shutil.copy2(extra, images / "Banana" / extra.name)
+    extra = sorted((BUNDLED / "Kiwi").iterdir())[0]
+    (images / "Kiwi").mkdir()
+    shutil.copy2(extra, images / "Kiwi" / extra.name)
     fruitdask(tmp_path, cache, *_run_args(images, out, weights_file, "--precision", "int8"))
     second = described(out)
     assert second["calibration"] == first["calibration"]
     assert cache_state(cache) == converted  # loaded from the cache: nothing converted or written again
     assert len(read_features(out)) == 13
 
-    extra2 = sorted((BUNDLED / "Banana").iterdir())[1]
-    shutil.copy2(extra2, images / "Banana" / extra2.name)
+    extra2 = sorted((BUNDLED / "Kiwi").iterdir())[1]
+    shutil.copy2(extra2, images / "Kiwi" / extra2.name)
     fruitdask(tmp_path, cache, *_run_args(images, out, weights_file))
     third = described(out)
     assert (third["runtime"], third["precision"], third["calibration"]) == ("openvino", "int8", first["calibration"])
@@ -129,3 +129,24 @@ def test_tensorflow_runtime_refuses_int8(tmp_path, weights_file):
                      code=2)
     assert "--precision int8 needs the OpenVINO runtime" in proc.stderr and "--runtime openvino" in proc.stderr
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_bench_crosses_runtimes_and_precisions(tmp_path):
+    """``fruitdask bench --runtimes tensorflow,openvino --precisions float32,int8`` (a tiny smoke
+    run, raw engine only): one cell per runtime that has the precision (no TensorFlow int8),
+    OpenVINO's against TensorFlow float32 with feature error, cosine and held-out accuracy and
+    macro F1. Fails before the change (no --runtimes flag)."""
+    out = tmp_path / "bench"
+    proc = fruitdask(tmp_path, tmp_path / "cache", "bench", "--input", str(BUNDLED), "--images", "48", "--image-size",
+                     str(SMALL_SIZE), "--backends", "raw", "--no-unpooled-pca", "--out", str(out), "--repeats", "1",
+                     "--precisions", "float32,int8", "--runtimes", "tensorflow,openvino", "--quiet")
+    rep = json.loads((out / "bench.json").read_text())
+    assert rep["precisions"] == ["float32", "openvino-float32", "openvino-int8"], proc.stdout[-2000:]
+    for label in rep["precisions"]:
+        assert rep["results"][label]["raw"]["ok_runs"] == 1, rep["results"][label]["raw"]["runs"]
+    cmp = rep["precision_comparison"]
+    assert cmp["baseline"] == "float32"
+    assert cmp["vs_baseline"]["openvino-float32"]["features"]["cosine_min"] > 0.9999
+    assert cmp["vs_baseline"]["openvino-int8"]["features"]["cosine_min"] >= 0.99
+    assert {"accuracy", "macro_f1"} <= set(cmp["accuracy"]["openvino-int8"])
+    assert cmp["vs_baseline"]["openvino-int8"]["engines"]["raw"]["speed_ratio_steady"] is not None
