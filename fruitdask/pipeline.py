@@ -112,6 +112,8 @@ def run(
             check_format(state, target, replacing=cfg.rebuild or cfg.overwrite)
             delta.describe(state)  # a table from before its description: described once, in place
         settings = _with_runtime(cfg, settings, state)
+        if resolved is not None and resolved.precision != settings.precision:  # auto kept the table's
+            resolved = precision.Resolved(cfg.precision, settings.precision, f"auto: the table's ({settings.runtime})")
         backend = make_backend(cfg, target, progress or Progress())
         return _Run(cfg, target, settings, backend, state, timer, emit, started, resolved).go(stack)
     raise AssertionError("unreachable")  # pragma: no cover
