@@ -27,7 +27,7 @@ from conftest import BUNDLED, REPO, SMALL_SIZE, copy_images
 from fruitdask import storage
 from fruitdask.config import TF_ENV, build_config
 from fruitdask.errors import ConfigError, OutputBusyError
-from fruitdask.storage import lease, safety
+from fruitdask.storage import lease, safety, stores
 
 TTL = 3.0  # the shortest lease the configuration allows
 
@@ -91,7 +91,7 @@ def test_a_live_lease_is_busy_and_says_when_it_runs_out(s3, tmp_path, where):
     doc = _other_machine("alive0run", 60)  # runs out in a minute
     storage.write_file(target.lock_url, json.dumps(doc).encode(), o)
     fs, path = storage.get_fs(target.lock_url, o)
-    until = safety._iso(lease.read(fs, path, where == "s3").expires(TTL))  # its write + 60 s, by the storage
+    until = safety._iso(lease.read(fs, path, stores.lookup(url)).expires(TTL))  # its write + 60 s, by the storage
     with pytest.raises(OutputBusyError, match=rf"run alive0run .*lease until {re.escape(until)} by the storage's clock\); "
                        r"this run \(next\) stops: wait for it to finish \(--wait-lock SECONDS waits for it\).*"
                        r"the next run then takes"):
@@ -107,11 +107,11 @@ def test_of_two_takers_of_one_expired_lease_only_one_wins(s3, tmp_path, where):
     target = storage.OutputTarget.open(url, o, overwrite=False, lease_ttl=TTL)
     _dead_lock(target, o)
     fs, path = storage.get_fs(target.lock_url, o)
-    remote = where == "s3"
-    seen_a, seen_b = lease.read(fs, path, remote), lease.read(fs, path, remote)
+    store = stores.lookup(url)
+    seen_a, seen_b = lease.read(fs, path, store), lease.read(fs, path, store)
     assert seen_a.expired(TTL) and seen_b.expired(TTL)
-    assert lease.replace(fs, path, remote, seen_a, lease.document("taker-a", TTL)) is not None
-    assert lease.replace(fs, path, remote, seen_b, lease.document("taker-b", TTL)) is None
+    assert lease.replace(fs, path, store, seen_a, lease.document("taker-a", TTL)) is not None
+    assert lease.replace(fs, path, store, seen_b, lease.document("taker-b", TTL)) is None
     assert _lock_doc(target, o)["run_id"] == "taker-a"
 
 
@@ -125,7 +125,7 @@ def test_many_racing_takers_on_local_disk_leave_exactly_one_holder(tmp_path):
     def take(i: int) -> None:
         start.wait()
         try:
-            safety.acquire_lease(fs, path, False, target.url, target.lock_url, f"taker-{i}", TTL)
+            safety.acquire_lease(fs, path, stores.LOCAL, target.url, target.lock_url, f"taker-{i}", TTL)
             winners.append(i)
         except OutputBusyError:
             busy.append(i)
@@ -341,7 +341,7 @@ def test_a_pid_now_worn_by_another_process_or_namespace(tmp_path, caplog):
     reused = {**me, "run_id": "reused", "pid_start": me["pid_start"] - 1}
     storage.write_file(target.lock_url, json.dumps(reused).encode(), None)
     with caplog.at_level(logging.WARNING):
-        held = safety.acquire_lease(fs, path, False, target.url, target.lock_url, "next", 180)
+        held = safety.acquire_lease(fs, path, stores.LOCAL, target.url, target.lock_url, "next", 180)
     assert held.doc["run_id"] == "next" == _lock_doc(target, None)["run_id"]
     assert f"pid {me['pid']} is now another process (started at tick {me['pid_start']}" in caplog.text
 

@@ -31,6 +31,7 @@ import numpy as np
 from fruitdask import storage
 from fruitdask.errors import ConcurrentRunError, DuplicateKeyError, OutputError
 from fruitdask.schema import TABLE_SCHEMA, table_columns
+from fruitdask.storage import stores
 
 logger = logging.getLogger(__name__)
 
@@ -55,64 +56,20 @@ def table_url(output_url: str) -> str:
 
 
 def delta_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, str] | None:
-    """deltalake's (object_store) options for ``url`` from fruitdask's fsspec options.
+    """deltalake's (object_store) options for ``url`` from fruitdask's fsspec options: its
+    store's (:meth:`fruitdask.storage.base.Store.delta_options`; on S3 credentials resolved
+    now by botocore's chain and the bucket's region).
 
-    The credentials are resolved here by botocore's chain, the one s3fs uses in every
-    process (environment keys, ``--aws-profile``, IRSA web identity), and handed to delta-rs
-    in memory only: object_store does not read AWS profiles itself. They are a frozen copy
-    (IRSA and STS session credentials last about an hour), so every commit re-opens the table
-    with options resolved right then (:func:`_reopened`): a run longer than its first
-    credentials' life still commits. The region is the
-    bucket's own (looked up once, as the region guard does), unless ``--aws-region`` says.
+    Credentials are a frozen copy (IRSA and STS session credentials last about an hour), so
+    every commit re-opens the table with options resolved right then (:func:`_reopened`): a
+    run longer than its first credentials' life still commits.
     """
-    if not storage.is_remote(url):
-        return None
-    opts = dict(storage_options or {})
-    client = dict(opts.get("client_kwargs") or {})
-    out: dict[str, str] = {}
-    if client.get("endpoint_url"):
-        out["AWS_ENDPOINT_URL"] = str(client["endpoint_url"])
-        if str(client["endpoint_url"]).startswith("http://"):
-            out["AWS_ALLOW_HTTP"] = "true"
-    out.update(_credentials(opts.get("profile")))
-    region = client.get("region_name") or _bucket_region(url, opts)
-    if region:
-        out["AWS_REGION"] = str(region)
-    return out
-
-
-def _credentials(profile: str | None) -> dict[str, str]:
-    import botocore.session
-
-    creds = botocore.session.Session(profile=profile).get_credentials()
-    if creds is None:
-        return {}
-    frozen = creds.get_frozen_credentials()
-    out = {"AWS_ACCESS_KEY_ID": frozen.access_key, "AWS_SECRET_ACCESS_KEY": frozen.secret_key}
-    if frozen.token:
-        out["AWS_SESSION_TOKEN"] = frozen.token
-    return out
-
-
-_REGIONS: dict[str, str] = {}
-
-
-def _bucket_region(url: str, storage_options: Mapping[str, Any]) -> str | None:
-    from fruitdask.storage.regions import bucket_region, split_bucket
-
-    bucket = split_bucket(url)[0]
-    if bucket not in _REGIONS:
-        _REGIONS[bucket] = bucket_region(bucket, storage_options)
-    return _REGIONS[bucket]
+    return stores.delta_options(url, storage_options)
 
 
 def _uri(url: str) -> str:
-    """delta-rs wants ``s3://`` (not ``s3a://``) and absolute local paths."""
-    import os
-
-    if storage.is_remote(url):
-        return "s3://" + url.split("://", 1)[1] if url.startswith("s3a://") else url
-    return os.path.abspath(url)
+    """The URI delta-rs opens (its store's: ``s3://`` for ``s3a://``, absolute local paths)."""
+    return stores.delta_uri(url)
 
 
 @dataclass(frozen=True)

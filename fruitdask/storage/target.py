@@ -17,9 +17,9 @@ from typing import Any
 import fsspec
 
 from fruitdask.errors import OutputError
-from fruitdask.storage import commit, lease, paths, s3errors, safety
+from fruitdask.storage import commit, lease, paths, safety, stores
 from fruitdask.storage.files import remove_prefix
-from fruitdask.storage.s3errors import translate
+from fruitdask.storage.stores import translate
 from fruitdask.storage.urls import get_fs, is_remote
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class OutputTarget:
             names = sorted({posixpath.basename(e.rstrip("/")) for e in entries})
             complete = exists and paths.SUCCESS_MARKER in names
             backups = safety.leftover_backups(fs, path) if exists and not complete and is_remote(target.url) else []
-        except s3errors.storage_exceptions() as e:
+        except stores.storage_exceptions() as e:
             raise translate(e, url) from e
         if exists and not overwrite:
             state = "" if complete else f" (incomplete: no {paths.SUCCESS_MARKER}, left by an interrupted run?)"
@@ -127,7 +127,7 @@ class OutputTarget:
                      and not entry.rstrip("/").endswith(self.run_id)]
         except FileNotFoundError:
             return []
-        except s3errors.storage_exceptions() as e:
+        except stores.storage_exceptions() as e:
             logger.warning("could not look for the staging of dead runs beside %s: %s", self.url, e)
             return []
         for entry in stale:
@@ -165,13 +165,13 @@ class OutputTarget:
             Another run holds it still (the message names that run and when its lease runs out).
         """
         fs, path = get_fs(self.lock_url, self.storage_options)
-        remote = is_remote(self.url)
+        store = safety.store_of(fs)
         try:
-            held = safety.acquire_lease(fs, path, remote, self.url, self.lock_url, self.run_id, self.lease_ttl,
+            held = safety.acquire_lease(fs, path, store, self.url, self.lock_url, self.run_id, self.lease_ttl,
                                         self.lock_wait)
-        except s3errors.storage_exceptions() as e:
+        except stores.storage_exceptions() as e:
             raise translate(e, self.lock_url) from e
-        self._heartbeat = lease.Heartbeat(fs, path, remote, held, self.lease_ttl).start()
+        self._heartbeat = lease.Heartbeat(fs, path, store, held, self.lease_ttl).start()
         self.locked = True
 
     def unlock(self) -> None:
@@ -206,7 +206,7 @@ class OutputTarget:
             fs.makedirs(posixpath.dirname(p), exist_ok=True)
             with fs.open(p, "wb") as f:
                 f.write(data)
-        except s3errors.storage_exceptions() as e:
+        except stores.storage_exceptions() as e:
             raise translate(e, dest) from e
         return dest
 
@@ -232,7 +232,7 @@ class OutputTarget:
                                     backup_url=self.backup)
             else:
                 commit.publish_rename(fs, staging, target, self.url)
-        except s3errors.storage_exceptions() as e:
+        except stores.storage_exceptions() as e:
             self.abort()
             raise OutputError(f"could not commit the output to {self.url!r}: {translate(e, self.url)}") from e
         except BaseException:  # Ctrl-C or SIGTERM mid-commit: same cleanup, then unwind
@@ -247,7 +247,7 @@ class OutputTarget:
             safety.forget_listings(fs, staging)
             if fs.exists(staging):
                 fs.rm(staging, recursive=True)
-        except s3errors.storage_exceptions() as e:
+        except stores.storage_exceptions() as e:
             logger.warning("could not remove temporary output %s: %s", self.staging, e)
 
 
