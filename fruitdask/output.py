@@ -95,6 +95,7 @@ class RunRecord:
     cluster: dict
     precision: dict
     weights: WeightsInfo
+    features: FeatureSettings  # what decided the features, as the table's description holds it
     warnings: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     lake: dict = field(default_factory=dict)  # the table's counts and versions (pipeline.lake_counts)
@@ -128,6 +129,7 @@ class RunRecord:
             "cluster": self.cluster,
             "precision": self.precision,
             "weights": self._weights(),
+            "features": self.features.to_dict(),
             "warnings": self.warnings,
             "extra": self.extra,
             "versions": versions(),
@@ -196,10 +198,12 @@ class CommittedRun:
         return self._read(SCREE)
 
     def feature_settings(self) -> FeatureSettings:
-        """The settings the run's features were made with, as recorded in ``run.json``."""
+        """The settings the run's features were made with, as recorded in ``run.json``
+        (``features``; a ``run.json`` from before it is read from its config and weights)."""
+        if "features" in self.record:
+            return FeatureSettings.from_dict(self.record["features"], self.storage_options)
         cfg = self.record["config"]
-        return FeatureSettings(self.record["weights"]["sha256"], int(cfg["image_size"]), cfg["pooling"],
-                               int(cfg["batch_size"]), cfg.get("precision", "float32"), dict(self.storage_options or {}))
+        return FeatureSettings.from_dict({**cfg, "weights_sha256": self.record["weights"]["sha256"]}, self.storage_options)
 
     def _read(self, name: str) -> bytes:
         try:

@@ -33,9 +33,9 @@ from fruitdask.backends.base import Backend
 from fruitdask.config import RunConfig, input_root
 from fruitdask.errors import FruitdaskError, InputError, TooManyErrors, WeightsError
 from fruitdask.features import model, precision
-from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.settings import FeatureSettings, differences
 from fruitdask.features.weights_file import WeightsArrays, WeightsFile, WeightsSource
-from fruitdask.lake import keys, rekey, tasks, update
+from fruitdask.lake import keys, migrate, rekey, tasks, update
 from fruitdask.lake import plan as lake_plan
 from fruitdask.lake import table as delta
 from fruitdask.progress import Progress
@@ -111,6 +111,7 @@ def run(
             state = open_output(target, cfg.overwrite)
             check_format(state, target, replacing=cfg.rebuild or cfg.overwrite)
             delta.describe(state)  # a table from before its description: described once, in place
+            state = state if cfg.rebuild else migrate.add_columns(state, target)  # columns declared since: filled in place
         settings = _with_runtime(cfg, settings, state)
         if resolved is not None and resolved.precision != settings.precision:  # auto kept the table's
             resolved = precision.Resolved(cfg.precision, settings.precision, f"auto: the table's ({settings.runtime})")
@@ -210,7 +211,7 @@ class _Run:
         weights, winfo = loaded or self._load_weights()
         settings = self.settings = self.settings.with_weights(winfo.sha256)
         fp = keys.settings_fingerprint(settings)
-        check_settings(self.state, fp, settings, winfo, self.target, replacing=cfg.rebuild or cfg.overwrite)
+        check_settings(self.state, fp, settings, self.target, replacing=cfg.rebuild or cfg.overwrite)
         if fp == self._table_settings().get("fingerprint") and not (plan.changes_table or cfg.refit or cfg.rebuild):
             return self._up_to_date(plan)  # the settings only looked different (e.g. another path to the same file)
         with self.backend.running():
@@ -321,29 +322,24 @@ class _Run:
     def _settings_changed(self, loaded: tuple[WeightsSource, model.WeightsInfo] | None) -> bool:
         """Whether this run's feature settings may differ from the table's (checked without
         loading weights: a weights file is hashed, a named choice compared by name and seed)."""
-        old = self._table_settings()
+        old, cfg = self._table_settings(), self.cfg
         if not self.state.exists or not old:
             return False
-        s, cfg = self.settings, self.cfg
-        # A named choice (auto, imagenet, random) is not loaded yet: compared by its name.
-        now = {"image_size": s.image_size, "pooling": s.pooling, "weights": loaded[1].requested if loaded else cfg.weights}
-        if self.resolved is not None:  # a remote cluster's workers have not answered yet
-            now["precision"] = s.precision
-        if s.runtime != "tensorflow" or "runtime" in old:
-            now["runtime"] = s.runtime
-        if loaded is not None:
-            now["weights_sha256"] = loaded[1].sha256
-        elif cfg.weights in ("random", "auto"):
-            now["seed"] = cfg.seed
-        return any(old.get(k) != v for k, v in now.items())
+        if "image_size" not in old or "pooling" not in old:
+            return True  # only the fingerprint is known: the loaded weights' fingerprint decides
+        was = FeatureSettings.from_dict(old)
+        now = self.settings.with_weights(loaded[1].sha256 if loaded else was.weights_key)
+        if self.resolved is None:  # a remote cluster's workers have not answered yet
+            now = now.with_precision(was.precision)
+        # A named choice (auto, imagenet, random) is not loaded yet: compared by its name and seed.
+        seed_moved = loaded is None and cfg.weights in ("random", "auto") and old.get("seed") != cfg.seed
+        return bool(differences(was, now)) or old.get("weights") != (loaded[1].requested if loaded else cfg.weights) or seed_moved
 
     def _request(self, plan: lake_plan.Plan, fp: str, winfo: model.WeightsInfo) -> update.Request:
         cfg, s = self.cfg, self.settings
-        feature_settings = {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision,
-                            "weights": winfo.requested, "weights_sha256": winfo.sha256,
-                            "weights_file_sha256": winfo.file_sha256, "seed": cfg.seed}
-        if s.runtime != "tensorflow":  # a TensorFlow table's record stays as it was
-            feature_settings.update(runtime=s.runtime, calibration=s.calibration)
+        # The settings' own serialization, and where the weights came from (not what they are).
+        feature_settings = {**s.to_dict(), "weights": winfo.requested, "weights_file_sha256": winfo.file_sha256,
+                            "seed": cfg.seed}
         meta = {"run_id": self.target.run_id, "input": cfg.input, "settings": fp, "format": keys.TABLE_FORMAT,
                 "keys": keys.KEYS_FORMAT, "key_root": cfg.input, "feature_settings": feature_settings}
         return update.Request(
@@ -388,7 +384,7 @@ class _Run:
             run_id=self.target.run_id, started=self.started, timer=self.timer, n_listed=plan.listed,
             n_images=outcome.featurized, per_label=plan.per_label, errors=errors, rows=outcome.added + outcome.updated,
             reduction=outcome.reduction, cluster=self.backend.cluster, precision=self.resolved.to_dict() if self.resolved else {},
-            weights=winfo, warnings=[winfo.warning] if winfo.warning else [], extra=self.backend.extra,
+            weights=winfo, features=self.settings, warnings=[winfo.warning] if winfo.warning else [], extra=self.backend.extra,
             lake={**lake_counts(plan, outcome), **rekey_counts(self.rekeyed), **self._version_before()},
         )
 
@@ -447,7 +443,7 @@ def republish(target: storage.OutputTarget, state: delta.TableState) -> bool:
     logger.warning("run %s committed version %s but did not finish publishing (run.json is %s): copying its record "
                    "and fit from the table", record.get("run_id"), record.get("table", {}).get("version_after"),
                    f"run {shown}'s" if shown else "absent")
-    fit = delta.current_fit(state.dt, state.storage_options)
+    fit = delta.current_fit(state.table, state.storage_options)
     if fit:
         npz = storage.read_bytes(update.fit_url(target.url, fit), so)
         storage.write_file(target.final_path(output.REDUCTION), npz, so)
@@ -483,8 +479,8 @@ def check_format(state: delta.TableState, target: storage.OutputTarget, *, repla
         )
 
 
-def check_settings(state: delta.TableState, fp: str, settings: FeatureSettings, winfo: model.WeightsInfo,
-                   target: storage.OutputTarget, *, replacing: bool) -> None:
+def check_settings(state: delta.TableState, fp: str, settings: FeatureSettings, target: storage.OutputTarget, *,
+                   replacing: bool) -> None:
     """Refuse to mix features made with other settings into the table (unless ``replacing``
     it: ``--rebuild``, ``--overwrite``); the message names each setting that differs."""
     from fruitdask.errors import SettingsMismatchError
@@ -492,12 +488,9 @@ def check_settings(state: delta.TableState, fp: str, settings: FeatureSettings, 
     table = state.description
     if not state.exists or table is None or table.settings == fp or replacing:
         return
-    s = settings
-    now = {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision, "weights_sha256": winfo.sha256,
-           "runtime": s.runtime}
-    was = {"runtime": "tensorflow", **table.feature_settings}
-    differ = [f"{k} {_shown(k, was.get(k))} in the table, {_shown(k, now[k])} in this run"
-              for k in (*delta.SETTINGS_FIELDS, "runtime") if k in was and was.get(k) != now[k]]
+    was = table.feature_settings
+    known = {"image_size", "pooling", "weights_sha256"} <= set(was)  # else a table described from its rows
+    differ = [d.between("in the table", "in this run") for d in differences(FeatureSettings.from_dict(was), settings)] if known else []
     if not differ:  # only the fingerprint is known (a table described from its rows), or the format's part of it
         differ = [f"settings fingerprint {table.settings} in the table, {fp} in this run"]
     raise SettingsMismatchError(
@@ -505,10 +498,6 @@ def check_settings(state: delta.TableState, fp: str, settings: FeatureSettings, 
         f"({'; '.join(differ)}): write to another --output, or pass --rebuild to featurize everything again "
         f"into a new version"
     )
-
-
-def _shown(key: str, value: object) -> str:
-    return f"{str(value)[:12]}..." if key == "weights_sha256" and value else str(value)
 
 
 def plan_counts(plan: lake_plan.Plan) -> dict:

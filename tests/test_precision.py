@@ -14,13 +14,12 @@ from runtime_doubles import count_calls, prepare_counts
 
 from fruitdask import checkpoint, storage
 from fruitdask.backends.spark import backend as spark_backend
-from fruitdask.classifier.bundle import FeatureSpec
 from fruitdask.config import build_config
 from fruitdask.errors import ClusterError, ConfigError
 from fruitdask.features import model, precision
 from fruitdask.features.featurize import featurize_bytes
 from fruitdask.features.runtimes.tensorflow import build_vgg16, import_keras
-from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.settings import FeatureSettings, differences
 from fruitdask.features.weights_file import WeightsArrays
 
 ZEN4 = """processor\t: 0
@@ -115,8 +114,9 @@ def test_checkpoint_fingerprint_and_bundle_spec_carry_the_precision():
     fp = checkpoint.fingerprint(FeatureSettings("w", 32, "avg", 8))
     assert checkpoint.fingerprint(FeatureSettings("w", 32, "avg", 8, "float32")) == fp  # old float32 checkpoints stay valid
     assert checkpoint.fingerprint(FeatureSettings("w", 32, "avg", 8, "bfloat16")) != fp
-    model_spec = FeatureSpec("w", 32, "avg", "bfloat16")
-    assert FeatureSpec("w", 32, "avg").mismatch(model_spec) == ["precision bfloat16 (model: float32)"]
+    model_spec = FeatureSettings("w", 32, "avg", 8, "bfloat16")
+    diffs = differences(model_spec, FeatureSettings("w", 32, "avg", 16))
+    assert [d.reason("model") for d in diffs] == ["precision float32 (model: bfloat16)"]
 
 
 class _Broadcast:
@@ -203,9 +203,9 @@ def test_bundle_keeps_the_precision_and_featurizes_with_it(tmp_path, weights_fil
         red = fit_incremental_pca(da.from_array(x, chunks=10), components=3, variance=0.95, batch_size=None)
     clf = LinearClassifier.from_sklearn(fit_classifier(red.transform(x), np.array(["a", "b"] * 10)))
     _, info = model.load_weights(str(weights_file))
-    spec = FeatureSpec(info.sha256, SMALL_SIZE, "avg", "bfloat16")
+    spec = FeatureSettings(info.sha256, SMALL_SIZE, "avg", 4, "bfloat16")
     ref = WeightsRef("file", str(weights_file), info.sha256, file_sha256=info.file_sha256 or storage.file_sha256(str(weights_file)))
-    ModelBundle(spec, ref, 4, red, clf).save(str(tmp_path / "m"))
+    ModelBundle(spec, ref, red, clf).save(str(tmp_path / "m"))
     back = ModelBundle.load(str(tmp_path / "m"))
     assert back.spec.precision == "bfloat16"
     seen = []

@@ -26,7 +26,7 @@ from fruitdask import storage
 from fruitdask.backends.dask.kube import make_cluster_spec
 from fruitdask.config import KubeSettings, StorageSettings
 from fruitdask.errors import FruitdaskError, OutputBusyError, OutputError, RegionError, StorageError, UntrustedReferenceError
-from fruitdask.storage import base, lease, safety, stores
+from fruitdask.storage import base, lease, stores
 
 #: Where each bucket of the test store "lives" (what its region answer says).
 BUCKET_REGIONS = {"eu-bucket": "eu-west-3", "us-bucket": "us-east-1"}
@@ -186,7 +186,8 @@ def test_of_two_takers_of_a_dead_lease_on_the_new_store_only_one_wins(memory_sto
     assert seen_a is not None and seen_b is not None and seen_a.expired(1)
     assert lease.replace(fs, path, memory_store, seen_a, lease.document("taker-a", 30)) is not None
     assert lease.replace(fs, path, memory_store, seen_b, lease.document("taker-b", 30)) is None
-    assert safety.read_lock(fs, path)["run_id"] == "taker-a"
+    held = lease.read(fs, path, memory_store)
+    assert held is not None and held.doc["run_id"] == "taker-a"
 
 
 def test_the_region_guard_asks_the_new_store_where_its_data_lives(memory_store):

@@ -1,9 +1,8 @@
-"""What the pipeline and every backend share: the :class:`Backend` steps and
-:func:`n_partitions` (see :mod:`fruitdask.backends`)."""
+"""What the pipeline and every backend share: the :class:`Backend` steps (see
+:mod:`fruitdask.backends`)."""
 
 from __future__ import annotations
 
-import math
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any, Protocol
 
@@ -40,13 +39,4 @@ class Backend(Protocol):
     def map_tasks(self, fn: Any, args_list: list[tuple], *, background: bool = False) -> list: ...
 
     def tree_reduce(self, leaves: list[tuple]) -> Any: ...
-
-
-def n_partitions(n_images: int, partition_size: int, n_threads: int) -> int:
-    """Partitions of about ``partition_size`` images, a multiple of the cluster's threads so
-    that the last wave keeps every thread busy."""
-    parts = max(1, math.ceil(n_images / partition_size))
-    if n_threads > 1:
-        parts = math.ceil(parts / n_threads) * n_threads
-    return max(1, min(parts, n_images))
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fruitdask.bench.summary import steady_rate
+from fruitdask.bench.summary import first_wave_rate
 from fruitdask.config import KubeSettings, RunConfig, StorageSettings
-from fruitdask.progress import Progress
+from fruitdask.progress import Progress, steady_rate
 
 if TYPE_CHECKING:
     from fruitdask.features.runtimes import InferenceRuntime
@@ -74,8 +74,8 @@ def child_raw(cfg: RunConfig, work: Path, unpooled: bool, label: str) -> dict:
                    out / "features.parquet")
     timings["write"] = time.perf_counter() - t
     n = len(paths)
-    first = min(cfg.batch_size, n)
-    steady = (n - first) / (ends[-1] - ends[0]) if len(ends) > 1 else None
+    batches = [min((i + 1) * cfg.batch_size, n) for i in range(len(ends))]  # images done at each batch's end
+    steady = steady_rate(list(zip(ends, batches, strict=True)), 0)  # after the first batch
     return {
         "timings_s": {k: round(v, 3) for k, v in timings.items()} | {"first_batch": round(ends[0], 3)},
         "steady_images_per_s": round(steady, 3) if steady else None,
@@ -159,7 +159,7 @@ def child_pipeline(cfg: RunConfig, work: Path, backend: str, label: str) -> dict
     ends = ends or doc["extra"].get("featurize_task_ends_s", [])
     t, n = doc["timings_s"], doc["counts"]["images_listed"]
     slots = doc["cluster"].get("threads") or 1
-    steady = steady_rate(ends, n, slots)
+    steady = first_wave_rate(ends, n, slots)
     return {
         "timings_s": t, "steady_images_per_s": round(steady, 3) if steady else None,
         "partitions": len(ends), "slots": slots, "weights_sha256": doc["weights"]["sha256"],

@@ -151,9 +151,8 @@ def split_rows(df):
     """The good rows (``path, label, features``) and the skipped ones (``path, label, stage,
     reason``) of a featurized frame.
 
-    The one place that tells them apart, for the Dask backend (``df`` a Dask DataFrame: both
-    results stay lazy), the Spark backend (its collected error rows) and the classifier.
-    """
-    ok = df["error_stage"].isna()  # Dask's Series has no notna()
+    For the classifier, which featurizes its test images and its non-fruit pictures as frames
+    (the pipeline's tasks split their receipts in :mod:`fruitdask.lake.tasks`)."""
+    ok = df["error_stage"].isna()
     errors = df[~ok][["path", "label", *FRAME_ERRORS]].rename(columns=FRAME_ERRORS)
     return df[ok][["path", "label", "features"]], errors

@@ -7,8 +7,6 @@ strings: the client holds a few dozen bytes per image, whatever the lake's size.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,16 +64,10 @@ def source_version(size: int | None, tag: object) -> str:
 
 
 def settings_fingerprint(settings: FeatureSettings) -> str:
-    """What decides a feature vector: weights sha256, image size, pooling, precision, and for
-    a runtime other than TensorFlow its name and the int8 calibration set's digest (the
-    batch size does not change the numbers beyond rounding, so it may differ between runs)."""
-    s = settings
-    text = f"table-v{TABLE_FORMAT}|{s.weights_key}|{s.image_size}|{s.pooling}|{s.precision}"
-    if s.runtime != "tensorflow":  # tables written before the runtime seam keep their fingerprint
-        text += f"|{s.runtime}"
-    if s.calibration:  # int8: the calibration set decides the quantized model
-        text += f"|calibration:{json.loads(s.calibration)['digest']}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """The table's fingerprint of ``settings`` (:meth:`FeatureSettings.fingerprint` under this
+    table format): what decides a feature vector, not the batch size, so that runs of other
+    batch sizes update the same table."""
+    return settings.fingerprint(f"table-v{TABLE_FORMAT}")
 
 
 def hash_keys(values: Sequence[str] | np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from fruitdask.classifier.bundle import Featurizer, ModelBundle
 from fruitdask.classifier.openset import OpenSet, residual, standardized
 from fruitdask.features import featurize, model
 from fruitdask.features.runtimes import InferenceRuntime
+from fruitdask.features.settings import differences
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class Predictor:
         else:
             featurizer = bundle.featurizer(storage_options, weights_override, guard=guard)
             # The bundle's precision: served features must be those the classifier was trained on.
-            runtime = model.cached_runtime(featurizer.weights, featurizer.settings, threads)
+            runtime = model.cached_runtime(featurizer.weights, featurizer.spec, threads)
             self = cls(bundle, featurizer, runtime, max_pixels=max_pixels, source=source, version=version,
                        promoted_at=promoted_at)
             size = featurizer.spec.image_size
@@ -82,8 +83,9 @@ class Predictor:
 
     def shares_features(self, bundle: ModelBundle) -> bool:
         """Whether ``bundle`` takes the very features this model computes: the same weights
-        (reference and sha256), image size, pooling and precision."""
-        return self.bundle.spec == bundle.spec and self.bundle.weights == bundle.weights
+        (reference and sha256) and every other setting that decides the features (not the
+        batch size: :func:`fruitdask.features.settings.differences`)."""
+        return not differences(self.bundle.spec, bundle.spec) and self.bundle.weights == bundle.weights
 
     @property
     def image_size(self) -> int:
@@ -125,7 +127,7 @@ class Predictor:
     def summary(self) -> dict:
         """What a prediction answer says about the model that made it (never where it is stored)."""
         spec = self.featurizer.spec
-        return {"version": self.version, "weights_sha256": spec.weights_sha256, "image_size": spec.image_size,
+        return {"version": self.version, "weights_sha256": spec.weights_key, "image_size": spec.image_size,
                 "labels": len(self.bundle.labels)}
 
     def describe(self) -> dict:

@@ -12,7 +12,6 @@ import datetime as dt
 import logging
 import posixpath
 import time
-from typing import Any
 
 import fsspec
 
@@ -48,10 +47,6 @@ def top_level_names(paths: list[str], root: str) -> list[str]:
 # --- the run lock ----------------------------------------------------------------------
 
 
-def lock_document(run_id: str, ttl_s: float = lease.DEFAULT_TTL_S) -> dict[str, Any]:
-    return lease.document(run_id, ttl_s)
-
-
 def _busy(target_url: str, lock_url: str, holder: lease.Held | None, run_id: str, ttl_s: float,
           waited_s: float) -> OutputBusyError:
     d = holder.doc if holder is not None else None
@@ -77,12 +72,6 @@ def store_of(fs: fsspec.AbstractFileSystem) -> Store:
     if store is None:
         raise StorageError(f"no fruitdask store serves {fs.protocol!r}: the output lock needs conditional writes")
     return store
-
-
-def read_lock(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
-    """The lock document at ``path``, or ``None`` when there is none."""
-    held = lease.read(fs, path, store_of(fs))
-    return held.doc if held is not None else None
 
 
 #: Seconds between two tries of a run that waits for the lock (``--wait-lock``).
@@ -141,14 +130,6 @@ def _try_take(fs: fsspec.AbstractFileSystem, path: str, store: Store, lock_url: 
                            d.get("run_id"), d.get("host"), d.get("pid"), d.get("started_at"), why)
             return held, None
     return None, current
-
-
-def acquire_lock(fs: fsspec.AbstractFileSystem, path: str, store: Store, target_url: str, lock_url: str, run_id: str,
-                 ttl_s: float = lease.DEFAULT_TTL_S) -> None:
-    """Create the lock object at ``path`` (or take over an expired one); else raise
-    :class:`OutputBusyError`. See :func:`acquire_lease`, which also returns the lease to
-    renew (:class:`fruitdask.storage.lease.Heartbeat`)."""
-    acquire_lease(fs, path, store, target_url, lock_url, run_id, ttl_s)
 
 
 def check_lock(fs: fsspec.AbstractFileSystem, path: str, target_url: str, lock_url: str, run_id: str) -> None:

@@ -46,7 +46,7 @@ from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsFile, WeightsSource, npz_bytes
 from fruitdask.lake import tasks
 from fruitdask.pca_moments import merge_all
-from fruitdask.progress import Progress
+from fruitdask.progress import Progress, steady_rate
 from fruitdask.reduce import Reduction, fit_incremental_pca, silence_first_batch_warning
 
 #: Moments merged per task of the tree reduction.
@@ -101,16 +101,13 @@ def track_images(futures: list, counts: list[int], bar, marks: list[tuple[float,
 STEADY_FROM = 0.1
 
 
-def steady_rate(marks: list[tuple[float, int]], share: float = STEADY_FROM) -> float | None:
-    """Images per second from the first mark past ``share`` of the images to the last: the
-    featurization's throughput without its warm-up (None with too few partitions to tell)."""
+def steady_after_warm_up(marks: list[tuple[float, int]], share: float = STEADY_FROM) -> float | None:
+    """:func:`fruitdask.progress.steady_rate` from the first partition end past ``share`` of
+    the images (None with too few partitions to tell)."""
     if len(marks) < 4:
         return None
     total = marks[-1][1]
-    start = next(m for m in marks if m[1] >= share * total)
-    if start is marks[-1] or marks[-1][0] <= start[0]:
-        return None
-    return (total - start[1]) / (marks[-1][0] - start[0])
+    return steady_rate(marks, next(i for i, m in enumerate(marks) if m[1] >= share * total))
 
 
 #: Folder of the staging prefix for the run's own inputs (manifest, weights, reduction);
@@ -215,7 +212,7 @@ class DaskBackend:
         try:
             marks: list[tuple[float, int]] = []
             parts = track_images(futures, sizes, self.progress, marks)
-            rate = steady_rate(marks)
+            rate = steady_after_warm_up(marks)
             self.extra["steady_images_per_s"] = None if rate is None else round(rate, 3)
         finally:
             _settle(self.client, futures)
