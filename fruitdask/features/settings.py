@@ -216,7 +216,7 @@ class Difference:
 
     def _shown(self, value: object, ellipsis: str = "...") -> str:
         if self.field == "calibration" and isinstance(value, str):
-            return f"sample {calibration_digest(value)}"
+            return calibration_digest(value)  # the sample's digest, not its hundreds of keys
         if self.field == "weights_sha256" and value:
             return f"{str(value)[:12]}{ellipsis}"
         return repr(value) if self.field == "pooling" and ellipsis == "…" else str(value)
