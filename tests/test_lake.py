@@ -180,8 +180,7 @@ def test_concurrent_commits_one_wins_the_other_fails_cleanly(tmp_path):
                       "run_id": [name], "featurized_at": pa.array([0], pa.timestamp("us", tz="UTC")),
                       "features": tasks._list_array(np.ones((1, 4), np.float32)),
                       "pca": tasks._list_array(np.ones((1, 2), np.float32)), "pca_fit": ["f"]}, schema=TABLE_SCHEMA)
-        a = tasks.write_file(t, sink, f"part-{name}.parquet")
-        return [{"path": a["file"], "size": a["size"], "rows": 1, "stats": a["stats"]}]
+        return [tasks.write_file(t, sink, f"part-{name}.parquet")]
 
     empty_a, empty_b = delta.open_table(str(out), {}), delta.open_table(str(out), {})
     assert delta.commit(empty_a, files(empty_a, "a"), [], {"run_id": "a"}, row_keys=hash_keys(["A/a.jpg"])) == 0

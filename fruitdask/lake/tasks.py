@@ -106,13 +106,12 @@ def receipts_of(frame: pd.DataFrame) -> list[Receipt]:
         if kind is ReceiptKind.ERROR:
             out.append(Receipt(kind, part, failed={c: row[c] for c in FAILED_COLUMNS}))
             continue
-        counts = {"rows": int(row["rows"]), "added": int(row["added"]), "updated": int(row["updated"])}
+        rows, added, updated = int(row["rows"]), int(row["added"]), int(row["updated"])
         if kind is ReceiptKind.FILE:
-            action = FileAction(str(row["file"]), int(row["size"]), int(row["rows"]), row["stats"],
-                                int(row["modification_time"]))
-            out.append(Receipt(kind, part, file=action, **counts))
+            action = FileAction(str(row["file"]), int(row["size"]), rows, row["stats"], int(row["modification_time"]))
+            out.append(Receipt(kind, part, file=action, rows=rows, added=added, updated=updated))
         else:
-            out.append(Receipt(kind, part, checkpoint=str(row["file"]), **counts))
+            out.append(Receipt(kind, part, checkpoint=str(row["file"]), rows=rows, added=added, updated=updated))
     return out
 
 
@@ -202,12 +201,13 @@ def featurize_part(df: pd.DataFrame, job: FeaturizeJob, index: int, threads: int
     rows = _error_rows(df, out, ok)
     n_ok = int(ok.sum())
     changes = df["change"].to_numpy()[ok]
-    counts = {"added": int((changes == "added").sum()), "updated": int((changes == "updated").sum())}
+    added, updated = int((changes == "added").sum()), int((changes == "updated").sum())
     if fit is not None and n_ok:
         written = write_rows(df[ok], out[ok], sink, fit, f"n{index:05d}")
-        rows.append(Receipt(ReceiptKind.FILE, index, file=written, rows=n_ok, **counts))
+        rows.append(Receipt(ReceiptKind.FILE, index, file=written, rows=n_ok, added=added, updated=updated))
     elif n_ok:
-        rows.append(Receipt(ReceiptKind.STAGED, index, checkpoint=ckpt.part_url(df[CHECKPOINT_KEY]), rows=n_ok, **counts))
+        rows.append(Receipt(ReceiptKind.STAGED, index, checkpoint=ckpt.part_url(df[CHECKPOINT_KEY]), rows=n_ok,
+                            added=added, updated=updated))
     return rows
 
 

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -40,7 +40,7 @@ from fruitdask.lake import table as delta
 from fruitdask.lake import tasks
 from fruitdask.lake.actions import FileAction
 from fruitdask.lake.plan import Plan
-from fruitdask.pca_moments import MAX_MOMENT_FEATURES, fit
+from fruitdask.pca_moments import MAX_MOMENT_FEATURES, Moments, fit
 from fruitdask.reduce import Reduction
 from fruitdask.runinfo import StageTimer
 
@@ -51,6 +51,10 @@ REFIT_GROWTH = 2.0
 #: Small files the table may hold before a run merges them (see :func:`merge_small_files`).
 MERGE_AFTER_FILES = 64
 FIT_DIR = storage.paths.FITS
+
+T = TypeVar("T")
+#: A leaf of a tree reduction: a task body and its arguments, returning the PCA moments of some rows.
+MomentsLeaf = tuple[Callable[..., Moments | None], tuple]
 
 
 @dataclass
@@ -97,11 +101,11 @@ class LakeBackend(Protocol):
         """Every manifest partition through :func:`fruitdask.lake.tasks.featurize_part`; their receipts."""
         ...
 
-    def map_tasks(self, fn: Callable[..., Any], args_list: list[tuple], *, background: bool = False) -> list:
+    def map_tasks(self, fn: Callable[..., T], args_list: list[tuple], *, background: bool = False) -> list[T]:
         """``fn(*args)`` for each ``args`` where the engine runs tasks; the results in order."""
         ...
 
-    def tree_reduce(self, leaves: list[tuple[Callable[..., Any], tuple]]) -> Any:
+    def tree_reduce(self, leaves: list[MomentsLeaf]) -> Moments | None:
         """The moments of each ``(fn, args)`` leaf, merged (None without leaves)."""
         ...
 
@@ -182,7 +186,8 @@ def _apply(backend: LakeBackend, plan: Plan, state: delta.TableState, req: Reque
         # Without a refit, the files that lose rows are rewritten as they are, so their tasks
         # run beside the featurization, behind it (the threads its last partitions leave idle).
         early = None if refit else pool.submit(_rewrite, backend, plan.rewrite, sink, None, background=True)
-        receipts = backend.featurize_parts(plan.manifest_url, plan.part_sizes, job) if plan.featurize else []
+        # A plan with images to featurize has their manifest.
+        receipts = backend.featurize_parts(plan.manifest_url, plan.part_sizes, job) if plan.featurize and plan.manifest_url else []
         rewritten = early.result() if early else []
     errors = tasks.failed_images(receipts)
     req.check(errors)
@@ -279,13 +284,14 @@ def _refit(backend: LakeBackend, plan: Plan, state: delta.TableState, req: Reque
            ckpt: checkpoint.Checkpoints, sink: tasks.Sink) -> tuple[Reduction, tasks.Fit]:
     """Fit the PCA on every row the table will hold; write it beside the table."""
     staged = _staged_parts(receipts, plan)
-    kept_files = [(p, rows) for p, _, rows in plan.rewrite] + [(p, None) for p, _ in plan.keep]
+    kept_files: list[tuple[str, np.ndarray | None]] = [(p, rows) for p, _, rows in plan.rewrite] + [(p, None) for p, _ in plan.keep]
     if req.feature_dim > MAX_MOMENT_FEATURES:
         check_wide(req.feature_dim, backend.supports_wide_fit, backend.name)
         rows = {r.part: r.rows for r in receipts if r.kind is tasks.ReceiptKind.STAGED}
-        reduction = backend.fit_wide([(i, rows[i]) for i in staged], plan.manifest_url, ckpt, sink, kept_files, req)
+        manifest = plan.manifest_url or ""  # none when nothing was featurized: then no partition is staged
+        reduction = backend.fit_wide([(i, rows[i]) for i in staged], manifest, ckpt, sink, kept_files, req)
     else:
-        leaves: list[tuple[Callable[..., Any], tuple]] = [(tasks.moments_part, (i, plan.manifest_url, ckpt)) for i in staged]
+        leaves: list[MomentsLeaf] = [(tasks.moments_part, (i, plan.manifest_url, ckpt)) for i in staged]
         leaves += [(tasks.moments_file, (sink, p, rows)) for p, rows in kept_files]
         moments = backend.tree_reduce(leaves)
         reduction = fit(moments, components=req.components, variance=req.variance)
