@@ -1,9 +1,10 @@
 """One run's update of the features table, the same on every backend.
 
 The backend only runs bodies of :mod:`fruitdask.lake.tasks` where it runs things (Dask
-workers, Spark executors) through three primitives: ``featurize_parts`` (the manifest's
-partitions, with the progress bar), ``map_tasks`` and ``tree_reduce``. Everything else is
-decided here:
+workers, Spark executors) through the primitives :class:`LakeBackend` declares:
+``featurize_parts`` (the manifest's partitions, with the progress bar; typed receipts back),
+``map_tasks``, ``tree_reduce``, and ``fit_wide`` where the backend declares
+``supports_wide_fit``. Everything else is decided here:
 
 1. featurize the plan's partitions; with the current PCA fit known, each task writes its
    data file at once (one pass); when a fit is needed (first run, ``--refit``, ``--rebuild``,
@@ -17,7 +18,8 @@ decided here:
    behind step 1 as it starts, from a second thread, so they fill the threads its last
    partitions leave idle); once small files pile up, merge them on the workers
    (:func:`merge_small_files`); and commit every added and removed file as **one** table
-   version (:func:`fruitdask.lake.table.commit`).
+   version (:func:`fruitdask.lake.table.commit`). Every file, added or removed, travels as one
+   :class:`~fruitdask.lake.actions.FileAction` from the task that wrote it to that commit.
 """
 
 from __future__ import annotations
@@ -198,13 +200,13 @@ def _apply(backend: LakeBackend, plan: Plan, state: delta.TableState, req: Reque
             reduction, current = _refit(backend, plan, state, req, receipts, ckpt, sink)
         with timer.stage("write"):
             adds = _project(backend, plan, receipts, ckpt, sink, current)
-            removed = [(p, s) for p, s, _ in plan.rewrite] + plan.drop + plan.keep
+            removed = _removes([(p, s) for p, s, _ in plan.rewrite] + plan.drop + plan.keep)
     else:
         assert current is not None  # no refit: the table's fit projects the new rows
         reduction = current.load()
         with timer.stage("write"):
             adds = files + rewritten
-            removed = [(p, s) for p, s, _ in plan.rewrite] + plan.drop
+            removed = _removes([(p, s) for p, s, _ in plan.rewrite] + plan.drop)
             adds, removed, moved = merge_small_files(backend, plan.keep, adds, removed, sink)
     ok = [r for r in receipts if r.kind is not tasks.ReceiptKind.ERROR]
     out = Outcome(state.version, state.version, int(sum(plan.part_sizes)), sum(r.added for r in ok), sum(r.updated for r in ok),
@@ -218,13 +220,13 @@ def _apply(backend: LakeBackend, plan: Plan, state: delta.TableState, req: Reque
         out.version_after = state.version + 1 if state.exists and state.version is not None else 0  # no retries
         meta[delta.RECORD_KEY] = req.record(out)
         req.before_commit()
-        out.version_after = delta.commit(state, adds, [FileAction(p, s) for p, s in removed], meta,
+        out.version_after = delta.commit(state, adds, removed, meta,
                                          req.description, row_keys=plan.row_keys)
     return out
 
 
 def merge_small_files(backend: LakeBackend, keep: list[tuple[str, int]], adds: list[FileAction],
-                      removed: list[tuple[str, int]], sink: tasks.Sink) -> tuple[list[FileAction], list[tuple[str, int]], int]:
+                      removed: list[FileAction], sink: tasks.Sink) -> tuple[list[FileAction], list[FileAction], int]:
     """Once the table would hold :data:`MERGE_AFTER_FILES` small files (under
     :data:`fruitdask.lake.table.SMALL_FILE_BYTES`), merge them on the workers into files of
     about :data:`fruitdask.lake.table.TARGET_FILE_BYTES`, in this run's one commit: daily runs
@@ -248,12 +250,17 @@ def merge_small_files(backend: LakeBackend, keep: list[tuple[str, int]], adds: l
     gone = {p for b in bins for p, _, _ in b}
     own = [p for b in bins for p, _, a in b if a is not None]
     adds = [a for a in adds if a.path not in gone] + merged
-    removed = removed + [(p, s) for b in bins for p, s, a in b if a is None]
+    removed = removed + _removes([(p, s) for b in bins for p, s, a in b if a is None])
     for p in own:  # written by this run a moment ago, never committed: not worth a vacuum
         storage.remove_prefix(sink.file_url(p), sink.storage_options)
     logger.info("merged %d small files into %d", len(gone), len(merged))
     moved = sum(_rows(m) for m in merged) - sum(_rows(a) for b in bins for _, _, a in b if a is not None)
     return adds, removed, moved
+
+
+def _removes(files: list[tuple[str, int]]) -> list[FileAction]:
+    """Files of the version read (the plan's ``(path, size)``), as the commit removes them."""
+    return [FileAction(p, int(s)) for p, s in files]
 
 
 def _rows(action: FileAction) -> int:
