@@ -324,6 +324,33 @@ def test_workers_never_hold_all_features(tmp_path, cluster, weights_file):
     assert 0 < peak[0] < 2 * per_partition + 16 * 2**10, f"workers held {peak[0]} bytes (all features: {all_features})"
 
 
+def test_features_wider_than_the_moments_go_to_the_backends_wide_fit(tmp_path, cluster, weights_file, monkeypatch):
+    """96 px unpooled: 3 x 3 x 512 = 4,608 features per image, over the moments' limit. The
+    update reads the staged partitions off their typed receipts and hands them, with their
+    row counts, to the backend's ``fit_wide`` (DaskBackend declares ``supports_wide_fit``);
+    every row is then projected with that fit."""
+    from fruitdask.backends.dask.backend import DaskBackend
+    from fruitdask.pca_moments import MAX_MOMENT_FEATURES
+
+    calls: list[list[tuple[int, int]]] = []
+    real = DaskBackend.fit_wide
+
+    def fit_wide(self, staged, *args):
+        calls.append(list(staged))
+        return real(self, staged, *args)
+
+    monkeypatch.setattr(DaskBackend, "fit_wide", fit_wide)
+    data = copy_images(BUNDLED, tmp_path / "in", 2, 4)
+    out = tmp_path / "out"
+    assert run(cluster, data, out, weights_file, "--pooling", "none", "--image-size", "96") == 0
+    assert len(calls) == 1 and sum(n for _, n in calls[0]) == 8
+    assert sorted(i for i, _ in calls[0]) == list(range(len(calls[0])))
+    df = read_features(out)
+    assert len(df) == 8 and {len(f) for f in df["features"]} == {3 * 3 * 512} and 3 * 3 * 512 > MAX_MOMENT_FEATURES
+    rec = record(out)
+    assert "moments" not in rec["reduction"]["method"] and rec["table"]["pca_fit"] == df["pca_fit"].iloc[0]
+
+
 def test_exact_pca_from_moments_matches_scikit_learn_at_d_512():
     from sklearn.decomposition import PCA
 
