@@ -101,14 +101,14 @@ def measure_one(args: argparse.Namespace) -> dict:
 def measure_pca(args: argparse.Namespace) -> dict:
     """The reduce stage alone on synthetic ``n x d`` float32 features (called in a child).
 
-    Same function, plan and cluster as a run (:func:`fruitdask.reduce.fit_incremental_pca`
+    Same function, plan and cluster as a run (:func:`fruitdask.pca_streamed.fit_incremental_pca`
     with the variance target: K and the axes from the spectrum), without the hours of
     VGG16 at 224 px that real unpooled features cost on a small machine.
     """
     import dask.array as da
     import numpy as np
 
-    from fruitdask.reduce import fit_incremental_pca
+    from fruitdask.pca_streamed import fit_incremental_pca
 
     n, d = args.pca_only
     with local_cluster(args) as (_, client):

@@ -4,7 +4,7 @@
 
 Synthetic post-ReLU features of a decaying spectrum (the shape of unpooled VGG16 maps at
 224 px: 7 x 7 x 512 = 25,088 columns) are persisted on a LocalCluster of 2 single-threaded
-worker processes, then ``fruitdask.reduce.fit_incremental_pca(variance=...)`` runs as the
+worker processes, then ``fruitdask.pca_streamed.fit_incremental_pca(variance=...)`` runs as the
 pipeline runs it. Baseline, in the same invocation: scikit-learn's exact PCA
 (``svd_solver="full"``) of the same standardized matrix in this process. Prints the time of
 each, their ratio, K against the exact K, the variance the reduction's projections really
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.decomposition import PCA
 
     from fruitdask.backends.dask.cluster import start_local_cluster
-    from fruitdask.reduce import fit_incremental_pca
+    from fruitdask.pca_streamed import fit_incremental_pca
 
     n, d = args.rows, args.features
     gib = 2**30

@@ -6,7 +6,7 @@ prefix beside the output::
     <parent>/.<name>.fruitdask-checkpoint/<fingerprint>/part-<digest>.parquet
 
 ``fingerprint`` hashes what decides the features (weights digest, image size, pooling,
-batch size, precision, format version); ``digest`` hashes the partition's own ``path, label``
+precision, runtime, format version) and the batch size (:func:`fingerprint`); ``digest`` hashes the partition's own ``path, label``
 rows and the version of each file as listed (``source_version``: size and ETag on S3, size and
 mtime locally), so a checkpoint never outlives a change of its files: a file fixed or replaced
 in place between a failed run and ``--resume`` is featurized again.
@@ -46,15 +46,11 @@ FORMAT_VERSION = 1
 
 
 def fingerprint(settings: FeatureSettings) -> str:
-    """Hash of the settings that decide a partition's features (not of its rows, nor of the
-    storage options they are read with)."""
-    s = settings
-    if not s.weights_key:  # built before the weights were read: good for a warm-up, not for a name
-        raise ValueError("feature settings without the weights' digest have no fingerprint: use settings.with_weights(sha256)")
-    text = f"v{FORMAT_VERSION}|{s.weights_key}|{s.image_size}|{s.pooling}|{s.batch_size}"
-    if s.precision != "float32":  # float32 fingerprints stay those of the runs before --precision
-        text += f"|{s.precision}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """The name of a run's checkpoints: :meth:`FeatureSettings.checkpoint_key` under this
+    checkpoint format. Unlike the table's fingerprint it keeps the batch size (see there: a
+    resumed partition must be what this run computes, bit for bit); not the rows, nor the
+    storage options they are read with."""
+    return settings.checkpoint_key(f"v{FORMAT_VERSION}")
 
 
 def partition_digest(df: pd.DataFrame) -> str:

@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from fruitdask import __version__
 from fruitdask.config import TF_ENV
@@ -120,26 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The process's entry point (``fruitdask``, ``python -m fruitdask``): :func:`main`, then exit.
+    """The process's entry point (``fruitdask``, ``python -m fruitdask``): :func:`main`, then
+    exit without the final garbage collections (:func:`fruitdask.commands.startup.exit_quickly`).
+    :func:`main` alone (tests, embedding) leaves the collector as it is."""
+    from fruitdask.commands.startup import exit_quickly
 
-    Before the interpreter unwinds, every object goes to the garbage collector's permanent
-    generation (:func:`gc.freeze`): the last collections of a process that imported pandas,
-    Dask, pyarrow and matplotlib otherwise take 0.6 s on 2 cores, after everything is
-    written and committed. Objects are still freed by reference counting and ``atexit``
-    handlers still run; only the final hunt for reference cycles is skipped, and the
-    operating system takes the memory back anyway. :func:`main` alone (tests, embedding)
-    leaves the collector as it is.
-    """
-    code = main()
-    exit_quickly(code)
-
-
-def exit_quickly(code: int) -> NoReturn:
-    """``sys.exit(code)`` without the final garbage collections (see :func:`entry`)."""
-    import gc
-
-    gc.freeze()
-    sys.exit(code)
+    exit_quickly(main())
 
 
 def _one_line(text: str) -> str:

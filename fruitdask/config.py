@@ -108,6 +108,7 @@ class RunConfig:
     partition_size: int = 64
     pooling: str = "avg"
     precision: str = "auto"  # float32 | bfloat16 | auto (fruitdask.features.precision): bf16 where native
+    runtime: str = "tensorflow"  # the inference runtime (fruitdask.features.runtimes; FRUITDASK_RUNTIME)
     weights: str = "auto"
     allow_random_weights: bool = False  # --weights auto may fall back to random only when asked
     seed: int = 0

@@ -1,4 +1,5 @@
-"""Exact PCA at any number of rows, from moments that a tree reduction sums.
+"""The PCA's default strategy (:class:`fruitdask.reduce.PCA` chooses it): exact PCA at any
+number of rows, from moments that a tree reduction sums.
 
 Each task returns the moments of its rows (count, mean, centred scatter ``sum (x-m)(x-m)^T``,
 ``d x d`` float64); pairs are merged with Chan's update, which stays accurate where raw sums
@@ -7,8 +8,8 @@ of ``x x^T`` would cancel; the client decomposes the final ``d x d`` correlation
 images costs one pass over the features and one ``eigh`` of ``512 x 512``.
 
 Used for features up to :data:`MAX_MOMENT_FEATURES` wide (avg/max pooling: 512); wider ones
-(``--pooling none``: 25,088 at 224 px) stream through dask-ml's IncrementalPCA instead
-(:func:`fruitdask.reduce.fit_incremental_pca`), since their scatter matrix would be 5 GB.
+(``--pooling none``: 25,088 at 224 px) take the streamed strategy
+(:mod:`fruitdask.pca_streamed`), since their scatter matrix would be 5 GB.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fruitdask.errors import ReductionError
-from fruitdask.reduce import Reduction, choose_k, safe_scale
+from fruitdask.reduction import Reduction, choose_k, safe_scale
 
 #: Widest features whose ``d x d`` scatter matrix is summed (4,096: 128 MiB a task).
 MAX_MOMENT_FEATURES = 4096

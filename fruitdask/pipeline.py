@@ -1,16 +1,6 @@
 """The run, stage by stage: list and diff against the table, load weights, featurize,
-(re)fit the PCA, commit one table version, then write the run's record beside it.
-
-::
-
-    OUTPUT/
-      features/             the Delta table (lake.table): one row per current image
-      pca/<fit>.npz         every PCA fit the table's rows name (pca_fit column)
-      errors.parquet        the current images that could not be used
-      reduction.npz, scree.png   the current fit (copies), its scree plot
-      run.json, report.html, dask-report.html   the last run's record
-      runs/<run_id>/        every run's run.json and report, kept
-      _SUCCESS              written once a run has committed
+(re)fit the PCA, commit one table version, then publish the run's record beside it
+(:mod:`fruitdask.output` owns the output's layout, its names and the publishing).
 
 A run with nothing to do (no new, changed or removed image, same settings) says so after
 the listing and exits: no cluster is started, no TensorFlow imported, nothing is written.
@@ -20,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
@@ -35,9 +24,9 @@ from fruitdask.backends.base import Backend
 from fruitdask.config import RunConfig, input_root
 from fruitdask.errors import FruitdaskError, InputError, TooManyErrors, WeightsError
 from fruitdask.features import model, precision
-from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.settings import FeatureSettings, differences
 from fruitdask.features.weights_file import WeightsArrays, WeightsFile, WeightsSource
-from fruitdask.lake import keys, rekey, tasks, update
+from fruitdask.lake import keys, migrate, rekey, tasks, update
 from fruitdask.lake import plan as lake_plan
 from fruitdask.lake import table as delta
 from fruitdask.progress import Progress
@@ -48,6 +37,14 @@ from fruitdask.runinfo import StageTimer
 from fruitdask.schema import ERROR_COLUMNS
 
 logger = logging.getLogger(__name__)
+
+
+def _scree_png(r: Reduction, title: str) -> bytes:
+    return plots.scree_png(r.explained_variance_ratio, k=r.k, variance_target=r.variance_target, title=title)
+
+
+#: The report's drawings a publish writes (the output sits below the report: it receives them).
+PAGES = output.Pages(scree=_scree_png, report=report.build_report)
 
 
 def check_errors(cfg: RunConfig, n_listed: int, n_errors: int) -> None:
@@ -159,6 +156,7 @@ def run(
             state = open_output(target, cfg.overwrite)
             check_format(state, target, replacing=cfg.rebuild or cfg.overwrite)
             delta.describe(state)  # a table from before its description: described once, in place
+            state = state if cfg.rebuild else migrate.add_columns(state, target)  # columns declared since: filled in place
         backend = make_backend(cfg, target, progress or Progress())
         doc = _Run(cfg, target, settings, backend, state, timer, emit, started, resolved).go(stack)
         return RunResult.of(doc, target.url)
@@ -170,11 +168,6 @@ def _resolve_precision(requested: str, backend: Backend | None = None) -> precis
     if requested != "float32":
         logger.info("precision %s (%s)", resolved.precision, resolved.reason)
     return resolved
-
-
-#: What a run writes at the top of its output (a first run killed early leaves some of them).
-OUTPUT_NAMES = frozenset({delta.TABLE_DIR, update.FIT_DIR, output.RUNS, output.ERRORS, output.REDUCTION, output.SCREE,
-                          output.RUN_JSON, output.REPORT, output.DASK_REPORT, output.SUCCESS})
 
 
 def open_output(target: storage.OutputTarget, overwrite: bool) -> delta.TableState:
@@ -192,11 +185,11 @@ def open_output(target: storage.OutputTarget, overwrite: bool) -> delta.TableSta
         names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)} if fs.isdir(path) else set()
     except FileNotFoundError:
         names = set()
-    foreign = sorted(n for n in names - OUTPUT_NAMES if not n.startswith("."))
+    foreign = sorted(n for n in names - output.OUTPUT_NAMES if not n.startswith("."))
     if foreign:
         raise InputError(f"output {url!r} holds files fruitdask does not write ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}): choose another --output")
-    if not names & {output.SUCCESS, output.RUN_JSON}:
+    if not names & {output.SUCCESS_MARKER, output.RUN_JSON}:
         return state  # empty, or left by a first run that never committed: its files are unreferenced
     if not overwrite:
         raise InputError(
@@ -240,7 +233,7 @@ class _Run:
         weights, winfo = loaded or self._load_weights()
         settings = self.settings = self.settings.with_weights(winfo.sha256)
         fp = keys.settings_fingerprint(settings)
-        check_settings(self.state, fp, settings, winfo, self.target, replacing=cfg.rebuild or cfg.overwrite)
+        check_settings(self.state, fp, settings, self.target, replacing=cfg.rebuild or cfg.overwrite)
         if fp == self._table_settings().get("fingerprint") and not (plan.changes_table or cfg.refit or cfg.rebuild):
             return self._up_to_date(plan)  # the settings only looked different (e.g. another path to the same file)
         with self.backend.running():
@@ -335,25 +328,24 @@ class _Run:
     def _settings_changed(self, loaded: tuple[WeightsSource, model.WeightsInfo] | None) -> bool:
         """Whether this run's feature settings may differ from the table's (checked without
         loading weights: a weights file is hashed, a named choice compared by name and seed)."""
-        old = self._table_settings()
+        old, cfg = self._table_settings(), self.cfg
         if not self.state.exists or not old:
             return False
-        s, cfg = self.settings, self.cfg
-        # A named choice (auto, imagenet, random) is not loaded yet: compared by its name.
-        now = {"image_size": s.image_size, "pooling": s.pooling, "weights": loaded[1].requested if loaded else cfg.weights}
-        if self.resolved is not None:  # a remote cluster's workers have not answered yet
-            now["precision"] = s.precision
-        if loaded is not None:
-            now["weights_sha256"] = loaded[1].sha256
-        elif cfg.weights in ("random", "auto"):
-            now["seed"] = cfg.seed
-        return any(old.get(k) != v for k, v in now.items())
+        if "image_size" not in old or "pooling" not in old:
+            return True  # only the fingerprint is known: the loaded weights' fingerprint decides
+        was = FeatureSettings.from_dict(old)
+        now = self.settings.with_weights(loaded[1].sha256 if loaded else was.weights_key)
+        if self.resolved is None:  # a remote cluster's workers have not answered yet
+            now = now.with_precision(was.precision)
+        # A named choice (auto, imagenet, random) is not loaded yet: compared by its name and seed.
+        seed_moved = loaded is None and cfg.weights in ("random", "auto") and old.get("seed") != cfg.seed
+        return bool(differences(was, now)) or old.get("weights") != (loaded[1].requested if loaded else cfg.weights) or seed_moved
 
     def _request(self, plan: lake_plan.Plan, fp: str, winfo: model.WeightsInfo) -> update.Request:
         cfg, s = self.cfg, self.settings
-        feature_settings = {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision,
-                            "weights": winfo.requested, "weights_sha256": winfo.sha256,
-                            "weights_file_sha256": winfo.file_sha256, "seed": cfg.seed}
+        # The settings' own serialization, and where the weights came from (not what they are).
+        feature_settings = {**s.to_dict(), "weights": winfo.requested, "weights_file_sha256": winfo.file_sha256,
+                            "seed": cfg.seed}
         meta = {"run_id": self.target.run_id, "input": cfg.input, "settings": fp, "format": keys.TABLE_FORMAT,
                 "keys": keys.KEYS_FORMAT, "key_root": cfg.input, "feature_settings": feature_settings}
         return update.Request(
@@ -367,7 +359,7 @@ class _Run:
         )
 
     def _up_to_date(self, plan: lake_plan.Plan) -> dict:
-        republish(self.target, self.state)
+        output.republish(self.target, self.state, PAGES)
         counts = {**plan_counts(plan), **rekey_counts(self.rekeyed)}
         logger.info("the table is up to date with the input (version %s, %d images): nothing to do",
                     self.state.version, counts["unchanged"])
@@ -387,7 +379,7 @@ class _Run:
     def _record(self, plan: lake_plan.Plan, outcome: update.Outcome, winfo: model.WeightsInfo) -> dict:
         record = self._run_record(plan, outcome, winfo)
         with self.timer.stage("publish"):
-            return publish(record, self.target)
+            return output.publish(record, self.target, PAGES)
 
     def _run_record(self, plan: lake_plan.Plan, outcome: update.Outcome, winfo: model.WeightsInfo) -> output.RunRecord:
         errors = current_errors(plan, outcome, self.target.run_id)
@@ -398,78 +390,9 @@ class _Run:
             run_id=self.target.run_id, started=self.started, timer=self.timer, n_listed=plan.listed,
             n_images=outcome.featurized, per_label=plan.per_label, errors=errors, rows=outcome.added + outcome.updated,
             reduction=outcome.reduction, cluster=self.backend.cluster, precision=self.resolved.to_dict() if self.resolved else {},
-            weights=winfo, warnings=[winfo.warning] if winfo.warning else [], extra=self.backend.extra,
+            weights=winfo, features=self.settings, warnings=[winfo.warning] if winfo.warning else [], extra=self.backend.extra,
             lake={**lake_counts(plan, outcome), **rekey_counts(self.rekeyed), **self._version_before()},
         )
-
-
-def publish(record: output.RunRecord, target: storage.OutputTarget) -> dict:
-    """Write the run's record beside the committed table: ``errors.parquet``, the current
-    fit and its scree plot (every run: a run that committed but failed before this leaves
-    no stale copy behind the next one), ``run.json`` and the report, at the top (the last
-    run's) and under ``runs/<run_id>/`` (kept); ``_SUCCESS`` last. The record and the fit
-    are also in the commit (the record in its description, the fit named by every row):
-    these are copies for people and tools that read files."""
-    so = target.storage_options
-
-    def put(name: str, data: bytes) -> None:
-        storage.write_file(storage.join(target.url, name), data, so)
-
-    put(output.ERRORS, output.errors_parquet(record.errors))
-    if record.reduction is not None:
-        put(output.REDUCTION, record.reduction.to_npz())
-        r = record.reduction
-        put(output.SCREE, plots.scree_png(r.explained_variance_ratio, k=r.k, variance_target=r.variance_target,
-                                          title=f"Scree plot ({record.cfg.backend}, {r.n_samples} rows)"))
-    run_dir = f"{output.RUNS}/{record.run_id}"
-    try:
-        dask_report = storage.read_bytes(target.staging_path(output.DASK_REPORT), so)
-        put(output.DASK_REPORT, dask_report)
-        put(f"{run_dir}/{output.DASK_REPORT}", dask_report)
-    except FileNotFoundError:
-        pass
-    doc = record.document()
-    text = json.dumps(doc, indent=2, sort_keys=True, default=str).encode()
-    put(f"{run_dir}/{output.RUN_JSON}", text)
-    put(output.RUN_JSON, text)
-    page = report.build_report(doc, target.url, so)
-    put(f"{run_dir}/{output.REPORT}", page)
-    put(output.REPORT, page)
-    put(output.SUCCESS, b"")
-    return doc
-
-
-def republish(target: storage.OutputTarget, state: delta.TableState) -> bool:
-    """When the table's newest run committed but did not finish publishing (``run.json`` is
-    another run's, or absent), copy its record (from its commit) and its fit (the one its rows
-    name) beside the table, ``_SUCCESS`` last; True when it did. A run with work publishes
-    everything anyway: this is for a run with nothing to do."""
-    record = state.meta.get(delta.RECORD_KEY)
-    if not state.exists or not record:
-        return False
-    so = target.storage_options
-    try:
-        shown = json.loads(storage.read_bytes(target.final_path(output.RUN_JSON), so)).get("run_id")
-    except (FileNotFoundError, ValueError):
-        shown = None
-    if shown == record.get("run_id"):
-        return False
-    logger.warning("run %s committed version %s but did not finish publishing (run.json is %s): copying its record "
-                   "and fit from the table", record.get("run_id"), record.get("table", {}).get("version_after"),
-                   f"run {shown}'s" if shown else "absent")
-    fit = delta.current_fit(state.dt, state.storage_options)
-    if fit:
-        npz = storage.read_bytes(update.fit_url(target.url, fit), so)
-        storage.write_file(target.final_path(output.REDUCTION), npz, so)
-        r = Reduction.from_npz(npz)
-        storage.write_file(target.final_path(output.SCREE), plots.scree_png(
-            r.explained_variance_ratio, k=r.k, variance_target=r.variance_target,
-            title=f"Scree plot ({record.get('backend')}, {r.n_samples} rows)"), so)
-    text = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
-    storage.write_file(target.final_path(f"{output.RUNS}/{record['run_id']}/{output.RUN_JSON}"), text, so)
-    storage.write_file(target.final_path(output.RUN_JSON), text, so)
-    storage.write_file(target.final_path(output.SUCCESS), b"", so)
-    return True
 
 
 def check_format(state: delta.TableState, target: storage.OutputTarget, *, replacing: bool) -> None:
@@ -493,8 +416,8 @@ def check_format(state: delta.TableState, target: storage.OutputTarget, *, repla
         )
 
 
-def check_settings(state: delta.TableState, fp: str, settings: FeatureSettings, winfo: model.WeightsInfo,
-                   target: storage.OutputTarget, *, replacing: bool) -> None:
+def check_settings(state: delta.TableState, fp: str, settings: FeatureSettings, target: storage.OutputTarget, *,
+                   replacing: bool) -> None:
     """Refuse to mix features made with other settings into the table (unless ``replacing``
     it: ``--rebuild``, ``--overwrite``); the message names each setting that differs."""
     from fruitdask.errors import SettingsMismatchError
@@ -502,11 +425,9 @@ def check_settings(state: delta.TableState, fp: str, settings: FeatureSettings, 
     table = state.description
     if not state.exists or table is None or table.settings == fp or replacing:
         return
-    s = settings
-    now = {"image_size": s.image_size, "pooling": s.pooling, "precision": s.precision, "weights_sha256": winfo.sha256}
     was = table.feature_settings
-    differ = [f"{k} {_shown(k, was.get(k))} in the table, {_shown(k, now[k])} in this run"
-              for k in delta.SETTINGS_FIELDS if k in was and was.get(k) != now[k]]
+    known = {"image_size", "pooling", "weights_sha256"} <= set(was)  # else a table described from its rows
+    differ = [d.between("in the table", "in this run") for d in differences(FeatureSettings.from_dict(was), settings)] if known else []
     if not differ:  # only the fingerprint is known (a table described from its rows), or the format's part of it
         differ = [f"settings fingerprint {table.settings} in the table, {fp} in this run"]
     raise SettingsMismatchError(
@@ -514,10 +435,6 @@ def check_settings(state: delta.TableState, fp: str, settings: FeatureSettings, 
         f"({'; '.join(differ)}): write to another --output, or pass --rebuild to featurize everything again "
         f"into a new version"
     )
-
-
-def _shown(key: str, value: object) -> str:
-    return f"{str(value)[:12]}..." if key == "weights_sha256" and value else str(value)
 
 
 def plan_counts(plan: lake_plan.Plan) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 
@@ -39,6 +39,24 @@ def _clock(seconds: float) -> str:
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
+
+
+def steady_rate(marks: Sequence[tuple[float, float]], start: int) -> float | None:
+    """The featurization's throughput once warm: images per second from mark ``start`` to the
+    last one.
+
+    ``marks`` are ``(seconds, images done so far)`` at the end of each piece of work (a
+    partition, a batch), in time order; those up to ``start`` hold the warm-up (imports, the
+    model's build, the first batches: a fixed cost per run, left out). Each caller picks
+    ``start``: ``run.json``'s ``steady_images_per_s`` the first mark past a tenth of the images
+    (:func:`fruitdask.backends.dask.backend.steady_after_warm_up`), the bench the end of the
+    first wave of partitions, one per slot (:func:`fruitdask.bench.summary.first_wave_rate`),
+    or of the raw engine's first batch. None when no mark follows ``start`` or no time passed.
+    """
+    if not 0 <= start < len(marks) - 1:
+        return None
+    (t0, n0), (t1, n1) = marks[start], marks[-1]
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 class ImageProgressBar(Progress):
     """``[#####.....]  40/120 images  3.2 images/s  ETA 0:25`` on ``stream``.

@@ -1,428 +1,161 @@
-"""Standardize, then reduce the features with dask-ml's IncrementalPCA.
+"""Reduce the features with PCA: one estimator, :class:`PCA`, that standardizes the rows
+(population scale) and keeps the K principal axes, K given or the smallest reaching a
+variance target. It returns a :class:`~fruitdask.reduction.Reduction` (portable ``.npz``).
 
-The number of components is either given, or the smallest K whose cumulative explained
-variance reaches a target. With a target, K is read off the spectrum of the standardized
-features before anything is fitted (:func:`spectrum`):
+Two strategies; the estimator picks one from the feature width (:meth:`PCA.strategy`):
 
-- up to :data:`GRAM_MAX_SAMPLES` rows, the exact eigenpairs of the ``n x n`` Gram matrix
-  ``Z Z^T`` (built block by block from the dask array); the K principal axes then follow in
-  one more streaming pass (:func:`gram_components`): exact PCA without a ``d x d``
-  covariance, cheap on wide features (2,000 x 25,088 unpooled);
-- above it, a randomized estimate of the top spectrum with power iterations, then dask-ml's
-  IncrementalPCA fits about 2K components (not 1,024) and keeps K.
+- ``moments`` (the default, features up to :data:`MAX_MOMENT_FEATURES` wide: avg/max
+  pooling gives 512): exact PCA. Each task sums the moments of its rows (count, mean,
+  centred scatter, :class:`~fruitdask.pca_moments.Moments`); :meth:`PCA.partial_fit` and
+  :meth:`PCA.merge` add rows or moments to the estimator, in any order (Chan's pairwise
+  update: the merge is the step of a tree reduction), and the fit is one ``eigh`` of the
+  ``d x d`` correlation matrix (:mod:`fruitdask.pca_moments`).
+- ``streamed`` (wider features, ``--pooling none``, whose scatter matrix would be gigabytes):
+  the rows as one lazy dask array, standardized, then dask-ml's IncrementalPCA with the
+  randomized solver and ``power_iterations`` power iterations, or the exact Gram spectrum up
+  to 8,192 rows (:mod:`fruitdask.pca_streamed`).
 
-With a fixed ``--components K``, IncrementalPCA fits K components.
-
-Numbers only: the scree plot of a :class:`Reduction` is drawn by the report
-(:func:`fruitdask.report.plots.scree_png`).
+:meth:`PCA.fit_rows` fits on rows that can come in both shapes (the features table's, see
+:class:`Rows`) and asks them for the one its strategy uses. Numbers only: the scree plot of a
+:class:`Reduction` is drawn by the report (:func:`fruitdask.report.plots.scree_png`).
 """
 
 from __future__ import annotations
 
-import io
-import logging
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from fruitdask import pca_moments, pca_streamed
 from fruitdask.errors import ReductionError
+from fruitdask.pca_moments import MAX_MOMENT_FEATURES, Moments
+from fruitdask.reduction import Reduction
 
-logger = logging.getLogger(__name__)
+Strategy = Literal["moments", "streamed"]
 
-DEFAULT_PCA_BATCH = 1024
-#: Upper bound on components fitted to find K from a variance target (cost grows as K*d).
-MAX_FIT_COMPONENTS = 1024
-#: Rows up to which K comes from the exact eigenvalues of the n x n Gram matrix (8,192 rows:
-#: a 512 MiB matrix of doubles); above it, from a randomized estimate of the top spectrum.
-GRAM_MAX_SAMPLES = 8192
-#: Rows per block when the Gram matrix is built (a block of 25,088 doubles is ~100 MB).
-GRAM_BLOCK_BYTES = 128 << 20
+__all__ = ["MAX_MOMENT_FEATURES", "PCA", "Reduction", "Rows", "Strategy", "strategy_for"]
 
 
-@dataclass(frozen=True)
-class PCAPlan:
-    """How the PCA will be fitted: components to fit, rows per batch, K when fixed."""
-
-    n_fit: int
-    batch_size: int
-    fixed_k: int | None
+def strategy_for(n_features: int) -> Strategy:
+    """``moments`` up to :data:`MAX_MOMENT_FEATURES` features per row, ``streamed`` above."""
+    return "moments" if n_features <= MAX_MOMENT_FEATURES else "streamed"
 
 
-def plan_pca(n_samples: int, n_features: int, components: int | None, batch_size: int | None) -> PCAPlan:
-    """Validate the requested K against the data and batches; say the fix when it cannot work."""
-    if n_samples < 2:
-        raise ReductionError(f"PCA needs at least 2 images, got {n_samples}: add images to the input")
-    batch = min(batch_size or DEFAULT_PCA_BATCH, n_samples)
-    if components is not None:
-        if components > n_features:
-            raise ReductionError(
-                f"--components {components} is more than the {n_features} features per image: "
-                f"use --components {n_features} or fewer (or --pooling none for more features)"
-            )
-        if components > n_samples:
-            raise ReductionError(
-                f"--components {components} is more than the {n_samples} images: use --components {n_samples} or fewer"
-            )
-        if components > batch:
-            raise ReductionError(
-                f"--components {components} is more than the PCA batch size {batch}: IncrementalPCA needs "
-                f"K <= rows per batch; pass --pca-batch-size {components} or more, or fewer --components"
-            )
-        return PCAPlan(components, batch, components)
-    n_fit = min(n_features, batch, n_samples, MAX_FIT_COMPONENTS)
-    return PCAPlan(n_fit, batch, None)
+class Rows(Protocol):
+    """Rows the estimator can fit on, in the two shapes its strategies take."""
+
+    def moments(self) -> Moments | None:
+        """The moments of every row, summed where the rows lie (None: no rows)."""
+        ...
+
+    def stream(self, fit: PCA) -> Reduction:
+        """``fit.fit(X)`` on every row as one lazy ``(n, d)`` dask array."""
+        ...
 
 
-def choose_k(ratios: np.ndarray, target: float) -> int:
-    """Smallest K whose cumulative explained-variance ratio reaches ``target`` (else all)."""
-    cumulative = np.cumsum(ratios)
-    # A tiny tolerance so that a target of 1.0 is met by a full-rank fit despite rounding.
-    hits = np.nonzero(cumulative >= target - 1e-9)[0]
-    return int(hits[0] + 1) if len(hits) else len(ratios)
+class PCA:
+    """Standardize + PCA of feature rows ``n_features`` wide (scikit-learn's conventions:
+    ``__init__`` only stores, the fit validates).
 
+    Parameters
+    ----------
+    n_features
+        The width of a row: it decides the strategy (:func:`strategy_for`).
+    components
+        K, or None to take the smallest K whose explained variance reaches ``variance``.
+    variance
+        The variance target when ``components`` is None.
+    batch_size, power_iterations, seed
+        The streamed strategy's IncrementalPCA: rows per batch, power iterations of its
+        randomized solver (keep them above 0: dask-ml's default of 0 under-reports the
+        variance), and its random state.
+    """
 
-@dataclass
-class Reduction:
-    """A fitted standardization + PCA, portable as a ``.npz`` file."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    pca_mean: np.ndarray
-    components: np.ndarray  # (k, d): the applied components
-    explained_variance: np.ndarray  # (n_fit,)
-    explained_variance_ratio: np.ndarray  # (n_fit,)
-    k: int
-    variance_target: float | None
-    n_samples: int
-    method: str
-    #: Components actually fitted, when ``explained_variance_ratio`` also holds a spectrum
-    #: tail beyond them (K from the spectrum); None: every ratio is a fitted component.
-    n_fitted: int | None = None
+    def __init__(self, n_features: int, *, components: int | None = None, variance: float = 0.95,
+                 batch_size: int | None = None, power_iterations: int = 2, seed: int = 0) -> None:
+        self.n_features = n_features
+        self.components = components
+        self.variance = variance
+        self.batch_size = batch_size
+        self.power_iterations = power_iterations
+        self.seed = seed
+        self.moments_: Moments | None = None
+        self.reduction_: Reduction | None = None
 
     @property
-    def variance_reached(self) -> float:
-        return float(np.sum(self.explained_variance_ratio[: self.k]))
+    def strategy(self) -> Strategy:
+        return strategy_for(self.n_features)
 
-    def transform(self, features: np.ndarray) -> np.ndarray:
-        """Project raw features ``(n, d)`` to ``(n, k)`` float32."""
-        z = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
-        return ((z - self.pca_mean) @ self.components.T).astype(np.float32)
+    def partial_fit(self, X: np.ndarray) -> PCA:
+        """Add the rows of ``X`` (``moments`` strategy): their moments merge into the fit's."""
+        return self.merge(Moments.of(self._checked(X)))
 
-    def to_npz(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez_compressed(
-            buf,
-            mean=self.mean,
-            scale=self.scale,
-            pca_mean=self.pca_mean,
-            components=self.components,
-            explained_variance=self.explained_variance,
-            explained_variance_ratio=self.explained_variance_ratio,
-            k=np.int64(self.k),
-            variance_target=np.float64(np.nan if self.variance_target is None else self.variance_target),
-            n_samples=np.int64(self.n_samples),
-            method=np.str_(self.method),
-            n_fitted=np.int64(-1 if self.n_fitted is None else self.n_fitted),
-        )
-        return buf.getvalue()
+    def merge(self, moments: Moments | None) -> PCA:
+        """Add rows summed elsewhere (a task's :class:`Moments`, or a tree reduction's)."""
+        self._needs("moments", "merge")
+        if moments is not None:
+            self.moments_ = moments if self.moments_ is None else self.moments_.merge(moments)
+        return self
 
-    @classmethod
-    def from_npz(cls, data: bytes) -> Reduction:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            target = float(z["variance_target"])
-            return cls(
-                mean=z["mean"],
-                scale=z["scale"],
-                pca_mean=z["pca_mean"],
-                components=z["components"],
-                explained_variance=z["explained_variance"],
-                explained_variance_ratio=z["explained_variance_ratio"],
-                k=int(z["k"]),
-                variance_target=None if np.isnan(target) else target,
-                n_samples=int(z["n_samples"]),
-                method=str(z["method"]),
-                n_fitted=int(z["n_fitted"]) if "n_fitted" in z and int(z["n_fitted"]) >= 0 else None,
+    def finish(self) -> Reduction:
+        """The exact fit of every row added so far (``moments`` strategy)."""
+        self._needs("moments", "finish")
+        self.reduction_ = pca_moments.fit(self.moments_, components=self.components, variance=self.variance)
+        return self.reduction_
+
+    def fit(self, X: Any) -> Reduction:
+        """Fit on every row of ``X``: a NumPy array, or a dask array (streamed by ``streamed``)."""
+        if self.strategy == "moments":
+            self.moments_ = None
+            return self.partial_fit(np.asarray(X)).finish()
+        import dask.array as da
+
+        X = X if isinstance(X, da.Array) else da.from_array(np.asarray(X), chunks=(max(1, self.batch_size or 1024), -1))
+        self._checked(X)
+        self.reduction_ = pca_streamed.fit_incremental_pca(
+            X, components=self.components, variance=self.variance, batch_size=self.batch_size,
+            power_iterations=self.power_iterations, seed=self.seed)
+        return self.reduction_
+
+    def fit_rows(self, rows: Rows) -> Reduction:
+        """Fit on ``rows`` in the shape this estimator's strategy takes (moments, or a stream)."""
+        if self.strategy == "moments":
+            self.moments_ = None
+            return self.merge(rows.moments()).finish()
+        return rows.stream(self)
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Project rows ``(n, d)`` to ``(n, K)`` float32 with the fit."""
+        return self._fitted().transform(X)
+
+    @property
+    def explained_variance_(self) -> np.ndarray:
+        return self._fitted().explained_variance
+
+    @property
+    def explained_variance_ratio_(self) -> np.ndarray:
+        return self._fitted().explained_variance_ratio
+
+    @property
+    def components_(self) -> np.ndarray:
+        return self._fitted().components
+
+    def _fitted(self) -> Reduction:
+        if self.reduction_ is None:
+            raise ReductionError("this PCA is not fitted yet: call fit, fit_rows or finish first")
+        return self.reduction_
+
+    def _needs(self, strategy: Strategy, step: str) -> None:
+        if self.strategy != strategy:
+            raise ReductionError(
+                f"PCA.{step} sums moments, but {self.n_features:,} features per row are fitted by the {self.strategy} "
+                f"strategy (moments up to {MAX_MOMENT_FEATURES:,}): call fit on a dask array of the rows instead"
             )
 
-    def summary(self) -> dict:
-        """The numbers ``run.json`` keeps (arrays stay in ``reduction.npz``)."""
-        return {
-            "k": self.k,
-            "variance_target": self.variance_target,
-            "variance_reached": self.variance_reached,
-            "n_fit_components": self.n_fitted if self.n_fitted is not None else len(self.explained_variance_ratio),
-            "explained_variance_ratio": [float(x) for x in self.explained_variance_ratio[: self.k]],
-            "n_samples": self.n_samples,
-            "n_features": int(self.mean.shape[0]),
-            "method": self.method,
-        }
-
-
-def safe_scale(std: np.ndarray) -> np.ndarray:
-    """Standard deviations with zeros replaced by 1 (constant features stay 0, as sklearn)."""
-    std = np.asarray(std, dtype=np.float64)
-    return np.where(std > 1e-12, std, 1.0)
-
-
-def finish(
-    plan: PCAPlan,
-    mean: np.ndarray,
-    scale: np.ndarray,
-    pca_mean: np.ndarray,
-    components: np.ndarray,
-    explained_variance: np.ndarray,
-    ratios: np.ndarray,
-    variance: float,
-    n_samples: int,
-    method: str,
-) -> Reduction:
-    """Pick K (fixed, or from the variance target) and keep the first K components."""
-    ratios = np.asarray(ratios, dtype=np.float64)
-    if plan.fixed_k is not None:
-        k, target = plan.fixed_k, None
-    else:
-        k, target = choose_k(ratios, variance), variance
-        if float(np.sum(ratios[:k])) < variance - 1e-9:
-            logger.warning(
-                "the %d fitted components explain %.4f of the variance, below the --variance target %.4f: "
-                "keeping all %d (pass a larger --pca-batch-size to fit more components)",
-                len(ratios), float(np.sum(ratios)), variance, k,
+    def _checked(self, X: Any) -> Any:
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ReductionError(
+                f"PCA of {self.n_features} features per row got rows of shape {tuple(X.shape)}: pass an "
+                f"(n, {self.n_features}) array"
             )
-    return Reduction(
-        mean=np.asarray(mean, dtype=np.float64),
-        scale=np.asarray(scale, dtype=np.float64),
-        pca_mean=np.asarray(pca_mean, dtype=np.float64),
-        components=np.asarray(components[:k], dtype=np.float64),
-        explained_variance=np.asarray(explained_variance, dtype=np.float64),
-        explained_variance_ratio=ratios,
-        k=int(k),
-        variance_target=target,
-        n_samples=int(n_samples),
-        method=method,
-    )
-
-
-def silence_first_batch_warning() -> None:
-    """Hide numpy's "invalid value encountered in divide" from dask-ml's first batch.
-
-    dask-ml's incremental mean/variance divides 0 by 0 while no sample has been seen yet and
-    then discards that value (as sklearn does); the warning is noise. It is filtered only for
-    ufunc tasks run directly by dask's task spec, not for any fruitdask code. Run it in each
-    worker process (``client.run``) and in the client.
-    """
-    import warnings
-
-    warnings.filterwarnings(
-        "ignore", message="invalid value encountered in divide", category=RuntimeWarning, module=r"dask\._task_spec"
-    )
-
-
-@dataclass(frozen=True)
-class Spectrum:
-    """Explained-variance ratios of the leading components, and how they were found."""
-
-    ratios: np.ndarray  # descending, as fractions of the total variance
-    exact: bool
-    method: str
-    #: Gram path only: eigenvalues of ``Z Z^T`` (descending) and their eigenvectors (n x r),
-    #: from which the principal axes follow in one more pass (:func:`gram_components`).
-    eigenvalues: np.ndarray | None = None
-    vectors: np.ndarray | None = None
-
-
-def _row_blocks(Z):
-    """``Z`` rechunked to whole rows of about :data:`GRAM_BLOCK_BYTES` (as float64)."""
-    n, d = (int(x) for x in Z.shape)
-    return Z.rechunk({0: max(1, min(n, GRAM_BLOCK_BYTES // max(1, 8 * d))), 1: -1})
-
-
-def gram_spectrum(Z) -> Spectrum:
-    """Exact explained-variance ratios of a centred dask array ``Z (n, d)`` from ``Z Z^T``.
-
-    The non-zero eigenvalues of ``Z Z^T`` are those of ``Z^T Z`` (the scatter matrix), so
-    the ``n x n`` Gram matrix gives the whole spectrum without a ``d x d`` covariance. It is
-    built as ``(b x d) @ (d x b)`` products of row blocks; only two blocks and the ``n x n``
-    result are in memory at once per task.
-    """
-    import dask.array as da
-
-    n, d = (int(x) for x in Z.shape)
-    Zb = _row_blocks(Z)
-    G, trace = da.compute(Zb @ Zb.T, (Zb * Zb).sum())
-    eig, vectors = np.linalg.eigh(np.asarray(G, dtype=np.float64))
-    # Rank is at most min(n, d): the rest are rounding noise around 0.
-    r = min(n, d)
-    eig, vectors = np.clip(eig[::-1][:r], 0.0, None), vectors[:, ::-1][:, :r]
-    total = float(trace)
-    ratios = eig / total if total > 0 else np.zeros_like(eig)
-    return Spectrum(ratios, True, f"exact eigenvalues of the {n} x {n} Gram matrix", eig, vectors)
-
-
-def gram_components(Z, eigenvalues: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Principal axes ``(k, d)`` of a centred dask array from its Gram eigenpairs.
-
-    With ``Z = U S V^T``: ``V_k^T = S_k^-1 U_k^T Z``, one streaming pass of ``(k x b) @ (b x d)``
-    products over the row blocks. Signs follow scikit-learn (largest |value| of each axis
-    positive), so the projections match its exact PCA.
-    """
-    import dask.array as da
-
-    Zb = _row_blocks(Z)  # few big blocks: each one's (k x d) partial product is summed
-    Ut = da.from_array(np.ascontiguousarray(vectors.T), chunks=(vectors.shape[1], Zb.chunks[0]))
-    V = np.asarray((Ut @ Zb).compute(), dtype=np.float64)
-    V /= np.sqrt(np.maximum(eigenvalues, 1e-300))[:, None]
-    signs = np.sign(V[np.arange(len(V)), np.argmax(np.abs(V), axis=1)])
-    return V * np.where(signs == 0, 1.0, signs)[:, None]
-
-
-def randomized_spectrum(Z, n_components: int, power_iterations: int, seed: int) -> Spectrum:
-    """Leading explained-variance ratios of a centred dask array by randomized SVD.
-
-    The total variance is exact (the trace of ``Z^T Z``); only the leading singular values
-    are estimated, with ``power_iterations`` passes that sharpen them on flat spectra.
-    """
-    import dask.array as da
-
-    Zb = Z.rechunk({1: -1})
-    _, s, _ = da.linalg.svd_compressed(Zb, k=n_components, n_power_iter=max(power_iterations, 1), seed=seed)
-    s, trace = da.compute(s, (Zb * Zb).sum())
-    total = float(trace)
-    eig = np.sort(np.asarray(s, dtype=np.float64) ** 2)[::-1]
-    ratios = eig / total if total > 0 else np.zeros_like(eig)
-    return Spectrum(ratios, False, f"randomized estimate of the top {n_components} singular values "
-                    f"({power_iterations} power iterations)")
-
-
-def spectrum(Z, *, power_iterations: int = 2, seed: int = 0, gram_max_samples: int = GRAM_MAX_SAMPLES) -> Spectrum:
-    """The explained-variance spectrum of the centred dask array ``Z``, found cheaply.
-
-    Exact (Gram eigenvalues) up to ``gram_max_samples`` rows, else a randomized estimate of
-    the top :data:`MAX_FIT_COMPONENTS` components with power iterations.
-    """
-    n, d = (int(x) for x in Z.shape)
-    if n <= gram_max_samples:
-        return gram_spectrum(Z)
-    return randomized_spectrum(Z, min(n, d, MAX_FIT_COMPONENTS), power_iterations, seed)
-
-
-def fit_incremental_pca(
-    X,
-    *,
-    components: int | None,
-    variance: float,
-    batch_size: int | None,
-    power_iterations: int = 2,
-    seed: int = 0,
-    gram_max_samples: int = GRAM_MAX_SAMPLES,
-) -> Reduction:
-    """Standardize a dask array ``X (n, d)`` and fit dask-ml's IncrementalPCA on it.
-
-    Streams over batches of rows: only ``batch_size x d`` rows and the ``K x d`` components
-    are in memory at once, never the full feature matrix nor a ``d x d`` covariance.
-    The randomized solver with ``power_iterations`` (default 2) stays within ~1e-6 of exact
-    PCA on VGG16 features; dask-ml's default (0 iterations) under-reports the variance.
-
-    With a variance target (``components=None``): up to ``gram_max_samples`` rows the PCA
-    is exact, from the Gram eigenpairs (:func:`spectrum`; ``n_fitted`` is K); above, one
-    IncrementalPCA pass fits up to :data:`MAX_FIT_COMPONENTS` components and K is read off them.
-    """
-    silence_first_batch_warning()
-    n_samples, n_features = (int(x) for x in X.shape)
-    plan = plan_pca(n_samples, n_features, components, batch_size)
-    mean, scale, Z = _standardize(X)
-    if plan.fixed_k is None and n_samples > gram_max_samples:
-        return _streamed_k(Z, plan, mean, scale, variance, n_samples, power_iterations, seed)
-    if plan.fixed_k is None:
-        spec = spectrum(Z, power_iterations=power_iterations, seed=seed, gram_max_samples=gram_max_samples)
-        k = max(1, min(choose_k(spec.ratios, variance), n_samples, n_features))
-        logger.info("K=%d reaches %.4f of the variance (%s)", k, float(np.sum(spec.ratios[:k])), spec.method)
-        if spec.vectors is not None:
-            return _gram_reduction(Z, spec, k, mean, scale, variance, n_samples)
-        # IncrementalPCA needs K <= rows per batch: grow the batch when the target needs more.
-        # Fitting about 2K components and keeping K keeps the K-th axis accurate where the
-        # spectrum is flat (a randomized fit of exactly K mixes the last ones).
-        batch = max(plan.batch_size, k)
-        plan = PCAPlan(min(batch, n_samples, n_features, 2 * k + 10), batch, None)
-    else:
-        spec, k = None, plan.fixed_k
-    ipca = _fit_ipca(Z, plan, power_iterations, seed)
-    method = f"dask-ml IncrementalPCA (randomized, {power_iterations} power iterations)"
-    fitted_var = np.asarray(ipca.explained_variance_, dtype=np.float64)
-    fitted_ratio = np.asarray(ipca.explained_variance_ratio_, dtype=np.float64)
-    if spec is None:
-        return finish(plan, mean, scale, np.asarray(ipca.mean_), np.asarray(ipca.components_),
-                      fitted_var, fitted_ratio, variance, n_samples, method)
-    return Reduction(
-        mean=np.asarray(mean, dtype=np.float64),
-        scale=np.asarray(scale, dtype=np.float64),
-        pca_mean=np.asarray(ipca.mean_, dtype=np.float64),
-        components=np.asarray(ipca.components_[:k], dtype=np.float64),
-        explained_variance=fitted_var,
-        explained_variance_ratio=fitted_ratio,
-        k=k,
-        variance_target=variance,
-        n_samples=n_samples,
-        method=f"{method}; K from the {spec.method}",
-    )
-
-
-def _streamed_k(Z, plan: PCAPlan, mean, scale, variance: float, n_samples: int, power_iterations: int,
-                seed: int) -> Reduction:
-    """Above the Gram matrix's size: one IncrementalPCA pass fits up to
-    :data:`MAX_FIT_COMPONENTS` components and K is read off their exact-denominator ratios
-    (no task holds more than a batch, as the randomized spectrum's stacked R factors would)."""
-    ipca = _fit_ipca(Z, plan, power_iterations, seed)
-    return finish(plan, mean, scale, np.asarray(ipca.mean_), np.asarray(ipca.components_),
-                  np.asarray(ipca.explained_variance_, dtype=np.float64),
-                  np.asarray(ipca.explained_variance_ratio_, dtype=np.float64), variance, n_samples,
-                  f"dask-ml IncrementalPCA (randomized, {power_iterations} power iterations; K from its own spectrum)")
-
-
-def _standardize(X) -> tuple[np.ndarray, np.ndarray, Any]:
-    """``(mean, scale, Z)`` of a dask array: per-feature mean and safe scale in one pass,
-    and the lazy float64 ``Z = (X - mean) / scale`` the PCA streams over."""
-    import dask.array as da
-
-    mean, std = da.compute(X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64))
-    scale = safe_scale(std)
-    return mean, scale, (X.astype(np.float64) - mean) / scale
-
-
-def _fit_ipca(Z, plan: PCAPlan, power_iterations: int, seed: int):
-    """dask-ml's IncrementalPCA with the randomized solver, fitted batch by batch."""
-    from dask_ml.decomposition import IncrementalPCA
-
-    ipca = IncrementalPCA(
-        n_components=plan.n_fit,
-        batch_size=plan.batch_size,
-        svd_solver="randomized",
-        iterated_power=power_iterations,
-        random_state=seed,
-    )
-    ipca.fit(Z)
-    n_samples, n_features = (int(x) for x in Z.shape)
-    logger.info("IncrementalPCA: %d components fitted on %d x %d in batches of %d",
-                plan.n_fit, n_samples, n_features, plan.batch_size)
-    return ipca
-
-
-def _gram_reduction(Z, spec: Spectrum, k: int, mean, scale, variance: float, n_samples: int) -> Reduction:
-    """Exact PCA from the Gram eigenpairs: K axes in one pass, the spectrum for the scree."""
-    if spec.eigenvalues is None or spec.vectors is None:
-        raise ValueError("the Gram reduction needs the spectrum's eigenpairs (spectrum method 'gram')")
-    shown = min(len(spec.ratios), max(k, MAX_FIT_COMPONENTS))
-    components = gram_components(Z, spec.eigenvalues[:k], spec.vectors[:, :k])
-    return Reduction(
-        mean=np.asarray(mean, dtype=np.float64),
-        scale=np.asarray(scale, dtype=np.float64),
-        pca_mean=np.zeros(components.shape[1]),  # Z is centred by the standardization
-        components=components,
-        explained_variance=spec.eigenvalues[:shown] / max(n_samples - 1, 1),
-        explained_variance_ratio=spec.ratios[:shown],
-        k=k,
-        variance_target=variance,
-        n_samples=n_samples,
-        method=f"exact PCA from the {spec.method} (eigh; K axes in one streaming pass)",
-        n_fitted=k,
-    )
+        return X

@@ -45,7 +45,3 @@ class StageTimer:
     def total(self) -> float:
         return time.time() - self.started
 
-
-def label_counts(listing) -> dict[str, int]:
-    """Images per label, sorted by label."""
-    return {str(k): int(v) for k, v in listing["label"].value_counts().sort_index().items()}

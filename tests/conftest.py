@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -50,6 +51,20 @@ def copy_images(src: Path, dest: Path, labels: int, per_label: int) -> Path:
     return dest
 
 
+def after_a_killed_run(ttl_s: float) -> None:
+    """Before running a SIGKILLed run again: nothing to wait where this host can tell the
+    dead holder of the output lock (boot, pid namespace and pid start time known), since the
+    next run then takes the lock over at once, whether or not its lease ran out
+    (``fruitdask.storage.lease.gone``; test_lease's
+    ``test_a_run_killed_with_sigkill_leaves_a_lock_the_next_run_takes_over_at_once``);
+    elsewhere, the lease's TTL and a second, for it to run out."""
+    from fruitdask.storage import lease
+
+    doc = lease.document("probe", ttl_s)
+    if None in (doc["boot_id"], doc["pid_ns"], doc["pid_start"]):
+        time.sleep(ttl_s + 1)
+
+
 @pytest.fixture(scope="session")
 def bundled_sample() -> Path:
     """The 120 real images shipped in the package (12 labels x 10)."""
@@ -65,12 +80,12 @@ def tiny_images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory) -> Path:
     """Seeded random VGG16 (no top) weights saved the way users save real ones."""
-    from fruitdask.features import model
+    from fruitdask.features.runtimes.tensorflow import build_vgg16, import_keras
 
     path = tmp_path_factory.mktemp("weights") / "vgg16_notop.weights.h5"
-    keras = model.import_keras()
+    keras = import_keras()
     keras.utils.set_random_seed(1234)
-    model.build_vgg16(SMALL_SIZE).save_weights(str(path))
+    build_vgg16(SMALL_SIZE).save_weights(str(path))
     return path
 
 
@@ -114,3 +129,22 @@ def local_cluster() -> Iterator[Callable]:
 def module_local_cluster() -> Iterator[Callable]:
     """The same factory, for module fixtures: its clusters are closed after the module."""
     yield from _cluster_factory()
+
+
+@pytest.fixture(scope="session")
+def serve_model(tmp_path_factory, weights_file) -> dict:
+    """`run` on the bundled sample (12 labels x 10) at 32 px, then `train` against 2 Test photos per label.
+
+    One per session: test_serve and test_app_page serve it; nothing writes to it."""
+    from fruitdask.cli import main
+
+    root = tmp_path_factory.mktemp("serve")
+    test_dir = copy_images(SAMPLE / "Test", root / "Test", 12, 2)
+    rc = main(["run", "--input", str(BUNDLED), "--output", str(root / "run"), "--image-size", str(SMALL_SIZE),
+               "--weights", str(weights_file), "--workers", "1", "--threads-per-worker", "2", "--precision", "float32", "--quiet"])
+    assert rc == 0
+    rc = main(["train", "--features", str(root / "run"), "--test-input", str(test_dir), "--model-out", str(root / "model"), "--quiet"])
+    assert rc == 0
+    photos = sorted(p for p in test_dir.rglob("*.jpg"))
+    assert len(photos) == 24
+    return {"model": root / "model", "photos": photos, "root": root}

@@ -23,7 +23,7 @@ def die(*args, **kwargs):
 def main() -> int:
     stage, argv = sys.argv[1], sys.argv[2:]
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    from fruitdask import cli, pipeline
+    from fruitdask import cli, output, pca_moments
     from fruitdask.backends.dask import backend as dask_backend
     from fruitdask.lake import plan, update
     from fruitdask.lake import table as delta
@@ -40,13 +40,13 @@ def main() -> int:
 
         dask_backend.track_images = first_then_die
     elif stage == "fitting":
-        update.fit = die
+        pca_moments.fit = die
     elif stage == "projecting":
         update._project = die
     elif stage == "committing":
         delta.commit = die
     elif stage == "published":
-        pipeline.publish = die
+        output.publish = die
     elif stage in ("trained", "registered", "promoted"):
         _after_daily_step(stage)
     else:

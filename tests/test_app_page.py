@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, SAMPLE
 from PIL import Image
 from playwright.sync_api import expect
-from test_serve import LABELS, MAX_BODY, call, free_port, post_image, serve_model, server
+from test_serve import LABELS, MAX_BODY, call, free_port, post_image, server
 
 from fruitdask.catalogue import load_catalogue
 from fruitdask.classifier import nonfruit
@@ -45,8 +45,9 @@ window.fetch = async function (url, opts) {
 UNKNOWN_TITLE = {"fr": "Pas un fruit que cette application connaît", "en": "Not a fruit this app knows"}
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-#: test_serve's module fixtures, reused here: the server on a bundle trained on the bundled sample.
-REUSED_FIXTURES = (serve_model, server)
+#: test_serve's module fixture, reused here: the server on the bundle trained on the bundled sample
+#: (conftest's session-wide ``serve_model``).
+REUSED_FIXTURES = (server,)
 
 
 # --- fixtures -------------------------------------------------------------------------

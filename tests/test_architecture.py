@@ -113,11 +113,13 @@ LAYERS: dict[str, int] = {
     # 1 storage: the only layer that knows fsspec/s3fs, and the tables' schema
     "fruitdask.storage": 1,
     "fruitdask.schema": 1,
-    # 2 stages: pure transforms every engine calls (featurize, reduce)
+    # 2 stages: pure transforms every engine calls (featurize, reduce: the PCA estimator, its strategies, its result)
     "fruitdask.features": 2,
     "fruitdask.reduce": 2,
     "fruitdask.pca_moments": 2,
-    # 3 the output: the features table, checkpoints, the run's files and record
+    "fruitdask.pca_streamed": 2,
+    "fruitdask.reduction": 2,
+    # 3 the output: the features table, checkpoints, the run's files, names, record and publishing
     "fruitdask.lake": 3,
     "fruitdask.checkpoint": 3,
     "fruitdask.output": 3,
@@ -125,8 +127,8 @@ LAYERS: dict[str, int] = {
     "fruitdask.backends": 4,
     # 5 the report of a run: above the engines, so no backend draws or builds it
     "fruitdask.report": 5,
-    # 6 what drives a run or reads one back; the pipeline draws the scree plot and builds the
-    # report itself because it publishes them inside the output's lock, before ``_SUCCESS``
+    # 6 what drives a run or reads one back; the pipeline hands the output's publish the
+    # report's drawings because they are published inside the output's lock, before ``_SUCCESS``
     "fruitdask.pipeline": 6,
     "fruitdask.classifier": 6,
     # 7 long-running uses of them

@@ -184,12 +184,12 @@ def test_max_errors_count_and_fraction():
 
 
 def test_featurize_bytes_skips_bad_rows_with_positions():
-    class FakeModel:
-        def predict_on_batch(self, batch):
+    class FakeRuntime:
+        def featurize(self, batch):
             return np.ones((len(batch), 1, 1, 512), dtype=np.float32)
 
     contents = [jpeg(), b"", None, INVALID["text.jpg"][0](), jpeg((0, 0, 0))]
-    res = featurize.featurize_bytes(FakeModel(), contents, S, "avg", 2)
+    res = featurize.featurize_bytes(FakeRuntime(), contents, S, "avg", 2)  # type: ignore[arg-type]
     assert res.ok == [0, 4] and res.features.shape == (2, 512)
     assert [(i, stage) for i, stage, _ in res.errors] == [(1, "decode"), (3, "decode")]
 
@@ -300,7 +300,11 @@ def test_unreadable_file_is_a_read_error_and_an_all_bad_partition_keeps_its_rows
     (tmp_path / "L" / "empty.jpg").write_bytes(b"")
     contents, read_errors = frames.read_many(list(df["path"]), None)
     assert contents[0] is None and "cannot read file" in read_errors[0]
-    result = featurize.featurize_bytes(None, contents, S, "avg", 2)  # the model is never called
+    class NeverCalled:
+        def featurize(self, batch):
+            raise AssertionError("nothing decoded, yet the runtime was called")
+
+    result = featurize.featurize_bytes(NeverCalled(), contents, S, "avg", 2)  # type: ignore[arg-type]
     out = frames.assemble(df, result, read_errors)
     assert list(out["error_stage"]) == ["read", "decode"]
     assert out["features"].isna().all() and len(out) == 2

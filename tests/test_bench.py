@@ -26,8 +26,8 @@ def test_pick_first_or_evenly_spaced():
 def test_steady_rate_excludes_the_first_wave():
     # 2 slots, 6 partitions of 10 images: the first wave (warm-up) ends at 10 s, then one
     # partition per slot every 2 s.
-    assert summary.steady_rate([10, 10, 12, 12, 14, 14], 60, 2) == pytest.approx(40 / 4)
-    assert summary.steady_rate([5, 6], 20, 2) is None  # no second wave: not measurable
+    assert summary.first_wave_rate([10, 10, 12, 12, 14, 14], 60, 2) == pytest.approx(40 / 4)
+    assert summary.first_wave_rate([5, 6], 20, 2) is None  # no second wave: not measurable
 
 
 def test_fill_doc_replaces_only_its_section(tmp_path):

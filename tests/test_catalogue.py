@@ -107,3 +107,17 @@ def test_train_warns_about_labels_missing_from_the_catalogue(caplog):
     assert "2 labels have no entry in the fruit catalogue" in caplog.text and "Durian, Cherry Wax Red" in caplog.text
     caplog.clear()
     assert warn_uncatalogued(SHARED_LABELS) == [] and caplog.text == ""
+
+
+def test_every_language_answers_every_status_and_names_every_rank():
+    """The API's sentences live with the catalogue, one set per language of LANGUAGES (a
+    language more is fruits.json, catalogue/__init__.py and the page's app.js): each names
+    every status the open-set detector decides, and every rank a shared group can have."""
+    from fruitdask.catalogue import ANSWERS, RANK_WORDS
+    from fruitdask.classifier.openset import RECOGNISED, UNCERTAIN, UNKNOWN
+
+    assert set(ANSWERS) == set(RANK_WORDS) == set(LANGUAGES)
+    for lang in LANGUAGES:
+        assert set(ANSWERS[lang]) == {RECOGNISED, UNCERTAIN, UNKNOWN, "uncertain_group"}, lang
+        assert set(RANK_WORDS[lang]) == {"genus", "family"}, lang
+        assert all(text.strip() for text in ANSWERS[lang].values()), lang

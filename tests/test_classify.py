@@ -8,6 +8,7 @@ exercise the "reload the run's weights and check their sha256" path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from conftest import SAMPLE, SMALL_SIZE, copy_images
 
 from fruitdask import storage
-from fruitdask.classifier.bundle import FeatureSpec, Featurizer, LinearClassifier, ModelBundle, load_verified_weights
+from fruitdask.classifier.bundle import Featurizer, LinearClassifier, ModelBundle, load_verified_weights
 from fruitdask.classifier.classify import evaluate, fit_classifier, load_run
 from fruitdask.cli import main
 from fruitdask.errors import InputError, ModelError
@@ -135,7 +136,7 @@ def test_bundle_round_trips(trained, tmp_path):
     copy = tmp_path / "copy"
     bundle.save(str(copy))
     again = ModelBundle.load(str(copy))
-    assert (again.spec, again.weights, again.batch_size, again.labels) == (bundle.spec, bundle.weights, bundle.batch_size, bundle.labels)
+    assert (again.spec, again.weights, again.spec.batch_size, again.labels) == (bundle.spec, bundle.weights, bundle.spec.batch_size, bundle.labels)
     assert again.info["training"] == bundle.info["training"]
     for name in ("mean", "scale", "pca_mean", "components"):
         np.testing.assert_array_equal(getattr(again.reduction, name), getattr(bundle.reduction, name))
@@ -152,7 +153,7 @@ def test_bundle_round_trips(trained, tmp_path):
 def test_model_refuses_photos_featurized_at_another_size(trained):
     bundle = ModelBundle.load(str(trained["model"]))
     weights = load_verified_weights(bundle.weights, 64, None)
-    other = Featurizer(weights, FeatureSpec(bundle.spec.weights_sha256, 64, bundle.spec.pooling), bundle.batch_size)
+    other = Featurizer(weights, dataclasses.replace(bundle.spec, image_size=64))
     photo = sorted((trained["test"] / "Orange").iterdir())[0]
     df = other.featurize([str(photo)])
     features = frames.matrix(df["features"])
@@ -160,7 +161,7 @@ def test_model_refuses_photos_featurized_at_another_size(trained):
     with pytest.raises(ModelError, match=r"image size 64 \(model: 32\)"):
         bundle.predict_proba(features, other.spec)
     with pytest.raises(ModelError, match=r"pooling 'max' \(model: 'avg'\)"):
-        bundle.predict_proba(features, FeatureSpec(bundle.spec.weights_sha256, SMALL_SIZE, "max"))
+        bundle.predict_proba(features, dataclasses.replace(bundle.spec, pooling="max"))
 
 
 @pytest.mark.integration
@@ -174,6 +175,7 @@ def test_train_on_test_features_checks_the_run_settings(trained, tmp_path, capsy
     other = tmp_path / "run64"
     shutil.copytree(trained["run"], other)
     doc = json.loads((other / "run.json").read_text())
+    doc["features"]["image_size"] = 64  # what decided the run's features (its config says the same)
     doc["config"]["image_size"] = 64
     (other / "run.json").write_text(json.dumps(doc))
     capsys.readouterr()

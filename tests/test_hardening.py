@@ -20,12 +20,14 @@ from conftest import BUNDLED, REPO, SMALL_SIZE, copy_images
 from PIL import Image
 
 from fruitdask import cli, pipeline, storage
-from fruitdask.classifier.bundle import FeatureSpec, WeightsRef, load_verified_weights
+from fruitdask.classifier.bundle import WeightsRef, load_verified_weights
 from fruitdask.commands.run import EXIT_SKIPPED
 from fruitdask.config import StorageSettings, build_config
 from fruitdask.errors import RegionError, UntrustedReferenceError, WeightsError
 from fruitdask.features import model
 from fruitdask.features.featurize import DecodeError, decode_image
+from fruitdask.features.runtimes.tensorflow import build_vgg16, import_keras
+from fruitdask.features.settings import FeatureSettings
 from fruitdask.report import plots as report_plots
 from fruitdask.report import svg as report_svg
 
@@ -180,7 +182,7 @@ def test_predict_guards_the_weights_reference_of_the_bundle(s3, tmp_path, monkey
 
     class Fake:
         weights = WeightsRef(kind="file", source="s3://models-us/vgg16.weights.h5", sha256="0" * 64)
-        spec = FeatureSpec("0" * 64, S, "avg")
+        spec = FeatureSettings("0" * 64, S, "avg", 8)
 
         def featurizer(self, opts, override, guard=None):
             calls.append(guard)
@@ -196,10 +198,10 @@ def test_predict_guards_the_weights_reference_of_the_bundle(s3, tmp_path, monkey
 
 
 def _keras_file(tmp_path: Path) -> Path:
-    keras = model.import_keras()
+    keras = import_keras()
     keras.utils.set_random_seed(7)
     path = tmp_path / "vgg16_notop.keras"
-    model.build_vgg16(S).save(str(path))
+    build_vgg16(S).save(str(path))
     return path
 
 
@@ -211,7 +213,7 @@ def test_keras_file_is_hashed_before_it_is_deserialized(tmp_path, monkeypatch):
     ref = WeightsRef(kind="file", source=str(path), sha256=info.sha256, file_sha256=info.file_sha256)
     assert len(load_verified_weights(ref, S, None)) == len(weights)
 
-    keras = model.import_keras()
+    keras = import_keras()
 
     def no_load(*a, **k):
         raise AssertionError("the .keras file was deserialized before its hash was checked")

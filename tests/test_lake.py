@@ -372,7 +372,7 @@ def test_streaming_pca_at_d_25088_on_a_small_n():
     import dask.array as da
     from sklearn.decomposition import PCA
 
-    from fruitdask.reduce import fit_incremental_pca
+    from fruitdask.pca_streamed import fit_incremental_pca
 
     rng = np.random.default_rng(1)
     x = (rng.normal(size=(160, 8)) @ rng.normal(size=(8, 25088)) + rng.normal(size=(160, 25088)) * 0.01).astype(np.float32)

@@ -4,22 +4,23 @@ Each case runs ``fruitdask run`` as a process group (:mod:`kill_at`), SIGKILLs t
 (client and local cluster, no cleanup) at one stage of a run, then runs the same command
 again: the table must hold every current image exactly once, with one row per image and the
 features of an undisturbed run. The killed run's lock is a lease (3 s here) that the second
-run takes over. A first run is killed on a new table; an update run (new, changed and
-removed images) is killed on an existing one.
+run takes over at once, its holder's pid being gone (conftest's ``after_a_killed_run``). A
+first run is killed on a new table; an update run (new, changed and removed images) is killed
+on an existing one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUNDLED, SMALL_SIZE, copy_images, read_features
+from conftest import BUNDLED, SMALL_SIZE, after_a_killed_run, copy_images, read_features
 from PIL import Image, ImageOps
 
 from fruitdask.config import TF_ENV
@@ -47,7 +48,7 @@ def _killed(stage: str, args: list[str], env: dict) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == -9, f"the run was not killed at {stage} (exit {proc.returncode}): {err[-2000:]}"
-    time.sleep(TTL + 1)  # the dead run's lease runs out
+    after_a_killed_run(TTL)  # the next run takes the dead run's lock over
 
 
 def _again(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -104,12 +105,32 @@ def test_a_first_run_killed_then_run_again_leaves_every_image_once(stage, tmp_pa
     assert not list(tmp_path.glob(".out.fruitdask-tmp-*")), "the dead run's staging outlived the next run"
 
 
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, weights_file) -> tuple[Path, Path]:
+    """One undisturbed first run on 3 labels x 3 images in ``work`` (its ``in`` and ``out``),
+    and a copy of that folder as the run left it, for the update cases to start from."""
+    root = tmp_path_factory.mktemp("update")
+    work, snapshot = root / "work", root / "snapshot"
+    data = copy_images(BUNDLED, work / "in", 3, 3)
+    _again(_args(str(data), str(work / "out"), str(weights_file)), _env())
+    shutil.copytree(work, snapshot, symlinks=True)
+    return work, snapshot
+
+
+@pytest.fixture
+def after_a_first_run(first_run) -> Path:
+    """``work`` as the first run left it, whatever the case before did there: the same
+    absolute paths, hence the same command line, and each image's mtime (its version) kept."""
+    work, snapshot = first_run
+    shutil.rmtree(work)
+    shutil.copytree(snapshot, work, symlinks=True)
+    return work
+
+
 @pytest.mark.parametrize("stage", ["featurizing", "committing", "published"])
-def test_an_update_killed_then_run_again_leaves_every_image_once(stage, tmp_path, weights_file, reference):
-    data = copy_images(BUNDLED, tmp_path / "in", 3, 3)
-    out = tmp_path / "out"
+def test_an_update_killed_then_run_again_leaves_every_image_once(stage, after_a_first_run, weights_file, reference):
+    data, out = after_a_first_run / "in", after_a_first_run / "out"
     args = _args(str(data), str(out), str(weights_file))
-    _again(args, _env())
     keys = _grow(data)
     _killed(stage, args, _env())
     assert delta.load(str(out), {}).version() == (1 if stage == "published" else 0)

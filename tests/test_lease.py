@@ -27,7 +27,7 @@ from conftest import BUNDLED, REPO, SMALL_SIZE, copy_images
 from fruitdask import storage
 from fruitdask.config import TF_ENV, build_config
 from fruitdask.errors import ConfigError, OutputBusyError
-from fruitdask.storage import lease, safety
+from fruitdask.storage import lease, safety, stores
 
 TTL = 3.0  # the shortest lease the configuration allows
 
@@ -65,7 +65,7 @@ def _lock_doc(target: storage.OutputTarget, o: dict | None) -> dict:
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_an_expired_lease_is_taken_over_with_a_log_line_naming_the_dead_holder(s3, tmp_path, where, caplog):
     url, o = _where(where, s3, tmp_path)
-    target = storage.OutputTarget.open(url, o, overwrite=False, run_id="next", lease_ttl=TTL)
+    target = storage.StagedOutput.open(url, o, overwrite=False, run_id="next", lease_ttl=TTL)
     _dead_lock(target, o)
     with caplog.at_level(logging.WARNING), storage.committed(target):
         assert _lock_doc(target, o)["run_id"] == "next"
@@ -87,11 +87,11 @@ def _lock_left(url: str, o: dict | None) -> bool:
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_a_live_lease_is_busy_and_says_when_it_runs_out(s3, tmp_path, where):
     url, o = _where(where, s3, tmp_path)
-    target = storage.OutputTarget.open(url, o, overwrite=False, run_id="next", lease_ttl=TTL)
+    target = storage.StagedOutput.open(url, o, overwrite=False, run_id="next", lease_ttl=TTL)
     doc = _other_machine("alive0run", 60)  # runs out in a minute
     storage.write_file(target.lock_url, json.dumps(doc).encode(), o)
     fs, path = storage.get_fs(target.lock_url, o)
-    until = safety._iso(lease.read(fs, path, where == "s3").expires(TTL))  # its write + 60 s, by the storage
+    until = safety._iso(lease.read(fs, path, stores.lookup(url)).expires(TTL))  # its write + 60 s, by the storage
     with pytest.raises(OutputBusyError, match=rf"run alive0run .*lease until {re.escape(until)} by the storage's clock\); "
                        r"this run \(next\) stops: wait for it to finish \(--wait-lock SECONDS waits for it\).*"
                        r"the next run then takes"):
@@ -104,19 +104,19 @@ def test_of_two_takers_of_one_expired_lease_only_one_wins(s3, tmp_path, where):
     """Both read the dead run's lock; the first conditional write wins, the second finds
     the lock changed and fails, and the lock is the winner's."""
     url, o = _where(where, s3, tmp_path)
-    target = storage.OutputTarget.open(url, o, overwrite=False, lease_ttl=TTL)
+    target = storage.StagedOutput.open(url, o, overwrite=False, lease_ttl=TTL)
     _dead_lock(target, o)
     fs, path = storage.get_fs(target.lock_url, o)
-    remote = where == "s3"
-    seen_a, seen_b = lease.read(fs, path, remote), lease.read(fs, path, remote)
+    store = stores.lookup(url)
+    seen_a, seen_b = lease.read(fs, path, store), lease.read(fs, path, store)
     assert seen_a.expired(TTL) and seen_b.expired(TTL)
-    assert lease.replace(fs, path, remote, seen_a, lease.document("taker-a", TTL)) is not None
-    assert lease.replace(fs, path, remote, seen_b, lease.document("taker-b", TTL)) is None
+    assert lease.replace(fs, path, store, seen_a, lease.document("taker-a", TTL)) is not None
+    assert lease.replace(fs, path, store, seen_b, lease.document("taker-b", TTL)) is None
     assert _lock_doc(target, o)["run_id"] == "taker-a"
 
 
 def test_many_racing_takers_on_local_disk_leave_exactly_one_holder(tmp_path):
-    target = storage.OutputTarget.open(str(tmp_path / "run-1"), None, overwrite=False, lease_ttl=TTL)
+    target = storage.StagedOutput.open(str(tmp_path / "run-1"), None, overwrite=False, lease_ttl=TTL)
     _dead_lock(target, None)
     fs, path = storage.get_fs(target.lock_url, None)
     winners, busy = [], []
@@ -125,7 +125,7 @@ def test_many_racing_takers_on_local_disk_leave_exactly_one_holder(tmp_path):
     def take(i: int) -> None:
         start.wait()
         try:
-            safety.acquire_lease(fs, path, False, target.url, target.lock_url, f"taker-{i}", TTL)
+            safety.acquire_lease(fs, path, stores.LOCAL, target.url, target.lock_url, f"taker-{i}", TTL)
             winners.append(i)
         except OutputBusyError:
             busy.append(i)
@@ -143,8 +143,8 @@ def test_many_racing_takers_on_local_disk_leave_exactly_one_holder(tmp_path):
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_the_heartbeat_keeps_a_live_run_s_lease(s3, tmp_path, where):
     url, o = _where(where, s3, tmp_path)
-    first = storage.OutputTarget.open(url, o, overwrite=False, run_id="alive", lease_ttl=TTL)
-    second = storage.OutputTarget.open(url, o, overwrite=False, run_id="second", lease_ttl=TTL)
+    first = storage.StagedOutput.open(url, o, overwrite=False, run_id="alive", lease_ttl=TTL)
+    second = storage.StagedOutput.open(url, o, overwrite=False, run_id="second", lease_ttl=TTL)
     with storage.committed(first):
         taken = _lock_doc(first, o)
         time.sleep(2 * TTL)  # twice the lease: without renewal it would have run out
@@ -159,8 +159,8 @@ def test_the_heartbeat_keeps_a_live_run_s_lease(s3, tmp_path, where):
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_a_run_whose_lease_ran_out_and_was_taken_over_commits_nothing(s3, tmp_path, where, caplog):
     url, o = _where(where, s3, tmp_path)
-    stalled = storage.OutputTarget.open(url, o, overwrite=False, run_id="stalled", lease_ttl=TTL)
-    taker = storage.OutputTarget.open(url, o, overwrite=False, run_id="taker", lease_ttl=TTL)
+    stalled = storage.StagedOutput.open(url, o, overwrite=False, run_id="stalled", lease_ttl=TTL)
+    taker = storage.StagedOutput.open(url, o, overwrite=False, run_id="taker", lease_ttl=TTL)
     with pytest.raises(OutputBusyError, match="being written by run taker"):
         with storage.committed(stalled):
             stalled.write_bytes("run.json", b'{"run": "stalled"}')
@@ -224,7 +224,7 @@ def test_a_run_killed_with_sigkill_leaves_a_lock_the_next_run_takes_over_at_once
 
 
 def test_a_locked_target_travels_to_workers_without_its_heartbeat(tmp_path):
-    target = storage.OutputTarget.open(str(tmp_path / "run-1"), None, overwrite=False, lease_ttl=TTL)
+    target = storage.StagedOutput.open(str(tmp_path / "run-1"), None, overwrite=False, lease_ttl=TTL)
     with storage.committed(target):
         copy = pickle.loads(pickle.dumps(target))
         assert copy.staging == target.staging and not copy.locked and copy._heartbeat is None
@@ -341,7 +341,7 @@ def test_a_pid_now_worn_by_another_process_or_namespace(tmp_path, caplog):
     reused = {**me, "run_id": "reused", "pid_start": me["pid_start"] - 1}
     storage.write_file(target.lock_url, json.dumps(reused).encode(), None)
     with caplog.at_level(logging.WARNING):
-        held = safety.acquire_lease(fs, path, False, target.url, target.lock_url, "next", 180)
+        held = safety.acquire_lease(fs, path, stores.LOCAL, target.url, target.lock_url, "next", 180)
     assert held.doc["run_id"] == "next" == _lock_doc(target, None)["run_id"]
     assert f"pid {me['pid']} is now another process (started at tick {me['pid_start']}" in caplog.text
 
@@ -352,7 +352,7 @@ def test_wait_lock_waits_for_a_live_holder_and_says_how_long_it_waited(s3, tmp_p
     stopping; a holder that outlives the wait still stops it, naming the wait. Fails on the
     code before issue 31 (no wait)."""
     url, o = _where(where, s3, tmp_path)
-    first = storage.OutputTarget.open(url, o, overwrite=False, run_id="first", lease_ttl=TTL)
+    first = storage.StagedOutput.open(url, o, overwrite=False, run_id="first", lease_ttl=TTL)
     patient = storage.OutputTarget.for_update(url, o, run_id="patient", lease_ttl=TTL, lock_wait=1.5)
     first.lock()
     try:

@@ -187,17 +187,21 @@ def test_every_export_line_is_pinned_hashed_and_locked(export: str) -> None:
 # --- the exports on a local index made from uv.lock ---------------------------------------
 
 
-@pytest.fixture
-def index(tmp_path: Path) -> LocalIndex:
-    """Empty wheels of every locked package, as uv.lock describes them (nothing newer)."""
-    return build_index(tmp_path / "index", REPO / "uv.lock")
+@pytest.fixture(scope="module")
+def index(tmp_path_factory: pytest.TempPathFactory) -> LocalIndex:
+    """Empty wheels of every locked package, as uv.lock describes them (nothing newer).
+
+    One per module: the tests only read it (their hashed exports go to their own folder)."""
+    return build_index(tmp_path_factory.mktemp("lock-index") / "index", REPO / "uv.lock")
 
 
-@pytest.fixture
-def planted(index: LocalIndex) -> LocalIndex:
-    """The same index, which has since published release 2099.1.0 of every locked package."""
-    assert {"dask", "distributed", "numpy", "tensorflow"} <= set(index.plant_newer())
-    return index
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> LocalIndex:
+    """Another such index, which has since published release 2099.1.0 of every locked package
+    (its own folder: ``index`` stays without the newer releases)."""
+    planted = build_index(tmp_path_factory.mktemp("lock-planted") / "index", REPO / "uv.lock")
+    assert {"dask", "distributed", "numpy", "tensorflow"} <= set(planted.plant_newer())
+    return planted
 
 
 def hashed_copy(index: LocalIndex, export: str, folder: Path, edit=lambda text: text) -> Path:

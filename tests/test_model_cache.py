@@ -1,4 +1,4 @@
-"""The worker's model cache (fruitdask.features.model): the weights are read while the warm-up
+"""The worker's runtime cache (fruitdask.features.model): the weights are read while the warm-up
 still builds the graph, and one trace serves every batch size."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_weights_are_read_while_the_warm_up_builds():
     source = RecordingSource("test-load-beside-build")
     settings = FeatureSettings(source.sha256, LOAD_SIZE, "avg", 4, "float32")
     got: list = []
-    threads = [threading.Thread(target=lambda: got.append(model.cached_model(source, settings))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: got.append(model.cached_runtime(source, settings))) for _ in range(2)]
     with model._LOCK:
         for t in threads:
             t.start()
@@ -45,7 +45,7 @@ def test_weights_are_read_while_the_warm_up_builds():
         t.join(120)
     assert source.lock_held == [True] and model.load_counts()[source.sha256] == 1
     assert len(got) == 2 and got[0] is got[1]
-    for have, want in zip(got[0].get_weights(), source.arrays, strict=True):
+    for have, want in zip(got[0].model.get_weights(), source.arrays, strict=True):
         np.testing.assert_array_equal(have, want)
 
 
@@ -55,7 +55,7 @@ def test_the_warm_graph_is_traced_once_for_every_batch_size():
     settings = FeatureSettings("test-one-trace", TRACE_SIZE, "avg", 4, "float32")
     used = model.warm_counts().get("used", 0)
     assert model.warm_up(settings, None) > 0
-    vgg = model.cached_model(RecordingSource(settings.weights_key), settings)
+    vgg = model.cached_runtime(RecordingSource(settings.weights_key), settings).model
     assert model.warm_counts()["used"] == used + 1  # the model is the warm graph
     x = np.random.default_rng(0).uniform(0, 255, (3, TRACE_SIZE, TRACE_SIZE, 3)).astype(np.float32)
     outs = [vgg.predict_on_batch(x[:n]) for n in (3, 1, 2)]

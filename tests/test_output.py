@@ -17,15 +17,16 @@ from fruitdask.config import build_config
 from fruitdask.errors import InputError
 from fruitdask.features import frames
 from fruitdask.features.model import WeightsInfo
-from fruitdask.reduce import fit_incremental_pca
+from fruitdask.features.settings import FeatureSettings
+from fruitdask.pca_streamed import fit_incremental_pca
 from fruitdask.runinfo import StageTimer
 
 #: The top-level keys of run.json, and of its fixed-shape sections, as written before the
-#: output contract had a module of its own.
+#: output contract had a module of its own; ``features`` since the feature settings are one value.
 RUN_JSON_KEYS = {
     "fruitdask_version", "run_id", "backend", "input", "output", "started_at", "duration_s", "counts", "per_label",
     "errors_by_stage", "reduction", "timings_s", "images_per_second", "cluster", "precision", "weights", "warnings",
-    "extra", "versions", "config", "files", "table",
+    "extra", "versions", "config", "files", "table", "features",
 }
 COUNTS_KEYS = {"images_listed", "labels", "rows_written", "errors"}
 WEIGHTS_KEYS = {"requested", "kind", "source", "sha256", "file_sha256", "random", "warning"}
@@ -50,7 +51,8 @@ def _record(tmp_path, reduction) -> output.RunRecord:
         cfg=cfg, output_url=cfg.output, run_id="r1", started=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), timer=timer, n_listed=21, n_images=21,
         per_label={"A": 11, "B": 10}, errors=errors, rows=20, reduction=reduction, cluster={"backend": "dask", "threads": 2},
         precision={"requested": "float32", "precision": "float32", "reason": "asked"},
-        weights=WeightsInfo("random", "random", "seed 0", "ab" * 32), extra={"performance_report": "dask-report.html"},
+        weights=WeightsInfo("random", "random", "seed 0", "ab" * 32),
+        features=FeatureSettings.from_config(cfg, "ab" * 32, "float32"), extra={"performance_report": "dask-report.html"},
     )
 
 
@@ -86,7 +88,7 @@ def test_a_committed_run_reads_back(tmp_path):
     storage.write_file(str(out / output.REDUCTION), reduction.to_npz())
     doc = record.document()
     storage.write_file(str(out / output.RUN_JSON), json.dumps(doc, default=str).encode())
-    storage.write_file(str(out / output.SUCCESS), b"")
+    storage.write_file(str(out / output.SUCCESS_MARKER), b"")
     run = output.read_run(str(out))
     assert run.record == json.loads(json.dumps(doc, default=str))
     np.testing.assert_allclose(run.reduction().components, reduction.components)

@@ -18,9 +18,10 @@ import pyarrow as pa
 import pytest
 from conftest import SMALL_SIZE, read_features
 from PIL import Image
+from runtime_doubles import count_calls, model_calls, prepare_counts
 
 from fruitdask import cli
-from fruitdask.features import featurize, model
+from fruitdask.features import model
 from fruitdask.lake import table as delta
 from fruitdask.reduce import Reduction
 
@@ -31,6 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def cluster(module_local_cluster):
     # Default Dask configuration (Active Memory Manager on), as on most shared clusters.
     _, client = module_local_cluster(2, 1)
+    client.run(count_calls)  # the test double's counters, in each worker process
     return client
 
 
@@ -150,9 +152,9 @@ def test_weights_reach_each_worker_once(run_output, cluster):
     out, _ = run_output
     run = json.loads((out / "run.json").read_text())
     key = run["weights"]["sha256"]
-    builds = cluster.run(model.build_counts)
+    builds = cluster.run(prepare_counts)
     loads = cluster.run(model.load_counts)
-    calls = cluster.run(featurize.model_calls)
+    calls = cluster.run(model_calls)
     warm = cluster.run(model.warm_counts)
     assert len(builds) == len(loads) == 2
     assert sum(c.get("images", 0) for c in calls.values()) == 120

@@ -10,15 +10,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import BUNDLED, SMALL_SIZE
+from runtime_doubles import count_calls, prepare_counts
 
 from fruitdask import checkpoint, storage
 from fruitdask.backends.spark import backend as spark_backend
-from fruitdask.classifier.bundle import FeatureSpec
 from fruitdask.config import build_config
 from fruitdask.errors import ClusterError, ConfigError
 from fruitdask.features import model, precision
 from fruitdask.features.featurize import featurize_bytes
-from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.runtimes.tensorflow import build_vgg16, import_keras
+from fruitdask.features.settings import FeatureSettings, differences
 from fruitdask.features.weights_file import WeightsArrays
 
 ZEN4 = """processor\t: 0
@@ -89,17 +90,16 @@ def test_this_machine_resolves_auto_from_its_own_flags():
 
 
 def test_bf16_features_match_float32_and_no_policy_leaks(weights_file):
-    keras = model.import_keras()
-    fp32 = model.build_vgg16(SMALL_SIZE)
-    fp32.load_weights(str(weights_file))
-    weights = fp32.get_weights()
-    source = WeightsArrays.of(weights, "test-bf16")
-    bf16 = model.cached_model(source, FeatureSettings("test-bf16", SMALL_SIZE, "avg", 4, "bfloat16"))
+    keras = import_keras()
+    source = WeightsArrays.of(model.load_weights(str(weights_file))[0], "test-bf16")
+    bf16 = model.cached_runtime(source, FeatureSettings("test-bf16", SMALL_SIZE, "avg", 4, "bfloat16"))
     # The policy was set for the build only: models built afterwards are float32 again.
     assert keras.config.dtype_policy().name == "float32"
-    assert model.build_vgg16(SMALL_SIZE).layers[1].compute_dtype == "float32"
-    assert bf16.layers[1].compute_dtype == "bfloat16" and bf16.output.dtype == "float32"
-    assert model.cached_model(source, FeatureSettings("test-bf16", SMALL_SIZE, "avg", 4)) is not bf16  # precision is part of the cache key
+    assert build_vgg16(SMALL_SIZE).layers[1].compute_dtype == "float32"
+    assert bf16.model.layers[1].compute_dtype == "bfloat16" and bf16.model.output.dtype == "float32"
+    assert bf16.describe()["precision"] == "bfloat16"
+    fp32 = model.cached_runtime(source, FeatureSettings("test-bf16", SMALL_SIZE, "avg", 4))
+    assert fp32 is not bf16  # precision is part of the cache key
     photos = sorted(BUNDLED.rglob("*.jpg"))[::12][:8]
     contents = [p.read_bytes() for p in photos]
     a = featurize_bytes(fp32, contents, SMALL_SIZE, "avg", 4).features
@@ -114,8 +114,9 @@ def test_checkpoint_fingerprint_and_bundle_spec_carry_the_precision():
     fp = checkpoint.fingerprint(FeatureSettings("w", 32, "avg", 8))
     assert checkpoint.fingerprint(FeatureSettings("w", 32, "avg", 8, "float32")) == fp  # old float32 checkpoints stay valid
     assert checkpoint.fingerprint(FeatureSettings("w", 32, "avg", 8, "bfloat16")) != fp
-    model_spec = FeatureSpec("w", 32, "avg", "bfloat16")
-    assert FeatureSpec("w", 32, "avg").mismatch(model_spec) == ["precision bfloat16 (model: float32)"]
+    model_spec = FeatureSettings("w", 32, "avg", 8, "bfloat16")
+    diffs = differences(model_spec, FeatureSettings("w", 32, "avg", 16))
+    assert [d.reason("model") for d in diffs] == ["precision float32 (model: bfloat16)"]
 
 
 class _Broadcast:
@@ -127,17 +128,17 @@ def test_spark_executor_body_builds_the_requested_precision(weights_file, tmp_pa
     from fruitdask import checkpoint
     from fruitdask.lake import tasks
 
-    fp32 = model.build_vgg16(SMALL_SIZE)
-    fp32.load_weights(str(weights_file))
+    count_calls()
+    weights_arrays = model.load_weights(str(weights_file))[0]
     manifest = _one_photo_manifest(tmp_path)
-    before = dict(model.BUILDS)
+    before = prepare_counts()
     settings = FeatureSettings("spark-bf16", SMALL_SIZE, "avg", 4, "bfloat16")
     sink = tasks.Sink(str(tmp_path / "table"), "r", "s", {})
     ckpt = checkpoint.Checkpoints(str(tmp_path / "ckpt"), False, {})
-    weights = spark_backend.BroadcastWeights(_Broadcast(fp32.get_weights()), "spark-bf16")
+    weights = spark_backend.BroadcastWeights(_Broadcast(weights_arrays), "spark-bf16")
     out = spark_backend.featurize_index(0, manifest, tasks.FeaturizeJob(weights, settings, ckpt, sink, None), 1)
-    assert [r.kind for r in out] == [tasks.ReceiptKind.STAGED] and model.BUILDS["spark-bf16"] == before.get("spark-bf16", 0) + 1
-    assert any(k == ("spark-bf16", SMALL_SIZE, "bfloat16") for k in model._MODELS)
+    assert [r.kind for r in out] == [tasks.ReceiptKind.STAGED] and prepare_counts()["spark-bf16"] == before.get("spark-bf16", 0) + 1
+    assert ("tensorflow", "spark-bf16", SMALL_SIZE, "bfloat16") in model._RUNTIMES
 
 
 def _one_photo_manifest(tmp_path) -> str:
@@ -180,9 +181,9 @@ def test_run_records_the_precision_everywhere(tiny_images, weights_file, tmp_pat
     contents = [Path(row["path"]).read_bytes()]
     got = np.asarray(row["features"], np.float32)
     source = WeightsArrays.of(weights, "w")
-    want16 = featurize_bytes(model.cached_model(source, FeatureSettings("w", SMALL_SIZE, "avg", 4, "bfloat16")), contents,
+    want16 = featurize_bytes(model.cached_runtime(source, FeatureSettings("w", SMALL_SIZE, "avg", 4, "bfloat16")), contents,
                              SMALL_SIZE, "avg", 4).features[0]
-    want32 = featurize_bytes(model.cached_model(source, FeatureSettings("w", SMALL_SIZE, "avg", 4)), contents,
+    want32 = featurize_bytes(model.cached_runtime(source, FeatureSettings("w", SMALL_SIZE, "avg", 4)), contents,
                              SMALL_SIZE, "avg", 4).features[0]
     assert np.abs(got - want16).max() < np.abs(got - want32).max() / 10
 
@@ -194,7 +195,7 @@ def test_bundle_keeps_the_precision_and_featurizes_with_it(tmp_path, weights_fil
     from fruitdask.classifier.bundle import LinearClassifier, ModelBundle, WeightsRef
     from fruitdask.classifier.classify import fit_classifier
     from fruitdask.features import frames
-    from fruitdask.reduce import fit_incremental_pca
+    from fruitdask.pca_streamed import fit_incremental_pca
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 512)).astype(np.float32)
@@ -202,9 +203,9 @@ def test_bundle_keeps_the_precision_and_featurizes_with_it(tmp_path, weights_fil
         red = fit_incremental_pca(da.from_array(x, chunks=10), components=3, variance=0.95, batch_size=None)
     clf = LinearClassifier.from_sklearn(fit_classifier(red.transform(x), np.array(["a", "b"] * 10)))
     _, info = model.load_weights(str(weights_file))
-    spec = FeatureSpec(info.sha256, SMALL_SIZE, "avg", "bfloat16")
+    spec = FeatureSettings(info.sha256, SMALL_SIZE, "avg", 4, "bfloat16")
     ref = WeightsRef("file", str(weights_file), info.sha256, file_sha256=info.file_sha256 or storage.file_sha256(str(weights_file)))
-    ModelBundle(spec, ref, 4, red, clf).save(str(tmp_path / "m"))
+    ModelBundle(spec, ref, red, clf).save(str(tmp_path / "m"))
     back = ModelBundle.load(str(tmp_path / "m"))
     assert back.spec.precision == "bfloat16"
     seen = []

@@ -107,13 +107,26 @@ def test_dask_tracking_advances_by_partition_image_counts(local_cluster):
 
 
 def test_steady_rate_leaves_the_warm_up_out():
-    from fruitdask.backends.dask.backend import steady_rate
+    from fruitdask.backends.dask.backend import steady_after_warm_up
 
     # 5 s before the first 10 images (model build), then 10 images a second.
     marks = [(5.0, 10), (6.0, 20), (7.0, 30), (8.0, 40), (10.0, 60), (14.0, 100)]
-    assert steady_rate(marks) == 10.0  # from the mark past 10 % (10 of 100 images) to the end: 90 in 9 s
-    assert steady_rate(marks, share=0.0) == 10.0 and steady_rate(marks, share=0.5) == 10.0
-    assert steady_rate(marks[:3]) is None  # too few partitions to tell
+    assert steady_after_warm_up(marks) == 10.0  # from the mark past 10 % (10 of 100 images) to the end: 90 in 9 s
+    assert steady_after_warm_up(marks, share=0.0) == 10.0 and steady_after_warm_up(marks, share=0.5) == 10.0
+    assert steady_after_warm_up(marks[:3]) is None  # too few partitions to tell
+
+
+def test_one_steady_rate_for_the_run_record_and_the_bench():
+    """Both starting rules measure with :func:`fruitdask.progress.steady_rate`: images per
+    second from the chosen mark to the last (issue 33: two definitions before)."""
+    from fruitdask.bench.summary import first_wave_rate
+    from fruitdask.progress import steady_rate
+
+    marks = [(5.0, 10), (6.0, 20), (7.0, 30), (8.0, 40), (10.0, 60), (14.0, 100)]
+    assert steady_rate(marks, 1) == 80 / 8 and steady_rate(marks, 5) is None and steady_rate(marks, -1) is None
+    assert steady_rate([(1.0, 5), (1.0, 9)], 0) is None  # no time passed
+    ends = [10, 10, 12, 12, 14, 14]  # 6 partitions of 10 images on 2 slots
+    assert first_wave_rate(ends, 60, 2) == steady_rate([(t, 10 * (i + 1)) for i, t in enumerate(ends)], 1) == 10.0
 
 
 @pytest.mark.integration

@@ -9,7 +9,8 @@ import pytest
 from sklearn.decomposition import PCA
 
 from fruitdask.errors import ReductionError
-from fruitdask.reduce import Reduction, choose_k, fit_incremental_pca, plan_pca
+from fruitdask.pca_streamed import fit_incremental_pca, plan_pca
+from fruitdask.reduction import Reduction, choose_k
 from fruitdask.report.plots import scree_png
 
 
@@ -118,7 +119,7 @@ def test_k_from_the_spectrum_matches_sklearn_exact_pca(gram_max):
 
 
 def test_gram_spectrum_is_the_exact_spectrum():
-    from fruitdask.reduce import gram_spectrum
+    from fruitdask.pca_streamed import gram_spectrum
 
     x = _decaying(90, 200, seed=2)
     z = _standardized(x.astype(np.float64))

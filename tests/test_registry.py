@@ -18,12 +18,11 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUNDLED, SMALL_SIZE, copy_images
+from conftest import BUNDLED, SMALL_SIZE, after_a_killed_run, copy_images
 
 from fruitdask.classifier import candidate, gate
 from fruitdask.classifier.bundle import ModelBundle
@@ -322,7 +321,7 @@ def test_a_daily_killed_at_each_step_then_run_again_is_one_day(stage, tmp_path, 
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == -9, f"daily was not killed at {stage} (exit {proc.returncode}): {err[-2000:]}"
-    time.sleep(TTL + 1)  # the dead run's lease runs out
+    after_a_killed_run(TTL)  # the next run takes the dead run's lock over
     line = _last_json(_fruitdask(tmp_path, *args))
     assert delta.load(str(tmp_path / "out"), {}).version() == 0, "one table version"
     listed = _listed(tmp_path, "models")

@@ -156,6 +156,43 @@ def test_one_more_image_is_one_more_version_and_one_more_row(updated):
     assert after.loc[new_key, "pca_fit"] == record()["table"]["pca_fit"], "no refit: projected with the release's fit"
 
 
+def test_the_release_records_read_as_one_settings_value(tmp_path):
+    """The release's ``run.json`` (no ``features``), its table's commit info (no batch size,
+    no runtime) and its bundle read as one compatible ``FeatureSettings`` of the tensorflow
+    runtime, whose table fingerprint is the one the release's rows hold: nothing to migrate."""
+    from fruitdask import output
+    from fruitdask.classifier.bundle import ModelBundle
+    from fruitdask.features.settings import FeatureSettings, differences
+    from fruitdask.lake import keys
+    from fruitdask.lake import table as delta
+
+    root = copy_fixture(tmp_path / "release")
+    run = output.read_run(str(root / "output")).feature_settings()
+    described = delta.open_table(str(root / "output"), {}).description
+    assert described is not None
+    table = FeatureSettings.from_dict(described.feature_settings)
+    model = ModelBundle.load(str(root / "model")).spec
+    assert (run.runtime, table.runtime, model.runtime) == ("tensorflow",) * 3 and run.calibration is None
+    assert differences(table, run) == [] and differences(model, table) == []
+    assert {keys.settings_fingerprint(s) for s in (run, table, model)} == {described.settings} == {"7125176bc017c1ce"}
+
+
+def test_the_updated_table_records_the_value_under_the_release_fingerprint(updated):
+    """After the update, the run's commit describes its settings in today's serialization
+    (runtime included) and the table's fingerprint is still the release's (its description,
+    migrated once, is not rewritten): every row keeps its meaning."""
+    from fruitdask.lake import table as delta
+
+    out = updated["root"] / "output"
+    described = delta.open_table(str(out), {}).description
+    assert described is not None and described.settings == "7125176bc017c1ce"
+    committed = delta.history(str(out), {}, 1)[0][delta.META_KEY]
+    assert committed["settings"] == "7125176bc017c1ce"
+    assert (committed["feature_settings"]["runtime"], committed["feature_settings"]["image_size"]) == ("tensorflow", 32)
+    assert json.loads((out / "run.json").read_text())["features"]["runtime"] == "tensorflow"
+    assert set(rows(out)["settings"]) == {"7125176bc017c1ce"}
+
+
 def test_train_from_the_updated_output(updated):
     root = updated["root"]
     proc = fruitdask(root, "train", "--features", "output", "--test-input", "test-images", "--model-out", "model-new")

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import BUNDLED, SMALL_SIZE, copy_images, read_features
+from runtime_doubles import count_calls, model_calls
 
-from fruitdask import checkpoint, pipeline, storage
+from fruitdask import checkpoint, pca_moments, pipeline, storage
 from fruitdask.config import build_config
 from fruitdask.features import featurize, frames
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsArrays
-from fruitdask.lake import update
 
 
 class CrashDuringPCA(RuntimeError):
@@ -25,12 +25,13 @@ class CrashDuringPCA(RuntimeError):
 @pytest.fixture(scope="module")
 def cluster_client(module_local_cluster):
     cluster, client = module_local_cluster(1, 2, processes=False, amm=False, set_as_default=False)
+    client.run(count_calls)  # in-process workers: the test's own process
     return cluster.scheduler_address, client
 
 
 def model_images(client) -> int:
     """Images run through VGG16 so far, summed over the workers."""
-    return sum(c.get("images", 0) for c in client.run(featurize.model_calls).values())
+    return sum(c.get("images", 0) for c in client.run(model_calls).values())
 
 
 def features(out: Path) -> pd.DataFrame:
@@ -53,7 +54,7 @@ def test_resume_after_a_crash_during_pca_reuses_checkpoints(tmp_path, cluster_cl
         raise CrashDuringPCA("killed during PCA")
 
     with monkeypatch.context() as m:
-        m.setattr(update, "fit", crash)
+        m.setattr(pca_moments, "fit", crash)
         before = model_images(client)
         with pytest.raises(CrashDuringPCA):
             pipeline.run(build_config(flags, {}))
@@ -154,7 +155,7 @@ def test_a_file_changed_before_resume_is_featurized_again(tmp_path, cluster_clie
         raise CrashDuringPCA("killed during PCA")
 
     with monkeypatch.context() as m:
-        m.setattr(update, "fit", crash)
+        m.setattr(pca_moments, "fit", crash)
         with pytest.raises(CrashDuringPCA):
             pipeline.run(build_config(flags, {}))
     others = sorted(p for p in BUNDLED.rglob("*.jpg") if p.parent.name not in {"Apricot", "Avocado", "Banana"})

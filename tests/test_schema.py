@@ -1,5 +1,6 @@
-"""One schema module for every table fruitdask writes (fruitdask/schema.py): the Spark DDL
-agrees with the Arrow schemas, and no other module defines the columns again."""
+"""One schema module for every table fruitdask writes (fruitdask/schema.py): the derived
+schemas agree, no other module defines the columns again, and a column declared there fills
+the rows that predate it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import ast
 from pathlib import Path
 
 import pyarrow as pa
-import pytest
+import pyarrow.compute as pc
 
 from fruitdask import schema
 
@@ -15,39 +16,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fruitdask"
 SCHEMA_FILE = PACKAGE / "schema.py"
 
 
-def _ddl_columns(ddl: str) -> list[tuple[str, str]]:
-    """``name TYPE, ...`` split at the top-level commas (``ARRAY<...>`` may hold some)."""
-    columns, depth, start = [], 0, 0
-    for i, ch in enumerate(ddl + ","):
-        depth += {"<": 1, ">": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
-            name, _, type_ = ddl[start:i].strip().partition(" ")
-            columns.append((name, type_.strip()))
-            start = i + 1
-    return columns
-
-
-@pytest.mark.parametrize("ddl, arrow", [(schema.FEATURES_DDL, schema.FEATURES_SCHEMA),
-                                        (schema.TABLE_DDL, schema.TABLE_SCHEMA),
-                                        (schema.ERRORS_DDL, schema.ERRORS_SCHEMA)])
-def test_spark_ddl_matches_the_arrow_schema_as_pyspark_maps_it(ddl, arrow):
-    """pyspark's own Arrow-to-Spark mapping (no JVM needed) is the independent reference."""
-    from pyspark.sql.pandas.types import from_arrow_schema
-
-    expected = [(f.name, f.dataType.simpleString()) for f in from_arrow_schema(arrow)]
-    assert [(n, t.lower()) for n, t in _ddl_columns(ddl)] == expected
-
-
-def test_an_arrow_type_without_a_spark_type_is_refused_with_the_fix():
-    with pytest.raises(TypeError, match="_SPARK_TYPES"):
-        schema.spark_ddl(pa.schema([("x", pa.decimal128(5, 2))]))
-
-
 def test_the_derived_schemas_agree():
     assert schema.ERROR_COLUMNS[:4] == schema.SKIPPED_COLUMNS
-    assert set(schema.ERROR_COLUMNS) - set(schema.SKIPPED_COLUMNS) <= set(schema.TABLE_COLUMNS)
-    assert [schema.FRAME_ERRORS.get(c, c) for c in schema.FEATURES_COLUMNS if c != "features"] == schema.SKIPPED_COLUMNS
-    assert set(schema.MANIFEST_SCHEMA.names) - {"change"} <= set(schema.TABLE_COLUMNS)
+    assert set(schema.ERROR_COLUMNS) - set(schema.SKIPPED_COLUMNS) <= set(schema.TABLE_SCHEMA.names)
+    assert [schema.FRAME_ERRORS.get(c, c) for c in schema.FEATURES_SCHEMA.names if c != "features"] == schema.SKIPPED_COLUMNS
+    assert set(schema.MANIFEST_SCHEMA.names) - {"change"} <= set(schema.TABLE_SCHEMA.names)
 
 
 def _string_literals(node: ast.AST) -> set[str]:
@@ -71,3 +44,19 @@ def test_no_other_module_defines_a_table_s_columns():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "pa":
                 offenders.append(f"{rel}:{node.lineno} pa.{node.func.attr}(...)")
     assert not offenders, f"columns defined outside fruitdask/schema.py (import them from there): {offenders}"
+
+
+def test_complete_table_fills_a_declared_column_by_its_backfill_or_its_default(monkeypatch):
+    """Rows without a declared column get it from their other columns (a backfill), or its
+    default, in the table's column order and types; a column the rows hold is kept as is.
+    Fails before the table's columns were declared with a fill (no ``complete_table``)."""
+    monkeypatch.setattr(schema, "TABLE", (*schema.TABLE,
+                                          schema.TableColumn("label_lower", pa.string(), backfill=lambda t: pc.utf8_lower(t.column("label"))),
+                                          schema.TableColumn("quality", pa.int32(), default=3)))
+    monkeypatch.setattr(schema, "TABLE_SCHEMA", pa.schema([c.field for c in schema.TABLE]))
+    old = pa.Table.from_pylist([{"image_key": "Apple/1.jpg", "label": "Apple", "pca_fit": "0001-x"}])
+    new = schema.complete_table(old.append_column("quality", pa.array([7], pa.int64())))
+    assert new.schema == schema.TABLE_SCHEMA
+    row = new.to_pylist()[0]
+    assert (row["label_lower"], row["quality"], row["image_key"], row["features"]) == ("apple", 7, "Apple/1.jpg", None)
+    assert schema.complete_table(old).column("quality").to_pylist() == [3]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUNDLED, REPO, SAMPLE, SMALL_SIZE, copy_images
+from conftest import BUNDLED, REPO, SMALL_SIZE
 from PIL import Image
 
 from fruitdask.cli import main
@@ -117,21 +117,6 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 # --- fixtures -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def serve_model(tmp_path_factory, weights_file) -> dict:
-    """`run` on the bundled sample (12 labels x 10) at 32 px, then `train` against 2 Test photos per label."""
-    root = tmp_path_factory.mktemp("serve")
-    test_dir = copy_images(SAMPLE / "Test", root / "Test", 12, 2)
-    rc = main(["run", "--input", str(BUNDLED), "--output", str(root / "run"), "--image-size", str(SMALL_SIZE),
-               "--weights", str(weights_file), "--workers", "1", "--threads-per-worker", "2", "--precision", "float32", "--quiet"])
-    assert rc == 0
-    rc = main(["train", "--features", str(root / "run"), "--test-input", str(test_dir), "--model-out", str(root / "model"), "--quiet"])
-    assert rc == 0
-    photos = sorted(p for p in test_dir.rglob("*.jpg"))
-    assert len(photos) == 24
-    return {"model": root / "model", "photos": photos, "root": root}
 
 
 @contextlib.contextmanager
@@ -404,11 +389,11 @@ def test_load_failure_exits_1_and_sigterm_exits_0(serve_model, tmp_path):
     """Two more server processes: one given weights of another sha256 stops with exit 1 and
     the reason; a healthy one stopped with SIGTERM drains and exits 0."""
     other = tmp_path / "other.weights.h5"
-    from fruitdask.features import model
+    from fruitdask.features.runtimes.tensorflow import build_vgg16, import_keras
 
-    keras = model.import_keras()
+    keras = import_keras()
     keras.utils.set_random_seed(99)
-    model.build_vgg16(SMALL_SIZE).save_weights(str(other))
+    build_vgg16(SMALL_SIZE).save_weights(str(other))
     with serve_process(serve_model["model"], tmp_path / "bad.log", "--weights", str(other)) as info:
         rc = info["proc"].wait(300)
     log = (tmp_path / "bad.log").read_text()

@@ -283,7 +283,7 @@ def _under(s3, prefix: str) -> list[str]:
 
 def test_commit_on_s3_publishes_everything_then_success(s3):
     s3.bucket("out-euw3", "eu-west-3")
-    target = storage.OutputTarget.open("s3://out-euw3/features/run-1", opts(s3), overwrite=False)
+    target = storage.StagedOutput.open("s3://out-euw3/features/run-1", opts(s3), overwrite=False)
     target.fs_path[0].exists("out-euw3/features")  # fill the listing cache, as the pipeline does
     _stage(target, s3, {"features/part-00000.parquet": b"p0", "features/part-00001.parquet": b"p1"})
     target.write_json("run.json", {"ok": True})
@@ -301,16 +301,16 @@ def test_existing_output_is_refused_without_overwrite(s3):
     s3.bucket("out-euw3", "eu-west-3")
     s3.fs.pipe_file("out-euw3/run-1/_SUCCESS", b"")
     with pytest.raises(OutputError, match="already exists: pass --overwrite"):
-        storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=False)
+        storage.StagedOutput.open("s3://out-euw3/run-1", opts(s3), overwrite=False)
     s3.fs.pipe_file("out-euw3/run-2/features/part-00000.parquet", b"")
     with pytest.raises(OutputError, match="incomplete: no _SUCCESS"):
-        storage.OutputTarget.open("s3://out-euw3/run-2/", opts(s3), overwrite=False)
+        storage.StagedOutput.open("s3://out-euw3/run-2/", opts(s3), overwrite=False)
 
 
 def test_bucket_root_output_is_refused(s3):
     s3.bucket("out-euw3", "eu-west-3")
     with pytest.raises(OutputError, match="bucket root"):
-        storage.OutputTarget.open("s3://out-euw3/", opts(s3), overwrite=True)
+        storage.StagedOutput.open("s3://out-euw3/", opts(s3), overwrite=True)
 
 
 def test_overwrite_replaces_without_mixing(s3):
@@ -318,7 +318,7 @@ def test_overwrite_replaces_without_mixing(s3):
     for rel in ("_SUCCESS", "features/part-00000.parquet", "features/part-00001.parquet", "features/part-00002.parquet", "old.txt"):
         s3.fs.pipe_file(f"out-euw3/run-1/{rel}", b"old")
     s3.fs.pipe_file("out-euw3/run-10/keep.txt", b"sibling")  # shares the prefix "run-1"
-    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    target = storage.StagedOutput.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
     _stage(target, s3, {"features/part-00000.parquet": b"new", "run.json": b"{}"})
     target.commit()
     assert _under(s3, "out-euw3/run-1/") == [
@@ -331,7 +331,7 @@ def test_overwrite_replaces_without_mixing(s3):
 
 def test_abort_removes_staging_written_by_other_processes(s3):
     s3.bucket("out-euw3", "eu-west-3")
-    target = storage.OutputTarget.open("s3://out-euw3/features/run-1", opts(s3), overwrite=False)
+    target = storage.StagedOutput.open("s3://out-euw3/features/run-1", opts(s3), overwrite=False)
     fs = target.fs_path[0]
     target.write_bytes("run.json", b"{}")
     fs.ls("out-euw3/features")  # cached now: the next writes come from "workers"
@@ -342,7 +342,7 @@ def test_abort_removes_staging_written_by_other_processes(s3):
 
 def test_interrupt_leaves_no_dataset_and_no_staging(s3):
     s3.bucket("out-euw3", "eu-west-3")
-    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=False)
+    target = storage.StagedOutput.open("s3://out-euw3/run-1", opts(s3), overwrite=False)
     with pytest.raises(KeyboardInterrupt), storage.committed(target):
         _stage(target, s3, {"features/part-00000.parquet": b"p0"})
         raise KeyboardInterrupt
@@ -358,7 +358,7 @@ def test_failed_commit_leaves_no_dataset_without_success(s3, monkeypatch):
         ALLOW_ALL_S3,
         {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "arn:aws:s3:::out-euw3/run-1/features/part-00001.parquet"},
     ])
-    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    target = storage.StagedOutput.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
     _stage(target, s3, {f"features/part-0000{i}.parquet": b"new" for i in range(3)})
     isolate_aws_env(monkeypatch, key, secret)
     s3.enforce_iam()
@@ -379,7 +379,7 @@ def test_local_commit_and_overwrite(tmp_path):
     (out / "features").mkdir(parents=True)
     (out / "features" / "part-00009.parquet").write_bytes(b"old")
     (out / "_SUCCESS").write_bytes(b"")
-    target = storage.OutputTarget.open(str(out), None, overwrite=True)
+    target = storage.StagedOutput.open(str(out), None, overwrite=True)
     target.write_bytes("features/part-00000.parquet", b"new")
     target.commit()
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
@@ -429,7 +429,7 @@ def _failing_copy(fs, monkeypatch, fail_when, seen: list, snapshot) -> None:
 
 def test_overwrite_failing_midway_keeps_the_old_dataset_recoverable_then_restores_it(s3, monkeypatch):
     _old_dataset(s3)
-    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    target = storage.StagedOutput.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
     _stage(target, s3, {"features/part-00000.parquet": b"new0", "features/part-00001.parquet": b"new1", "run.json": b"{}"})
     seen: list = []
     _failing_copy(target.fs_path[0], monkeypatch, lambda srcs, dsts: ".fruitdask-tmp-" in srcs[0], seen, s3.objects)
@@ -449,7 +449,7 @@ def test_overwrite_failing_midway_keeps_the_old_dataset_recoverable_then_restore
 
 def test_overwrite_whose_restore_fails_too_leaves_the_old_dataset_aside_and_says_where(s3, monkeypatch, caplog):
     _old_dataset(s3)
-    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    target = storage.StagedOutput.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
     _stage(target, s3, {"features/part-00000.parquet": b"new0", "run.json": b"{}"})
     backup = target.backup.removeprefix("s3://")
     _failing_copy(target.fs_path[0], monkeypatch,
@@ -461,7 +461,7 @@ def test_overwrite_whose_restore_fails_too_leaves_the_old_dataset_aside_and_says
     assert sorted(o[len(backup) + 1:] for o in s3.objects() if o.startswith(backup + "/")) == sorted(OLD)
     # The next run is told where the old dataset is.
     with pytest.raises(OutputError, match=r"incomplete: no _SUCCESS.*kept at s3://out-euw3/\.run-1\.fruitdask-old-"):
-        storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=False)
+        storage.StagedOutput.open("s3://out-euw3/run-1", opts(s3), overwrite=False)
 
 
 def _deny_delete(s3, bucket: str, key: str) -> None:
@@ -476,7 +476,7 @@ def test_overwrite_whose_old_part_cannot_be_deleted_rolls_back_instead_of_mixing
     under a new ``_SUCCESS`` beside the new parts."""
     _old_dataset(s3)
     _deny_delete(s3, "out-euw3", "run-1/features/part-00001.parquet")
-    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    target = storage.StagedOutput.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
     _stage(target, s3, {"features/part-00000.parquet": b"new0", "run.json": b"{}"})
     with pytest.raises(OutputError, match=r"could not commit.*part-00001\.parquet.*AccessDenied"):
         target.commit()
@@ -491,7 +491,7 @@ def test_commit_rolls_back_when_the_target_holds_objects_it_did_not_write(s3, mo
     """The target is listed again before ``_SUCCESS``: an object another writer put there
     while the commit copied is never vouched for by a marker, neither the new nor the old."""
     _old_dataset(s3)
-    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    target = storage.StagedOutput.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
     _stage(target, s3, {"features/part-00000.parquet": b"new0", "run.json": b"{}"})
     fs = target.fs_path[0]
     real = fs.copy
@@ -512,7 +512,7 @@ def test_commit_rolls_back_when_the_target_holds_objects_it_did_not_write(s3, mo
 
 def test_successful_overwrite_leaves_no_copy_aside_and_no_lock(s3):
     _old_dataset(s3)
-    target = storage.OutputTarget.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
+    target = storage.StagedOutput.open("s3://out-euw3/run-1", opts(s3), overwrite=True)
     with storage.committed(target):
         _stage(target, s3, {"features/part-00000.parquet": b"new0", "run.json": b"{}"})
     assert s3.objects() == ["out-euw3/run-1/_SUCCESS", "out-euw3/run-1/features/part-00000.parquet", "out-euw3/run-1/run.json"]
@@ -531,7 +531,7 @@ def test_overwrite_refuses_a_target_that_is_not_a_fruitdask_output(s3, tmp_path,
         (tmp_path / "mine" / "taxes" / "2025.pdf").write_bytes(b"precious")
         url, o = str(tmp_path / "mine"), None
     with pytest.raises(OutputError, match=r"--overwrite refuses to replace .*mine.*holiday\.jpg, taxes.*not a fruitdask output"):
-        storage.OutputTarget.open(url, o, overwrite=True)
+        storage.StagedOutput.open(url, o, overwrite=True)
     if where == "s3":
         assert s3.objects() == ["out-euw3/mine/holiday.jpg", "out-euw3/mine/taxes/2025.pdf"]
     else:
@@ -543,7 +543,7 @@ def test_overwrite_accepts_a_fruitdask_output_even_incomplete(tmp_path, marker):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / marker).write_bytes(b"{}")
     (tmp_path / "out" / "other.bin").write_bytes(b"x")
-    target = storage.OutputTarget.open(str(tmp_path / "out"), None, overwrite=True)
+    target = storage.StagedOutput.open(str(tmp_path / "out"), None, overwrite=True)
     with storage.committed(target):
         target.write_bytes("run.json", b"{}")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_SUCCESS", "run.json"]
@@ -562,8 +562,8 @@ def test_a_second_run_on_the_same_output_fails_clearly(s3, tmp_path, where):
     from fruitdask.errors import OutputBusyError
 
     url, o = _run_1(where, s3, tmp_path)
-    first = storage.OutputTarget.open(url, o, overwrite=False, run_id="first")
-    second = storage.OutputTarget.open(url, o, overwrite=False, run_id="second")
+    first = storage.StagedOutput.open(url, o, overwrite=False, run_id="first")
+    second = storage.StagedOutput.open(url, o, overwrite=False, run_id="second")
     with storage.committed(first):
         first.write_bytes("run.json", b'{"run": "first"}')
         with pytest.raises(OutputBusyError, match=r"being written by run first \(host .*, pid \d+, since .*\); this run \(second\)"):
@@ -572,7 +572,7 @@ def test_a_second_run_on_the_same_output_fails_clearly(s3, tmp_path, where):
     got = storage.read_bytes(storage.join(url, "run.json"), o)
     assert json.loads(got) == {"run": "first"}
     # Both runs are over: the lock is gone, the next run may go.
-    third = storage.OutputTarget.open(url, o, overwrite=True, run_id="third")
+    third = storage.StagedOutput.open(url, o, overwrite=True, run_id="third")
     with storage.committed(third):
         third.write_bytes("run.json", b"{}")
 
@@ -584,7 +584,7 @@ def test_commit_checks_the_lock_again(s3, tmp_path, where):
     from fruitdask.errors import OutputBusyError
 
     url, o = _run_1(where, s3, tmp_path)
-    target = storage.OutputTarget.open(url, o, overwrite=False, run_id="mine")
+    target = storage.StagedOutput.open(url, o, overwrite=False, run_id="mine")
     with pytest.raises(OutputBusyError, match="being written by run intruder"):
         with storage.committed(target):
             target.write_bytes("run.json", b"{}")
@@ -623,3 +623,30 @@ def test_markers_and_hidden_siblings_are_named_in_storage_paths_only():
                       if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
                       and any(name in n.value for name in names)]
     assert not offenders, f"import these names from fruitdask.storage.paths: {offenders}"
+
+
+def test_a_run_folder_is_updated_in_place_and_its_staging_only_holds_the_runs_inputs(tmp_path):
+    """The two lifecycles of an output: a run's folder (``OutputTarget``) keeps what its table
+    and publishing wrote at their final paths and drops its staging at the end, it has no
+    commit that moves staging over it; a bundle (``StagedOutput``) appears only at its commit.
+    Fails before the split: one class had both, and ``OutputTarget.open`` was the bundle's."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run.json").write_text("{}")  # an earlier run's record, kept in place
+    run = storage.OutputTarget.for_update(str(tmp_path / "out"), None, run_id="r1")
+    run.lock()
+    try:
+        manifest = run.write_bytes("manifest.parquet", b"rows")
+        storage.write_file(run.final_path("errors.parquet"), b"errors", None)
+        assert storage.read_bytes(manifest) == b"rows"
+        run.abort()
+    finally:
+        run.unlock()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "the run's staging and lock are gone"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["errors.parquet", "run.json"]
+    assert not hasattr(run, "commit") and not hasattr(storage.StagedOutput, "for_update")
+
+    bundle = storage.StagedOutput.open(str(tmp_path / "model"), None, overwrite=False, run_id="b1")
+    with storage.committed(bundle):
+        bundle.write_bytes("bundle.json", b"{}")
+        assert not (tmp_path / "model").exists(), "a staged dataset is invisible until its commit"
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["_SUCCESS", "bundle.json"]

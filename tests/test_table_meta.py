@@ -150,7 +150,7 @@ def test_a_run_that_fails_after_its_commit_leaves_nothing_stale(tmp_path, cluste
     one its rows name), ``report`` and ``table show`` name the new run, and the next ``run``
     (nothing to do) copies the new run's record and fit beside the table. Fails before this
     change: ``train`` bundled the stale ``reduction.npz`` of the run before."""
-    from fruitdask import pipeline
+    from fruitdask import output
 
     data = copy_images(BUNDLED, tmp_path / "in", 2, 3)
     out = tmp_path / "out"
@@ -159,10 +159,10 @@ def test_a_run_that_fails_after_its_commit_leaves_nothing_stale(tmp_path, cluste
     for f in sorted(data.rglob("*.jpg")):  # twice the rows: the next run refits on all of them
         ImageOps.mirror(Image.open(f)).save(f.parent / f"mirror_{f.name}")
 
-    def fails(record, target):
+    def fails(record, target, pages):
         raise OSError("the disk filled up while publishing")
 
-    monkeypatch.setattr(pipeline, "publish", fails)
+    monkeypatch.setattr(output, "publish", fails)
     assert run(cluster, data, out, weights_file) != 0
     monkeypatch.undo()
     last = delta.history(str(out), {}, 1)[0]

@@ -132,7 +132,8 @@ RAW_READS_ALLOWED = {
     "output": {"fruitdask/pipeline.py:output_target", "fruitdask/commands/run.py:execute"},
 }
 #: The modules a run's values pass through after the edge (commands/options and config build them).
-RUN_MODULES = ["fruitdask/pipeline.py", "fruitdask/checkpoint.py", "fruitdask/output.py", "fruitdask/commands/run.py",
+RUN_MODULES = ["fruitdask/pipeline.py", "fruitdask/checkpoint.py", "fruitdask/output/record.py",
+               "fruitdask/output/publish.py", "fruitdask/commands/run.py",
                "fruitdask/features/settings.py", "fruitdask/features/frames.py", "fruitdask/features/model.py",
                "fruitdask/lake/tasks.py", "fruitdask/lake/update.py", "fruitdask/backends/__init__.py",
                "fruitdask/backends/base.py", "fruitdask/backends/dask/backend.py", "fruitdask/backends/dask/cluster.py",
@@ -162,7 +163,7 @@ def test_no_stage_rereads_a_resolved_value_from_the_raw_configuration():
 
 def test_the_weights_travel_typed():
     """No ``Any`` and no ``hasattr`` on the weights' way to the model."""
-    for path, fn in [("fruitdask/features/model.py", "cached_model"), ("fruitdask/features/frames.py", "featurize_frame"),
+    for path, fn in [("fruitdask/features/model.py", "cached_runtime"), ("fruitdask/features/frames.py", "featurize_frame"),
                      ("fruitdask/checkpoint.py", "featurize_checkpointed"), ("fruitdask/lake/tasks.py", "featurize_part")]:
         (node,) = _defs(ast.parse((ROOT / path).read_text(encoding="utf-8")))[fn]
         names = _names(node)

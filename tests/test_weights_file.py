@@ -15,6 +15,8 @@ from conftest import SMALL_SIZE
 
 from fruitdask.errors import WeightsError
 from fruitdask.features import model
+from fruitdask.features.runtimes import tensorflow as tf_runtime
+from fruitdask.features.runtimes.tensorflow import build_vgg16, import_keras
 from fruitdask.features.weights_file import WeightsFile, npz_bytes, read_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,13 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def keras_model():
     """A VGG16 with seeded weights other than the conftest file's, so a mix-up shows."""
-    keras = model.import_keras()
+    keras = import_keras()
     keras.utils.set_random_seed(77)
-    return model.build_vgg16(SMALL_SIZE)
+    return build_vgg16(SMALL_SIZE)
 
 
 def _keras_loaded(path: Path) -> list[np.ndarray]:
-    vgg = model.build_vgg16(SMALL_SIZE)
+    vgg = build_vgg16(SMALL_SIZE)
     vgg.load_weights(str(path))
     return vgg.get_weights()
 
@@ -79,7 +81,7 @@ def test_imagenet_cached_file_is_read_without_keras(tmp_path, keras_model, monke
     with h5py.File(tmp_path / "models" / model.IMAGENET_NOTOP_FILE, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, keras_model)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setattr(model, "build_vgg16", lambda *a, **k: pytest.fail("Keras was used to read a weights file"))
+    monkeypatch.setattr(tf_runtime, "build_vgg16", lambda *a, **k: pytest.fail("Keras was used to read a weights file"))
     weights, info = model.load_weights("imagenet")
     assert info.kind == "imagenet"
     _assert_same(weights, keras_model.get_weights())

@@ -2,8 +2,9 @@
 
 A backend decides only *where* things run. The pipeline (:mod:`fruitdask.pipeline`) calls
 its steps in order, each inside its own stage timer, and owns everything both backends
-share: the listing, the weights, the featurization settings, the split of good rows and
-errors (:func:`fruitdask.features.frames.split_rows`), the row check and the run record.
+share: the listing, the weights, the featurization settings, the table update
+(:mod:`fruitdask.lake.update`: the task bodies of :mod:`fruitdask.lake.tasks` tell good
+rows from failed images) and the run record.
 
 The steps of a :class:`fruitdask.backends.base.Backend`, in the order the pipeline calls them:
 
@@ -63,7 +64,7 @@ def start_early(cfg: RunConfig, *, gated: bool = False) -> None:
     if cfg.backend == "dask" and cfg.cluster == "local":
         from fruitdask.backends.dask.cluster import start_fork_server
 
-        start_fork_server(gated=gated)
+        start_fork_server(gated=gated, runtime=cfg.runtime)
 
 
 def stop_early() -> None:

@@ -1,9 +1,8 @@
-"""What the pipeline and every backend share: the :class:`Backend` steps and
-:func:`n_partitions` (see :mod:`fruitdask.backends`)."""
+"""What the pipeline and every backend share: the :class:`Backend` steps (see
+:mod:`fruitdask.backends`)."""
 
 from __future__ import annotations
 
-import math
 from contextlib import AbstractContextManager, ExitStack
 from typing import Protocol
 
@@ -36,12 +35,4 @@ class Backend(LakeBackend, Protocol):
 
     def prepare(self, weights: WeightsSource, weights_info: WeightsInfo) -> WeightsSource: ...
 
-
-def n_partitions(n_images: int, partition_size: int, n_threads: int) -> int:
-    """Partitions of about ``partition_size`` images, a multiple of the cluster's threads so
-    that the last wave keeps every thread busy."""
-    parts = max(1, math.ceil(n_images / partition_size))
-    if n_threads > 1:
-        parts = math.ceil(parts / n_threads) * n_threads
-    return max(1, min(parts, n_images))
 

@@ -7,7 +7,7 @@ from fruitdask.bench.children import PIPELINE_TASKS, main
 if __name__ == "__main__":
     code = main(sys.argv[1:])
     if sys.argv[1] in PIPELINE_TASKS:  # a pipeline engine leaves as `fruitdask run` does
-        from fruitdask.cli import exit_quickly
+        from fruitdask.commands.startup import exit_quickly
 
         exit_quickly(code)
     sys.exit(code)  # raw: a plain script's exit

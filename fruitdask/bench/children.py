@@ -11,12 +11,16 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fruitdask.bench.summary import steady_rate
+from fruitdask.bench.summary import first_wave_rate
 from fruitdask.config import KubeSettings, RunConfig, StorageSettings
-from fruitdask.progress import Progress
+from fruitdask.progress import Progress, steady_rate
+
+if TYPE_CHECKING:
+    from fruitdask.features.runtimes import InferenceRuntime
 
 
 def _load_config(work: Path, prec: str) -> tuple[RunConfig, bool]:
@@ -52,10 +56,11 @@ def child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
                                        allow_random=cfg.allow_random_weights)
     timings["weights"] = time.perf_counter() - t
     t = time.perf_counter()
-    vgg = model.cached_model(WeightsArrays.of(weights, info.sha256), FeatureSettings.from_config(cfg, info.sha256), os.cpu_count())
+    runtime = model.cached_runtime(WeightsArrays.of(weights, info.sha256), FeatureSettings.from_config(cfg, info.sha256),
+                                   os.cpu_count())
     timings["startup"] = time.perf_counter() - t
     paths, labels = list(listing["path"]), list(listing["label"])
-    maps, ends = _featurize_batches(vgg, paths, cfg, "none" if unpooled else cfg.pooling)
+    maps, ends = _featurize_batches(runtime, paths, cfg, "none" if unpooled else cfg.pooling)
     timings["featurize"] = ends[-1]
     pooled = _keep_features(maps, paths, cfg, work, unpooled)
     t = time.perf_counter()
@@ -68,8 +73,8 @@ def child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
                    out / "features.parquet")
     timings["write"] = time.perf_counter() - t
     n = len(paths)
-    first = min(cfg.batch_size, n)
-    steady = (n - first) / (ends[-1] - ends[0]) if len(ends) > 1 else None
+    batches = [min((i + 1) * cfg.batch_size, n) for i in range(len(ends))]  # images done at each batch's end
+    steady = steady_rate(list(zip(ends, batches, strict=True)), 0)  # after the first batch
     return {
         "timings_s": {k: round(v, 3) for k, v in timings.items()} | {"first_batch": round(ends[0], 3)},
         "steady_images_per_s": round(steady, 3) if steady else None,
@@ -77,7 +82,7 @@ def child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
     }
 
 
-def _featurize_batches(vgg, paths: list[str], cfg: RunConfig, pooling: str) -> tuple[np.ndarray, list[float]]:
+def _featurize_batches(runtime: InferenceRuntime, paths: list[str], cfg: RunConfig, pooling: str) -> tuple[np.ndarray, list[float]]:
     """Read and featurize batch by batch; the features, and when each batch ended (s)."""
     from fruitdask import storage
     from fruitdask.features import featurize
@@ -86,7 +91,7 @@ def _featurize_batches(vgg, paths: list[str], cfg: RunConfig, pooling: str) -> t
     t0 = time.perf_counter()
     for i in range(0, len(paths), cfg.batch_size):
         contents = [storage.read_bytes(p) for p in paths[i : i + cfg.batch_size]]
-        res = featurize.featurize_bytes(vgg, contents, cfg.image_size, pooling, cfg.batch_size)
+        res = featurize.featurize_bytes(runtime, contents, cfg.image_size, pooling, cfg.batch_size)
         feats.append(res.features)
         ends.append(time.perf_counter() - t0)
     return np.concatenate(feats), ends
@@ -142,7 +147,7 @@ def child_pipeline(cfg: RunConfig, work: Path, backend: str) -> dict:
     ends = ends or result.extra.get("featurize_task_ends_s", [])
     t, n = dict(result.timings_s), result.counts["images_listed"]
     slots = result.cluster.get("threads") or 1
-    steady = steady_rate(ends, n, slots)
+    steady = first_wave_rate(ends, n, slots)
     return {
         "timings_s": t, "steady_images_per_s": round(steady, 3) if steady else None,
         "partitions": len(ends), "slots": slots, "weights_sha256": result.weights_sha256,
@@ -152,7 +157,7 @@ def child_pipeline(cfg: RunConfig, work: Path, backend: str) -> dict:
 
 def child_pca(cfg: RunConfig, work: Path, engine: str) -> dict:
     """Time the standardize + PCA fit alone on the raw run's unpooled features."""
-    from fruitdask.reduce import fit_incremental_pca
+    from fruitdask.pca_streamed import fit_incremental_pca
 
     X = np.load(work / "unpooled.npy")
     n, d = X.shape

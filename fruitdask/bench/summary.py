@@ -10,18 +10,17 @@ import numpy as np
 
 from fruitdask.bench.machine import QUIET_CPU_PCT, QUIET_SAMPLE_S
 from fruitdask.config import RunConfig
+from fruitdask.progress import steady_rate
 
 STAGES = ("startup", "listing", "weights", "featurize", "pca", "write")
 
 
-def steady_rate(ends: list[float], n_images: int, slots: int) -> float | None:
-    """Images/s after the first wave of equal partitions (``None`` without a second wave)."""
+def first_wave_rate(ends: list[float], n_images: int, slots: int) -> float | None:
+    """:func:`fruitdask.progress.steady_rate` after the first wave of equal partitions, one per
+    slot (``ends``: each partition's end, in seconds; ``None`` without a second wave)."""
     ends = sorted(ends)
-    m = len(ends)
-    if m <= slots or slots < 1:
-        return None
-    span = ends[-1] - ends[slots - 1]
-    return (m - slots) * (n_images / m) / span if span > 0 else None
+    marks = [(t, (i + 1) * n_images / len(ends)) for i, t in enumerate(ends)]
+    return steady_rate(marks, slots - 1) if slots >= 1 else None
 
 
 def stats(runs: list[dict], key: str) -> dict[str, Any] | None:

@@ -19,11 +19,32 @@ from importlib import resources
 from fruitdask.errors import InputError
 
 CATALOGUE_FORMAT = "fruitdask-catalogue/1"
-#: The languages of every text of an entry; the first one the API falls back to is English.
+#: The languages every text of an entry, and every answer below, is written in (each entry
+#: is checked for all of them). A language more: its texts in fruits.json, its answers here,
+#: its page texts in serve/static/app.js (docs/architecture.md, "Seams").
 LANGUAGES = ("fr", "en")
+#: The language the API answers in when the request names none it can use.
 DEFAULT_LANGUAGE = "en"
 TEXT_FIELDS = ("name", "origin", "season", "note")
 PLAIN_FIELDS = ("scientific_name", "genus", "family")
+#: What the API says of a photo, per language and status (``uncertain_group``: the
+#: uncertain answer that names the genus or family the candidates share).
+ANSWERS = {
+    "en": {
+        "recognised": "This looks like {name}.",
+        "uncertain": "Not sure: it could be {name}.",
+        "uncertain_group": "We're pretty sure this is in the {rank} {group}.",
+        "unknown": "This does not look like a fruit this app knows.",
+    },
+    "fr": {
+        "recognised": "On dirait : {name}.",
+        "uncertain": "Pas sûr : ce pourrait être {name}.",
+        "uncertain_group": "Nous sommes presque sûrs que c'est dans {rank} {group}.",
+        "unknown": "Cela ne ressemble pas à un fruit que cette application connaît.",
+    },
+}
+#: How ANSWERS' ``uncertain_group`` names a rank, per language.
+RANK_WORDS = {"en": {"genus": "genus", "family": "family"}, "fr": {"genus": "le genre", "family": "la famille"}}
 
 
 @dataclass(frozen=True)

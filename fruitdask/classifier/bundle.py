@@ -1,7 +1,7 @@
 """The classifier bundle: everything ``predict`` needs to turn a photo into label probabilities.
 
 A bundle is a folder (local or ``s3://``) of plain, portable files, written atomically
-through :class:`fruitdask.storage.OutputTarget` (``_SUCCESS`` last)::
+through :class:`fruitdask.storage.StagedOutput` (``_SUCCESS`` last)::
 
     MODEL/
       bundle.json      format, weights reference + sha256, preprocessing, labels, versions
@@ -37,7 +37,7 @@ import pandas as pd
 from fruitdask import __version__, storage
 from fruitdask.errors import ModelError, WeightsError
 from fruitdask.features import frames, model, precision
-from fruitdask.features.settings import FeatureSettings
+from fruitdask.features.settings import FeatureSettings, differences
 from fruitdask.features.weights_file import WeightsArrays
 from fruitdask.reduce import Reduction
 
@@ -45,40 +45,6 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "fruitdask-classifier/1"
 BUNDLE_FILE = storage.paths.BUNDLE_JSON
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """What makes two feature vectors comparable: the same weights, input size, pooling and
-    precision of the forward pass (bfloat16 features differ from float32 ones by ~0.5 %)."""
-
-    weights_sha256: str
-    image_size: int
-    pooling: str
-    precision: str = "float32"
-
-    @classmethod
-    def of(cls, settings: FeatureSettings) -> FeatureSpec:
-        """The comparable part of a run's :class:`~fruitdask.features.settings.FeatureSettings`."""
-        return cls(settings.weights_key, settings.image_size, settings.pooling, settings.precision)
-
-    def settings(self, batch_size: int, storage_options: Mapping[str, Any] | None = None) -> FeatureSettings:
-        """The featurization settings that reproduce features of this spec."""
-        return FeatureSettings(self.weights_sha256, self.image_size, self.pooling, int(batch_size), self.precision,
-                               dict(storage_options or {}))
-
-    def mismatch(self, other: FeatureSpec) -> list[str]:
-        """Human-readable differences between ``self`` (expected) and ``other`` (given)."""
-        out = []
-        if other.image_size != self.image_size:
-            out.append(f"image size {other.image_size} (model: {self.image_size})")
-        if other.pooling != self.pooling:
-            out.append(f"pooling {other.pooling!r} (model: {self.pooling!r})")
-        if other.weights_sha256 != self.weights_sha256:
-            out.append(f"weights sha256 {other.weights_sha256[:12]}… (model: {self.weights_sha256[:12]}…)")
-        if other.precision != self.precision:
-            out.append(f"precision {other.precision} (model: {self.precision})")
-        return out
 
 
 #: What ``WeightsRef.kind`` may be.
@@ -138,18 +104,14 @@ class Featurizer:
     """Photos to raw VGG16 features, with the very functions the pipeline's workers run
     (:func:`fruitdask.features.frames.featurize_frame`: read, decode, resize, preprocess, pool)."""
 
-    def __init__(self, weights: list[np.ndarray], spec: FeatureSpec, batch_size: int,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
-        self.weights = WeightsArrays.of(weights, spec.weights_sha256)
-        self.spec = spec
-        self.batch_size = batch_size
-        self.storage_options = dict(storage_options or {})
-        self.settings = spec.settings(batch_size, self.storage_options)
+    def __init__(self, weights: list[np.ndarray], spec: FeatureSettings) -> None:
+        self.weights = WeightsArrays.of(weights, spec.weights_key)
+        self.spec = spec  # with the storage options the photos are read with
 
     def featurize(self, paths: Sequence[str], labels: Sequence[str | None] | None = None) -> pd.DataFrame:
         """``path, label, features, error_stage, error_reason`` rows, one per path (errors kept)."""
         df = pd.DataFrame({"path": list(paths), "label": list(labels) if labels is not None else [None] * len(paths)})
-        return frames.featurize_frame(df, self.weights, self.settings)
+        return frames.featurize_frame(df, self.weights, self.spec)
 
 
 @dataclass
@@ -200,9 +162,8 @@ class LinearClassifier:
 class ModelBundle:
     """Weights reference, preprocessing, reduction and classifier: one trained model."""
 
-    spec: FeatureSpec
+    spec: FeatureSettings  # what the training features were made with, and their batch size
     weights: WeightsRef
-    batch_size: int
     reduction: Reduction
     classifier: LinearClassifier
     info: dict = field(default_factory=dict)  # training provenance, metrics, versions
@@ -211,16 +172,16 @@ class ModelBundle:
     def labels(self) -> list[str]:
         return self.classifier.classes
 
-    def predict_proba(self, features: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    def predict_proba(self, features: np.ndarray, spec: FeatureSettings) -> np.ndarray:
         """Probabilities for raw VGG16 ``features (n, d)`` made under ``spec``.
 
         Raises :class:`ModelError` when ``spec`` is not the model's: features of another
         image size, pooling or weights live in another space even when their length matches.
         """
-        diffs = self.spec.mismatch(spec)
+        diffs = differences(self.spec, spec)
         if diffs:
             raise ModelError(
-                "features do not match the model: " + "; ".join(diffs)
+                "features do not match the model: " + "; ".join(d.reason("model") for d in diffs)
                 + ": featurize the photos with the model's settings (fruitdask predict does), or train a model on a run made with these"
             )
         features = np.asarray(features)
@@ -241,7 +202,7 @@ class ModelBundle:
         if self.spec.precision == "bfloat16" and precision.detect_and_resolve("auto").precision != "bfloat16":
             logger.warning("the model was trained on bfloat16 features and this machine has no native bf16 "
                            "(avx512_bf16/amx): featurizing in emulated bfloat16, slower than float32")
-        return Featurizer(weights, self.spec, self.batch_size, storage_options)
+        return Featurizer(weights, self.spec.with_storage(storage_options))
 
     # --- files ---------------------------------------------------------------------------
 
@@ -253,8 +214,7 @@ class ModelBundle:
             "labels": self.labels,
             "weights": asdict(self.weights),
             "preprocessing": {
-                **asdict(self.spec),
-                "batch_size": self.batch_size,
+                **self.spec.to_dict(),
                 "decode": "PIL, EXIF-transposed, RGB (alpha on white), bicubic resize to image_size",
                 "preprocess": "keras.applications.vgg16.preprocess_input",
             },
@@ -267,7 +227,7 @@ class ModelBundle:
     def save(self, url: str, storage_options: Mapping[str, Any] | None = None, *, overwrite: bool = False,
              extra_files: Mapping[str, bytes] | None = None) -> str:
         """Write the bundle (and ``extra_files`` such as the report) to ``url``, atomically."""
-        target = storage.OutputTarget.open(url, storage_options, overwrite)
+        target = storage.StagedOutput.open(url, storage_options, overwrite)
         with storage.committed(target):
             target.write_bytes("reduction.npz", self.reduction.to_npz())
             target.write_bytes("classifier.npz", self.classifier.to_npz())
@@ -295,13 +255,11 @@ class ModelBundle:
             classifier = LinearClassifier.from_npz(storage.read_bytes(storage.join(url, "classifier.npz"), storage_options))
         except (OSError, KeyError, ValueError) as e:
             raise ModelError(f"model {url!r} is incomplete or corrupt ({type(e).__name__}: {e}): train it again") from e
-        pre = doc["preprocessing"]
-        # Bundles written before --precision existed were float32.
-        spec = FeatureSpec(pre["weights_sha256"], int(pre["image_size"]), pre["pooling"], pre.get("precision", "float32"))
+        # Bundles written before --precision (or a runtime) existed were float32 (tensorflow).
+        spec = FeatureSettings.from_dict(doc["preprocessing"])
         known = {"format", "fruitdask_version", "created_at", "labels", "weights", "preprocessing", "reduction", "classifier", "files"}
         try:
             weights = WeightsRef(**doc["weights"])
         except TypeError as e:
             raise ModelError(f"{storage.join(url, BUNDLE_FILE)!r} has a malformed weights entry ({e}): train the model again") from e
-        return cls(spec=spec, weights=weights, batch_size=int(pre["batch_size"]),
-                   reduction=reduction, classifier=classifier, info={k: v for k, v in doc.items() if k not in known})
+        return cls(spec=spec, weights=weights, reduction=reduction, classifier=classifier, info={k: v for k, v in doc.items() if k not in known})

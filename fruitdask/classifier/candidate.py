@@ -29,20 +29,23 @@ import pandas as pd
 
 from fruitdask import output, storage
 from fruitdask.classifier import classify, openset
-from fruitdask.classifier.bundle import FeatureSpec, LinearClassifier, ModelBundle, WeightsRef
+from fruitdask.classifier.bundle import LinearClassifier, ModelBundle, WeightsRef
 from fruitdask.errors import InputError
 from fruitdask.features import frames
+from fruitdask.features.settings import FeatureSettings
 from fruitdask.lake import table as delta
 from fruitdask.lake import update
 from fruitdask.reduce import Reduction
 from fruitdask.runinfo import versions
+from fruitdask.schema import table_columns
 
 logger = logging.getLogger(__name__)
 
 #: Share of the images (by key hash) held out for evaluation, in percent.
 HOLDOUT_PERCENT = 20
 HOLDOUT_RULE = f"int(sha256(image_key).hexdigest()[:16], 16) % 100 < {HOLDOUT_PERCENT}"
-COLUMNS = ("image_key", "label", "features", "pca", "pca_fit", "run_id")
+#: The table columns a candidate reads (checked against fruitdask/schema.py when imported).
+COLUMNS = table_columns(["image_key", "label", "features", "pca", "pca_fit", "run_id"]).names
 
 
 def held_out(keys: list[str] | pd.Series, percent: int = HOLDOUT_PERCENT) -> np.ndarray:
@@ -59,9 +62,8 @@ class TableVersion:
     rows: pd.DataFrame
     reduction: Reduction
     pca_fit: str
-    spec: FeatureSpec
+    spec: FeatureSettings  # with the batch size of the table's last run
     weights: WeightsRef
-    batch_size: int
     meta: dict
 
 
@@ -71,29 +73,29 @@ def read_table_version(url: str, storage_options: Mapping[str, Any] | None, vers
     # folder a command ran from.
     url = url.rstrip("/") if storage.is_remote(url) else os.path.abspath(url)
     try:
-        dt = delta.load(url, storage_options, version)
+        table = delta.load(url, storage_options, version)
     except Exception as e:  # deltalake raises its own TableNotFoundError / version errors
         at = "" if version is None else f" at version {version}"
         raise InputError(f"no features table{at} under {url!r} ({type(e).__name__}: {e}): pass the --output of "
                          "`fruitdask run` (and a --version that `fruitdask table history` lists)") from e
-    v = int(dt.version())
-    rows = dt.to_pyarrow_dataset().to_table(columns=list(COLUMNS)).to_pandas(types_mapper=pd.ArrowDtype)
+    v = int(table.version())
+    rows = table.to_pyarrow_dataset().to_table(columns=list(COLUMNS)).to_pandas(types_mapper=pd.ArrowDtype)
     if len(rows) == 0:
         raise InputError(f"the features table of {url!r} at version {v} has no rows: run the pipeline on images first")
     fits = sorted({str(f) for f in rows["pca_fit"]})
     if len(fits) != 1:
         raise InputError(f"table version {v} of {url!r} mixes PCA fits {fits}: run `fruitdask run --refit` first")
-    meta = _meta_at(dt, v)
+    meta = _meta_at(table, v)
     reduction = Reduction.from_npz(storage.read_bytes(update.fit_url(url, fits[0]), storage_options))
     weights, batch_size = _weights(url, storage_options, meta)
     fs = meta.get("feature_settings") or {}
-    spec = FeatureSpec(str(fs["weights_sha256"]), int(fs["image_size"]), str(fs["pooling"]), str(fs.get("precision", "float32")))
-    return TableVersion(url, v, rows, reduction, fits[0], spec, weights, batch_size, meta)
+    spec = FeatureSettings.from_dict(fs, batch_size=batch_size)
+    return TableVersion(url, v, rows, reduction, fits[0], spec, weights, meta)
 
 
-def _meta_at(dt, version: int) -> dict:
+def _meta_at(table, version: int) -> dict:
     """The fruitdask description of the newest fruitdask commit at or before ``version``."""
-    for entry in dt.history():
+    for entry in table.history():
         if int(entry.get("version", -1)) > version:
             continue
         raw = entry.get(delta.META_KEY)
@@ -161,7 +163,7 @@ def train_candidate(tv: TableVersion, storage_options: Mapping[str, Any] | None,
     train, test = split(tv.rows)
     X, y = frames.matrix(train["pca"]), train["label"].astype(str).to_numpy()
     pipe = classify.fit_classifier(X, y, C=C, max_iter=max_iter)
-    bundle = ModelBundle(tv.spec, tv.weights, tv.batch_size, tv.reduction, LinearClassifier.from_sklearn(pipe))
+    bundle = ModelBundle(tv.spec, tv.weights, tv.reduction, LinearClassifier.from_sklearn(pipe))
     test_x, test_y = frames.matrix(test["features"]), test["label"].astype(str).to_numpy()
     proba = bundle.predict_proba(test_x, tv.spec)
     metrics = classify.evaluate(test_y, np.asarray(bundle.labels)[proba.argmax(axis=1)], bundle.labels)
@@ -193,7 +195,7 @@ def _lineage(tv: TableVersion, train: pd.DataFrame, test: pd.DataFrame, trigger:
     fs = tv.meta.get("feature_settings") or {}
     return {
         "table_uri": tv.url, "table_version": tv.version, "pca_fit": tv.pca_fit,
-        "weights_sha256": tv.spec.weights_sha256, "weights_file_sha256": fs.get("weights_file_sha256"),
+        "weights_sha256": tv.spec.weights_key, "weights_file_sha256": fs.get("weights_file_sha256"),
         "weights": {"kind": tv.weights.kind, "source": tv.weights.source},
         "image_size": tv.spec.image_size, "pooling": tv.spec.pooling, "precision": tv.spec.precision,
         "table_run_id": tv.meta.get("run_id"),

@@ -23,9 +23,10 @@ import pandas as pd
 from fruitdask import output, storage
 from fruitdask.catalogue import load_catalogue
 from fruitdask.classifier import openset
-from fruitdask.classifier.bundle import FeatureSpec, Featurizer, LinearClassifier, ModelBundle, WeightsRef
+from fruitdask.classifier.bundle import Featurizer, LinearClassifier, ModelBundle, WeightsRef
 from fruitdask.errors import InputError
 from fruitdask.features import frames
+from fruitdask.features.settings import FeatureSettings
 from fruitdask.output import CommittedRun
 from fruitdask.reduce import Reduction
 from fruitdask.runinfo import versions
@@ -54,18 +55,14 @@ class RunOutput:
         return self.run.record
 
     @property
-    def spec(self) -> FeatureSpec:
-        return FeatureSpec.of(self.run.feature_settings())
+    def spec(self) -> FeatureSettings:
+        return self.run.feature_settings()
 
     @property
     def weights(self) -> WeightsRef:
         w = self.doc["weights"]
         return WeightsRef(kind=w["kind"], source=w["source"], sha256=w["sha256"], seed=int(self.doc["config"]["seed"]),
                           file_sha256=w.get("file_sha256"))
-
-    @property
-    def batch_size(self) -> int:
-        return self.run.feature_settings().batch_size
 
 
 def load_run(url: str, storage_options: Mapping[str, Any] | None = None, columns: tuple[str, ...] = ("path", "label", "pca")) -> RunOutput:
@@ -219,7 +216,7 @@ def train(
     run = load_run(features_url, storage_options)
     X, y = frames.matrix(run.table["pca"]), run.table["label"].astype(str).to_numpy()
     pipe = fit_classifier(X, y, C=C, max_iter=max_iter)
-    bundle = ModelBundle(run.spec, run.weights, run.batch_size, run.reduction, LinearClassifier.from_sklearn(pipe))
+    bundle = ModelBundle(run.spec, run.weights, run.reduction, LinearClassifier.from_sklearn(pipe))
     train_accuracy = float(np.mean(np.asarray(bundle.labels)[bundle.classifier.predict_proba(X).argmax(axis=1)] == y))
     logger.info("fitted on %d images, %d labels, K=%d (training accuracy %.3f)", len(y), len(bundle.labels), X.shape[1], train_accuracy)
 
@@ -279,7 +276,7 @@ def _report_files(run: RunOutput, report: dict, metrics: dict) -> dict[str, byte
 
 def _held_out_set(bundle: ModelBundle, test_input: str | None, test_features: str | None,
                   storage_options: Mapping[str, Any] | None, weights_override: str | None,
-                  guard: Callable[[list[str]], None] | None) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSpec, str]:
+                  guard: Callable[[list[str]], None] | None) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSettings, str]:
     """The held-out rows (``path, label, features``), the skipped ones, the spec their
     features were made with, and where they came from; refused when unusable."""
     if test_input is not None:

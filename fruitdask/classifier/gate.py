@@ -31,6 +31,7 @@ from fruitdask.classifier import candidate, classify
 from fruitdask.classifier.registry import ModelVersion, Registry
 from fruitdask.errors import ConfigError, ModelError
 from fruitdask.features import frames
+from fruitdask.features.settings import differences
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ def _scores_on_held_out(registry: Registry, cand: ModelVersion, champ: ModelVers
     _, test = candidate.split(tv.rows)
     test = test[test["label"].astype(str).isin(shared)]
     cb, hb = registry.bundle(cand.version), registry.bundle(champ.version)
-    if len(test) == 0 or hb.spec.mismatch(tv.spec):
-        why = "no shared held-out row" if len(test) == 0 else "; ".join(hb.spec.mismatch(tv.spec))
+    if len(test) == 0 or differences(hb.spec, tv.spec):
+        why = "no shared held-out row" if len(test) == 0 else "; ".join(d.reason("model") for d in differences(hb.spec, tv.spec))
         recorded = {k: {m: float(v.metrics.get(m) or 0.0) for m in ("accuracy", "macro_f1")} for k, v in
                     (("candidate", cand), ("champion", champ))}
         return recorded, f"recorded held-out metrics (the champion cannot score these rows: {why})"

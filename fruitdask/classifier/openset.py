@@ -244,7 +244,7 @@ def nonfruit_features(featurizer, seed: int) -> tuple[np.ndarray, list[str]]:
     pics = nonfruit.pictures(NONFRUIT_PER_KIND, seed=seed)
     df = pd.DataFrame({"path": [f"nonfruit/{kind}-{i:03d}.png" for i, (kind, _) in enumerate(pics)],
                        "label": [kind for kind, _ in pics]})
-    good, errors = frames.split_rows(frames.featurize_frame(df, featurizer.weights, featurizer.settings,
+    good, errors = frames.split_rows(frames.featurize_frame(df, featurizer.weights, featurizer.spec,
                                                            contents=[data for _, data in pics]))
     if len(errors):
         raise ModelError(f"{len(errors)} generated non-fruit pictures failed to featurize: {errors['reason'].iloc[0]}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fruitdask.config import BACKENDS, POOLINGS, REMOVE_FLOOR, RunConfig, StorageSettings, build_config, build_storage_settings
+from fruitdask.storage import stores
 
 #: The real Fruits-360 images shipped with the package (12 labels x 10 images).
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "Training"
@@ -23,11 +24,10 @@ _D = RunConfig()
 
 
 def add_storage_options(p: argparse.ArgumentParser) -> None:
-    """The ``s3://`` flags, shared by every command that reads or writes storage."""
-    g = p.add_argument_group("storage (s3://)")
-    g.add_argument("--s3-endpoint", dest="storage_endpoint_url", help="S3 endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
-    g.add_argument("--aws-profile", dest="storage_profile", help="AWS profile name (default: the usual AWS credential chain)")
-    g.add_argument("--aws-region", dest="storage_region", help="AWS region for the S3 client (default: from the AWS config)")
+    """The storage flags, shared by every command that reads or writes storage: each store's
+    own (S3's ``--s3-endpoint``, ``--aws-*``) and the region allow-list."""
+    g = p.add_argument_group(f"storage ({', '.join(s.schemes[0] + '://' for s in stores.remote_stores())})")
+    stores.add_arguments(g)
     g.add_argument("--allowed-regions", dest="storage_allowed_regions",
                    type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
                    help="comma-separated regions buckets may live in (default: the EU member-state regions)")

@@ -71,23 +71,15 @@ def command(args: argparse.Namespace) -> int:
 
 def execute(cfg: RunConfig) -> RunResult:
     """Bring the table up to date (``pipeline.run``); what the run did."""
-    from fruitdask.backends import start_early, stop_early
+    from fruitdask.commands.startup import workers_started_early
 
-    # Before the pipeline's imports: local workers' imports overlap the client's. An update
-    # lists first and imports no TensorFlow when there is nothing to do: its fork server
-    # waits before TensorFlow until the cluster starts (so does a remote output's, which may
-    # hold a table: it is not read before the region guard).
-    start_early(cfg, gated="://" in cfg.output or _has_local_table(cfg.output))
-    from fruitdask import pipeline
-    from fruitdask.progress import progress_bar
+    with workers_started_early(cfg):  # before the pipeline's imports: the workers' overlap them
+        from fruitdask import pipeline
+        from fruitdask.progress import progress_bar
 
-    target = pipeline.output_target(cfg)  # from here on the output is this object, not the flag
-    # The bar starts with the featurization, after the cluster line (dashboard URL) is printed.
-    try:
-        result = pipeline.run(cfg, target=target, progress=progress_bar(cfg.quiet), on_event=_on_event)
-    finally:
-        stop_early()
-    return result
+        target = pipeline.output_target(cfg)  # from here on the output is this object, not the flag
+        # The bar starts with the featurization, after the cluster line (dashboard URL) is printed.
+        return pipeline.run(cfg, target=target, progress=progress_bar(cfg.quiet), on_event=_on_event)
 
 
 def summarize(cfg: RunConfig, result: RunResult, print_json: bool = True) -> int:
@@ -116,11 +108,3 @@ def summarize(cfg: RunConfig, result: RunResult, print_json: bool = True) -> int
                           "added": counts["added"], "updated": counts["updated"], "removed": counts["removed"],
                           "k": result.k, "report": report_path}))
     return EXIT_SKIPPED if counts["errors"] and not cfg.skipped_ok else EXIT_OK
-
-
-def _has_local_table(output: str) -> bool:
-    """A local output that already holds a features table (checked without any import:
-    remote outputs are not touched before the region guard)."""
-    import os
-
-    return "://" not in output and os.path.isdir(os.path.join(output, "features", "_delta_log"))

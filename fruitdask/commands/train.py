@@ -95,7 +95,7 @@ def train(opts: TrainOptions) -> int:
     storage.guard_regions([opts.features, opts.test_input, opts.test_features, opts.model_out, opts.weights], settings)
     so = storage.storage_options(settings)
     # Refuse an existing --model-out before minutes of featurizing, not after.
-    storage.OutputTarget.open(opts.model_out, so, opts.overwrite)
+    storage.StagedOutput.open(opts.model_out, so, opts.overwrite)
     bundle, report, files = classify.train(
         opts.features, test_input=opts.test_input, test_features=opts.test_features, storage_options=so,
         weights_override=opts.weights, C=opts.C, max_iter=opts.max_iter,

@@ -2,20 +2,23 @@
 
 Both backends call these very functions (Dask inside ``map_partitions``, Spark inside a
 Scalar-Iterator pandas UDF); a backend only decides where they run. Nothing here touches
-storage, clusters or global state besides the model it is handed.
+storage, clusters or global state besides the inference runtime it is handed
+(:mod:`fruitdask.features.runtimes`): decoding and pooling are shared by every runtime.
 """
 
 from __future__ import annotations
 
 import io
-import threading
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from fruitdask.features.runtimes import InferenceRuntime
 
 #: Images with more pixels than this are refused before decoding (decompression bombs).
 MAX_PIXELS = 64_000_000
@@ -28,19 +31,6 @@ RESAMPLE = Image.Resampling.BICUBIC  # PIL's default for resize(), as in the see
 #: file's name: each decoder is attack surface, and a format we do not mean to read is a
 #: mistake in the input.
 ALLOWED_FORMATS = ("JPEG", "PNG")
-
-#: Model calls in this process: ``batches`` (``predict_on_batch`` calls) and ``images``.
-#: Tests read it on workers with ``client.run(model_calls)`` to prove a resumed run reused
-#: its checkpoints instead of running VGG16 again.
-MODEL_CALLS: Counter[str] = Counter()
-_CALLS_LOCK = threading.Lock()
-
-
-def model_calls() -> dict[str, int]:
-    """This process's :data:`MODEL_CALLS` as a plain dict (picklable for ``client.run``)."""
-    with _CALLS_LOCK:
-        return dict(MODEL_CALLS)
-
 
 class DecodeError(ValueError):
     """One image could not be decoded; the message is the reason written to ``errors``."""
@@ -198,13 +188,6 @@ def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.nda
         raise DecodeError(f"cannot convert {img.mode} image to RGB: {e}") from e
 
 
-def preprocess(images: np.ndarray) -> np.ndarray:
-    """Keras VGG16 ``preprocess_input`` (RGB to BGR, ImageNet channel means removed)."""
-    from keras.applications.vgg16 import preprocess_input
-
-    return preprocess_input(images.astype(np.float32, copy=True))
-
-
 def pool(feature_maps: np.ndarray, pooling: str) -> np.ndarray:
     """Reduce ``(n, h, w, 512)`` maps to vectors: ``avg``/``max`` give 512, ``none`` flattens."""
     if pooling == "avg":
@@ -218,16 +201,11 @@ def pool(feature_maps: np.ndarray, pooling: str) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def featurize_arrays(model, images: np.ndarray, pooling: str, batch_size: int) -> np.ndarray:
-    """Run VGG16 on decoded ``(n, s, s, 3)`` uint8 images in batches; return ``(n, d)``."""
+def featurize_arrays(runtime: InferenceRuntime, images: np.ndarray, pooling: str, batch_size: int) -> np.ndarray:
+    """Run the runtime on decoded ``(n, s, s, 3)`` uint8 images in batches, pool; return ``(n, d)``."""
     out = []
     for start in range(0, len(images), batch_size):
-        batch = preprocess(images[start : start + batch_size])
-        # predict_on_batch runs the compiled graph (no per-call Python dispatch of layers).
-        maps = model.predict_on_batch(batch)
-        with _CALLS_LOCK:
-            MODEL_CALLS["batches"] += 1
-            MODEL_CALLS["images"] += len(batch)
+        maps = runtime.featurize(images[start : start + batch_size])
         out.append(pool(np.asarray(maps), pooling))
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
@@ -242,7 +220,7 @@ class BatchResult:
 
 
 def featurize_bytes(
-    model, contents: Sequence[bytes | None], image_size: int, pooling: str, batch_size: int
+    runtime: InferenceRuntime, contents: Sequence[bytes | None], image_size: int, pooling: str, batch_size: int
 ) -> BatchResult:
     """Decode, preprocess and featurize a batch of encoded images.
 
@@ -261,5 +239,5 @@ def featurize_bytes(
             errors.append((i, "decode", str(e)))
     if not decoded:
         return BatchResult(np.zeros((0, 0), dtype=np.float32), ok, errors)
-    features = featurize_arrays(model, np.stack(decoded), pooling, batch_size)
+    features = featurize_arrays(runtime, np.stack(decoded), pooling, batch_size)
     return BatchResult(features, ok, errors)

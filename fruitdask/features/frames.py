@@ -113,11 +113,11 @@ def featurize_frame(
     ----------
     weights
         Where the weights come from; each worker process loads them once
-        (:func:`fruitdask.features.model.cached_model`).
+        (:func:`fruitdask.features.model.cached_runtime`).
     settings
         What decides the features, and the ``storage_options`` the images are read with.
     threads
-        TensorFlow threads of this worker (a runtime value, not a setting).
+        The runtime's threads in this worker (a runtime value, not a setting).
     contents
         The images' bytes when the caller already read them (Spark's ``binaryFile``); a
         ``None`` entry is read here through :mod:`fruitdask.storage`.
@@ -125,12 +125,12 @@ def featurize_frame(
     if len(df) == 0:
         return features_meta()
     s = settings
-    vgg = model.cached_model(weights, s, threads)
+    runtime = model.cached_runtime(weights, s, threads)
     if contents is None:
         contents, read_errors = read_many(list(df["path"]), s.storage_options)
     else:
         contents, read_errors = _read_missing(df, list(contents), s.storage_options)
-    result = featurize.featurize_bytes(vgg, contents, s.image_size, s.pooling, s.batch_size)
+    result = featurize.featurize_bytes(runtime, contents, s.image_size, s.pooling, s.batch_size)
     return assemble(df, result, read_errors)
 
 
@@ -151,9 +151,8 @@ def split_rows(df):
     """The good rows (``path, label, features``) and the skipped ones (``path, label, stage,
     reason``) of a featurized frame.
 
-    The one place that tells them apart, for the Dask backend (``df`` a Dask DataFrame: both
-    results stay lazy), the Spark backend (its collected error rows) and the classifier.
-    """
-    ok = df["error_stage"].isna()  # Dask's Series has no notna()
+    For the classifier, which featurizes its test images and its non-fruit pictures as frames
+    (the pipeline's tasks split their receipts in :mod:`fruitdask.lake.tasks`)."""
+    ok = df["error_stage"].isna()
     errors = df[~ok][["path", "label", *FRAME_ERRORS]].rename(columns=FRAME_ERRORS)
     return df[ok][["path", "label", "features"]], errors

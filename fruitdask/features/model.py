@@ -1,32 +1,31 @@
-"""The VGG16 feature extractor: weights read on the client, one compiled model per worker process.
+"""The VGG16 weights read on the client, and one prepared inference runtime per worker process.
 
 The client reads the weights once (:func:`load_weights`; a weights file with h5py alone,
 no TensorFlow, see :mod:`fruitdask.features.weights_file`) to check and hash them. Workers get
 them as a :class:`fruitdask.features.weights_file.WeightsSource`: the Dask backend a file to
-load them from, the Spark backend a broadcast. Inside a worker, :func:`warm_up` builds the
-graph of the run's :class:`~fruitdask.features.settings.FeatureSettings` early and
-:func:`cached_model` gives it the weights the first time, then reuses it for every later
-partition of the run.
+load them from, the Spark backend a broadcast. Inside a worker, :func:`warm_up` makes and warms
+up the runtime (:mod:`fruitdask.features.runtimes`) of the run's
+:class:`~fruitdask.features.settings.FeatureSettings` early and :func:`cached_runtime` gives it
+the weights the first time, then reuses it for every later partition of the run.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from fruitdask.errors import FruitdaskError, UntrustedReferenceError, WeightsError
+from fruitdask.features.runtimes import InferenceRuntime, get_runtime
 from fruitdask.features.settings import FeatureSettings
-from fruitdask.features.weights_file import WeightsSource, weights_digest
+from fruitdask.features.weights_file import WeightsArrays, WeightsSource, weights_digest
 
 logger = logging.getLogger(__name__)
 
@@ -60,91 +59,6 @@ class WeightsInfo:
         return self.kind == "random"
 
 
-def import_keras():
-    """Import TensorFlow (quietly) and Keras once; return ``keras``.
-
-    Imported lazily: importing TensorFlow costs seconds and must happen after the
-    process's TF environment (threads, oneDNN) is set. Local workers find it imported
-    already by the fork server they are forked from (:mod:`fruitdask.backends.dask.forkserver`).
-    """
-    if "keras" not in sys.modules:
-        with _quiet_stderr():
-            import tensorflow  # noqa: F401 - the C++ runtime logs its banner at import
-    import keras
-
-    return keras
-
-
-@contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 while TensorFlow loads: its C++ runtime prints INFO lines
-    (oneDNN banner, absl notice) that TF_CPP_MIN_LOG_LEVEL no longer hides. Python
-    exceptions still propagate; only the native chatter of the import is dropped."""
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
-    finally:
-        os.close(saved)
-
-
-@contextmanager
-def _dtype_policy(keras: Any, name: str) -> Iterator[None]:
-    """Build layers under dtype policy ``name``, then restore the previous one.
-
-    Keras keeps the policy per thread; restoring it means no other model built later in
-    this thread (or code sharing the process) inherits bfloat16.
-    """
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
-def build_vgg16(image_size: int, weights: str | None = None, precision: str = "float32") -> Any:
-    """The Keras VGG16 graph without its top, for square RGB inputs of ``image_size``.
-
-    ``precision="bfloat16"`` builds it under Keras' ``mixed_bfloat16`` policy (float32
-    weights, bfloat16 compute) with a float32 cast at the output, so the features are
-    float32 and the weights list is the same as the float32 model's.
-    """
-    keras = import_keras()
-    shape = (image_size, image_size, 3)
-    if precision == "float32":
-        return keras.applications.VGG16(weights=weights, include_top=False, input_shape=shape)
-    if precision != "bfloat16":
-        raise ValueError(f"unknown precision {precision!r}: use float32 or bfloat16")
-    with _dtype_policy(keras, "mixed_bfloat16"):
-        base = keras.applications.VGG16(weights=weights, include_top=False, input_shape=shape)
-    out = keras.layers.Activation("linear", dtype="float32", name="features_float32")(base.output)
-    return keras.Model(base.input, out, name="vgg16_bf16")
-
-
-def trace_any_batch(model: Any, image_size: int) -> None:
-    """Trace ``model``'s predict function once for a batch of any size (without running it).
-
-    Left to itself, Keras traces it at the first call and again at the second batch size
-    (``reduce_retracing``): a partition's last, shorter batch paid a second trace, about
-    0.13 s of Python at 224 px, during which (on a traced timeline) the worker's other thread
-    stalled too, presumably on the GIL. One
-    trace for ``(None, size, size, 3)`` serves every batch size after it (0.05 s).
-    """
-    import tensorflow as tf
-
-    model.make_predict_function()
-    model.predict_function.get_concrete_function([(tf.TensorSpec((None, image_size, image_size, 3), tf.float32),)])
-
-
 #: (in channels, out channels) of VGG16's 13 convolutions, in graph order.
 _VGG16_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
                 (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
@@ -173,6 +87,8 @@ def _imagenet(image_size: int) -> list[np.ndarray]:
     if os.path.isfile(cached):
         # The file Keras downloaded is a legacy .h5: read it with h5py, no TensorFlow.
         return _from_file(cached, None)[0]
+    from fruitdask.features.runtimes.tensorflow import build_vgg16
+
     try:
         return build_vgg16(image_size, weights="imagenet").get_weights()
     except Exception as e:
@@ -183,6 +99,9 @@ def _imagenet(image_size: int) -> list[np.ndarray]:
 
 
 def _random(seed: int) -> list[np.ndarray]:
+    """Keras' own seeded initialisation of the VGG16 graph (the one client-side use of TensorFlow)."""
+    from fruitdask.features.runtimes.tensorflow import build_vgg16, import_keras
+
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     return build_vgg16(32).get_weights()
@@ -280,115 +199,80 @@ def load_weights(
 
 # --- worker side -----------------------------------------------------------------------
 
-_MODELS: dict[tuple[str, int, str], Any] = {}
+#: This process's prepared runtimes, by (runtime, weights digest, image size, precision).
+_RUNTIMES: dict[tuple[str, str, int, str], InferenceRuntime] = {}
 _LOCK = threading.Lock()
-#: Held while this process reads weights for :func:`cached_model` (taken before :data:`_LOCK`).
+#: Held while this process reads weights for :func:`cached_runtime` (taken before :data:`_LOCK`).
 _LOAD_LOCK = threading.Lock()
-#: How many times this process built a model, per weights digest (tests read it).
-BUILDS: Counter[str] = Counter()
-_THREADS_SET = False
-
-
-def pin_tf_threads(threads: int | None) -> None:
-    """Limit TensorFlow's thread pools to the worker's share of cores (once per process).
-
-    Must run before TensorFlow's runtime starts; later calls are ignored.
-    """
-    global _THREADS_SET
-    if _THREADS_SET or not threads:
-        return
-    import_keras()
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-        tf.config.threading.set_inter_op_parallelism_threads(1 if threads <= 2 else 2)
-    except RuntimeError:  # runtime already initialised in this process
-        logger.debug("TensorFlow threads already fixed in this process")
-    _THREADS_SET = True
-
-
-#: Graphs built ahead of the weights by :func:`warm_up`, per image size, waiting for them.
-_WARM: dict[tuple[int, str], list[Any]] = {}
-#: How many times this process read the weights from their file, per digest (tests read it).
+#: Runtimes warmed up by :func:`warm_up` ahead of the weights, by (runtime, image size, precision).
+_WARM: dict[tuple[str, int, str], list[InferenceRuntime]] = {}
+#: How many times this process read the weights from their file, per digest (``run.json``'s
+#: ``extra.weights_loads`` and the tests read it).
 LOADS: Counter[str] = Counter()
-#: Graphs :func:`warm_up` built (``built``) and models that started from one (``used``).
+#: Runtimes :func:`warm_up` warmed (``built``) and prepared runtimes that started from one (``used``).
 WARM: Counter[str] = Counter()
 
 
+def _graph_key(settings: FeatureSettings) -> tuple[str, int, str]:
+    return settings.runtime, settings.image_size, settings.precision
+
+
 def warm_up(settings: FeatureSettings, threads: int | None = None) -> float:
-    """Import TensorFlow, build the VGG16 graph of ``settings`` (its image size and
-    precision) and trace it for any batch size (:func:`trace_any_batch`) in this worker
-    process, before the weights are known.
+    """Make this process's runtime of ``settings`` (its runtime, image size and precision)
+    and warm it up (:meth:`InferenceRuntime.warm_up`: for TensorFlow, import it, build the
+    graph and trace it for any batch size), before the weights are known.
 
-    Submitted as soon as the cluster is up, it overlaps the seconds of TensorFlow's import
+    Submitted as soon as the cluster is up, it overlaps the seconds of the runtime's import
     and graph construction with the client's listing and weights reading, and with the
-    worker's own reading of the weights (:func:`cached_model` reads them while the graph is
-    built); the first :func:`cached_model` of those settings then only assigns them. Returns
-    seconds.
-
-    The graph is not run here. A dummy inference saves a later batch nothing: the runtime's
-    set-up (oneDNN's kernels) comes with each new largest batch shape, so a first batch of
-    32 costs the same after a one-image inference as without it (0.60 against 0.61 s at
-    224 px, bfloat16, 2 cores), and while it runs TensorFlow's threads hold both cores, so
-    the worker's event loop cannot even start the first partition's tasks (0.3 s of an
-    update's critical path).
+    worker's own reading of the weights (:func:`cached_runtime` reads them while the graph is
+    built); the first :func:`cached_runtime` of those settings then only assigns them.
+    Returns seconds.
     """
-    import time
-
-    size, precision = settings.image_size, settings.precision
     t0 = time.perf_counter()
+    key = _graph_key(settings)
     with _LOCK:
-        if _WARM.get((size, precision)) or any(k[1:] == (size, precision) for k in _MODELS):
+        if _WARM.get(key) or any(k[:1] + k[2:] == key for k in _RUNTIMES):
             return 0.0
-        pin_tf_threads(threads)
-        model = build_vgg16(size, precision=precision)
-        trace_any_batch(model, size)
-        _WARM.setdefault((size, precision), []).append(model)
+        runtime = get_runtime(settings.runtime).create(settings, threads)
+        runtime.warm_up()
+        _WARM.setdefault(key, []).append(runtime)
         WARM["built"] += 1
     seconds = time.perf_counter() - t0
-    logger.info("warmed up VGG16 (%dpx) in pid %d in %.1fs", size, os.getpid(), seconds)
+    logger.info("warmed up the %s runtime (%dpx) in pid %d in %.1fs", settings.runtime, settings.image_size,
+                os.getpid(), seconds)
     return seconds
 
 
-def cached_model(weights: WeightsSource, settings: FeatureSettings, threads: int | None = None) -> Any:
-    """Return this process's compiled model for ``weights`` at the image size and precision
-    of ``settings``, building it once.
+def cached_runtime(weights: WeightsSource, settings: FeatureSettings, threads: int | None = None) -> InferenceRuntime:
+    """Return this process's runtime for ``weights`` at the runtime, image size and
+    precision of ``settings``, prepared once.
 
     ``weights.load()`` runs only here, once per process, under its own lock: while
-    :func:`warm_up` still builds the graph (holding the model lock), the weights are read at
-    the same time, and the warm graph then just receives them.
+    :func:`warm_up` still builds the graph (holding the runtime lock), the weights are read at
+    the same time, and the warm runtime then just receives them.
     """
-    key, size, precision = weights.sha256, settings.image_size, settings.precision
-    cache_key = (key, size, precision)
-    model = _MODELS.get(cache_key)
-    if model is not None:
-        return model
-    with _LOAD_LOCK:  # one reader of the weights; a warm-up may hold the model lock meanwhile
-        model = _MODELS.get(cache_key)
-        if model is not None:
-            return model
-        arrays = weights.load()
+    key, (name, size, precision) = weights.sha256, _graph_key(settings)
+    cache_key = (name, key, size, precision)
+    runtime = _RUNTIMES.get(cache_key)
+    if runtime is not None:
+        return runtime
+    with _LOAD_LOCK:  # one reader of the weights; a warm-up may hold the runtime lock meanwhile
+        runtime = _RUNTIMES.get(cache_key)
+        if runtime is not None:
+            return runtime
+        loaded = WeightsArrays.of(weights.load(), key)
         LOADS[key] += 1
         with _LOCK:
-            warm = _WARM.get((size, precision))
+            warm = _WARM.get((name, size, precision))
             if warm:
-                model = warm.pop()
+                runtime = warm.pop()
                 WARM["used"] += 1
             else:
-                pin_tf_threads(threads)
-                model = build_vgg16(size, precision=precision)
-                trace_any_batch(model, size)
-            model.set_weights(arrays)
-            _MODELS[cache_key] = model
-            BUILDS[key] += 1
-        logger.info("built VGG16 (%s, %dpx, %s) in pid %d", key[:12], size, precision, os.getpid())
-    return model
-
-
-def build_counts() -> dict[str, int]:
-    """Model builds in this process, by weights key (run with ``client.run`` in tests)."""
-    return dict(BUILDS)
+                runtime = get_runtime(name).create(settings, threads)
+            runtime.prepare(loaded, settings)
+            _RUNTIMES[cache_key] = runtime
+        logger.info("prepared the %s runtime (%s, %dpx, %s) in pid %d", name, key[:12], size, precision, os.getpid())
+    return runtime
 
 
 def warm_counts() -> dict[str, int]:
@@ -397,5 +281,5 @@ def warm_counts() -> dict[str, int]:
 
 
 def load_counts() -> dict[str, int]:
-    """Weights files read in this process, by weights key (run with ``client.run`` in tests)."""
+    """Weights files read in this process, by weights key (run with ``client.run``)."""
     return dict(LOADS)

@@ -14,7 +14,7 @@ start of every run. :func:`read_weights` reads the three formats users have with
 - ``.npz`` (what fruitdask stages for workers): ``arr_0 ... arr_25``.
 
 :class:`WeightsSource` is the one type the weights travel as, from the backend that prepares
-them to the model a worker builds (:func:`fruitdask.features.model.cached_model`): a digest and
+them to the model a worker builds (:func:`fruitdask.features.model.cached_runtime`): a digest and
 a ``load()``. :class:`WeightsFile` is what a Dask task carries instead of the arrays: a small,
 picklable recipe (a file URL and its digest). A worker loads the file the first time it
 builds its model, so the weights reach each worker once, and a worker that joins late or

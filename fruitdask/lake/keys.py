@@ -7,7 +7,6 @@ strings: the client holds a few dozen bytes per image, whatever the lake's size.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -65,11 +64,10 @@ def source_version(size: int | None, tag: object) -> str:
 
 
 def settings_fingerprint(settings: FeatureSettings) -> str:
-    """What decides a feature vector: weights sha256, image size, pooling, precision (the
-    batch size does not change the numbers beyond rounding, so it may differ between runs)."""
-    s = settings
-    text = f"table-v{TABLE_FORMAT}|{s.weights_key}|{s.image_size}|{s.pooling}|{s.precision}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """The table's fingerprint of ``settings`` (:meth:`FeatureSettings.fingerprint` under this
+    table format): what decides a feature vector, not the batch size, so that runs of other
+    batch sizes update the same table."""
+    return settings.fingerprint(f"table-v{TABLE_FORMAT}")
 
 
 def hash_keys(values: Sequence[str] | np.ndarray) -> np.ndarray:

@@ -191,7 +191,7 @@ def table_keys(state: TableState) -> TableKeys:
     into arrays sized once from the files' row counts (no concatenation copy)."""
     if not state.exists:
         return TableKeys([], np.zeros(0, "S16"), np.zeros(0, "<u8"), np.zeros(0, np.int32), np.zeros(0, np.int32))
-    actions = pa.table(state.dt.get_add_actions(flatten=True))
+    actions = pa.table(state.table.get_add_actions(flatten=True))
     sizes = dict(zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist(), strict=True))
     counts = actions.column("num_records").to_pylist() if "num_records" in actions.column_names else []
     total = sum(int(c) for c in counts) if counts and None not in counts else None

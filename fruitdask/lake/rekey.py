@@ -73,7 +73,7 @@ def _new_keys(state: delta.TableState, root: str) -> list[_FileKeys]:
     """Each file's keys recomputed from its ``path`` column (two string columns read per file;
     only their hashes are kept: 17 bytes per row)."""
     out = []
-    actions = pa.table(state.dt.get_add_actions(flatten=True))
+    actions = pa.table(state.table.get_add_actions(flatten=True))
     sizes = dict(zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist(), strict=True))
     for fragment in state.dataset().get_fragments():
         rel = delta.relative(state, fragment.path)

@@ -30,11 +30,12 @@ import numpy as np
 from fruitdask import storage
 from fruitdask.errors import ConcurrentRunError, DuplicateKeyError, OutputError
 from fruitdask.lake.actions import FileAction, now_ms
-from fruitdask.schema import TABLE_SCHEMA, table_columns
+from fruitdask.output import layout
+from fruitdask.schema import TABLE_SCHEMA, complete_table, table_columns
+from fruitdask.storage import stores
 
 logger = logging.getLogger(__name__)
 
-TABLE_DIR = storage.paths.FEATURES
 META_KEY = "fruitdask"
 #: The run's record (its ``run.json`` as of the commit), inside a run commit's description:
 #: what the last run did is part of its commit, whether or not its publishing finished.
@@ -42,8 +43,6 @@ RECORD_KEY = "record"
 #: Commits searched back for the last fruitdask one (compactions carry it forward too); what
 #: must not be lost (format, settings) is in the table's :class:`Description`, not here.
 HISTORY_DEPTH = 50
-#: The feature settings compared between a run and its table (and named when they differ).
-SETTINGS_FIELDS = ("image_size", "pooling", "precision", "weights_sha256")
 #: Target size of a data file after compaction (``fruitdask table compact``).
 TARGET_FILE_BYTES = 128 << 20
 #: A data file under this size is "small" (a run merges small files: lake.update.merge_small_files).
@@ -51,68 +50,24 @@ SMALL_FILE_BYTES = TARGET_FILE_BYTES // 4
 
 
 def table_url(output_url: str) -> str:
-    return storage.join(output_url, TABLE_DIR)
+    return storage.join(output_url, layout.FEATURES)
 
 
 def delta_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, str] | None:
-    """deltalake's (object_store) options for ``url`` from fruitdask's fsspec options.
+    """deltalake's (object_store) options for ``url`` from fruitdask's fsspec options: its
+    store's (:meth:`fruitdask.storage.base.Store.delta_options`; on S3 credentials resolved
+    now by botocore's chain and the bucket's region).
 
-    The credentials are resolved here by botocore's chain, the one s3fs uses in every
-    process (environment keys, ``--aws-profile``, IRSA web identity), and handed to delta-rs
-    in memory only: object_store does not read AWS profiles itself. They are a frozen copy
-    (IRSA and STS session credentials last about an hour), so every commit re-opens the table
-    with options resolved right then (:func:`_reopened`): a run longer than its first
-    credentials' life still commits. The region is the
-    bucket's own (looked up once, as the region guard does), unless ``--aws-region`` says.
+    Credentials are a frozen copy (IRSA and STS session credentials last about an hour), so
+    every commit re-opens the table with options resolved right then (:func:`_reopened`): a
+    run longer than its first credentials' life still commits.
     """
-    if not storage.is_remote(url):
-        return None
-    opts = dict(storage_options or {})
-    client = dict(opts.get("client_kwargs") or {})
-    out: dict[str, str] = {}
-    if client.get("endpoint_url"):
-        out["AWS_ENDPOINT_URL"] = str(client["endpoint_url"])
-        if str(client["endpoint_url"]).startswith("http://"):
-            out["AWS_ALLOW_HTTP"] = "true"
-    out.update(_credentials(opts.get("profile")))
-    region = client.get("region_name") or _bucket_region(url, opts)
-    if region:
-        out["AWS_REGION"] = str(region)
-    return out
-
-
-def _credentials(profile: str | None) -> dict[str, str]:
-    import botocore.session
-
-    creds = botocore.session.Session(profile=profile).get_credentials()
-    if creds is None:
-        return {}
-    frozen = creds.get_frozen_credentials()
-    out = {"AWS_ACCESS_KEY_ID": frozen.access_key, "AWS_SECRET_ACCESS_KEY": frozen.secret_key}
-    if frozen.token:
-        out["AWS_SESSION_TOKEN"] = frozen.token
-    return out
-
-
-_REGIONS: dict[str, str] = {}
-
-
-def _bucket_region(url: str, storage_options: Mapping[str, Any]) -> str | None:
-    from fruitdask.storage.regions import bucket_region, split_bucket
-
-    bucket = split_bucket(url)[0]
-    if bucket not in _REGIONS:
-        _REGIONS[bucket] = bucket_region(bucket, storage_options)
-    return _REGIONS[bucket]
+    return stores.delta_options(url, storage_options)
 
 
 def _uri(url: str) -> str:
-    """delta-rs wants ``s3://`` (not ``s3a://``) and absolute local paths."""
-    import os
-
-    if storage.is_remote(url):
-        return "s3://" + url.split("://", 1)[1] if url.startswith("s3a://") else url
-    return os.path.abspath(url)
+    """The URI delta-rs opens (its store's: ``s3://`` for ``s3a://``, absolute local paths)."""
+    return stores.delta_uri(url)
 
 
 @dataclass(frozen=True)
@@ -160,26 +115,26 @@ class TableState:
 
     url: str
     storage_options: Mapping[str, Any]
-    dt: Any = None
+    table: Any = None  # the deltalake.DeltaTable at the version read (None: no table yet)
     meta: dict = field(default_factory=dict)
     description: Description | None = None
     described: bool = True
 
     @property
     def exists(self) -> bool:
-        return self.dt is not None
+        return self.table is not None
 
     @property
     def version(self) -> int | None:
-        return self.dt.version() if self.dt is not None else None
+        return self.table.version() if self.table is not None else None
 
     def files(self) -> list[str]:
         """Data files of this version, relative to the table root."""
-        return list(self.dt.file_uris()) if self.dt is not None else []
+        return list(self.table.file_uris()) if self.table is not None else []
 
     def dataset(self):
         """The pyarrow dataset of this version (read column by column, file by file)."""
-        return self.dt.to_pyarrow_dataset()
+        return self.table.to_pyarrow_dataset()
 
 
 def open_table(output_url: str, storage_options: Mapping[str, Any] | None) -> TableState:
@@ -190,31 +145,31 @@ def open_table(output_url: str, storage_options: Mapping[str, Any] | None) -> Ta
     url = table_url(output_url)
     state = TableState(url, dict(storage_options or {}))
     try:
-        state.dt = DeltaTable(_uri(url), storage_options=delta_options(url, storage_options))
+        state.table = DeltaTable(_uri(url), storage_options=delta_options(url, storage_options))
     except TableNotFoundError:
         return state
     except OSError as e:
         raise storage.translate(e, url) from e
-    state.meta = last_meta(state.dt)
-    state.description = Description.parse(state.dt.metadata().description)
+    state.meta = last_meta(state.table)
+    state.description = Description.parse(state.table.metadata().description)
     if state.description is None:
         state.described = False
-        state.description = _recovered(state.dt, state.meta, state.storage_options)
+        state.description = _recovered(state.table, state.meta, state.storage_options)
     return state
 
 
-def _recovered(dt, meta: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> Description | None:
+def _recovered(table, meta: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> Description | None:
     """An undescribed table's description: from its newest fruitdask commit (the whole history
     left is searched, once), else from the settings its rows name (fingerprint only)."""
     found = Description.of_meta(meta)
     if found is None:
-        for entry in dt.history():
+        for entry in table.history():
             raw = entry.get(META_KEY)
             found = Description.of_meta(json.loads(raw) if isinstance(raw, str) else dict(raw)) if raw else None
             if found is not None:
                 break
     if found is None:
-        fps = read_columns(dt, storage_options, ["settings"]).column("settings").unique().to_pylist()
+        fps = read_columns(table, storage_options, ["settings"]).column("settings").unique().to_pylist()
         if fps:  # rows of several settings (mixed before their check held): a run refuses them all
             found = Description(1, ",".join(sorted(str(f) for f in fps)))
     return found
@@ -230,27 +185,27 @@ def describe(state: TableState) -> bool:
     if not state.exists or state.described or state.description is None:
         return False
     custom = {META_KEY: json.dumps({**state.meta, "operation": "describe"}, sort_keys=True)} if state.meta else {}
-    state.dt = _reopened(state)
+    state.table = _reopened(state)
     try:
-        state.dt.alter.set_table_description(
+        state.table.alter.set_table_description(
             state.description.text(), commit_properties=CommitProperties(custom_metadata=custom, max_commit_retries=0))
     except (CommitFailedError, DeltaError) as e:
         raise _commit_error(state, e) from e
-    state.dt.update_incremental()
+    state.table.update_incremental()
     state.described = True
     logger.info("the table at %s kept its feature settings in its commit history only: moved them into the table's "
                 "description (version %d; once)", state.url, state.version)
     return True
 
 
-def last_meta(dt, up_to: int | None = None) -> dict:
+def last_meta(table, up_to: int | None = None) -> dict:
     """The ``fruitdask`` description of the newest fruitdask commit (empty if none); with
     ``up_to``, of the newest at or before that version.
 
-    ``dt`` must be the table at its latest version: delta-rs (1.6) lists the commits of a
+    ``table`` must be the table at its latest version: delta-rs (1.6) lists the commits of a
     table loaded at an older version newest first all the same, numbered down from the
     loaded version, so each would get another commit's number and description."""
-    for entry in dt.history(HISTORY_DEPTH if up_to is None else None):
+    for entry in table.history(HISTORY_DEPTH if up_to is None else None):
         raw = entry.get(META_KEY)
         if raw and (up_to is None or entry["version"] <= up_to):
             return _decode(raw)
@@ -339,12 +294,12 @@ def commit(state: TableState, adds: list[FileAction], removes: list[FileAction],
 
 
 def _reopened(state: TableState):
-    """``state.dt`` (the version read) opened again with credentials resolved now, for a
+    """``state.table`` (the version read) opened again with credentials resolved now, for a
     commit: those the table was opened with may have expired during the run."""
     from deltalake import DeltaTable
 
     if not storage.is_remote(state.url):
-        return state.dt
+        return state.table
     try:
         return DeltaTable(_uri(state.url), version=state.version,
                           storage_options=delta_options(state.url, state.storage_options))
@@ -428,9 +383,10 @@ def what_it_did(entry: Mapping[str, Any], meta: dict | None, fit_before: str | N
                    files_added=metrics.get("numFilesAdded"), files_removed=metrics.get("numFilesRemoved"))
     elif op.startswith("VACUUM"):
         did.update(action=op.lower(), files_removed=metrics.get("numDeletedFiles"))  # END's: START's are to come
-    elif meta and meta.get("operation") in ("rekey", "describe"):
+    elif meta and meta.get("operation") in ("rekey", "describe", "add_columns"):
         # Featurize nothing: a re-key rewrites keys (dropping rows held twice), a describe
-        # writes the table's description; the rest of ``meta`` is the last run's, carried on.
+        # writes the table's description, an add_columns fills new columns (lake.migrate);
+        # the rest of ``meta`` is the last run's, carried on.
         counts = (meta.get("counts") or {}) if meta["operation"] == "rekey" else {}
         dropped = int(counts.get("duplicates_dropped") or 0)
         rows = meta.get("rows")
@@ -456,8 +412,8 @@ def vacuum(output_url: str, storage_options: Mapping[str, Any] | None, retention
     delta-rs' *full* vacuum (its default, "lite", only deletes files a commit removed). Time
     travel to older versions ends there. Call it under the output's lease: the files of a
     live run are named by no commit yet."""
-    dt = load(output_url, storage_options)
-    return list(dt.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False, full=True))
+    table = load(output_url, storage_options)
+    return list(table.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False, full=True))
 
 
 def compact(output_url: str, storage_options: Mapping[str, Any] | None, target_bytes: int = TARGET_FILE_BYTES) -> dict:
@@ -467,15 +423,15 @@ def compact(output_url: str, storage_options: Mapping[str, Any] | None, target_b
     between the read of that description and the compaction's commit."""
     from deltalake.transaction import CommitProperties
 
-    dt = load(output_url, storage_options)
-    meta = last_meta(dt)
+    table = load(output_url, storage_options)
+    meta = last_meta(table)
     props = CommitProperties(custom_metadata={META_KEY: json.dumps({**meta, "operation": "compact"}, sort_keys=True)})
-    return dict(dt.optimize.compact(target_size=target_bytes, commit_properties=props))
+    return dict(table.optimize.compact(target_size=target_bytes, commit_properties=props))
 
 
-def read_columns(dt, storage_options: Mapping[str, Any] | None, columns: list[str] | None = None):
-    """``columns`` (all when ``None``) of every data file of ``dt``'s version, as one Arrow table, read file by
-    file through fruitdask's storage. Not through ``dt.to_pyarrow_dataset()``: its scanners'
+def read_columns(table, storage_options: Mapping[str, Any] | None, columns: list[str] | None = None):
+    """``columns`` (all when ``None``) of every data file of ``table``'s version, as one Arrow table, read file by
+    file through fruitdask's storage. Not through ``table.to_pyarrow_dataset()``: its scanners'
     threads (over delta-rs' filesystem) outlive Arrow at the end of the process often enough
     (21 short processes in 50 here) to abort it after its work ("terminate called without an
     active exception", exit 134; apache/arrow#34314)."""
@@ -484,29 +440,33 @@ def read_columns(dt, storage_options: Mapping[str, Any] | None, columns: list[st
 
     schema = table_columns(columns)
     parts = []
-    for uri in dt.file_uris():
+    for uri in table.file_uris():
         fs, path = storage.get_fs(uri, storage_options)
         with fs.open(path, "rb") as f:
-            parts.append(pq.ParquetFile(f).read(columns=schema.names).cast(schema))
+            pf = pq.ParquetFile(f)
+            if set(schema.names) <= set(pf.schema_arrow.names):
+                parts.append(pf.read(columns=schema.names).cast(schema))
+            else:  # a file from before a declared column: filled as the next run fills it (lake.migrate)
+                parts.append(complete_table(pf.read()).select(schema.names).cast(schema))
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 def summary(output_url: str, storage_options: Mapping[str, Any] | None, version: int | None = None) -> dict:
     """A version's rows, files, labels and PCA fits (reads two small columns)."""
     latest = load(output_url, storage_options)
-    dt = latest if version is None or version == latest.version() else load(output_url, storage_options, version)
+    table = latest if version is None or version == latest.version() else load(output_url, storage_options, version)
     try:
-        t = read_columns(dt, storage_options, ["label", "pca_fit"])
+        rows = read_columns(table, storage_options, ["label", "pca_fit"])
     except OSError as e:  # FileNotFoundError among them: a vacuum deleted the version's files
-        raise OutputError(f"version {dt.version()} of {table_url(output_url)} can no longer be read (a vacuum deleted "
+        raise OutputError(f"version {table.version()} of {table_url(output_url)} can no longer be read (a vacuum deleted "
                           f"files it needs: {str(e).splitlines()[0]}); `fruitdask table history` lists the versions, read a newer one") from e
-    labels = t.column("label").value_counts().to_pylist()
+    labels = rows.column("label").value_counts().to_pylist()
     return {
-        "version": dt.version(), "rows": t.num_rows, "files": len(dt.file_uris()),
+        "version": table.version(), "rows": rows.num_rows, "files": len(table.file_uris()),
         "labels": {d["values"]: d["counts"] for d in sorted(labels, key=lambda d: str(d["values"]))},
-        "pca_fits": sorted({str(v) for v in t.column("pca_fit").unique().to_pylist()}),
-        "fruitdask": _shown(last_meta(latest, up_to=dt.version())),
-        "table": _described(dt),
+        "pca_fits": sorted({str(v) for v in rows.column("pca_fit").unique().to_pylist()}),
+        "fruitdask": _shown(last_meta(latest, up_to=table.version())),
+        "table": _described(table),
     }
 
 
@@ -516,8 +476,8 @@ def _shown(meta: dict | None) -> dict | None:
     return None if meta is None else {k: v for k, v in meta.items() if k != RECORD_KEY}
 
 
-def current_fit(dt, storage_options: Mapping[str, Any] | None) -> str | None:
-    """The PCA fit the rows of ``dt``'s version name (``pca_fit``): from the files' statistics
+def current_fit(table, storage_options: Mapping[str, Any] | None) -> str | None:
+    """The PCA fit the rows of ``table``'s version name (``pca_fit``): from the files' statistics
     (the log), else from the column; None for a table without rows.
 
     Raises
@@ -528,17 +488,17 @@ def current_fit(dt, storage_options: Mapping[str, Any] | None) -> str | None:
     """
     import pyarrow as pa
 
-    actions = pa.table(dt.get_add_actions(flatten=True))
+    actions = pa.table(table.get_add_actions(flatten=True))
     fits: set[str] = set()
     if {"min.pca_fit", "max.pca_fit"} <= set(actions.column_names):
         lo, hi = actions.column("min.pca_fit").to_pylist(), actions.column("max.pca_fit").to_pylist()
         if None not in lo and None not in hi:
             fits = set(lo) | set(hi)
     if not fits and actions.num_rows:
-        column = read_columns(dt, storage_options, ["pca_fit"]).column("pca_fit")
+        column = read_columns(table, storage_options, ["pca_fit"]).column("pca_fit")
         fits = {str(v) for v in column.unique().to_pylist() if v is not None}
     if len(fits) > 1:
-        raise OutputError(f"the rows of {dt.table_uri} (version {dt.version()}) name {len(fits)} PCA fits "
+        raise OutputError(f"the rows of {table.table_uri} (version {table.version()}) name {len(fits)} PCA fits "
                           f"({', '.join(sorted(fits)[:3])}): run `fruitdask run --refit` to project them all with one")
     return next(iter(fits), None)
 
@@ -572,7 +532,7 @@ def latest_record(output_url: str, storage_options: Mapping[str, Any] | None) ->
     return None
 
 
-def _described(dt) -> dict | None:
+def _described(table) -> dict | None:
     """What the table is (format, feature settings), as its description says (None: undescribed)."""
-    d = Description.parse(dt.metadata().description)
+    d = Description.parse(table.metadata().description)
     return None if d is None else {"format": d.format, "settings": d.settings, "feature_settings": dict(d.feature_settings)}

@@ -39,7 +39,7 @@ from fruitdask.features.weights_file import WeightsSource
 from fruitdask.lake.actions import FileAction
 from fruitdask.pca_moments import Moments
 from fruitdask.reduce import Reduction
-from fruitdask.schema import ERROR_COLUMNS, MANIFEST_SCHEMA, TABLE_SCHEMA
+from fruitdask.schema import ERROR_COLUMNS, MANIFEST_SCHEMA, TABLE_SCHEMA, complete_table
 
 #: A manifest partition's columns that name its checkpoint: the rows and their files' versions.
 CHECKPOINT_KEY = ["path", "label", "source_version"]
@@ -149,7 +149,7 @@ class Sink:
 
     table_url: str
     run_id: str
-    settings: str
+    settings_fp: str  # lake.keys.settings_fingerprint: what the rows' ``settings`` column holds
     storage_options: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def file_url(self, name: str) -> str:
@@ -233,21 +233,21 @@ def write_rows(manifest: pd.DataFrame, feats: pd.DataFrame, sink: Sink, fit: Fit
     x = frames.matrix(feats["features"])
     n = len(manifest)
     now = pd.Timestamp(dt.datetime.now(dt.timezone.utc))
-    table = pa.table(
+    # Columns a writer does not set (schema.TABLE's later ones) are filled as for older rows.
+    table = complete_table(pa.table(
         {
             "image_key": pa.array(manifest["image_key"].tolist(), pa.string()),
             "path": pa.array(manifest["path"].tolist(), pa.string()),
             "label": pa.array(manifest["label"].tolist(), pa.string()),
             "source_version": pa.array(manifest["source_version"].tolist(), pa.string()),
-            "settings": pa.array([sink.settings] * n, pa.string()),
+            "settings": pa.array([sink.settings_fp] * n, pa.string()),
             "run_id": pa.array([sink.run_id] * n, pa.string()),
             "featurized_at": pa.array([now] * n, TABLE_SCHEMA.field("featurized_at").type),
             "features": _list_array(x),
             "pca": _list_array(reduction.transform(x)),
             "pca_fit": pa.array([fit.fit_id] * n, pa.string()),
         },
-        schema=TABLE_SCHEMA,
-    )
+    ))
     return write_file(table, sink, f"part-{sink.run_id}-{suffix}.parquet")
 
 
@@ -306,7 +306,7 @@ def _kept(sink: Sink, rel: str, drop_rows: np.ndarray | None) -> pa.Table:
     fs, path = storage.get_fs(sink.file_url(rel), sink.storage_options)
     try:
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f).cast(TABLE_SCHEMA)
+            table = complete_table(pq.read_table(f))  # a file older than a column gets it filled
     except OSError as e:
         raise storage.translate(e, sink.file_url(rel)) from e
     if drop_rows is not None and len(drop_rows):

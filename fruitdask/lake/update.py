@@ -10,8 +10,9 @@ workers, Spark executors) through the primitives :class:`LakeBackend` declares:
    data file at once (one pass); when a fit is needed (first run, ``--refit``, ``--rebuild``,
    or the table grew :data:`REFIT_GROWTH` times since the last fit) the features wait in
    their checkpoints;
-2. fit the PCA from moments summed by a tree reduction over the checkpoints and the rows the
-   table keeps (features up to 4,096 wide; wider ones through dask-ml's IncrementalPCA), write
+2. fit the PCA (:class:`fruitdask.reduce.PCA`, whose strategy asks for the rows as moments
+   summed by a tree reduction, or, for wide features, as one streamed array) over the
+   checkpoints and the rows the table keeps, write
    it as ``OUTPUT/pca/<fit>.npz``, then project every checkpoint and rewrite every kept file
    with it;
 3. rewrite the files that lose rows (removed or changed images: without a refit, queued
@@ -42,8 +43,9 @@ from fruitdask.lake import table as delta
 from fruitdask.lake import tasks
 from fruitdask.lake.actions import FileAction
 from fruitdask.lake.plan import Plan
-from fruitdask.pca_moments import MAX_MOMENT_FEATURES, Moments, fit
-from fruitdask.reduce import Reduction
+from fruitdask.output import layout
+from fruitdask.pca_moments import Moments
+from fruitdask.reduce import MAX_MOMENT_FEATURES, PCA, Reduction, strategy_for
 from fruitdask.runinfo import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,6 @@ logger = logging.getLogger(__name__)
 REFIT_GROWTH = 2.0
 #: Small files the table may hold before a run merges them (see :func:`merge_small_files`).
 MERGE_AFTER_FILES = 64
-FIT_DIR = storage.paths.FITS
 
 T = TypeVar("T")
 #: A leaf of a tree reduction: a task body and its arguments, returning the PCA moments of some rows.
@@ -112,8 +113,9 @@ class LakeBackend(Protocol):
         ...
 
     def fit_wide(self, staged: list[tuple[int, int]], manifest_url: str, ckpt: checkpoint.Checkpoints,
-                 sink: tasks.Sink, kept_files: list[tuple[str, np.ndarray | None]], req: Request) -> Reduction:
-        """The PCA of features too wide for moments (only where ``supports_wide_fit``)."""
+                 sink: tasks.Sink, kept_files: list[tuple[str, np.ndarray | None]], pca: PCA) -> Reduction:
+        """``pca`` fitted by its streamed strategy, on features too wide for moments (only where
+        ``supports_wide_fit``)."""
         ...
 
 
@@ -167,7 +169,7 @@ def remove_run_files(output: str, sink: tasks.Sink) -> None:
     except Exception as e:  # noqa: BLE001 - unsure whether it committed: keep the files (a vacuum removes orphans)
         logger.warning("could not tell whether this run committed (%s): its files are left for a vacuum", e)
         return
-    for folder, prefix in ((sink.table_url, f"part-{sink.run_id}-"), (storage.join(output, FIT_DIR), "")):
+    for folder, prefix in ((sink.table_url, f"part-{sink.run_id}-"), (storage.join(output, layout.FITS), "")):
         try:
             names = [f for f in storage.list_files(folder, sink.storage_options, ".parquet" if prefix else ".npz")
                      if f.rsplit("/", 1)[-1].startswith(prefix) and (prefix or sink.run_id in f.rsplit("/", 1)[-1])]
@@ -278,7 +280,7 @@ def _fit_seq(state: delta.TableState) -> int:
 
 
 def fit_url(output: str, fit_id: str) -> str:
-    return storage.join(output, FIT_DIR, f"{fit_id}.npz")
+    return storage.join(output, layout.FITS, f"{fit_id}.npz")
 
 
 def _rewrite(backend: LakeBackend, rewrite: list, sink: tasks.Sink, fit_: tasks.Fit | None, *,
@@ -292,22 +294,42 @@ def _refit(backend: LakeBackend, plan: Plan, state: delta.TableState, req: Reque
     """Fit the PCA on every row the table will hold; write it beside the table."""
     staged = _staged_parts(receipts, plan)
     kept_files: list[tuple[str, np.ndarray | None]] = [(p, rows) for p, _, rows in plan.rewrite] + [(p, None) for p, _ in plan.keep]
-    if req.feature_dim > MAX_MOMENT_FEATURES:
-        check_wide(req.feature_dim, backend.supports_wide_fit, backend.name)
-        rows = {r.part: r.rows for r in receipts if r.kind is tasks.ReceiptKind.STAGED}
-        manifest = plan.manifest_url or ""  # none when nothing was featurized: then no partition is staged
-        reduction = backend.fit_wide([(i, rows[i]) for i in staged], manifest, ckpt, sink, kept_files, req)
-    else:
-        leaves: list[MomentsLeaf] = [(tasks.moments_part, (i, plan.manifest_url, ckpt)) for i in staged]
-        leaves += [(tasks.moments_file, (sink, p, rows)) for p, rows in kept_files]
-        moments = backend.tree_reduce(leaves)
-        reduction = fit(moments, components=req.components, variance=req.variance)
+    # An engine without a streamed fit refuses features too wide for the moments (its declared capability).
+    check_wide(req.feature_dim, backend.supports_wide_fit, backend.name)
+    pca = PCA(req.feature_dim, components=req.components, variance=req.variance, batch_size=req.pca_batch_size,
+              power_iterations=req.power_iterations, seed=req.seed)
+    reduction = pca.fit_rows(_TableRows(backend, plan.manifest_url, staged, receipts, ckpt, sink, kept_files))
     fit_id = f"{_fit_seq(state) + 1:04d}-{req.run_id}"
     url = fit_url(req.target.url, fit_id)
     storage.write_file(url, reduction.to_npz(), sink.storage_options)
     logger.info("PCA fit %s: K=%d (%.4f of the variance) on %d rows", fit_id, reduction.k, reduction.variance_reached,
                 reduction.n_samples)
     return reduction, tasks.Fit(fit_id, url, sink.storage_options)
+
+
+@dataclass
+class _TableRows:
+    """The rows the table will hold (checkpointed partitions and kept files), in the shape the
+    PCA's strategy asks for (:class:`fruitdask.reduce.Rows`), each read where it lies."""
+
+    backend: LakeBackend
+    manifest_url: str | None
+    staged: list[int]
+    receipts: list[tasks.Receipt]
+    ckpt: checkpoint.Checkpoints
+    sink: tasks.Sink
+    kept_files: list[tuple[str, np.ndarray | None]]
+
+    def moments(self) -> Moments | None:
+        leaves: list[MomentsLeaf] = [(tasks.moments_part, (i, self.manifest_url, self.ckpt)) for i in self.staged]
+        leaves += [(tasks.moments_file, (self.sink, p, rows)) for p, rows in self.kept_files]
+        return self.backend.tree_reduce(leaves)
+
+    def stream(self, fit: PCA) -> Reduction:
+        rows = {r.part: r.rows for r in self.receipts if r.kind is tasks.ReceiptKind.STAGED}
+        manifest = self.manifest_url or ""  # none when nothing was featurized: then no partition is staged
+        return self.backend.fit_wide([(i, rows[i]) for i in self.staged], manifest, self.ckpt, self.sink,
+                                     self.kept_files, fit)
 
 
 def _staged_parts(receipts: list[tasks.Receipt], plan: Plan) -> list[int]:
@@ -328,7 +350,7 @@ def _project(backend: LakeBackend, plan: Plan, receipts: list[tasks.Receipt], ck
 def check_wide(feature_dim: int, supports_wide_fit: bool, backend_name: str) -> None:
     """Refuse features too wide for the moments on an engine that declares no wide fit
     (:attr:`LakeBackend.supports_wide_fit`: Spark sums moments only), before any work."""
-    if not supports_wide_fit and feature_dim > MAX_MOMENT_FEATURES:
+    if not supports_wide_fit and strategy_for(feature_dim) == "streamed":
         raise ReductionError(
             f"{feature_dim:,} features per image are too wide for the exact PCA of the {backend_name.capitalize()} "
             f"backend (at most {MAX_MOMENT_FEATURES:,}): use --backend dask (IncrementalPCA streams), or --pooling avg"

@@ -35,7 +35,6 @@ from fruitdask.report import svg as report_svg
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = output.REPORT
 THUMBS_PER_LABEL = 4
 THUMB_SIZE = 96
 #: Stages in the order they run; run.json stores them sorted by name.
@@ -406,11 +405,11 @@ def rebuild(location: str, storage_options: Mapping[str, Any] | None = None, set
             storage.guard_regions(paths, settings)
 
     page = build_report(doc, url, storage_options, guard)
-    return storage.write_file(storage.join(url, REPORT_NAME), page, storage_options)
+    return storage.write_file(storage.join(url, output.REPORT), page, storage_options)
 
 
 def report_location(location: str) -> str:
     """Where a run's report is, as a person would open it (an absolute path when local)."""
     if storage.is_remote(location):
-        return storage.join(location, REPORT_NAME)
-    return str(Path(location.removeprefix("file://")).resolve() / REPORT_NAME)
+        return storage.join(location, output.REPORT)
+    return str(Path(location.removeprefix("file://")).resolve() / output.REPORT)

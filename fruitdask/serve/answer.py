@@ -13,27 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fruitdask.catalogue import DEFAULT_LANGUAGE, LANGUAGES, load_catalogue
-from fruitdask.classifier.openset import MIN_SURE, RECOGNISED, UNCERTAIN, UNKNOWN, OpenSet
+from fruitdask.catalogue import ANSWERS, DEFAULT_LANGUAGE, LANGUAGES, RANK_WORDS, load_catalogue
+from fruitdask.classifier.openset import MIN_SURE, RECOGNISED, UNCERTAIN, OpenSet
 
 #: A candidate counts toward the shared genus or family from this probability on.
 CANDIDATE_PROBABILITY = 0.1
-
-MESSAGES = {
-    "en": {
-        RECOGNISED: "This looks like {name}.",
-        UNCERTAIN: "Not sure: it could be {name}.",
-        "uncertain_group": "We're pretty sure this is in the {rank} {group}.",
-        UNKNOWN: "This does not look like a fruit this app knows.",
-    },
-    "fr": {
-        RECOGNISED: "On dirait : {name}.",
-        UNCERTAIN: "Pas sûr : ce pourrait être {name}.",
-        "uncertain_group": "Nous sommes presque sûrs que c'est dans {rank} {group}.",
-        UNKNOWN: "Cela ne ressemble pas à un fruit que cette application connaît.",
-    },
-}
-RANK_WORDS = {"en": {"genus": "genus", "family": "family"}, "fr": {"genus": "le genre", "family": "la famille"}}
 
 
 class BadLanguage(ValueError):
@@ -102,7 +86,7 @@ def describe(predictions: list[dict], open_set: OpenSet | None, distance: float,
         likely = [p["label"] for p in predictions if p["probability"] >= CANDIDATE_PROBABILITY]
     likely = likely or [predictions[0]["label"]]
     group = cat.shared_group(likely) if status == UNCERTAIN and len(likely) > 1 else None
-    words = MESSAGES[lang]
+    words = ANSWERS[lang]
     if status == UNCERTAIN and group:
         message = words["uncertain_group"].format(rank=RANK_WORDS[lang][group["rank"]], group=group["name"])
     else:

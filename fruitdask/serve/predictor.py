@@ -2,8 +2,8 @@
 
 ``predict`` reads a file and calls :func:`fruitdask.features.frames.featurize_frame`, which runs
 :func:`fruitdask.features.featurize.decode_image` on each file's bytes and
-:func:`fruitdask.features.featurize.featurize_arrays` on the stacked images with the model from
-:func:`fruitdask.features.model.cached_model`, then :meth:`ModelBundle.predict_proba` and
+:func:`fruitdask.features.featurize.featurize_arrays` on the stacked images with the inference
+runtime from :func:`fruitdask.features.model.cached_runtime`, then :meth:`ModelBundle.predict_proba` and
 :meth:`ModelBundle.top_k`. The server calls the same functions, split in two so that
 decoding runs per request and the VGG16 call once per micro-batch.
 """
@@ -20,19 +20,21 @@ import numpy as np
 from fruitdask.classifier.bundle import Featurizer, ModelBundle
 from fruitdask.classifier.openset import OpenSet, residual, standardized
 from fruitdask.features import featurize, model
+from fruitdask.features.runtimes import InferenceRuntime
+from fruitdask.features.settings import differences
 
 logger = logging.getLogger(__name__)
 
 
 class Predictor:
-    """A loaded bundle, its verified weights and its compiled VGG16 graph."""
+    """A loaded bundle, its verified weights and its prepared VGG16 runtime."""
 
-    def __init__(self, bundle: ModelBundle, featurizer: Featurizer, vgg: Any, *, max_pixels: int,
+    def __init__(self, bundle: ModelBundle, featurizer: Featurizer, runtime: InferenceRuntime, *, max_pixels: int,
                  source: str = "", load_seconds: float = 0.0, version: str | None = None,
                  promoted_at: float | None = None) -> None:
         self.bundle = bundle
         self.featurizer = featurizer
-        self.vgg = vgg
+        self.runtime = runtime
         self.max_pixels = max_pixels
         self.source = source
         self.load_seconds = load_seconds
@@ -59,15 +61,15 @@ class Predictor:
         classifier are new, checked on one feature vector instead of a VGG16 warm-up."""
         start = time.perf_counter()
         if reuse is not None and reuse.shares_features(bundle):
-            self = cls(bundle, reuse.featurizer, reuse.vgg, max_pixels=max_pixels, source=source, version=version,
+            self = cls(bundle, reuse.featurizer, reuse.runtime, max_pixels=max_pixels, source=source, version=version,
                        promoted_at=promoted_at)
             self.bundle.predict_proba(np.zeros((1, bundle.reduction.mean.shape[0])), bundle.spec)
             how = "VGG16 kept"
         else:
             featurizer = bundle.featurizer(storage_options, weights_override, guard=guard)
             # The bundle's precision: served features must be those the classifier was trained on.
-            vgg = model.cached_model(featurizer.weights, featurizer.settings, threads)
-            self = cls(bundle, featurizer, vgg, max_pixels=max_pixels, source=source, version=version,
+            runtime = model.cached_runtime(featurizer.weights, featurizer.spec, threads)
+            self = cls(bundle, featurizer, runtime, max_pixels=max_pixels, source=source, version=version,
                        promoted_at=promoted_at)
             size = featurizer.spec.image_size
             blank = np.full((max(warm_batches), size, size, 3), 255, dtype=np.uint8)
@@ -81,8 +83,9 @@ class Predictor:
 
     def shares_features(self, bundle: ModelBundle) -> bool:
         """Whether ``bundle`` takes the very features this model computes: the same weights
-        (reference and sha256), image size, pooling and precision."""
-        return self.bundle.spec == bundle.spec and self.bundle.weights == bundle.weights
+        (reference and sha256) and every other setting that decides the features (not the
+        batch size: :func:`fruitdask.features.settings.differences`)."""
+        return not differences(self.bundle.spec, bundle.spec) and self.bundle.weights == bundle.weights
 
     @property
     def image_size(self) -> int:
@@ -95,7 +98,7 @@ class Predictor:
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """``(n, n_labels)`` probabilities of decoded ``(n, size, size, 3)`` images, one VGG16 call."""
         spec = self.featurizer.spec
-        features = featurize.featurize_arrays(self.vgg, images, spec.pooling, max(1, len(images)))
+        features = featurize.featurize_arrays(self.runtime, images, spec.pooling, max(1, len(images)))
         return self.bundle.predict_proba(features, spec)
 
     def predict_scores(self, images: np.ndarray) -> np.ndarray:
@@ -103,7 +106,7 @@ class Predictor:
         centroid and the relative PCA residual (:mod:`fruitdask.classifier.openset`; NaN
         without a detector). One VGG16 call; :meth:`split` takes a row apart."""
         spec = self.featurizer.spec
-        features = featurize.featurize_arrays(self.vgg, images, spec.pooling, max(1, len(images)))
+        features = featurize.featurize_arrays(self.runtime, images, spec.pooling, max(1, len(images)))
         proba = self.bundle.predict_proba(features, spec)
         if self.open_set is None:
             return np.column_stack([proba, np.full((len(proba), 2), np.nan)])
@@ -124,7 +127,7 @@ class Predictor:
     def summary(self) -> dict:
         """What a prediction answer says about the model that made it (never where it is stored)."""
         spec = self.featurizer.spec
-        return {"version": self.version, "weights_sha256": spec.weights_sha256, "image_size": spec.image_size,
+        return {"version": self.version, "weights_sha256": spec.weights_key, "image_size": spec.image_size,
                 "labels": len(self.bundle.labels)}
 
     def describe(self) -> dict:

@@ -2,8 +2,10 @@
 
 Of two writers that read the same version of the document, only one can replace it:
 
-- S3: ``PutObject`` with ``If-Match: <ETag read>`` (or ``If-None-Match: *`` when there was
-  none); the ETag is read *before* the body, so a write in between fails the condition.
+- an object store: its conditional writes (:class:`~fruitdask.storage.base.Store`'s
+  ``put_if_match``, or ``put_if_absent`` when there was none; on S3 ``PutObject`` with
+  ``If-Match: <ETag read>`` or ``If-None-Match: *``); the version is read *before* the body,
+  so a write in between fails the condition.
 - local: an exclusive ``fcntl.flock`` on a hidden ``.<name>.lock`` beside the document is
   held while the document is read again, compared with the version the caller read (its
   sha256) and, if unchanged, replaced by a complete temporary file with ``os.replace``
@@ -26,8 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import fruitdask.storage.s3errors as s3errors
-from fruitdask.storage.lease import CONFLICT_CODES
+from fruitdask.storage import stores
+from fruitdask.storage.stores import translate
 from fruitdask.storage.urls import get_fs, is_remote
 
 
@@ -43,17 +45,17 @@ def read(url: str, storage_options: Mapping[str, Any] | None) -> Versioned:
     """The document at ``url`` and its version (``Versioned(None, None)`` when absent)."""
     fs, path = get_fs(url, storage_options)
     try:
-        if is_remote(url):
-            fs.invalidate_cache(path)
-            info = fs.info(path)  # the ETag first: a write after it fails our If-Match
-            return Versioned(json.loads(fs.cat_file(path)), str(info.get("ETag", "")))
+        store = stores.lookup(url)
+        if is_remote(url) and store is not None:
+            snap = store.read_object(fs, path)  # the version first: a write after it fails our condition
+            return Versioned(None, None) if snap is None else Versioned(json.loads(snap.data), snap.version)
         with open(path, "rb") as f:
             data = f.read()
         return Versioned(json.loads(data), hashlib.sha256(data).hexdigest())
     except FileNotFoundError:
         return Versioned(None, None)
-    except s3errors.storage_exceptions() as e:
-        raise s3errors.translate(e, url) from e
+    except stores.storage_exceptions() as e:
+        raise translate(e, url) from e
 
 
 def replace(url: str, storage_options: Mapping[str, Any] | None, doc: dict[str, Any], expected: str | None) -> bool:
@@ -62,27 +64,13 @@ def replace(url: str, storage_options: Mapping[str, Any] | None, doc: dict[str, 
     body = json.dumps(doc, indent=2, sort_keys=True).encode()
     fs, path = get_fs(url, storage_options)
     try:
-        if is_remote(url):
-            return _put_if(fs, path, body, expected)
+        store = stores.lookup(url)
+        if is_remote(url) and store is not None:
+            put = store.put_if_absent(fs, path, body) if expected is None else store.put_if_match(fs, path, body, expected)
+            return put is not None
         return _replace_local(path, body, expected)
-    except s3errors.storage_exceptions() as e:
-        raise s3errors.translate(e, url) from e
-
-
-def _put_if(fs, path: str, body: bytes, expected: str | None) -> bool:
-    bucket, _, key = path.partition("/")
-    condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
-    try:
-        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
-    except s3errors.storage_exceptions() as e:
-        err = s3errors.client_error(e)
-        code = str(err.response.get("Error", {}).get("Code", "")) if err is not None else ""
-        if code in CONFLICT_CODES or isinstance(e, FileNotFoundError):
-            return False
-        raise
-    fs.invalidate_cache(path)
-    fs.invalidate_cache(posixpath.dirname(path))
-    return True
+    except stores.storage_exceptions() as e:
+        raise translate(e, url) from e
 
 
 def _replace_local(path: str, body: bytes, expected: str | None) -> bool:
@@ -114,7 +102,7 @@ def folders(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
         if not fs.exists(path):
             return []
         entries = fs.ls(path, detail=True)
-    except s3errors.storage_exceptions() as e:
-        raise s3errors.translate(e, url) from e
+    except stores.storage_exceptions() as e:
+        raise translate(e, url) from e
     names = {posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"}
     return sorted(n for n in names if not n.startswith("."))

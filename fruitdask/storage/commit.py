@@ -1,7 +1,7 @@
 """The commit protocol: how a run's staging prefix is published at its output, ``_SUCCESS``
 last, whatever the storage (docs/s3.md, "The commit protocol").
 
-:meth:`fruitdask.storage.target.OutputTarget.commit` calls :func:`publish_rename` on a local
+:meth:`fruitdask.storage.target.StagedOutput.commit` calls :func:`publish_rename` on a local
 file system and :func:`publish_copy` on S3; the checks and the copy-aside they rely on are in
 :mod:`fruitdask.storage.safety`.
 """

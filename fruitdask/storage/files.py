@@ -4,7 +4,7 @@
 Everything takes ``storage_options`` explicitly so that worker processes and Spark executors
 reach the same endpoint as the driver; image bytes are only read where the work runs
 (:func:`read_bytes` is called inside tasks). Storage failures become fruitdask errors that
-say what to do (:mod:`fruitdask.storage.s3errors`).
+say what to do (each store's, :func:`fruitdask.storage.stores.translate`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 
 import pandas as pd
 
-from fruitdask.storage import s3errors
-from fruitdask.storage.s3errors import translate
+from fruitdask.storage import stores
 from fruitdask.storage.safety import forget_listings
+from fruitdask.storage.stores import translate
 from fruitdask.storage.urls import get_fs, is_remote, unsafe_name
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def read_bytes(path: str, storage_options: Mapping[str, Any] | None = None) -> b
             return f.read()
     except OSError:
         raise
-    except s3errors.storage_exceptions() as e:
+    except stores.storage_exceptions() as e:
         raise translate(e, path) from e
 
 
@@ -65,7 +65,7 @@ def write_parquet_part(df: pd.DataFrame, url: str, schema, storage_options: Mapp
         fs.makedirs(posixpath.dirname(p), exist_ok=True)
         with fs.open(p, "wb") as f:
             pq.write_table(table, f, compression="snappy")
-    except s3errors.storage_exceptions() as e:
+    except stores.storage_exceptions() as e:
         # A fruitdask error travels back from the worker and reaches the CLI as one line.
         raise translate(e, url) from e
     return table.num_rows
@@ -127,7 +127,7 @@ def remove_prefix(url: str, storage_options: Mapping[str, Any] | None = None) ->
         forget_listings(fs, p)  # workers wrote it: a listing cached here would hide it
         if fs.exists(p):
             fs.rm(p, recursive=True)
-    except s3errors.storage_exceptions() as e:
+    except stores.storage_exceptions() as e:
         logger.warning("could not remove %s: %s", url, e)
 
 
@@ -149,7 +149,7 @@ def url_sha256(url: str, storage_options: Mapping[str, Any] | None = None) -> st
         with fs.open(p, "rb", block_size=1 << 22) as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
-    except s3errors.storage_exceptions() as e:
+    except stores.storage_exceptions() as e:
         raise translate(e, url) from e
     return h.hexdigest()
 
@@ -159,6 +159,6 @@ def download_to_local(url: str, local_path: str, storage_options: Mapping[str, A
     fs, p = get_fs(url, storage_options)
     try:
         fs.get(p, local_path)
-    except s3errors.storage_exceptions() as e:
+    except stores.storage_exceptions() as e:
         raise translate(e, url) from e
     return local_path

@@ -2,15 +2,11 @@
 heartbeat while its run lives, and taken over safely once its holder stopped renewing.
 
 Every write of the lock object is conditional, so that of two runs racing for it only one
-wins, whether they create it or take over an expired one:
-
-- S3: ``PutObject`` with ``If-None-Match: *`` (create) or ``If-Match: <ETag read>``
-  (renew, take over): the ETag is read *before* the body, so a write in between fails the
-  condition instead of being overwritten.
-- local: ``O_EXCL`` (create); to renew or take over, a claim file named after the exact
-  content read is created with ``O_EXCL``, the lock is read again under that claim and,
-  if unchanged, replaced with ``os.replace`` (atomic). A second taker cannot hold the same
-  claim, and once the first is done the content has changed.
+wins, whether they create it or take over an expired one. The conditional writes are the
+store's (:class:`~fruitdask.storage.base.Store`: ``put_if_absent``, ``put_if_match``,
+``delete_if_match``): on S3 a ``PutObject`` with ``If-None-Match: *`` or ``If-Match: <ETag
+read>`` (:mod:`fruitdask.storage.s3`), locally ``O_EXCL`` and an ``os.replace`` under an
+``O_EXCL`` claim (:mod:`fruitdask.storage.local`).
 
 When a lease runs out is judged by the storage's clock, never by a holder's: the lock's
 last write as the storage stamped it (S3 ``Last-Modified``, the local file's mtime) against
@@ -26,30 +22,24 @@ boot and pid namespace are this process's, and whose pid is gone or now another 
 from __future__ import annotations
 
 import datetime as dt
-import email.utils
 import functools
-import hashlib
 import json
 import logging
 import os
-import posixpath
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
-import fruitdask.storage.s3errors as s3errors
+from fruitdask.storage.base import Store
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a lease holds without renewal; the heartbeat renews it every third of that.
 DEFAULT_TTL_S = 180.0
-#: S3 answers to a conditional write whose condition failed (or whose object is gone).
-CONFLICT_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404")
 #: S3's ``Last-Modified`` and ``Date`` count whole seconds: a lease is judged run out only
 #: this much after its TTL, so that truncation never ends it early.
 CLOCK_SLACK_S = 1.0
@@ -155,135 +145,28 @@ def _parse(data: bytes) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {"run_id": "?"}
 
 
-def read(fs: fsspec.AbstractFileSystem, path: str, remote: bool) -> Held | None:
+def read(fs: fsspec.AbstractFileSystem, path: str, store: Store) -> Held | None:
     """The lock at ``path`` as :class:`Held`, or ``None`` when there is none."""
-    try:
-        if remote:
-            bucket, _, key = path.partition("/")
-            fs.invalidate_cache(path)
-            # The ETag first: a write after it fails our If-Match. The same answer carries the
-            # lock's Last-Modified and the storage's Date: its clock, not ours.
-            head = fs.call_s3("head_object", Bucket=bucket, Key=key)
-            data = fs.cat_file(path)
-            return Held(_parse(data), str(head.get("ETag", "")), head["LastModified"].timestamp(), _date(head, time.time()))
-        with open(path, "rb") as f:
-            data = f.read()
-            modified = os.fstat(f.fileno()).st_mtime
-        return Held(_parse(data), data.decode("utf-8", "replace"), modified, _local_now(path))
-    except FileNotFoundError:
-        return None
+    snap = store.read_object(fs, path)
+    return None if snap is None else Held(_parse(snap.data), snap.version, snap.modified, snap.now)
 
 
-def _date(response: dict[str, Any], fallback: float) -> float:
-    """The storage's clock: the ``Date`` header of an S3 answer; ``fallback`` (this machine's
-    clock) from a store that sends none (AWS S3, MinIO and moto do)."""
-    raw = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    try:
-        return email.utils.parsedate_to_datetime(raw).timestamp() if raw else fallback
-    except (TypeError, ValueError):
-        return fallback
-
-
-def _local_now(path: str) -> float:
-    """The clock of the file system that holds ``path``: the mtime of a probe file created
-    (and removed) beside it. On a network file system the server sets it, not this machine."""
-    probe = f"{path}.clock-{uuid.uuid4().hex[:8]}"
-    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    try:
-        return os.fstat(fd).st_mtime
-    finally:
-        os.close(fd)
-        os.unlink(probe)
-
-
-def _put(fs: fsspec.AbstractFileSystem, path: str, body: bytes, **condition: str) -> tuple[str, float] | None:
-    """Conditional ``PutObject``; the new ETag and the storage's time of the write (its
-    ``Date``), or ``None`` when the condition failed."""
-    bucket, _, key = path.partition("/")
-    try:
-        out = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
-    except s3errors.storage_exceptions() as e:
-        err = s3errors.client_error(e)
-        code = str(err.response.get("Error", {}).get("Code", "")) if err is not None else ""
-        if code in CONFLICT_CODES or isinstance(e, FileNotFoundError):
-            return None
-        raise
-    fs.invalidate_cache(path)
-    fs.invalidate_cache(posixpath.dirname(path))
-    return str(out.get("ETag", "")), _date(out, time.time())
-
-
-def create(fs: fsspec.AbstractFileSystem, path: str, remote: bool, doc: dict[str, Any]) -> Held | None:
+def create(fs: fsspec.AbstractFileSystem, path: str, store: Store, doc: dict[str, Any]) -> Held | None:
     """Create the lock with ``doc`` if there is none; ``None`` when one exists."""
-    body = json.dumps(doc).encode()
-    if remote:
-        put = _put(fs, path, body, IfNoneMatch="*")
-        return Held(doc, put[0], put[1], put[1]) if put is not None else None
-    os.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return None
-    with os.fdopen(fd, "wb") as f:
-        f.write(body)
-        f.flush()
-        written = os.fstat(f.fileno()).st_mtime
-    return Held(doc, body.decode(), written, written)
+    put = store.put_if_absent(fs, path, json.dumps(doc).encode())
+    return Held(doc, put.version, put.at, put.at) if put is not None else None
 
 
-def _under_claim(fs: fsspec.AbstractFileSystem, path: str, held: Held, action) -> bool:
-    """Locally: run ``action()`` only if the lock is still exactly ``held``, holding the
-    ``O_EXCL`` claim on that content meanwhile; False when the claim or the check fails."""
-    claim = f"{path}.claim-{hashlib.sha256(held.version.encode()).hexdigest()[:16]}"
-    try:
-        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except FileExistsError:
-        return False
-    try:
-        current = read(fs, path, False)
-        if current is None or current.version != held.version:
-            return False
-        action()
-        return True
-    finally:
-        os.unlink(claim)
-
-
-def replace(fs: fsspec.AbstractFileSystem, path: str, remote: bool, held: Held, doc: dict[str, Any]) -> Held | None:
+def replace(fs: fsspec.AbstractFileSystem, path: str, store: Store, held: Held, doc: dict[str, Any]) -> Held | None:
     """Write ``doc`` over the lock only if it is still exactly ``held``; ``None`` otherwise
     (renewed, taken over or deleted meanwhile)."""
-    body = json.dumps(doc).encode()
-    if remote:
-        put = _put(fs, path, body, IfMatch=held.version)
-        return Held(doc, put[0], put[1], put[1]) if put is not None else None
-    written: list[float] = []
-
-    def write() -> None:
-        tmp = f"{path}.new-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(body)
-            f.flush()
-            written.append(os.fstat(f.fileno()).st_mtime)
-        os.replace(tmp, path)
-
-    return Held(doc, body.decode(), written[0], written[0]) if _under_claim(fs, path, held, write) else None
+    put = store.put_if_match(fs, path, json.dumps(doc).encode(), held.version)
+    return Held(doc, put.version, put.at, put.at) if put is not None else None
 
 
-def delete(fs: fsspec.AbstractFileSystem, path: str, remote: bool, held: Held) -> bool:
+def delete(fs: fsspec.AbstractFileSystem, path: str, store: Store, held: Held) -> bool:
     """Delete the lock only if it is still exactly ``held``; False otherwise."""
-    if not remote:
-        return _under_claim(fs, path, held, lambda: os.unlink(path))
-    bucket, _, key = path.partition("/")
-    try:
-        fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=held.version)
-    except s3errors.storage_exceptions() as e:
-        err = s3errors.client_error(e)
-        if (str(err.response.get("Error", {}).get("Code", "")) if err is not None else "") in CONFLICT_CODES:
-            return False
-        raise
-    fs.invalidate_cache(path)
-    fs.invalidate_cache(posixpath.dirname(path))
-    return True
+    return store.delete_if_match(fs, path, held.version)
 
 
 class Heartbeat:
@@ -294,8 +177,8 @@ class Heartbeat:
     refuses (:func:`fruitdask.storage.safety.check_lock`).
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, remote: bool, held: Held, ttl_s: float) -> None:
-        self.fs, self.path, self.remote, self.held, self.ttl_s = fs, path, remote, held, ttl_s
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, store: Store, held: Held, ttl_s: float) -> None:
+        self.fs, self.path, self.store, self.held, self.ttl_s = fs, path, store, held, ttl_s
         self.lost = False
         self._stop = threading.Event()
         self._mutex = threading.Lock()
@@ -311,7 +194,7 @@ class Heartbeat:
             if self.lost:
                 return False
             doc = document(str(self.held.doc["run_id"]), self.ttl_s, self.held.doc.get("started_at"))
-            new = replace(self.fs, self.path, self.remote, self.held, doc)
+            new = replace(self.fs, self.path, self.store, self.held, doc)
             if new is None:
                 self.lost = True
                 logger.error("lost the output lock %s: another run took it over (this run stopped renewing it for "
@@ -325,7 +208,7 @@ class Heartbeat:
             try:
                 if not self.renew():
                     return
-            except s3errors.storage_exceptions() as e:  # transient: the next beat tries again
+            except self.store.exceptions() as e:  # transient: the next beat tries again
                 logger.warning("could not renew the output lock %s (%s): retrying in %.0f s", self.path, e, self.ttl_s / 3)
 
     def stop(self) -> None:

@@ -27,14 +27,13 @@ import pandas as pd
 
 from fruitdask.errors import InputError
 from fruitdask.schema import SKIPPED_COLUMNS
-from fruitdask.storage import s3errors
-from fruitdask.storage.s3errors import translate
+from fruitdask.storage import stores
+from fruitdask.storage.base import Entry, find_pages
+from fruitdask.storage.stores import translate
 from fruitdask.storage.urls import get_fs, is_remote, unsafe_name
 
 logger = logging.getLogger(__name__)
 
-#: ``(path, size, version tag, why it is refused)``: the tag is the S3 ETag or the local mtime in ns.
-Entry = tuple[str, int | None, str | None, str | None]
 #: Folders listed at once (each an S3 ListObjectsV2 stream, or a local walk).
 LIST_THREADS = 16
 
@@ -116,34 +115,15 @@ def remote_batches(fs: fsspec.AbstractFileSystem, root: str, threads: int = LIST
 
     files, folders = _widen(root, split, threads)
 
-    def list_pages(folder: str) -> Iterator[list[Entry]]:
-        if not hasattr(fs, "_call_s3"):  # another remote store: its own recursive listing
-            found = fs.find(folder, withdirs=False, detail=True)
-            fs.invalidate_cache(folder)  # keep no listing cache
-            yield [(p, info.get("size"), info.get("ETag"), None) for p, info in found.items()]
-            return
-        yield from _s3_pages(fs, folder)
+    store = stores.for_fs(fs)
+    # Its own pages (S3: ListObjectsV2 as each page arrives); a file system no store serves:
+    # one recursive listing.
+    list_pages = store.list_pages if store is not None else find_pages
 
     try:
-        yield from _stream(folders, list_pages, files, threads)
+        yield from _stream(folders, lambda folder: list_pages(fs, folder), files, threads)
     finally:
         fs.invalidate_cache(root)
-
-
-def _s3_pages(fs, folder: str) -> Iterator[list[Entry]]:
-    """ListObjectsV2 under ``folder/``, one request per page, as each page arrives (through
-    s3fs's ``_call_s3``, so its retries and credentials apply; nothing is cached)."""
-    from fsspec.asyn import sync
-
-    bucket, _, prefix = folder.partition("/")
-    kwargs = {"Bucket": bucket, "Prefix": prefix.rstrip("/") + "/" if prefix else "", "MaxKeys": PAGE, **fs.req_kw}
-    while True:
-        out = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
-        yield [(f"{bucket}/{c['Key']}", c.get("Size"), c.get("ETag"), None)
-               for c in out.get("Contents", []) if not c["Key"].endswith("/")]
-        if not out.get("IsTruncated"):
-            return
-        kwargs["ContinuationToken"] = out["NextContinuationToken"]
 
 
 def local_batches(root: str, threads: int = LIST_THREADS) -> Iterator[list[Entry]]:
@@ -284,7 +264,7 @@ def iter_images(
         batches = remote_batches(fs, root, threads) if remote else local_batches(root, threads)
         for entries in batches:
             yield _accept(entries, fs, remote, max_file_bytes)
-    except s3errors.storage_exceptions() as e:
+    except stores.storage_exceptions() as e:
         raise translate(e, url) from e
 
 

@@ -1,9 +1,9 @@
-"""Where things lie: the names of an output's layout, its markers, and the hidden siblings
-written beside an output. Pure string work on URLs and local paths (no fsspec), so every
-module that names a path imports it from here::
+"""Where things lie beside an output: its markers and the hidden siblings written next to
+it. Pure string work on URLs and local paths (no fsspec). The names of the files inside a
+run's output are the output contract's (:mod:`fruitdask.output.layout`)::
 
     <parent>/
-      <name>/                               the output (fruitdask.output describes its files)
+      <name>/                               the output (fruitdask.output: its layout and names)
         _SUCCESS                            written last by a commit: the dataset is complete
       .<name>.fruitdask-tmp-<run_id>/       a run's staging prefix, published by its commit
       .<name>.fruitdask-lock                the output's lock (a lease, storage/lease.py)
@@ -19,16 +19,6 @@ RUN_JSON = "run.json"
 BUNDLE_JSON = "bundle.json"
 #: Top-level names that mark a folder as a fruitdask output (a run, or a model bundle).
 OUTPUT_MARKERS = (SUCCESS_MARKER, RUN_JSON, BUNDLE_JSON)
-
-# The files and folders of a run's output (fruitdask.output: what each holds).
-FEATURES = "features"
-FITS = "pca"
-ERRORS = "errors.parquet"
-REDUCTION = "reduction.npz"
-SCREE = "scree.png"
-REPORT = "report.html"
-DASK_REPORT = "dask-report.html"
-RUNS = "runs"
 
 # The suffixes of the hidden siblings ``.<name><suffix>`` of an output.
 STAGING = ".fruitdask-tmp-"  # + run id

@@ -1,7 +1,7 @@
 """What keeps an output location safe: the run lock, the "is it ours?" check before an
 ``--overwrite``, and the copy-aside of an old dataset while a new one is copied in on S3.
 
-:class:`~fruitdask.storage.target.OutputTarget` and :mod:`fruitdask.storage.commit` call
+:class:`~fruitdask.storage.target.LockedOutput` (both lifecycles) and :mod:`fruitdask.storage.commit` call
 these; the protocol they make up, and the reader's contract, are described in docs/s3.md
 ("The commit protocol").
 """
@@ -12,13 +12,12 @@ import datetime as dt
 import logging
 import posixpath
 import time
-from typing import Any
 
 import fsspec
 
-import fruitdask.storage.s3errors as s3errors
-from fruitdask.errors import OutputBusyError, OutputError
-from fruitdask.storage import lease
+from fruitdask.errors import OutputBusyError, OutputError, StorageError
+from fruitdask.storage import lease, stores
+from fruitdask.storage.base import Store
 from fruitdask.storage.paths import BACKUP, OUTPUT_MARKERS, SUCCESS_MARKER, sibling_name, split
 
 logger = logging.getLogger(__name__)
@@ -48,10 +47,6 @@ def top_level_names(paths: list[str], root: str) -> list[str]:
 # --- the run lock ----------------------------------------------------------------------
 
 
-def lock_document(run_id: str, ttl_s: float = lease.DEFAULT_TTL_S) -> dict[str, Any]:
-    return lease.document(run_id, ttl_s)
-
-
 def _busy(target_url: str, lock_url: str, holder: lease.Held | None, run_id: str, ttl_s: float,
           waited_s: float) -> OutputBusyError:
     d = holder.doc if holder is not None else None
@@ -71,22 +66,19 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _is_remote_fs(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return "file" not in protocols
-
-
-def read_lock(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
-    """The lock document at ``path``, or ``None`` when there is none."""
-    held = lease.read(fs, path, _is_remote_fs(fs))
-    return held.doc if held is not None else None
+def store_of(fs: fsspec.AbstractFileSystem) -> Store:
+    """The store whose conditional writes guard a lock on ``fs``."""
+    store = stores.for_fs(fs)
+    if store is None:
+        raise StorageError(f"no fruitdask store serves {fs.protocol!r}: the output lock needs conditional writes")
+    return store
 
 
 #: Seconds between two tries of a run that waits for the lock (``--wait-lock``).
 POLL_S = 1.0
 
 
-def acquire_lease(fs: fsspec.AbstractFileSystem, path: str, remote: bool, target_url: str, lock_url: str, run_id: str,
+def acquire_lease(fs: fsspec.AbstractFileSystem, path: str, store: Store, target_url: str, lock_url: str, run_id: str,
                   ttl_s: float = lease.DEFAULT_TTL_S, wait_s: float = 0.0) -> lease.Held:
     """Take the lock at ``path`` for ``ttl_s`` seconds: create it, or take over one whose
     holder is dead (its lease ran out by the storage's clock, or its process is gone from
@@ -100,7 +92,7 @@ def acquire_lease(fs: fsspec.AbstractFileSystem, path: str, remote: bool, target
     """
     deadline, told = time.monotonic() + max(0.0, wait_s), False
     while True:
-        held, current = _try_take(fs, path, remote, lock_url, run_id, ttl_s)
+        held, current = _try_take(fs, path, store, lock_url, run_id, ttl_s)
         if held is not None:
             return held
         left = deadline - time.monotonic()
@@ -113,22 +105,22 @@ def acquire_lease(fs: fsspec.AbstractFileSystem, path: str, remote: bool, target
         time.sleep(min(POLL_S, left))
 
 
-def _try_take(fs: fsspec.AbstractFileSystem, path: str, remote: bool, lock_url: str, run_id: str,
+def _try_take(fs: fsspec.AbstractFileSystem, path: str, store: Store, lock_url: str, run_id: str,
               ttl_s: float) -> tuple[lease.Held | None, lease.Held | None]:
     """One attempt: (the lease taken, ``None``) or (``None``, the live lock that kept us out)."""
     doc = lease.document(run_id, ttl_s)
     current = None
     for _ in range(3):  # the lock may change between our reads: a few tries, then "busy"
-        held = lease.create(fs, path, remote, doc)
+        held = lease.create(fs, path, store, doc)
         if held is not None:
             return held, None
-        current = lease.read(fs, path, remote)
+        current = lease.read(fs, path, store)
         if current is None:
             continue  # released meanwhile
         dead = lease.gone(current.doc)
         if dead is None and not current.expired(ttl_s):
             break
-        held = lease.replace(fs, path, remote, current, doc)
+        held = lease.replace(fs, path, store, current, doc)
         if held is not None:
             d = current.doc
             why = (f"at once: its process is gone ({dead}): that run is dead" if dead else
@@ -140,31 +132,23 @@ def _try_take(fs: fsspec.AbstractFileSystem, path: str, remote: bool, lock_url: 
     return None, current
 
 
-def acquire_lock(fs: fsspec.AbstractFileSystem, path: str, remote: bool, target_url: str, lock_url: str, run_id: str,
-                 ttl_s: float = lease.DEFAULT_TTL_S) -> None:
-    """Create the lock object at ``path`` (or take over an expired one); else raise
-    :class:`OutputBusyError`. See :func:`acquire_lease`, which also returns the lease to
-    renew (:class:`fruitdask.storage.lease.Heartbeat`)."""
-    acquire_lease(fs, path, remote, target_url, lock_url, run_id, ttl_s)
-
-
 def check_lock(fs: fsspec.AbstractFileSystem, path: str, target_url: str, lock_url: str, run_id: str) -> None:
     """Raise :class:`OutputBusyError` unless the lock at ``path`` is still this run's."""
     fs.invalidate_cache(posixpath.dirname(path))
-    holder = lease.read(fs, path, _is_remote_fs(fs))
+    holder = lease.read(fs, path, store_of(fs))
     if holder is None or holder.doc.get("run_id") != run_id:
         raise _busy(target_url, lock_url, holder, run_id, lease.DEFAULT_TTL_S, 0.0)
 
 
 def release_lock(fs: fsspec.AbstractFileSystem, path: str, run_id: str) -> None:
     """Delete the lock if it is this run's; a failure is logged (the run's outcome stands)."""
-    remote = _is_remote_fs(fs)
+    store = store_of(fs)
     try:
         fs.invalidate_cache(posixpath.dirname(path))
-        held = lease.read(fs, path, remote)
-        if held is not None and held.doc.get("run_id") == run_id and not lease.delete(fs, path, remote, held):
+        held = lease.read(fs, path, store)
+        if held is not None and held.doc.get("run_id") == run_id and not lease.delete(fs, path, store, held):
             logger.warning("did not remove the output lock %s: it changed while this run released it", path)
-    except s3errors.storage_exceptions() as e:
+    except stores.storage_exceptions() as e:
         logger.warning("could not remove the output lock %s: %s", path, e)
 
 
@@ -194,13 +178,13 @@ def restore(fs: fsspec.AbstractFileSystem, backup_files: list[str], backup: str,
     try:
         fs.copy(rest, [target + p[len(backup):] for p in rest])
         # The marker only goes back over exactly the old dataset (nothing left of the new one).
-        check_exactly(fs, target, [target + p[len(backup):] for p in rest], "s3://" + target)
+        check_exactly(fs, target, [target + p[len(backup):] for p in rest], fs.unstrip_protocol(target))
         if marker in backup_files:
             fs.copy(marker, f"{target}/{SUCCESS_MARKER}")
-    except (*s3errors.storage_exceptions(), OutputError) as e:  # type: ignore[misc]  # a tuple built at run time
+    except (*stores.storage_exceptions(), OutputError) as e:  # type: ignore[misc]  # a tuple built at run time
         logger.error(
             "could not put the previous dataset back at %s (%s): it is intact at %s; copy it back with "
-            "`aws s3 sync %s %s`", target, e, backup_url, backup_url, "s3://" + target,
+            "`aws s3 sync %s %s`", target, e, backup_url, backup_url, fs.unstrip_protocol(target),
         )
         return False
     remove_quietly(fs, backup_files, backup)
@@ -208,31 +192,18 @@ def restore(fs: fsspec.AbstractFileSystem, backup_files: list[str], backup: str,
 
 
 def delete_checked(fs: fsspec.AbstractFileSystem, paths: list[str], target_url: str) -> None:
-    """Delete ``paths`` (``bucket/key``) with S3's bulk delete and raise :class:`OutputError`
-    naming every key it did not delete.
-
-    ``DeleteObjects`` answers 200 and lists per-key failures (``AccessDenied`` from a bucket
-    policy, an object lock) in ``Errors``; s3fs's ``rm`` drops that list, which let a commit
-    write ``_SUCCESS`` over a mix of old and new parts (issue 23, item 8).
-    """
-    by_bucket: dict[str, list[str]] = {}
-    for p in paths:
-        bucket, _, key = p.partition("/")
-        by_bucket.setdefault(bucket, []).append(key)
-    failed: list[str] = []
-    for bucket, keys in by_bucket.items():
-        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = {"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
-            out = fs.call_s3("delete_objects", Bucket=bucket, Delete=batch)
-            failed += [f"{bucket}/{e.get('Key')} ({e.get('Code')})" for e in out.get("Errors") or []]
+    """Delete ``paths`` with the store's bulk delete (:meth:`~fruitdask.storage.base.Store.delete_many`)
+    and raise :class:`OutputError` naming every one it did not delete: a commit must never
+    write ``_SUCCESS`` over a mix of old and new parts (issue 23, item 8)."""
+    store = store_of(fs)
+    failed = store.delete_many(fs, paths)
     for p in paths:
         fs.invalidate_cache(posixpath.dirname(p))
     if failed:
         shown = ", ".join(failed[:5]) + (f", ... ({len(failed)} objects)" if len(failed) > 5 else "")
         raise OutputError(
-            f"could not commit the output to {target_url!r}: S3 did not delete {shown}; the commit is rolled back "
-            "(the old dataset is put back): grant s3:DeleteObject on the output prefix (check bucket policies and "
-            "object locks) and run again"
+            f"could not commit the output to {target_url!r}: {store.name} did not delete {shown}; the commit is rolled "
+            f"back (the old dataset is put back): grant {store.delete_permission} and run again"
         )
 
 
@@ -259,7 +230,7 @@ def remove_quietly(fs: fsspec.AbstractFileSystem, paths: list[str], prefix: str)
         doomed = [p for p in paths if p in present]
         if doomed:
             fs.rm(doomed)
-    except s3errors.storage_exceptions() as e:
+    except stores.storage_exceptions() as e:
         logger.warning("could not remove %d objects under %s: %s", len(paths), prefix, e)
 
 

@@ -13,15 +13,15 @@ from typing import Any
 import fsspec
 
 from fruitdask.errors import StorageError, UntrustedReferenceError
+from fruitdask.storage import stores
 
 #: Substrings of an S3 key that s3fs parses instead of reading (``k?versionId=v`` opens ``k``).
 UNSAFE_KEY_PARTS = ("?versionId=",)
 
 
 def is_remote(url: str) -> bool:
-    """True for URLs with a protocol other than the local file system."""
-    protocol = fsspec.core.split_protocol(url)[0]
-    return protocol not in (None, "file", "local")
+    """True for URLs of any store but the local file system (served or not)."""
+    return stores.lookup(url) is not stores.LOCAL
 
 
 def get_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -51,11 +51,11 @@ def unsafe_name(url: str) -> str | None:
 
 
 def check_protocols(urls: Sequence[str | None], what: str = "location", fix: str = "copy it to a local path or an s3:// bucket in an allowed region") -> None:
-    """Refuse locations other than local paths and ``s3://`` (whose region the guard can
-    check): for locations read from stored data (weights references, thumbnail paths), which
-    must never become a way to reach http(s) or any other fsspec protocol."""
+    """Refuse locations that no store serves (a store's region the guard can check): for
+    locations read from stored data (weights references, thumbnail paths), which must never
+    become a way to reach http(s) or any other fsspec protocol."""
     for url in urls:
-        if url and is_remote(url) and fsspec.core.split_protocol(url)[0] not in ("s3", "s3a"):
+        if url and stores.lookup(url) is None:
             raise UntrustedReferenceError(
                 f"{what} {url!r} uses {fsspec.core.split_protocol(url)[0]}://, which fruitdask does not read: {fix}"
             )

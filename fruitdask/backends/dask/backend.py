@@ -11,7 +11,7 @@ with their default configuration (Active Memory Manager on):
 - the **weights** are a file the tasks name (:class:`fruitdask.features.weights_file.WeightsFile`:
   the user's ``s3://`` file, or an ``.npz`` the client stages for a local file, ImageNet or
   random weights); each worker process reads it once, the first time it builds its model
-  (:func:`fruitdask.features.model.cached_model`). Never scattered: scattered data cannot be
+  (:func:`fruitdask.features.model.cached_runtime`). Never scattered: scattered data cannot be
   recomputed, and the AMM drops its extra replicas;
 - the **listing** is the plan's Parquet manifest, one row group per partition, read back by
   tasks (``dd.from_map``);
@@ -45,10 +45,11 @@ from fruitdask.features.precision import Resolved, agree, detect_on_worker
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsFile, WeightsSource, npz_bytes
 from fruitdask.lake import tasks
-from fruitdask.lake.update import MomentsLeaf, Request
+from fruitdask.lake.update import MomentsLeaf
 from fruitdask.pca_moments import Moments, merge_all
-from fruitdask.progress import Progress
-from fruitdask.reduce import Reduction, fit_incremental_pca, silence_first_batch_warning
+from fruitdask.pca_streamed import silence_first_batch_warning
+from fruitdask.progress import Progress, steady_rate
+from fruitdask.reduce import PCA, Reduction
 
 T = TypeVar("T")
 
@@ -105,16 +106,13 @@ def track_images(futures: list, counts: list[int], bar, marks: list[tuple[float,
 STEADY_FROM = 0.1
 
 
-def steady_rate(marks: list[tuple[float, int]], share: float = STEADY_FROM) -> float | None:
-    """Images per second from the first mark past ``share`` of the images to the last: the
-    featurization's throughput without its warm-up (None with too few partitions to tell)."""
+def steady_after_warm_up(marks: list[tuple[float, int]], share: float = STEADY_FROM) -> float | None:
+    """:func:`fruitdask.progress.steady_rate` from the first partition end past ``share`` of
+    the images (None with too few partitions to tell)."""
     if len(marks) < 4:
         return None
     total = marks[-1][1]
-    start = next(m for m in marks if m[1] >= share * total)
-    if start is marks[-1] or marks[-1][0] <= start[0]:
-        return None
-    return (total - start[1]) / (marks[-1][0] - start[0])
+    return steady_rate(marks, next(i for i, m in enumerate(marks) if m[1] >= share * total))
 
 
 #: Folder of the staging prefix for the run's own inputs (manifest, weights, reduction);
@@ -221,7 +219,7 @@ class DaskBackend:
         try:
             marks: list[tuple[float, int]] = []
             parts = track_images(futures, sizes, self.progress, marks)
-            rate = steady_rate(marks)
+            rate = steady_after_warm_up(marks)
             self.extra["steady_images_per_s"] = None if rate is None else round(rate, 3)
         finally:
             _settle(self.client, futures)
@@ -261,21 +259,21 @@ class DaskBackend:
             future.release()
 
     def fit_wide(self, staged: list[tuple[int, int]], manifest_url: str, ckpt: checkpoint.Checkpoints,
-                 sink: tasks.Sink, kept_files: list[tuple[str, np.ndarray | None]], req: Request) -> Reduction:
-        """Features too wide for moments: dask-ml's IncrementalPCA over blocks that are each
-        one checkpoint or one table file, read by the task that needs it."""
+                 sink: tasks.Sink, kept_files: list[tuple[str, np.ndarray | None]], pca: PCA) -> Reduction:
+        """The rows of the PCA's streamed strategy (features too wide for moments): one dask
+        array of blocks that are each one checkpoint or one table file, read by the task that
+        needs it, handed to ``pca.fit``."""
         import dask.array as da
 
         self.client.run(silence_first_batch_warning, on_error="ignore")  # a worker may be gone
         kept_rows = self.map_tasks(tasks.kept_rows, [(sink, p, rows) for p, rows in kept_files])
-        d = req.feature_dim
+        d = pca.n_features
         blocks = [da.from_delayed(dask.delayed(tasks.features_part)(i, manifest_url, ckpt), shape=(n, d), dtype=np.float32)
                   for i, n in staged if n]
         blocks += [da.from_delayed(dask.delayed(tasks.features_file)(sink, p, rows), shape=(n, d), dtype=np.float32)
                    for (p, rows), n in zip(kept_files, kept_rows, strict=True) if n]
         X = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, d), dtype=np.float32)
-        return fit_incremental_pca(X, components=req.components, variance=req.variance, batch_size=req.pca_batch_size,
-                                   power_iterations=req.power_iterations, seed=req.seed)
+        return pca.fit(X)
 
 
 #: Seconds a failed step waits for its tasks still running (their writes land before the

@@ -77,14 +77,15 @@ def local_start_method() -> str | None:
     return LOCAL_START_METHOD
 
 
-def start_fork_server(*, gated: bool = False) -> None:
+def start_fork_server(*, gated: bool = False, runtime: str = "tensorflow") -> None:
     """Start the fork server local workers come from, with their imports, if they will be
     forked (:func:`local_start_method`); once it runs, let it import TensorFlow unless
-    ``gated`` (see :mod:`fruitdask.backends.dask.forkserver`)."""
+    ``gated`` (see :mod:`fruitdask.backends.dask.forkserver`); ``runtime`` names the inference
+    runtime whose library it preloads."""
     if local_start_method() == "forkserver":
         from fruitdask.backends.dask import forkserver
 
-        forkserver.start_early(TF_ENV, gated=gated)
+        forkserver.start_early({**TF_ENV, forkserver.RUNTIME_ENV: runtime}, gated=gated)
         if not gated:
             forkserver.open_gate()
 

@@ -50,6 +50,8 @@ PRELOAD = ["fruitdask.backends.dask.worker_imports"]
 SERVER_ENV = "FRUITDASK_FORK_SERVER"
 #: Set in a gated server's environment only: the file it waits for before TensorFlow.
 GATE_ENV = "FRUITDASK_FORK_GATE"
+#: Set in the fork server's environment only: the run's inference runtime, whose library it preloads.
+RUNTIME_ENV = "FRUITDASK_FORK_RUNTIME"
 #: What the gate file says: go on to TensorFlow, or leave.
 GO, STOP = "go", "stop"
 

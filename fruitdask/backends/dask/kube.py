@@ -21,6 +21,7 @@ from typing import Any
 from fruitdask.backends.dask.kube_pods import HOME, SCRATCH, pod_spec, tls_env
 from fruitdask.config import EU_REGIONS, TF_ENV, KubeSettings
 from fruitdask.errors import ClusterError
+from fruitdask.storage import stores
 
 SCHEDULER_PORT = 8786
 DASHBOARD_PORT = 8787
@@ -202,8 +203,7 @@ def _pod_env(settings: KubeSettings, env: dict[str, str]) -> dict[str, str]:
         **env,
         "HOME": HOME,
         "TMPDIR": "/tmp",
-        "AWS_REGION": settings.region,
-        "AWS_DEFAULT_REGION": settings.region,
+        **stores.pod_env(settings.region),  # what each store's client needs (S3: AWS_REGION)
         **TF_ENV,
         **tls_env(),
     }

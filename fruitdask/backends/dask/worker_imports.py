@@ -1,6 +1,8 @@
 """What every local worker imports, imported once in the fork server it is forked from.
 
-The preload of :mod:`fruitdask.backends.dask.forkserver`: never imported by the client.
+The preload of :mod:`fruitdask.backends.dask.forkserver`: never imported by the client. The
+run's inference runtime (:data:`~fruitdask.backends.dask.forkserver.RUNTIME_ENV`, TensorFlow
+by default) imports its library here (:attr:`fruitdask.features.runtimes.RuntimeEntry.preload`).
 A failed import is logged and left to the worker, which imports again and reports it
 where it runs (a preload that raises would stop the fork server, and every worker with it).
 
@@ -16,7 +18,7 @@ import logging
 import os
 import sys
 
-from fruitdask.backends.dask.forkserver import GATE_ENV, SERVER_ENV, wait_at_gate
+from fruitdask.backends.dask.forkserver import GATE_ENV, RUNTIME_ENV, SERVER_ENV, wait_at_gate
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ def _leave_now() -> None:
 
 # Only in the server that fruitdask started (the marks are not passed on to its workers).
 _gate = os.environ.pop(GATE_ENV, None)
+_runtime = os.environ.pop(RUNTIME_ENV, None)
 if os.environ.pop(SERVER_ENV, None) == "1":
     atexit.register(_leave_now)
 else:
@@ -44,9 +47,9 @@ try:
 
     if _gate:  # an update's server: TensorFlow only once the run has work (forkserver docstring)
         wait_at_gate(_gate)
-    from fruitdask.features import model
+    from fruitdask.features import runtimes
 
-    model.import_keras()  # TensorFlow and Keras; the graph is built after the fork
-    import keras.applications.vgg16  # noqa: F401
+    # The run's runtime's library (TensorFlow and Keras by default); the graph is built after the fork.
+    runtimes.get_runtime(_runtime or runtimes.DEFAULT_RUNTIME).preload()
 except Exception:  # pragma: no cover - reported again by the worker that needs it
     logger.exception("preloading the workers' imports failed")

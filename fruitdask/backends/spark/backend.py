@@ -9,7 +9,7 @@
   downloaded here, and delta-rs needs no JVM).
 - Weights travel once with ``sc.broadcast`` (:class:`BroadcastWeights`, the tasks' weights
   source); each Python worker builds its Keras model once
-  (:func:`fruitdask.features.model.cached_model`).
+  (:func:`fruitdask.features.model.cached_runtime`).
 - The PCA: the same exact moments as the Dask backend, summed by Spark's ``treeReduce``
   (no ``d x d`` covariance on the driver beyond the final one), and projected in the
   executors. Features wider than the moments allow are refused before the session starts.
@@ -34,10 +34,10 @@ from fruitdask.features.precision import Resolved, detect_and_resolve
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsSource
 from fruitdask.lake import tasks
-from fruitdask.lake.update import MomentsLeaf, Request, check_wide
+from fruitdask.lake.update import MomentsLeaf, check_wide
 from fruitdask.pca_moments import Moments, merge_all
 from fruitdask.progress import Poller, Progress
-from fruitdask.reduce import Reduction
+from fruitdask.reduce import PCA, Reduction
 
 if TYPE_CHECKING:  # pyspark is imported when the session starts (it is an extra)
     from pyspark import Broadcast
@@ -152,8 +152,8 @@ class SparkBackend:
         return self.sc.parallelize(leaves, len(leaves)).map(_run_leaf).treeReduce(_merge, depth=3)
 
     def fit_wide(self, staged: list[tuple[int, int]], manifest_url: str, ckpt: checkpoint.Checkpoints,
-                 sink: tasks.Sink, kept_files: list[tuple[str, np.ndarray | None]], req: Request) -> Reduction:
+                 sink: tasks.Sink, kept_files: list[tuple[str, np.ndarray | None]], pca: PCA) -> Reduction:
         """Never called: ``supports_wide_fit`` is False, so the run is refused before its session
         starts (:func:`fruitdask.lake.update.check_wide`); raises if called all the same."""
-        raise ReductionError(f"the Spark backend sums moments only: {req.feature_dim:,} features per image need "
-                             f"--backend dask, or --pooling avg")
+        raise ReductionError("the Spark backend sums moments only: features this wide need --backend dask, or "
+                             "--pooling avg")

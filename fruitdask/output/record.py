@@ -1,18 +1,5 @@
-"""The output contract: what a run writes, under which names, and how it is read back.
-
-::
-
-    OUTPUT/
-      features/             the Delta table (fruitdask.lake): one row per current image
-      pca/<fit>.npz         every PCA fit the rows name (``pca_fit``)
-      errors.parquet        the current unusable images: path, label, stage, reason, image_key, source_version, run_id
-      reduction.npz         the current fit (:class:`fruitdask.reduce.Reduction`), scree.png its plot
-      run.json              the last run's :class:`RunRecord`; report.html, dask-report.html
-      runs/<run_id>/        every run's run.json, report.html and dask-report.html (and daily.json of `daily`)
-      _SUCCESS              written once a run has committed
-
-The pipeline writes through :class:`RunRecord` and :func:`publish` after the table's commit;
-``train``, the report and the benchmark read an output through :func:`read_run`.
+"""What a run records about itself (:class:`RunRecord`, ``run.json``), and the one way
+back in: :func:`read_run` and the :class:`CommittedRun` it returns.
 
 The table is the truth, the files beside it are copies: each run's commit carries its record
 (``run.json`` as of the commit) and every row names its PCA fit, so a run that failed between
@@ -36,25 +23,14 @@ import pandas as pd
 from fruitdask import __version__, storage
 from fruitdask.errors import InputError
 from fruitdask.features.settings import FeatureSettings
+from fruitdask.output.layout import ERRORS, FEATURES, FITS, REDUCTION, REPORT, RUN_JSON, RUNS, SCREE, SUCCESS_MARKER
 from fruitdask.reduce import Reduction
 from fruitdask.runinfo import StageTimer, versions
 from fruitdask.schema import ERROR_COLUMNS
-from fruitdask.storage import paths
 
 if TYPE_CHECKING:
     from fruitdask.config import RunConfig
     from fruitdask.features.model import WeightsInfo
-
-# The names of the layout above (fruitdask.storage.paths holds them, with the hidden siblings).
-FEATURES = paths.FEATURES
-ERRORS = paths.ERRORS
-REDUCTION = paths.REDUCTION
-SCREE = paths.SCREE
-RUN_JSON = paths.RUN_JSON
-REPORT = paths.REPORT
-DASK_REPORT = paths.DASK_REPORT
-SUCCESS = paths.SUCCESS_MARKER
-RUNS = paths.RUNS
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +71,7 @@ class RunRecord:
     cluster: dict
     precision: dict
     weights: WeightsInfo
+    features: FeatureSettings  # what decided the features, as the table's description holds it
     warnings: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     lake: dict = field(default_factory=dict)  # the table's counts and versions (pipeline.lake_counts)
@@ -128,6 +105,7 @@ class RunRecord:
             "cluster": self.cluster,
             "precision": self.precision,
             "weights": self._weights(),
+            "features": self.features.to_dict(),
             "warnings": self.warnings,
             "extra": self.extra,
             "versions": versions(),
@@ -147,12 +125,6 @@ class RunRecord:
         return {"requested": w.requested, "kind": w.kind, "source": w.source, "sha256": w.sha256,
                 "file_sha256": w.file_sha256, "random": w.is_random, "warning": w.warning}
 
-    def write(self, target: storage.OutputTarget) -> dict:
-        """Write ``run.json`` into ``target``'s staging prefix; return the document."""
-        doc = self.document()
-        target.write_json(RUN_JSON, doc)
-        return doc
-
 
 @dataclass
 class CommittedRun:
@@ -171,7 +143,7 @@ class CommittedRun:
         from fruitdask.lake import table as delta
 
         fit = delta.current_fit(delta.load(self.url, self.storage_options), self.storage_options)
-        return Reduction.from_npz(self._read(f"{paths.FITS}/{fit}.npz" if fit else REDUCTION))
+        return Reduction.from_npz(self._read(f"{FITS}/{fit}.npz" if fit else REDUCTION))
 
     def features(self, columns: tuple[str, ...] | list[str] | None = None, version: int | None = None) -> pd.DataFrame:
         """The table's current rows (only ``columns`` when given; ``version`` for time travel)."""
@@ -196,10 +168,12 @@ class CommittedRun:
         return self._read(SCREE)
 
     def feature_settings(self) -> FeatureSettings:
-        """The settings the run's features were made with, as recorded in ``run.json``."""
+        """The settings the run's features were made with, as recorded in ``run.json``
+        (``features``; a ``run.json`` from before it is read from its config and weights)."""
+        if "features" in self.record:
+            return FeatureSettings.from_dict(self.record["features"], self.storage_options)
         cfg = self.record["config"]
-        return FeatureSettings(self.record["weights"]["sha256"], int(cfg["image_size"]), cfg["pooling"],
-                               int(cfg["batch_size"]), cfg.get("precision", "float32"), dict(self.storage_options or {}))
+        return FeatureSettings.from_dict({**cfg, "weights_sha256": self.record["weights"]["sha256"]}, self.storage_options)
 
     def _read(self, name: str) -> bytes:
         try:
@@ -227,8 +201,8 @@ def read_run(url: str, storage_options: Mapping[str, Any] | None = None, *, comm
     doc, missing = None, None
     try:
         if committed:
-            name = SUCCESS
-            storage.read_bytes(storage.join(url, SUCCESS), storage_options)
+            name = SUCCESS_MARKER
+            storage.read_bytes(storage.join(url, SUCCESS_MARKER), storage_options)
             name = RUN_JSON
         doc = json.loads(storage.read_bytes(storage.join(url, RUN_JSON), storage_options))
     except FileNotFoundError as e:
