@@ -34,10 +34,10 @@ def tensorflow_version() -> str:
 def vgg16_rate() -> float:
     import numpy as np
 
-    from fruitdask.features import model
+    from fruitdask.features.runtimes import tensorflow
 
-    model.pin_tf_threads(1)
-    vgg = model.build_vgg16(224)
+    tensorflow.pin_tf_threads(1)
+    vgg = tensorflow.build_vgg16(224)
     x = np.random.default_rng(0).uniform(0, 255, (16, 224, 224, 3)).astype(np.float32)
     vgg.predict_on_batch(x)
     t = time.perf_counter()

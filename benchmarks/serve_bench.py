@@ -85,28 +85,28 @@ def server_sums(port: int) -> dict[str, float]:
 
 
 class BareVGG16:
-    """VGG16 alone on pre-decoded, preprocessed photos, in batches of ``batch``: the baseline."""
+    """The bundle's inference runtime alone (its preprocessing and VGG16) on pre-decoded photos,
+    in batches of ``batch``: the baseline."""
 
     def __init__(self, model: str, photos: list[bytes], batch: int) -> None:
         import numpy as np
 
         from fruitdask.classifier.bundle import ModelBundle
         from fruitdask.features import featurize
-        from fruitdask.features.model import cached_model
+        from fruitdask.features.model import cached_runtime
 
         bundle = ModelBundle.load(model)
         featurizer = bundle.featurizer()
         self.image_size, self.batch = bundle.spec.image_size, batch
-        self.vgg = cached_model(featurizer.weights, featurizer.settings)
-        decoded = np.stack([featurize.decode_image(photos[i % len(photos)], bundle.spec.image_size) for i in range(batch)])
-        self.x = featurize.preprocess(decoded)
+        self.runtime = cached_runtime(featurizer.weights, featurizer.spec)
+        self.x = np.stack([featurize.decode_image(photos[i % len(photos)], bundle.spec.image_size) for i in range(batch)])
         for _ in range(3):
-            self.vgg.predict_on_batch(self.x)
+            self.runtime.featurize(self.x)
 
     def measure(self, seconds: float) -> dict:
         calls, start = 0, time.perf_counter()
         while calls < 3 or time.perf_counter() - start < seconds:
-            self.vgg.predict_on_batch(self.x)
+            self.runtime.featurize(self.x)
             calls += 1
         elapsed = time.perf_counter() - start
         return {"images_per_s": calls * self.batch / elapsed, "ms_per_batch": 1000 * elapsed / calls, "calls": calls}

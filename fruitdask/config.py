@@ -29,7 +29,9 @@ EU_REGIONS: tuple[str, ...] = (
 
 POOLINGS = ("avg", "max", "none")
 #: ``--precision`` choices (:mod:`fruitdask.features.precision` resolves ``auto``).
-PRECISIONS = ("float32", "bfloat16", "auto")
+PRECISIONS = ("float32", "bfloat16", "int8", "auto")
+#: ``--runtime`` choices (:mod:`fruitdask.features.runtimes.choice` resolves ``auto``).
+RUNTIMES = ("tensorflow", "openvino", "auto")
 BACKENDS = ("dask", "spark")
 #: Rows a run may always remove, whatever ``--max-remove-fraction`` says (small tables).
 REMOVE_FLOOR = 10
@@ -107,8 +109,10 @@ class RunConfig:
     batch_size: int = 32
     partition_size: int = 64
     pooling: str = "avg"
-    precision: str = "auto"  # float32 | bfloat16 | auto (fruitdask.features.precision): bf16 where native
-    runtime: str = "tensorflow"  # the inference runtime (fruitdask.features.runtimes; FRUITDASK_RUNTIME)
+    precision: str = "auto"  # float32 | bfloat16 | int8 | auto (fruitdask.features.precision): bf16 where native
+    # The inference runtime (fruitdask.features.runtimes; FRUITDASK_RUNTIME): auto keeps a
+    # table's, else TensorFlow, OpenVINO for int8 (fruitdask.features.runtimes.choice).
+    runtime: str = "auto"
     weights: str = "auto"
     allow_random_weights: bool = False  # --weights auto may fall back to random only when asked
     seed: int = 0

@@ -55,6 +55,10 @@ class WeightsError(FruitdaskError):
     """Model weights could not be loaded or do not fit the VGG16 graph."""
 
 
+class CalibrationError(WeightsError):
+    """int8's recorded calibration images can no longer be read."""
+
+
 class StorageError(FruitdaskError):
     """A storage call failed (bucket missing, access denied, endpoint unreachable)."""
 

@@ -157,10 +157,29 @@ def run(
             check_format(state, target, replacing=cfg.rebuild or cfg.overwrite)
             delta.describe(state)  # a table from before its description: described once, in place
             state = state if cfg.rebuild else migrate.add_columns(state, target)  # columns declared since: filled in place
+        settings = _with_runtime(cfg, settings, state)
+        if resolved is not None and resolved.precision != settings.precision:  # auto kept the table's
+            resolved = precision.Resolved(cfg.precision, settings.precision, f"auto: the table's ({settings.runtime})")
         backend = make_backend(cfg, target, progress or Progress())
         doc = _Run(cfg, target, settings, backend, state, timer, emit, started, resolved).go(stack)
         return RunResult.of(doc, target.url)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _with_runtime(cfg: RunConfig, settings: FeatureSettings, state: delta.TableState) -> FeatureSettings:
+    """``settings`` with the runtime :func:`fruitdask.features.runtimes.choice.choose` picks
+    (and, on an OpenVINO table, the precision and calibration set the table recorded)."""
+    from fruitdask.features.runtimes import choice, openvino
+
+    recorded = state.description.feature_settings if state.exists and state.description is not None else None
+    chosen = choice.choose(cfg.runtime, cfg.precision, recorded, replacing=cfg.rebuild or cfg.overwrite,
+                           openvino_installed=openvino.available())
+    if chosen.runtime != "tensorflow" or cfg.runtime != "auto":
+        logger.info("runtime %s (%s)", chosen.runtime, chosen.reason)
+    if chosen.runtime == "tensorflow":
+        return settings
+    s = dataclasses.replace(settings, runtime=chosen.runtime, calibration=chosen.calibration)
+    return s.with_precision(chosen.precision) if chosen.precision != "auto" else s
 
 
 def _resolve_precision(requested: str, backend: Backend | None = None) -> precision.Resolved:
@@ -284,6 +303,7 @@ class _Run:
                 raise InputError(f"every one of the {len(listed.refused)} images under {cfg.input!r} was refused "
                                  f"before reading (first: {first['path']}: {first['reason']})")
             self.emit("listed", {"images": listed.n_images, "labels": len(listed.per_label), "per_label": listed.per_label})
+        self._calibrate(listed)
         with self.timer.stage("diff"):
             prior = read_errors(self.target) if self.state.exists else None
             plan = lake_plan.make_plan(
@@ -293,6 +313,21 @@ class _Run:
             )
         self.emit("planned", plan_counts(plan))
         return plan
+
+    def _calibrate(self, listed: lake_plan.Listed) -> None:
+        """int8 without a recorded calibration set (a table's first int8 run): a seeded
+        per-label sample of the images this run lists, recorded in the settings."""
+        s = self.settings
+        if s.precision != "int8" or s.calibration:
+            return
+        import pyarrow.parquet as pq
+
+        from fruitdask.features import calibration
+
+        listing = pq.read_table(listed.spill, columns=["image_key", "label"])
+        cal = calibration.sample(self.cfg.input, listing["image_key"].to_pylist(), listing["label"].to_pylist(), self.cfg.seed)
+        logger.info("int8 calibration: %d images of %d labels (digest %s)", len(cal.keys), len(listed.per_label), cal.digest)
+        self.settings = dataclasses.replace(s, calibration=cal.to_json())
 
     def _part_size(self, n_images: int) -> int:
         """Images per partition: ``--partition-size``, smaller when fewer images than threads."""
@@ -386,7 +421,7 @@ class _Run:
         assert outcome.reduction is not None  # a run that committed projected its rows with a fit
         return output.RunRecord(
             # run.json's config shows the precision the features were made with, not "auto".
-            cfg=dataclasses.replace(self.cfg, precision=self.settings.precision), output_url=self.target.url,
+            cfg=dataclasses.replace(self.cfg, precision=self.settings.precision, runtime=self.settings.runtime), output_url=self.target.url,
             run_id=self.target.run_id, started=self.started, timer=self.timer, n_listed=plan.listed,
             n_images=outcome.featurized, per_label=plan.per_label, errors=errors, rows=outcome.added + outcome.updated,
             reduction=outcome.reduction, cluster=self.backend.cluster, precision=self.resolved.to_dict() if self.resolved else {},

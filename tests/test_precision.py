@@ -65,7 +65,7 @@ def test_bfloat16_without_native_support_is_refused_with_the_fix():
         precision.resolve("bfloat16", SKYLAKE, [7.5])
     msg = str(e.value)
     assert "Platinum 8175M" in msg and "avx512_bf16" in msg and "--precision float32" in msg and "c7i" in msg
-    with pytest.raises(ConfigError, match="use one of float32, bfloat16, auto"):
+    with pytest.raises(ConfigError, match="use one of float32, bfloat16, int8, auto"):
         precision.resolve("fp16", ZEN4)
 
 

@@ -163,11 +163,11 @@ def test_a_listing_on_the_new_store_finds_every_image_by_label(memory_store):
 
 
 def test_the_output_lock_is_the_stores_conditional_write(memory_store):
-    first = storage.OutputTarget.open("memory://eu-bucket/out", None, overwrite=False, run_id="first", lease_ttl=30)
+    first = storage.StagedOutput.open("memory://eu-bucket/out", None, overwrite=False, run_id="first", lease_ttl=30)
     first.lock()
     doc = json.loads(fsspec.filesystem("memory").cat_file(first.lock_url))
     assert doc["run_id"] == "first" and memory_store._generation  # written by the store
-    second = storage.OutputTarget.open("memory://eu-bucket/out", None, overwrite=False, run_id="second", lease_ttl=30)
+    second = storage.StagedOutput.open("memory://eu-bucket/out", None, overwrite=False, run_id="second", lease_ttl=30)
     with pytest.raises(OutputBusyError, match=r"being written by run first .*this run \(second\) stops"):
         second.lock()
     first.unlock()
@@ -274,7 +274,7 @@ def test_an_overwrite_on_the_new_store_replaces_the_old_dataset_through_its_bulk
     deleted: list[list[str]] = []
     real = memory_store.delete_many
     monkeypatch.setattr(memory_store, "delete_many", lambda fs_, paths: deleted.append(paths) or real(fs_, paths))
-    target = storage.OutputTarget.open("memory://eu-bucket/run-1", None, overwrite=True, run_id="new")
+    target = storage.StagedOutput.open("memory://eu-bucket/run-1", None, overwrite=True, run_id="new")
     fs.pipe_file(target.staging_path("features/part-0.parquet"), b"new0")
     target.commit()
     assert sorted(fs.find("/eu-bucket/run-1")) == ["/eu-bucket/run-1/_SUCCESS", "/eu-bucket/run-1/features/part-0.parquet"]
@@ -282,7 +282,7 @@ def test_an_overwrite_on_the_new_store_replaces_the_old_dataset_through_its_bulk
     assert any("/eu-bucket/run-1/features/part-1.parquet" in batch for batch in deleted)
 
     monkeypatch.setattr(memory_store, "delete_many", lambda fs_, paths: [f"{p} (Refused)" for p in paths][:1])
-    again = storage.OutputTarget.open("memory://eu-bucket/run-1", None, overwrite=True, run_id="again")
+    again = storage.StagedOutput.open("memory://eu-bucket/run-1", None, overwrite=True, run_id="again")
     fs.pipe_file(again.staging_path("features/part-9.parquet"), b"new9")
     with pytest.raises(OutputError, match=r"memory did not delete .*\(Refused\).*grant nothing \(it is this process's memory\)"):
         again.commit()

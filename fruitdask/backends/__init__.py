@@ -64,7 +64,9 @@ def start_early(cfg: RunConfig, *, gated: bool = False) -> None:
     if cfg.backend == "dask" and cfg.cluster == "local":
         from fruitdask.backends.dask.cluster import start_fork_server
 
-        start_fork_server(gated=gated, runtime=cfg.runtime)
+        # Before the table is read, `auto` is a guess: int8 is OpenVINO's, anything else TensorFlow's.
+        runtime = cfg.runtime if cfg.runtime != "auto" else ("openvino" if cfg.precision == "int8" else "tensorflow")
+        start_fork_server(gated=gated, runtime=runtime)
 
 
 def stop_early() -> None:

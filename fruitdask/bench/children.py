@@ -21,6 +21,7 @@ from fruitdask.progress import Progress, steady_rate
 
 if TYPE_CHECKING:
     from fruitdask.features.runtimes import InferenceRuntime
+    from fruitdask.features.settings import FeatureSettings
 
 
 def _load_config(work: Path, prec: str) -> tuple[RunConfig, bool]:
@@ -32,7 +33,7 @@ def _load_config(work: Path, prec: str) -> tuple[RunConfig, bool]:
     return RunConfig(**d, storage=StorageSettings(**storage), kube=kube), unpooled
 
 
-def child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
+def child_raw(cfg: RunConfig, work: Path, unpooled: bool, label: str) -> dict:
     """A plain single-process Keras script doing the pipelines' work: list, load weights,
     build VGG16, featurize batch by batch, standardize + PCA (scikit-learn), write Parquet.
 
@@ -56,18 +57,18 @@ def child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
                                        allow_random=cfg.allow_random_weights)
     timings["weights"] = time.perf_counter() - t
     t = time.perf_counter()
-    runtime = model.cached_runtime(WeightsArrays.of(weights, info.sha256), FeatureSettings.from_config(cfg, info.sha256),
-                                   os.cpu_count())
-    timings["startup"] = time.perf_counter() - t
     paths, labels = list(listing["path"]), list(listing["label"])
+    settings = _with_calibration(FeatureSettings.from_config(cfg, info.sha256), cfg, paths, labels)
+    runtime = model.cached_runtime(WeightsArrays.of(weights, info.sha256), settings, os.cpu_count())
+    timings["startup"] = time.perf_counter() - t
     maps, ends = _featurize_batches(runtime, paths, cfg, "none" if unpooled else cfg.pooling)
     timings["featurize"] = ends[-1]
-    pooled = _keep_features(maps, paths, cfg, work, unpooled)
+    pooled = _keep_features(maps, paths, cfg, work, unpooled, label)
     t = time.perf_counter()
     reduced, n_components = _raw_pca(pooled, cfg)
     timings["pca"] = time.perf_counter() - t
     t = time.perf_counter()
-    out = work / f"out-raw-{cfg.precision}"
+    out = work / f"out-raw-{label}"
     out.mkdir(exist_ok=True)
     pq.write_table(pa.table({"path": paths, "label": labels, "features": list(pooled), "pca": list(reduced)}),
                    out / "features.parquet")
@@ -80,6 +81,17 @@ def child_raw(cfg: RunConfig, work: Path, unpooled: bool) -> dict:
         "steady_images_per_s": round(steady, 3) if steady else None,
         "slots": 1, "threads": os.cpu_count(), "weights_sha256": info.sha256, "images": n, "k": n_components,
     }
+
+
+def _with_calibration(settings: FeatureSettings, cfg: RunConfig, paths: list[str], labels: list[str]) -> FeatureSettings:
+    """int8: the calibration set a first ``fruitdask run`` on these images draws (same seed)."""
+    if settings.precision != "int8":
+        return settings
+    from fruitdask.features.calibration import sample
+    from fruitdask.lake.keys import image_key
+
+    keys = [image_key(cfg.input, p) for p in paths]
+    return dataclasses.replace(settings, calibration=sample(cfg.input, keys, labels, cfg.seed).to_json())
 
 
 def _featurize_batches(runtime: InferenceRuntime, paths: list[str], cfg: RunConfig, pooling: str) -> tuple[np.ndarray, list[float]]:
@@ -97,7 +109,7 @@ def _featurize_batches(runtime: InferenceRuntime, paths: list[str], cfg: RunConf
     return np.concatenate(feats), ends
 
 
-def _keep_features(maps: np.ndarray, paths: list[str], cfg: RunConfig, work: Path, unpooled: bool) -> np.ndarray:
+def _keep_features(maps: np.ndarray, paths: list[str], cfg: RunConfig, work: Path, unpooled: bool, label: str) -> np.ndarray:
     """Save the features for the parity and precision checks (and, with ``unpooled``, the
     feature maps for the PCA timing on wide features); return the pooled features."""
     from fruitdask.features import featurize
@@ -108,7 +120,7 @@ def _keep_features(maps: np.ndarray, paths: list[str], cfg: RunConfig, work: Pat
         pooled = featurize.pool(maps.reshape(len(maps), side, side, 512), cfg.pooling) if cfg.pooling != "none" else maps
     else:
         pooled = maps
-    np.savez(work / f"raw_features-{cfg.precision}.npz", paths=np.array(paths), features=pooled)
+    np.savez(work / f"raw_features-{label}.npz", paths=np.array(paths), features=pooled)
     return pooled
 
 
@@ -127,10 +139,10 @@ def _raw_pca(pooled: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, int]:
 PIPELINE_TASKS = ("dask", "spark")
 
 
-def child_pipeline(cfg: RunConfig, work: Path, backend: str) -> dict:
+def child_pipeline(cfg: RunConfig, work: Path, backend: str, label: str) -> dict:
     from fruitdask.backends import start_early
 
-    cfg = dataclasses.replace(cfg, backend=backend, output=str(work / f"out-{backend}-{cfg.precision}"))
+    cfg = dataclasses.replace(cfg, backend=backend, output=str(work / f"out-{backend}-{label}"))
     start_early(cfg)  # what `fruitdask run` does before its imports
     from fruitdask import pipeline
 
@@ -200,13 +212,13 @@ def main(argv: list[str]) -> int:
     if task == "raw":
         # A plain script's logging: importing the CLI would import distributed, not a raw cost.
         logging.basicConfig(level=logging.WARNING)
-        result = child_raw(cfg, work, unpooled and repeat == 0)
+        result = child_raw(cfg, work, unpooled and repeat == 0, prec)
     else:
         from fruitdask.logs import setup_logging
 
         setup_logging(quiet=True, debug=False)
         if task in PIPELINE_TASKS:
-            result = child_pipeline(cfg, work, task)
+            result = child_pipeline(cfg, work, task, prec)
         else:
             result = child_pca(cfg, work, task.removeprefix("pca-"))
     (work / f"{task}-{prec}-{repeat}.json").write_text(json.dumps(result))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fruitdask.bench.machine import MemorySampler, sample_load
+from fruitdask.bench.machine import MemorySampler, sample_load, variant
 from fruitdask.config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -92,8 +92,9 @@ def write_configs(work: Path, cfg: RunConfig, precisions: list[str], unpooled_pc
     for prec in precisions:
         # The unpooled maps for the PCA timing are saved once, by the first raw run.
         unpooled = unpooled_pca and prec == precisions[0]
+        runtime, precision = variant(prec)
         (work / f"config-{prec}.json").write_text(
-            json.dumps({**dataclasses.replace(cfg, precision=prec).to_dict(), "unpooled_pca": unpooled}))
+            json.dumps({**dataclasses.replace(cfg, precision=precision, runtime=runtime).to_dict(), "unpooled_pca": unpooled}))
 
 
 def run_engines(work: Path, engines: list[str], precisions: list[str], repeats: int, n_images: int,

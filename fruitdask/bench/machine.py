@@ -91,14 +91,30 @@ def sample_load(seconds: float = QUIET_SAMPLE_S) -> dict:
     return {"cpu_busy_pct": round(busy, 1), "load_1min": round(os.getloadavg()[0], 2), "quiet": busy <= QUIET_CPU_PCT}
 
 
-def parse_precisions(text: str | None, default: str) -> list[str]:
-    """The ``--precisions`` axis, resolved on this machine (bfloat16 refused where emulated)."""
+def parse_precisions(text: str | None, default: str, runtimes: str | None = None) -> list[str]:
+    """The ``--precisions`` axis, resolved on this machine (bfloat16 refused where TensorFlow
+    would emulate it), crossed with ``--runtimes``: a TensorFlow cell is named by its precision
+    (as before runtimes), an OpenVINO one ``openvino-PRECISION`` (:func:`variant`). int8 runs on
+    OpenVINO only; OpenVINO's bfloat16 runs where it is emulated too (its plugin does so)."""
     from fruitdask.features import precision
 
     asked = [p.strip() for p in (text or default).split(",") if p.strip()]
+    names = [r.strip() for r in (runtimes or "tensorflow").split(",") if r.strip()]
     out: list[str] = []
-    for p in asked:
-        resolved = precision.detect_and_resolve(p).precision
-        if resolved not in out:
-            out.append(resolved)
+    for runtime in names:
+        for p in asked:
+            if runtime == "tensorflow":
+                if p == "int8":
+                    continue
+                label = precision.detect_and_resolve(p).precision
+            else:
+                label = f"{runtime}-{p if p != 'auto' else precision.detect_and_resolve(p).precision}"
+            if label not in out:
+                out.append(label)
     return out
+
+
+def variant(label: str) -> tuple[str, str]:
+    """``(runtime, precision)`` of a bench cell's label (:func:`parse_precisions`)."""
+    runtime, _, prec = label.rpartition("-")
+    return runtime or "tensorflow", prec

@@ -33,9 +33,10 @@ def parity(work: Path, engines: list[str], prec: str) -> dict:
 
 
 def held_out_accuracy(features: np.ndarray, labels: np.ndarray, variance: float, every: int = 4) -> dict:
-    """Accuracy of the project's classifier (standardize, PCA to ``variance``, logistic
+    """Accuracy and macro F1 of the project's classifier (standardize, PCA to ``variance``, logistic
     regression) trained on 3 of every 4 images of each label and tested on the 4th."""
     from sklearn.decomposition import PCA
+    from sklearn.metrics import f1_score
     from sklearn.preprocessing import StandardScaler
 
     from fruitdask.classifier.classify import fit_classifier
@@ -52,8 +53,9 @@ def held_out_accuracy(features: np.ndarray, labels: np.ndarray, variance: float,
     pca = PCA(n_components=variance if variance < 1 else None, svd_solver="full").fit(scaler.transform(features[train]))
     clf = fit_classifier(pca.transform(scaler.transform(features[train])), labels[train])
     predicted = clf.predict(pca.transform(scaler.transform(features[test])))
-    return {"accuracy": round(float(np.mean(predicted == labels[test])), 4), "train": int(train.sum()), "test": int(test.sum()),
-            "k": int(pca.n_components_)}
+    macro_f1 = f1_score(labels[test], predicted, average="macro", zero_division=0)
+    return {"accuracy": round(float(np.mean(predicted == labels[test])), 4), "macro_f1": round(float(macro_f1), 4),
+            "train": int(train.sum()), "test": int(test.sum()), "k": int(pca.n_components_)}
 
 
 def compare_precisions(work: Path, runs: dict, precisions: list[str], seed: int) -> dict:
@@ -86,6 +88,8 @@ def compare_precisions(work: Path, runs: dict, precisions: list[str], seed: int)
             cmp["features"] = {
                 "relative_error": round(float(np.linalg.norm(xb - xa)) / max(float(np.linalg.norm(xa)), 1e-30), 6),
                 "correlation": round(float(np.corrcoef(xa.ravel(), xb.ravel())[0, 1]), 6),
+                "cosine_min": round(float(((xa * xb).sum(1) / np.maximum(
+                    np.linalg.norm(xa, axis=1) * np.linalg.norm(xb, axis=1), 1e-30)).min()), 6),
             }
         acc_a, acc_b = out["accuracy"].get(base, {}).get("accuracy"), out["accuracy"].get(prec, {}).get("accuracy")
         if acc_a is not None and acc_b is not None:

@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", type=int, default=3, help="runs of each engine, interleaved; median and min/max reported (default: 3)")
     g.add_argument("--precisions", help="comma-separated precisions to compare in one invocation, e.g. float32,bfloat16 "
                    "(default: --precision); bench.json gets the speed ratio and held-out accuracy of each")
+    g.add_argument("--runtimes", help="comma-separated inference runtimes to compare, e.g. tensorflow,openvino (default: "
+                   "tensorflow); each precision runs on each runtime that has it, OpenVINO's labelled openvino-PRECISION")
     g.add_argument("--fill-doc", help="also write the Markdown between <!-- bench:SECTION --> markers of this file")
     g.add_argument("--doc-section", default=None, help="marker name for --fill-doc (default: the image size)")
     add_run_options(p)
@@ -56,6 +58,7 @@ class BenchOptions:
     pca_timeout: float
     repeats: int
     precisions: str | None
+    runtimes: str | None
     fill_doc: str | None
     doc_section: str | None
 
@@ -74,7 +77,7 @@ class BenchOptions:
             input=args.input or str(BENCH_IMAGES), images=args.images, pick=args.pick,
             engines=tuple(e.strip() for e in args.backends.split(",") if e.strip()), out=Path(args.out).resolve(),
             unpooled_pca=bool(args.unpooled_pca), pca_timeout=args.pca_timeout, repeats=args.repeats,
-            precisions=args.precisions, fill_doc=args.fill_doc, doc_section=args.doc_section,
+            precisions=args.precisions, runtimes=args.runtimes, fill_doc=args.fill_doc, doc_section=args.doc_section,
         )
 
 
@@ -91,7 +94,7 @@ def command(args: argparse.Namespace) -> int:
 def bench(opts: BenchOptions, cfg: RunConfig, work: Path) -> int:
     """Copy the images into ``work``, time every engine and precision, write the results."""
     engines = list(opts.engines)
-    precisions = parse_precisions(opts.precisions, cfg.precision)
+    precisions = parse_precisions(opts.precisions, cfg.precision, opts.runtimes)
     n_images = copy_images(opts.input, cfg, work, opts.images, opts.pick)
     write_configs(work, cfg, precisions, opts.unpooled_pca)
     runs = run_engines(work, engines, precisions, opts.repeats, n_images, cfg.image_size)

@@ -13,7 +13,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fruitdask.config import BACKENDS, POOLINGS, REMOVE_FLOOR, RunConfig, StorageSettings, build_config, build_storage_settings
+from fruitdask.config import (
+    BACKENDS,
+    POOLINGS,
+    PRECISIONS,
+    REMOVE_FLOOR,
+    RUNTIMES,
+    RunConfig,
+    StorageSettings,
+    build_config,
+    build_storage_settings,
+)
 from fruitdask.storage import stores
 
 #: The real Fruits-360 images shipped with the package (12 labels x 10 images).
@@ -86,9 +96,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, help=f"square input size fed to VGG16, >= 32 (default: {_D.image_size})")
     g.add_argument("--batch-size", type=int, help=f"images per VGG16 inference batch (default: {_D.batch_size})")
     g.add_argument("--pooling", choices=POOLINGS, help=f"avg/max: 512 features; none: flattened maps, 25,088 at 224 (default: {_D.pooling})")
-    g.add_argument("--precision", choices=("float32", "bfloat16", "auto"),
+    g.add_argument("--precision", choices=PRECISIONS,
                    help=f"VGG16 arithmetic: bfloat16 (Keras mixed_bfloat16, about 2x faster) needs a CPU with "
-                   f"AVX512_BF16 or AMX or a bf16 GPU; auto picks it where present; features stay float32 (default: {_D.precision})")
+                   f"AVX512_BF16 or AMX or a bf16 GPU; auto picks it where present; int8 (OpenVINO after NNCF "
+                   f"quantization on a calibration sample of the lake) is opt-in; features stay float32 (default: {_D.precision})")
+    g.add_argument("--runtime", choices=RUNTIMES,
+                   help="inference runtime: tensorflow (Keras, today's path), openvino (the same VGG16 and weights, "
+                   "converted once per machine and cached; has int8), auto: the table's runtime, else tensorflow, "
+                   f"openvino for --precision int8 (default: {_D.runtime})")
     g.add_argument("--seed", type=int, help=f"seed for random weights and the randomized SVD (default: {_D.seed})")
 
 

@@ -11,6 +11,7 @@ the weights the first time, then reuses it for every later partition of the run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -214,7 +215,9 @@ WARM: Counter[str] = Counter()
 
 
 def _graph_key(settings: FeatureSettings) -> tuple[str, int, str]:
-    return settings.runtime, settings.image_size, settings.precision
+    # int8 models of two calibration sets are two models (a long-lived worker may serve both).
+    cal = f"@{json.loads(settings.calibration)['digest']}" if settings.calibration else ""
+    return settings.runtime, settings.image_size, settings.precision + cal
 
 
 def warm_up(settings: FeatureSettings, threads: int | None = None) -> float:

@@ -1,4 +1,5 @@
-"""Numeric precision of the VGG16 forward pass: ``float32``, ``bfloat16`` or ``auto``.
+"""Numeric precision of the VGG16 forward pass: ``float32``, ``bfloat16``, ``int8`` (the OpenVINO
+runtime only, :mod:`fruitdask.features.runtimes.choice`) or ``auto``.
 
 bfloat16 (Keras ``mixed_bfloat16``: float32 weights, bfloat16 matmuls) roughly doubles
 VGG16's throughput on CPUs with native bf16 instructions (AVX512_BF16, AMX) and on GPUs
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: ``/proc/cpuinfo`` flags that mean native bf16 arithmetic (AVX512_BF16 dot products, AMX tiles).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
+#: ``/proc/cpuinfo`` flags of native int8 dot products (VNNI, AMX).
+INT8_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 #: CUDA compute capability from which GPUs have bf16 tensor cores (Ampere).
 BF16_MIN_COMPUTE_CAPABILITY = 8.0
 
@@ -80,6 +83,9 @@ def resolve(requested: str, cpuinfo: str, gpu_compute_capabilities: list[float] 
         raise ConfigError(f"unknown precision {requested!r}: use one of {', '.join(PRECISIONS)}")
     if requested == "float32":
         return Resolved(requested, "float32", "requested")
+    if requested == "int8":  # the OpenVINO runtime's; VNNI (avx512_vnni, amx_int8) runs it natively
+        vnni = sorted(INT8_CPU_FLAGS & cpu_flags(cpuinfo))
+        return Resolved(requested, "int8", f"requested ({', '.join(vnni) or 'no VNNI/AMX flag: int8 without native dot products'})")
     native = cpu_bf16_flags(cpu_flags(cpuinfo))
     gpus = list(gpu_compute_capabilities or [])
     if native:
@@ -144,6 +150,8 @@ def detect_and_resolve(requested: str) -> Resolved:
     """
     if requested == "float32":
         return Resolved(requested, "float32", "requested")
+    if requested == "int8":
+        return resolve(requested, read_cpuinfo())
     return resolve(requested, read_cpuinfo(), gpu_compute_capabilities())
 
 
@@ -164,8 +172,8 @@ def agree(requested: str, per_worker: dict[str, dict]) -> Resolved:
     """
     if not per_worker:
         raise ClusterError(f"--precision {requested}: no worker answered, cannot tell whether they have native bf16")
-    if requested == "float32":
-        return Resolved(requested, "float32", "requested")
+    if requested in ("float32", "int8"):
+        return Resolved(requested, requested, "requested")
     without = sorted(w for w, r in per_worker.items() if r["precision"] != "bfloat16")
     if not without:
         reasons = sorted({r["reason"].removeprefix("auto: ") for r in per_worker.values()})

@@ -61,8 +61,10 @@ class FeatureSettings:
         the inference runtime that runs the network (``tensorflow``, today's Keras; tables
         and bundles from before it was recorded are ``tensorflow``);
     ``calibration``
-        the digest of an int8 runtime's calibration sample, ``None`` for runtimes that need
-        none (then it is left out of every fingerprint, which therefore did not move).
+        an int8 runtime's calibration sample (:mod:`fruitdask.features.calibration`: JSON of
+        its image keys, their root and their digest; only the digest enters a fingerprint, so
+        a lake moved to another root keeps it), ``None`` for runtimes that need none (then it
+        is left out of every fingerprint, which therefore did not move).
 
     Fields that **do not** (they may differ between two runs of one table):
 
@@ -91,7 +93,7 @@ class FeatureSettings:
             pooling=cfg.pooling,
             batch_size=int(cfg.batch_size),
             precision=precision or cfg.precision,
-            runtime=cfg.runtime,
+            runtime=cfg.runtime if cfg.runtime != "auto" else DEFAULT_RUNTIME,  # auto: pipeline._with_runtime decides
             storage_options=options.storage_options(cfg.storage),
         )
 
@@ -147,7 +149,7 @@ class FeatureSettings:
         """The runtime's part of a fingerprint: empty for TensorFlow without calibration, so
         that the fingerprints of everything written before runtimes existed do not move."""
         text = "" if self.runtime == DEFAULT_RUNTIME else f"|runtime={self.runtime}"
-        return text if self.calibration is None else f"{text}|calibration={self.calibration}"
+        return text if self.calibration is None else f"{text}|calibration={calibration_digest(self.calibration)}"
 
     # --- the one serialization -------------------------------------------------------------
 
@@ -183,6 +185,12 @@ class FeatureSettings:
         return cls.from_dict(json.loads(text))
 
 
+def calibration_digest(calibration: str) -> str:
+    """The digest of a ``calibration`` field: the ``digest`` of its JSON, or the field itself
+    when it is a bare digest."""
+    return str(json.loads(calibration)["digest"]) if calibration.startswith("{") else calibration
+
+
 def _digest(text: str) -> str:
     import hashlib
 
@@ -207,6 +215,8 @@ class Difference:
         return f"{self.field} {self._shown(self.expected)} {expected_in}, {self._shown(self.given)} {given_in}"
 
     def _shown(self, value: object, ellipsis: str = "...") -> str:
+        if self.field == "calibration" and isinstance(value, str):
+            return calibration_digest(value)  # the sample's digest, not its hundreds of keys
         if self.field == "weights_sha256" and value:
             return f"{str(value)[:12]}{ellipsis}"
         return repr(value) if self.field == "pooling" and ellipsis == "…" else str(value)

@@ -7,7 +7,7 @@ module beside :mod:`~fruitdask.features.runtimes.tensorflow` and its line below.
 
 from __future__ import annotations
 
-from fruitdask.features.runtimes import tensorflow
+from fruitdask.features.runtimes import openvino, tensorflow
 from fruitdask.features.runtimes.base import (
     DEFAULT_RUNTIME,
     PLUGINS_ENV,
@@ -21,6 +21,7 @@ from fruitdask.features.runtimes.base import (
 )
 
 register(tensorflow.ENTRY)
+register(openvino.ENTRY)
 
 __all__ = [
     "DEFAULT_RUNTIME", "PLUGINS_ENV", "RUNTIMES", "InferenceRuntime", "RuntimeEntry", "available_runtimes",
