@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 
@@ -71,14 +73,60 @@ def output_target(cfg: RunConfig) -> storage.OutputTarget:
                                            lock_wait=cfg.storage.lock_wait)
 
 
+@dataclass(frozen=True)
+class RunResult:
+    """What a run did, as :func:`run` returns it (its record is ``run.json``, published
+    beside the table; an up-to-date run publishes none).
+
+    ``counts`` are ``run.json``'s counts (``added``, ``updated``, ``removed``,
+    ``unchanged``, ``errors`` ... of images); ``rows`` the table's rows after the run, and
+    the PCA fields (``k``...) those of its fit, None for a run with nothing to do.
+    """
+
+    run_id: str
+    output: str
+    up_to_date: bool
+    version_before: int | None
+    version_after: int | None
+    counts: Mapping[str, int]
+    duration_s: float
+    timings_s: Mapping[str, float]
+    rows: int | None = None
+    pca_fit: str | None = None
+    refitted: bool = False
+    k: int | None = None
+    variance_reached: float | None = None
+    pca_method: str | None = None
+    images_per_second: float | None = None  # featurizing
+    warnings: tuple[str, ...] = ()
+    cluster: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = None
+
+    @classmethod
+    def of(cls, doc: Mapping[str, Any], output_url: str) -> RunResult:
+        """From the run's record (``run.json``'s document, or an up-to-date run's summary)."""
+        table, red = doc["table"], doc.get("reduction") or {}
+        return cls(
+            run_id=doc["run_id"], output=output_url, up_to_date=bool(doc.get("up_to_date")),
+            version_before=table.get("version_before"), version_after=table.get("version_after"),
+            counts=dict(doc["counts"]), duration_s=doc["duration_s"], timings_s=dict(doc["timings_s"]),
+            rows=table.get("rows"), pca_fit=table.get("pca_fit"), refitted=bool(table.get("refitted")),
+            k=red.get("k"), variance_reached=red.get("variance_reached"), pca_method=red.get("method"),
+            images_per_second=(doc.get("images_per_second") or {}).get("featurize"),
+            warnings=tuple(doc.get("warnings") or ()), cluster=dict(doc.get("cluster") or {}),
+            extra=dict(doc.get("extra") or {}), weights_sha256=(doc.get("weights") or {}).get("sha256"),
+        )
+
+
 def run(
     cfg: RunConfig,
     *,
     target: storage.OutputTarget | None = None,
     progress: Progress | None = None,
     on_event: Callable[[str, dict], None] | None = None,
-) -> dict:
-    """Bring the output's features table up to date with the input; return ``run.json``.
+) -> RunResult:
+    """Bring the output's features table up to date with the input; return what it did.
 
     Parameters
     ----------
@@ -113,7 +161,8 @@ def run(
         if resolved is not None and resolved.precision != settings.precision:  # auto kept the table's
             resolved = precision.Resolved(cfg.precision, settings.precision, f"auto: the table's ({settings.runtime})")
         backend = make_backend(cfg, target, progress or Progress())
-        return _Run(cfg, target, settings, backend, state, timer, emit, started, resolved).go(stack)
+        doc = _Run(cfg, target, settings, backend, state, timer, emit, started, resolved).go(stack)
+        return RunResult.of(doc, target.url)
     raise AssertionError("unreachable")  # pragma: no cover
 
 

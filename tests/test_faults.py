@@ -80,12 +80,12 @@ def test_lost_worker_during_featurization(tmp_path, process_cluster, weights_fil
     killer = threading.Thread(target=_kill_a_busy_worker, args=(client, stop, killed), daemon=True)
     killer.start()
     try:
-        doc = pipeline.run(cfg)
+        result = pipeline.run(cfg)
     finally:
         stop.set()
         killer.join()
     assert killed, "no worker was killed: the run finished before the killer saw results"
-    assert doc["counts"] == {"images_listed": 24, "labels": 12, "rows_written": 24, "errors": 0, "listed": 24, "added": 24, "updated": 0, "removed": 0, "unchanged": 0, "featurized": 24}
+    assert result.counts == {"images_listed": 24, "labels": 12, "rows_written": 24, "errors": 0, "listed": 24, "added": 24, "updated": 0, "removed": 0, "unchanged": 0, "featurized": 24}
     hit = _features(tmp_path / "out")
     ref = _reference_features(storage.list_images(str(images)), weights_file)
     assert hit["path"].is_unique and len(hit) == 24

@@ -133,7 +133,7 @@ def test_spark_featurizes_with_the_shared_partition_function(monkeypatch, tmp_pa
                              tasks.Sink(str(tmp_path / "t"), "r", "s", {}), None)
     out = spark_backend.featurize_index(0, url, job, 3, acc)
     assert seen == [(["a", "b"], settings, 3, weights)] and weights.load() == "weights"
-    assert list(out["kind"]) == ["staged"] and int(out["rows"].iloc[0]) == 2 and acc.value == 2
+    assert [(r.kind, r.rows) for r in out] == [(tasks.ReceiptKind.STAGED, 2)] and acc.value == 2
 
 
 @pytest.mark.integration

@@ -273,7 +273,7 @@ def test_report_rebuild_guards_thumbnail_paths_read_from_parquet(s3, tmp_path, m
                           "features": tasks._list_array(np.zeros((2, 1), np.float32)),
                           "pca": tasks._list_array(np.eye(2, dtype=np.float32)), "pca_fit": ["f"] * 2}, schema=TABLE_SCHEMA)
         written = tasks.write_file(table, tasks.Sink(delta.table_url(str(out)), "r", "s", {}), "part-0.parquet")
-        delta.commit(delta.open_table(str(out), {}), [{"path": written["file"], **written}], [], {"run_id": "r"},
+        delta.commit(delta.open_table(str(out), {}), [written], [], {"run_id": "r"},
                      row_keys=hash_keys(["A/1.jpg", "A/2.jpg"]))
         read = []
         real_read = storage.read_bytes

@@ -180,8 +180,7 @@ def test_concurrent_commits_one_wins_the_other_fails_cleanly(tmp_path):
                       "run_id": [name], "featurized_at": pa.array([0], pa.timestamp("us", tz="UTC")),
                       "features": tasks._list_array(np.ones((1, 4), np.float32)),
                       "pca": tasks._list_array(np.ones((1, 2), np.float32)), "pca_fit": ["f"]}, schema=TABLE_SCHEMA)
-        a = tasks.write_file(t, sink, f"part-{name}.parquet")
-        return [{"path": a["file"], "size": a["size"], "rows": 1, "stats": a["stats"]}]
+        return [tasks.write_file(t, sink, f"part-{name}.parquet")]
 
     empty_a, empty_b = delta.open_table(str(out), {}), delta.open_table(str(out), {})
     assert delta.commit(empty_a, files(empty_a, "a"), [], {"run_id": "a"}, row_keys=hash_keys(["A/a.jpg"])) == 0
@@ -323,6 +322,33 @@ def test_workers_never_hold_all_features(tmp_path, cluster, weights_file):
     all_features = 96 * 2048 * 4
     assert len(read_features(out)) == 96
     assert 0 < peak[0] < 2 * per_partition + 16 * 2**10, f"workers held {peak[0]} bytes (all features: {all_features})"
+
+
+def test_features_wider_than_the_moments_go_to_the_backends_wide_fit(tmp_path, cluster, weights_file, monkeypatch):
+    """96 px unpooled: 3 x 3 x 512 = 4,608 features per image, over the moments' limit. The
+    update reads the staged partitions off their typed receipts and hands them, with their
+    row counts, to the backend's ``fit_wide`` (DaskBackend declares ``supports_wide_fit``);
+    every row is then projected with that fit."""
+    from fruitdask.backends.dask.backend import DaskBackend
+    from fruitdask.pca_moments import MAX_MOMENT_FEATURES
+
+    calls: list[list[tuple[int, int]]] = []
+    real = DaskBackend.fit_wide
+
+    def fit_wide(self, staged, *args):
+        calls.append(list(staged))
+        return real(self, staged, *args)
+
+    monkeypatch.setattr(DaskBackend, "fit_wide", fit_wide)
+    data = copy_images(BUNDLED, tmp_path / "in", 2, 4)
+    out = tmp_path / "out"
+    assert run(cluster, data, out, weights_file, "--pooling", "none", "--image-size", "96") == 0
+    assert len(calls) == 1 and sum(n for _, n in calls[0]) == 8
+    assert sorted(i for i, _ in calls[0]) == list(range(len(calls[0])))
+    df = read_features(out)
+    assert len(df) == 8 and {len(f) for f in df["features"]} == {3 * 3 * 512} and 3 * 3 * 512 > MAX_MOMENT_FEATURES
+    rec = record(out)
+    assert "moments" not in rec["reduction"]["method"] and rec["table"]["pca_fit"] == df["pca_fit"].iloc[0]
 
 
 def test_exact_pca_from_moments_matches_scikit_learn_at_d_512():

@@ -270,7 +270,7 @@ def test_worker_joining_after_the_weights_loads_them(tmp_path, images, weights_f
 
             def run():
                 try:
-                    result["doc"] = pipeline.run(build_config(flags, {}))
+                    result["run"] = pipeline.run(build_config(flags, {}))
                 except BaseException as e:  # noqa: BLE001 - handed to the test thread below
                     result["error"] = e
 
@@ -286,10 +286,10 @@ def test_worker_joining_after_the_weights_loads_them(tmp_path, images, weights_f
             gate.unlink()
             runner.join(timeout=300)
             assert "error" not in result, result
-            key = result["doc"]["weights"]["sha256"]
+            key = result["run"].weights_sha256
             loads = client.run(model.load_counts)
             assert loads[first].get(key) == 1 and loads[late].get(key) == 1, loads
-            assert result["doc"]["extra"]["weights_loads"] == {first: 1, late: 1}
+            assert result["run"].extra["weights_loads"] == {first: 1, late: 1}
             _check_output(out, reference)
         finally:
             client.close()

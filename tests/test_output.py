@@ -82,7 +82,7 @@ def test_a_committed_run_reads_back(tmp_path):
     feats = pd.DataFrame({"features": frames.list_column(x, 20, manifest.index)})
     sink = tasks.Sink(delta.table_url(str(out)), "r1", "s", {})
     written = tasks.write_rows(manifest, feats, sink, tasks.Fit("0001-r1", fit_url), "n00000")
-    delta.commit(delta.open_table(str(out), {}), [{"path": written["file"], **written}], [], {"run_id": "r1"},
+    delta.commit(delta.open_table(str(out), {}), [written], [], {"run_id": "r1"},
                  row_keys=keys.hash_keys(manifest["image_key"]))
     storage.write_file(str(out / output.ERRORS), output.errors_parquet(record.errors))
     storage.write_file(str(out / output.REDUCTION), reduction.to_npz())

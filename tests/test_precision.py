@@ -137,7 +137,7 @@ def test_spark_executor_body_builds_the_requested_precision(weights_file, tmp_pa
     ckpt = checkpoint.Checkpoints(str(tmp_path / "ckpt"), False, {})
     weights = spark_backend.BroadcastWeights(_Broadcast(weights_arrays), "spark-bf16")
     out = spark_backend.featurize_index(0, manifest, tasks.FeaturizeJob(weights, settings, ckpt, sink, None), 1)
-    assert list(out["kind"]) == ["staged"] and prepare_counts()["spark-bf16"] == before.get("spark-bf16", 0) + 1
+    assert [r.kind for r in out] == [tasks.ReceiptKind.STAGED] and prepare_counts()["spark-bf16"] == before.get("spark-bf16", 0) + 1
     assert ("tensorflow", "spark-bf16", SMALL_SIZE, "bfloat16") in model._RUNTIMES
 
 

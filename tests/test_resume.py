@@ -66,11 +66,11 @@ def test_resume_after_a_crash_during_pca_reuses_checkpoints(tmp_path, cluster_cl
     assert len(parts) >= 3
 
     before = model_images(client)
-    doc = pipeline.run(build_config({**flags, "resume": True}, {}))
+    result = pipeline.run(build_config({**flags, "resume": True}, {}))
     assert model_images(client) - before == 0, "VGG16 ran again although every partition was checkpointed"
-    assert doc["counts"] == {"images_listed": 13, "labels": 3, "rows_written": 12, "errors": 1, "listed": 13, "added": 12,
+    assert result.counts == {"images_listed": 13, "labels": 3, "rows_written": 12, "errors": 1, "listed": 13, "added": 12,
                              "updated": 0, "removed": 0, "unchanged": 0, "featurized": 13}
-    assert doc["extra"]["checkpoint"]["resume"] is True
+    assert result.extra["checkpoint"]["resume"] is True
     assert not Path(checkpoint.checkpoint_root(str(out))).exists(), "checkpoints outlived the committed run"
 
     # Same features as an uninterrupted run that computes everything.
@@ -163,9 +163,9 @@ def test_a_file_changed_before_resume_is_featurized_again(tmp_path, cluster_clie
     replaced.write_bytes(others[1].read_bytes())  # another photo under the same name
 
     before = model_images(client)
-    doc = pipeline.run(build_config({**flags, "resume": True}, {}))
+    result = pipeline.run(build_config({**flags, "resume": True}, {}))
     recomputed = model_images(client) - before
-    assert doc["counts"]["errors"] == 0 and doc["counts"]["rows_written"] == 13
+    assert result.counts["errors"] == 0 and result.counts["rows_written"] == 13
     assert 2 <= recomputed <= 8, f"{recomputed} images recomputed: only the two changed files' partitions should be"
     pipeline.run(build_config({**flags, "output": str(tmp_path / "fresh")}, {}))
     resumed, fresh = features(out), features(tmp_path / "fresh")

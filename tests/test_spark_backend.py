@@ -35,12 +35,23 @@ def no_jvm_left():
 
 
 def test_features_too_wide_for_the_moments_are_refused_before_spark_starts():
-    from fruitdask.lake.update import check_wide
+    """The refusal follows the capability each backend declares (``supports_wide_fit``), not
+    its name: the Spark backend's start refuses 224 px unpooled features before any JVM."""
+    from contextlib import ExitStack
+    from types import SimpleNamespace
 
-    with pytest.raises(ReductionError, match=r"25,088 features .* --backend dask"):
-        check_wide(FeatureSettings("w", 224, "none", 8).feature_dim, "spark")
-    check_wide(FeatureSettings("w", 64, "none", 8).feature_dim, "spark")  # 2 x 2 x 512: summed
-    check_wide(25088, "dask")  # the Dask backend streams them
+    from fruitdask.backends.dask.backend import DaskBackend
+    from fruitdask.backends.spark.backend import SparkBackend
+    from fruitdask.lake.update import check_wide
+    from fruitdask.progress import Progress
+
+    assert DaskBackend.supports_wide_fit and not SparkBackend.supports_wide_fit
+    spark = SparkBackend(RunConfig(input="x", output="y"), SimpleNamespace(storage_options={}), Progress())
+    with pytest.raises(ReductionError, match=r"25,088 features .* Spark backend .* --backend dask"), ExitStack() as stack:
+        spark.start(stack, FeatureSettings("w", 224, "none", 8))
+    assert not hasattr(spark, "session") and not _java_children()
+    check_wide(FeatureSettings("w", 64, "none", 8).feature_dim, False, "spark")  # 2 x 2 x 512: summed
+    check_wide(25088, True, "dask")  # the Dask backend streams them
 
 
 def test_spark_conf_ties_arrow_batches_to_batch_size():

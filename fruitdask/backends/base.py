@@ -4,19 +4,20 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, ExitStack
-from typing import Any, Protocol
-
-import pandas as pd
+from typing import Protocol
 
 from fruitdask.features.model import WeightsInfo
 from fruitdask.features.precision import Resolved
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsSource
-from fruitdask.lake.tasks import FeaturizeJob
+from fruitdask.lake.update import LakeBackend
 
 
-class Backend(Protocol):
-    """The steps of an engine (see the module docstring)."""
+class Backend(LakeBackend, Protocol):
+    """The steps of an engine (see the module docstring): those the pipeline calls here, and
+    those the lake's update calls (:class:`fruitdask.lake.update.LakeBackend`: ``name``,
+    ``supports_wide_fit``, ``featurize_parts``, ``map_tasks``, ``tree_reduce``, ``fit_wide``),
+    declared below the backends so that the lake imports no engine."""
 
     starts_early: bool
     cluster: dict
@@ -34,9 +35,4 @@ class Backend(Protocol):
 
     def prepare(self, weights: WeightsSource, weights_info: WeightsInfo) -> WeightsSource: ...
 
-    def featurize_parts(self, manifest_url: str, sizes: list[int], job: FeaturizeJob) -> pd.DataFrame: ...
-
-    def map_tasks(self, fn: Any, args_list: list[tuple], *, background: bool = False) -> list: ...
-
-    def tree_reduce(self, leaves: list[tuple]) -> Any: ...
 

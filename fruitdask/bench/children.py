@@ -155,15 +155,15 @@ def child_pipeline(cfg: RunConfig, work: Path, backend: str, label: str) -> dict
         def advance(self, images: int) -> None:
             ends.append(round(time.perf_counter() - self.t0, 3))
 
-    doc = pipeline.run(cfg, progress=PartitionEnds() if backend == "dask" else None)
-    ends = ends or doc["extra"].get("featurize_task_ends_s", [])
-    t, n = doc["timings_s"], doc["counts"]["images_listed"]
-    slots = doc["cluster"].get("threads") or 1
+    result = pipeline.run(cfg, progress=PartitionEnds() if backend == "dask" else None)
+    ends = ends or result.extra.get("featurize_task_ends_s", [])
+    t, n = dict(result.timings_s), result.counts["images_listed"]
+    slots = result.cluster.get("threads") or 1
     steady = first_wave_rate(ends, n, slots)
     return {
         "timings_s": t, "steady_images_per_s": round(steady, 3) if steady else None,
-        "partitions": len(ends), "slots": slots, "weights_sha256": doc["weights"]["sha256"],
-        "images": n, "k": doc["reduction"]["k"], "pca_method": doc["reduction"]["method"],
+        "partitions": len(ends), "slots": slots, "weights_sha256": result.weights_sha256,
+        "images": n, "k": result.k, "pca_method": result.pca_method,
     }
 
 
@@ -181,13 +181,14 @@ def child_pca(cfg: RunConfig, work: Path, engine: str) -> dict:
         red = fit_incremental_pca(da.from_array(X, chunks=(min(n, 256), d)), components=cfg.components, variance=cfg.variance,
                                   batch_size=cfg.pca_batch_size, power_iterations=cfg.pca_power_iterations, seed=cfg.seed)
         return {"status": "ok", "d": d, "n": n, "fit_s": round(time.perf_counter() - t, 3), "k": red.k, "method": red.method}
+    from fruitdask.backends.spark.backend import SparkBackend
     from fruitdask.backends.spark.session import spark_session
     from fruitdask.errors import ReductionError
     from fruitdask.lake.update import check_wide
     from fruitdask.pca_moments import Moments, fit, merge_all
 
     try:
-        check_wide(d, "spark")
+        check_wide(d, SparkBackend.supports_wide_fit, SparkBackend.name)
     except ReductionError as e:
         return {"status": "refused", "d": d, "n": n, "reason": str(e)}
     with spark_session(unpooled) as spark:

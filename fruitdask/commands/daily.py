@@ -80,34 +80,35 @@ def daily(opts: DailyOptions) -> int:
     cfg = opts.config
     settings = gate.GateSettings(opts.margin, opts.max_unknown_rate, opts.max_uncertain_rate)  # bad values before the run
     storage.guard_regions([opts.models], cfg.storage)
-    doc, url = run_command.execute(cfg)
-    exit_code = run_command.summarize(cfg, doc, url, print_json=False)
+    result = run_command.execute(cfg)
+    url = result.output
+    exit_code = run_command.summarize(cfg, result, print_json=False)
     so = storage.storage_options(cfg.storage)
-    table = doc["table"]
-    version = table["version_after"]
-    mv, trained = _candidate(opts, url, version, doc["run_id"])
+    version = result.version_after
+    assert version is not None  # a run that returns has a table (it committed one, or found one)
+    mv, trained = _candidate(opts, url, version, result.run_id)
     from fruitdask.classifier.registry import Registry
 
     if mv.decision:  # decided by an earlier daily: a person's rollback since then stands
         decision = {**mv.decision, "decided_earlier": True}
     else:
         decision = gate.promote(Registry(opts.models, so), mv.version, settings)
-    record = {"run_id": doc["run_id"], "output": url, "models": opts.models,
+    record = {"run_id": result.run_id, "output": url, "models": opts.models,
               "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "table": {"version_before": table["version_before"], "version_after": version,
-                        "changed": not doc.get("up_to_date")},
+              "table": {"version_before": result.version_before, "version_after": version,
+                        "changed": not result.up_to_date},
               "candidate": mv.version, "trained": trained, "metrics": mv.metrics, "promoted": decision["promoted"],
               "reason": decision["reason"], "champion_before": decision.get("champion_before"),
               "champion_after": decision.get("champion_after"), "comparison": decision.get("comparison"),
               "decided_earlier": bool(decision.get("decided_earlier")), "run_exit_code": exit_code}
-    storage.write_file(storage.join(url, "runs", doc["run_id"], DAILY_JSON),
+    storage.write_file(storage.join(url, "runs", result.run_id, DAILY_JSON),
                        json.dumps(record, indent=2, sort_keys=True, default=str).encode(), so)
     logger.info("daily: table version %s, candidate %s (%s), %s", version, mv.version,
                 "trained now" if trained else "trained earlier", decision["reason"])
     if not cfg.quiet:
-        print(json.dumps({"output": url, "version": version, "changed": not doc.get("up_to_date"), "candidate": mv.version,
+        print(json.dumps({"output": url, "version": version, "changed": not result.up_to_date, "candidate": mv.version,
                           "trained": trained, "promoted": decision["promoted"], "champion": decision.get("champion_after"),
-                          "reason": decision["reason"], "daily": f"runs/{doc['run_id']}/{DAILY_JSON}"}))
+                          "reason": decision["reason"], "daily": f"runs/{result.run_id}/{DAILY_JSON}"}))
     return exit_code
 
 

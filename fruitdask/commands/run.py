@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from typing import TYPE_CHECKING
 
 from fruitdask.commands.options import add_run_options, config_from_args
 from fruitdask.config import RunConfig
+
+if TYPE_CHECKING:  # the pipeline is imported after the early start (see execute)
+    from fruitdask.pipeline import RunResult
 
 logger = logging.getLogger("fruitdask")
 
@@ -62,12 +66,11 @@ def _on_event(name: str, data: dict) -> None:
 
 def command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    doc, url = execute(cfg)
-    return summarize(cfg, doc, url)
+    return summarize(cfg, execute(cfg))
 
 
-def execute(cfg: RunConfig) -> tuple[dict, str]:
-    """Bring the table up to date (``pipeline.run``); the run's record and the output's URL."""
+def execute(cfg: RunConfig) -> RunResult:
+    """Bring the table up to date (``pipeline.run``); what the run did."""
     from fruitdask.commands.startup import workers_started_early
 
     with workers_started_early(cfg):  # before the pipeline's imports: the workers' overlap them
@@ -76,33 +79,32 @@ def execute(cfg: RunConfig) -> tuple[dict, str]:
 
         target = pipeline.output_target(cfg)  # from here on the output is this object, not the flag
         # The bar starts with the featurization, after the cluster line (dashboard URL) is printed.
-        doc = pipeline.run(cfg, target=target, progress=progress_bar(cfg.quiet), on_event=_on_event)
-    return doc, target.url
+        return pipeline.run(cfg, target=target, progress=progress_bar(cfg.quiet), on_event=_on_event)
 
 
-def summarize(cfg: RunConfig, doc: dict, url: str, print_json: bool = True) -> int:
+def summarize(cfg: RunConfig, result: RunResult, print_json: bool = True) -> int:
     """Log what the run did (and print its JSON line unless quiet); ``run``'s exit code."""
-    if doc.get("up_to_date"):
+    counts, url = result.counts, result.output
+    if result.up_to_date:
         if not cfg.quiet and print_json:
-            rekeyed = {k: doc["counts"][k] for k in ("rekeyed", "duplicates_dropped") if k in doc["counts"]}
-            print(json.dumps({"output": url, "up_to_date": True, "version": doc["table"]["version_after"], **rekeyed}))
+            rekeyed = {k: counts[k] for k in ("rekeyed", "duplicates_dropped") if k in counts}
+            print(json.dumps({"output": url, "up_to_date": True, "version": result.version_after, **rekeyed}))
         return EXIT_OK
-    red, counts, table = doc["reduction"], doc["counts"], doc["table"]
-    for w in doc["warnings"]:
+    for w in result.warnings:
         logger.warning("WARNING: %s", w)
     logger.info(
         "table version %s -> %s: %d added, %d updated, %d removed, %d unchanged (%d skipped); %d rows; PCA fit %s "
         "(K=%d, %.1f%% variance%s); %.2f images/s featurizing, %.1fs in all",
-        table["version_before"], table["version_after"], counts["added"], counts["updated"], counts["removed"],
-        counts["unchanged"], counts["errors"], table["rows"], table["pca_fit"], red["k"], 100 * red["variance_reached"],
-        ", refitted" if table["refitted"] else "", doc["images_per_second"]["featurize"] or 0, doc["duration_s"],
+        result.version_before, result.version_after, counts["added"], counts["updated"], counts["removed"],
+        counts["unchanged"], counts["errors"], result.rows, result.pca_fit, result.k, 100 * (result.variance_reached or 0),
+        ", refitted" if result.refitted else "", result.images_per_second or 0, result.duration_s,
     )
     from fruitdask.report.page import report_location
 
     report_path = report_location(url)
     logger.info("report: %s", report_path)
     if not cfg.quiet and print_json:
-        print(json.dumps({"output": url, "rows": table["rows"], "version": table["version_after"],
+        print(json.dumps({"output": url, "rows": result.rows, "version": result.version_after,
                           "added": counts["added"], "updated": counts["updated"], "removed": counts["removed"],
-                          "k": red["k"], "report": report_path}))
+                          "k": result.k, "report": report_path}))
     return EXIT_SKIPPED if counts["errors"] and not cfg.skipped_ok else EXIT_OK

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import numpy as np
 
 from fruitdask import schema, storage
 from fruitdask.lake import keys, tasks
 from fruitdask.lake import table as delta
+from fruitdask.lake.actions import FileAction
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def add_columns(state: delta.TableState, target: storage.OutputTarget) -> delta.
     if not missing:
         return state
     sink = tasks.Sink(state.url, f"columns-{target.run_id}", str(state.meta.get("settings", "")), dict(state.storage_options))
-    adds, hashes = [], []
+    adds: list[FileAction] = []
+    hashes = []
     try:
         for i, uri in enumerate(state.files()):
             rows = tasks.read_file(sink, delta.relative(state, uri))  # filled: tasks.read_file completes the columns
@@ -56,25 +57,24 @@ def add_columns(state: delta.TableState, target: storage.OutputTarget) -> delta.
         version = _commit(state, adds, np.concatenate(hashes) if hashes else np.zeros(0, "S16"), missing, sink.run_id)
     except BaseException:
         for a in adds:  # written a moment ago, in no version
-            storage.remove_prefix(sink.file_url(a["file"]), sink.storage_options)
+            storage.remove_prefix(sink.file_url(a.path), sink.storage_options)
         raise
     logger.info("the table at %s gained the column(s) %s (version %s -> %d): %d files rewritten with their rows' "
                 "values filled; nothing featurized", state.url, ", ".join(missing), state.version, version, len(adds))
     return delta.open_table(target.url, state.storage_options)
 
 
-def _commit(state: delta.TableState, adds: list[dict], row_keys: np.ndarray, missing: list[str], run_id: str) -> int:
+def _commit(state: delta.TableState, adds: list[FileAction], row_keys: np.ndarray, missing: list[str], run_id: str) -> int:
     """One overwrite of the version read: ``adds`` replace every file, under the new schema
     (no retries: another writer's commit in between fails it, as a run's does)."""
     from deltalake.exceptions import CommitFailedError, DeltaError
-    from deltalake.transaction import AddAction, CommitProperties
+    from deltalake.transaction import CommitProperties
 
     delta.check_unique_keys(row_keys, state.url)
-    now = int(time.time() * 1000)
     meta = {**state.meta, "run_id": run_id, "operation": OPERATION, "columns": missing}
     props = CommitProperties(custom_metadata={delta.META_KEY: json.dumps(meta, sort_keys=True, default=str)},
                              max_commit_retries=0)
-    actions = [AddAction(a["file"], int(a["size"]), {}, now, True, a["stats"]) for a in adds]
+    actions = [a.add_action() for a in adds]
     try:
         delta._reopened(state).create_write_transaction(actions, mode="overwrite", schema=schema.TABLE_SCHEMA,
                                                        commit_properties=props)

@@ -29,6 +29,7 @@ import pyarrow as pa
 from fruitdask import storage
 from fruitdask.lake import keys, tasks
 from fruitdask.lake import table as delta
+from fruitdask.lake.actions import FileAction
 
 logger = logging.getLogger(__name__)
 
@@ -111,17 +112,17 @@ def rekey(state: delta.TableState, root: str, sink: tasks.Sink, before_commit: C
     changed = sum(int((~f.right & f.keep).sum()) for f in files)  # rows that stay, under a new key
     if not changed and not dropped:
         return Rekeyed()  # right already (an absolute --input before): the next commit records it
-    adds, removes = [], []
+    adds: list[FileAction] = []
+    removes: list[FileAction] = []
     try:
         for i, f in enumerate(files):
             if f.rewrite:
-                removes.append({"path": f.rel, "size": f.size})
+                removes.append(FileAction(f.rel, f.size))
                 table = tasks.read_file(sink, f.rel)
                 table = table.set_column(table.schema.get_field_index("image_key"), "image_key",
                                          pa.array(_recomputed(root, table), pa.string())).filter(pa.array(f.keep))
                 if table.num_rows:
-                    a = tasks.write_file(table, sink, f"part-{sink.run_id}-k{i:05d}.parquet")
-                    adds.append({"path": a["file"], "size": a["size"], "rows": a["rows"], "stats": a["stats"]})
+                    adds.append(tasks.write_file(table, sink, f"part-{sink.run_id}-k{i:05d}.parquet"))
         counts = {"rekeyed": changed, "duplicates_dropped": dropped}
         meta = {**state.meta, "run_id": sink.run_id, "operation": "rekey", "keys": keys.KEYS_FORMAT, "key_root": root,
                 "rows": len(row_keys), "counts": counts}
@@ -129,7 +130,7 @@ def rekey(state: delta.TableState, root: str, sink: tasks.Sink, before_commit: C
         version = delta.commit(state, adds, removes, meta, row_keys=row_keys)
     except BaseException:
         for a in adds:  # written a moment ago, in no version
-            storage.remove_prefix(sink.file_url(a["path"]), sink.storage_options)
+            storage.remove_prefix(sink.file_url(a.path), sink.storage_options)
         raise
     logger.info("re-keyed the table (version %s -> %s): %d rows keyed by their path relative to %s, %d duplicated "
                 "rows dropped, %d files rewritten; nothing featurized (older tables were keyed against --input as "

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 
 from fruitdask import storage
 from fruitdask.errors import ConcurrentRunError, DuplicateKeyError, OutputError
+from fruitdask.lake.actions import FileAction, now_ms
 from fruitdask.output import layout
 from fruitdask.schema import TABLE_SCHEMA, complete_table, table_columns
 from fruitdask.storage import stores
@@ -240,13 +240,14 @@ def check_unique_keys(row_keys: np.ndarray, url: str) -> None:
         )
 
 
-def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict,
+def commit(state: TableState, adds: list[FileAction], removes: list[FileAction], meta: dict,
            description: Description | None = None, *, row_keys: np.ndarray) -> int:
     """Commit ``adds`` and ``removes`` as one new version on top of the version ``state``
     read; return that version.
 
-    ``adds``: ``{path, size, rows, stats}`` of files already written under the table root;
-    ``removes``: ``{path, size}`` of files of the version read; ``row_keys``: the key hashes
+    ``adds``: files already written under the table root (with their statistics);
+    ``removes``: files of the version read (path and size suffice); both become delta-rs'
+    actions here only (:meth:`~fruitdask.lake.actions.FileAction.add_action`); ``row_keys``: the key hashes
     of every row the new version may hold, checked first (:func:`check_unique_keys`). ``description``: what the
     table is after this commit (default: as it was); a new table gets it in its first commit,
     and a replaced one (``--rebuild`` with other settings: every file removed) in the same
@@ -262,11 +263,11 @@ def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict,
     """
     from deltalake import Schema
     from deltalake.exceptions import CommitFailedError, DeltaError
-    from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
+    from deltalake.transaction import CommitProperties, create_table_with_add_actions
 
     check_unique_keys(row_keys, state.url)
-    now = int(time.time() * 1000)
-    add_actions = [AddAction(a["path"], int(a["size"]), {}, now, True, a["stats"]) for a in adds]
+    now = now_ms()
+    add_actions = [a.add_action() for a in adds]
     props = CommitProperties(custom_metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)},
                              max_commit_retries=0)
     description = description or state.description
@@ -281,7 +282,7 @@ def commit(state: TableState, adds: list[dict], removes: list[dict], meta: dict,
                 storage_options=delta_options(state.url, state.storage_options), commit_properties=props,
             )
             return 0 if not state.exists or state.version is None else state.version + 1
-        removes_ = [RemoveAction(r["path"], True, now, int(r["size"]) if r.get("size") else None) for r in removes]
+        removes_ = [r.remove_action(now) for r in removes]
         read_version = state.version
         assert read_version is not None  # an existing table was read at a version
         _reopened(state).create_write_transaction([*add_actions, *removes_], mode="append", schema=TABLE_SCHEMA,
@@ -306,7 +307,7 @@ def _reopened(state: TableState):
         raise storage.translate(e, state.url) from e
 
 
-def _check_replaces(state: TableState, removes: list[dict]) -> None:
+def _check_replaces(state: TableState, removes: list[FileAction]) -> None:
     """A commit that replaces the table's metadata removes every file of the latest version:
     refuse it unless that is the version read and the run removes all of its files."""
     from deltalake import DeltaTable
@@ -314,7 +315,7 @@ def _check_replaces(state: TableState, removes: list[dict]) -> None:
     latest = DeltaTable(_uri(state.url), storage_options=delta_options(state.url, state.storage_options)).version()
     if latest != state.version:
         raise _commit_error(state, None)
-    if {r["path"] for r in removes} != {relative(state, u) for u in state.files()}:
+    if {r.path for r in removes} != {relative(state, u) for u in state.files()}:
         raise OutputError(f"a commit that changes what the table {state.url} is must replace every file of version "
                           f"{state.version}: nothing was committed (a fruitdask bug: please report it)")
 

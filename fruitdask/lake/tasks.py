@@ -10,6 +10,9 @@ of bounded size, and returns a small receipt, never the features.
 - :func:`rewrite_file`: a table file without the rows that leave it (removed or changed
   images), re-projected when the PCA was refitted.
 
+Each file written is returned as a :class:`~fruitdask.lake.actions.FileAction` (what the
+commit adds); a featurize task returns its partition's :class:`Receipt` rows.
+
 Data files are named ``part-<run_id>-<n|p|r><index>.parquet`` under the table root: a run
 killed before its commit leaves files that no version names (removed by a vacuum).
 """
@@ -21,6 +24,7 @@ import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -32,17 +36,88 @@ from fruitdask import checkpoint, storage
 from fruitdask.features import frames
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsSource
+from fruitdask.lake.actions import FileAction
 from fruitdask.pca_moments import Moments
 from fruitdask.reduce import Reduction
 from fruitdask.schema import ERROR_COLUMNS, MANIFEST_SCHEMA, TABLE_SCHEMA, complete_table
 
-#: Columns of a partition's receipt (one row per written file or per failed image).
-#: A failed image's row carries the columns of ``errors.parquet`` but the run id.
 #: A manifest partition's columns that name its checkpoint: the rows and their files' versions.
 CHECKPOINT_KEY = ["path", "label", "source_version"]
-RECEIPT_COLUMNS = ["kind", "part", "file", "size", "rows", "stats", "added", "updated",
-                   *(c for c in ERROR_COLUMNS if c != "run_id")]
-_NUMBERS = ("part", "size", "rows", "added", "updated")
+#: The columns of a failed image's receipt: those of ``errors.parquet`` but the run id.
+FAILED_COLUMNS = [c for c in ERROR_COLUMNS if c != "run_id"]
+
+
+class ReceiptKind(Enum):
+    """What a receipt row says of its partition."""
+
+    FILE = "file"  # a data file written into the table
+    STAGED = "staged"  # the good rows wait in their checkpoint for the PCA fit
+    ERROR = "error"  # one image that could not be used
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """One row of a featurize task's receipt (small: never the features).
+
+    ``file``: the data file written (``FILE``); ``checkpoint``: the checkpoint holding the
+    partition's features (``STAGED``); ``rows``: good rows written or staged; ``added`` and
+    ``updated``: of those, the new and the changed images; ``failed``: the failed image's
+    fields (``ERROR``: :data:`FAILED_COLUMNS`).
+    """
+
+    kind: ReceiptKind
+    part: int | None = None
+    file: FileAction | None = None
+    checkpoint: str | None = None
+    rows: int = 0
+    added: int = 0
+    updated: int = 0
+    failed: Mapping[str, Any] | None = None
+
+
+#: The columns of :func:`receipts_frame` (the form receipts take through a Dask DataFrame).
+RECEIPT_COLUMNS = ["kind", "part", "file", "size", "rows", "stats", "modification_time", "added", "updated",
+                   *FAILED_COLUMNS]
+_NUMBERS = ("part", "size", "rows", "modification_time", "added", "updated")
+
+
+def receipts_frame(receipts: list[Receipt]) -> pd.DataFrame:
+    """Receipts as a DataFrame, to cross a Dask DataFrame (``map_partitions``); the inverse of
+    :func:`receipts_of`. ``file`` holds a data file's path or a checkpoint's URL."""
+    rows = []
+    for r in receipts:
+        row: dict[str, Any] = {"kind": r.kind.value, "part": r.part, "rows": r.rows, "added": r.added,
+                               "updated": r.updated, **dict(r.failed or {})}
+        if r.file is not None:
+            row.update(file=r.file.path, size=r.file.size, stats=r.file.stats, modification_time=r.file.modification_time)
+        elif r.checkpoint is not None:
+            row["file"] = r.checkpoint
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=RECEIPT_COLUMNS)
+    return frame.astype({c: ("float64" if c in _NUMBERS else object) for c in RECEIPT_COLUMNS})
+
+
+def receipts_of(frame: pd.DataFrame) -> list[Receipt]:
+    """The receipts a :func:`receipts_frame` holds."""
+    out = []
+    for row in frame.to_dict("records"):
+        kind = ReceiptKind(row["kind"])
+        part = None if pd.isna(row["part"]) else int(row["part"])
+        if kind is ReceiptKind.ERROR:
+            out.append(Receipt(kind, part, failed={c: row[c] for c in FAILED_COLUMNS}))
+            continue
+        rows, added, updated = int(row["rows"]), int(row["added"]), int(row["updated"])
+        if kind is ReceiptKind.FILE:
+            action = FileAction(str(row["file"]), int(row["size"]), rows, row["stats"], int(row["modification_time"]))
+            out.append(Receipt(kind, part, file=action, rows=rows, added=added, updated=updated))
+        else:
+            out.append(Receipt(kind, part, checkpoint=str(row["file"]), rows=rows, added=added, updated=updated))
+    return out
+
+
+def receipt_meta() -> pd.DataFrame:
+    """:func:`receipts_frame` of no receipt: Dask's ``meta`` for the featurize tasks."""
+    return receipts_frame([])
 
 
 @dataclass(frozen=True)
@@ -112,48 +187,47 @@ class FeaturizeJob:
     fit: Fit | None
 
 
-def featurize_part(df: pd.DataFrame, job: FeaturizeJob, index: int, threads: int | None = None) -> pd.DataFrame:
+def featurize_part(df: pd.DataFrame, job: FeaturizeJob, index: int, threads: int | None = None) -> list[Receipt]:
     """Featurize one manifest partition; write it into the table when ``job.fit`` is given.
 
-    Returns the receipt: a ``file`` row (the data file written) or a ``staged`` row (the
-    checkpoint holding the features until the fit), and an ``error`` row per failed image.
+    Returns the receipt: a ``FILE`` row (the data file written) or a ``STAGED`` row (the
+    checkpoint holding the features until the fit), and an ``ERROR`` row per failed image.
     """
     if len(df) == 0:
-        return receipt([])
+        return []
     ckpt, sink, fit = job.ckpt, job.sink, job.fit
     out = checkpoint.featurize_checkpointed(df[CHECKPOINT_KEY], job.weights, job.settings, ckpt, threads=threads)
     ok = out["error_stage"].isna().to_numpy()
     rows = _error_rows(df, out, ok)
     n_ok = int(ok.sum())
     changes = df["change"].to_numpy()[ok]
-    counts = {"added": int((changes == "added").sum()), "updated": int((changes == "updated").sum())}
+    added, updated = int((changes == "added").sum()), int((changes == "updated").sum())
     if fit is not None and n_ok:
-        rows.append({"kind": "file", "part": index, **write_rows(df[ok], out[ok], sink, fit, f"n{index:05d}"), **counts})
+        written = write_rows(df[ok], out[ok], sink, fit, f"n{index:05d}")
+        rows.append(Receipt(ReceiptKind.FILE, index, file=written, rows=n_ok, added=added, updated=updated))
     elif n_ok:
-        rows.append({"kind": "staged", "part": index, "file": ckpt.part_url(df[CHECKPOINT_KEY]), "rows": n_ok, **counts})
-    return receipt(rows)
+        rows.append(Receipt(ReceiptKind.STAGED, index, checkpoint=ckpt.part_url(df[CHECKPOINT_KEY]), rows=n_ok,
+                            added=added, updated=updated))
+    return rows
 
 
-def _error_rows(df: pd.DataFrame, out: pd.DataFrame, ok: np.ndarray) -> list[dict]:
+def _error_rows(df: pd.DataFrame, out: pd.DataFrame, ok: np.ndarray) -> list[Receipt]:
     bad = np.flatnonzero(~ok)
     return [
-        {"kind": "error", "path": df["path"].iloc[i], "label": df["label"].iloc[i], "stage": out["error_stage"].iloc[i],
-         "reason": out["error_reason"].iloc[i], "image_key": df["image_key"].iloc[i],
-         "source_version": df["source_version"].iloc[i]}
+        Receipt(ReceiptKind.ERROR, failed={
+            "path": df["path"].iloc[i], "label": df["label"].iloc[i], "stage": out["error_stage"].iloc[i],
+            "reason": out["error_reason"].iloc[i], "image_key": df["image_key"].iloc[i],
+            "source_version": df["source_version"].iloc[i]})
         for i in bad
     ]
 
 
-def receipt(rows: list[dict]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=RECEIPT_COLUMNS)
-    return frame.astype({c: ("float64" if c in _NUMBERS else object) for c in RECEIPT_COLUMNS})
+def failed_images(receipts: list[Receipt]) -> pd.DataFrame:
+    """The failed images of ``receipts``, one row each (:data:`FAILED_COLUMNS`)."""
+    return pd.DataFrame([dict(r.failed or {}) for r in receipts if r.kind is ReceiptKind.ERROR], columns=FAILED_COLUMNS)
 
 
-def receipt_meta() -> pd.DataFrame:
-    return receipt([])
-
-
-def write_rows(manifest: pd.DataFrame, feats: pd.DataFrame, sink: Sink, fit: Fit, suffix: str) -> dict:
+def write_rows(manifest: pd.DataFrame, feats: pd.DataFrame, sink: Sink, fit: Fit, suffix: str) -> FileAction:
     """The good rows of a partition as a table data file, with their ``pca``."""
     reduction = fit.load()
     x = frames.matrix(feats["features"])
@@ -184,13 +258,13 @@ def _list_array(x: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, pa.array(x.ravel()), type=pa.list_(pa.float32()))
 
 
-def write_file(table: pa.Table, sink: Sink, name: str) -> dict:
-    """Write one data file under the table root; return its Delta add action's fields."""
+def write_file(table: pa.Table, sink: Sink, name: str) -> FileAction:
+    """Write one data file under the table root; return what the commit adds."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="snappy")
     data = buf.getvalue()
     storage.write_file(sink.file_url(name), data, sink.storage_options)
-    return {"file": name, "size": len(data), "rows": table.num_rows, "stats": file_stats(table)}
+    return FileAction(name, len(data), table.num_rows, file_stats(table))
 
 
 def file_stats(table: pa.Table) -> str:
@@ -222,7 +296,7 @@ def moments_part(index: int, manifest_url: str, ckpt: checkpoint.Checkpoints) ->
     return Moments.of(features_part(index, manifest_url, ckpt))
 
 
-def project_part(index: int, manifest_url: str, ckpt: checkpoint.Checkpoints, sink: Sink, fit: Fit) -> dict | None:
+def project_part(index: int, manifest_url: str, ckpt: checkpoint.Checkpoints, sink: Sink, fit: Fit) -> FileAction | None:
     """A checkpointed partition projected with ``fit`` and written into the table."""
     df, feats = _checkpointed(index, manifest_url, ckpt)
     return write_rows(df, feats, sink, fit, f"p{index:05d}") if len(df) else None
@@ -252,7 +326,7 @@ def moments_file(sink: Sink, rel: str, drop_rows: np.ndarray | None) -> Moments 
     return Moments.of(features_file(sink, rel, drop_rows))
 
 
-def rewrite_file(sink: Sink, rel: str, drop_rows: np.ndarray | None, fit: Fit | None, index: int) -> dict | None:
+def rewrite_file(sink: Sink, rel: str, drop_rows: np.ndarray | None, fit: Fit | None, index: int) -> FileAction | None:
     """A table file without ``drop_rows``, its ``pca`` recomputed with ``fit`` when given;
     None when no row is left."""
     table = _kept(sink, rel, drop_rows)
@@ -265,7 +339,7 @@ def rewrite_file(sink: Sink, rel: str, drop_rows: np.ndarray | None, fit: Fit | 
     return write_file(table, sink, f"part-{sink.run_id}-r{index:05d}.parquet")
 
 
-def merge_files(sink: Sink, rels: list[str], index: int) -> dict:
+def merge_files(sink: Sink, rels: list[str], index: int) -> FileAction:
     """Small table files streamed into one, a row group each: the same rows, one input file in
     memory at a time (the run commits the merged file and removes the inputs)."""
     name = f"part-{sink.run_id}-m{index:05d}.parquet"
@@ -282,7 +356,7 @@ def merge_files(sink: Sink, rels: list[str], index: int) -> dict:
         size = fs.size(path)
     except OSError as e:
         raise storage.translate(e, url) from e
-    return {"file": name, "size": int(size), "rows": rows, "stats": merged_stats(stats)}
+    return FileAction(name, int(size), rows, merged_stats(stats))
 
 
 def merged_stats(parts: list[dict]) -> str:

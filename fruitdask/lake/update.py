@@ -1,9 +1,10 @@
 """One run's update of the features table, the same on every backend.
 
 The backend only runs bodies of :mod:`fruitdask.lake.tasks` where it runs things (Dask
-workers, Spark executors) through three primitives: ``featurize_parts`` (the manifest's
-partitions, with the progress bar), ``map_tasks`` and ``tree_reduce``. Everything else is
-decided here:
+workers, Spark executors) through the primitives :class:`LakeBackend` declares:
+``featurize_parts`` (the manifest's partitions, with the progress bar; typed receipts back),
+``map_tasks``, ``tree_reduce``, and ``fit_wide`` where the backend declares
+``supports_wide_fit``. Everything else is decided here:
 
 1. featurize the plan's partitions; with the current PCA fit known, each task writes its
    data file at once (one pass); when a fit is needed (first run, ``--refit``, ``--rebuild``,
@@ -18,7 +19,8 @@ decided here:
    behind step 1 as it starts, from a second thread, so they fill the threads its last
    partitions leave idle); once small files pile up, merge them on the workers
    (:func:`merge_small_files`); and commit every added and removed file as **one** table
-   version (:func:`fruitdask.lake.table.commit`).
+   version (:func:`fruitdask.lake.table.commit`). Every file, added or removed, travels as one
+   :class:`~fruitdask.lake.actions.FileAction` from the task that wrote it to that commit.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -39,6 +41,7 @@ from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsSource
 from fruitdask.lake import table as delta
 from fruitdask.lake import tasks
+from fruitdask.lake.actions import FileAction
 from fruitdask.lake.plan import Plan
 from fruitdask.output import layout
 from fruitdask.pca_moments import Moments
@@ -51,6 +54,10 @@ logger = logging.getLogger(__name__)
 REFIT_GROWTH = 2.0
 #: Small files the table may hold before a run merges them (see :func:`merge_small_files`).
 MERGE_AFTER_FILES = 64
+
+T = TypeVar("T")
+#: A leaf of a tree reduction: a task body and its arguments, returning the PCA moments of some rows.
+MomentsLeaf = tuple[Callable[..., Moments | None], tuple]
 
 
 @dataclass
@@ -78,6 +85,38 @@ class Request:
     before_commit: Callable[[], None] = lambda: None
     #: The run's record (``run.json``) as of its commit, given the outcome: part of the commit.
     record: Callable[[Outcome], dict] = lambda outcome: {}
+
+
+class LakeBackend(Protocol):
+    """What the update asks of an engine (the part of
+    :class:`fruitdask.backends.base.Backend` the lake calls; declared here, below the
+    backends, so that the lake names its engine's type without importing an engine).
+
+    ``name``: the backend's ``--backend`` name; ``supports_wide_fit``: whether :meth:`fit_wide`
+    can fit features wider than :data:`~fruitdask.pca_moments.MAX_MOMENT_FEATURES` (see
+    :func:`check_wide`).
+    """
+
+    name: str
+    supports_wide_fit: bool
+
+    def featurize_parts(self, manifest_url: str, sizes: list[int], job: tasks.FeaturizeJob) -> list[tasks.Receipt]:
+        """Every manifest partition through :func:`fruitdask.lake.tasks.featurize_part`; their receipts."""
+        ...
+
+    def map_tasks(self, fn: Callable[..., T], args_list: list[tuple], *, background: bool = False) -> list[T]:
+        """``fn(*args)`` for each ``args`` where the engine runs tasks; the results in order."""
+        ...
+
+    def tree_reduce(self, leaves: list[MomentsLeaf]) -> Moments | None:
+        """The moments of each ``(fn, args)`` leaf, merged (None without leaves)."""
+        ...
+
+    def fit_wide(self, staged: list[tuple[int, int]], manifest_url: str, ckpt: checkpoint.Checkpoints,
+                 sink: tasks.Sink, kept_files: list[tuple[str, np.ndarray | None]], pca: PCA) -> Reduction:
+        """``pca`` fitted by its streamed strategy, on features too wide for moments (only where
+        ``supports_wide_fit``)."""
+        ...
 
 
 @dataclass
@@ -108,7 +147,7 @@ def needs_fit(plan: Plan, state: delta.TableState, req: Request) -> bool:
     return not state.exists or req.rebuild or req.refit or not state.meta.get("pca_fit") or grown
 
 
-def apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, settings: FeatureSettings,
+def apply(backend: LakeBackend, plan: Plan, state: delta.TableState, req: Request, settings: FeatureSettings,
           weights: WeightsSource, timer: StageTimer) -> Outcome:
     """Featurize, (re)fit, rewrite and commit; return what happened. A run that fails
     before its commit removes the files it wrote (none of them is in any version)."""
@@ -141,7 +180,7 @@ def remove_run_files(output: str, sink: tasks.Sink) -> None:
             storage.remove_prefix(name, sink.storage_options)
 
 
-def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job: tasks.FeaturizeJob,
+def _apply(backend: LakeBackend, plan: Plan, state: delta.TableState, req: Request, job: tasks.FeaturizeJob,
            timer: StageTimer) -> Outcome:
     ckpt, sink = job.ckpt, job.sink
     refit = needs_fit(plan, state, req)
@@ -151,27 +190,28 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
         # Without a refit, the files that lose rows are rewritten as they are, so their tasks
         # run beside the featurization, behind it (the threads its last partitions leave idle).
         early = None if refit else pool.submit(_rewrite, backend, plan.rewrite, sink, None, background=True)
-        receipts = backend.featurize_parts(plan.manifest_url, plan.part_sizes, job) if plan.featurize else tasks.receipt_meta()
+        # A plan with images to featurize has their manifest.
+        receipts = backend.featurize_parts(plan.manifest_url, plan.part_sizes, job) if plan.featurize and plan.manifest_url else []
         rewritten = early.result() if early else []
-    errors = receipts[receipts["kind"] == "error"]
+    errors = tasks.failed_images(receipts)
     req.check(errors)
-    files = receipts[receipts["kind"] == "file"]
+    files = [r.file for r in receipts if r.kind is tasks.ReceiptKind.FILE and r.file is not None]
     moved = 0  # rows of untouched files merged into new ones (counted in the adds)
     if refit:
         with timer.stage("pca"):
             reduction, current = _refit(backend, plan, state, req, receipts, ckpt, sink)
         with timer.stage("write"):
             adds = _project(backend, plan, receipts, ckpt, sink, current)
-            removed = [(p, s) for p, s, _ in plan.rewrite] + plan.drop + plan.keep
+            removed = _removes([(p, s) for p, s, _ in plan.rewrite] + plan.drop + plan.keep)
     else:
         assert current is not None  # no refit: the table's fit projects the new rows
         reduction = current.load()
         with timer.stage("write"):
-            adds = _file_adds(files) + rewritten
-            removed = [(p, s) for p, s, _ in plan.rewrite] + plan.drop
+            adds = files + rewritten
+            removed = _removes([(p, s) for p, s, _ in plan.rewrite] + plan.drop)
             adds, removed, moved = merge_small_files(backend, plan.keep, adds, removed, sink)
-    ok = receipts[receipts["kind"].isin(["file", "staged"])]
-    out = Outcome(state.version, state.version, int(sum(plan.part_sizes)), int(ok["added"].sum()), int(ok["updated"].sum()),
+    ok = [r for r in receipts if r.kind is not tasks.ReceiptKind.ERROR]
+    out = Outcome(state.version, state.version, int(sum(plan.part_sizes)), sum(r.added for r in ok), sum(r.updated for r in ok),
                   errors, reduction, current.fit_id, refit, _rows_after(plan, adds, refit) - moved, len(adds), len(removed))
     with timer.stage("commit"):
         meta = {**req.meta, "pca_fit": current.fit_id, "pca_k": reduction.k,
@@ -182,13 +222,13 @@ def _apply(backend: Any, plan: Plan, state: delta.TableState, req: Request, job:
         out.version_after = state.version + 1 if state.exists and state.version is not None else 0  # no retries
         meta[delta.RECORD_KEY] = req.record(out)
         req.before_commit()
-        out.version_after = delta.commit(state, adds, [{"path": p, "size": s} for p, s in removed], meta,
+        out.version_after = delta.commit(state, adds, removed, meta,
                                          req.description, row_keys=plan.row_keys)
     return out
 
 
-def merge_small_files(backend: Any, keep: list[tuple[str, int]], adds: list[dict], removed: list[tuple[str, int]],
-                      sink: tasks.Sink) -> tuple[list[dict], list[tuple[str, int]], int]:
+def merge_small_files(backend: LakeBackend, keep: list[tuple[str, int]], adds: list[FileAction],
+                      removed: list[FileAction], sink: tasks.Sink) -> tuple[list[FileAction], list[FileAction], int]:
     """Once the table would hold :data:`MERGE_AFTER_FILES` small files (under
     :data:`fruitdask.lake.table.SMALL_FILE_BYTES`), merge them on the workers into files of
     about :data:`fruitdask.lake.table.TARGET_FILE_BYTES`, in this run's one commit: daily runs
@@ -196,11 +236,11 @@ def merge_small_files(backend: Any, keep: list[tuple[str, int]], adds: list[dict
     streams its inputs file by file (worker memory: one small file); the client only plans.
     Returns the adds and removes to commit, and the rows of untouched files that moved into
     merged ones (counted once); this run's own merged-away files are deleted."""
-    small: list[tuple[str, int, dict | None]] = [(p, int(s), None) for p, s in keep if s < delta.SMALL_FILE_BYTES]
-    small += [(a["path"], int(a["size"]), a) for a in adds if a["size"] < delta.SMALL_FILE_BYTES]
+    small: list[tuple[str, int, FileAction | None]] = [(p, int(s), None) for p, s in keep if s < delta.SMALL_FILE_BYTES]
+    small += [(a.path, int(a.size), a) for a in adds if a.size < delta.SMALL_FILE_BYTES]
     if len(small) < MERGE_AFTER_FILES:
         return adds, removed, 0
-    bins: list[list[tuple[str, int, dict | None]]] = [[]]
+    bins: list[list[tuple[str, int, FileAction | None]]] = [[]]
     size = 0
     for item in small:
         if size >= delta.TARGET_FILE_BYTES:
@@ -208,21 +248,31 @@ def merge_small_files(backend: Any, keep: list[tuple[str, int]], adds: list[dict
         bins[-1].append(item)
         size += item[1]
     bins = [b for b in bins if len(b) > 1]
-    merged = backend.map_tasks(tasks.merge_files, [(sink, [p for p, _, _ in b], i) for i, b in enumerate(bins)])
+    merged: list[FileAction] = backend.map_tasks(tasks.merge_files, [(sink, [p for p, _, _ in b], i) for i, b in enumerate(bins)])
     gone = {p for b in bins for p, _, _ in b}
     own = [p for b in bins for p, _, a in b if a is not None]
-    adds = [a for a in adds if a["path"] not in gone] + [_as_add(m)[0] for m in merged]
-    removed = removed + [(p, s) for b in bins for p, s, a in b if a is None]
+    adds = [a for a in adds if a.path not in gone] + merged
+    removed = removed + _removes([(p, s) for b in bins for p, s, a in b if a is None])
     for p in own:  # written by this run a moment ago, never committed: not worth a vacuum
         storage.remove_prefix(sink.file_url(p), sink.storage_options)
     logger.info("merged %d small files into %d", len(gone), len(merged))
-    moved = sum(m["rows"] for m in merged) - sum(int(a["rows"]) for b in bins for _, _, a in b if a is not None)
+    moved = sum(_rows(m) for m in merged) - sum(_rows(a) for b in bins for _, _, a in b if a is not None)
     return adds, removed, moved
 
 
-def _rows_after(plan: Plan, adds: list[dict], refit: bool) -> int:
+def _removes(files: list[tuple[str, int]]) -> list[FileAction]:
+    """Files of the version read (the plan's ``(path, size)``), as the commit removes them."""
+    return [FileAction(p, int(s)) for p, s in files]
+
+
+def _rows(action: FileAction) -> int:
+    assert action.rows is not None  # a file this run wrote: its tasks count its rows
+    return action.rows
+
+
+def _rows_after(plan: Plan, adds: list[FileAction], refit: bool) -> int:
     """Rows of the new version: those of the added files, plus the untouched files' rows."""
-    return int(sum(a["rows"] for a in adds)) + (0 if refit else plan.rows_kept)
+    return sum(_rows(a) for a in adds) + (0 if refit else plan.rows_kept)
 
 
 def _fit_seq(state: delta.TableState) -> int:
@@ -233,24 +283,19 @@ def fit_url(output: str, fit_id: str) -> str:
     return storage.join(output, layout.FITS, f"{fit_id}.npz")
 
 
-def _file_adds(files: pd.DataFrame) -> list[dict]:
-    return [{"path": r.file, "size": int(r.size), "rows": int(r.rows), "stats": r.stats} for r in files.itertuples()]
-
-
-def _as_add(result: dict | None) -> list[dict]:
-    return [] if result is None else [{"path": result["file"], "size": result["size"], "rows": result["rows"], "stats": result["stats"]}]
-
-
-def _rewrite(backend: Any, rewrite: list, sink: tasks.Sink, fit_: tasks.Fit | None, *, background: bool = False) -> list[dict]:
+def _rewrite(backend: LakeBackend, rewrite: list, sink: tasks.Sink, fit_: tasks.Fit | None, *,
+             background: bool = False) -> list[FileAction]:
     args = [(sink, path, rows, fit_, i) for i, (path, _, rows) in enumerate(rewrite)]
-    return [a for r in backend.map_tasks(tasks.rewrite_file, args, background=background) for a in _as_add(r)]
+    return [a for a in backend.map_tasks(tasks.rewrite_file, args, background=background) if a is not None]
 
 
-def _refit(backend: Any, plan: Plan, state: delta.TableState, req: Request, receipts: pd.DataFrame,
+def _refit(backend: LakeBackend, plan: Plan, state: delta.TableState, req: Request, receipts: list[tasks.Receipt],
            ckpt: checkpoint.Checkpoints, sink: tasks.Sink) -> tuple[Reduction, tasks.Fit]:
     """Fit the PCA on every row the table will hold; write it beside the table."""
     staged = _staged_parts(receipts, plan)
     kept_files: list[tuple[str, np.ndarray | None]] = [(p, rows) for p, _, rows in plan.rewrite] + [(p, None) for p, _ in plan.keep]
+    # An engine without a streamed fit refuses features too wide for the moments (its declared capability).
+    check_wide(req.feature_dim, backend.supports_wide_fit, backend.name)
     pca = PCA(req.feature_dim, components=req.components, variance=req.variance, batch_size=req.pca_batch_size,
               power_iterations=req.power_iterations, seed=req.seed)
     reduction = pca.fit_rows(_TableRows(backend, plan.manifest_url, staged, receipts, ckpt, sink, kept_files))
@@ -267,45 +312,46 @@ class _TableRows:
     """The rows the table will hold (checkpointed partitions and kept files), in the shape the
     PCA's strategy asks for (:class:`fruitdask.reduce.Rows`), each read where it lies."""
 
-    backend: Any
+    backend: LakeBackend
     manifest_url: str | None
     staged: list[int]
-    receipts: pd.DataFrame
+    receipts: list[tasks.Receipt]
     ckpt: checkpoint.Checkpoints
     sink: tasks.Sink
     kept_files: list[tuple[str, np.ndarray | None]]
 
     def moments(self) -> Moments | None:
-        leaves: list[tuple[Callable[..., Any], tuple]] = [(tasks.moments_part, (i, self.manifest_url, self.ckpt))
-                                                          for i in self.staged]
+        leaves: list[MomentsLeaf] = [(tasks.moments_part, (i, self.manifest_url, self.ckpt)) for i in self.staged]
         leaves += [(tasks.moments_file, (self.sink, p, rows)) for p, rows in self.kept_files]
         return self.backend.tree_reduce(leaves)
 
     def stream(self, fit: PCA) -> Reduction:
-        st = self.receipts[self.receipts["kind"] == "staged"]
-        rows = dict(zip(st["part"].astype(int), st["rows"].astype(int), strict=True))
-        return self.backend.fit_wide([(i, int(rows[i])) for i in self.staged], self.manifest_url, self.ckpt, self.sink,
+        rows = {r.part: r.rows for r in self.receipts if r.kind is tasks.ReceiptKind.STAGED}
+        manifest = self.manifest_url or ""  # none when nothing was featurized: then no partition is staged
+        return self.backend.fit_wide([(i, rows[i]) for i in self.staged], manifest, self.ckpt, self.sink,
                                      self.kept_files, fit)
 
 
-def _staged_parts(receipts: pd.DataFrame, plan: Plan) -> list[int]:
+def _staged_parts(receipts: list[tasks.Receipt], plan: Plan) -> list[int]:
     """Indexes of the partitions whose good rows wait in their checkpoints."""
-    return sorted(int(i) for i in receipts.loc[receipts["kind"] == "staged", "part"])
+    return sorted(r.part for r in receipts if r.kind is tasks.ReceiptKind.STAGED and r.part is not None)
 
 
-def _project(backend: Any, plan: Plan, receipts: pd.DataFrame, ckpt, sink: tasks.Sink, fit_: tasks.Fit) -> list[dict]:
+def _project(backend: LakeBackend, plan: Plan, receipts: list[tasks.Receipt], ckpt: checkpoint.Checkpoints,
+             sink: tasks.Sink, fit_: tasks.Fit) -> list[FileAction]:
     """Every checkpointed partition projected, every kept file re-projected, with ``fit_``."""
     staged = _staged_parts(receipts, plan)
-    adds = [a for r in backend.map_tasks(tasks.project_part, [(i, plan.manifest_url, ckpt, sink, fit_) for i in staged])
-            for a in _as_add(r)]
+    adds = [a for a in backend.map_tasks(tasks.project_part, [(i, plan.manifest_url, ckpt, sink, fit_) for i in staged])
+            if a is not None]
     kept = [(p, s, rows) for p, s, rows in plan.rewrite] + [(p, s, np.zeros(0, np.int32)) for p, s in plan.keep]
     return adds + _rewrite(backend, kept, sink, fit_)
 
 
-def check_wide(feature_dim: int, backend_name: str) -> None:
-    """Spark sums moments only: refuse features too wide for them before any work."""
-    if backend_name == "spark" and strategy_for(feature_dim) == "streamed":
+def check_wide(feature_dim: int, supports_wide_fit: bool, backend_name: str) -> None:
+    """Refuse features too wide for the moments on an engine that declares no wide fit
+    (:attr:`LakeBackend.supports_wide_fit`: Spark sums moments only), before any work."""
+    if not supports_wide_fit and strategy_for(feature_dim) == "streamed":
         raise ReductionError(
-            f"{feature_dim:,} features per image are too wide for the exact PCA of the Spark backend (at most "
-            f"{MAX_MOMENT_FEATURES:,}): use --backend dask (IncrementalPCA streams), or --pooling avg"
+            f"{feature_dim:,} features per image are too wide for the exact PCA of the {backend_name.capitalize()} "
+            f"backend (at most {MAX_MOMENT_FEATURES:,}): use --backend dask (IncrementalPCA streams), or --pooling avg"
         )

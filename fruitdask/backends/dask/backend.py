@@ -28,9 +28,9 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import dask
 import numpy as np
@@ -45,10 +45,13 @@ from fruitdask.features.precision import Resolved, agree, detect_on_worker
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsFile, WeightsSource, npz_bytes
 from fruitdask.lake import tasks
-from fruitdask.pca_moments import merge_all
+from fruitdask.lake.update import MomentsLeaf
+from fruitdask.pca_moments import Moments, merge_all
 from fruitdask.pca_streamed import silence_first_batch_warning
 from fruitdask.progress import Progress, steady_rate
 from fruitdask.reduce import PCA, Reduction
+
+T = TypeVar("T")
 
 #: Moments merged per task of the tree reduction.
 TREE_FAN_IN = 8
@@ -58,9 +61,10 @@ logger = logging.getLogger(__name__)
 
 def featurize_on_worker(df: pd.DataFrame, job: tasks.FeaturizeJob) -> pd.DataFrame:
     """Task body: featurize one manifest partition with this worker's threads and write it
-    (:func:`fruitdask.lake.tasks.featurize_part`); returns the partition's receipt."""
+    (:func:`fruitdask.lake.tasks.featurize_part`); returns the partition's receipt, as a
+    frame (:func:`fruitdask.lake.tasks.receipts_frame`: a Dask DataFrame's partition)."""
     index = int(df["part"].iloc[0]) if len(df) else 0
-    return tasks.featurize_part(df, job, index, threads=_worker_threads())
+    return tasks.receipts_frame(tasks.featurize_part(df, job, index, threads=_worker_threads()))
 
 
 def _worker_threads() -> int | None:
@@ -141,7 +145,9 @@ def preimport_client_modules() -> None:
 class DaskBackend:
     """The run's steps on a Dask cluster (see :mod:`fruitdask.backends` for the order)."""
 
+    name = "dask"
     starts_early = True  # the workers warm up while the client lists the images
+    supports_wide_fit = True  # dask-ml's IncrementalPCA streams features too wide for moments
 
     def __init__(self, cfg: RunConfig, target: storage.OutputTarget, progress: Progress) -> None:
         self.cfg, self.target, self.progress = cfg, target, progress
@@ -198,7 +204,7 @@ class DaskBackend:
         self.weights_key = weights_info.sha256
         return weights_source(weights, weights_info, self.target, shared_disk=self.cfg.cluster == "local")
 
-    def featurize_parts(self, manifest_url: str, sizes: list[int], job: tasks.FeaturizeJob) -> pd.DataFrame:
+    def featurize_parts(self, manifest_url: str, sizes: list[int], job: tasks.FeaturizeJob) -> list[tasks.Receipt]:
         """``map_partitions`` of the featurization over the manifest; the receipts, gathered
         as partitions end (the bar counts images)."""
         import dask.dataframe as dd
@@ -217,9 +223,9 @@ class DaskBackend:
             self.extra["steady_images_per_s"] = None if rate is None else round(rate, 3)
         finally:
             _settle(self.client, futures)
-        return pd.concat(parts, ignore_index=True) if parts else tasks.receipt_meta()
+        return [r for part in parts for r in tasks.receipts_of(part)]
 
-    def map_tasks(self, fn, args_list: list[tuple], *, background: bool = False) -> list:
+    def map_tasks(self, fn: Callable[..., T], args_list: list[tuple], *, background: bool = False) -> list[T]:
         """``fn(*args)`` for each ``args`` on the workers; the (small) results in order.
         ``background`` tasks run behind every task already queued (a lower priority): called
         from another thread, they fill the threads a running step leaves idle."""
@@ -234,7 +240,7 @@ class DaskBackend:
         finally:
             _settle(self.client, futures)
 
-    def tree_reduce(self, leaves: list[tuple]):
+    def tree_reduce(self, leaves: list[MomentsLeaf]) -> Moments | None:
         """Run each ``(fn, args)`` leaf and merge their moments :data:`TREE_FAN_IN` at a time,
         as one graph: Dask's ordering runs a merge as soon as its leaves are done, so the
         moments held at once stay a few fan-ins' worth, and no task's input grows with the

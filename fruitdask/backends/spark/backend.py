@@ -19,29 +19,31 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import pandas as pd
 
-from fruitdask import storage
+from fruitdask import checkpoint, storage
 from fruitdask.config import RunConfig
+from fruitdask.errors import ReductionError
 from fruitdask.features.model import WeightsInfo
 from fruitdask.features.precision import Resolved, detect_and_resolve
 from fruitdask.features.settings import FeatureSettings
 from fruitdask.features.weights_file import WeightsSource
 from fruitdask.lake import tasks
-from fruitdask.lake.update import check_wide
-from fruitdask.pca_moments import merge_all
+from fruitdask.lake.update import MomentsLeaf, check_wide
+from fruitdask.pca_moments import Moments, merge_all
 from fruitdask.progress import Poller, Progress
+from fruitdask.reduce import PCA, Reduction
 
 if TYPE_CHECKING:  # pyspark is imported when the session starts (it is an extra)
     from pyspark import Broadcast
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class BroadcastWeights:
         return self.broadcast.value
 
 
-def featurize_index(index: int, manifest_url: str, job: tasks.FeaturizeJob, threads: int, done=None) -> pd.DataFrame:
+def featurize_index(index: int, manifest_url: str, job: tasks.FeaturizeJob, threads: int, done=None) -> list[tasks.Receipt]:
     """Executor body: partition ``index`` of the manifest through the shared task body."""
     df = tasks.read_manifest_part(index, manifest_url, job.sink.storage_options)
     out = tasks.featurize_part(df, job, index, threads=threads)
@@ -76,7 +78,9 @@ def _run_leaf(leaf: tuple):
 class SparkBackend:
     """The run's steps on PySpark (see :mod:`fruitdask.backends` for the order)."""
 
+    name = "spark"
     starts_early = False  # the JVM starts once there is work, as the notebook did
+    supports_wide_fit = False  # the PCA is the moments' only: no streamed fit of wider features
 
     def __init__(self, cfg: RunConfig, target: storage.OutputTarget, progress: Progress) -> None:
         self.cfg, self.target, self.progress = cfg, target, progress
@@ -88,7 +92,7 @@ class SparkBackend:
         """Refuse a PCA the moments cannot hold, then start the session."""
         from fruitdask.backends.spark.session import spark_session
 
-        check_wide(settings.feature_dim, "spark")
+        check_wide(settings.feature_dim, self.supports_wide_fit, self.name)
         warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
         self.session = stack.enter_context(spark_session(self.cfg))
         self.sc = self.session.sparkContext
@@ -118,7 +122,7 @@ class SparkBackend:
     def prepare(self, weights: WeightsSource, weights_info: WeightsInfo) -> BroadcastWeights:
         return BroadcastWeights(self.sc.broadcast(weights.load()), weights_info.sha256)
 
-    def featurize_parts(self, manifest_url: str, sizes: list[int], job: tasks.FeaturizeJob) -> pd.DataFrame:
+    def featurize_parts(self, manifest_url: str, sizes: list[int], job: tasks.FeaturizeJob) -> list[tasks.Receipt]:
         """One Spark task per manifest partition; the receipts collected on the driver."""
         done = self.sc.accumulator(0)
         threads = int(self.sc.getConf().get("spark.task.cpus", "1"))
@@ -131,9 +135,9 @@ class SparkBackend:
                 parts = rdd.collect()
         finally:
             self.progress.close()
-        return pd.concat(parts, ignore_index=True) if parts else tasks.receipt_meta()
+        return [r for part in parts for r in part]
 
-    def map_tasks(self, fn, args_list: list[tuple], *, background: bool = False) -> list:
+    def map_tasks(self, fn: Callable[..., T], args_list: list[tuple], *, background: bool = False) -> list[T]:
         """``fn(*args)`` for each ``args`` in the executors; the (small) results in order.
         ``background`` changes nothing here: a job submitted from another thread already runs
         in the slots the running jobs leave free (Spark's FIFO scheduler, by job)."""
@@ -141,8 +145,15 @@ class SparkBackend:
             return []
         return self.sc.parallelize([(fn, a) for a in args_list], len(args_list)).map(_run_leaf).collect()
 
-    def tree_reduce(self, leaves: list[tuple]):
+    def tree_reduce(self, leaves: list[MomentsLeaf]) -> Moments | None:
         """The moments of each leaf, merged by Spark's ``treeReduce``."""
         if not leaves:
             return None
         return self.sc.parallelize(leaves, len(leaves)).map(_run_leaf).treeReduce(_merge, depth=3)
+
+    def fit_wide(self, staged: list[tuple[int, int]], manifest_url: str, ckpt: checkpoint.Checkpoints,
+                 sink: tasks.Sink, kept_files: list[tuple[str, np.ndarray | None]], pca: PCA) -> Reduction:
+        """Never called: ``supports_wide_fit`` is False, so the run is refused before its session
+        starts (:func:`fruitdask.lake.update.check_wide`); raises if called all the same."""
+        raise ReductionError("the Spark backend sums moments only: features this wide need --backend dask, or "
+                             "--pooling avg")
